@@ -1,0 +1,3 @@
+"""ernie-mesh: high availability for vLLM, driven by service discovery."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,25 @@
+"""The Consul boundary: one Catalog protocol, one Consul implementation, one in-memory one."""
+
+from agent.catalog.base import (
+    Catalog,
+    CatalogEntry,
+    CatalogError,
+    CatalogUnavailable,
+    CheckStatus,
+    NotRegistered,
+    Registration,
+    Verdict,
+    VerdictState,
+)
+
+__all__ = [
+    "Catalog",
+    "CatalogEntry",
+    "CatalogError",
+    "CatalogUnavailable",
+    "CheckStatus",
+    "NotRegistered",
+    "Registration",
+    "Verdict",
+    "VerdictState",
+]

