@@ -42,7 +42,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = value.split()
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+        items = []
+        for i, v in enumerate(value):
+            try:
+                items.append(_coerce(v, item_tp, f"{where}[{i}]"))
+            except ConfigError as e:
+                raise ConfigError(f"{where}[{i}]: {e}" if not str(e).startswith(where) else str(e)) from None
+        return tuple(items)
     if origin in (dict, Mapping, typing.Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
@@ -74,9 +80,10 @@ def build(cls: type, data: Mapping[str, Any], where: str = "config") -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{where}: " if where else ""
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
+        raise ConfigError(f"{prefix}unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
@@ -85,13 +92,13 @@ def build(cls: type, data: Mapping[str, Any], where: str = "config") -> Any:
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ConfigError(f"{where}: missing required key {missing[0]!r}")
+        raise ConfigError(f"{prefix}missing required key {missing[0]!r}")
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 def read_toml(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -115,8 +122,10 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     for k, v in override.items():
         if v is None:
             continue
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = merge(out[k], v)
+        if isinstance(v, Mapping):
+            merged = merge(out.get(k) if isinstance(out.get(k), Mapping) else {}, v)
+            if merged or k in out:
+                out[k] = merged
         else:
             out[k] = v
     return out

@@ -1,0 +1,89 @@
+"""`ernie-mesh engine`: build the config, the catalog and one controller per engine; run until
+SIGTERM/SIGINT, then drain every instance and exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import httpx
+import uvicorn
+
+from agent.catalog.consul import ConsulCatalog
+from agent.config import ConfigError
+from agent.engine import config as engine_config
+from agent.engine.api import create_app
+from agent.engine.instance import InstanceController
+from agent.engine.metrics import EngineAgentMetrics
+from agent.local.binaries import MissingBinary
+
+log = logging.getLogger("agent.engine")
+
+
+def check_runnable(cfg: engine_config.EngineAgentConfig) -> None:
+    """Fail at start, with what to install, if an engine we must start cannot be started."""
+    import importlib.util
+
+    for spec in cfg.engines:
+        if spec.kind == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise MissingBinary(f"vLLM is not installed in {sys.prefix}: run `scripts/install.sh core` "
+                                "(CPU build) or `pip install vllm` (GPU)")
+        if spec.kind == "vllm" and spec.model.startswith(("/", ".")):
+            from pathlib import Path
+
+            if not Path(spec.model).exists():
+                raise ConfigError(f"engine on port {spec.port}: model directory {spec.model} does not exist")
+
+
+async def serve(cfg: engine_config.EngineAgentConfig) -> int:
+    catalog = ConsulCatalog(cfg.consul.address, cfg.consul.token)
+    metrics = EngineAgentMetrics()
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=8)
+    async with httpx.AsyncClient(limits=limits) as client:
+        controllers = {c.id: c for c in (InstanceController(cfg, s, catalog, client, metrics) for s in cfg.engines)}
+        host, port = cfg.listen_host_port
+        server = uvicorn.Server(uvicorn.Config(create_app(controllers, metrics, cfg.node), host=host, port=port,
+                                               log_level="warning", lifespan="off"))
+        server.install_signal_handlers = lambda: None  # we own SIGTERM/SIGINT: drain first
+        shutdown = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, shutdown.set)
+        runs = [asyncio.create_task(c.run(), name=f"instance {c.id}") for c in controllers.values()]
+        api = asyncio.create_task(server.serve(), name="agent api")
+        log.info("engine agent on %s: %d engine(s), Consul %s, node %s", cfg.agent_url, len(controllers),
+                 cfg.consul.address, cfg.node)
+        await shutdown.wait()
+        log.info("shutting down: draining %d instance(s)", len(controllers))
+        await asyncio.gather(*(c.start_drain() for c in controllers.values()), return_exceptions=True)
+        for c in controllers.values():
+            c.stop()
+        await asyncio.gather(*runs, return_exceptions=True)
+        server.should_exit = True
+        await api
+    return 0
+
+
+def check_listen(cfg: engine_config.EngineAgentConfig) -> None:
+    import socket
+
+    host, port = cfg.listen_host_port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {cfg.listen}: {e.strerror}") from None
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = engine_config.load(argv)
+        check_runnable(cfg)
+        check_listen(cfg)
+    except (ConfigError, MissingBinary) as e:
+        print(f"ernie-mesh engine: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(cfg))

@@ -1,0 +1,227 @@
+"""The engine agent's one typed config: engine.toml -> environment -> CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+from agent.catalog.consul import split_address
+from agent.config import (
+    ConfigError,
+    ConsulConfig,
+    build,
+    check_host_port,
+    check_positive,
+    consul_env,
+    merge,
+    read_toml,
+)
+
+ENGINE_KINDS = ("vllm", "simulated", "attach")
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One vLLM server: started and supervised by the agent (vllm, simulated) or attached (url)."""
+
+    port: int = 0
+    kind: str = "vllm"
+    url: str = ""
+    model: str = ""
+    served_model_name: str = ""
+    max_model_len: int = 0
+    host: str = "127.0.0.1"
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    shutdown_timeout_s: float = 30.0
+    log_file: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENGINE_KINDS:
+            raise ConfigError(f"engine kind must be one of {', '.join(ENGINE_KINDS)}, got {self.kind!r}")
+        if self.url and self.kind != "attach":
+            object.__setattr__(self, "kind", "attach")
+        if self.kind == "attach":
+            if not self.url.startswith(("http://", "https://")):
+                raise ConfigError(f"attached engine needs url = \"http://host:port\", got {self.url!r}")
+            if not self.port:
+                _scheme, _host, port = split_address(self.url)
+                object.__setattr__(self, "port", port)
+        elif not self.model and self.kind == "vllm":
+            raise ConfigError(f"engine on port {self.port}: `model` is required to start vLLM")
+        if not (0 < self.port < 65536):
+            raise ConfigError(f"engine port must be 1-65535, got {self.port}")
+        if self.shutdown_timeout_s < 0:
+            raise ConfigError("engine shutdown_timeout_s must be >= 0")
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/") if self.kind == "attach" else f"http://{self.host}:{self.port}"
+
+    @property
+    def supervised(self) -> bool:
+        return self.kind != "attach"
+
+
+@dataclass(frozen=True)
+class EngineAgentConfig:
+    consul: ConsulConfig = field(default_factory=ConsulConfig)
+    node: str = ""
+    advertise_address: str = ""
+    listen: str = "127.0.0.1:9100"
+    zone: str = "default"
+    tags: tuple[str, ...] = ()
+    probe_interval_s: float = 1.0
+    health_timeout_s: float = 2.0
+    canary_interval_s: float = 2.0
+    canary_timeout_s: float = 3.0
+    canary_prompt: str = "Hi"
+    stall_after_s: float = 8.0
+    startup_timeout_s: float = 900.0
+    ttl_s: float = 10.0
+    deregister_critical_after_s: float = 120.0
+    drain_deadline_s: float = 300.0
+    drain_settle_s: float = 1.0
+    restart_backoff_initial_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+    crash_loop_restarts: int = 5
+    crash_loop_window_s: float = 300.0
+    log_dir: str = ""
+    engines: tuple[EngineSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_host_port(self.listen, "listen")
+        check_positive(self, "probe_interval_s", "health_timeout_s", "canary_interval_s", "canary_timeout_s",
+                       "stall_after_s", "startup_timeout_s", "ttl_s", "deregister_critical_after_s",
+                       "drain_deadline_s", "restart_backoff_initial_s", "restart_backoff_max_s",
+                       "crash_loop_restarts", "crash_loop_window_s")
+        if self.ttl_s < 3 * self.probe_interval_s:
+            raise ConfigError(f"ttl_s ({self.ttl_s}) must be at least 3x probe_interval_s ({self.probe_interval_s})")
+        if self.deregister_critical_after_s < 60:
+            # Consul's minimum reap interval is one minute.
+            raise ConfigError("deregister_critical_after_s must be >= 60 (Consul reaps at most once a minute)")
+        if not self.engines:
+            raise ConfigError("no [[engines]] configured: add at least one engine (see `ernie-mesh engine --help`)")
+        ports = [(e.host if e.supervised else e.url, e.port) for e in self.engines]
+        if len(set(ports)) != len(ports):
+            raise ConfigError("two engines share the same port")
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return check_host_port(self.listen, "listen")
+
+    @property
+    def agent_url(self) -> str:
+        host, port = self.listen_host_port
+        if host in ("0.0.0.0", "::", ""):
+            host = self.advertise_address
+        return f"http://{host}:{port}"
+
+    def instance_id(self, engine: EngineSpec) -> str:
+        return f"{self.consul.service}-{self.node}-{engine.port}"
+
+
+HELP = """\
+Engine agent: supervises local vLLM servers (or attaches to running ones), registers each in
+Consul as service `ernie` with a TTL check carrying its health verdict, and drains on SIGTERM.
+
+Config file (TOML), e.g.:
+
+  listen = "127.0.0.1:9100"        # agent API: /live /ready/<id> /metrics /instances /drain/<id>
+  zone = "rack-1"
+  [consul]
+  address = "127.0.0.1:8500"       # or CONSUL_HTTP_ADDR; token: CONSUL_HTTP_TOKEN
+  [[engines]]
+  port = 8001
+  model = "baidu/ERNIE-4.5-0.3B-PT"
+  served_model_name = "ernie"
+  args = ["--max-model-len", "4096"]
+  env = { CUDA_VISIBLE_DEVICES = "0" }
+  [[engines]]
+  url = "http://127.0.0.1:8002"    # attach to a server the agent did not start
+
+Precedence: file, then environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, ERNIE_MESH_NODE,
+ERNIE_MESH_ADVERTISE_ADDRESS, ERNIE_MESH_ZONE), then flags.
+"""
+
+
+def _default_node() -> str:
+    return socket.gethostname().split(".")[0] or "node"
+
+
+def _route_address(consul_address: str) -> str:
+    """The local address this host uses to reach Consul: what other hosts can reach us on."""
+    _scheme, host, port = split_address(consul_address)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ernie-mesh engine", description=HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help="engine.toml")
+    p.add_argument("--consul", help="Consul HTTP address (default 127.0.0.1:8500)")
+    p.add_argument("--service", help="Consul service name (default ernie)")
+    p.add_argument("--node", help="node name used in instance IDs (default: hostname)")
+    p.add_argument("--advertise-address", help="address other hosts reach the engines on")
+    p.add_argument("--listen", help="agent API host:port (default 127.0.0.1:9100)")
+    p.add_argument("--zone", help="zone meta/tag")
+    p.add_argument("--log-dir", help="directory for engine logs (default: inherit stderr)")
+    p.add_argument("--engine", action="append", default=[], metavar="KIND:PORT[:MODEL]",
+                   help="add an engine without a file: vllm:8001:/path/model, simulated:8001, attach:http://h:8001")
+    return p
+
+
+def _engine_from_flag(value: str) -> dict:
+    kind, _, rest = value.partition(":")
+    if kind == "attach":
+        return {"kind": "attach", "url": rest}
+    port, _, model = rest.partition(":")
+    if not port.isdigit():
+        raise ConfigError(f"--engine {value!r}: expected KIND:PORT[:MODEL]")
+    out: dict = {"kind": kind, "port": int(port)}
+    if model:
+        out["model"] = model
+    return out
+
+
+def load(argv: list[str]) -> EngineAgentConfig:
+    args = parser().parse_args(argv)
+    data = read_toml(args.config)
+    data = merge(data, consul_env())
+    data = merge(data, {
+        "node": os.environ.get("ERNIE_MESH_NODE"),
+        "advertise_address": os.environ.get("ERNIE_MESH_ADVERTISE_ADDRESS"),
+        "zone": os.environ.get("ERNIE_MESH_ZONE"),
+    })
+    data = merge(data, {
+        "consul": {"address": args.consul, "service": args.service},
+        "node": args.node,
+        "advertise_address": args.advertise_address,
+        "listen": args.listen,
+        "zone": args.zone,
+        "log_dir": args.log_dir,
+    })
+    if args.engine:
+        data["engines"] = list(data.get("engines", [])) + [_engine_from_flag(v) for v in args.engine]
+    engines = data.get("engines", [])
+    if not isinstance(engines, list):
+        raise ConfigError("engines must be an array of tables ([[engines]])")
+    cfg: EngineAgentConfig = build(EngineAgentConfig, data, where="")
+    cfg = replace(
+        cfg,
+        node=cfg.node or _default_node(),
+        advertise_address=cfg.advertise_address or _route_address(cfg.consul.address),
+    )
+    if cfg.log_dir:
+        Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
+    return cfg

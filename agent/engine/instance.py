@@ -1,0 +1,364 @@
+"""One engine instance under the agent: facts -> verdict -> Consul, a canary loop, and drain.
+
+reconcile_once() reads the facts once, decides (verdict.decide is pure), acts on the catalog and
+returns a one-line summary; run() wraps it in a loop that survives every error and wakes early on
+change or shutdown (DESIGN.md §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+import httpx
+
+from agent.catalog.base import (
+    Catalog,
+    CatalogError,
+    NotRegistered,
+    Registration,
+    Verdict,
+    VerdictState,
+)
+from agent.engine.config import EngineAgentConfig, EngineSpec
+from agent.engine.metrics import EngineAgentMetrics, critical_reason_class
+from agent.engine.probe import EngineLoad, EngineProbe, Identity
+from agent.engine.supervisor import EngineProcess
+from agent.engine.verdict import CanaryFacts, Facts, Policy, decide
+
+log = logging.getLogger(__name__)
+
+DRAIN_POLL_S = 0.2
+DRAIN_IDLE_POLLS = 2  # consecutive idle readings before the engine counts as drained
+
+
+@dataclasses.dataclass
+class CanaryState:
+    ever_succeeded: bool = False
+    last_ok: bool | None = None
+    last_error: str = ""
+    last_latency_s: float | None = None
+    progress_during_failure: bool = False
+    generation: int = 0  # the engine start this state belongs to
+
+    def facts(self) -> CanaryFacts:
+        return CanaryFacts(self.ever_succeeded, self.last_ok, self.last_error, self.last_latency_s,
+                           self.progress_during_failure)
+
+
+class InstanceController:
+    def __init__(self, cfg: EngineAgentConfig, spec: EngineSpec, catalog: Catalog, client: httpx.AsyncClient,
+                 metrics: EngineAgentMetrics):
+        self.cfg = cfg
+        self.spec = spec
+        self.catalog = catalog
+        self.metrics = metrics
+        self.id = cfg.instance_id(spec)
+        self.probe = EngineProbe(spec.base_url, client)
+        self.process = (
+            EngineProcess(spec, cfg, self.id, on_restart=lambda: self.metrics.restarts.labels(self.id).inc())
+            if spec.supervised else None
+        )
+        self.policy = Policy(cfg.stall_after_s, cfg.startup_timeout_s, cfg.canary_timeout_s)
+        self.attached_at_s = time.monotonic()
+        self.canary = CanaryState()
+        self.identity: Identity | None = None
+        self.load: EngineLoad | None = None
+        self.health_ok: bool | None = None
+        self.health_error = ""
+        self._last_tokens: float | None = None
+        self._last_progress_s = time.monotonic()
+        self.verdict = Verdict(VerdictState.STARTING, "agent starting")
+        self.registered: Registration | None = None
+        self.pushed: Verdict | None = None
+        self._pushed_at_s = 0.0
+        self.consul_ok: bool | None = None
+        self.draining = False
+        self.drained = False
+        self._drain_task: asyncio.Task | None = None
+        self.wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    # --- facts ------------------------------------------------------------------------------------
+
+    def _engine_generation(self) -> int:
+        return self.process.generation if self.process else 0
+
+    def _started_at(self) -> float:
+        return self.process.started_at_s if self.process else self.attached_at_s
+
+    def served_model_name(self) -> str:
+        if self.spec.served_model_name:
+            return self.spec.served_model_name
+        if self.identity and self.identity.served_model_name:
+            return self.identity.served_model_name
+        return self.spec.model
+
+    def _track_progress(self, load: EngineLoad | None, now: float) -> float:
+        """Seconds that requests have been running without a single new token (0 when idle/progressing)."""
+        if load is None:
+            return 0.0
+        progressed = self._last_tokens is None or load.generation_tokens > self._last_tokens
+        self._last_tokens = load.generation_tokens
+        if progressed or load.running + load.waiting == 0:
+            self._last_progress_s = now
+            return 0.0
+        if load.running == 0:
+            # only waiting requests: the scheduler may legitimately be waiting for memory; still no progress
+            pass
+        return now - self._last_progress_s
+
+    async def collect(self) -> Facts:
+        if self.canary.generation != self._engine_generation():
+            self.canary = CanaryState(generation=self._engine_generation())
+            self.identity = None
+            self._last_tokens = None
+        running_proc = self.process is None or self.process.running
+        health = load = None
+        if running_proc:
+            health, load = await asyncio.gather(
+                self.probe.health(self.cfg.health_timeout_s),
+                self.probe.load(self.cfg.health_timeout_s),
+            )
+            self.metrics.probe_duration.labels(self.id, "health").observe(health.latency_s)
+        now = time.monotonic()
+        self.health_ok = None if health is None else health.ok
+        self.health_error = "" if health is None else health.error
+        self.load = load
+        stalled = self._track_progress(load, now)
+        if load is not None:
+            self.metrics.requests_running.labels(self.id).set(load.running)
+            self.metrics.requests_waiting.labels(self.id).set(load.waiting)
+        if self.health_ok and self.identity is None:
+            self.identity = await self.probe.identity(self.cfg.health_timeout_s)
+        return Facts(
+            now_s=now,
+            started_at_s=self._started_at(),
+            process=self.process.facts(now) if self.process else None,
+            health_ok=self.health_ok,
+            health_error=self.health_error,
+            running=None if load is None else load.running,
+            waiting=None if load is None else load.waiting,
+            stalled_for_s=stalled,
+            canary=self.canary.facts(),
+            draining=self.draining,
+        )
+
+    # --- catalog ----------------------------------------------------------------------------------
+
+    def registration(self) -> Registration:
+        ident = self.identity or Identity()
+        model = self.spec.model or ident.model or self.served_model_name()
+        served = self.served_model_name() or model
+        meta = {
+            "model": model[-512:],
+            "served_model_name": served,
+            "max_model_len": str(self.spec.max_model_len or ident.max_model_len or ""),
+            "engine": "simulated" if self.spec.kind == "simulated" else "vllm",
+            "engine_version": ident.engine_version,
+            "engine_url": self.spec.base_url,
+            "zone": self.cfg.zone,
+            "node": self.cfg.node,
+            "agent_url": self.cfg.agent_url,
+        }
+        tags = (f"model={served}", f"zone={self.cfg.zone}", *self.cfg.tags)
+        address = self.spec.host if self.spec.supervised else _host_of(self.spec.url)
+        if address in ("0.0.0.0", "::", ""):  # listening everywhere: other hosts reach it on our address
+            address = self.cfg.advertise_address
+        return Registration(
+            service=self.cfg.consul.service,
+            instance_id=self.id,
+            address=address,
+            port=self.spec.port,
+            meta={k: v for k, v in meta.items() if v != ""},
+            tags=tuple(dict.fromkeys(tags)),
+            ttl_s=self.cfg.ttl_s,
+            deregister_critical_after_s=self.cfg.deregister_critical_after_s,
+        )
+
+    async def publish(self, verdict: Verdict, now: float) -> str:
+        """Make Consul hold our registration and verdict; idempotent, re-registers after Consul lost it."""
+        desired = self.registration()
+        try:
+            if self.registered != desired:
+                await asyncio.to_thread(self.catalog.register, desired, verdict)
+                action = "registered"
+                self.registered = desired
+            elif verdict != self.pushed or now - self._pushed_at_s >= self.cfg.ttl_s / 3:
+                try:
+                    await asyncio.to_thread(self.catalog.set_verdict, self.id, verdict)
+                    action = "verdict pushed"
+                except NotRegistered:
+                    log.warning("%s: Consul no longer knows this instance; registering again", self.id)
+                    await asyncio.to_thread(self.catalog.register, desired, verdict)
+                    action = "re-registered"
+            else:
+                return "unchanged"
+        except CatalogError as e:
+            self.consul_ok = False
+            self.metrics.consul_errors.labels(self.id).inc()
+            return f"Consul write failed ({e})"
+        self.consul_ok = True
+        self.pushed = verdict
+        self._pushed_at_s = now
+        return action
+
+    # --- loop -------------------------------------------------------------------------------------
+
+    def _set_verdict(self, verdict: Verdict) -> None:
+        old = self.verdict
+        self.verdict = verdict
+        if verdict.state != old.state or (verdict.state is VerdictState.CRITICAL and verdict.reason != old.reason):
+            log.log(logging.WARNING if verdict.state is VerdictState.CRITICAL else logging.INFO,
+                    "%s: %s -> %s", self.id, old.note, verdict.note)
+            if verdict.state is VerdictState.CRITICAL and old.state is not VerdictState.CRITICAL:
+                self.metrics.critical.labels(self.id, critical_reason_class(verdict.reason)).inc()
+        self.metrics.set_verdict(self.id, verdict.state)
+
+    async def reconcile_once(self) -> str:
+        facts = await self.collect()
+        self._set_verdict(decide(facts, self.policy))
+        action = await self.publish(self.verdict, time.monotonic())
+        return f"{self.id}: {self.verdict.note} [{action}]"
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(self._canary_loop(), name=f"canary {self.id}")]
+        if self.process:
+            tasks.append(asyncio.create_task(self.process.run(), name=f"process {self.id}"))
+        last = ""
+        try:
+            while not self._stopping.is_set() and not self.drained:
+                try:
+                    summary = await self.reconcile_once()
+                except Exception:  # the loop must survive anything; the next cycle re-reads the facts
+                    log.exception("%s: reconcile failed", self.id)
+                    summary = ""
+                if summary and summary != last and not summary.endswith("[unchanged]"):
+                    log.debug("%s", summary)
+                    last = summary
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=self.cfg.probe_interval_s)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._stopping.set()
+            for t in tasks:
+                if t.get_name().startswith("canary"):
+                    t.cancel()
+            if self.process and not self.drained:
+                await self.process.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _canary_loop(self) -> None:
+        while not self._stopping.is_set():
+            if not self.draining and self.health_ok and (self.process is None or self.process.running):
+                await self._canary_once()
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.cfg.canary_interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _canary_once(self) -> None:
+        generation = self._engine_generation()
+        before = await self.probe.load(self.cfg.health_timeout_s)
+        res = await self.probe.canary(self.served_model_name(), self.cfg.canary_prompt, self.cfg.canary_timeout_s)
+        self.metrics.probe_duration.labels(self.id, "canary").observe(res.latency_s)
+        progress = False
+        if not res.ok:
+            self.metrics.canary_failures.labels(self.id).inc()
+            after = await self.probe.load(self.cfg.health_timeout_s)
+            progress = bool(before and after and after.generation_tokens > before.generation_tokens)
+        if generation != self._engine_generation():
+            return  # the engine restarted meanwhile: this result is about a process that is gone
+        changed = self.canary.last_ok != res.ok
+        self.canary = dataclasses.replace(
+            self.canary,
+            ever_succeeded=self.canary.ever_succeeded or res.ok,
+            last_ok=res.ok,
+            last_error=res.error,
+            last_latency_s=res.latency_s,
+            progress_during_failure=progress,
+            generation=generation,
+        )
+        if changed:
+            self.wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.wake.set()
+
+    # --- drain ------------------------------------------------------------------------------------
+
+    def start_drain(self) -> asyncio.Task:
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain(), name=f"drain {self.id}")
+        return self._drain_task
+
+    async def _drain(self) -> str:
+        t0 = time.monotonic()
+        self.draining = True
+        self.metrics.draining.labels(self.id).set(1)
+        log.info("%s: draining (deadline %.0fs)", self.id, self.cfg.drain_deadline_s)
+        await self.reconcile_once()  # draining visible in Consul before anything else happens
+        # Gateways need a moment to take the instance out of rotation; requests they had already
+        # routed show up in the engine's counters and are waited for below.
+        await asyncio.sleep(self.cfg.drain_settle_s)
+        deadline = t0 + self.cfg.drain_deadline_s
+        idle_polls = 0
+        outcome = "idle"
+        while idle_polls < DRAIN_IDLE_POLLS:
+            if time.monotonic() > deadline:
+                outcome = "deadline passed"
+                log.warning("%s: drain deadline passed with requests still running", self.id)
+                break
+            if self.process and not self.process.running:
+                outcome = "engine exited"
+                break
+            load = await self.probe.load(self.cfg.health_timeout_s)
+            if load is not None:
+                self.metrics.requests_running.labels(self.id).set(load.running)
+                self.metrics.requests_waiting.labels(self.id).set(load.waiting)
+            idle_polls = idle_polls + 1 if load is not None and load.running + load.waiting == 0 else 0
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self.process:
+            await self.process.stop()
+        try:
+            await asyncio.to_thread(self.catalog.deregister, self.id)
+        except CatalogError as e:
+            log.warning("%s: could not deregister (%s); Consul will reap it when its TTL expires", self.id, e)
+        self.drained = True
+        self.registered = None
+        self.stop()
+        elapsed = time.monotonic() - t0
+        self.metrics.drain_duration.labels(self.id).observe(elapsed)
+        self.metrics.draining.labels(self.id).set(0)
+        log.info("%s: drained in %.1fs (%s), stopped and deregistered", self.id, elapsed, outcome)
+        return outcome
+
+    def describe(self) -> dict:
+        """What the agent API and `ernie-mesh status` show for this instance."""
+        load = self.load
+        return {
+            "id": self.id,
+            "node": self.cfg.node,
+            "url": self.spec.base_url,
+            "kind": self.spec.kind,
+            "model": self.served_model_name(),
+            "state": "drained" if self.drained else self.verdict.state.value,
+            "reason": self.verdict.reason,
+            "running": None if load is None else load.running,
+            "waiting": None if load is None else load.waiting,
+            "canary_latency_ms": None if self.canary.last_latency_s is None
+            else round(self.canary.last_latency_s * 1000, 1),
+            "restarts": self.process.restarts if self.process else 0,
+            "pid": self.process.pid if self.process else None,
+            "consul_ok": self.consul_ok,
+        }
+
+
+def _host_of(url: str) -> str:
+    rest = url.split("://", 1)[-1]
+    hostport = rest.split("/", 1)[0]
+    return hostport.rpartition(":")[0].strip("[]") or hostport

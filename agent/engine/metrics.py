@@ -1,0 +1,50 @@
+"""The engine agent's Prometheus metrics (own registry; names documented in docs/metrics.md)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from agent.catalog.base import VerdictState
+
+PROBE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+DRAIN_BUCKETS_S = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+
+class EngineAgentMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.verdict = Gauge("ernie_engine_verdict", "1 for the instance's current verdict state, 0 for the others",
+                             ["instance", "state"], registry=r)
+        self.probe_duration = Histogram("ernie_engine_probe_duration_seconds", "Duration of health probes",
+                                        ["instance", "probe"], buckets=PROBE_BUCKETS_S, registry=r)
+        self.canary_failures = Counter("ernie_engine_canary_failures_total", "Canary generations that failed",
+                                       ["instance"], registry=r)
+        self.critical = Counter("ernie_engine_critical_total",
+                                "Transitions to critical, by reason (exited, crash_loop, health, stuck, hung, startup)",
+                                ["instance", "reason"], registry=r)
+        self.restarts = Counter("ernie_engine_restarts_total", "Engine process restarts by the agent",
+                                ["instance"], registry=r)
+        self.draining = Gauge("ernie_engine_draining", "1 while the instance drains", ["instance"], registry=r)
+        self.drain_duration = Histogram("ernie_engine_drain_duration_seconds", "From drain start to deregistration",
+                                        ["instance"], buckets=DRAIN_BUCKETS_S, registry=r)
+        self.requests_running = Gauge("ernie_engine_requests_running", "vllm:num_requests_running as last probed",
+                                      ["instance"], registry=r)
+        self.requests_waiting = Gauge("ernie_engine_requests_waiting", "vllm:num_requests_waiting as last probed",
+                                      ["instance"], registry=r)
+        self.consul_errors = Counter("ernie_engine_consul_errors_total", "Failed writes to Consul",
+                                     ["instance"], registry=r)
+
+    def set_verdict(self, instance: str, state: VerdictState) -> None:
+        for s in VerdictState:
+            self.verdict.labels(instance, s.value).set(1 if s is state else 0)
+
+
+def critical_reason_class(reason: str) -> str:
+    """A short, bounded label for a critical reason (metrics must not carry free text)."""
+    for prefix, label in (("crash loop", "crash_loop"), ("engine process exited", "exited"),
+                          ("engine stopped", "stopped"), ("not ready", "startup"), ("/health", "health"),
+                          ("stuck", "stuck"), ("hung", "hung")):
+        if reason.startswith(prefix):
+            return label
+    return "other"

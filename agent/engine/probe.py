@@ -1,0 +1,136 @@
+"""Probes of one engine's HTTP API: /health, /metrics (vLLM names), a 1-token canary, identity."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+GENERATION_TOKENS = "vllm:generation_tokens_total"
+KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    running: float
+    waiting: float
+    generation_tokens: float
+    kv_cache_usage: float | None = None
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    latency_s: float
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Identity:
+    served_model_name: str = ""
+    model: str = ""
+    max_model_len: int = 0
+    engine_version: str = ""
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(e, httpx.ConnectError):
+        return "connection refused"
+    return f"{type(e).__name__}: {e}".strip()
+
+
+class EngineProbe:
+    def __init__(self, base_url: str, client: httpx.AsyncClient):
+        self.base_url = base_url.rstrip("/")
+        self.client = client
+
+    async def health(self, timeout_s: float) -> ProbeResult:
+        t0 = time.monotonic()
+        try:
+            r = await self.client.get(f"{self.base_url}/health", timeout=timeout_s)
+        except httpx.HTTPError as e:
+            return ProbeResult(False, time.monotonic() - t0, _describe(e))
+        dt = time.monotonic() - t0
+        if r.status_code != 200:
+            return ProbeResult(False, dt, f"HTTP {r.status_code}")
+        return ProbeResult(True, dt)
+
+    async def load(self, timeout_s: float) -> EngineLoad | None:
+        try:
+            r = await self.client.get(f"{self.base_url}/metrics", timeout=timeout_s)
+            r.raise_for_status()
+        except httpx.HTTPError:
+            return None
+        return parse_load(r.text)
+
+    async def canary(self, model: str, prompt: str, timeout_s: float) -> ProbeResult:
+        """One token, greedy, hard deadline: proves the engine can actually generate."""
+        body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+        t0 = time.monotonic()
+        try:
+            r = await self.client.post(f"{self.base_url}/v1/completions", json=body, timeout=timeout_s)
+        except httpx.HTTPError as e:
+            err = _describe(e)
+            if err == "timed out":
+                err = f"no token within {timeout_s:g}s"
+            return ProbeResult(False, time.monotonic() - t0, err)
+        dt = time.monotonic() - t0
+        if r.status_code != 200:
+            return ProbeResult(False, dt, f"HTTP {r.status_code}: {r.text[:120]}")
+        try:
+            choices = r.json().get("choices") or []
+        except ValueError:
+            return ProbeResult(False, dt, "answer is not JSON")
+        if not choices:
+            return ProbeResult(False, dt, "answer has no choices")
+        if choices[0].get("finish_reason") == "abort":
+            return ProbeResult(False, dt, "generation aborted")
+        return ProbeResult(True, dt)
+
+    async def identity(self, timeout_s: float) -> Identity | None:
+        try:
+            models = (await self.client.get(f"{self.base_url}/v1/models", timeout=timeout_s)).json()
+            first = (models.get("data") or [{}])[0]
+        except (httpx.HTTPError, ValueError):
+            return None
+        version = ""
+        try:
+            v = await self.client.get(f"{self.base_url}/version", timeout=timeout_s)
+            if v.status_code == 200:
+                version = str(v.json().get("version", ""))
+        except (httpx.HTTPError, ValueError):
+            pass
+        return Identity(
+            served_model_name=str(first.get("id", "")),
+            model=str(first.get("root") or first.get("id", "")),
+            max_model_len=int(first.get("max_model_len") or 0),
+            engine_version=version,
+        )
+
+
+def parse_load(text: str) -> EngineLoad | None:
+    """Sum vLLM's load gauges/counters over their labels (one engine may report several label sets)."""
+    sums: dict[str, float] = {}
+    seen: set[str] = set()
+    try:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name in (RUNNING, WAITING, GENERATION_TOKENS, KV_CACHE_USAGE):
+                    sums[s.name] = sums.get(s.name, 0.0) + float(s.value)
+                    seen.add(s.name)
+    except ValueError:
+        return None
+    if RUNNING not in seen or GENERATION_TOKENS not in seen:
+        return None
+    return EngineLoad(
+        running=sums[RUNNING],
+        waiting=sums.get(WAITING, 0.0),
+        generation_tokens=sums[GENERATION_TOKENS],
+        kv_cache_usage=sums.get(KV_CACHE_USAGE),
+    )

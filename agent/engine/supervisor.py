@@ -1,0 +1,178 @@
+"""Start, watch and restart one local engine process (vLLM or the simulated engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from agent.engine.config import VLLM_MODULE, EngineAgentConfig, EngineSpec
+from agent.engine.verdict import ProcessFacts
+
+log = logging.getLogger(__name__)
+
+KILL_GRACE_S = 10.0
+
+# CPU builds need these (DESIGN.md §5); a user's env in the config wins.
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def engine_command(spec: EngineSpec) -> list[str]:
+    common = ["--host", spec.host, "--port", str(spec.port)]
+    if spec.kind == "simulated":
+        cmd = [sys.executable, "-m", "agent", "sim-engine", *common,
+               "--shutdown-timeout", f"{spec.shutdown_timeout_s:g}"]
+        if spec.served_model_name:
+            cmd += ["--model", spec.served_model_name]
+        return cmd + list(spec.args)
+    cmd = [sys.executable, "-m", VLLM_MODULE, "--model", spec.model, *common,
+           "--shutdown-timeout", str(int(spec.shutdown_timeout_s))]
+    if spec.served_model_name:
+        cmd += ["--served-model-name", spec.served_model_name]
+    if spec.max_model_len:
+        cmd += ["--max-model-len", str(spec.max_model_len)]
+    return cmd + list(spec.args)
+
+
+def engine_env(spec: EngineSpec) -> dict[str, str]:
+    env = dict(os.environ)
+    if spec.kind == "vllm":
+        env.update(VLLM_CPU_ENV)
+    env.update(spec.env)
+    return env
+
+
+class EngineProcess:
+    """One supervised process. Restarts with capped exponential backoff; a crash loop (too many exits
+    in a window) stops the restarts and is reported, not hidden."""
+
+    def __init__(self, spec: EngineSpec, cfg: EngineAgentConfig, name: str, on_restart=None):
+        self.spec = spec
+        self.cfg = cfg
+        self.name = name
+        self.on_restart = on_restart
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started_at_s = time.monotonic()
+        self.generation = 0
+        self.restarts = 0
+        self.exit_code: int | None = None
+        self.next_restart_at_s: float | None = None
+        self.crash_loop = False
+        self.stopped_on_purpose = False
+        self._exits: deque[float] = deque()
+        self._stop = asyncio.Event()
+        self._resume = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc and self.proc.returncode is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def facts(self, now_s: float) -> ProcessFacts:
+        nxt = None if self.next_restart_at_s is None else max(self.next_restart_at_s - now_s, 0.0)
+        return ProcessFacts(
+            running=self.running,
+            exit_code=self.exit_code,
+            restarts=self.restarts,
+            crash_loop=self.crash_loop,
+            next_restart_in_s=nxt,
+            stopped_on_purpose=self.stopped_on_purpose,
+        )
+
+    def _log_target(self):
+        if not self.cfg.log_dir and not self.spec.log_file:
+            return None
+        path = Path(self.spec.log_file or Path(self.cfg.log_dir) / f"{self.name}.log")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "ab")
+
+    async def _spawn(self) -> None:
+        cmd = engine_command(self.spec)
+        out = self._log_target()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd, env=engine_env(self.spec), stdin=asyncio.subprocess.DEVNULL,
+                stdout=out, stderr=asyncio.subprocess.STDOUT if out else None,
+                start_new_session=True,  # own process group: Ctrl-C reaches the agent, which drains first
+            )
+        finally:
+            if out:
+                out.close()
+        self.generation += 1
+        self.started_at_s = time.monotonic()
+        self.exit_code = None
+        self.next_restart_at_s = None
+        log.info("%s: started pid %d: %s", self.name, self.proc.pid, " ".join(cmd))
+
+    async def run(self) -> None:
+        """Keep the engine running until stop() is called."""
+        backoff = self.cfg.restart_backoff_initial_s
+        while not self._stop.is_set():
+            try:
+                await self._spawn()
+            except OSError as e:
+                self.exit_code = 127
+                log.error("%s: cannot start engine: %s", self.name, e)
+            else:
+                up_since = time.monotonic()
+                self.exit_code = await self.proc.wait()
+                _signal_group(self.proc.pid, signal.SIGKILL)  # no orphaned engine-core left holding the port
+                if self._stop.is_set() or self.stopped_on_purpose:
+                    break
+                log.warning("%s: engine exited with code %s", self.name, self.exit_code)
+                if time.monotonic() - up_since > self.cfg.restart_backoff_max_s * 2:
+                    backoff = self.cfg.restart_backoff_initial_s  # it had been healthy for a while
+            now = time.monotonic()
+            self._exits.append(now)
+            while self._exits and now - self._exits[0] > self.cfg.crash_loop_window_s:
+                self._exits.popleft()
+            if len(self._exits) >= self.cfg.crash_loop_restarts:
+                self.crash_loop = True
+                log.error("%s: crash loop (%d exits in %.0fs): not restarting; fix the engine and restart the agent",
+                          self.name, len(self._exits), self.cfg.crash_loop_window_s)
+                await self._stop.wait()
+                break
+            self.next_restart_at_s = now + backoff
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=backoff)
+                break
+            except asyncio.TimeoutError:
+                pass
+            backoff = min(backoff * 2, self.cfg.restart_backoff_max_s)
+            self.restarts += 1
+            if self.on_restart:
+                self.on_restart()
+
+    async def stop(self) -> int | None:
+        """SIGTERM the engine's process group (vLLM drains up to its --shutdown-timeout), then SIGKILL."""
+        self.stopped_on_purpose = True
+        self._stop.set()
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return None if proc is None else proc.returncode
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(proc.wait(), timeout=self.spec.shutdown_timeout_s + KILL_GRACE_S)
+        except asyncio.TimeoutError:
+            log.warning("%s: engine did not exit after SIGTERM; killing it", self.name)
+            _signal_group(proc.pid, signal.SIGKILL)
+            code = await proc.wait()
+        _signal_group(proc.pid, signal.SIGKILL)
+        return code
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    """Signal the engine's whole process group (the engine was started as a session leader, so its
+    pgid is its pid): vLLM's engine-core children go with it, even after the leader exited."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

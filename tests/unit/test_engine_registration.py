@@ -1,0 +1,90 @@
+"""Registration payload and idempotence, against the in-memory catalog."""
+
+import asyncio
+
+import httpx
+import pytest
+
+from agent.catalog.base import CatalogUnavailable, Verdict, VerdictState
+from agent.catalog.memory import MemoryCatalog
+from agent.engine import config as engine_config
+from agent.engine.instance import InstanceController
+from agent.engine.metrics import EngineAgentMetrics
+from agent.engine.probe import Identity
+
+PASS = Verdict(VerdictState.PASSING, "canary generation ok")
+
+
+def make(argv, catalog):
+    cfg = engine_config.load(argv)
+    client = httpx.AsyncClient()
+    return InstanceController(cfg, cfg.engines[0], catalog, client, EngineAgentMetrics())
+
+
+def test_payload_has_stable_id_meta_tags_and_ttl_check():
+    cat = MemoryCatalog()
+    c = make(["--node", "gpu7", "--zone", "rack-2", "--listen", "10.0.0.7:9100",
+              "--engine", "vllm:8001:/models/ernie"], cat)
+    c.identity = Identity(served_model_name="/models/ernie", model="/models/ernie", max_model_len=2048,
+                          engine_version="0.32.0")
+    reg = c.registration()
+    assert reg.service == "ernie"
+    assert reg.instance_id == "ernie-gpu7-8001"
+    assert reg.port == 8001
+    assert reg.meta["model"] == "/models/ernie"
+    assert reg.meta["served_model_name"] == "/models/ernie"
+    assert reg.meta["max_model_len"] == "2048"
+    assert reg.meta["engine"] == "vllm"
+    assert reg.meta["engine_version"] == "0.32.0"
+    assert reg.meta["zone"] == "rack-2"
+    assert reg.meta["agent_url"] == "http://10.0.0.7:9100"
+    assert "zone=rack-2" in reg.tags and "model=/models/ernie" in reg.tags
+    assert reg.ttl_s == 10.0 and reg.deregister_critical_after_s == 120.0
+
+
+def test_engine_listening_everywhere_is_registered_on_the_advertised_address():
+    cat = MemoryCatalog()
+    cfg = engine_config.load(["--node", "n1", "--advertise-address", "192.0.2.10", "--engine", "simulated:8001"])
+    spec = cfg.engines[0].__class__(**{**cfg.engines[0].__dict__, "host": "0.0.0.0"})
+    c = InstanceController(cfg, spec, cat, httpx.AsyncClient(), EngineAgentMetrics())
+    assert c.registration().address == "192.0.2.10"
+
+
+def test_publish_is_idempotent_and_survives_consul_losing_everything():
+    cat = MemoryCatalog()
+    c = make(["--node", "n1", "--engine", "simulated:8001"], cat)
+
+    async def scenario():
+        assert await c.publish(PASS, now=0.0) == "registered"
+        assert await c.publish(PASS, now=1.0) == "unchanged"  # same verdict, TTL not due
+        assert await c.publish(PASS, now=4.0) == "verdict pushed"  # TTL refresh (ttl/3)
+        crit = Verdict(VerdictState.CRITICAL, "hung: x")
+        assert await c.publish(crit, now=4.1) == "verdict pushed"  # a change goes out at once
+        cat.forget_everything()  # Consul restarted (-dev keeps nothing)
+        assert await c.publish(crit, now=9.0) == "re-registered"
+        cat.available = False
+        assert (await c.publish(PASS, now=20.0)).startswith("Consul write failed")
+        cat.available = True
+        assert await c.publish(PASS, now=20.5) == "verdict pushed"
+
+    asyncio.run(scenario())
+    assert list(cat.local_instances("ernie")) == ["ernie-n1-8001"]  # never a duplicate
+    assert cat.verdict("ernie-n1-8001") == PASS
+    assert [op for op, _ in cat.writes].count("register") == 2
+
+
+def test_changed_data_re_registers():
+    cat = MemoryCatalog()
+    c = make(["--node", "n1", "--engine", "simulated:8001"], cat)
+
+    async def scenario():
+        await c.publish(PASS, now=0.0)
+        c.identity = Identity(served_model_name="sim-model", model="sim-model", max_model_len=4096)
+        assert await c.publish(PASS, now=0.5) == "registered"
+
+    asyncio.run(scenario())
+    assert cat.local_instances("ernie")["ernie-n1-8001"].meta["max_model_len"] == "4096"
+
+
+def test_catalog_unavailable_is_a_catalog_error():
+    assert issubclass(CatalogUnavailable, Exception)
