@@ -1,0 +1,83 @@
+"""Start real engine agents (supervising simulated engines) against a real Consul."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+
+from agent.catalog.base import CatalogEntry
+from agent.catalog.consul import ConsulCatalog
+from agent.local.ports import free_port
+from agent.local.procs import ManagedProcess, mesh_command
+from agent.local.wait import wait_until
+
+
+def toml_value(v) -> str:
+    return json.dumps(v) if not isinstance(v, dict) else "{ " + ", ".join(f"{k} = {json.dumps(x)}" for k, x in v.items()) + " }"
+
+
+class EngineAgent:
+    """`ernie-mesh engine` as a subprocess with a generated engine.toml."""
+
+    def __init__(self, tmp: Path, consul_address: str, service: str, engines: list[dict], node: str = "it",
+                 **settings):
+        self.tmp = Path(tmp)
+        self.service = service
+        self.node = node
+        self.port = free_port()
+        self.catalog = ConsulCatalog(consul_address)
+        lines = [f'listen = "127.0.0.1:{self.port}"', f'node = "{node}"', f'log_dir = "{self.tmp / "logs"}"']
+        lines += [f"{k} = {toml_value(v)}" for k, v in settings.items()]
+        lines += ["[consul]", f'address = "{consul_address}"', f'service = "{service}"']
+        for e in engines:
+            lines.append("[[engines]]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in e.items()]
+        self.config_path = self.tmp / f"engine-{self.port}.toml"
+        self.config_path.write_text("\n".join(lines) + "\n")
+        self.proc = ManagedProcess(f"engine-agent-{self.port}", mesh_command("engine", "--config", str(self.config_path)),
+                                   self.tmp / f"engine-agent-{self.port}.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def instance_id(self, engine_port: int) -> str:
+        return f"{self.service}-{self.node}-{engine_port}"
+
+    def start(self) -> "EngineAgent":
+        self.proc.start()
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        return self.proc.stop(timeout_s)
+
+    def instances(self) -> dict:
+        return {i["id"]: i for i in httpx.get(f"{self.url}/instances", timeout=5).json()["instances"]}
+
+    def entries(self) -> dict[str, CatalogEntry]:
+        _idx, entries = self.catalog.instances(self.service)
+        return {e.instance_id: e for e in entries}
+
+    def wait_state(self, instance_id: str, state: str, timeout_s: float, reason_has: str = "") -> CatalogEntry:
+        """Poll Consul until the instance's verdict has `state` (and the reason contains `reason_has`)."""
+        def ok():
+            e = self.entries().get(instance_id)
+            return e if e and e.verdict.state.value == state and reason_has in e.verdict.reason else None
+        try:
+            return wait_until(ok, timeout_s, what=f"{instance_id} {state} {reason_has!r} in Consul")
+        except TimeoutError as err:
+            raise AssertionError(f"{err}; now: {self.entries().get(instance_id)}\n--- agent log ---\n"
+                                 f"{self.proc.log_tail()}") from None
+
+    def __enter__(self) -> "EngineAgent":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def set_sim_fault(engine_url: str, mode: str, **params) -> None:
+    r = httpx.post(f"{engine_url}/sim/fault", json={"mode": mode, **params}, timeout=5)
+    r.raise_for_status()

@@ -1,0 +1,88 @@
+"""Drain under load (issue 2, done-when 2): nothing in flight is lost or truncated."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+
+from agent.local.ports import free_port
+from agent.local.wait import wait_until
+from tests.integration.engine_support import EngineAgent
+
+SERVICE = "ernie-it-drain"
+TOKENS = 40
+CONCURRENCY = 24
+
+
+def one_request(base_url: str, stream: bool) -> tuple[str, int]:
+    """(finish_reason, completion tokens) as a user of the official client sees them."""
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "count for me"}]
+    extra = {"ignore_eos": True}
+    if not stream:
+        r = client.chat.completions.create(model="sim-model", messages=messages, max_tokens=TOKENS, extra_body=extra)
+        return r.choices[0].finish_reason, r.usage.completion_tokens
+    chunks, finish = 0, None
+    for ev in client.chat.completions.create(model="sim-model", messages=messages, max_tokens=TOKENS,
+                                             extra_body=extra, stream=True):
+        if ev.choices and ev.choices[0].delta.content:
+            chunks += 1
+        if ev.choices and ev.choices[0].finish_reason:
+            finish = ev.choices[0].finish_reason
+    return finish, chunks
+
+
+def test_drain_under_load_completes_every_request_in_full(consul_session, tmp_path):
+    port = free_port()
+    agent = EngineAgent(tmp_path, consul_session.address, SERVICE,
+                        engines=[{"kind": "simulated", "port": port, "served_model_name": "sim-model",
+                                  "args": ["--token-delay-ms", "60"], "shutdown_timeout_s": 0}])
+    iid = agent.instance_id(port)
+    engine = f"http://127.0.0.1:{port}"
+    with agent:
+        agent.wait_state(iid, "passing", timeout_s=60)
+        timeline: dict[str, float] = {}
+        stop_watch = threading.Event()
+
+        def watch():
+            while not stop_watch.is_set():
+                now = time.monotonic()
+                entry = agent.entries().get(iid)
+                if entry and entry.verdict.state.value == "draining":
+                    timeline.setdefault("draining_in_consul", now)
+                if entry is None and "draining_in_consul" in timeline:
+                    timeline.setdefault("gone_from_consul", now)
+                try:
+                    httpx.get(f"{engine}/health", timeout=1).raise_for_status()
+                except httpx.HTTPError:
+                    timeline.setdefault("engine_down", now)
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            futures = [pool.submit(one_request, engine, i % 2 == 0) for i in range(CONCURRENCY)]
+            wait_until(lambda: httpx.get(f"{engine}/sim/stats", timeout=2).json()["in_flight"] >= CONCURRENCY, 20,
+                       what="all requests in flight")
+            watcher.start()
+            drain = subprocess.run([sys.executable, "-m", "agent", "drain", iid, "--consul", consul_session.address,
+                                    "--service", SERVICE, "--json", "--timeout", "120"],
+                                   capture_output=True, text=True, timeout=150)
+            results = [f.result(timeout=120) for f in futures]
+        stop_watch.set()
+        watcher.join(5)
+
+        assert drain.returncode == 0, drain.stderr
+        assert '"drained": true' in drain.stdout
+        # every request that was in flight when the drain started finished with every token
+        assert results == [("length", TOKENS)] * CONCURRENCY
+        # Consul said "draining" while the engine was still up, and the instance is gone afterwards
+        assert "draining_in_consul" in timeline and "engine_down" in timeline, timeline
+        assert timeline["draining_in_consul"] < timeline["engine_down"], timeline
+        assert iid not in agent.entries()
+        assert agent.instances()[iid]["state"] == "drained"
