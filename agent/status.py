@@ -1,0 +1,131 @@
+"""`ernie-mesh status [--json]`: instances and gateways as Consul sees them, enriched by each engine
+agent's live figures (running/waiting requests, last canary latency)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from agent.catalog.base import CatalogEntry, CatalogError
+from agent.catalog.consul import ConsulCatalog
+
+GATEWAY_SERVICE = "ernie-gateway"
+AGENT_TIMEOUT_S = 2.0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ernie-mesh status",
+                                description="Show every engine instance (verdict and reason, load, canary latency) "
+                                            "and every gateway, as registered in Consul.")
+    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
+                   help="Consul HTTP address (default: $CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
+    p.add_argument("--service", default="ernie", help="engine service name (default ernie)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return p
+
+
+def _agent_figures(agent_urls: set[str]) -> dict[str, dict]:
+    """instance id -> the agent's own description (live load and canary figures)."""
+
+    def fetch(url: str) -> list[dict]:
+        try:
+            return httpx.get(f"{url}/instances", timeout=AGENT_TIMEOUT_S).json().get("instances", [])
+        except (httpx.HTTPError, ValueError):
+            return []
+
+    out: dict[str, dict] = {}
+    with ThreadPoolExecutor(max(1, min(16, len(agent_urls)))) as pool:
+        for items in pool.map(fetch, sorted(agent_urls)):
+            out.update({i["id"]: i for i in items})
+    return out
+
+
+def _instance_row(e: CatalogEntry, live: dict) -> dict:
+    v = e.verdict
+    return {
+        "node": e.node,
+        "id": e.instance_id,
+        "address": f"{e.address}:{e.port}",
+        "model": e.meta.get("served_model_name") or e.meta.get("model", ""),
+        "zone": e.meta.get("zone", ""),
+        "verdict": v.state.value,
+        "reason": v.reason,
+        "consul_status": e.status.value,
+        "running": live.get("running"),
+        "waiting": live.get("waiting"),
+        "canary_latency_ms": live.get("canary_latency_ms"),
+        "agent_url": e.meta.get("agent_url", ""),
+    }
+
+
+def _gateway_row(e: CatalogEntry) -> dict:
+    return {
+        "node": e.node,
+        "id": e.instance_id,
+        "listen": f"{e.address}:{e.port}",
+        "status": e.status.value,
+        "note": e.note,
+        "metrics_url": e.meta.get("metrics_url", ""),
+    }
+
+
+def collect(consul: str, service: str) -> dict:
+    catalog = ConsulCatalog(consul, os.environ.get("CONSUL_HTTP_TOKEN"))
+    _i, engines = catalog.instances(service)
+    _j, gateways = catalog.instances(GATEWAY_SERVICE)
+    live = _agent_figures({e.meta["agent_url"] for e in engines if e.meta.get("agent_url")})
+    instances = sorted((_instance_row(e, live.get(e.instance_id, {})) for e in engines),
+                       key=lambda r: (r["node"], r["id"]))
+    return {
+        "consul": consul,
+        "service": service,
+        "instances": instances,
+        "passing": sum(1 for r in instances if r["verdict"] == "passing"),
+        "gateways": sorted((_gateway_row(g) for g in gateways), key=lambda r: r["id"]),
+    }
+
+
+def _fmt(v, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return f"{v}{unit}"
+
+
+def render(report: dict) -> str:
+    lines = [f"{report['service']}: {report['passing']}/{len(report['instances'])} instances passing "
+             f"(Consul {report['consul']})", ""]
+    header = ("NODE", "INSTANCE", "MODEL", "VERDICT", "RUN", "WAIT", "CANARY", "REASON")
+    rows = [header] + [
+        (r["node"], r["id"], r["model"], r["verdict"], _fmt(r["running"]), _fmt(r["waiting"]),
+         _fmt(r["canary_latency_ms"], "ms"), r["reason"])
+        for r in report["instances"]
+    ]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    lines.append("")
+    if report["gateways"]:
+        lines.append("gateways:")
+        for g in report["gateways"]:
+            lines.append(f"  {g['id']}  {g['listen']}  {g['status']}  {g['note']}")
+    else:
+        lines.append("gateways: none registered")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    try:
+        report = collect(args.consul, args.service)
+    except CatalogError as e:
+        print(f"ernie-mesh status: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
