@@ -41,7 +41,7 @@ def create_app(controllers: dict[str, InstanceController], metrics: EngineAgentM
         return {"node": node, "instances": [c.describe() for c in controllers.values()]}
 
     @app.post("/drain/{instance_id}")
-    def drain(instance_id: str) -> JSONResponse:
+    async def drain(instance_id: str) -> JSONResponse:
         c = controllers.get(instance_id)
         if c is None:
             return unknown(instance_id)

@@ -69,8 +69,10 @@ def test_crashed_engine_goes_critical_then_is_restarted_and_passing(agent):
     iid = agent.instance_id(agent.engine_port)
     engine = f"http://127.0.0.1:{agent.engine_port}"
     pid_before = agent.instances()[iid]["pid"]
-    with pytest.raises(httpx.HTTPError):
-        set_sim_fault(engine, "crash")  # the engine dies answering
+    try:
+        set_sim_fault(engine, "crash")  # the engine exits at once (it may or may not answer first)
+    except httpx.HTTPError:
+        pass
     agent.wait_state(iid, "critical", timeout_s=10, reason_has="exited")
     agent.wait_state(iid, "passing", timeout_s=30)
     info = agent.instances()[iid]
