@@ -108,3 +108,39 @@ def test_consul_down_then_back_agent_keeps_running_and_registers(consul_fresh, t
         assert a.proc.alive()
         consul_fresh.start()
         a.wait_state(a.instance_id(port), "passing", timeout_s=30)
+
+
+def test_attached_engine_is_registered_and_judged_without_being_supervised(consul_session, tmp_path):
+    from agent.sim.process import SimEngineProcess
+
+    port = free_port()
+    with SimEngineProcess(port, model="attached-model") as engine:
+        a = EngineAgent(tmp_path, consul_session.address, SERVICE, node="attach",
+                        engines=[{"url": engine.url}])
+        iid = a.instance_id(port)
+        with a:
+            entry = a.wait_state(iid, "passing", timeout_s=30)
+            assert entry.meta["served_model_name"] == "attached-model"  # learnt from /v1/models
+            assert a.instances()[iid]["kind"] == "attach"
+            set_sim_fault(engine.url, "hang")
+            a.wait_state(iid, "critical", timeout_s=10, reason_has="hung")
+            set_sim_fault(engine.url, "none")
+            a.wait_state(iid, "passing", timeout_s=15)
+            assert a.stop() == 0
+        assert iid not in a.entries()
+        assert engine.is_running()  # not ours to stop
+
+
+def test_sigterm_drains_stops_engines_and_deregisters(consul_session, tmp_path):
+    port = free_port()
+    a = EngineAgent(tmp_path, consul_session.address, SERVICE, node="term",
+                    engines=[{"kind": "simulated", "port": port}])
+    iid = a.instance_id(port)
+    with a:
+        a.wait_state(iid, "passing", timeout_s=60)
+        engine_pid = a.instances()[iid]["pid"]
+        assert a.stop() == 0  # SIGTERM -> drain -> exit 0
+    assert iid not in a.entries()
+    with pytest.raises(ProcessLookupError):
+        import os
+        os.kill(engine_pid, 0)
