@@ -1,0 +1,1 @@
+"""Gateway role: Consul catalog -> immutable snapshot -> xDS (ADS) -> a supervised Envoy."""

@@ -1,0 +1,175 @@
+"""The gateway agent: catalog watch -> snapshot -> ADS, Envoy supervision, self-registration.
+
+Two loops:
+- the watch thread delivers catalog changes; each becomes a snapshot (pure build), published
+  to the ADS server if its version is new;
+- the control loop (`run`) calls `reconcile_once()` every reconcile interval: supervise Envoy,
+  keep the gateway's own TTL check in Consul in step with Envoy's readiness, return a one-line
+  summary (logged when it changes). It survives every error and sleeps on the stop event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from agent.catalog.base import Catalog, CatalogEntry, CatalogError, NotRegistered, Registration, Verdict, VerdictState
+from agent.gateway.config import GATEWAY_SERVICE, GatewayConfig
+from agent.gateway.envoy import EnvoySupervisor
+from agent.gateway.metrics import GatewayMetrics
+from agent.gateway.snapshot import Snapshot, build_snapshot
+from agent.gateway.xds import AdsServer
+
+log = logging.getLogger("agent.gateway")
+
+REGISTRATION_ERROR_LOG_EVERY_S = 30.0
+
+
+def snapshot_diff(old: Snapshot | None, new: Snapshot) -> str:
+    """'+id healthy, id draining, -id' : what changed between two snapshots."""
+    before = {e.instance_id: e for e in (old.endpoints if old else ())}
+    after = {e.instance_id: e for e in new.endpoints}
+    parts = []
+    for iid in sorted(set(before) | set(after)):
+        a, b = before.get(iid), after.get(iid)
+        if a is None:
+            parts.append(f"+{iid} {b.state.value}")
+        elif b is None:
+            parts.append(f"-{iid}")
+        elif a.state is not b.state or (a.address, a.port) != (b.address, b.port):
+            parts.append(f"{iid} {b.state.value}")
+    return ", ".join(parts) or "no endpoint change"
+
+
+def registration_of(cfg: GatewayConfig) -> Registration:
+    _host, port = cfg.host_port("listen")
+    return Registration(
+        service=GATEWAY_SERVICE,
+        instance_id=cfg.instance_id,
+        address=cfg.advertise_address,
+        port=port,
+        meta={
+            "gateway_name": cfg.name,
+            "listen_url": cfg.listen_url,
+            "metrics_url": cfg.metrics_url,
+            "envoy_admin": cfg.admin_url,
+            "engine_service": cfg.consul.service,
+        },
+        tags=("gateway",),
+        ttl_s=cfg.ttl_s,
+        deregister_critical_after_s=cfg.deregister_critical_after_s,
+    )
+
+
+class GatewayAgent:
+    def __init__(self, cfg: GatewayConfig, catalog: Catalog, metrics: GatewayMetrics, ads: AdsServer,
+                 envoy: EnvoySupervisor, clock=time.monotonic):
+        self.cfg = cfg
+        self.catalog = catalog
+        self.metrics = metrics
+        self.ads = ads
+        self.envoy = envoy
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self.snapshot: Snapshot | None = None
+        self.watch = None  # set by the caller (CatalogWatch), read for the summary
+        self._lock = threading.Lock()
+        self._rejected_logged: set[tuple[str, str]] = set()
+        self._registration = registration_of(cfg)
+        self._registered_verdict: Verdict | None = None
+        self._next_refresh_at = 0.0
+        self._last_registration_error_log = 0.0
+
+    # --- catalog -> snapshot -> ADS (watch thread) --------------------------------------------
+
+    def on_catalog(self, entries: list[CatalogEntry], seen_at: float) -> None:
+        result = build_snapshot(entries, self.cfg.cluster)
+        for r in result.rejected:
+            if (r.instance_id, r.reason) not in self._rejected_logged:
+                self._rejected_logged.add((r.instance_id, r.reason))
+                log.warning("catalog entry %s left out of the snapshot: %s", r.instance_id, r.reason)
+        with self._lock:
+            previous, snap = self.snapshot, result.snapshot
+            if previous is not None and previous.version == snap.version:
+                return
+            self.snapshot = snap
+        self.ads.publish(snap, changed_at=seen_at)
+        self.metrics.published(snap, previous, len(result.rejected))
+        log.info("snapshot %s published: %s", snap.summary(), snapshot_diff(previous, snap))
+
+    # --- xDS callbacks (ADS threads) ------------------------------------------------------------
+
+    def on_ack(self, node_id: str, version: str, latency_s: float | None) -> None:
+        if latency_s is not None:
+            self.metrics.push_latency.observe(latency_s)
+        log.debug("envoy %s acked %s (%.1f ms)", node_id, version, (latency_s or 0) * 1000)
+
+    def on_nack(self, node_id: str, version: str, message: str) -> None:
+        self.metrics.nacks.inc()
+
+    def on_push(self, node_id: str, version: str) -> None:
+        self.metrics.pushes.inc()
+
+    # --- control loop -------------------------------------------------------------------------
+
+    def reconcile_once(self) -> str:
+        envoy_state = self.envoy.ensure()
+        ready = envoy_state == "running" and self.envoy.admin.ready()
+        self.metrics.envoy_up.set(1 if ready else 0)
+        streams = self.ads.streams()
+        self.metrics.xds_streams.set(len(streams))
+        verdict = Verdict(VerdictState.PASSING) if ready else \
+            Verdict(VerdictState.CRITICAL, f"envoy {envoy_state if envoy_state != 'running' else 'not ready'}")
+        registration = self._keep_registered(verdict)
+        snap = self.snapshot
+        acked = sorted({s.acked_version[:8] or "-" for s in streams})
+        watch = self.watch
+        consul = "consul ok" if watch is None or watch.failing_since is None else \
+            f"consul unreachable ({watch.last_error.split(':')[-1].strip()})"
+        return (f"envoy pid {self.envoy.pid} {envoy_state}{', ready' if ready else ''}; "
+                f"snapshot {snap.summary() if snap else 'none yet'}; "
+                f"xds {len(streams)} stream(s) acked {','.join(acked) or '-'}; {consul}; registration {registration}")
+
+    def _keep_registered(self, verdict: Verdict) -> str:
+        now = self.clock()
+        if verdict == self._registered_verdict and now < self._next_refresh_at:
+            return verdict.state.value
+        try:
+            if self._registered_verdict is None:
+                self.catalog.register(self._registration, verdict)
+            else:
+                try:
+                    self.catalog.set_verdict(self._registration.instance_id, verdict)
+                except NotRegistered:
+                    log.info("gateway registration gone from Consul (restarted?): registering again")
+                    self.catalog.register(self._registration, verdict)
+        except CatalogError as e:
+            self._registered_verdict = None
+            self._next_refresh_at = 0.0
+            if now - self._last_registration_error_log >= REGISTRATION_ERROR_LOG_EVERY_S:
+                self._last_registration_error_log = now
+                log.warning("cannot update the gateway's registration in Consul: %s", e)
+            return "failing"
+        self._registered_verdict = verdict
+        self._next_refresh_at = now + self.cfg.ttl_s / 3
+        return verdict.state.value
+
+    def run(self) -> None:
+        last = ""
+        while not self.stop_event.is_set():
+            try:
+                summary = self.reconcile_once()
+            except Exception:  # noqa: BLE001 - the loop survives every error; it is logged
+                log.exception("reconcile failed; retrying in %.1fs", self.cfg.reconcile_interval_s)
+                summary = ""
+            if summary and summary != last:
+                log.info("%s", summary)
+                last = summary
+            self.stop_event.wait(self.cfg.reconcile_interval_s)
+
+    def deregister(self) -> None:
+        try:
+            self.catalog.deregister(self._registration.instance_id)
+        except CatalogError as e:
+            log.warning("cannot deregister the gateway from Consul: %s", e)

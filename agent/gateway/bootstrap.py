@@ -1,0 +1,67 @@
+"""Render envoy/bootstrap.yaml (a string.Template) from the gateway config. Pure: no I/O but reading
+the template text, which the caller passes in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+
+from agent.gateway.config import GatewayConfig
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s" if seconds else "0s"
+
+
+def template_values(cfg: GatewayConfig) -> dict[str, str]:
+    p = cfg.policy
+    listen_host, listen_port = cfg.host_port("listen")
+    admin_host, admin_port = cfg.host_port("envoy_admin")
+    xds_host, xds_port = cfg.host_port("xds")
+    if admin_host == "localhost":
+        admin_host = "127.0.0.1"
+    if xds_host == "localhost":
+        xds_host = "127.0.0.1"
+    values = {
+        "node_id": cfg.instance_id,
+        "gateway_name": cfg.name,
+        "cluster": cfg.cluster,
+        "listen_host": listen_host,
+        "listen_port": listen_port,
+        "admin_host": admin_host,
+        "admin_port": admin_port,
+        "xds_host": xds_host,
+        "xds_port": xds_port,
+        "stream_idle_timeout": _duration(p.stream_idle_timeout_s),
+        "num_retries": p.num_retries,
+        "host_selection_retry_max_attempts": p.host_selection_retry_max_attempts,
+        "retry_back_off_base": _duration(p.retry_back_off_base_s),
+        "retry_back_off_max": _duration(p.retry_back_off_max_s),
+        "request_buffer_limit_bytes": p.request_buffer_limit_bytes,
+        "eds_initial_fetch_timeout": _duration(p.eds_initial_fetch_timeout_s),
+        "connect_timeout": _duration(p.connect_timeout_s),
+        "upstream_idle_timeout": _duration(p.upstream_idle_timeout_s),
+        "max_connections": p.max_connections,
+        "max_pending_requests": p.max_pending_requests,
+        "max_requests": p.max_requests,
+        "retry_budget_percent": float(p.retry_budget_percent),
+        "retry_min_concurrency": p.retry_min_concurrency,
+        "outlier_consecutive_5xx": p.outlier_consecutive_5xx,
+        "outlier_consecutive_gateway_failure": p.outlier_consecutive_gateway_failure,
+        "outlier_interval": _duration(p.outlier_interval_s),
+        "outlier_base_ejection": _duration(p.outlier_base_ejection_s),
+        "outlier_max_ejection": _duration(p.outlier_max_ejection_s),
+        "outlier_max_ejection_percent": p.outlier_max_ejection_percent,
+    }
+    # Quote every value as a JSON string (valid YAML scalars; no injection through a name).
+    return {k: json.dumps(str(v)) if isinstance(v, str) else str(v) for k, v in values.items()}
+
+
+def render(template_text: str, cfg: GatewayConfig) -> str:
+    """Substitute every ${name}; a placeholder the config does not provide is an error (KeyError)."""
+    return string.Template(template_text).substitute(template_values(cfg))
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,103 @@
+"""`ernie-mesh gateway`: build the config and the parts, run until SIGTERM/SIGINT, stop cleanly."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from agent.catalog.consul import ConsulCatalog
+from agent.config import ConfigError
+from agent.gateway import bootstrap
+from agent.gateway import config as gateway_config
+from agent.gateway.agent import GatewayAgent
+from agent.gateway.envoy import EnvoySupervisor
+from agent.gateway.metrics import GatewayMetrics
+from agent.gateway.watch import CatalogWatch, WatchSettings
+from agent.gateway.xds import AdsServer
+from agent.local.binaries import MissingBinary, envoy_binary
+
+log = logging.getLogger("agent.gateway")
+
+
+def check_bindable(cfg: gateway_config.GatewayConfig, *keys: str) -> None:
+    """The agent's own ports (xDS, metrics) must be free: fail at start, not in a thread."""
+    for key in keys:
+        host, port = cfg.host_port(key)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {key} {getattr(cfg, key)}: {e.strerror}") from None
+
+
+def prepare(argv: list[str]) -> tuple[gateway_config.GatewayConfig, str, str]:
+    cfg = gateway_config.load(argv)
+    binary = envoy_binary()
+    try:
+        template = Path(cfg.bootstrap_template).read_text()
+    except OSError as e:
+        raise ConfigError(f"bootstrap_template {cfg.bootstrap_template}: {e.strerror}") from None
+    try:
+        bootstrap.render(template, cfg)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"bootstrap_template {cfg.bootstrap_template}: bad or unknown placeholder {e}") from None
+    check_bindable(cfg, "xds", "metrics")
+    return cfg, binary, template
+
+
+def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
+    catalog = ConsulCatalog(cfg.consul.address, cfg.consul.token)
+    metrics = GatewayMetrics()
+    envoy = EnvoySupervisor(cfg, binary, template, on_restart=metrics.envoy_restarts.inc)
+    agent: GatewayAgent
+    ads = AdsServer(cfg.xds, on_ack=lambda *a: agent.on_ack(*a), on_nack=lambda *a: agent.on_nack(*a),
+                    on_push=lambda *a: agent.on_push(*a))
+    agent = GatewayAgent(cfg, catalog, metrics, ads, envoy)
+    watch = CatalogWatch(
+        catalog, cfg.consul.service, agent.on_catalog,
+        WatchSettings(wait_s=cfg.watch_wait_s, settle_s=cfg.settle_s, min_interval_s=cfg.watch_min_interval_s,
+                      backoff_initial_s=cfg.watch_backoff_initial_s, backoff_max_s=cfg.watch_backoff_max_s),
+        metrics=metrics,
+    )
+    agent.watch = watch
+
+    def on_signal(signum, _frame) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        agent.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    host, port = cfg.host_port("metrics")
+    metrics_server, _thread = metrics.serve(host, port)
+    ads.start()
+    watch.start()  # publishes the first snapshot as soon as Consul answers
+    how = envoy.adopt_or_start()
+    log.info("gateway %s: OpenAI API %s (envoy %s), admin %s, xDS %s, metrics %s, Consul %s service %r",
+             cfg.name, cfg.listen_url, how, cfg.admin_url, cfg.xds, cfg.metrics_url, cfg.consul.address,
+             cfg.consul.service)
+    try:
+        agent.run()
+    finally:
+        log.info("shutting down: deregistering, draining envoy (up to %.0fs)", cfg.envoy_drain_s)
+        agent.deregister()
+        envoy.stop()
+        watch.stop(timeout_s=0.2)  # a daemon thread, maybe inside a blocking query
+        ads.stop()
+        metrics_server.shutdown()
+        log.info("gateway %s stopped", cfg.name)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg, binary, template = prepare(argv)
+    except (ConfigError, MissingBinary) as e:
+        print(f"ernie-mesh gateway: {e}", file=sys.stderr)
+        return 2
+    return serve(cfg, binary, template)

@@ -1,0 +1,275 @@
+"""The gateway agent's one typed config: gateway.toml -> environment -> CLI flags.
+
+Every default lives here (GatewayConfig and PolicyConfig); the Envoy bootstrap template only
+receives values from these objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import socket
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from agent.catalog.consul import split_address
+from agent.config import (
+    ConfigError,
+    ConsulConfig,
+    build,
+    check_host_port,
+    check_positive,
+    consul_env,
+    merge,
+    read_toml,
+)
+
+REPO_ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
+DEFAULT_BOOTSTRAP_TEMPLATE = REPO_ENVOY_DIR / "bootstrap.yaml"
+GATEWAY_SERVICE = "ernie-gateway"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Envoy data-plane policy knobs (DESIGN §4/§5). Defaults chosen by measurement; see docs/gateway.md."""
+
+    num_retries: int = 3
+    host_selection_retry_max_attempts: int = 5
+    retry_back_off_base_s: float = 0.025
+    retry_back_off_max_s: float = 0.25
+    retry_budget_percent: float = 25.0
+    retry_min_concurrency: int = 10
+    max_connections: int = 10000
+    max_pending_requests: int = 10000
+    max_requests: int = 10000
+    connect_timeout_s: float = 1.0
+    # uvicorn (vLLM, the simulated engine) closes idle keep-alive connections after 5 s: close ours first.
+    upstream_idle_timeout_s: float = 3.0
+    outlier_consecutive_5xx: int = 5
+    outlier_consecutive_gateway_failure: int = 3
+    outlier_interval_s: float = 1.0
+    outlier_base_ejection_s: float = 5.0
+    outlier_max_ejection_s: float = 60.0
+    outlier_max_ejection_percent: int = 50
+    # No route timeout (long generations), but a stream that sends nothing for this long is cut.
+    # A non-streaming request sends nothing until it completes: keep this above the longest one.
+    stream_idle_timeout_s: float = 120.0
+    request_buffer_limit_bytes: int = 8 * 1024 * 1024
+    eds_initial_fetch_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        check_positive(self, "host_selection_retry_max_attempts", "retry_back_off_base_s", "retry_back_off_max_s",
+                       "retry_budget_percent", "retry_min_concurrency", "max_connections", "max_pending_requests",
+                       "max_requests", "connect_timeout_s", "upstream_idle_timeout_s", "outlier_consecutive_5xx",
+                       "outlier_consecutive_gateway_failure", "outlier_interval_s", "outlier_base_ejection_s",
+                       "outlier_max_ejection_s", "stream_idle_timeout_s", "request_buffer_limit_bytes",
+                       "eds_initial_fetch_timeout_s")
+        if self.num_retries < 0:
+            raise ConfigError(f"policy.num_retries must be >= 0, got {self.num_retries}")
+        if not (0 < self.retry_budget_percent <= 100):
+            raise ConfigError(f"policy.retry_budget_percent must be in (0, 100], got {self.retry_budget_percent}")
+        if not (0 <= self.outlier_max_ejection_percent <= 100):
+            raise ConfigError("policy.outlier_max_ejection_percent must be 0-100")
+        if self.retry_back_off_max_s < self.retry_back_off_base_s:
+            raise ConfigError("policy.retry_back_off_max_s must be >= retry_back_off_base_s")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    consul: ConsulConfig = field(default_factory=ConsulConfig)
+    name: str = ""                       # default: short hostname; unique per gateway
+    listen: str = "0.0.0.0:8080"         # Envoy: the OpenAI-compatible API
+    envoy_admin: str = "127.0.0.1:9901"  # Envoy admin: loopback only
+    xds: str = "127.0.0.1:18000"         # our ADS gRPC server (Envoy connects here)
+    metrics: str = "127.0.0.1:9102"      # the agent's /metrics
+    advertise_address: str = ""          # what the gateway registers in Consul (default: route to Consul)
+    cluster: str = "ernie"               # Envoy cluster name for the engines
+    watch_wait_s: float = 60.0           # Consul blocking query wait
+    settle_s: float = 0.025              # coalesce a burst of catalog changes
+    watch_min_interval_s: float = 0.05   # rate limit between two catalog reads
+    watch_backoff_initial_s: float = 0.25
+    watch_backoff_max_s: float = 5.0
+    reconcile_interval_s: float = 1.0
+    ttl_s: float = 10.0
+    deregister_critical_after_s: float = 120.0
+    envoy_restart_backoff_initial_s: float = 0.5
+    envoy_restart_backoff_max_s: float = 30.0
+    envoy_drain_s: float = 5.0           # on shutdown: let in-flight requests finish up to this long
+    envoy_concurrency: int = 0           # Envoy worker threads; 0 = one per core
+    envoy_log_level: str = "warning"
+    run_dir: str = ""                    # bootstrap, Envoy log, adoption state; default under $TMPDIR
+    bootstrap_template: str = str(DEFAULT_BOOTSTRAP_TEMPLATE)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("listen", "envoy_admin", "xds", "metrics"):
+            check_host_port(getattr(self, key), key)
+        admin_host, _ = check_host_port(self.envoy_admin, "envoy_admin")
+        if not _is_loopback(admin_host):
+            raise ConfigError(f"envoy_admin must be a loopback address (the admin API can stop Envoy), "
+                              f"got {self.envoy_admin!r}")
+        xds_host, _ = check_host_port(self.xds, "xds")
+        if not _is_loopback(xds_host):
+            raise ConfigError(f"xds must be a loopback address (Envoy runs next to the agent), got {self.xds!r}")
+        if self.name and not _NAME_RE.match(self.name):
+            raise ConfigError(f"name must be letters, digits, '-' or '_' (max 63), got {self.name!r}")
+        if not self.cluster.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"cluster must be letters, digits, '-' or '_', got {self.cluster!r}")
+        check_positive(self, "watch_wait_s", "settle_s", "watch_backoff_initial_s", "watch_backoff_max_s",
+                       "reconcile_interval_s", "ttl_s", "envoy_restart_backoff_initial_s",
+                       "envoy_restart_backoff_max_s")
+        if self.watch_min_interval_s < 0 or self.envoy_drain_s < 0 or self.envoy_concurrency < 0:
+            raise ConfigError("watch_min_interval_s, envoy_drain_s and envoy_concurrency must be >= 0")
+        if self.settle_s > 1.0:
+            raise ConfigError(f"settle_s is a short window (<= 1 s) to coalesce bursts, got {self.settle_s}")
+        if self.ttl_s < 3 * self.reconcile_interval_s:
+            raise ConfigError(f"ttl_s ({self.ttl_s}) must be at least 3x reconcile_interval_s")
+        if self.deregister_critical_after_s < 60:
+            raise ConfigError("deregister_critical_after_s must be >= 60 (Consul reaps at most once a minute)")
+        if self.envoy_log_level not in ("trace", "debug", "info", "warning", "error", "critical", "off"):
+            raise ConfigError(f"envoy_log_level: unknown level {self.envoy_log_level!r}")
+        ports = [check_host_port(getattr(self, k), k)[1] for k in ("listen", "envoy_admin", "xds", "metrics")]
+        if len(set(ports)) != len(ports):
+            raise ConfigError("listen, envoy_admin, xds and metrics need four different ports")
+
+    # --- derived values -------------------------------------------------------------------------
+
+    def host_port(self, key: str) -> tuple[str, int]:
+        return check_host_port(getattr(self, key), key)
+
+    @property
+    def instance_id(self) -> str:
+        return f"{GATEWAY_SERVICE}-{self.name}"
+
+    def public_url(self, key: str) -> str:
+        host, port = self.host_port(key)
+        if host in ("0.0.0.0", "::", ""):
+            host = self.advertise_address
+        return f"http://{_bracket(host)}:{port}"
+
+    @property
+    def listen_url(self) -> str:
+        return self.public_url("listen")
+
+    @property
+    def metrics_url(self) -> str:
+        return self.public_url("metrics") + "/metrics"
+
+    @property
+    def admin_url(self) -> str:
+        host, port = self.host_port("envoy_admin")
+        return f"http://{_bracket(host)}:{port}"
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+HELP = """\
+Gateway agent: watches the Consul catalog (service `ernie`), turns it into an immutable snapshot,
+serves it over xDS (ADS gRPC) to the Envoy it starts and supervises. Envoy serves the
+OpenAI-compatible API on `listen`; retries, outlier ejection, draining and JSON errors are Envoy
+policy (envoy/bootstrap.yaml). The gateway registers itself in Consul as `ernie-gateway`.
+
+Config file (TOML), every key optional:
+
+  name = "gw1"                      # unique per gateway (default: hostname)
+  listen = "0.0.0.0:8080"           # OpenAI API (Envoy)
+  envoy_admin = "127.0.0.1:9901"    # Envoy admin, loopback only
+  xds = "127.0.0.1:18000"           # ADS server (this agent), loopback only
+  metrics = "127.0.0.1:9102"        # agent /metrics (Prometheus)
+  run_dir = "/var/lib/ernie-mesh/gateway-gw1"
+  [consul]
+  address = "127.0.0.1:8500"        # or CONSUL_HTTP_ADDR; token: CONSUL_HTTP_TOKEN
+  service = "ernie"
+  [policy]
+  num_retries = 3
+  outlier_max_ejection_percent = 50
+  stream_idle_timeout_s = 120
+
+Precedence: file, then environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, ERNIE_MESH_GATEWAY_NAME,
+ERNIE_MESH_ADVERTISE_ADDRESS), then flags. If the agent dies, Envoy keeps serving its last
+endpoints; a restarted agent adopts the running Envoy (state in run_dir) and converges.
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ernie-mesh gateway", description=HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help="gateway.toml")
+    p.add_argument("--consul", help="Consul HTTP address (default 127.0.0.1:8500, or CONSUL_HTTP_ADDR)")
+    p.add_argument("--service", help="Consul service of the engines (default ernie)")
+    p.add_argument("--name", help="gateway name, unique per gateway (default: hostname)")
+    p.add_argument("--listen", help="OpenAI API host:port served by Envoy (default 0.0.0.0:8080)")
+    p.add_argument("--envoy-admin", help="Envoy admin host:port, loopback only (default 127.0.0.1:9901)")
+    p.add_argument("--xds", help="ADS gRPC host:port, loopback only (default 127.0.0.1:18000)")
+    p.add_argument("--metrics", help="agent metrics host:port (default 127.0.0.1:9102)")
+    p.add_argument("--advertise-address", help="address registered in Consul for this gateway")
+    p.add_argument("--run-dir", help="directory for the rendered bootstrap, Envoy log and state")
+    p.add_argument("--envoy-log-level", help="Envoy log level (default warning)")
+    p.add_argument("--envoy-concurrency", type=int, help="Envoy worker threads (default: one per core)")
+    return p
+
+
+def _route_address(consul_address: str) -> str:
+    """The local address this host uses to reach Consul: what other hosts can reach us on."""
+    _scheme, host, port = split_address(consul_address)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def load(argv: list[str]) -> GatewayConfig:
+    """argv -> validated GatewayConfig; raises ConfigError (one line) on anything wrong."""
+    args = parser().parse_args(argv)
+    data = read_toml(args.config)
+    data = merge(data, consul_env())
+    data = merge(data, {
+        "name": os.environ.get("ERNIE_MESH_GATEWAY_NAME"),
+        "advertise_address": os.environ.get("ERNIE_MESH_ADVERTISE_ADDRESS"),
+    })
+    data = merge(data, {
+        "consul": {"address": args.consul, "service": args.service},
+        "name": args.name,
+        "listen": args.listen,
+        "envoy_admin": args.envoy_admin,
+        "xds": args.xds,
+        "metrics": args.metrics,
+        "advertise_address": args.advertise_address,
+        "run_dir": args.run_dir,
+        "envoy_log_level": args.envoy_log_level,
+        "envoy_concurrency": args.envoy_concurrency,
+    })
+    return finish(build(GatewayConfig, data, where=""))
+
+
+def finish(cfg: GatewayConfig) -> GatewayConfig:
+    """Fill the defaults that depend on the machine (name, advertise address, run dir)."""
+    name = cfg.name or (socket.gethostname().split(".")[0] or "gateway")
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", name)[:63]
+    cfg = replace(cfg, name=name)
+    if not cfg.advertise_address:
+        listen_host, _ = cfg.host_port("listen")
+        adv = listen_host if listen_host not in ("0.0.0.0", "::", "") else _route_address(cfg.consul.address)
+        cfg = replace(cfg, advertise_address=adv)
+    if not cfg.run_dir:
+        cfg = replace(cfg, run_dir=str(Path(tempfile.gettempdir()) / f"ernie-mesh-{os.getuid()}" / f"gateway-{name}"))
+    if not Path(cfg.bootstrap_template).is_file():
+        raise ConfigError(f"bootstrap_template {cfg.bootstrap_template} not found")
+    return cfg

@@ -1,0 +1,65 @@
+"""The gateway agent's Prometheus metrics (own registry, served on `metrics` by a tiny HTTP server)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from agent.gateway.snapshot import EndpointState, Snapshot
+
+PUSH_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.endpoints = Gauge("ernie_gateway_endpoints", "Endpoints in the published snapshot, by state",
+                               ["state"], registry=r)
+        self.snapshot_generation = Gauge("ernie_gateway_snapshot_generation",
+                                         "Snapshots published by this agent since start (increments per change)",
+                                         registry=r)
+        self.snapshot_info = Gauge("ernie_gateway_snapshot_version_info", "1 for the published snapshot version",
+                                   ["version"], registry=r)
+        self.rejected = Gauge("ernie_gateway_snapshot_rejected_endpoints",
+                              "Catalog entries left out of the snapshot because Envoy could not use them",
+                              registry=r)
+        self.pushes = Counter("ernie_gateway_xds_pushes_total", "Snapshots pushed to Envoy over ADS", registry=r)
+        self.nacks = Counter("ernie_gateway_xds_nacks_total", "Snapshots Envoy rejected (NACK)", registry=r)
+        self.push_latency = Histogram("ernie_gateway_xds_push_latency_seconds",
+                                      "From a catalog change seen by the watch to Envoy's ACK of it",
+                                      buckets=PUSH_BUCKETS_S, registry=r)
+        self.xds_streams = Gauge("ernie_gateway_xds_streams", "Connected Envoy ADS streams", registry=r)
+        self.watch_errors = Counter("ernie_gateway_consul_watch_errors_total", "Failed catalog reads", registry=r)
+        self.last_success = Gauge("ernie_gateway_consul_last_success_timestamp_seconds",
+                                  "Unix time of the last successful catalog read (blocking reads last up to the "
+                                  "watch wait)", registry=r)
+        self.consul_up = Gauge("ernie_gateway_consul_up",
+                               "1 while the catalog watch succeeds; 0 while it fails (the last snapshot is served)",
+                               registry=r)
+        self.envoy_restarts = Counter("ernie_gateway_envoy_restarts_total", "Envoy restarts by the agent", registry=r)
+        self.envoy_up = Gauge("ernie_gateway_envoy_up", "1 while the supervised Envoy is live and ready", registry=r)
+
+    # WatchMetrics protocol
+    def watch_error(self) -> None:
+        self.watch_errors.inc()
+        self.consul_up.set(0)
+
+    def watch_success(self, unix_time: float) -> None:
+        self.last_success.set(unix_time)
+        self.consul_up.set(1)
+
+    def published(self, snapshot: Snapshot, previous: Snapshot | None, rejected: int) -> None:
+        for state in EndpointState:
+            self.endpoints.labels(state.value).set(snapshot.count(state))
+        if previous is not None and previous.version != snapshot.version:
+            try:
+                self.snapshot_info.remove(previous.version)
+            except KeyError:
+                pass  # never labelled (first publish after a restart of the agent)
+        self.snapshot_info.labels(snapshot.version).set(1)
+        self.snapshot_generation.inc()
+        self.rejected.set(rejected)
+
+    def serve(self, host: str, port: int):
+        """Start the /metrics HTTP server; returns (server, thread) for shutdown."""
+        return start_http_server(port, addr=host, registry=self.registry)

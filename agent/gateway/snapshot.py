@@ -1,0 +1,171 @@
+"""Catalog entries -> one immutable, versioned, validated Snapshot (go-control-plane style).
+
+A pure function: no I/O, no clock. The version is a hash of the content, so the same catalog
+always gives the same version and a reply that changed nothing publishes nothing.
+
+    check status (verdict)        endpoint
+    passing  (passing)            HEALTHY
+    warning  (draining)           DRAINING   no new requests; in-flight ones finish
+    critical (starting/critical)  omitted
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from agent.catalog.base import CatalogEntry, CheckStatus
+
+VERSION_HEX_CHARS = 16
+
+
+class SnapshotError(ValueError):
+    """A snapshot that breaks an invariant (never published)."""
+
+
+class EndpointState(str, enum.Enum):
+    HEALTHY = "healthy"
+    DRAINING = "draining"
+
+
+_STATE_OF_STATUS = {CheckStatus.PASSING: EndpointState.HEALTHY, CheckStatus.WARNING: EndpointState.DRAINING}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    instance_id: str
+    address: str
+    port: int
+    state: EndpointState
+    node: str = ""
+    zone: str = ""
+    model: str = ""
+
+    def problem(self) -> str:
+        """Why Envoy could not use this endpoint ('' if it can)."""
+        if not self.instance_id:
+            return "empty instance id"
+        if not self.address:
+            return "empty address"
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            return f"address {self.address!r} is not an IP address (Envoy EDS does not resolve names)"
+        if not (0 < self.port < 65536):
+            return f"port {self.port} out of range"
+        return ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    cluster: str
+    endpoints: tuple[Endpoint, ...]
+    version: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.cluster:
+            raise SnapshotError("snapshot without a cluster name")
+        ids = [e.instance_id for e in self.endpoints]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise SnapshotError(f"duplicate endpoint ids: {', '.join(dup)}")
+        addrs = [(e.address, e.port) for e in self.endpoints]
+        if len(set(addrs)) != len(addrs):
+            raise SnapshotError("two endpoints share one address:port")
+        for e in self.endpoints:
+            why = e.problem()
+            if why:
+                raise SnapshotError(f"endpoint {e.instance_id or '?'}: {why}")
+        if list(self.endpoints) != sorted(self.endpoints, key=lambda e: e.instance_id):
+            raise SnapshotError("endpoints must be sorted by instance id")
+        expected = content_version(self.cluster, self.endpoints)
+        if not self.version:
+            object.__setattr__(self, "version", expected)
+        elif self.version != expected:
+            raise SnapshotError(f"version {self.version} does not match the content ({expected})")
+
+    def count(self, state: EndpointState) -> int:
+        return sum(1 for e in self.endpoints if e.state is state)
+
+    def ids(self, state: EndpointState | None = None) -> frozenset[str]:
+        return frozenset(e.instance_id for e in self.endpoints if state is None or e.state is state)
+
+    def summary(self) -> str:
+        return (f"{self.version[:8]} {self.count(EndpointState.HEALTHY)} healthy, "
+                f"{self.count(EndpointState.DRAINING)} draining")
+
+
+@dataclass(frozen=True)
+class Rejected:
+    instance_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    snapshot: Snapshot
+    rejected: tuple[Rejected, ...] = ()
+    omitted: int = 0  # critical instances (not routable by design)
+
+
+def content_version(cluster: str, endpoints: Iterable[Endpoint]) -> str:
+    doc = [cluster] + [[e.instance_id, e.address, e.port, e.state.value, e.node, e.zone, e.model] for e in endpoints]
+    blob = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:VERSION_HEX_CHARS]
+
+
+def endpoint_of(entry: CatalogEntry) -> Endpoint | None:
+    state = _STATE_OF_STATUS.get(entry.status)
+    if state is None:
+        return None
+    meta: Mapping[str, str] = entry.meta or {}
+    return Endpoint(
+        instance_id=entry.instance_id,
+        address=entry.address,
+        port=entry.port,
+        state=state,
+        node=entry.node,
+        zone=meta.get("zone", ""),
+        model=meta.get("served_model_name") or meta.get("model", ""),
+    )
+
+
+def build_snapshot(entries: Iterable[CatalogEntry], cluster: str) -> BuildResult:
+    """Entries -> snapshot. An entry Envoy cannot use (bad address/port, a duplicate id or
+    address) is rejected with a reason instead of poisoning the whole snapshot: one misregistered
+    engine must not freeze the gateway for everyone else."""
+    candidates: list[Endpoint] = []
+    rejected: list[Rejected] = []
+    omitted = 0
+    for entry in sorted(entries, key=lambda e: (e.instance_id, e.node, e.address, e.port)):
+        ep = endpoint_of(entry)
+        if ep is None:
+            omitted += 1
+            continue
+        why = ep.problem()
+        if why:
+            rejected.append(Rejected(entry.instance_id, why))
+            continue
+        candidates.append(ep)
+    seen_ids: set[str] = set()
+    seen_addrs: set[tuple[str, int]] = set()
+    kept: list[Endpoint] = []
+    for ep in candidates:
+        if ep.instance_id in seen_ids:
+            rejected.append(Rejected(ep.instance_id, f"duplicate id (also on another node; kept node {_node_of(kept, ep)})"))
+            continue
+        if (ep.address, ep.port) in seen_addrs:
+            rejected.append(Rejected(ep.instance_id, f"{ep.address}:{ep.port} already used by another instance"))
+            continue
+        seen_ids.add(ep.instance_id)
+        seen_addrs.add((ep.address, ep.port))
+        kept.append(ep)
+    return BuildResult(Snapshot(cluster, tuple(kept)), tuple(rejected), omitted)
+
+
+def _node_of(kept: list[Endpoint], ep: Endpoint) -> str:
+    return next((k.node for k in kept if k.instance_id == ep.instance_id), "?")

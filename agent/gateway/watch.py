@@ -1,0 +1,196 @@
+"""Watch one service in the catalog with blocking queries (consul-template's watch/view.go rules).
+
+- the next query's index is the one from the reply; it resets to 0 when it goes backwards (Consul
+  restarted or a snapshot restore) and is never below 1 after a reply;
+- a reply is not a change: the content is compared, and only a different content is delivered;
+- errors back off exponentially (capped) and the last delivered content stays in force;
+- queries are rate limited (a minimum interval between two reads);
+- a change is held for a short settle window, during which a further change replaces it, so a
+  burst (e.g. a rolling restart touching several instances) is delivered once.
+
+`CatalogWatch.run()` is the thread body; `on_change(entries, seen_at)` is called from it with
+`seen_at` the monotonic time the first reply carrying the change came back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from agent.catalog.base import CatalogEntry, CatalogError
+
+log = logging.getLogger(__name__)
+
+ERROR_LOG_EVERY_S = 30.0
+
+
+class Reader(Protocol):
+    def instances(self, service: str, index: int = 0, wait_s: float = 0.0) -> tuple[int, list[CatalogEntry]]: ...
+
+
+class WatchMetrics(Protocol):
+    def watch_error(self) -> None: ...
+    def watch_success(self, unix_time: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    wait_s: float = 60.0
+    settle_s: float = 0.025
+    min_interval_s: float = 0.05
+    backoff_initial_s: float = 0.25
+    backoff_max_s: float = 5.0
+    max_settle_s: float = 0.25  # a constant churn is still delivered at least this often
+
+
+def next_index(previous: int, replied: int) -> int:
+    """Index rules: reset to 0 if the index went backwards; otherwise the reply's, at least 1."""
+    if replied < previous:
+        return 0
+    return max(replied, 1)
+
+
+def content_key(entries: list[CatalogEntry]) -> tuple:
+    """What counts as a change: everything a snapshot is built from, in a stable order."""
+    return tuple(sorted(
+        (e.instance_id, e.node, e.address, e.port, e.status.value, e.note, tuple(sorted(e.meta.items())), e.tags)
+        for e in entries
+    ))
+
+
+class CatalogWatch:
+    def __init__(self, catalog: Reader, service: str, on_change: Callable[[list[CatalogEntry], float], None],
+                 settings: WatchSettings = WatchSettings(), metrics: WatchMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+        self.catalog = catalog
+        self.service = service
+        self.on_change = on_change
+        self.s = settings
+        self.metrics = metrics
+        self.clock = clock
+        self.wall = wall
+        self.stop_event = threading.Event()
+        self.index = 0
+        self.last_key: tuple | None = None
+        self.last_success_at: float | None = None  # monotonic
+        self.failing_since: float | None = None
+        self.last_error = ""
+        self.errors = 0
+        self.deliveries = 0
+        self._backoff_s = settings.backoff_initial_s
+        self._last_error_log = 0.0
+        self._thread: threading.Thread | None = None
+
+    # --- thread -----------------------------------------------------------------------------------
+
+    def start(self) -> "CatalogWatch":
+        self._thread = threading.Thread(target=self.run, name=f"watch-{self.service}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self.stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def healthy(self) -> bool:
+        return self.failing_since is None and self.last_success_at is not None
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            started = self.clock()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a bug in a callback must not end the watch
+                log.exception("catalog watch of %s: unexpected error; continuing", self.service)
+                self.stop_event.wait(self._backoff_s)
+                continue
+            if self.failing_since is not None:
+                self.stop_event.wait(self._backoff_s)
+                self._backoff_s = min(self._backoff_s * 2, self.s.backoff_max_s)
+            else:
+                remaining = self.s.min_interval_s - (self.clock() - started)
+                if remaining > 0:
+                    self.stop_event.wait(remaining)
+
+    # --- one query ----------------------------------------------------------------------------
+
+    def _read(self, wait_s: float) -> tuple[int, list[CatalogEntry]] | None:
+        try:
+            replied, entries = self.catalog.instances(self.service, self.index, wait_s if self.index else 0.0)
+        except CatalogError as e:
+            self._failed(e)
+            return None
+        self._succeeded()
+        self.index = next_index(self.index, replied)
+        return replied, entries
+
+    def step(self) -> bool:
+        """One blocking read (plus its settle window). True if a change was delivered."""
+        got = self._read(self.s.wait_s)
+        if got is None:
+            return False
+        _, entries = got
+        seen_at = self.clock()
+        key = content_key(entries)
+        if key == self.last_key:
+            return False  # the index moved, the content did not (another service, a TTL refresh)
+        entries, key = self._settle(entries, key, seen_at)
+        self.on_change(entries, seen_at)
+        self.last_key = key  # only once delivered: a failed callback gets the content again
+        self.deliveries += 1
+        return True
+
+    def _settle(self, entries: list[CatalogEntry], key: tuple, seen_at: float) -> tuple[list[CatalogEntry], tuple]:
+        """Hold a change for settle_s of quiet (at most max_settle_s), taking any later content."""
+        if self.last_key is None:
+            return entries, key  # the first read is delivered at once
+        deadline = seen_at + self.s.max_settle_s
+        while not self.stop_event.is_set():
+            wait_s = min(self.s.settle_s, deadline - self.clock())
+            if wait_s <= 0.001:
+                break
+            before = self.index
+            got = self._read(wait_s)
+            if got is None:
+                break  # deliver what we have; the outage is handled by the main loop
+            _, newer = got
+            newer_key = content_key(newer)
+            if newer_key != key:
+                entries, key = newer, newer_key
+                continue  # another change in the burst: wait again
+            if self.index == before or self.index == 0:
+                break  # quiet for a whole settle window
+        return entries, key
+
+    # --- bookkeeping --------------------------------------------------------------------------
+
+    def _failed(self, e: CatalogError) -> None:
+        now = self.clock()
+        self.errors += 1
+        self.last_error = str(e)
+        if self.metrics:
+            self.metrics.watch_error()
+        if self.failing_since is None:
+            self.failing_since = now
+            self._last_error_log = now
+            log.warning("catalog watch of %s failing: %s; keeping the last snapshot", self.service, e)
+        elif now - self._last_error_log >= ERROR_LOG_EVERY_S:
+            self._last_error_log = now
+            log.warning("catalog watch of %s still failing for %.0fs (%d errors): %s; serving the last snapshot",
+                        self.service, now - self.failing_since, self.errors, e)
+
+    def _succeeded(self) -> None:
+        now = self.clock()
+        if self.failing_since is not None:
+            log.info("catalog watch of %s: Consul reachable again after %.1fs", self.service,
+                     now - self.failing_since)
+        self.failing_since = None
+        self._backoff_s = self.s.backoff_initial_s
+        self.last_success_at = now
+        if self.metrics:
+            self.metrics.watch_success(self.wall())
