@@ -1,0 +1,9 @@
+"""A SIMULATED OpenAI-compatible engine (`ernie-mesh sim-engine`): vLLM's endpoints, metric names and
+failure behaviours (hang with /health 200, hang after headers, slow, error rate, crash, SIGTERM
+abort or drain), with deterministic output. For integration tests, drills and benchmarks only;
+it never stands in for vLLM where vLLM is the point.
+
+Modules: `faults` (fault modes), `protocol` (OpenAI wire format), `metrics` (vLLM names),
+`engine` (requests, pacing, shutdown), `app` (ASGI routes), `server` (uvicorn + signals),
+`cli` (the command), `process` (`SimEngineProcess`, to run one as a subprocess).
+"""

@@ -1,0 +1,215 @@
+"""The SIMULATED engine's HTTP surface (Starlette, pure ASGI): vLLM's OpenAI-compatible routes plus
+admin routes under /sim/ to switch faults and read counters.
+
+Generation routes are raw ASGI handlers so they control exactly when headers and each SSE chunk go
+out (what the hang modes are about) and notice a client that went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agent.sim.engine import SIM_ENGINE_VERSION, ActiveRequest, SimEngine
+from agent.sim.faults import FaultError, FaultMode, parse_fault
+from agent.sim.metrics import METRICS_CONTENT_TYPE
+from agent.sim.protocol import ApiError, Kind, chunk, error_body, full_response, parse_generation, usage_chunk
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+SIM_HEADER = "x-sim-engine"
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class EngineHeaderMiddleware:
+    """Adds `x-sim-engine: <instance name>` to every response."""
+
+    def __init__(self, app: ASGIApp, name: str) -> None:
+        self.app = app
+        self.header = (SIM_HEADER.encode(), name.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+async def _read_json(receive: Receive) -> object:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "client disconnected before sending the whole body")
+        body = message.get("body", b"")
+        size += len(body)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(400, f"request body larger than {MAX_BODY_BYTES} bytes", "body")
+        chunks.append(body)
+        if not message.get("more_body", False):
+            break
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise ApiError(400, "empty request body: expected a JSON object", "body")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"invalid JSON body: {e}", "body") from None
+
+
+class GenerationEndpoint:
+    """POST /v1/chat/completions (kind "chat") or /v1/completions (kind "completion")."""
+
+    def __init__(self, engine: SimEngine, kind: Kind) -> None:
+        self.engine = engine
+        self.kind: Kind = kind
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        engine = self.engine
+        try:
+            body = await _read_json(receive)
+            params = parse_generation(self.kind, body, engine.config.model, engine.config.max_model_len)
+            if not engine.accepting:
+                raise ApiError(503, "the simulated engine is shutting down and accepts no new requests")
+            if engine.draw_injected_error():
+                raise ApiError(500, "simulated engine failure (fault mode error_rate)")
+        except ApiError as e:
+            engine.count_rejected()
+            engine.record_status(e.status)
+            await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
+            return
+        req = engine.admit(params)
+        watcher = asyncio.create_task(self._watch_disconnect(receive, req))
+        try:
+            if params.stream:
+                await self._stream(req, send)
+            else:
+                await self._unary(req, send)
+        finally:
+            watcher.cancel()
+            engine.release(req)
+
+    async def _watch_disconnect(self, receive: Receive, req: ActiveRequest) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.engine.abort(req, "client disconnected")
+                return
+
+    async def _stream(self, req: ActiveRequest, send: Send) -> None:
+        p, rid, created = req.params, req.request_id, req.created
+        # Like vLLM: headers go out before the first token.
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        self.engine.record_status(200)
+
+        async def event(obj: Any) -> None:
+            await send({"type": "http.response.body", "body": b"data: " + _dumps(obj) + b"\n\n", "more_body": True})
+
+        while (text := await self.engine.next_token(req)) is not None:
+            if req.tokens == 1 and p.kind == "chat":
+                await event(chunk(p, rid, created, role=True))
+            await event(chunk(p, rid, created, text=text))
+        await event(chunk(p, rid, created, finish_reason=req.finish_reason))
+        if p.include_usage:
+            await event(usage_chunk(p, rid, created, req.tokens))
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def _unary(self, req: ActiveRequest, send: Send) -> None:
+        headers_sent = req.held  # hang_after_headers: the headers go out, then nothing
+        if headers_sent:
+            await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
+        texts = []
+        while (text := await self.engine.next_token(req)) is not None:
+            texts.append(text)
+        assert req.finish_reason is not None
+        body = _dumps(full_response(req.params, req.request_id, req.created, "".join(texts), req.finish_reason,
+                                    req.tokens))
+        if not headers_sent:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+        self.engine.record_status(200)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _json_error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+def build_app(engine: SimEngine, on_crash: Callable[[], None] | None = None) -> Starlette:
+    """The ASGI app around `engine`. `on_crash` runs after answering POST /sim/fault {"mode": "crash"}
+    (default: exit the process at once, like a crashed engine)."""
+    crash = on_crash or engine.crash
+    cfg = engine.config
+
+    async def health(_: Request) -> Response:
+        return Response(status_code=200 if engine.accepting else 503)
+
+    async def version(_: Request) -> Response:
+        return JSONResponse({"version": SIM_ENGINE_VERSION, "engine": "simulated", "name": cfg.name})
+
+    async def models(_: Request) -> Response:
+        card = {"id": cfg.model, "object": "model", "created": 0, "owned_by": "simulated", "root": cfg.model,
+                "parent": None, "max_model_len": cfg.max_model_len, "permission": []}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def metrics(_: Request) -> Response:
+        return Response(engine.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    async def get_fault(_: Request) -> Response:
+        return JSONResponse(engine.fault.to_json())
+
+    async def post_fault(request: Request) -> Response:
+        try:
+            fault = parse_fault(json.loads(await request.body()))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return _json_error(400, f"invalid JSON body: {e}", "body")
+        except FaultError as e:
+            return _json_error(400, str(e), "mode")
+        if fault.mode is FaultMode.CRASH:
+            return JSONResponse(fault.to_json(), background=BackgroundTask(crash))
+        engine.set_fault(fault)
+        return JSONResponse(fault.to_json())
+
+    async def stats(_: Request) -> Response:
+        return JSONResponse(engine.stats())
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        return _json_error(status, f"{request.method} {request.url.path}: "
+                                   f"{'no such route' if status == 404 else 'method not allowed'} "
+                                   "on this simulated engine")
+
+    routes = [
+        Route("/v1/chat/completions", GenerationEndpoint(engine, "chat"), methods=["POST"]),
+        Route("/v1/completions", GenerationEndpoint(engine, "completion"), methods=["POST"]),
+        Route("/v1/models", models),
+        Route("/health", health),
+        Route("/version", version),
+        Route("/metrics", metrics),
+        Route("/sim/fault", get_fault, methods=["GET"]),
+        Route("/sim/fault", post_fault, methods=["POST"]),
+        Route("/sim/stats", stats),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(EngineHeaderMiddleware, name=cfg.name)],
+                     exception_handlers={404: not_found, 405: not_found})

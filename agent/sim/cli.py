@@ -1,0 +1,121 @@
+"""`ernie-mesh sim-engine`: run a SIMULATED OpenAI-compatible engine (not vLLM) for tests and drills."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+
+from agent.sim.engine import (
+    CRASH_EXIT_CODE,
+    DEFAULT_MAX_MODEL_LEN,
+    DEFAULT_MAX_NUM_SEQS,
+    DEFAULT_TOKEN_DELAY_MS,
+    EngineConfig,
+    SimEngine,
+)
+from agent.sim.faults import DEFAULT_ERROR_RATE, DEFAULT_SLOW_FACTOR, FAULT_MODE_NAMES, Fault, FaultError, FaultMode
+
+log = logging.getLogger("agent.sim")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_MODEL = "sim-model"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+DESCRIPTION = """\
+Run a SIMULATED inference engine: a small OpenAI-compatible server that mimics vLLM's API
+(/v1/chat/completions, /v1/completions, /v1/models, /health, /version, /metrics with vLLM's
+metric names) and its failure behaviours, but generates no real text (tokens are tok0 tok1 ...).
+It is NOT vLLM: it exists so tests, drills and benchmarks can drive failures deterministically.
+
+Fault modes (--fault at start; at run time POST /sim/fault {"mode": ..., "slow_factor": 10,
+"error_rate": 0.5}; GET /sim/fault; counters at GET /sim/stats):
+  none                nothing wrong
+  hang                gray failure: /health 200 and /metrics served, but every generation stalls
+  hang_after_headers  new requests get response headers, then nothing
+  slow                per-token delay multiplied by slow_factor
+  error_rate          a fraction error_rate of generation requests answered 500
+  crash               the process exits at once with code 1
+
+SIGTERM/SIGINT as vLLM: with --shutdown-timeout 0 requests in flight are aborted
+(finish_reason "abort"); with --shutdown-timeout N they may finish for up to N s. Exit code 0.
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ernie-mesh sim-engine", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=_port, required=True, help="TCP port to listen on")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="served model name (default %(default)s)")
+    p.add_argument("--name", default=None, help="instance name, sent in the x-sim-engine header (default sim-<port>)")
+    p.add_argument("--token-delay-ms", type=_non_negative_float, default=DEFAULT_TOKEN_DELAY_MS,
+                   help="delay before each generated token, ms (default %(default)s)")
+    p.add_argument("--fault", choices=FAULT_MODE_NAMES, default=FaultMode.NONE.value,
+                   help="fault mode at start (default %(default)s)")
+    p.add_argument("--slow-factor", type=float, default=DEFAULT_SLOW_FACTOR,
+                   help="token delay multiplier of fault 'slow' (default %(default)s)")
+    p.add_argument("--error-rate", type=float, default=DEFAULT_ERROR_RATE,
+                   help="fraction of generations failing under fault 'error_rate' (default %(default)s)")
+    p.add_argument("--shutdown-timeout", type=_non_negative_float, default=0.0, metavar="S",
+                   help="on SIGTERM: 0 aborts requests in flight (vLLM's default); N lets them finish "
+                        "for up to N s (default %(default)s)")
+    p.add_argument("--max-model-len", type=_positive_int, default=DEFAULT_MAX_MODEL_LEN,
+                   help="context length: prompt + max_tokens above it is a 400 (default %(default)s)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=DEFAULT_MAX_NUM_SEQS,
+                   help="requests running at once; the rest wait (default %(default)s)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="(default %(default)s)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        fault = Fault(mode=FaultMode(args.fault), slow_factor=args.slow_factor, error_rate=args.error_rate)
+    except FaultError as e:
+        parser.error(str(e))
+    name = args.name or f"sim-{args.port}"
+    logging.getLogger().setLevel(args.log_level.upper())
+    if fault.mode is FaultMode.CRASH:
+        log.error("simulated engine %s: started with fault crash, exiting with code %d", name, CRASH_EXIT_CODE)
+        return CRASH_EXIT_CODE
+    engine = SimEngine(EngineConfig(name=name, model=args.model, token_delay_ms=args.token_delay_ms,
+                                    max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs), fault)
+    log.warning("SIMULATED engine %s (not vLLM) serving model %r on http://%s:%d, fault %s, token delay %g ms",
+                name, args.model, args.host, args.port, fault.mode.value, args.token_delay_ms)
+    from agent.sim.server import ServeOptions, serve  # uvicorn + starlette: not needed for --help or bad args
+
+    options = ServeOptions(host=args.host, port=args.port, shutdown_timeout_s=args.shutdown_timeout,
+                           log_level=args.log_level)
+    code = asyncio.run(serve(engine, options))
+    log.warning("simulated engine %s stopped (exit code %d)", name, code)
+    return code

@@ -1,0 +1,259 @@
+"""The SIMULATED engine's core: requests in flight, token pacing, faults, shutdown, counters.
+
+Pure asyncio, no threads: each request is paced by timers on the event loop, and every state
+change (fault switched, shutdown, client gone, slot freed) wakes the requests it concerns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections import Counter as Tally
+from dataclasses import dataclass
+from typing import Any
+
+from agent.sim.faults import ErrorDraw, Fault, FaultMode
+from agent.sim.metrics import SimMetrics
+from agent.sim.protocol import GenerationParams, token_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_DELAY_MS = 20.0
+DEFAULT_MAX_MODEL_LEN = 4096
+DEFAULT_MAX_NUM_SEQS = 256
+KV_CACHE_CAPACITY_TOKENS = 16_384
+CRASH_EXIT_CODE = 1
+SIM_ENGINE_VERSION = "0.0.0+simulated"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str
+    model: str = "sim-model"
+    token_delay_ms: float = DEFAULT_TOKEN_DELAY_MS
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+
+
+class ActiveRequest:
+    """One generation in flight. `next_token` is driven by exactly one handler task."""
+
+    def __init__(self, params: GenerationParams, started_s: float, held: bool) -> None:
+        prefix = "chatcmpl" if params.kind == "chat" else "cmpl"
+        self.params = params
+        self.request_id = f"{prefix}-sim-{uuid.uuid4().hex[:16]}"
+        self.created = int(time.time())
+        self.started_s = started_s
+        self.last_token_s: float | None = None
+        self.held = held  # arrived under hang_after_headers: stalls while that mode lasts
+        self.planned_tokens, self.planned_finish = params.plan()
+        self.tokens = 0
+        self.finish_reason: str | None = None
+        self.abort_reason: str | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+
+    async def sleep(self, delay_s: float | None) -> None:
+        """Sleep `delay_s` (None: until woken); `wake()` ends the sleep early."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(delay_s, _resolve, fut) if delay_s is not None else None
+        self._wakeup = fut
+        try:
+            await fut
+        finally:
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
+
+    def wake(self) -> None:
+        if self._wakeup is not None:
+            _resolve(self._wakeup)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class SimEngine:
+    def __init__(self, config: EngineConfig, fault: Fault | None = None) -> None:
+        self.config = config
+        self._fault = fault or Fault()
+        self._errors = ErrorDraw()
+        self._waiting: set[ActiveRequest] = set()
+        self._running: set[ActiveRequest] = set()
+        self._shutting_down = False
+        self._status = Tally[str]()
+        self._requests_total = 0
+        self._completed = 0
+        self._aborted = 0
+        self._tokens_total = 0
+        self.metrics = SimMetrics(config.model, running=lambda: len(self._running),
+                                  waiting=lambda: len(self._waiting), kv_cache_usage=self._kv_cache_usage)
+
+    # --- faults -----------------------------------------------------------------------------
+    @property
+    def fault(self) -> Fault:
+        return self._fault
+
+    def set_fault(self, fault: Fault) -> None:
+        """Switch the fault mode. `crash` is not handled here: the caller exits the process."""
+        if fault != self._fault:
+            log.warning("simulated engine %s: fault %s -> %s", self.config.name, self._fault.to_json(),
+                        fault.to_json())
+        self._fault = fault
+        self._errors.reset()
+        self._wake_all()
+
+    def draw_injected_error(self) -> bool:
+        return self._fault.mode is FaultMode.ERROR_RATE and self._errors.draw(self._fault.error_rate)
+
+    def crash(self) -> None:
+        log.error("simulated engine %s: fault crash -> exiting with code %d", self.config.name, CRASH_EXIT_CODE)
+        logging.shutdown()
+        os._exit(CRASH_EXIT_CODE)
+
+    # --- requests -----------------------------------------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        return not self._shutting_down
+
+    def admit(self, params: GenerationParams) -> ActiveRequest:
+        req = ActiveRequest(params, asyncio.get_running_loop().time(),
+                            held=self._fault.mode is FaultMode.HANG_AFTER_HEADERS)
+        self._requests_total += 1
+        self._waiting.add(req)
+        self.metrics.prompt_tokens.inc(params.prompt_tokens)
+        if self._shutting_down:
+            req.abort_reason = "shutdown"
+        return req
+
+    def record_status(self, status: int) -> None:
+        self._status[str(status)] += 1
+
+    def count_rejected(self) -> None:
+        """A generation request answered before admission (400/404/500/503)."""
+        self._requests_total += 1
+
+    async def next_token(self, req: ActiveRequest) -> str | None:
+        """The next token's text, after the token delay; None once finished (see finish_reason)."""
+        if req.finish_reason is not None:
+            return None
+        if req.tokens >= req.planned_tokens:
+            self._finish(req, req.planned_finish)
+            return None
+        loop = asyncio.get_running_loop()
+        while req in self._waiting:
+            if req.abort_reason is not None:
+                self._finish(req, "abort")
+                return None
+            if len(self._running) < self.config.max_num_seqs:
+                self._waiting.discard(req)
+                self._running.add(req)
+                break
+            await req.sleep(None)
+        deadline_s = loop.time() + self._token_delay_s()
+        while True:
+            if req.abort_reason is not None:
+                self._finish(req, "abort")
+                return None
+            if self._stalled(req):
+                await req.sleep(None)
+                deadline_s = loop.time() + self._token_delay_s()
+                continue
+            remaining_s = deadline_s - loop.time()
+            if remaining_s <= 0:
+                break
+            await req.sleep(remaining_s)
+        now_s = loop.time()
+        if req.last_token_s is None:
+            self.metrics.ttft_s.observe(now_s - req.started_s)
+        else:
+            self.metrics.itl_s.observe(now_s - req.last_token_s)
+        req.last_token_s = now_s
+        index = req.params.first_token_index + req.tokens
+        text = token_text(index, first=req.tokens == 0, leading_space=req.params.leading_space)
+        req.tokens += 1
+        self._tokens_total += 1
+        self.metrics.generation_tokens.inc()
+        return text
+
+    def abort(self, req: ActiveRequest, reason: str) -> None:
+        if req.finish_reason is None and req.abort_reason is None:
+            req.abort_reason = reason
+            req.wake()
+
+    def release(self, req: ActiveRequest) -> None:
+        """The handler is done with `req` (finished, failed or its client gone)."""
+        if req.finish_reason is None:
+            self._finish(req, "abort")
+        freed = req in self._running
+        self._waiting.discard(req)
+        self._running.discard(req)
+        if freed:
+            for other in list(self._waiting):
+                other.wake()
+
+    def _finish(self, req: ActiveRequest, reason: str) -> None:
+        req.finish_reason = reason
+        if reason == "abort":
+            self._aborted += 1
+            log.info("simulated engine %s: request %s aborted (%s) after %d tokens", self.config.name,
+                     req.request_id, req.abort_reason or "handler gone", req.tokens)
+        else:
+            self._completed += 1
+        self.metrics.request_finished(reason)
+        self.metrics.e2e_s.observe(asyncio.get_running_loop().time() - req.started_s)
+
+    def _stalled(self, req: ActiveRequest) -> bool:
+        mode = self._fault.mode
+        return mode is FaultMode.HANG or (req.held and mode is FaultMode.HANG_AFTER_HEADERS)
+
+    def _token_delay_s(self) -> float:
+        factor = self._fault.slow_factor if self._fault.mode is FaultMode.SLOW else 1.0
+        return self.config.token_delay_ms * factor / 1000.0
+
+    def _kv_cache_usage(self) -> float:
+        used = sum(r.params.prompt_tokens + r.tokens for r in self._running)
+        return min(1.0, used / KV_CACHE_CAPACITY_TOKENS)
+
+    def _wake_all(self) -> None:
+        for req in list(self._running) + list(self._waiting):
+            req.wake()
+
+    # --- shutdown -----------------------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        """Refuse new requests from now on (in-flight ones continue)."""
+        self._shutting_down = True
+
+    def abort_all(self, reason: str) -> int:
+        """Abort everything in flight (vLLM's SIGTERM with --shutdown-timeout 0); returns the count."""
+        self._shutting_down = True
+        victims = [r for r in list(self._running) + list(self._waiting) if r.finish_reason is None]
+        for req in victims:
+            self.abort(req, reason)
+        return len(victims)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running) + len(self._waiting)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "engine": "simulated",
+            "name": self.config.name,
+            "model": self.config.model,
+            "fault": self._fault.to_json(),
+            "requests_total": self._requests_total,
+            "in_flight": self.in_flight,
+            "running": len(self._running),
+            "waiting": len(self._waiting),
+            "completed": self._completed,
+            "aborted": self._aborted,
+            "by_status": dict(sorted(self._status.items())),
+            "generation_tokens_total": self._tokens_total,
+            "shutting_down": self._shutting_down,
+        }
