@@ -1,0 +1,1 @@
+"""The naive baseline: nginx round-robin + a /health polling script (bench/baseline/)."""

@@ -1,0 +1,212 @@
+"""Steady closed-loop load through the official `openai` client, with every outcome classified.
+
+Each of `concurrency` workers sends one request after the other (a mix of streaming and
+non-streaming chat completions with `ignore_eos` and a fixed `max_tokens`, so a short answer is
+detectable) and records what a user would see:
+
+  failed     an exception before any content, or a non-2xx status
+  truncated  a 200 whose answer is incomplete: a stream without its final chunk (finish_reason and
+             usage), finish_reason "abort" (vLLM's SIGTERM), fewer tokens than asked, or a stream
+             cut after content had arrived
+  ok         everything else
+
+The client is created with max_retries=0: the drill measures the serving system, not the client's
+retry loop (which would hide failures of either system).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import openai
+
+PROMPT = "Count slowly from one to one hundred."
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    base_url: str                     # e.g. http://127.0.0.1:8080 (without /v1)
+    model: str
+    concurrency: int = 8
+    stream_ratio: float = 0.5         # fraction of requests that stream
+    max_tokens: int = 32
+    request_timeout_s: float = 60.0
+    prompt: str = PROMPT
+
+
+@dataclass
+class Result:
+    started: float                    # wall clock (time.time), comparable across processes
+    latency_s: float
+    stream: bool
+    outcome: str                      # ok | failed | truncated
+    ttft_s: float | None = None
+    tokens: int = 0
+    finish_reason: str | None = None
+    error: str = ""
+
+    @property
+    def ended(self) -> float:
+        return self.started + self.latency_s
+
+
+def _classify_error(e: BaseException) -> str:
+    if isinstance(e, openai.APIStatusError):
+        return f"HTTP {e.status_code}: {str(e)[:160]}"
+    return f"{type(e).__name__}: {str(e)[:160]}"
+
+
+def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
+    messages = [{"role": "user", "content": cfg.prompt}]
+    extra = {"ignore_eos": True}
+    t0_wall, t0 = time.time(), time.perf_counter()
+    if not stream:
+        try:
+            r = client.chat.completions.create(model=cfg.model, messages=messages, max_tokens=cfg.max_tokens,
+                                               temperature=0, extra_body=extra)
+        except Exception as e:  # noqa: BLE001 - every client-visible error is an outcome to count
+            return Result(t0_wall, time.perf_counter() - t0, False, "failed", error=_classify_error(e))
+        latency = time.perf_counter() - t0
+        finish = r.choices[0].finish_reason if r.choices else None
+        tokens = r.usage.completion_tokens if r.usage else 0
+        full = finish == "length" and tokens >= cfg.max_tokens
+        return Result(t0_wall, latency, False, "ok" if full else "truncated", tokens=tokens, finish_reason=finish,
+                      error="" if full else f"finish_reason={finish} tokens={tokens}")
+    ttft = None
+    finish = None
+    usage_tokens = None
+    chunks = 0
+    try:
+        events = client.chat.completions.create(model=cfg.model, messages=messages, max_tokens=cfg.max_tokens,
+                                                temperature=0, extra_body=extra, stream=True,
+                                                stream_options={"include_usage": True})
+        for ev in events:
+            if ev.choices:
+                c = ev.choices[0]
+                if c.delta and c.delta.content:
+                    chunks += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                if c.finish_reason:
+                    finish = c.finish_reason
+            if ev.usage is not None:
+                usage_tokens = ev.usage.completion_tokens
+    except Exception as e:  # noqa: BLE001
+        latency = time.perf_counter() - t0
+        outcome = "truncated" if chunks else "failed"
+        return Result(t0_wall, latency, True, outcome, ttft_s=ttft, tokens=chunks, finish_reason=finish,
+                      error=_classify_error(e))
+    latency = time.perf_counter() - t0
+    tokens = usage_tokens if usage_tokens is not None else chunks
+    full = finish == "length" and usage_tokens is not None and usage_tokens >= cfg.max_tokens
+    return Result(t0_wall, latency, True, "ok" if full else "truncated", ttft_s=ttft, tokens=tokens,
+                  finish_reason=finish,
+                  error="" if full else f"stream ended: finish_reason={finish} usage_tokens={usage_tokens} "
+                                        f"content_chunks={chunks}")
+
+
+class LoadGenerator:
+    """`concurrency` threads, each with its own client and connection pool, until stop()."""
+
+    def __init__(self, cfg: LoadConfig):
+        self.cfg = cfg
+        self.results: list[Result] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.started_at: float | None = None
+        self.stopped_at: float | None = None
+
+    def start(self) -> "LoadGenerator":
+        self.started_at = time.time()
+        for i in range(self.cfg.concurrency):
+            t = threading.Thread(target=self._worker, args=(i,), daemon=True, name=f"load-{i}")
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _worker(self, index: int) -> None:
+        http = httpx.Client(limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
+                            timeout=httpx.Timeout(self.cfg.request_timeout_s, connect=5.0))
+        client = openai.OpenAI(base_url=f"{self.cfg.base_url}/v1", api_key="none", max_retries=0,
+                               timeout=self.cfg.request_timeout_s, http_client=http)
+        n = 0
+        # Deterministic mix: worker i, request n streams when the running fraction is below the ratio,
+        # offset per worker so the mix holds at every moment, not only on average.
+        while not self._stop.is_set():
+            k = n * self.cfg.concurrency + index
+            stream = math.floor((k + 1) * self.cfg.stream_ratio) > math.floor(k * self.cfg.stream_ratio)
+            res = one_request(client, self.cfg, stream)
+            with self._lock:
+                self.results.append(res)
+            n += 1
+            if res.outcome == "failed" and res.latency_s < 0.05:
+                self._stop.wait(0.05)  # an instant error (nothing listening): do not spin the CPU
+        http.close()
+
+    def stop(self, wait_s: float | None = None) -> None:
+        """Stop issuing requests; wait up to `wait_s` (default: the request timeout) for those in flight."""
+        self._stop.set()
+        self.stopped_at = time.time()
+        deadline = time.monotonic() + (self.cfg.request_timeout_s + 5 if wait_s is None else wait_s)
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def in_flight_threads(self) -> int:
+        return sum(1 for t in self._threads if t.is_alive())
+
+    def snapshot(self) -> list[Result]:
+        with self._lock:
+            return list(self.results)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) or None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100.0 * len(s)) - 1))
+    return s[k]
+
+
+@dataclass
+class LoadSummary:
+    requests: int
+    ok: int
+    failed: int
+    truncated: int
+    p50_ms: float | None
+    p99_ms: float | None
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    rps: float
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def summarize(results: list[Result], seconds: float) -> LoadSummary:
+    lat = [r.latency_s * 1000 for r in results if r.outcome == "ok"]
+    ttft = [r.ttft_s * 1000 for r in results if r.outcome == "ok" and r.ttft_s is not None]
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.outcome != "ok":
+            key = f"{r.outcome}: {r.error.split(':')[0] if r.error else '?'}"
+            errors[key] = errors.get(key, 0) + 1
+
+    def rnd(v: float | None) -> float | None:
+        return None if v is None else round(v, 1)
+
+    ok = sum(1 for r in results if r.outcome == "ok")
+    return LoadSummary(
+        requests=len(results), ok=ok,
+        failed=sum(1 for r in results if r.outcome == "failed"),
+        truncated=sum(1 for r in results if r.outcome == "truncated"),
+        p50_ms=rnd(percentile(lat, 50)), p99_ms=rnd(percentile(lat, 99)),
+        ttft_p50_ms=rnd(percentile(ttft, 50)), ttft_p99_ms=rnd(percentile(ttft, 99)),
+        rps=round(ok / seconds, 2) if seconds > 0 else 0.0,
+        errors=dict(sorted(errors.items(), key=lambda kv: -kv[1])),
+    )

@@ -1,0 +1,246 @@
+"""ernie-mesh as a drill system: a Consul dev agent, one engine agent per engine (so each can be
+restarted on its own in a rolling drill), one gateway agent with its Envoy."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from agent.catalog.consul import ConsulCatalog
+from agent.local.consul_dev import ConsulDev
+from agent.local.ports import free_port, free_ports
+from agent.local.procs import ManagedProcess, mesh_command
+from agent.local.wait import wait_until
+from bench.engines import EngineSettings, kill_group
+from bench.system import Progress, System
+
+SERVICE = "ernie"
+NODE = "drill"
+CLUSTER = "ernie"
+DRAIN_TIMEOUT_S = 300.0
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {json.dumps(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
+
+
+def _toml(settings: dict, tables: dict[str, dict], arrays: dict[str, list[dict]] | None = None) -> str:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    for name, items in (arrays or {}).items():
+        for item in items:
+            lines.append(f"[[{name}]]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+    return "\n".join(lines) + "\n"
+
+
+class EngineAgentProc:
+    """`ernie-mesh engine` supervising one engine."""
+
+    def __init__(self, workdir: Path, consul_address: str, settings: EngineSettings, engine_port: int,
+                 agent_settings: dict):
+        self.engine_port = engine_port
+        self.port = free_port()
+        self.instance_id = f"{SERVICE}-{NODE}-{engine_port}"
+        self.config_path = workdir / f"engine-agent-{engine_port}.toml"
+        self.config_path.write_text(_toml(
+            {"listen": f"127.0.0.1:{self.port}", "node": NODE, "log_dir": str(workdir / "logs"), **agent_settings},
+            {"consul": {"address": consul_address, "service": SERVICE}},
+            {"engines": [settings.agent_engine(engine_port)]}))
+        self.log_path = workdir / "logs" / f"engine-agent-{engine_port}.log"
+        self.proc: ManagedProcess | None = None
+        self._http = httpx.Client(timeout=2.0)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "EngineAgentProc":
+        self.proc = ManagedProcess(f"engine-agent-{self.engine_port}",
+                                   mesh_command("engine", "--config", str(self.config_path)), self.log_path).start()
+        return self
+
+    def instance(self) -> dict | None:
+        try:
+            for i in self._http.get(f"{self.url}/instances").json()["instances"]:
+                if i["id"] == self.instance_id:
+                    return i
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+        return None
+
+    def engine_pid(self) -> int | None:
+        inst = self.instance()
+        return inst.get("pid") if inst else None
+
+    def drain(self) -> None:
+        r = self._http.post(f"{self.url}/drain/{self.instance_id}")
+        r.raise_for_status()
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        if self.proc is not None:
+            self.proc.stop(timeout_s)
+
+
+class MeshSystem(System):
+    name = "mesh"
+
+    def __init__(self, settings: EngineSettings, engines: int, workdir: Path, progress: Progress,
+                 agent_settings: dict | None = None):
+        super().__init__(settings, engines, workdir, progress)
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.agent_settings = dict(agent_settings or {})
+        self.engine_ports = free_ports(engines)
+        self.consul = ConsulDev(node="ernie-drill", data_dir=str(self.workdir / "consul"),
+                                log_path=str(self.workdir / "logs" / "consul.log"))
+        (self.workdir / "consul").mkdir(exist_ok=True)
+        self.agents: list[EngineAgentProc] = []
+        self.gateway: ManagedProcess | None = None
+        listen, admin, xds, metrics = free_ports(4)
+        self.gw_ports = {"listen": listen, "envoy_admin": admin, "xds": xds, "metrics": metrics}
+        self.gw_run_dir = self.workdir / "gateway"
+        self.gw_config = self.workdir / "gateway.toml"
+        self._admin = httpx.Client(timeout=1.0)
+        self._catalog: ConsulCatalog | None = None
+
+    @property
+    def base_url(self) -> str:  # type: ignore[override]
+        return f"http://127.0.0.1:{self.gw_ports['listen']}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.gw_ports['envoy_admin']}"
+
+    def describe(self) -> str:
+        return (f"Consul {self.consul.address}, {self.n} engine agent(s), gateway Envoy {self.base_url} "
+                f"(admin {self.admin_url})")
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.consul.start()
+        self._catalog = ConsulCatalog(self.consul.address)
+        self.progress(f"mesh: Consul on {self.consul.address}; starting {self.n} engine agent(s) "
+                      f"({self.settings.kind} engines) and the gateway")
+        for port in self.engine_ports:
+            self.agents.append(EngineAgentProc(self.workdir, self.consul.address, self.settings, port,
+                                               self.agent_settings).start())
+        self.gw_config.write_text(_toml(
+            {"name": "drill-gw", "run_dir": str(self.gw_run_dir),
+             **{k: f"127.0.0.1:{p}" for k, p in self.gw_ports.items()}},
+            {"consul": {"address": self.consul.address, "service": SERVICE}}))
+        self.start_gateway()
+        self.progress(f"mesh: {self.describe()}")
+
+    def start_gateway(self) -> None:
+        self.gateway = ManagedProcess("gateway", mesh_command("gateway", "--config", str(self.gw_config)),
+                                      self.workdir / "logs" / "gateway-agent.log").start()
+
+    def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop(30.0)
+        self._kill_envoy()
+        for a in self.agents:
+            a.stop(60.0)
+        self.consul.stop()
+
+    def _kill_envoy(self) -> None:
+        """Envoy runs in its own session (it outlives its agent by design): stop ours if it lingers."""
+        record = self.gw_run_dir / "envoy.json"
+        try:
+            pid = json.loads(record.read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            return
+        try:
+            p = psutil.Process(pid)
+            if str(self.gw_run_dir) in " ".join(p.cmdline()):
+                p.kill()
+                p.wait(5)
+        except psutil.Error:
+            pass
+
+    # --- observation --------------------------------------------------------------------------
+    def in_rotation(self) -> frozenset[int]:
+        """Engines Envoy would pick for a new request: present in its cluster and plainly healthy
+        (not draining, not ejected by outlier detection)."""
+        try:
+            text = self._admin.get(f"{self.admin_url}/clusters").text
+        except httpx.HTTPError:
+            return frozenset()
+        flags: dict[int, str] = {}
+        prefix = f"{CLUSTER}::"
+        for line in text.splitlines():
+            if not line.startswith(prefix):
+                continue
+            parts = line[len(prefix):].split("::")
+            if len(parts) == 3 and parts[1] == "health_flags":
+                flags[int(parts[0].rpartition(":")[2])] = parts[2]
+        return frozenset(i for i, p in enumerate(self.engine_ports) if flags.get(p) == "healthy")
+
+    def control_plane_ok(self) -> bool:
+        """Consul answers with every instance passing and the gateway agent serves its metrics."""
+        try:
+            _idx, entries = self._catalog.instances(SERVICE)
+            passing = sum(1 for e in entries if e.status.value == "passing")
+            metrics = httpx.get(f"http://127.0.0.1:{self.gw_ports['metrics']}/metrics", timeout=1)
+            return passing == self.n and metrics.status_code == 200
+        except Exception:  # noqa: BLE001 - Consul down or the gateway restarting: simply "not ok"
+            return False
+
+    def engine_url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.engine_ports[i]}"
+
+    def engine_pid(self, i: int) -> int | None:
+        return self.agents[i].engine_pid()
+
+    # --- faults -------------------------------------------------------------------------------
+    def kill(self, i: int) -> None:
+        kill_group(self.engine_pid(i))
+
+    def after_kill(self, i: int) -> None:
+        """Nothing to do: the engine agent restarts its engine (after restart_backoff_initial_s)."""
+
+    def roll_stop(self, i: int) -> None:
+        """Drain through the engine agent, then stop the agent (nothing left to drain)."""
+        agent = self.agents[i]
+        agent.drain()
+        wait_until(lambda: (agent.instance() or {}).get("state") == "drained", DRAIN_TIMEOUT_S, interval_s=0.1,
+                   what=f"{agent.instance_id} drained")
+        agent.stop(30.0)
+
+    def roll_start(self, i: int) -> None:
+        self.agents[i].start()
+
+    def roll_wait(self, i: int, timeout_s: float) -> None:
+        """Back when Envoy routes to it again (the agent saw a canary succeed and said passing)."""
+        wait_until(lambda: i in self.in_rotation(), timeout_s, interval_s=0.1,
+                   what=f"engine {i} back in rotation")
+
+    def control_plane_stop(self, what: str) -> None:
+        if what == "consul":
+            self.consul.stop()
+        elif what == "gateway":
+            self.gateway.kill()  # SIGKILL of the agent alone: its Envoy keeps serving
+        else:
+            raise ValueError(what)
+
+    def control_plane_start(self, what: str) -> None:
+        if what == "consul":
+            self.consul.start()
+        elif what == "gateway":
+            self.start_gateway()
+        else:
+            raise ValueError(what)
+
+
+def wait_gateway_ready(system: MeshSystem, timeout_s: float) -> None:
+    t0 = time.monotonic()
+    system.wait_all_in_rotation(timeout_s)
+    system.progress(f"mesh: all {system.n} engines in rotation in Envoy after {time.monotonic() - t0:.1f}s")
