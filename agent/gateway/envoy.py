@@ -152,8 +152,10 @@ class EnvoySupervisor:
         os.replace(tmp, self.bootstrap_path)
 
     def command(self) -> list[str]:
-        cmd = [self.binary, "-c", str(self.bootstrap_path),
-               "--use-dynamic-base-id", "--base-id-path", str(self.run_dir / "base-id"),
+        # --disable-hot-restart (measured on 1.40): with hot restart enabled Envoy exits when its
+        # parent process dies, so it could not outlive a killed agent; and without the hot-restart
+        # shared memory nothing is keyed by --base-id, so gateways run side by side without one.
+        cmd = [self.binary, "-c", str(self.bootstrap_path), "--disable-hot-restart",
                "-l", self.cfg.envoy_log_level, "--log-path", str(self.log_path),
                "--drain-time-s", str(max(int(self.cfg.envoy_drain_s), 1))]
         if self.cfg.envoy_concurrency:

@@ -1,0 +1,318 @@
+"""Helpers for the gateway integration tests: a gateway agent subprocess, a steady OpenAI-client
+load, polling with deadlines. Real Consul, real Envoy, SIMULATED engines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import openai
+
+from agent.catalog.base import Registration, Verdict, VerdictState
+from agent.catalog.consul import ConsulCatalog
+from agent.gateway.envoy import EnvoyAdmin
+from agent.local.ports import free_ports
+from agent.sim.process import SimEngineProcess
+
+REPO = Path(__file__).resolve().parents[2]
+GATEWAY_START_TIMEOUT_S = 30.0
+PASSING = Verdict(VerdictState.PASSING)
+
+
+def wait_until(cond: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.02):
+    """Poll `cond` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - the condition may fail until the thing is up
+            last_error = e
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}"
+                                 + (f" (last error: {last_error!r})" if last_error else ""))
+        time.sleep(interval_s)
+
+
+# --- engines ----------------------------------------------------------------------------------
+
+
+class Engine:
+    """A SIMULATED engine registered in Consul the way the engine agent would do it."""
+
+    def __init__(self, catalog: ConsulCatalog, service: str, port: int, log_dir: Path, token_delay_ms: float):
+        self.catalog = catalog
+        self.service = service
+        self.port = port
+        self.id = f"{service}-sim-{port}"
+        self.log_dir = log_dir
+        self.token_delay_ms = token_delay_ms
+        self.proc: SimEngineProcess | None = None
+
+    def start(self) -> "Engine":
+        self.proc = SimEngineProcess(self.port, name=self.id, token_delay_ms=self.token_delay_ms,
+                                     log_path=str(self.log_dir / f"{self.id}.log")).start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.is_running()
+
+    def register(self, verdict: Verdict = PASSING) -> None:
+        self.catalog.register(Registration(self.service, self.id, "127.0.0.1", self.port,
+                                           meta={"model": "sim-model", "engine": "simulated"},
+                                           ttl_s=3600, deregister_critical_after_s=3600), verdict)
+
+    def set(self, state: VerdictState, reason: str = "test") -> None:
+        self.catalog.set_verdict(self.id, Verdict(state, reason))
+
+    def stats(self) -> dict:
+        return self.proc.stats()
+
+    def ensure_healthy(self) -> None:
+        """Back to a running, passing, fault-free engine (the tests leave engines in any state)."""
+        if not self.running:
+            self.proc = None
+            self.start()
+        else:
+            self.proc.set_fault("none")
+        self.register(PASSING)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+# --- the gateway agent ---------------------------------------------------------------------------
+
+
+class Gateway:
+    """`ernie-mesh gateway` as a subprocess with its own ports and run dir."""
+
+    def __init__(self, consul_address: str, service: str, run_dir: Path, name: str = "gw-test",
+                 extra_args: tuple[str, ...] = ()):
+        self.listen_port, self.admin_port, self.xds_port, self.metrics_port = free_ports(4)
+        self.consul_address = consul_address
+        self.service = service
+        self.run_dir = run_dir
+        self.name = name
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+        self.log_path = run_dir / "agent.log"
+        self.admin = EnvoyAdmin(f"http://127.0.0.1:{self.admin_port}", timeout_s=2.0)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "agent", "gateway", "--name", self.name, "--consul", self.consul_address,
+                "--service", self.service, "--listen", f"127.0.0.1:{self.listen_port}",
+                "--envoy-admin", f"127.0.0.1:{self.admin_port}", "--xds", f"127.0.0.1:{self.xds_port}",
+                "--metrics", f"127.0.0.1:{self.metrics_port}", "--run-dir", str(self.run_dir),
+                "--envoy-concurrency", "1", *self.extra_args]
+
+    def start(self, wait: bool = True) -> "Gateway":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        env.pop("CONSUL_HTTP_ADDR", None)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout_s: float = GATEWAY_START_TIMEOUT_S) -> None:
+        def ready():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
+            return self.admin.ready() and self.metric("ernie_gateway_xds_streams") >= 1
+        wait_until(ready, timeout_s, f"gateway {self.name} ready")
+
+    def envoy_pid(self) -> int | None:
+        try:
+            return json.loads((self.run_dir / "envoy.json").read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def metrics_text(self) -> str:
+        return httpx.get(self.metrics_url, timeout=2.0).text
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """The value of one sample (`name{labels}`), 0 if absent."""
+        key = f"{name}{{{labels}}}" if labels else name
+        for line in self.metrics_text().splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample == key:
+                return float(value)
+        return 0.0
+
+    def endpoints(self, cluster: str = "ernie") -> dict[str, str]:
+        """Envoy's view: instance ID -> health flags ('healthy', '/eds_status_draining', ...)."""
+        return {k: v.get("health_flags", "") for k, v in self.admin.hosts(cluster).items()}
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout_s: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(10)
+
+    def cleanup(self) -> None:
+        """Stop the agent and any Envoy it left behind (after a SIGKILL of the agent)."""
+        self.terminate()
+        pid = self.envoy_pid()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # already gone: the agent stopped it
+        self.admin.close()
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    started: float
+    ended: float
+    ok: bool
+    status: int = 200
+    instance: str = ""
+    error: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    usage_tokens: int | None = None
+
+
+@dataclass
+class Load:
+    """`clients` threads, each with its own official OpenAI client, sending requests back to back."""
+
+    base_url: str
+    clients: int = 10
+    stream: bool = False
+    max_tokens: int = 10
+    timeout_s: float = 30.0
+    results: list[Result] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __enter__(self) -> "Load":
+        for i in range(self.clients):
+            t = threading.Thread(target=self._run, name=f"load-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> list[Result]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout_s + 5)
+        return self.results
+
+    def _run(self) -> None:
+        client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="sk-test", max_retries=0,
+                               timeout=self.timeout_s)
+        try:
+            while not self._stop.is_set():
+                r = self.one(client)
+                with self._lock:
+                    self.results.append(r)
+        finally:
+            client.close()
+
+    def one(self, client: openai.OpenAI) -> Result:
+        started = time.monotonic()
+        kwargs = dict(model="sim-model", messages=[{"role": "user", "content": "hello"}],
+                      max_tokens=self.max_tokens, extra_body={"ignore_eos": True})
+        try:
+            if self.stream:
+                raw = client.chat.completions.with_raw_response.create(
+                    stream=True, stream_options={"include_usage": True}, **kwargs)
+                instance = raw.headers.get("x-ernie-instance", "")
+                tokens, finish, usage = 0, None, None
+                for chunk in raw.parse():
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            tokens += 1
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
+                    if chunk.usage is not None:
+                        usage = chunk.usage.completion_tokens
+                ok = finish == "length" and tokens == self.max_tokens and usage == self.max_tokens
+                return Result(started, time.monotonic(), ok, 200, instance, "" if ok else "truncated",
+                              tokens, finish, usage)
+            raw = client.chat.completions.with_raw_response.create(**kwargs)
+            resp = raw.parse()
+            finish = resp.choices[0].finish_reason
+            usage = resp.usage.completion_tokens if resp.usage else None
+            ok = finish == "length" and usage == self.max_tokens
+            return Result(started, time.monotonic(), ok, raw.status_code, raw.headers.get("x-ernie-instance", ""),
+                          "" if ok else "incomplete", usage or 0, finish, usage)
+        except openai.APIStatusError as e:
+            return Result(started, time.monotonic(), False, e.status_code,
+                          e.response.headers.get("x-ernie-instance", ""), f"{e.status_code}: {e.message}")
+        except openai.APIError as e:  # connection errors, timeouts, broken streams
+            return Result(started, time.monotonic(), False, 0, "", f"{type(e).__name__}: {e}")
+
+    # --- views on the results -------------------------------------------------------------------
+
+    def snapshot(self) -> list[Result]:
+        with self._lock:
+            return list(self.results)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.results)
+
+    def wait_for_more(self, n: int, timeout_s: float = 30.0) -> None:
+        """Let at least n more requests complete (steady load observed, no fixed sleep)."""
+        target = self.count() + n
+        wait_until(lambda: self.count() >= target, timeout_s, f"{n} more completed requests")
+
+
+def failures(results: list[Result]) -> list[Result]:
+    return [r for r in results if not r.ok]
+
+
+def describe(results: list[Result], limit: int = 5) -> str:
+    bad = failures(results)
+    return f"{len(bad)} of {len(results)} failed; first: " + "; ".join(r.error for r in bad[:limit])

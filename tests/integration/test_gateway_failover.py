@@ -1,0 +1,353 @@
+"""The gateway under failure: real Consul, real Envoy, three SIMULATED engines, steady load from
+ten official OpenAI clients. One Consul, one gateway and one set of engines for the module; every
+test starts from three running, passing engines. The Consul-outage test stops Consul: it runs last."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import openai
+import pytest
+
+from agent.catalog.base import NotRegistered, VerdictState
+from agent.catalog.consul import ConsulCatalog
+from agent.local.consul_dev import ConsulDev
+from agent.local.ports import free_ports
+from tests.integration.gateway_support import (
+    Engine,
+    Gateway,
+    Load,
+    describe,
+    failures,
+    wait_until,
+)
+
+SERVICE = "ernie"
+TOKEN_DELAY_MS = 10
+PROPAGATION_BOUND_S = 1.0  # generous: measured ~20-60 ms (bench/propagation.py)
+CLIENTS = 10
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Mesh:
+    def __init__(self, consul: ConsulDev, catalog: ConsulCatalog, engines: list[Engine], gateway: Gateway):
+        self.consul, self.catalog, self.engines, self.gateway = consul, catalog, engines, gateway
+
+    def healthy_in_envoy(self) -> bool:
+        eps = self.gateway.endpoints()
+        return sorted(eps) == sorted(e.id for e in self.engines) and all(v == "healthy" for v in eps.values())
+
+    def reset(self) -> None:
+        """Three running, passing, fault-free engines, all healthy in Envoy. An engine that was
+        killed is first removed (as its engine agent would) so that Envoy forgets its ejection."""
+        for e in self.engines:
+            if not e.running:
+                try:
+                    e.set(VerdictState.CRITICAL, "process exited")
+                except NotRegistered:
+                    pass  # deregistered by the test (drain): already out of envoy
+                wait_until(lambda: e.id not in self.gateway.endpoints(), 5, f"{e.id} removed from envoy")
+            e.ensure_healthy()
+        wait_until(self.healthy_in_envoy, 10, "three healthy endpoints in envoy")
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gateway")
+    (root / "consul").mkdir()
+    consul = ConsulDev(node="ernie-gw-test", data_dir=str(root / "consul")).start()
+    catalog = ConsulCatalog(consul.address)
+    engines: list[Engine] = []
+    gateway = None
+    try:
+        for port in free_ports(3):
+            engines.append(Engine(catalog, SERVICE, port, root, TOKEN_DELAY_MS).start())
+            engines[-1].register()
+        gateway = Gateway(consul.address, SERVICE, root / "gw").start()
+        m = Mesh(consul, catalog, engines, gateway)
+        wait_until(m.healthy_in_envoy, 10, "three healthy endpoints in envoy")
+        yield m
+    finally:
+        if gateway is not None:
+            gateway.cleanup()
+        for e in engines:
+            e.stop()
+        consul.stop()
+
+
+@pytest.fixture
+def m(mesh):
+    if mesh.gateway.proc is None or mesh.gateway.proc.poll() is not None:
+        mesh.gateway.start()
+    mesh.reset()
+    return mesh
+
+
+def envoy_stat(m: Mesh, name: str) -> int:
+    return m.gateway.admin.stats(name).get(name, 0)
+
+
+# --- 1. kill -9 under non-streaming load --------------------------------------------------------
+
+
+def test_kill9_engine_under_load_fails_no_request(m):
+    victim = m.engines[0]
+    with Load(m.gateway.url, clients=CLIENTS, max_tokens=10) as load:
+        load.wait_for_more(100)
+        killed_at = time.monotonic()
+        victim.proc.kill()
+        ejected = wait_until(lambda: "failed_outlier_check" in m.gateway.endpoints().get(victim.id, ""), 10,
+                             "the killed engine ejected by envoy")
+        detected_s = time.monotonic() - killed_at
+        load.wait_for_more(200)
+    results = load.results
+    assert not failures(results), describe(results)
+    after = [r for r in results if r.started > killed_at + 0.5]
+    assert after and all(r.instance != victim.id for r in after)
+    print(f"\nkill -9: ejected after {detected_s * 1000:.0f} ms; retries {envoy_stat(m, 'cluster.ernie.upstream_rq_retry')}"
+          f"; {len(results)} requests, 0 failed")
+    assert ejected
+
+
+# --- 2. critical in Consul -> no new requests within 1 s ------------------------------------------
+
+
+def test_critical_instance_gets_no_new_requests_within_1s(m):
+    victim = m.engines[1]
+    with Load(m.gateway.url, clients=CLIENTS, max_tokens=5) as load:
+        load.wait_for_more(50)
+        t0 = time.monotonic()
+        victim.set(VerdictState.CRITICAL, "stuck")
+        wait_until(lambda: victim.id not in m.gateway.endpoints(), PROPAGATION_BOUND_S,
+                   "the critical instance gone from envoy /clusters", interval_s=0.005)
+        propagation_s = time.monotonic() - t0
+        wait_until(lambda: time.monotonic() > t0 + 1.0, 2, "1 s after the change")
+        served_at_1s = victim.stats()["requests_total"]
+        load.wait_for_more(150)
+        served_at_end = victim.stats()["requests_total"]
+    results = load.results
+    assert not failures(results), describe(results)
+    late = [r for r in results if r.started > t0 + 1.0]
+    assert late, "no request started a second after the change"
+    assert not [r for r in late if r.instance == victim.id]
+    assert served_at_end == served_at_1s
+    print(f"\ncritical: consul change -> envoy /clusters in {propagation_s * 1000:.0f} ms")
+    # the agent measured its own push latency (change seen -> ACK)
+    assert m.gateway.metric("ernie_gateway_xds_push_latency_seconds_count") >= 1
+    assert m.gateway.metric("ernie_gateway_endpoints", 'state="healthy"') == 2
+
+
+# --- 3. drain under streaming load ---------------------------------------------------------------
+
+
+def test_drain_under_streaming_load_truncates_nothing(m):
+    victim = m.engines[2]
+    with Load(m.gateway.url, clients=CLIENTS, stream=True, max_tokens=30) as load:
+        load.wait_for_more(40)
+        victim.set(VerdictState.DRAINING, "rolling upgrade")
+        wait_until(lambda: "draining" in m.gateway.endpoints().get(victim.id, ""), PROPAGATION_BOUND_S,
+                   "the instance draining in envoy", interval_s=0.005)
+        drained_at = time.monotonic()
+        wait_until(lambda: victim.stats()["in_flight"] == 0, 15, "in-flight requests finished on the drained engine")
+        wait_s = time.monotonic() - drained_at
+        victim.proc.stop()  # SIGTERM: nothing left in flight to abort
+        m.catalog.deregister(victim.id)
+        load.wait_for_more(60)
+    results = load.results
+    assert not failures(results), describe(results)
+    assert all(r.tokens == 30 and r.usage_tokens == 30 and r.finish_reason == "length" for r in results)
+    served_by_victim = [r for r in results if r.instance == victim.id]
+    assert served_by_victim, "the drained engine never served: the test proves nothing"
+    print(f"\ndrain: in-flight streams on the drained engine done {wait_s * 1000:.0f} ms after the change; "
+          f"{len(results)} streams complete, {len(served_by_victim)} of them from the drained engine")
+
+
+# --- 4. the gateway agent killed and restarted ---------------------------------------------------
+
+
+def test_gateway_agent_killed_traffic_continues_then_converges(m):
+    gw = m.gateway
+    envoy_pid = gw.envoy_pid()
+    target = m.engines[0]
+    with Load(gw.url, clients=CLIENTS, max_tokens=5) as load:
+        load.wait_for_more(50)
+        gw.kill()  # SIGKILL: no cleanup at all
+        load.wait_for_more(150)  # Envoy serves on its own
+        assert gw.envoy_pid() == envoy_pid
+        target.set(VerdictState.DRAINING, "while the agent is down")
+        gw.start(wait=False)
+        t0 = time.monotonic()
+        wait_until(lambda: "draining" in gw.endpoints().get(target.id, ""), 10,
+                   "envoy converged on the change made while the agent was down")
+        converged_s = time.monotonic() - t0
+        target.set(VerdictState.PASSING, "back")
+        wait_until(lambda: gw.endpoints().get(target.id) == "healthy", 5, "a new change propagates")
+        load.wait_for_more(50)
+    results = load.results
+    assert not failures(results), describe(results)
+    assert gw.envoy_pid() == envoy_pid, "the restarted agent should adopt the running envoy"
+    assert "adopted the running envoy" in gw.log_tail(20000)
+    print(f"\nagent restart: converged {converged_s * 1000:.0f} ms after start (envoy pid {envoy_pid} adopted)")
+
+
+# --- 5. every engine gone -> fast JSON 503; back -> traffic resumes ------------------------------
+
+
+def _one_request(url: str) -> tuple[float, object]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0, timeout=10)
+    t = time.monotonic()
+    try:
+        resp = client.chat.completions.create(model="sim-model", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=3)
+        return time.monotonic() - t, resp
+    except openai.APIStatusError as e:
+        return time.monotonic() - t, e
+    finally:
+        client.close()
+
+
+def _assert_fast_json_503s(url: str, n: int) -> float:
+    worst = 0.0
+    with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+        outcomes = list(pool.map(lambda _: _one_request(url), range(n)))
+    for elapsed, outcome in outcomes:
+        assert isinstance(outcome, openai.APIStatusError), outcome
+        assert outcome.status_code == 503
+        assert outcome.response.headers["content-type"].startswith("application/json")
+        err = outcome.response.json()["error"]
+        assert err["type"] == "service_unavailable" and err["code"] == 503 and err["message"]
+        assert elapsed < 1.0, f"503 took {elapsed:.2f}s"
+        worst = max(worst, elapsed)
+    return worst
+
+
+def test_all_engines_down_gives_fast_json_503_then_recovers(m):
+    for e in m.engines:
+        e.set(VerdictState.CRITICAL, "maintenance")
+    wait_until(lambda: not m.gateway.endpoints(), PROPAGATION_BOUND_S, "no endpoint left in envoy")
+    worst_critical = _assert_fast_json_503s(m.gateway.url, 30)
+    for e in m.engines:
+        e.set(VerdictState.PASSING, "back")
+    t0 = time.monotonic()
+    wait_until(lambda: not isinstance(_one_request(m.gateway.url)[1], Exception), 5, "traffic resumed")
+    resumed_s = time.monotonic() - t0
+    # engines that die without Consul knowing: connect failures, retried, then a JSON 503 at once
+    for e in m.engines:
+        e.proc.kill()
+    worst_killed = _assert_fast_json_503s(m.gateway.url, 30)
+    for e in m.engines:
+        e.proc = None
+        e.start()
+    wait_until(lambda: not isinstance(_one_request(m.gateway.url)[1], Exception), 15,
+               "traffic resumed after the engines restarted")
+    with Load(m.gateway.url, clients=CLIENTS, max_tokens=5) as load:
+        load.wait_for_more(50)
+    assert not failures(load.results), describe(load.results)
+    print(f"\nall down: 503 JSON in <= {worst_critical * 1000:.0f} ms (critical), <= {worst_killed * 1000:.0f} ms "
+          f"(killed); traffic resumed {resumed_s * 1000:.0f} ms after the engines passed again")
+
+
+# --- 6. a 400 storm ejects nobody and retries nothing --------------------------------------------
+
+BAD_BODIES = [
+    {"model": "sim-model"},
+    {"model": "sim-model", "messages": "not a list"},
+    {"model": "sim-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5},
+    {"model": "sim-model", "messages": [{"role": "wizard", "content": "x"}]},
+]
+
+
+def test_400_storm_passes_through_no_ejection_no_retry(m):
+    before = {k: envoy_stat(m, k) for k in ("cluster.ernie.outlier_detection.ejections_enforced_total",
+                                            "cluster.ernie.outlier_detection.ejections_detected_consecutive_5xx",
+                                            "cluster.ernie.upstream_rq_retry")}
+    by_engine_before = {e.id: e.stats()["by_status"].get("400", 0) for e in m.engines}
+
+    def bad(i: int) -> httpx.Response:
+        with httpx.Client(timeout=10) as c:
+            if i % 5 == 4:
+                return c.post(f"{m.gateway.url}/v1/chat/completions", content=b"{not json",
+                              headers={"content-type": "application/json"})
+            return c.post(f"{m.gateway.url}/v1/chat/completions", json=BAD_BODIES[i % len(BAD_BODIES)])
+
+    n = 200
+    with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+        responses = list(pool.map(bad, range(n)))
+    for r in responses:
+        assert r.status_code == 400, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        assert r.headers.get("x-sim-engine"), "the 400 must come from the engine, untouched"
+        assert r.headers.get("x-ernie-instance") in {e.id for e in m.engines}
+        assert r.json()["error"]["message"]
+    after = {k: envoy_stat(m, k) for k in before}
+    assert after == before, f"ejections/retries moved: {before} -> {after}"
+    assert m.healthy_in_envoy()
+    served = sum(e.stats()["by_status"].get("400", 0) - by_engine_before[e.id] for e in m.engines)
+    assert served == n  # each malformed request reached exactly one engine, once
+    # the official client shows the engine's message
+    client = openai.OpenAI(base_url=f"{m.gateway.url}/v1", api_key="sk-test", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="sim-model", messages=[{"role": "wizard", "content": "x"}])
+    assert "role" in e.value.message
+    client.close()
+
+
+# --- several gateways side by side --------------------------------------------------------------
+
+
+def test_second_gateway_side_by_side_and_clean_stop(m, tmp_path):
+    gw2 = Gateway(m.consul.address, SERVICE, tmp_path / "gw2", name="gw-two").start()
+    try:
+        wait_until(lambda: sorted(gw2.endpoints()) == sorted(e.id for e in m.engines), 5, "gw2 endpoints")
+        assert gw2.envoy_pid() != m.gateway.envoy_pid()
+        gateways = httpx.get(f"{m.consul.url}/v1/health/service/ernie-gateway?passing=1", timeout=5).json()
+        wait_until(lambda: len(httpx.get(f"{m.consul.url}/v1/health/service/ernie-gateway?passing=1",
+                                         timeout=5).json()) == 2, 10, "both gateways passing in Consul")
+        gateways = httpx.get(f"{m.consul.url}/v1/health/service/ernie-gateway", timeout=5).json()
+        meta = {g["Service"]["ID"]: g["Service"]["Meta"] for g in gateways}
+        assert meta["ernie-gateway-gw-two"]["listen_url"] == gw2.url
+        assert meta["ernie-gateway-gw-two"]["metrics_url"] == gw2.metrics_url
+        assert meta["ernie-gateway-gw-two"]["envoy_admin"].startswith("http://127.0.0.1:")
+        m.engines[0].set(VerdictState.DRAINING, "both gateways see it")
+        for gw in (m.gateway, gw2):
+            wait_until(lambda: "draining" in gw.endpoints().get(m.engines[0].id, ""), PROPAGATION_BOUND_S,
+                       f"{gw.name} sees the change", interval_s=0.005)
+        with Load(gw2.url, clients=4, max_tokens=3) as load:
+            load.wait_for_more(20)
+        assert not failures(load.results), describe(load.results)
+        envoy2 = gw2.envoy_pid()
+        assert gw2.terminate() == 0
+        wait_until(lambda: not _alive(envoy2), 10, "gw2's envoy stopped with its agent")
+        wait_until(lambda: [g["Service"]["ID"] for g in httpx.get(
+            f"{m.consul.url}/v1/health/service/ernie-gateway", timeout=5).json()] == ["ernie-gateway-gw-test"],
+            5, "gw2 deregistered")
+    finally:
+        gw2.cleanup()
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+# --- last: Consul stopped -> traffic continues on the last snapshot ------------------------------
+
+
+def test_zz_consul_stopped_traffic_continues(m):
+    with Load(m.gateway.url, clients=CLIENTS, max_tokens=5) as load:
+        load.wait_for_more(50)
+        m.consul.stop()
+        wait_until(lambda: m.gateway.metric("ernie_gateway_consul_up") == 0, 15, "the agent notices the outage")
+        load.wait_for_more(200)
+    assert not failures(load.results), describe(load.results)
+    assert m.gateway.metric("ernie_gateway_consul_watch_errors_total") >= 1
+    assert m.healthy_in_envoy()
+    assert "keeping the last snapshot" in m.gateway.log_tail(20000)
