@@ -1,0 +1,447 @@
+"""`ernie-mesh up`'s orchestration: start the parts in order, wait until the mesh is healthy, watch
+it in the foreground, and stop everything in the right order leaving no process behind.
+
+Every child runs in its own session, so a Ctrl-C in the terminal reaches only `up`, which then
+stops the parts itself: UI, Prometheus, engine agents (each drains its engine), gateway, Consul.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+from agent.catalog.base import CatalogError, CatalogEntry
+from agent.catalog.consul import ConsulCatalog
+from agent.local.binaries import consul_binary
+from agent.local.plan import REPO_DIR, MeshPlan
+from agent.local.ports import port_open
+from agent.local.procs import ManagedProcess, mesh_command
+from agent.local.runstate import (Proc, UpState, descendants, kill, proc_identity, process_name, wait_gone,
+                                  write_state)
+
+POLL_S = 0.25
+HEARTBEAT_S = 15.0
+TREE_REFRESH_S = 5.0
+CONSUL_START_TIMEOUT_S = 30.0
+GATEWAY_START_TIMEOUT_S = 60.0
+UI_START_TIMEOUT_S = 120.0
+PROMETHEUS_START_TIMEOUT_S = 30.0
+ROUTE_TIMEOUT_S = 60.0
+HTTP_TIMEOUT_S = 2.0
+UI_STOP_TIMEOUT_S = 10.0
+GATEWAY_STOP_TIMEOUT_S = 30.0
+CONSUL_STOP_TIMEOUT_S = 10.0
+KILL_WAIT_S = 5.0
+PROMETHEUS_CONFIG = REPO_DIR / "deploy" / "prometheus" / "prometheus.yml"
+
+
+class Interrupted(Exception):
+    """A stop was requested (Ctrl-C, SIGTERM, `ernie-mesh down`) before the mesh was healthy."""
+
+
+class StartError(Exception):
+    """A part of the mesh failed to start; the message says which and where its log is."""
+
+
+class Console:
+    """Progress for humans (stdout, or stderr with --json) and JSON events for scripts (stdout)."""
+
+    def __init__(self, json_mode: bool):
+        self.json_mode = json_mode
+        self.human = sys.stderr if json_mode else sys.stdout
+        self.t0 = time.monotonic()
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.human, flush=True)
+
+    def step(self, text: str) -> None:
+        self._print(f"==> {text}")
+
+    def info(self, text: str) -> None:
+        self._print(f"    {text}")
+
+    def warn(self, text: str) -> None:
+        self._print(f"!!  {text}")
+
+    def block(self, text: str) -> None:
+        self._print(text)
+
+    def event(self, **fields) -> None:
+        if self.json_mode:
+            print(json.dumps(fields), flush=True)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+
+def http_status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=HTTP_TIMEOUT_S).status_code
+    except httpx.HTTPError:
+        return None
+
+
+class Mesh:
+    def __init__(self, plan: MeshPlan, console: Console, stop: threading.Event, force: threading.Event):
+        self.plan = plan
+        self.out = console
+        self.stop_requested = stop
+        self.force = force
+        self.procs: dict[str, ManagedProcess] = {}
+        self.known: dict[int, Proc] = {}  # every process of the mesh seen so far, children included
+        self.catalog = ConsulCatalog(plan.consul_address)
+        me = proc_identity("up", os.getpid())
+        self.state = UpState(pid=me.pid, start_ticks=me.start_ticks, run_dir=str(plan.run_dir),
+                             urls=plan.urls(), plan=plan.summary())
+        self._last_tree_s = 0.0
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def save(self, phase: str | None = None, step: str | None = None) -> None:
+        if phase:
+            self.state.phase = phase
+        if step is not None:
+            self.state.step = step
+        self.state.processes = [asdict(p) for p in self.known.values()]
+        write_state(self.plan.state_path, self.state)
+
+    def refresh_tree(self) -> None:
+        """Record every descendant of our children (vLLM, its engine cores, Envoy) for the final sweep."""
+        changed = False
+        for name, mp in self.procs.items():
+            if mp.pid is None:
+                continue
+            for pid in descendants([mp.pid]):
+                if pid not in self.known or not self.known[pid].alive():
+                    self.known[pid] = proc_identity(f"{name}/{process_name(pid)[:60]}", pid)
+                    changed = True
+        self._last_tree_s = time.monotonic()
+        if changed:
+            self.save()
+
+    def _start(self, name: str, cmd: list[str], log_name: str, env: dict | None = None,
+               cwd: str | None = None) -> ManagedProcess:
+        mp = ManagedProcess(name, cmd, self.plan.log_dir / log_name, env=env, cwd=cwd).start()
+        self.procs[name] = mp
+        self.known[mp.pid] = proc_identity(name, mp.pid)
+        self.save()
+        return mp
+
+    def _check_stop(self) -> None:
+        if self.stop_requested.is_set():
+            raise Interrupted()
+
+    def _check_children(self) -> None:
+        for name, mp in self.procs.items():
+            if not mp.alive():
+                tail = "\n".join("      " + line for line in mp.log_tail(12).splitlines())
+                raise StartError(f"{name} exited with code {mp.proc.returncode} while the mesh was starting; "
+                                 f"log {mp.log_path}:\n{tail}")
+
+    def _wait(self, predicate: Callable[[], object], timeout_s: float, what: str,
+              on_poll: Callable[[float], None] | None = None) -> object:
+        """Poll until `predicate` holds; a stop request or a dead child ends the wait early."""
+        started = time.monotonic()
+        while True:
+            self._check_stop()
+            self._check_children()
+            try:
+                value = predicate()
+            except (httpx.HTTPError, CatalogError, OSError):
+                value = None
+            if value:
+                return value
+            waited = time.monotonic() - started
+            if on_poll:
+                on_poll(waited)
+            if waited > timeout_s:
+                raise StartError(f"{what}: not reached within {timeout_s:.0f}s")
+            if time.monotonic() - self._last_tree_s > TREE_REFRESH_S:
+                self.refresh_tree()
+            self.stop_requested.wait(POLL_S)
+
+    # --- start ---------------------------------------------------------------------------------
+
+    def start(self, healthy_timeout_s: float) -> None:
+        p = self.plan
+        p.log_dir.mkdir(parents=True, exist_ok=True)
+        self.save("starting", "starting Consul")
+        self.start_consul()
+        model_path = self.prepare_model()
+        self.start_engines(model_path)
+        self.start_gateway()
+        if p.ui:
+            self.start_ui()
+        if p.prometheus:
+            self.start_prometheus()
+        self.wait_engines(healthy_timeout_s)
+        self.wait_route()
+        self.save("healthy", "")
+
+    def start_consul(self) -> None:
+        p = self.plan
+        self.out.step(f"Consul dev agent on {p.consul_address} (DNS 127.0.0.1:{p.port(8600)})")
+        (p.run_dir / "consul-ports.json").write_text(p.consul_ports_json())
+        self._start("consul", p.consul_command(consul_binary()), "consul.log")
+        self._wait(lambda: self.catalog.leader(), CONSUL_START_TIMEOUT_S, "Consul leader elected")
+        self.out.info(f"Consul UI: {p.consul_ui_url}")
+
+    def prepare_model(self) -> str:
+        p = self.plan
+        if p.engine_kind == "simulated":
+            self.out.step(f"SIMULATED engines (no vLLM, no model): tokens are placeholders, model name {p.model_name!r}")
+            return ""
+        if not p.needs_default_model:
+            self.out.step(f"model {p.model} (vLLM loads it; served as {p.model_name!r})")
+            return p.model
+        from agent.model import default_model_dir, is_prepared
+
+        dest = default_model_dir()
+        if is_prepared(dest):
+            self.out.step(f"model: embedded default (SmolLM2-135M-Instruct), cached in {dest}")
+            return str(dest)
+        self.out.step("model: preparing the embedded default (SmolLM2-135M-Instruct, once; cached afterwards)")
+        self.save(step="preparing the model")
+        return self._run_model_prepare()
+
+    def _run_model_prepare(self) -> str:
+        cmd = [sys.executable, "-m", "agent.model", "prepare", "--json"]
+        log_path = self.plan.log_dir / "model-prepare.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=str(REPO_DIR))
+            self.known[proc.pid] = proc_identity("model-prepare", proc.pid)
+
+            def relay() -> None:
+                for line in proc.stderr:
+                    log.write(line)
+                    log.flush()
+                    self.out.info(line.decode(errors="replace").rstrip())
+
+            relay_thread = threading.Thread(target=relay, daemon=True)
+            relay_thread.start()
+            try:
+                while proc.poll() is None:
+                    if self.stop_requested.wait(POLL_S):
+                        kill(self.known[proc.pid], signal.SIGKILL)
+                        proc.wait()
+                        raise Interrupted()
+            finally:
+                relay_thread.join(timeout=5)
+                self.known.pop(proc.pid, None)
+            out = proc.stdout.read().decode(errors="replace")
+        if proc.returncode != 0:
+            raise StartError(f"model preparation failed (exit {proc.returncode}); see {log_path}")
+        try:
+            return json.loads(out.strip().splitlines()[-1])["path"]
+        except (ValueError, IndexError, KeyError):
+            raise StartError(f"model preparation printed no path; see {log_path}") from None
+
+    def start_engines(self, model_path: str) -> None:
+        p = self.plan
+        where = "CPU build" if not p.gpus else f"{p.gpus} GPU(s), one per engine"
+        kind = "SIMULATED engine" if p.engine_kind == "simulated" else f"vLLM engine ({where})"
+        self.out.step(f"{p.engines} engine agent(s), each supervising one {kind}")
+        for i in range(p.engines):
+            config = p.run_dir / f"engine-{i + 1}.toml"
+            config.write_text(p.engine_agent_toml(i, model_path))
+            self._start(f"engine-agent-{i + 1}",
+                        mesh_command("engine", "--config", str(config), "--consul", p.consul_address,
+                                     "--node", p.node, "--advertise-address", "127.0.0.1"),
+                        f"engine-agent-{i + 1}.log", env=_child_env())
+            self.out.info(f"{p.instance_id(i)}: engine :{p.engine_port(i)}, agent http://127.0.0.1:{p.agent_port(i)}"
+                          f" (logs {p.log_dir}/engine-agent-{i + 1}.log, {p.log_dir}/{p.instance_id(i)}.log)")
+
+    def start_gateway(self) -> None:
+        p = self.plan
+        self.out.step(f"gateway agent + Envoy: OpenAI API on {p.api_url}")
+        config = p.run_dir / "gateway.toml"
+        config.write_text(p.gateway_toml())
+        self._start("gateway", mesh_command("gateway", "--config", str(config), "--consul", p.consul_address,
+                                 "--name", p.node, "--advertise-address", "127.0.0.1"),
+                    "gateway.log", env=_child_env())
+        self._wait(lambda: port_open(p.host if p.host not in ("0.0.0.0", "::") else "127.0.0.1", p.gateway_port),
+                   GATEWAY_START_TIMEOUT_S, f"Envoy listening on :{p.gateway_port}")
+        envoy_log = p.run_dir / "gateway" / "envoy.log"
+        link = p.log_dir / "envoy.log"
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(envoy_log)
+
+    def start_ui(self) -> None:
+        p = self.plan
+        self.out.step(f"Chainlit UI on {p.ui_url}")
+        self._start("ui", p.ui_command(), "ui.log", env=p.ui_env(), cwd=str(REPO_DIR / "ui"))
+        self._wait(lambda: http_status(p.ui_url) == 200, UI_START_TIMEOUT_S, "Chainlit UI answering")
+
+    def start_prometheus(self) -> None:
+        p = self.plan
+        binary = shutil.which("prometheus")
+        if not binary or not PROMETHEUS_CONFIG.is_file():
+            return  # optional: only when installed and configured (deploy/prometheus)
+        self.out.step(f"Prometheus on {p.prometheus_url}")
+        config = p.run_dir / "prometheus.yml"
+        config.write_text(PROMETHEUS_CONFIG.read_text().replace("127.0.0.1:8500", p.consul_address)
+                          .replace("localhost:8500", p.consul_address))
+        self._start("prometheus", [binary, f"--config.file={config}", f"--storage.tsdb.path={p.run_dir / 'prometheus'}",
+                                   f"--web.listen-address=127.0.0.1:{p.prometheus_port}"], "prometheus.log")
+        try:
+            self._wait(lambda: http_status(f"{p.prometheus_url}/-/ready") == 200, PROMETHEUS_START_TIMEOUT_S,
+                       "Prometheus ready")
+        except StartError as e:
+            self.out.warn(f"Prometheus: {e} (the mesh runs without it)")
+            self._stop_one("prometheus", 5.0)
+            self.procs.pop("prometheus", None)
+
+    def _instances(self) -> dict[str, CatalogEntry]:
+        _idx, entries = self.catalog.instances(self.plan.service)
+        return {e.instance_id: e for e in entries}
+
+    def wait_engines(self, timeout_s: float) -> None:
+        p = self.plan
+        what = "vLLM loads the model, then a first canary generation must succeed" if p.engine_kind == "vllm" \
+            else "simulated engines start"
+        self.out.step(f"waiting for {p.engines} engine(s) to pass their health checks ({what})")
+        self.save(step="engines warming up")
+        seen: dict[str, str] = {}
+        last_beat = [time.monotonic()]
+
+        def all_passing() -> bool:
+            now = self._instances()
+            for iid, e in sorted(now.items()):
+                state = e.verdict.state.value
+                if seen.get(iid) != state:
+                    seen[iid] = state
+                    self.out.info(f"{iid}: {state} ({e.verdict.reason})")
+                if "crash loop" in e.verdict.reason:
+                    raise StartError(f"{iid}: {e.verdict.reason}; engine log {p.log_dir / (iid + '.log')}")
+            return sum(1 for e in now.values() if e.verdict.state.value == "passing") >= p.engines
+
+        def beat(waited: float) -> None:
+            if time.monotonic() - last_beat[0] >= HEARTBEAT_S:
+                last_beat[0] = time.monotonic()
+                try:
+                    now = self._instances()
+                except CatalogError:
+                    now = {}
+                detail = "; ".join(f"{iid} {e.verdict.state.value}: {e.verdict.reason}" for iid, e in sorted(now.items()))
+                self.out.info(f"... {waited:.0f}s: {detail or 'no instance registered yet'}")
+
+        self._wait(all_passing, timeout_s, f"{p.engines} engine(s) passing", on_poll=beat)
+
+    def wait_route(self) -> None:
+        """The gateway routes: /v1/models answers through Envoy (the snapshot reached it)."""
+        p = self.plan
+        self._wait(lambda: http_status(f"{p.api_url}/models") == 200, ROUTE_TIMEOUT_S,
+                   f"{p.api_url}/models answering through Envoy")
+
+    # --- foreground ----------------------------------------------------------------------------
+
+    def monitor(self) -> int:
+        """Until a stop is requested: report verdict changes and dead parts. 1 if a vital part died."""
+        seen: dict[str, str] = {}
+        reported_dead: set[str] = set()
+        try:
+            seen = {iid: e.verdict.state.value for iid, e in self._instances().items()}
+        except CatalogError:
+            pass
+        while not self.stop_requested.wait(1.0):
+            for name, mp in self.procs.items():
+                if mp.alive() or name in reported_dead:
+                    continue
+                reported_dead.add(name)
+                msg = f"{name} exited with code {mp.proc.returncode}; log {mp.log_path}"
+                if name in ("consul", "gateway"):
+                    self.out.warn(f"{msg}: the mesh cannot work without it; stopping everything")
+                    return 1
+                self.out.warn(msg)
+            try:
+                now = self._instances()
+            except CatalogError:
+                continue
+            for iid in sorted(set(seen) | set(now)):
+                e = now.get(iid)
+                state = e.verdict.state.value if e else "deregistered"
+                if seen.get(iid) != state:
+                    reason = f" ({e.verdict.reason})" if e and e.verdict.reason else ""
+                    self.out.info(f"{time.strftime('%H:%M:%S')} {iid}: {seen.get(iid, 'new')} -> {state}{reason}")
+                    seen[iid] = state
+            if time.monotonic() - self._last_tree_s > TREE_REFRESH_S:
+                self.refresh_tree()
+        return 0
+
+    # --- stop ----------------------------------------------------------------------------------
+
+    def _stop_one(self, name: str, timeout_s: float) -> None:
+        mp = self.procs.get(name)
+        if mp is None or mp.proc is None:
+            return
+        mp.signal(signal.SIGTERM)
+        self._await_exit([mp], timeout_s)
+
+    def _await_exit(self, procs: list[ManagedProcess], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while any(mp.alive() for mp in procs) and time.monotonic() < deadline and not self.force.is_set():
+            time.sleep(0.1)
+        for mp in procs:
+            if mp.alive():
+                self.out.warn(f"{mp.name} did not stop in time: killing it")
+            mp.kill_group()
+            try:
+                mp.proc.wait(timeout=KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.out.warn(f"{mp.name} (pid {mp.pid}) survived SIGKILL")
+
+    def stop(self) -> list[str]:
+        """Stop in order, then sweep: returns the processes that had to be killed at the end."""
+        started = time.monotonic()
+        self.refresh_tree()
+        self.save("stopping", "stopping the UI")
+        self.out.step("stopping the mesh (Ctrl-C again to kill everything at once)")
+        if "ui" in self.procs:
+            self.out.info("UI")
+            self._stop_one("ui", UI_STOP_TIMEOUT_S)
+        if "prometheus" in self.procs:
+            self.out.info("Prometheus")
+            self._stop_one("prometheus", UI_STOP_TIMEOUT_S)
+        agents = [mp for name, mp in self.procs.items() if name.startswith("engine-agent-")]
+        if agents:
+            self.save(step="draining engines")
+            self.out.info(f"engine agents: draining {len(agents)} engine(s) (requests in flight finish), then stopping them")
+            for mp in agents:
+                mp.signal(signal.SIGTERM)
+            self._await_exit(agents, self.plan.drain_deadline_s + 60.0)
+        if "gateway" in self.procs:
+            self.save(step="stopping the gateway")
+            self.out.info("gateway agent and Envoy")
+            self._stop_one("gateway", GATEWAY_STOP_TIMEOUT_S)
+        if "consul" in self.procs:
+            self.save(step="stopping Consul")
+            self.out.info("Consul")
+            self._stop_one("consul", CONSUL_STOP_TIMEOUT_S)
+        leftovers = [p for p in self.known.values() if p.alive()]
+        for p in leftovers:
+            self.out.warn(f"left behind, killing: {p.name} (pid {p.pid})")
+            kill(p, signal.SIGKILL)
+        survivors = wait_gone(leftovers, KILL_WAIT_S)
+        for p in survivors:
+            self.out.warn(f"still running after SIGKILL: {p.name} (pid {p.pid})")
+        self.out.step(f"stopped in {time.monotonic() - started:.1f}s" +
+                      ("; no process left behind" if not survivors else f"; {len(survivors)} process(es) survived"))
+        self.save("stopped", "")
+        return [p.name for p in leftovers]
+
+
+def _child_env() -> dict[str, str]:
+    """Agents log at INFO into their files (the flags we pass win over CONSUL_HTTP_ADDR & co.)."""
+    return {"ERNIE_MESH_LOG_LEVEL": "INFO"}

@@ -1,0 +1,273 @@
+"""What `ernie-mesh up` runs and where: a pure, frozen plan (ports, URLs, generated configs).
+
+Every port is a default shifted by `port_offset`, so a second mesh (a test, a demo next to a
+developer's running mesh) can run beside the first with one flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.config import ConfigError
+from agent.local.defaults import DEFAULT_SERVED_MODEL_NAME, vllm_engine
+
+REPO_DIR = Path(__file__).resolve().parents[2]
+ENGINE_KINDS = ("vllm", "simulated")
+SIMULATED_MODEL_NAME = "simulated"
+MAX_ENGINES = 64
+
+# Default ports (before the offset). Engines take ENGINE_PORT_BASE + 1.., their agents AGENT_PORT_BASE + 1..
+UI_PORT = 8000
+ENGINE_PORT_BASE = 8000
+GATEWAY_PORT = 8080
+CONSUL_HTTP_PORT = 8500
+CONSUL_DNS_PORT = 8600
+CONSUL_SERVER_PORT = 8300
+CONSUL_SERF_LAN_PORT = 8301
+CONSUL_SERF_WAN_PORT = 8302
+PROMETHEUS_PORT = 9090
+GATEWAY_METRICS_PORT = 9102
+AGENT_PORT_BASE = 9200
+ENVOY_ADMIN_PORT = 9901
+XDS_PORT = 18000
+MAX_PORT_OFFSET = 65535 - XDS_PORT
+
+# Local mesh timings: a drain on this machine never needs the production deadline.
+DRAIN_DEADLINE_S = 120.0
+ENGINE_SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def default_run_dir() -> Path:
+    env = os.environ.get("ERNIE_MESH_RUN_DIR")
+    return Path(env).expanduser().resolve() if env else REPO_DIR / ".run"
+
+
+def default_ui_venv() -> Path:
+    env = os.environ.get("VENV_UI")
+    return Path(env).expanduser() if env else REPO_DIR / ".venv-ui"
+
+
+def short_hostname() -> str:
+    name = socket.gethostname().split(".")[0]
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40] or "local"
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"no TOML form for {v!r}")
+
+
+def toml_document(top: dict, tables: dict[str, dict] | None = None, arrays: dict[str, list[dict]] | None = None) -> str:
+    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
+    for name, table in (tables or {}).items():
+        lines += ["", f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    for name, items in (arrays or {}).items():
+        for item in items:
+            lines += ["", f"[[{name}]]"] + [f"{k} = {toml_value(v)}" for k, v in item.items()]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    engines: int = 2
+    engine_kind: str = "vllm"
+    model: str = ""                # "" = the embedded default model (prepared and cached)
+    served_model_name: str = ""    # "" = derived from the model
+    vllm_args: tuple[str, ...] = ()
+    gpus: int = 0                  # CUDA GPUs found; 0 = CPU build flags
+    port_offset: int = 0
+    host: str = "127.0.0.1"        # where Envoy (the API) and the UI listen
+    node: str = field(default_factory=short_hostname)
+    service: str = "ernie"
+    run_dir: Path = field(default_factory=default_run_dir)
+    ui: bool = True
+    ui_venv: Path = field(default_factory=default_ui_venv)
+    prometheus: bool = True        # started only if installed and deploy/prometheus has a config
+    drain_deadline_s: float = DRAIN_DEADLINE_S
+
+    def __post_init__(self) -> None:
+        if self.engine_kind not in ENGINE_KINDS:
+            raise ConfigError(f"--engine-kind must be one of {', '.join(ENGINE_KINDS)}, got {self.engine_kind!r}")
+        if not (1 <= self.engines <= MAX_ENGINES):
+            raise ConfigError(f"--engines must be 1-{MAX_ENGINES}, got {self.engines}")
+        if not (0 <= self.port_offset <= MAX_PORT_OFFSET):
+            raise ConfigError(f"--port-offset must be 0-{MAX_PORT_OFFSET}, got {self.port_offset}")
+        if self.engine_kind == "simulated" and self.model:
+            raise ConfigError("--model is for real engines: a simulated engine generates no real text")
+        object.__setattr__(self, "run_dir", Path(self.run_dir).resolve())
+
+    # --- ports ---------------------------------------------------------------------------------
+
+    def port(self, default: int) -> int:
+        return default + self.port_offset
+
+    def engine_port(self, i: int) -> int:
+        return self.port(ENGINE_PORT_BASE + 1 + i)
+
+    def agent_port(self, i: int) -> int:
+        return self.port(AGENT_PORT_BASE + 1 + i)
+
+    @property
+    def consul_http_port(self) -> int:
+        return self.port(CONSUL_HTTP_PORT)
+
+    @property
+    def gateway_port(self) -> int:
+        return self.port(GATEWAY_PORT)
+
+    @property
+    def ui_port(self) -> int:
+        return self.port(UI_PORT)
+
+    @property
+    def prometheus_port(self) -> int:
+        return self.port(PROMETHEUS_PORT)
+
+    def ports(self) -> list[tuple[str, str, int]]:
+        """(host, what, port) for every TCP port the mesh listens on: all must be free before `up`."""
+        lo = "127.0.0.1"
+        out = [
+            (lo, "Consul HTTP", self.consul_http_port),
+            (lo, "Consul DNS", self.port(CONSUL_DNS_PORT)),
+            (lo, "Consul server RPC", self.port(CONSUL_SERVER_PORT)),
+            (lo, "Consul serf LAN", self.port(CONSUL_SERF_LAN_PORT)),
+            (lo, "Consul serf WAN", self.port(CONSUL_SERF_WAN_PORT)),
+            (self.host, "Envoy (the OpenAI API)", self.gateway_port),
+            (lo, "Envoy admin", self.port(ENVOY_ADMIN_PORT)),
+            (lo, "gateway xDS", self.port(XDS_PORT)),
+            (lo, "gateway metrics", self.port(GATEWAY_METRICS_PORT)),
+        ]
+        for i in range(self.engines):
+            out.append((lo, f"engine {i + 1}", self.engine_port(i)))
+            out.append((lo, f"engine agent {i + 1}", self.agent_port(i)))
+        if self.ui:
+            out.append((self.host, "Chainlit UI", self.ui_port))
+        return out
+
+    # --- URLs ----------------------------------------------------------------------------------
+
+    @property
+    def consul_address(self) -> str:
+        return f"127.0.0.1:{self.consul_http_port}"
+
+    def _url(self, port: int) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{port}"
+
+    @property
+    def api_url(self) -> str:
+        return self._url(self.gateway_port) + "/v1"
+
+    @property
+    def ui_url(self) -> str:
+        return self._url(self.ui_port)
+
+    @property
+    def consul_ui_url(self) -> str:
+        return f"http://{self.consul_address}/ui"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.prometheus_port}"
+
+    # --- paths ---------------------------------------------------------------------------------
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "up.json"
+
+    # --- engines -------------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        """The model name clients send (`model` in the OpenAI API)."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.engine_kind == "simulated":
+            return SIMULATED_MODEL_NAME
+        return self.model or DEFAULT_SERVED_MODEL_NAME
+
+    @property
+    def needs_default_model(self) -> bool:
+        return self.engine_kind == "vllm" and not self.model
+
+    def instance_id(self, i: int) -> str:
+        return f"{self.service}-{self.node}-{self.engine_port(i)}"
+
+    def engine_table(self, i: int, model_path: str) -> dict:
+        port = self.engine_port(i)
+        if self.engine_kind == "simulated":
+            table = {"kind": "simulated", "port": port, "served_model_name": self.model_name}
+        else:
+            gpu = (i % self.gpus) if self.gpus else None
+            table = vllm_engine(port, model_path, self.model_name, gpu)
+            table["args"] = list(table.get("args", [])) + list(self.vllm_args)
+        table["shutdown_timeout_s"] = ENGINE_SHUTDOWN_TIMEOUT_S
+        return table
+
+    def engine_agent_toml(self, i: int, model_path: str) -> str:
+        return toml_document(
+            {"listen": f"127.0.0.1:{self.agent_port(i)}", "node": self.node, "advertise_address": "127.0.0.1",
+             "zone": "local", "log_dir": str(self.log_dir), "drain_deadline_s": self.drain_deadline_s},
+            tables={"consul": {"address": self.consul_address, "service": self.service}},
+            arrays={"engines": [self.engine_table(i, model_path)]},
+        )
+
+    # --- gateway, Consul -----------------------------------------------------------------------
+
+    def gateway_toml(self) -> str:
+        return toml_document(
+            {"name": self.node, "listen": f"{self.host}:{self.gateway_port}",
+             "envoy_admin": f"127.0.0.1:{self.port(ENVOY_ADMIN_PORT)}", "xds": f"127.0.0.1:{self.port(XDS_PORT)}",
+             "metrics": f"127.0.0.1:{self.port(GATEWAY_METRICS_PORT)}", "advertise_address": "127.0.0.1",
+             "run_dir": str(self.run_dir / "gateway")},
+            tables={"consul": {"address": self.consul_address, "service": self.service}},
+        )
+
+    def consul_ports_json(self) -> str:
+        return json.dumps({"ports": {"grpc": -1, "server": self.port(CONSUL_SERVER_PORT),
+                                     "serf_lan": self.port(CONSUL_SERF_LAN_PORT),
+                                     "serf_wan": self.port(CONSUL_SERF_WAN_PORT)}})
+
+    def consul_command(self, consul_binary: str) -> list[str]:
+        return [consul_binary, "agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1",
+                f"-http-port={self.consul_http_port}", f"-dns-port={self.port(CONSUL_DNS_PORT)}",
+                f"-node={self.node}", f"-config-file={REPO_DIR / 'consul' / 'dev.hcl'}",
+                f"-config-file={self.run_dir / 'consul-ports.json'}"]
+
+    def ui_command(self) -> list[str]:
+        return [str(self.ui_venv / "bin" / "chainlit"), "run", "app.py", "--headless",
+                "--host", self.host, "--port", str(self.ui_port)]
+
+    def ui_env(self) -> dict[str, str]:
+        return {"ERNIE_MESH_API_URL": self.api_url, "ERNIE_MESH_MODEL": self.model_name,
+                "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui"), "ERNIE_MESH_SIMULATED": "1" if self.engine_kind == "simulated" else ""}
+
+    def urls(self) -> dict[str, str]:
+        out = {"api": self.api_url, "consul_ui": self.consul_ui_url, "consul": f"http://{self.consul_address}"}
+        if self.ui:
+            out["ui"] = self.ui_url
+        return out
+
+    def summary(self) -> dict:
+        return {"engines": self.engines, "engine_kind": self.engine_kind, "model": self.model_name,
+                "port_offset": self.port_offset, "node": self.node, "service": self.service,
+                "run_dir": str(self.run_dir), "python": sys.executable}

@@ -1,0 +1,151 @@
+"""The running mesh's state file (`.run/up.json`) and process bookkeeping shared by `up` and `down`.
+
+`up` writes the file as soon as it starts and rewrites it (atomically) whenever something
+changes: its own pid, the phase (starting, healthy, stopping), the URLs and every process of the
+mesh it knows about, with each process's start time so a recycled pid is never mistaken for ours.
+`down` signals the pid in it, follows the phase, and cleans up by itself if `up` is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Proc:
+    """One process of the mesh: pid plus its start time (clock ticks since boot) as identity."""
+
+    name: str
+    pid: int
+    start_ticks: int
+
+    def alive(self) -> bool:
+        return proc_start_ticks(self.pid) == self.start_ticks and proc_state(self.pid) not in ("Z", "X", "")
+
+
+@dataclass
+class UpState:
+    pid: int
+    start_ticks: int
+    run_dir: str
+    phase: str = "starting"      # starting, healthy, stopping, stopped, failed
+    step: str = ""               # what is happening now (shown by `down`)
+    started_at: float = field(default_factory=time.time)
+    urls: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
+    processes: list[dict] = field(default_factory=list)   # Proc as dicts, in start order
+    version: int = STATE_VERSION
+
+    def procs(self) -> list[Proc]:
+        return [Proc(**p) for p in self.processes]
+
+    def owner(self) -> Proc:
+        return Proc("up", self.pid, self.start_ticks)
+
+
+def write_state(path: Path, state: UpState) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_state(path: Path) -> UpState | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        return None
+    try:
+        return UpState(**data)
+    except TypeError:
+        return None
+
+
+# --- /proc ------------------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    # the command name (field 2) is in parentheses and may contain spaces
+    return raw[raw.rfind(")") + 2:].split()
+
+
+def proc_state(pid: int) -> str:
+    f = _stat_fields(pid)
+    return f[0] if f else ""
+
+
+def proc_start_ticks(pid: int) -> int:
+    f = _stat_fields(pid)
+    return int(f[19]) if len(f) > 19 else -1
+
+
+def proc_identity(name: str, pid: int) -> Proc:
+    return Proc(name, pid, proc_start_ticks(pid))
+
+
+def children_map() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            f = _stat_fields(int(entry))
+            if len(f) > 1:
+                out.setdefault(int(f[1]), []).append(int(entry))
+    return out
+
+
+def descendants(pids: list[int]) -> list[int]:
+    """Every live descendant of `pids` (not the pids themselves), wherever their session is."""
+    kids = children_map()
+    out, todo = [], list(pids)
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            if child not in out:
+                out.append(child)
+                todo.append(child)
+    return out
+
+
+def process_name(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [w.decode(errors="replace") for w in cmd if w]
+    return " ".join(words)[:120] or "?"
+
+
+def kill(proc: Proc, sig: int = signal.SIGKILL) -> bool:
+    """Signal `proc` (and its process group when it leads one) if it is still the same process."""
+    if not proc.alive():
+        return False
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def wait_gone(procs: list[Proc], timeout_s: float, interval_s: float = 0.1) -> list[Proc]:
+    """Poll until none of `procs` is alive or the deadline passes; returns the survivors."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [p for p in procs if p.alive()]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(interval_s)
