@@ -1,0 +1,198 @@
+"""A real `ernie-mesh up` as a subprocess, shared by the up and UI tests (import the fixtures from here).
+
+One real-vLLM mesh per test session: the first test module that asks for `vllm_mesh` starts it
+(two CPU engines take minutes), later modules reuse it, and it is stopped when the session ends
+unless a test stopped it before (the SIGINT test does). Every mesh runs on shifted ports
+(--port-offset) with its own run dir, so a developer's mesh on the default ports is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.local.plan import MeshPlan
+from agent.local.runstate import Proc, descendants, proc_identity, read_state
+
+HEALTHY_TIMEOUT_S = 900.0      # two CPU vLLM engines on a loaded 2-core machine
+STOP_TIMEOUT_S = 300.0
+OFFSETS = (20000, 22000, 24000, 26000, 28000, 30000, 32000)
+
+
+def plan_for(offset: int, run_dir: Path, **kw) -> MeshPlan:
+    return MeshPlan(port_offset=offset, run_dir=run_dir, prometheus=False, **kw)
+
+
+def ports_free(plan: MeshPlan) -> list[int]:
+    """The planned ports that something listens on (empty when all are free)."""
+    busy = []
+    for host, _what, port in plan.ports():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+def free_offset(run_dir: Path, exclude: tuple[int, ...] = (), **kw) -> int:
+    for offset in OFFSETS:
+        if offset not in exclude and not ports_free(plan_for(offset, run_dir, **kw)):
+            return offset
+    raise RuntimeError(f"no free port range among offsets {OFFSETS}")
+
+
+class UpRun:
+    """`python -m agent up --json ...` in the background; its JSON events arrive on a queue."""
+
+    def __init__(self, run_dir: Path, offset: int, *args: str, engines: int = 2, kind: str = "vllm", ui: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.plan = plan_for(offset, self.run_dir, engines=engines, engine_kind=kind, ui=ui)
+        cmd = [sys.executable, "-m", "agent", "up", "--json", "--engines", str(engines), "--engine-kind", kind,
+               "--port-offset", str(offset), "--run-dir", str(self.run_dir), "--no-prometheus", *args]
+        if not ui:
+            cmd.append("--no-ui")
+        self.stderr_path = self.run_dir / "up.stderr"
+        self._stderr = open(self.stderr_path, "ab")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, cwd=str(Path(__file__).resolve().parents[2]))
+        self.events: queue.Queue = queue.Queue()
+        self.healthy: dict | None = None
+        self.healthy_after_s: float | None = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.events.put(json.loads(line))
+            except ValueError:
+                self.events.put({"event": "garbage", "line": line.decode(errors="replace")})
+        self.events.put({"event": "eof"})
+
+    def stderr_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def next_event(self, timeout_s: float) -> dict:
+        try:
+            return self.events.get(timeout=timeout_s)
+        except queue.Empty:
+            raise AssertionError(f"`up` printed no JSON event within {timeout_s:.0f}s; stderr:\n{self.stderr_tail()}") from None
+
+    def wait_healthy(self, timeout_s: float = HEALTHY_TIMEOUT_S) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ev = self.next_event(max(deadline - time.monotonic(), 0.1))
+            if ev.get("event") == "healthy":
+                self.healthy = ev
+                self.healthy_after_s = time.monotonic() - self.started_at
+                return ev
+            if ev.get("event") in ("failed", "error", "stopped", "eof"):
+                raise AssertionError(f"`up` did not become healthy: {ev}; stderr:\n{self.stderr_tail()}")
+
+    # --- what the mesh is made of ------------------------------------------------------------------
+
+    def processes(self) -> list[Proc]:
+        """`up`, every process its state file names, and all their descendants now (vLLM, engine cores, Envoy)."""
+        out = {self.proc.pid: proc_identity("up", self.proc.pid)}
+        state = read_state(self.plan.state_path)
+        for p in state.procs() if state else []:
+            out.setdefault(p.pid, p)
+        for pid in descendants(list(out)):
+            out.setdefault(pid, proc_identity(f"descendant {pid}", pid))
+        return [p for p in out.values() if p.start_ticks >= 0]
+
+    def agent_instances(self) -> dict[str, dict]:
+        out = {}
+        for i in range(self.plan.engines):
+            r = httpx.get(f"http://127.0.0.1:{self.plan.agent_port(i)}/instances", timeout=5)
+            out.update({x["id"]: x for x in r.json()["instances"]})
+        return out
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait_exit(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"`up` still running {timeout_s:.0f}s after the stop signal; stderr:\n"
+                                 f"{self.stderr_tail()}") from None
+
+    def events_until_eof(self, timeout_s: float = 10.0) -> list[dict]:
+        out = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ev = self.events.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                break
+            if ev.get("event") == "eof":
+                break
+            out.append(ev)
+        return out
+
+    def shutdown(self) -> None:
+        """Teardown: SIGINT, wait, and kill whatever is left (never leave a mesh behind)."""
+        procs = self.processes() if self.proc.poll() is None else []
+        self.signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for p in procs:
+            if p.alive():
+                try:
+                    os.killpg(p.pid, signal.SIGKILL) if os.getpgid(p.pid) == p.pid else os.kill(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self._stderr.close()
+
+
+_VLLM_MESH: UpRun | None = None
+_VLLM_MESH_ERROR: str | None = None
+
+
+@pytest.fixture(scope="session")
+def vllm_mesh(request, tmp_path_factory):
+    """The session's one real mesh: `ernie-mesh up` with two real vLLM engines (CPU) and the UI.
+
+    Imported by several modules, this fixture is defined once per module; the module-level
+    singleton keeps it to one `up` run, stopped when the session ends.
+    """
+    global _VLLM_MESH, _VLLM_MESH_ERROR
+    if _VLLM_MESH_ERROR:
+        pytest.fail(f"the shared mesh failed to start earlier: {_VLLM_MESH_ERROR}")
+    if _VLLM_MESH is None:
+        run_dir = tmp_path_factory.mktemp("up-vllm")
+        run = UpRun(run_dir, free_offset(run_dir))
+        request.session.config.add_cleanup(run.shutdown)
+        try:
+            run.wait_healthy()
+        except AssertionError as e:
+            _VLLM_MESH_ERROR = str(e).splitlines()[0]
+            run.shutdown()
+            raise
+        _VLLM_MESH = run
+        print(f"\n[up] real mesh healthy after {run.healthy_after_s:.0f}s (two vLLM engines, CPU)")
+    return _VLLM_MESH
