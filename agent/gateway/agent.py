@@ -96,14 +96,15 @@ class GatewayAgent:
             self.snapshot = snap
         self.ads.publish(snap, changed_at=seen_at)
         self.metrics.published(snap, previous, len(result.rejected))
-        log.info("snapshot %s published: %s", snap.summary(), snapshot_diff(previous, snap))
+        log.info("snapshot %s published %.0f ms after the change was seen: %s", snap.summary(),
+                 (time.monotonic() - seen_at) * 1000, snapshot_diff(previous, snap))
 
     # --- xDS callbacks (ADS threads) ------------------------------------------------------------
 
     def on_ack(self, node_id: str, version: str, latency_s: float | None) -> None:
         if latency_s is not None:
             self.metrics.push_latency.observe(latency_s)
-        log.debug("envoy %s acked %s (%.1f ms)", node_id, version, (latency_s or 0) * 1000)
+        log.debug("envoy %s acked %s (%.1f ms after the change was seen)", node_id, version, (latency_s or 0) * 1000)
 
     def on_nack(self, node_id: str, version: str, message: str) -> None:
         self.metrics.nacks.inc()

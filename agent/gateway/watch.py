@@ -150,11 +150,11 @@ class CatalogWatch:
         if self.last_key is None:
             return entries, key  # the first read is delivered at once
         deadline = seen_at + self.s.max_settle_s
+        window_end = seen_at + self.s.settle_s
         while not self.stop_event.is_set():
-            wait_s = min(self.s.settle_s, deadline - self.clock())
+            wait_s = min(window_end, deadline) - self.clock()
             if wait_s <= 0.001:
-                break
-            before = self.index
+                break  # quiet for a whole settle window (or the burst lasted max_settle_s)
             got = self._read(wait_s)
             if got is None:
                 break  # deliver what we have; the outage is handled by the main loop
@@ -162,9 +162,8 @@ class CatalogWatch:
             newer_key = content_key(newer)
             if newer_key != key:
                 entries, key = newer, newer_key
-                continue  # another change in the burst: wait again
-            if self.index == before or self.index == 0:
-                break  # quiet for a whole settle window
+                window_end = self.clock() + self.s.settle_s  # another change in the burst: extend
+            # else: the index moved for something else (another service's check): same window
         return entries, key
 
     # --- bookkeeping --------------------------------------------------------------------------

@@ -180,7 +180,8 @@ def test_gateway_agent_killed_traffic_continues_then_converges(m):
         target.set(VerdictState.DRAINING, "while the agent is down")
         gw.start(wait=False)
         t0 = time.monotonic()
-        wait_until(lambda: "draining" in gw.endpoints().get(target.id, ""), 10,
+        # bound: a Python start on a busy 2-core machine (seconds) + Envoy's reconnect backoff (<= 1 s)
+        wait_until(lambda: "draining" in gw.endpoints().get(target.id, ""), 30,
                    "envoy converged on the change made while the agent was down")
         converged_s = time.monotonic() - t0
         target.set(VerdictState.PASSING, "back")

@@ -1,0 +1,133 @@
+"""The gateway agent's control loop with an in-memory catalog and fake Envoy / ADS parts."""
+
+from __future__ import annotations
+
+from agent.catalog.base import CatalogEntry, CheckStatus, VerdictState
+from agent.catalog.memory import MemoryCatalog
+from agent.gateway.agent import GatewayAgent
+from agent.gateway.config import GatewayConfig, finish
+from agent.gateway.metrics import GatewayMetrics
+
+
+class FakeAdmin:
+    def __init__(self):
+        self.is_ready = True
+
+    def ready(self):
+        return self.is_ready
+
+
+class FakeEnvoy:
+    def __init__(self):
+        self.state = "running"
+        self.pid = 4242
+        self.admin = FakeAdmin()
+
+    def ensure(self):
+        return self.state
+
+
+class FakeAds:
+    def __init__(self):
+        self.published = []
+
+    def publish(self, snapshot, changed_at=None):
+        self.published.append(snapshot)
+        return True
+
+    def streams(self):
+        return []
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def make(tmp_path):
+    cfg = finish(GatewayConfig(name="gw1", listen="0.0.0.0:8080", advertise_address="192.0.2.1",
+                               run_dir=str(tmp_path)))
+    catalog, envoy, ads, clock, metrics = MemoryCatalog(), FakeEnvoy(), FakeAds(), Clock(), GatewayMetrics()
+    agent = GatewayAgent(cfg, catalog, metrics, ads, envoy, clock=clock)
+    return agent, catalog, envoy, ads, clock, metrics
+
+
+def entry(iid, port, status=CheckStatus.PASSING):
+    return CatalogEntry(iid, "n", "10.0.0.1", port, status)
+
+
+def test_registers_itself_with_meta_and_follows_envoy_readiness(tmp_path):
+    agent, catalog, envoy, _ads, clock, _m = make(tmp_path)
+    summary = agent.reconcile_once()
+    assert "registration passing" in summary and "envoy pid 4242 running, ready" in summary
+    reg = catalog.local_instances("ernie-gateway")["ernie-gateway-gw1"]
+    assert reg.address == "192.0.2.1" and reg.port == 8080
+    assert reg.meta["listen_url"] == "http://192.0.2.1:8080"
+    assert reg.meta["metrics_url"] == "http://127.0.0.1:9102/metrics"
+    assert reg.meta["envoy_admin"] == "http://127.0.0.1:9901"
+    assert catalog.verdict("ernie-gateway-gw1").state is VerdictState.PASSING
+    envoy.admin.is_ready = False
+    assert "registration critical" in agent.reconcile_once()
+    assert catalog.verdict("ernie-gateway-gw1").state is VerdictState.CRITICAL
+    envoy.state, envoy.admin.is_ready = "restarting in 1.0s", True
+    agent.reconcile_once()
+    assert catalog.verdict("ernie-gateway-gw1").reason == "envoy restarting in 1.0s"
+
+
+def test_ttl_is_refreshed_and_a_lost_registration_comes_back(tmp_path):
+    agent, catalog, _envoy, _ads, clock, _m = make(tmp_path)
+    agent.reconcile_once()
+    writes = len(catalog.writes)
+    agent.reconcile_once()
+    assert len(catalog.writes) == writes  # nothing changed, TTL not due
+    clock.t += agent.cfg.ttl_s / 3 + 0.1
+    agent.reconcile_once()
+    assert catalog.writes[-1] == ("verdict", "ernie-gateway-gw1")
+    catalog.forget_everything()  # Consul restarted
+    clock.t += agent.cfg.ttl_s
+    assert "registration passing" in agent.reconcile_once()
+    assert catalog.writes[-1] == ("register", "ernie-gateway-gw1")
+
+
+def test_consul_outage_does_not_break_the_loop(tmp_path):
+    agent, catalog, _envoy, _ads, clock, _m = make(tmp_path)
+    catalog.available = False
+    assert "registration failing" in agent.reconcile_once()
+    catalog.available = True
+    clock.t += 1
+    assert "registration passing" in agent.reconcile_once()
+
+
+def test_catalog_changes_publish_new_versions_only(tmp_path):
+    agent, _catalog, _envoy, ads, _clock, metrics = make(tmp_path)
+    agent.on_catalog([entry("a", 8001), entry("b", 8002, CheckStatus.WARNING)], seen_at=0.0)
+    agent.on_catalog([entry("b", 8002, CheckStatus.WARNING), entry("a", 8001)], seen_at=0.0)  # same content
+    assert len(ads.published) == 1
+    agent.on_catalog([entry("a", 8001), entry("bad", 0)], seen_at=0.0)
+    assert len(ads.published) == 2 and [e.instance_id for e in ads.published[-1].endpoints] == ["a"]
+    text = metrics.registry.get_sample_value
+    assert text("ernie_gateway_endpoints", {"state": "healthy"}) == 1
+    assert text("ernie_gateway_endpoints", {"state": "draining"}) == 0
+    assert text("ernie_gateway_snapshot_generation") == 2
+    assert text("ernie_gateway_snapshot_rejected_endpoints") == 1
+    assert text("ernie_gateway_snapshot_version_info", {"version": ads.published[-1].version}) == 1
+    assert text("ernie_gateway_snapshot_version_info", {"version": ads.published[0].version}) is None
+
+
+def test_reconcile_errors_are_survived(tmp_path, caplog):
+    agent, _catalog, envoy, _ads, _clock, _m = make(tmp_path)
+    calls = []
+
+    def boom():
+        calls.append(1)
+        if len(calls) == 2:
+            agent.stop_event.set()
+        raise RuntimeError("bug")
+
+    envoy.ensure = boom
+    agent.cfg = finish(GatewayConfig(name="gw1", run_dir=str(tmp_path), reconcile_interval_s=0.01, ttl_s=1))
+    agent.run()
+    assert len(calls) == 2 and "reconcile failed" in caplog.text
