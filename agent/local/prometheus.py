@@ -5,7 +5,7 @@ static lists. The Consul meta our agents register says where each part serves it
 
   job                  Consul service    meta used                      labels added
   ernie-engine-agent   ernie             agent_url  (+ /metrics)        node, zone, service
-  ernie-vllm           ernie             engine_url (+ /metrics)        instance_id, node, zone, model, engine, service
+  ernie-vllm           ernie             engine_url (+ /metrics)        instance_id, node, zone, model, engine_kind, service
   ernie-gateway-agent  ernie-gateway     metrics_url                    gateway, node
   ernie-envoy          ernie-gateway     envoy_admin (+ /stats/prometheus)  gateway, node
 
@@ -138,7 +138,7 @@ def scrape_configs(consul_address: str, engine_service: str = ENGINE_SERVICE,
             _copy(_META + "zone", "zone"),
             _copy(_META + "model", "model"),
             _copy(_META + "served_model_name", "model"),
-            _copy(_META + "engine", "engine"),
+            _copy(_META + "engine", "engine_kind"),  # vLLM has its own `engine` label (engine index)
             _copy("__meta_consul_service", "service"),
         ],
     }

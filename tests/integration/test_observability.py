@@ -8,6 +8,7 @@ with its Envoy, and Prometheus (a Debian build with Consul SD) scraping and eval
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from agent.engine.metrics import EngineAgentMetrics
+from agent.gateway.metrics import GatewayMetrics
 from agent.local.consul_dev import ConsulDev
 from agent.local.ports import free_ports
 from agent.local.prometheus import (
@@ -128,6 +131,50 @@ def test_configs_are_rendered_and_promtool_accepts_them(tmp_path):
     assert 'server: "10.1.2.3:8500"' in rendered and "static_configs" not in rendered
 
 
+def _our_metrics() -> list:
+    """(name as exposed, type, label names) of every metric the engine and gateway agents define."""
+    out = []
+    for holder in (EngineAgentMetrics(), GatewayMetrics()):
+        for m in vars(holder).values():
+            if hasattr(m, "_labelnames") and hasattr(m, "_type"):
+                exposed = m._name + "_total" if m._type == "counter" else m._name
+                out.append((exposed, m._type, tuple(m._labelnames)))
+    return out
+
+
+def test_metric_names_follow_conventions_and_are_documented():
+    docs = (REPO / "docs" / "metrics.md").read_text()
+    ours = _our_metrics()
+    assert len(ours) >= 20
+    for name, kind, labels in ours:
+        assert re.fullmatch(r"ernie_(engine|gateway)_[a-z][a-z0-9_]*", name), name
+        assert f"`{name}`" in docs, f"{name} is not documented in docs/metrics.md"
+        if kind == "counter":
+            assert name.endswith("_total"), name
+        else:
+            assert not name.endswith("_total"), f"{name}: only counters end in _total"
+        if kind == "histogram" or "duration" in name or "latency" in name or "timestamp" in name:
+            assert name.endswith("_seconds"), f"{name}: a time in base units (_seconds)"
+        if name.endswith("_info"):
+            assert kind == "gauge", name
+        assert not {"job", "le", "quantile"} & set(labels), (name, labels)
+        assert not any(lbl.startswith("__") for lbl in labels), (name, labels)
+        # `instance` collides with Prometheus' target label: tolerated only because the config
+        # renames the exported one to instance_id (see docs/metrics.md, Labels).
+        if "instance" in labels:
+            assert name.startswith("ernie_engine_") and "exported_instance" in render_config(), name
+    # Every series the dashboard and the rules read is documented.
+    exprs = [e for _t, e in dashboard_queries()] + [r.expr for r in RECORDS] + [a.expr for a in ALERTS]
+    used = set()
+    for expr in exprs:
+        expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+        expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # label lists
+        used |= {re.sub(r"_(bucket|count|sum)$", "", n)
+                 for n in re.findall(r"\b(?:ernie_|ernie:|vllm:|envoy_)[A-Za-z0-9_:]*", expr)}
+    undocumented = sorted(n for n in used if f"`{n}`" not in docs)
+    assert undocumented == [], f"used by the dashboard or rules but not in docs/metrics.md: {undocumented}"
+
+
 # --- discovery -------------------------------------------------------------------------------------
 
 
@@ -157,7 +204,8 @@ def test_every_job_discovered_through_consul_is_up(mesh):
     for iid, t in vllm.items():
         agent, port = mesh.instances[iid]
         assert t["scrapeUrl"] == f"http://127.0.0.1:{port}/metrics"
-        assert (t["labels"]["node"], t["labels"]["model"], t["labels"]["service"]) == (agent.node, MODEL, SERVICE)
+        assert (t["labels"]["node"], t["labels"]["model"], t["labels"]["service"], t["labels"]["engine_kind"]) == \
+            (agent.node, MODEL, SERVICE, "simulated")
         assert t["labels"]["zone"] == {"obs-a": "zone-a", "obs-b": "zone-b"}[agent.node]
     # One target per engine agent, however many instances it registers.
     agents = {t["scrapeUrl"]: t["labels"] for t in jobs[JOB_ENGINE_AGENT]}
