@@ -221,6 +221,8 @@ def test_every_job_discovered_through_consul_is_up(mesh):
         result = mesh.prom.query('ernie_engine_verdict{state="passing"} == 1')
         return result if len(result) == len(mesh.instances) else None
     result = _wait("a passing verdict series per instance", verdicts)
+    _wait("the recorded count of passing instances",
+          lambda: _value(mesh.prom, f'ernie:instances_passing:count{{model="{MODEL}"}}') == len(mesh.instances))
     assert sorted(s["metric"]["instance_id"] for s in result) == sorted(mesh.instances)
     assert not any("exported_instance" in s["metric"] for s in result)
 
@@ -255,6 +257,9 @@ def run_incident(mesh: Mesh) -> dict:
           detail=lambda: f"alerts: {prom.alerts()}")
     t_fire = time.monotonic() - t0
     others_up = _value(prom, f'count(up{{job="{JOB_VLLM}",instance_id!="{iid}"}} == 1)')
+    passing = f'ernie:instances_passing:count{{service="{SERVICE}",model="{MODEL}"}}'
+    _wait("the recorded count of passing instances one down",
+          lambda: _value(prom, passing) == len(mesh.instances) - 1)
     no_healthy = [a for a in prom.alerts() if a["labels"]["alertname"] == "ErnieNoHealthyInstance"]
     # The agent restarts the engine after its backoff: the target comes back and the alert resolves.
     agent.wait_state(iid, "passing", timeout_s=RESTART_BACKOFF_S + 40)
