@@ -121,12 +121,6 @@ def scrape_configs(consul_address: str, engine_service: str = ENGINE_SERVICE,
             _copy(_META + "zone", "zone"),
             _copy("__meta_consul_service", "service"),
         ],
-        # The agent labels its series with the instance ID as `instance`, which Prometheus keeps
-        # as `exported_instance` (its own `instance` is the scrape target): store it as instance_id.
-        "metric_relabel_configs": [
-            _copy("exported_instance", "instance_id"),
-            {"regex": "exported_instance", "action": "labeldrop"},
-        ],
     }
     vllm = {
         "job_name": JOB_VLLM,

@@ -24,7 +24,7 @@ def test_passing_only_after_a_real_canary(vllm_agent):
     assert int(entry.meta["max_model_len"]) == 2048
     metrics = httpx.get(f"{vllm_agent.url}/metrics", timeout=5).text
     line = next(l for l in metrics.splitlines()
-                if l.startswith(f'ernie_engine_probe_duration_seconds_count{{instance="{vllm_agent.iid}",probe="canary"'))
+                if l.startswith(f'ernie_engine_probe_duration_seconds_count{{instance_id="{vllm_agent.iid}",probe="canary"'))
     assert float(line.split()[-1]) >= 1
 
 

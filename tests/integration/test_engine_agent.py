@@ -45,7 +45,7 @@ def test_instance_registered_passing_with_id_meta_and_ttl_check(agent, consul_se
     assert httpx.get(f"{agent.url}/ready/{iid}", timeout=5).status_code == 200
     assert httpx.get(f"{agent.url}/live", timeout=5).json()["status"] == "alive"
     metrics = httpx.get(f"{agent.url}/metrics", timeout=5).text
-    assert f'ernie_engine_verdict{{instance="{iid}",state="passing"}} 1.0' in metrics
+    assert f'ernie_engine_verdict{{instance_id="{iid}",state="passing"}} 1.0' in metrics
 
 
 def test_gray_failure_hang_with_health_200_turns_critical_within_10s_and_recovers(agent):
@@ -78,7 +78,7 @@ def test_crashed_engine_goes_critical_then_is_restarted_and_passing(agent):
     info = agent.instances()[iid]
     assert info["restarts"] >= 1
     assert info["pid"] != pid_before
-    assert f'ernie_engine_restarts_total{{instance="{iid}"}}' in httpx.get(f"{agent.url}/metrics").text
+    assert f'ernie_engine_restarts_total{{instance_id="{iid}"}}' in httpx.get(f"{agent.url}/metrics").text
 
 
 def test_consul_restart_under_the_agent_re_registers_without_duplicates(consul_fresh, tmp_path):
