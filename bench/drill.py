@@ -29,6 +29,7 @@ PROGRESS_EVERY_S = 5.0
 RECOVERY_WAIT_SIM_S = 60.0
 RECOVERY_WAIT_VLLM_S = 300.0
 TAIL_S = 3.0  # load keeps running this long after the scenario finished
+MAX_NOT_OK = 200
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,9 @@ def stop_quietly(system: System) -> None:
 
 
 def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monitor, elapsed: float) -> dict:
-    s = summarize(load.snapshot(), elapsed)
+    results = load.snapshot()
+    t0 = load.started_at
+    s = summarize(results, elapsed)
     detects = [e.detect_s for e in monitor.events if e.index is not None]
     recovers = [e.recover_s for e in monitor.events]
     return {
@@ -182,7 +185,13 @@ def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monit
         "hold_s": opts.hold if opts.scenario != "rolling" else None,
         "errors": s.errors,
         "engine_fault": bool(detects),
-        "events": [{"label": e.label, "detect_s": e.detect_s, "recover_s": e.recover_s} for e in monitor.events],
+        "events": [{"label": e.label, "index": e.index, "at_s": round(e.t_fault - t0, 2),
+                    "end_s": None if e.t_end is None else round(e.t_end - t0, 2),
+                    "detect_s": e.detect_s, "recover_s": e.recover_s} for e in monitor.events],
+        # every request that was not ok, times relative to the load start (what a test can reason about)
+        "not_ok": [{"outcome": r.outcome, "stream": r.stream, "start_s": round(r.started - t0, 2),
+                    "end_s": round(r.ended - t0, 2), "tokens": r.tokens, "error": r.error}
+                   for r in results if r.outcome != "ok"][:MAX_NOT_OK],
     }
 
 

@@ -4,6 +4,7 @@ restarted on its own in a rolling drill), one gateway agent with its Envoy."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -144,11 +145,13 @@ class MeshSystem(System):
                                       self.workdir / "logs" / "gateway-agent.log").start()
 
     def stop(self) -> None:
-        if self.gateway is not None:
-            self.gateway.stop(30.0)
+        """SIGTERM to the gateway and every engine agent at once (each drains on its own), then wait."""
+        procs = [p for p in [self.gateway, *(a.proc for a in self.agents)] if p is not None]
+        for p in procs:
+            p.signal(signal.SIGTERM)
+        for p in procs:
+            p.stop(60.0)
         self._kill_envoy()
-        for a in self.agents:
-            a.stop(60.0)
         self.consul.stop()
 
     def _kill_envoy(self) -> None:

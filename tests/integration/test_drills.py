@@ -1,0 +1,72 @@
+"""Failure drills (issue 6, done-when 3): every scenario, briefly, with simulated engines, against
+the whole mesh (real Consul, engine agents, gateway agent + Envoy). Asserts what a user sees —
+failed and truncated requests — never the figures (this machine is shared and noisy).
+
+One scenario also runs the nginx baseline, to keep its harness working (nothing asserted on it
+but that the drill completes and counts).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from bench.drill import DrillOptions, run_drill
+
+CONCURRENCY = 8
+# The kill cuts streams that were in flight on the killed engine: Envoy cannot retry a response
+# that already started (see docs/benchmarks.md). Such a stream started before the kill and ended
+# right after it; anything else truncated or failed is a mesh bug.
+KILL_CUT_WINDOW_S = 3.0
+
+
+def drill(tmp_path, scenario: str, system: str = "mesh", **kw) -> list[dict]:
+    opts = DrillOptions(scenario, system=system, engines=3, engine="sim", concurrency=CONCURRENCY,
+                        duration_s=kw.pop("duration_s", 12.0), **kw)
+    results = run_drill(opts, workdir=tmp_path)
+    assert [r["system"] for r in results] == opts.systems()
+    for r in results:
+        assert r["requests"] > CONCURRENCY, r
+    return results
+
+
+def only_mesh(results: list[dict]) -> dict:
+    return next(r for r in results if r["system"] == "mesh")
+
+
+def test_kill_fails_nothing_and_cuts_only_streams_in_flight_on_the_killed_engine(tmp_path):
+    r = only_mesh(drill(tmp_path, "kill", stream_ratio=0.5, hold_s=4.0))
+    assert r["failed"] == 0, r["not_ok"]
+    [kill] = r["events"]
+    for bad in r["not_ok"]:
+        # non-streaming requests in flight were retried on another engine: none is lost
+        assert bad["outcome"] == "truncated" and bad["stream"], bad
+        assert bad["start_s"] <= kill["at_s"] <= bad["end_s"] <= kill["at_s"] + KILL_CUT_WINDOW_S, (bad, kill)
+    assert r["truncated"] <= CONCURRENCY
+
+
+def test_hang_loses_nothing(tmp_path):
+    # held long enough for the engine agent's canary to catch it, shorter than the client timeout
+    r = only_mesh(drill(tmp_path, "hang", duration_s=15.0, hold_s=6.0))
+    assert (r["failed"], r["truncated"]) == (0, 0), r["not_ok"]
+
+
+def test_rolling_restart_loses_nothing(tmp_path):
+    r = only_mesh(drill(tmp_path, "rolling", duration_s=8.0))
+    assert (r["failed"], r["truncated"]) == (0, 0), r["not_ok"]
+    assert len(r["events"]) == 3 and all(e["recover_s"] is not None for e in r["events"]), r["events"]
+
+
+@pytest.mark.parametrize("scenario", ["slow", "consul-restart", "gateway-restart"])
+def test_other_scenarios_complete(tmp_path, scenario):
+    r = only_mesh(drill(tmp_path, scenario, hold_s=4.0))
+    assert r["recover_s"] is not None, r["events"]
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None and not __import__("os").path.exists("/usr/sbin/nginx"),
+                    reason="nginx not installed (scripts/install.sh installs it)")
+def test_baseline_drill_runs(tmp_path):
+    results = drill(tmp_path, "kill", system="baseline", duration_s=8.0, hold_s=3.0)
+    [r] = results
+    assert r["system"] == "baseline" and r["requests"] > 0
