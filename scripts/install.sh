@@ -50,15 +50,7 @@ install_core() {
   echo "$fp" > "$VENV/.installed"
 }
 
-debian_mirror() {
-  # The Debian mirror this machine already uses (deb822 or one-line sources), not a hard-coded one.
-  local uri
-  uri=$(grep -hsE '^URIs:.*debian' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1 | awk '{print $2}')
-  [ -n "$uri" ] || uri=$(grep -hsE '^deb .*debian' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-    | grep -v security | head -n1 | awk '{print $2}')
-  [ -n "$uri" ] || uri=http://deb.debian.org/debian
-  echo "$uri"
-}
+. "$ROOT/scripts/lib/debian.sh"
 
 install_consul() {
   if [ -x "$VENV/bin/consul" ]; then return; fi
@@ -68,17 +60,14 @@ install_consul() {
     return
   fi
   step "Consul (Debian $CONSUL_SUITE package, unpacked into $VENV/bin; system apt state untouched)"
-  command -v apt-get >/dev/null || die "no consul on PATH and no apt-get: install Consul from https://developer.hashicorp.com/consul/install"
-  local d="$CACHE/consul-apt"
-  rm -rf "$d"; mkdir -p "$d/lists/partial" "$d/archives/partial" "$d/x"
-  echo "deb $(debian_mirror) $CONSUL_SUITE main" > "$d/sources.list"
-  local opts=(-o "Dir::Etc::SourceList=$d/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
-              -o "Dir::State::Lists=$d/lists" -o "Dir::Cache::Archives=$d/archives" -o "APT::Sandbox::User=root")
-  apt-get "${opts[@]}" -qq update
-  (cd "$d" && apt-get "${opts[@]}" -qq download consul)
-  dpkg -x "$d"/consul_*.deb "$d/x"
-  install -m 0755 "$d/x/usr/bin/consul" "$VENV/bin/consul"
+  fetch_debian_binaries "$CONSUL_SUITE" consul "$CACHE/consul-apt" "$VENV/bin" consul \
+    || die "install Consul from https://developer.hashicorp.com/consul/install"
   "$VENV/bin/consul" version | head -n1 >&2
+}
+
+install_prometheus() {
+  # Optional for `up`, required by the observability tests: a Prometheus with Consul SD.
+  VENV="$VENV" ERNIE_MESH_CACHE="$CACHE" deploy/prometheus/install.sh "$VENV/bin"
 }
 
 install_model() {
@@ -97,7 +86,7 @@ install_ui() {
 }
 
 # Debian packages the test suite drives for real (browser for the UI test, nginx baseline, ...).
-SYSTEM_PACKAGES=(chromium chromium-driver nginx prometheus dnsutils iproute2 procps)
+SYSTEM_PACKAGES=(chromium chromium-driver nginx dnsutils iproute2 procps)
 install_system() {
   local missing=()
   for p in "${SYSTEM_PACKAGES[@]}"; do
@@ -117,11 +106,11 @@ install_system() {
 
 what=${1:-all}
 case "$what" in
-  core) install_core; install_consul ;;
+  core) install_core; install_consul; install_prometheus ;;
   ui) install_ui ;;
   system) install_system ;;
   model) install_core; install_model ;;
-  all) install_core; install_consul; install_model; install_ui ;;
-  test) install_system; install_core; install_consul; install_model; install_ui ;;
+  all) install_core; install_consul; install_prometheus; install_model; install_ui ;;
+  test) install_system; install_core; install_consul; install_prometheus; install_model; install_ui ;;
   *) die "usage: $0 [core|ui|system|model|all|test]" ;;
 esac

@@ -36,29 +36,9 @@ if command -v prometheus >/dev/null 2>&1 && has_consul_sd "$(dirname "$(command 
   exit 0
 fi
 
-debian_mirror() {
-  local uri
-  uri=$(grep -hsE '^URIs:.*debian' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1 | awk '{print $2}')
-  [ -n "$uri" ] || uri=$(grep -hsE '^deb .*debian' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-    | grep -v security | head -n1 | awk '{print $2}')
-  [ -n "$uri" ] || uri=http://deb.debian.org/debian
-  echo "$uri"
-}
-
-command -v apt-get >/dev/null || die "no apt-get: install Prometheus (with Consul SD) from https://prometheus.io/download/ into $BIN_DIR"
+. "$ROOT/scripts/lib/debian.sh"
 say "Prometheus with Consul SD (Debian $SUITE package, unpacked into $BIN_DIR; system apt state untouched)"
-d="$CACHE/prometheus-apt"
-rm -rf "$d"; mkdir -p "$d/lists/partial" "$d/archives/partial" "$d/x"
-echo "deb $(debian_mirror) $SUITE main" > "$d/sources.list"
-opts=(-o "Dir::Etc::SourceList=$d/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
-      -o "Dir::State::Lists=$d/lists" -o "Dir::Cache::Archives=$d/archives" -o "APT::Sandbox::User=root")
-apt-get "${opts[@]}" -qq update
-# The version in that suite, named explicitly: an installed newer prometheus would otherwise win.
-ver=$(apt-cache "${opts[@]}" madison prometheus | awk -F'|' 'NR==1 {gsub(/ /, "", $2); print $2}')
-[ -n "$ver" ] || die "no prometheus package in Debian $SUITE"
-(cd "$d" && apt-get "${opts[@]}" -qq download "prometheus=$ver")
-dpkg -x "$d"/prometheus_*.deb "$d/x"
-install -m 0755 "$d/x/usr/bin/prometheus" "$BIN_DIR/prometheus"
-install -m 0755 "$d/x/usr/bin/promtool" "$BIN_DIR/promtool"
+fetch_debian_binaries "$SUITE" prometheus "$CACHE/prometheus-apt" "$BIN_DIR" prometheus promtool \
+  || die "install Prometheus (with Consul SD) from https://prometheus.io/download/ into $BIN_DIR"
 has_consul_sd "$BIN_DIR/promtool" || die "the $SUITE prometheus package has no Consul SD either"
 "$BIN_DIR/prometheus" --version 2>&1 | head -n1 >&2
