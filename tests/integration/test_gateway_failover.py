@@ -197,8 +197,11 @@ def test_gateway_agent_killed_traffic_continues_then_converges(m):
 # --- 5. every engine gone -> fast JSON 503; back -> traffic resumes ------------------------------
 
 
-def _one_request(url: str) -> tuple[float, object]:
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0, timeout=10)
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0, timeout=10)
+
+
+def _one_request(client: openai.OpenAI) -> tuple[float, object]:
     t = time.monotonic()
     try:
         resp = client.chat.completions.create(model="sim-model", messages=[{"role": "user", "content": "hi"}],
@@ -206,44 +209,51 @@ def _one_request(url: str) -> tuple[float, object]:
         return time.monotonic() - t, resp
     except openai.APIStatusError as e:
         return time.monotonic() - t, e
-    finally:
-        client.close()
 
 
-def _assert_fast_json_503s(url: str, n: int) -> float:
+def _assert_fast_json_503s(clients: list[openai.OpenAI], per_client: int, phase: str) -> float:
+    """Each client (one thread each) sends per_client requests back to back; every one must be a
+    JSON 503 the OpenAI client can read, answered in under a second."""
+    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        outcomes = [o for batch in pool.map(lambda c: [_one_request(c) for _ in range(per_client)], clients)
+                    for o in batch]
     worst = 0.0
-    with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
-        outcomes = list(pool.map(lambda _: _one_request(url), range(n)))
     for elapsed, outcome in outcomes:
-        assert isinstance(outcome, openai.APIStatusError), outcome
-        assert outcome.status_code == 503
-        assert outcome.response.headers["content-type"].startswith("application/json")
+        assert isinstance(outcome, openai.APIStatusError), f"{phase}: {outcome}"
+        assert outcome.status_code == 503, phase
+        assert outcome.response.headers["content-type"].startswith("application/json"), phase
         err = outcome.response.json()["error"]
-        assert err["type"] == "service_unavailable" and err["code"] == 503 and err["message"]
-        assert elapsed < 1.0, f"503 took {elapsed:.2f}s"
+        assert err["type"] == "service_unavailable" and err["code"] == 503 and err["message"], phase
         worst = max(worst, elapsed)
+    assert worst < 1.0, f"{phase}: a 503 took {worst:.2f}s"
     return worst
 
 
 def test_all_engines_down_gives_fast_json_503_then_recovers(m):
-    for e in m.engines:
-        e.set(VerdictState.CRITICAL, "maintenance")
-    wait_until(lambda: not m.gateway.endpoints(), PROPAGATION_BOUND_S, "no endpoint left in envoy")
-    worst_critical = _assert_fast_json_503s(m.gateway.url, 30)
-    for e in m.engines:
-        e.set(VerdictState.PASSING, "back")
-    t0 = time.monotonic()
-    wait_until(lambda: not isinstance(_one_request(m.gateway.url)[1], Exception), 5, "traffic resumed")
-    resumed_s = time.monotonic() - t0
-    # engines that die without Consul knowing: connect failures, retried, then a JSON 503 at once
-    for e in m.engines:
-        e.proc.kill()
-    worst_killed = _assert_fast_json_503s(m.gateway.url, 30)
-    for e in m.engines:
-        e.proc = None
-        e.start()
-    wait_until(lambda: not isinstance(_one_request(m.gateway.url)[1], Exception), 15,
-               "traffic resumed after the engines restarted")
+    clients = [_client(m.gateway.url) for _ in range(CLIENTS)]
+    probe = clients[0]
+    try:
+        for e in m.engines:
+            e.set(VerdictState.CRITICAL, "maintenance")
+        wait_until(lambda: not m.gateway.endpoints(), PROPAGATION_BOUND_S, "no endpoint left in envoy")
+        worst_critical = _assert_fast_json_503s(clients, 3, "all critical")
+        for e in m.engines:
+            e.set(VerdictState.PASSING, "back")
+        t0 = time.monotonic()
+        wait_until(lambda: not isinstance(_one_request(probe)[1], Exception), 5, "traffic resumed")
+        resumed_s = time.monotonic() - t0
+        # engines that die without Consul knowing: connect failures, retried, then a JSON 503 at once
+        for e in m.engines:
+            e.proc.kill()
+        worst_killed = _assert_fast_json_503s(clients, 3, "all killed")
+        for e in m.engines:
+            e.proc = None
+            e.start()
+        wait_until(lambda: not isinstance(_one_request(probe)[1], Exception), 15,
+                   "traffic resumed after the engines restarted")
+    finally:
+        for c in clients:
+            c.close()
     with Load(m.gateway.url, clients=CLIENTS, max_tokens=5) as load:
         load.wait_for_more(50)
     assert not failures(load.results), describe(load.results)
@@ -267,16 +277,18 @@ def test_400_storm_passes_through_no_ejection_no_retry(m):
                                             "cluster.ernie.upstream_rq_retry")}
     by_engine_before = {e.id: e.stats()["by_status"].get("400", 0) for e in m.engines}
 
+    http = httpx.Client(timeout=10, limits=httpx.Limits(max_connections=CLIENTS))  # thread-safe, one pool
+
     def bad(i: int) -> httpx.Response:
-        with httpx.Client(timeout=10) as c:
-            if i % 5 == 4:
-                return c.post(f"{m.gateway.url}/v1/chat/completions", content=b"{not json",
-                              headers={"content-type": "application/json"})
-            return c.post(f"{m.gateway.url}/v1/chat/completions", json=BAD_BODIES[i % len(BAD_BODIES)])
+        if i % 5 == 4:
+            return http.post(f"{m.gateway.url}/v1/chat/completions", content=b"{not json",
+                             headers={"content-type": "application/json"})
+        return http.post(f"{m.gateway.url}/v1/chat/completions", json=BAD_BODIES[i % len(BAD_BODIES)])
 
     n = 200
     with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
         responses = list(pool.map(bad, range(n)))
+    http.close()
     for r in responses:
         assert r.status_code == 400, r.text
         assert r.headers["content-type"].startswith("application/json")
@@ -304,7 +316,6 @@ def test_second_gateway_side_by_side_and_clean_stop(m, tmp_path):
     try:
         wait_until(lambda: sorted(gw2.endpoints()) == sorted(e.id for e in m.engines), 5, "gw2 endpoints")
         assert gw2.envoy_pid() != m.gateway.envoy_pid()
-        gateways = httpx.get(f"{m.consul.url}/v1/health/service/ernie-gateway?passing=1", timeout=5).json()
         wait_until(lambda: len(httpx.get(f"{m.consul.url}/v1/health/service/ernie-gateway?passing=1",
                                          timeout=5).json()) == 2, 10, "both gateways passing in Consul")
         gateways = httpx.get(f"{m.consul.url}/v1/health/service/ernie-gateway", timeout=5).json()
