@@ -5,6 +5,8 @@ test starts from three running, passing engines. The Consul-outage test stops Co
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import time
 
 import httpx
@@ -348,6 +350,23 @@ def _alive(pid: int | None) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+# --- Envoy dies -> the agent restarts it -----------------------------------------------------------
+
+
+def test_envoy_killed_is_restarted_by_the_agent(m):
+    old = m.gateway.envoy_pid()
+    restarts = m.gateway.metric("ernie_gateway_envoy_restarts_total")
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: m.gateway.envoy_pid() not in (None, old) and m.gateway.admin.ready(), 30,
+               "a new envoy started by the agent")
+    wait_until(m.healthy_in_envoy, 10, "the new envoy got the snapshot")
+    assert m.gateway.metric("ernie_gateway_envoy_restarts_total") == restarts + 1
+    with Load(m.gateway.url, clients=4, max_tokens=3) as load:
+        load.wait_for_more(20)
+    assert not failures(load.results), describe(load.results)
+    assert "envoy (pid %d) died" % old in m.gateway.log_tail(50000)
 
 
 # --- last: Consul stopped -> traffic continues on the last snapshot ------------------------------
