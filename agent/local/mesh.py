@@ -322,7 +322,7 @@ class Mesh:
                 state = e.verdict.state.value
                 if seen.get(iid) != state:
                     seen[iid] = state
-                    self.out.info(f"{iid}: {state} ({e.verdict.reason})")
+                    self.out.info(f"{iid}: {state}" + (f" ({e.verdict.reason})" if e.verdict.reason else ""))
                 if "crash loop" in e.verdict.reason:
                     raise StartError(f"{iid}: {e.verdict.reason}; engine log {p.log_dir / (iid + '.log')}")
             return sum(1 for e in now.values() if e.verdict.state.value == "passing") >= p.engines
