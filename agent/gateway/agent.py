@@ -18,7 +18,7 @@ from agent.catalog.base import Catalog, CatalogEntry, CatalogError, NotRegistere
 from agent.gateway.config import GATEWAY_SERVICE, GatewayConfig
 from agent.gateway.envoy import EnvoySupervisor
 from agent.gateway.metrics import GatewayMetrics
-from agent.gateway.snapshot import Snapshot, build_snapshot
+from agent.gateway.snapshot import Snapshot, build_snapshot, with_held
 from agent.gateway.xds import AdsServer
 
 log = logging.getLogger("agent.gateway")
@@ -76,6 +76,8 @@ class GatewayAgent:
         self.watch = None  # set by the caller (CatalogWatch), read for the summary
         self._lock = threading.Lock()
         self._rejected_logged: set[tuple[str, str]] = set()
+        self._last_entries: list[CatalogEntry] = []
+        self._held: frozenset[str] = frozenset()
         self._registration = registration_of(cfg)
         self._registered_verdict: Verdict | None = None
         self._next_refresh_at = 0.0
@@ -84,20 +86,47 @@ class GatewayAgent:
     # --- catalog -> snapshot -> ADS (watch thread) --------------------------------------------
 
     def on_catalog(self, entries: list[CatalogEntry], seen_at: float) -> None:
+        with self._lock:
+            self._last_entries = entries
+            self._publish(entries, seen_at)
+
+    def _in_grace(self) -> bool:
+        """Shortly after the catalog may have lost state (see CatalogWatch.discontinuity_at)."""
+        since = getattr(self.watch, "discontinuity_at", None)
+        return since is not None and self.clock() - since < self.cfg.catalog_reset_grace_s
+
+    def _publish(self, entries: list[CatalogEntry], seen_at: float) -> None:
         result = build_snapshot(entries, self.cfg.cluster)
         for r in result.rejected:
             if (r.instance_id, r.reason) not in self._rejected_logged:
                 self._rejected_logged.add((r.instance_id, r.reason))
                 log.warning("catalog entry %s left out of the snapshot: %s", r.instance_id, r.reason)
-        with self._lock:
-            previous, snap = self.snapshot, result.snapshot
-            if previous is not None and previous.version == snap.version:
-                return
-            self.snapshot = snap
+        previous, snap = self.snapshot, result.snapshot
+        held: frozenset[str] = frozenset()
+        if previous is not None and self._in_grace():
+            absent = previous.ids() - {e.instance_id for e in entries}
+            snap = with_held(snap, previous, frozenset(absent))
+            held = snap.ids() - result.snapshot.ids()
+        if held and held != self._held:
+            log.warning("catalog discontinuity (Consul restarted or back from an outage): keeping %d absent "
+                        "instance(s) up to %.0fs while they re-register: %s", len(held),
+                        self.cfg.catalog_reset_grace_s, ", ".join(sorted(held)))
+        self._held = held
+        if previous is not None and previous.version == snap.version:
+            return
+        self.snapshot = snap
         self.ads.publish(snap, changed_at=seen_at)
         self.metrics.published(snap, previous, len(result.rejected))
         log.info("snapshot %s published %.0f ms after the change was seen: %s", snap.summary(),
                  (time.monotonic() - seen_at) * 1000, snapshot_diff(previous, snap))
+
+    def _release_held(self) -> None:
+        """The grace period is over: what the catalog says now is the truth."""
+        with self._lock:
+            if self._held and not self._in_grace():
+                log.info("grace period over: %d instance(s) still absent from the catalog are removed",
+                         len(self._held))
+                self._publish(self._last_entries, self.clock())
 
     # --- xDS callbacks (ADS threads) ------------------------------------------------------------
 
@@ -115,6 +144,7 @@ class GatewayAgent:
     # --- control loop -------------------------------------------------------------------------
 
     def reconcile_once(self) -> str:
+        self._release_held()
         envoy_state = self.envoy.ensure()
         ready = envoy_state == "running" and self.envoy.admin.ready()
         self.metrics.envoy_up.set(1 if ready else 0)
@@ -128,8 +158,9 @@ class GatewayAgent:
         watch = self.watch
         consul = "consul ok" if watch is None or watch.failing_since is None else \
             f"consul unreachable ({watch.last_error.split(':')[-1].strip()})"
+        held = f" ({len(self._held)} held)" if self._held else ""
         return (f"envoy pid {self.envoy.pid} {envoy_state}{', ready' if ready else ''}; "
-                f"snapshot {snap.summary() if snap else 'none yet'}; "
+                f"snapshot {snap.summary() if snap else 'none yet'}{held}; "
                 f"xds {len(streams)} stream(s) acked {','.join(acked) or '-'}; {consul}; registration {registration}")
 
     def _keep_registered(self, verdict: Verdict) -> str:

@@ -93,6 +93,10 @@ class GatewayConfig:
     watch_min_interval_s: float = 0.05   # rate limit between two catalog reads
     watch_backoff_initial_s: float = 0.25
     watch_backoff_max_s: float = 5.0
+    # After Consul comes back from an outage or with its state lost (a restarted -dev agent),
+    # instances absent from the catalog keep their last state this long, while their engine
+    # agents re-register (critical ones are removed at once).
+    catalog_reset_grace_s: float = 15.0
     reconcile_interval_s: float = 1.0
     ttl_s: float = 10.0
     deregister_critical_after_s: float = 120.0
@@ -122,8 +126,9 @@ class GatewayConfig:
         check_positive(self, "watch_wait_s", "settle_s", "watch_backoff_initial_s", "watch_backoff_max_s",
                        "reconcile_interval_s", "ttl_s", "envoy_restart_backoff_initial_s",
                        "envoy_restart_backoff_max_s")
-        if self.watch_min_interval_s < 0 or self.envoy_drain_s < 0 or self.envoy_concurrency < 0:
-            raise ConfigError("watch_min_interval_s, envoy_drain_s and envoy_concurrency must be >= 0")
+        if min(self.watch_min_interval_s, self.envoy_drain_s, self.envoy_concurrency, self.catalog_reset_grace_s) < 0:
+            raise ConfigError("watch_min_interval_s, envoy_drain_s, envoy_concurrency and catalog_reset_grace_s "
+                              "must be >= 0")
         if self.settle_s > 1.0:
             raise ConfigError(f"settle_s is a short window (<= 1 s) to coalesce bursts, got {self.settle_s}")
         if self.ttl_s < 3 * self.reconcile_interval_s:

@@ -167,5 +167,20 @@ def build_snapshot(entries: Iterable[CatalogEntry], cluster: str) -> BuildResult
     return BuildResult(Snapshot(cluster, tuple(kept)), tuple(rejected), omitted)
 
 
+def with_held(snapshot: Snapshot, previous: Snapshot, absent_ids: frozenset[str]) -> Snapshot:
+    """`snapshot` plus the endpoints of `previous` whose instances are *absent* from the catalog
+    (not critical: absent), as they were. Used for a short while after the catalog lost its state
+    (Consul restarted empty) so that engines are not dropped before their agents re-register.
+    A held endpoint never displaces a current one (same ID or address:port)."""
+    ids = snapshot.ids()
+    addrs = {(e.address, e.port) for e in snapshot.endpoints}
+    held = [e for e in previous.endpoints
+            if e.instance_id in absent_ids and e.instance_id not in ids and (e.address, e.port) not in addrs]
+    if not held:
+        return snapshot
+    merged = sorted(snapshot.endpoints + tuple(held), key=lambda e: e.instance_id)
+    return Snapshot(snapshot.cluster, tuple(merged))
+
+
 def _node_of(kept: list[Endpoint], ep: Endpoint) -> str:
     return next((k.node for k in kept if k.instance_id == ep.instance_id), "?")

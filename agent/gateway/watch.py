@@ -3,7 +3,8 @@
 - the next query's index is the one from the reply; it resets to 0 when it goes backwards (Consul
   restarted or a snapshot restore) and is never below 1 after a reply;
 - a reply is not a change: the content is compared, and only a different content is delivered;
-- errors back off exponentially (capped) and the last delivered content stays in force;
+- errors back off exponentially (capped) and the last delivered content stays in force; the
+  first read after an error does not block (Consul may have come back with a lower index);
 - queries are rate limited (a minimum interval between two reads);
 - a change is held for a short settle window, during which a further change replaces it, so a
   burst (e.g. a rolling restart touching several instances) is delivered once.
@@ -77,6 +78,9 @@ class CatalogWatch:
         self.last_key: tuple | None = None
         self.last_success_at: float | None = None  # monotonic
         self.failing_since: float | None = None
+        # When the catalog may have lost state: the index went backwards, or the first success
+        # after an outage. The agent holds absent instances for a grace period after it.
+        self.discontinuity_at: float | None = None
         self.last_error = ""
         self.errors = 0
         self.deliveries = 0
@@ -120,11 +124,18 @@ class CatalogWatch:
     # --- one query ----------------------------------------------------------------------------
 
     def _read(self, wait_s: float) -> tuple[int, list[CatalogEntry]] | None:
+        # After an error, read without blocking: a Consul that restarted with a lower index would
+        # otherwise hold a blocking query with our (higher) index for the whole wait.
+        index = 0 if self.failing_since is not None else self.index
         try:
-            replied, entries = self.catalog.instances(self.service, self.index, wait_s if self.index else 0.0)
+            replied, entries = self.catalog.instances(self.service, index, wait_s if index else 0.0)
         except CatalogError as e:
             self._failed(e)
             return None
+        if replied < self.index:
+            self.discontinuity_at = self.clock()
+            log.warning("catalog watch of %s: index went backwards (%d -> %d): Consul restarted or "
+                        "restored; starting over", self.service, self.index, replied)
         self._succeeded()
         self.index = next_index(self.index, replied)
         return replied, entries
@@ -186,6 +197,7 @@ class CatalogWatch:
     def _succeeded(self) -> None:
         now = self.clock()
         if self.failing_since is not None:
+            self.discontinuity_at = now
             log.info("catalog watch of %s: Consul reachable again after %.1fs", self.service,
                      now - self.failing_since)
         self.failing_since = None

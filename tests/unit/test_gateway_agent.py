@@ -131,3 +131,33 @@ def test_reconcile_errors_are_survived(tmp_path, caplog):
     agent.cfg = finish(GatewayConfig(name="gw1", run_dir=str(tmp_path), reconcile_interval_s=0.01, ttl_s=1))
     agent.run()
     assert len(calls) == 2 and "reconcile failed" in caplog.text
+
+
+class FakeWatch:
+    discontinuity_at = None
+    failing_since = None
+    last_error = ""
+
+
+def test_absent_instances_are_held_for_a_grace_period_after_a_consul_reset(tmp_path):
+    agent, _catalog, _envoy, ads, clock, _m = make(tmp_path)
+    agent.watch = FakeWatch()
+    agent.on_catalog([entry("a", 8001), entry("b", 8002)], seen_at=clock())
+    # an ordinary removal (no discontinuity) is published at once
+    agent.on_catalog([entry("a", 8001)], seen_at=clock())
+    assert ads.published[-1].ids() == {"a"}
+    agent.on_catalog([entry("a", 8001), entry("b", 8002)], seen_at=clock())
+    # Consul came back empty: nothing is dropped during the grace period...
+    agent.watch.discontinuity_at = clock()
+    agent.on_catalog([], seen_at=clock())
+    assert ads.published[-1].ids() == {"a", "b"}
+    # ...an instance that says critical is removed, one that re-registered is current
+    agent.on_catalog([entry("a", 8001, CheckStatus.CRITICAL)], seen_at=clock())
+    assert ads.published[-1].ids() == {"b"}
+    clock.t += 5
+    agent.reconcile_once()
+    assert ads.published[-1].ids() == {"b"} and "(1 held)" in agent.reconcile_once()
+    # after the grace period the catalog is the truth again
+    clock.t += agent.cfg.catalog_reset_grace_s
+    assert "held" not in agent.reconcile_once()
+    assert ads.published[-1].ids() == frozenset()

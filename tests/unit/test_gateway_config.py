@@ -119,11 +119,13 @@ def test_missing_envoy_says_what_to_install(monkeypatch, capsys):
 def test_port_in_use_exits_2(capsys):
     import socket
 
+    from agent.local.ports import free_port
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert cli.main(["--name", "g", "--metrics", f"127.0.0.1:{port}"]) == 2
+        assert cli.main(["--name", "g", "--xds", f"127.0.0.1:{free_port()}", "--metrics", f"127.0.0.1:{port}"]) == 2
     assert "cannot listen on metrics" in capsys.readouterr().err
 
 

@@ -114,3 +114,16 @@ def test_diff_names_what_changed():
     assert snapshot_diff(a, b) == "a draining, -b, +c healthy"
     assert snapshot_diff(None, a) == "+a healthy, +b healthy"
     assert snapshot_diff(a, a) == "no endpoint change"
+
+
+def test_held_endpoints_fill_in_absent_instances_only():
+    from agent.gateway.snapshot import with_held
+
+    previous = build_snapshot([entry("a", 8001), entry("b", 8002, CheckStatus.WARNING), entry("c", 8003)],
+                              "ernie").snapshot
+    now = build_snapshot([entry("a", 8001, CheckStatus.WARNING), entry("d", 8003)], "ernie").snapshot
+    merged = with_held(now, previous, frozenset({"b", "c"}))
+    # a: current state wins; b: held as it was; c: its address is now d's, so not held
+    assert [(e.instance_id, e.state.value) for e in merged.endpoints] == \
+        [("a", "draining"), ("b", "draining"), ("d", "healthy")]
+    assert with_held(now, previous, frozenset()) is now

@@ -87,9 +87,12 @@ def e(iid: str, status=CheckStatus.PASSING) -> CatalogEntry:
 def test_index_goes_backwards_resets_to_zero():
     cat = ScriptedCatalog([(10, [e("a1")]), (4, [e("a1")]), (5, [e("a1")])])
     w = CatalogWatch(cat, "ernie", Recorder(), FAST)
-    w.step(); w.step(); w.step()
+    w.step()
+    assert w.discontinuity_at is None
+    w.step(); w.step()
     assert cat.asked == [0, 10, 0]  # after 4 < 10 the next query starts from 0
     assert w.index == 5
+    assert w.discontinuity_at is not None  # the agent holds absent instances for a while
 
 
 def test_errors_back_off_and_keep_the_last_content():
@@ -112,6 +115,7 @@ def test_errors_back_off_and_keep_the_last_content():
     assert len(rec.calls) == 1  # nothing delivered during the outage: the last snapshot stays
     assert w.step() is False and w.healthy  # back, same content: still nothing to deliver
     assert w.step() is True and len(rec.calls) == 2
+    assert cat.asked[:5] == [0, 3, 0, 0, 3]  # after an error the next read does not block
 
 
 def test_run_loop_backs_off_exponentially_with_a_cap():
