@@ -113,11 +113,19 @@ def run_one(name: str, opts: DrillOptions, settings, workdir: Path, stop: thread
         progress(f"[{name}] {opts.scenario}: load started ({opts.concurrency} clients, "
                  f"{opts.stream_ratio:.0%} streaming, {opts.max_tokens} tokens) for {opts.duration_s:g}s")
         last = 0.0
-        while (time.time() - load.started_at < opts.duration_s or scen.is_alive()) and not stop.is_set():
-            if failure:
+        cap = RECOVERY_WAIT_VLLM_S if settings.kind == "vllm" else RECOVERY_WAIT_SIM_S
+        scen_done_at = None
+        # The load runs for the duration, until the scenario is done, and on until every fault has been
+        # recovered from (the "serving again" check needs traffic), at most `cap` s after the scenario.
+        while not stop.is_set() and not failure:
+            now = time.time()
+            if not scen.is_alive() and scen_done_at is None:
+                scen_done_at = now
+            if (now - load.started_at >= opts.duration_s and scen_done_at is not None
+                    and (monitor.all_recovered() or now - scen_done_at > cap)):
                 break
-            if time.time() - last >= PROGRESS_EVERY_S:
-                last = time.time()
+            if now - last >= PROGRESS_EVERY_S:
+                last = now
                 s = summarize(load.snapshot(), 1)
                 progress(f"[{name} +{last - load.started_at:5.1f}s] requests {s.requests}, failed {s.failed}, "
                          f"truncated {s.truncated}, in rotation {sorted(monitor.rotation)}")
@@ -128,10 +136,6 @@ def run_one(name: str, opts: DrillOptions, settings, workdir: Path, stop: thread
         elapsed = (load.stopped_at or time.time()) - load.started_at
         if failure:
             raise RuntimeError(f"{name}: scenario {opts.scenario} failed: {failure[0]}") from failure[0]
-        cap = RECOVERY_WAIT_VLLM_S if settings.kind == "vllm" else RECOVERY_WAIT_SIM_S
-        deadline = time.time() + cap
-        while not monitor.all_recovered() and time.time() < deadline and not stop.is_set():
-            time.sleep(0.2)
         monitor.stop()
         return result_of(name, opts, load, monitor, elapsed)
     except KeyboardInterrupt:
@@ -177,6 +181,7 @@ def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monit
         "recover_s": max(recovers) if recovers and None not in recovers else None,
         "ttft_p50_ms": s.ttft_p50_ms,
         "ok_rps": s.rps,
+        "stalled": s.stalled,
         "engine": opts.engine,
         "engines": opts.engines,
         "concurrency": opts.concurrency,

@@ -25,6 +25,7 @@ import httpx
 import openai
 
 PROMPT = "Count slowly from one to one hundred."
+STALLED_FACTOR = 5.0
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class LoadSummary:
     ttft_p50_ms: float | None
     ttft_p99_ms: float | None
     rps: float
+    stalled: int = 0  # ok requests that took more than STALLED_FACTOR x the median
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -201,6 +203,8 @@ def summarize(results: list[Result], seconds: float) -> LoadSummary:
         return None if v is None else round(v, 1)
 
     ok = sum(1 for r in results if r.outcome == "ok")
+    p50 = percentile(lat, 50)
+    stalled = sum(1 for v in lat if p50 is not None and v > STALLED_FACTOR * p50)
     return LoadSummary(
         requests=len(results), ok=ok,
         failed=sum(1 for r in results if r.outcome == "failed"),
@@ -208,5 +212,6 @@ def summarize(results: list[Result], seconds: float) -> LoadSummary:
         p50_ms=rnd(percentile(lat, 50)), p99_ms=rnd(percentile(lat, 99)),
         ttft_p50_ms=rnd(percentile(ttft, 50)), ttft_p99_ms=rnd(percentile(ttft, 99)),
         rps=round(ok / seconds, 2) if seconds > 0 else 0.0,
+        stalled=stalled,
         errors=dict(sorted(errors.items(), key=lambda kv: -kv[1])),
     )

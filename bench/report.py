@@ -1,0 +1,135 @@
+"""Render bench/results/latest.json into docs/benchmarks.md (tables, machine, date, notes)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal"))
+    except (OSError, StopIteration, ValueError):
+        mem_kb = 0
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = "?"
+    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kb / 1024 / 1024, 1),
+            "kernel": platform.release(), "python": platform.python_version(), "commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "loadavg": os.getloadavg()}
+
+
+def _f(v, digits: int = 0, unit: str = "") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}{unit}"
+    return f"{v}{unit}"
+
+
+def _ratio(b, m, digits: int = 1) -> str:
+    if b is None or m is None:
+        return ""
+    if m == 0:
+        return "" if b == 0 else "∞"
+    return f"×{b / m:.{digits}f}"
+
+
+def _detect(r: dict) -> str:
+    if not r.get("engine_fault"):
+        return "n/a"
+    return "never" if r["detect_s"] is None else f"{r['detect_s']:.1f}"
+
+
+def drill_table(rows: list[dict]) -> list[str]:
+    """Mesh and baseline side by side, one block per scenario, plus a ratio line (baseline / mesh)."""
+    out = ["| scenario | system | requests | failed | truncated | stalled | p50 ms | p99 ms | TTFT p50 ms | "
+           "TTFT p99 ms | detect s | recover s |",
+           "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    by_scenario: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_scenario.setdefault(r["scenario"], {})[r["system"]] = r
+    for scenario, systems in by_scenario.items():
+        for name in ("mesh", "baseline"):
+            r = systems.get(name)
+            if r is None:
+                continue
+            out.append(f"| {scenario} | {name} | {r['requests']} | {r['failed']} | {r['truncated']} | "
+                       f"{r.get('stalled', '—')} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(r['ttft_p50_ms'])} | "
+                       f"{_f(r['ttft_p99_ms'])} | {_detect(r)} | {_f(r['recover_s'], 1)} |")
+        m, b = systems.get("mesh"), systems.get("baseline")
+        if m and b:
+            out.append(f"| {scenario} | *baseline ÷ mesh* | {_ratio(b['requests'], m['requests'], 2)} | "
+                       f"{_ratio(b['failed'], m['failed'])} | {_ratio(b['truncated'], m['truncated'])} | "
+                       f"{_ratio(b.get('stalled'), m.get('stalled'))} | {_ratio(b['p50_ms'], m['p50_ms'], 2)} | "
+                       f"{_ratio(b['p99_ms'], m['p99_ms'])} | {_ratio(b['ttft_p50_ms'], m['ttft_p50_ms'], 2)} | "
+                       f"{_ratio(b['ttft_p99_ms'], m['ttft_p99_ms'])} | "
+                       f"{'∞ (never)' if m.get('engine_fault') and b['detect_s'] is None and m['detect_s'] is not None else _ratio(b['detect_s'], m['detect_s'])} | "
+                       f"{_ratio(b['recover_s'], m['recover_s'])} |")
+    return out
+
+
+def error_notes(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        if r["errors"]:
+            errs = "; ".join(f"{n} × {e}" for e, n in r["errors"].items())
+            out.append(f"- {r['scenario']} / {r['system']}: {errs}")
+    return out
+
+
+def overhead_table(o: dict) -> list[str]:
+    out = [f"Concurrency {o['concurrency']}, {o['engines']} zero-delay simulated engines, {o['max_tokens']} tokens "
+           f"per answer, {o['seconds']:g} s per path and round, medians of {o['rounds']} rounds "
+           "(paths in rotating order).", "",
+           "| mode | path | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | throughput vs direct |",
+           "|---|---|--:|--:|--:|--:|--:|--:|"]
+    for mode in ("non-streaming", "streaming"):
+        for path in ("direct", "envoy", "nginx"):
+            m = o[mode][path]
+            extra = "| | |" if path == "direct" else (f"| {m['added_p50_ms']:+.2f} | {m['added_p99_ms']:+.2f} | "
+                                                     f"×{m['throughput_ratio']:.2f} |")
+            out.append(f"| {mode} | {path} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} {extra}")
+    return out
+
+
+def propagation_lines(p: dict) -> list[str]:
+    return [f"{p['changes']} verdict changes over {p['instances']} instances (draining → critical → passing), "
+            "each timed from the Consul write to Envoy's admin `/clusters` showing it "
+            "(`bench/propagation.py`, by the gateway engineer):", "",
+            "| p50 ms | p90 ms | p99 ms | max ms | Consul write p50 ms | agent push p50 ms (seen → Envoy ACK) |",
+            "|--:|--:|--:|--:|--:|--:|",
+            f"| {p['p50_ms']:.1f} | {p['p90_ms']:.1f} | {p['p99_ms']:.1f} | {p['max_ms']:.1f} | "
+            f"{p['consul_write_p50_ms']:.1f} | {p['agent_push_p50_ms']:.1f} |"]
+
+
+def scale_table(s: dict) -> list[str]:
+    out = ["| instances | snapshot build ms | EDS encode ms | EDS size KiB | first full snapshot in Envoy s | "
+           "change → Envoy p50 ms | p99 ms | gateway agent CPU ms/change | Envoy CPU ms/change |",
+           "|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for n, x in s.items():
+        out.append(f"| {n} | {x['build_ms']:.1f} | {x['encode_ms']:.1f} | {x['eds_bytes'] / 1024:.0f} | "
+                   f"{x['first_snapshot_s']:.2f} | {x['change_p50_ms']:.0f} | {x['change_p99_ms']:.0f} | "
+                   f"{x['agent_cpu_ms_per_change']:.0f} | {x['envoy_cpu_ms_per_change']:.0f} |")
+    return out
+
+
+def settings_line(rows: list[dict]) -> str:
+    r = rows[0]
+    return (f"{r['engines']} {'simulated' if r['engine'] == 'sim' else 'vLLM (CPU build)'} engines per system, "
+            f"{r['concurrency']} concurrent clients, {r['stream_ratio']:.0%} streaming, "
+            f"about {r['duration_s']:.0f} s of load per run, fault held {r.get('hold_s') or '—'} s.")

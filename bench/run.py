@@ -1,0 +1,127 @@
+"""`python -m bench`: run the drills and benchmarks, keep the figures in bench/results/latest.json
+and rewrite docs/benchmarks.md from them.
+
+    python -m bench                       # drills (simulated engines, both systems), overhead,
+                                          # propagation, scale
+    python -m bench --only vllm           # the kill and rolling drills with real vLLM engines
+    python -m bench --only drills --duration 30
+
+Parts not run keep their last figures (each part records its own date), so a long vLLM run and
+the simulated-engine runs can be done separately and still land in one document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench import report
+from bench.drill import DrillOptions, run_drill
+from bench.scenarios import SCENARIOS
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+PARTS = ("drills", "overhead", "propagation", "scale", "vllm")
+DEFAULT_PARTS = ("drills", "overhead", "propagation", "scale")
+VLLM_SCENARIOS = ("kill", "rolling")
+
+
+def progress(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} bench: {msg}", file=sys.stderr, flush=True)
+
+
+def load_results() -> dict:
+    try:
+        return json.loads(RESULTS.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_results(results: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+def stamp(part: dict) -> dict:
+    return {"machine": report.machine(), **part}
+
+
+def run_drills(args, engine: str) -> dict:
+    rows = []
+    stop = threading.Event()
+    names = VLLM_SCENARIOS if engine == "vllm" else tuple(SCENARIOS)
+    for name in names:
+        if engine == "vllm":
+            opts = DrillOptions(name, "both", args.vllm_engines, "vllm", args.vllm_duration, args.vllm_concurrency,
+                                0.5, args.max_tokens, request_timeout_s=300.0)
+        else:
+            opts = DrillOptions(name, "both", 3, "sim", args.duration, args.concurrency, 0.5, args.max_tokens)
+        for r in run_drill(opts, stop):
+            progress(f"{name} {r['system']}: requests {r['requests']} failed {r['failed']} truncated "
+                     f"{r['truncated']} detect {r['detect_s']} recover {r['recover_s']}")
+            rows.append(r)
+    return {"rows": rows}
+
+
+def run_propagation(workdir: Path) -> dict:
+    try:
+        from bench import propagation
+    except ImportError:
+        propagation = None
+    if propagation is not None and hasattr(propagation, "run"):
+        return propagation.run(60, 3, workdir)
+    out = subprocess.run([sys.executable, "-m", "bench.propagation", "--json"], capture_output=True, text=True,
+                         timeout=1800)
+    return json.loads(out.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help=f"comma-separated parts among {','.join(PARTS)} "
+                                  f"(default: {','.join(DEFAULT_PARTS)})")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load per drill (default 60)")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--vllm-engines", type=int, default=2, help="vLLM engines per system (default 2: 2 cores)")
+    p.add_argument("--vllm-concurrency", type=int, default=4)
+    p.add_argument("--vllm-duration", type=float, default=120.0)
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = p.parse_args(argv)
+    parts = tuple(x.strip() for x in args.only.split(",")) if args.only else DEFAULT_PARTS
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        p.error(f"unknown part(s): {', '.join(sorted(unknown))}")
+    results = load_results()
+    workdir = Path(tempfile.mkdtemp(prefix="ernie-bench-"))
+    try:
+        for part in parts:
+            progress(f"--- {part} ---")
+            if part == "drills":
+                results["drills"] = stamp(run_drills(args, "sim"))
+            elif part == "vllm":
+                results["vllm"] = stamp(run_drills(args, "vllm"))
+            elif part == "overhead":
+                from bench import overhead
+                results["overhead"] = stamp(overhead.run(workdir=workdir / "overhead"))
+            elif part == "propagation":
+                results["propagation"] = stamp(run_propagation(workdir / "propagation"))
+            elif part == "scale":
+                from bench import scale
+                results["scale"] = stamp({"sizes": scale.run(workdir=workdir / "scale")})
+            save_results(results)
+    except KeyboardInterrupt:
+        progress("interrupted: figures of the parts that finished are kept")
+        save_results(results)
+        return 130
+    if not args.no_doc:
+        from bench.document import write
+
+        write(results)
+        progress(f"wrote {report.DOC}")
+    return 0
