@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +23,7 @@ import httpx
 
 from agent.catalog.base import CatalogError, CatalogEntry
 from agent.catalog.consul import ConsulCatalog
-from agent.local.binaries import consul_binary
+from agent.local.binaries import MissingBinary, consul_binary, find_binary
 from agent.local.plan import REPO_DIR, MeshPlan
 from agent.local.ports import port_open
 from agent.local.procs import ManagedProcess, mesh_command
@@ -43,7 +43,7 @@ UI_STOP_TIMEOUT_S = 10.0
 GATEWAY_STOP_TIMEOUT_S = 30.0
 CONSUL_STOP_TIMEOUT_S = 10.0
 KILL_WAIT_S = 5.0
-PROMETHEUS_CONFIG = REPO_DIR / "deploy" / "prometheus" / "prometheus.yml"
+OPTIONAL_PARTS = ("prometheus",)  # the mesh runs without them: their death is reported, never fatal
 
 
 class Interrupted(Exception):
@@ -144,7 +144,7 @@ class Mesh:
 
     def _check_children(self) -> None:
         for name, mp in self.procs.items():
-            if not mp.alive():
+            if name not in OPTIONAL_PARTS and not mp.alive():
                 tail = "\n".join("      " + line for line in mp.log_tail(12).splitlines())
                 raise StartError(f"{name} exited with code {mp.proc.returncode} while the mesh was starting; "
                                  f"log {mp.log_path}:\n{tail}")
@@ -285,21 +285,38 @@ class Mesh:
         self._wait(lambda: http_status(p.ui_url) == 200, UI_START_TIMEOUT_S, "Chainlit UI answering")
 
     def start_prometheus(self) -> None:
+        """Optional: only with a Prometheus that has Consul service discovery (deploy/prometheus/install.sh)."""
         p = self.plan
-        binary = shutil.which("prometheus")
-        if not binary or not PROMETHEUS_CONFIG.is_file():
-            return  # optional: only when installed and configured (deploy/prometheus)
-        self.out.step(f"Prometheus on {p.prometheus_url}")
-        config = p.run_dir / "prometheus.yml"
-        config.write_text(PROMETHEUS_CONFIG.read_text().replace("127.0.0.1:8500", p.consul_address)
-                          .replace("localhost:8500", p.consul_address))
-        self._start("prometheus", [binary, f"--config.file={config}", f"--storage.tsdb.path={p.run_dir / 'prometheus'}",
-                                   f"--web.listen-address=127.0.0.1:{p.prometheus_port}"], "prometheus.log")
         try:
-            self._wait(lambda: http_status(f"{p.prometheus_url}/-/ready") == 200, PROMETHEUS_START_TIMEOUT_S,
-                       "Prometheus ready")
+            from agent.local import prometheus as prom
+
+            binary = find_binary("prometheus", "deploy/prometheus/install.sh")
+        except (ImportError, MissingBinary):
+            return
+        promtool = prom.promtool_beside(binary)
+        if promtool is None or not prom.has_consul_sd(promtool):
+            self.out.info(f"Prometheus skipped: {binary} has no Consul service discovery "
+                          "(deploy/prometheus/install.sh installs one that has)")
+            return
+        if not port_free("127.0.0.1", p.prometheus_port):
+            self.out.info(f"Prometheus skipped: port {p.prometheus_port} is in use")
+            return
+        self.out.step(f"Prometheus on {p.prometheus_url} (targets from Consul)")
+        config = prom.write_config(p.run_dir / "prometheus", p.consul_address)
+        self._start("prometheus", [binary, f"--config.file={config}",
+                                   f"--storage.tsdb.path={p.run_dir / 'prometheus' / 'data'}",
+                                   f"--web.listen-address=127.0.0.1:{p.prometheus_port}"], "prometheus.log")
+        mp = self.procs["prometheus"]
+
+        def ready() -> bool:
+            if not mp.alive():
+                raise StartError(f"exited with code {mp.proc.returncode}, log {mp.log_path}")
+            return http_status(f"{p.prometheus_url}/-/ready") == 200
+
+        try:
+            self._wait(ready, PROMETHEUS_START_TIMEOUT_S, "Prometheus ready")
         except StartError as e:
-            self.out.warn(f"Prometheus: {e} (the mesh runs without it)")
+            self.out.warn(f"Prometheus did not start ({str(e).splitlines()[0]}); the mesh runs without it")
             self._stop_one("prometheus", 5.0)
             self.procs.pop("prometheus", None)
 
@@ -440,6 +457,16 @@ class Mesh:
                       ("; no process left behind" if not survivors else f"; {len(survivors)} process(es) survived"))
         self.save("stopped", "")
         return [p.name for p in leftovers]
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _child_env() -> dict[str, str]:

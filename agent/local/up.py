@@ -7,7 +7,6 @@ import dataclasses
 import importlib.util
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import threading
 from agent.config import ConfigError
 from agent.local.binaries import MissingBinary, consul_binary
 from agent.local.defaults import has_cuda_gpu
-from agent.local.mesh import Console, Interrupted, Mesh, StartError
+from agent.local.mesh import Console, Interrupted, Mesh, StartError, port_free
 from agent.local.plan import MAX_PORT_OFFSET, MeshPlan, default_run_dir
 from agent.local.runstate import read_state
 
@@ -83,13 +82,9 @@ def count_gpus() -> int:
 def busy_port(plan: MeshPlan) -> str | None:
     """A one-line message naming the first planned port that something else already uses."""
     for host, what, port in plan.ports():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError:
-                return (f"port {port} ({what}) is already in use on {host}: stop what uses it "
-                        f"(a mesh already running? `ernie-mesh down`) or move every port with --port-offset N")
+        if not port_free(host, port):
+            return (f"port {port} ({what}) is already in use on {host}: stop what uses it "
+                    f"(a mesh already running? `ernie-mesh down`) or move every port with --port-offset N")
     return None
 
 

@@ -27,6 +27,8 @@ from agent.local.runstate import Proc, descendants, proc_identity, read_state
 
 HEALTHY_TIMEOUT_S = 900.0      # two CPU vLLM engines on a loaded 2-core machine
 STOP_TIMEOUT_S = 300.0
+# Short answers in the UI: CPU engines on a shared 2-core machine make ~5-20 tokens/s.
+UI_MAX_TOKENS = "48"
 OFFSETS = (20000, 22000, 24000, 26000, 28000, 30000, 32000)
 
 
@@ -68,8 +70,9 @@ class UpRun:
         self.stderr_path = self.run_dir / "up.stderr"
         self._stderr = open(self.stderr_path, "ab")
         self.started_at = time.monotonic()
+        env = {**os.environ, "ERNIE_MESH_MAX_TOKENS": UI_MAX_TOKENS}  # up passes it on to the UI
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, cwd=str(Path(__file__).resolve().parents[2]))
+                                     start_new_session=True, env=env, cwd=str(Path(__file__).resolve().parents[2]))
         self.events: queue.Queue = queue.Queue()
         self.healthy: dict | None = None
         self.healthy_after_s: float | None = None

@@ -14,7 +14,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-dev-shm-usage", "--window-size=1280,1000")
 SERVED_BY = "served by instance"
 ASSISTANT = '[data-step-type="assistant_message"] .message-content'
-POLL_S = 0.05
+POLL_S = 0.2  # each poll runs JavaScript in the page: keep the browser's CPU use low
 
 
 def find_browser() -> tuple[str, str] | None:
