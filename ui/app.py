@@ -179,6 +179,7 @@ async def answer(history: list[dict], msg: cl.Message) -> Answer:
     model = await model_info()
     max_tokens = min(MAX_TOKENS, max(model.context_tokens // 2, 16))
     messages = fit_history(history, model.context_tokens, max_tokens)
+    log.info("sending %d message(s) of conversation to %s (model %s)", len(messages), API_URL, model.name)
     last_error: ChatError | None = None
     for attempt in range(ATTEMPTS_BEFORE_FIRST_TOKEN):
         if attempt:

@@ -54,6 +54,8 @@ def test_conversation_continues_when_the_serving_instance_dies(vllm_mesh, page, 
     assert "⚠" not in reply.text, reply.text
     assert body_of(reply.text), reply.text
     assert reply.instance in vllm_mesh.healthy["instances"] and reply.instance != victim, reply.text
+    # the other instance got the whole conversation: question, answer, question
+    assert "sending 3 message(s) of conversation" in (vllm_mesh.plan.log_dir / "ui.log").read_text()
     seen["killed"] = victim
 
 
