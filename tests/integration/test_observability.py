@@ -345,8 +345,6 @@ def test_every_dashboard_and_rule_query_returns_data(mesh):
 def test_per_instance_gateway_queries_return_data(mesh):
     queries = [(what, expr) for what, expr in all_queries() if PER_ENDPOINT in expr]
     assert queries, "the dashboard shows requests and errors per instance as the gateways see them"
-    if not per_endpoint_stats_enabled():
-        pytest.xfail("envoy/bootstrap.yaml does not set track_cluster_stats.per_endpoint_stats on the engine "
-                     "cluster: Envoy exports no per-instance request/error counters")
+    assert per_endpoint_stats_enabled(), "envoy/bootstrap.yaml must keep track_cluster_stats.per_endpoint_stats"
     with_traffic(mesh)
     assert_all_return_data(mesh.prom, queries)
