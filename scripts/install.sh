@@ -25,7 +25,7 @@ stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
 fingerprint() { cat pyproject.toml scripts/install.sh "$@" 2>/dev/null | sha256sum | cut -c1-16; }
 
 # pip, minus the noise of this machine's pip.conf (missing local index folders).
-pip_in() { local venv=$1; shift; "$venv/bin/pip" "$@" 2>&1 | grep -v '^WARNING: Location' >&2; return "${PIPESTATUS[0]}"; }
+pip_in() { local venv=$1; shift; "$venv/bin/pip" "$@" 2>&1 | { grep -v '^WARNING: Location' || true; } >&2; }
 
 have_cuda_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; }
 
