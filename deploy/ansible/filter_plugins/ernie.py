@@ -1,0 +1,65 @@
+# ernie-mesh: turn the inventory's engine list into engine.toml [[engines]] tables.
+"""Filter `ernie_engine_tables(engines, flavor, host_address, cpu_args)`.
+
+An inventory engine item: {port, kind (vllm|simulated|attach), model, served_model_name,
+max_model_len, host, gpus: [0, 1], args: [...], env: {...}, shutdown_timeout_s, url}.
+- `gpus` becomes CUDA_VISIBLE_DEVICES (and --tensor-parallel-size N for N > 1 GPUs);
+- on a CPU host (flavor cpu) a vLLM engine without `args` gets the CPU build's flags;
+- supervised engines listen on the host's address by default, so gateways can reach them.
+"""
+
+from __future__ import annotations
+
+from ansible.errors import AnsibleFilterError
+
+KEYS = ("port", "kind", "url", "model", "served_model_name", "max_model_len", "host", "args", "env",
+        "shutdown_timeout_s", "log_file")
+
+
+def ernie_engine_tables(engines, flavor="gpu", host_address="0.0.0.0", cpu_args=()):
+    if not isinstance(engines, list) or not engines:
+        raise AnsibleFilterError("ernie_engines must be a non-empty list of engines (see docs/deploy.md)")
+    out = []
+    for i, item in enumerate(engines):
+        if not isinstance(item, dict):
+            raise AnsibleFilterError(f"ernie_engines[{i}] must be a mapping, got {item!r}")
+        unknown = set(item) - set(KEYS) - {"gpus"}
+        if unknown:
+            raise AnsibleFilterError(f"ernie_engines[{i}]: unknown key(s) {', '.join(sorted(unknown))}")
+        e = {k: item[k] for k in KEYS if k in item and item[k] not in (None, "")}
+        kind = e.setdefault("kind", "attach" if e.get("url") else "vllm")
+        if kind != "attach":
+            e.setdefault("host", host_address)
+        elif "port" not in e:
+            hostport = str(e.get("url", "")).split("://", 1)[-1].split("/", 1)[0]
+            port = hostport.rpartition(":")[2]
+            if not port.isdigit():
+                raise AnsibleFilterError(f"ernie_engines[{i}]: attach url needs a port, got {e.get('url')!r}")
+            e["port"] = int(port)
+        env = {str(k): str(v) for k, v in (e.get("env") or {}).items()}
+        args = [str(a) for a in (e.get("args") or [])]
+        gpus = item.get("gpus")
+        if kind == "vllm" and gpus:
+            gpus = [str(g) for g in (gpus if isinstance(gpus, list) else [gpus])]
+            env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(gpus))
+            if len(gpus) > 1 and not any(a.startswith(("--tensor-parallel-size", "-tp")) for a in args):
+                args += ["--tensor-parallel-size", str(len(gpus))]
+        if kind == "vllm" and flavor == "cpu" and "args" not in item:
+            args = [str(a) for a in cpu_args]
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        e.pop("args", None)
+        e.pop("env", None)
+        if args:
+            e["args"] = args
+        if env:
+            e["env"] = env
+        out.append(e)
+    ports = [e.get("port") or e.get("url") for e in out]
+    if len(set(map(str, ports))) != len(ports):
+        raise AnsibleFilterError("ernie_engines: two engines share a port")
+    return out
+
+
+class FilterModule:
+    def filters(self):
+        return {"ernie_engine_tables": ernie_engine_tables}
