@@ -49,6 +49,7 @@ class Result:
     tokens: int = 0
     finish_reason: str | None = None
     error: str = ""
+    kind: str = ""                    # short category of a not-ok outcome (for counting)
 
     @property
     def ended(self) -> float:
@@ -61,6 +62,10 @@ def _classify_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:160]}"
 
 
+def _kind(e: BaseException) -> str:
+    return f"HTTP {e.status_code}" if isinstance(e, openai.APIStatusError) else type(e).__name__
+
+
 def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
     messages = [{"role": "user", "content": cfg.prompt}]
     extra = {"ignore_eos": True}
@@ -70,13 +75,15 @@ def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
             r = client.chat.completions.create(model=cfg.model, messages=messages, max_tokens=cfg.max_tokens,
                                                temperature=0, extra_body=extra)
         except Exception as e:  # noqa: BLE001 - every client-visible error is an outcome to count
-            return Result(t0_wall, time.perf_counter() - t0, False, "failed", error=_classify_error(e))
+            return Result(t0_wall, time.perf_counter() - t0, False, "failed", error=_classify_error(e),
+                          kind=_kind(e))
         latency = time.perf_counter() - t0
         finish = r.choices[0].finish_reason if r.choices else None
         tokens = r.usage.completion_tokens if r.usage else 0
         full = finish == "length" and tokens >= cfg.max_tokens
         return Result(t0_wall, latency, False, "ok" if full else "truncated", tokens=tokens, finish_reason=finish,
-                      error="" if full else f"finish_reason={finish} tokens={tokens}")
+                      error="" if full else f"finish_reason={finish} tokens={tokens}",
+                      kind="" if full else f"finish_reason {finish}")
     ttft = None
     finish = None
     usage_tokens = None
@@ -100,14 +107,15 @@ def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
         latency = time.perf_counter() - t0
         outcome = "truncated" if chunks else "failed"
         return Result(t0_wall, latency, True, outcome, ttft_s=ttft, tokens=chunks, finish_reason=finish,
-                      error=_classify_error(e))
+                      error=_classify_error(e), kind=("stream cut: " if chunks else "") + _kind(e))
     latency = time.perf_counter() - t0
     tokens = usage_tokens if usage_tokens is not None else chunks
     full = finish == "length" and usage_tokens is not None and usage_tokens >= cfg.max_tokens
     return Result(t0_wall, latency, True, "ok" if full else "truncated", ttft_s=ttft, tokens=tokens,
                   finish_reason=finish,
                   error="" if full else f"stream ended: finish_reason={finish} usage_tokens={usage_tokens} "
-                                        f"content_chunks={chunks}")
+                                        f"content_chunks={chunks}",
+                  kind="" if full else f"stream ended, finish_reason {finish}")
 
 
 class LoadGenerator:
@@ -196,7 +204,7 @@ def summarize(results: list[Result], seconds: float) -> LoadSummary:
     errors: dict[str, int] = {}
     for r in results:
         if r.outcome != "ok":
-            key = f"{r.outcome}: {r.error.split(':')[0] if r.error else '?'}"
+            key = f"{r.outcome}: {r.kind or '?'}"
             errors[key] = errors.get(key, 0) + 1
 
     def rnd(v: float | None) -> float | None:

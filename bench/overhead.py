@@ -1,14 +1,16 @@
 """Proxy overhead: the same zero-delay simulated engines reached directly, through the gateway's
 Envoy and through the baseline's nginx, at a fixed concurrency.
 
-    python -m bench.overhead [--concurrency 16] [--seconds 8] [--rounds 3] [--json]
+    python -m bench.overhead [--concurrency 16] [--seconds 6] [--rounds 5] [--json]
 
 Three simulated engines (token delay 0: the engine answers as fast as it can), registered in a
 Consul dev agent as passing (no engine agent: no canary traffic), one gateway agent with Envoy,
 and the baseline's nginx (bench/baseline) over the same ports. A light asyncio httpx client
 (one process, keep-alive) sends non-streaming and streaming chat completions; "direct" spreads
 requests round-robin over the engines itself. Paths are measured in rotating order for several
-rounds; figures are medians over rounds (the machine is shared and noisy).
+rounds; figures are medians over rounds (the machine is shared and noisy). The proxy's CPU time
+per request (Envoy's process; nginx's master and workers) is measured too: it depends much less
+on what else the machine is doing than latency does.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from agent.catalog.base import Registration, Verdict, VerdictState
 from agent.catalog.consul import ConsulCatalog
@@ -50,7 +53,8 @@ def body(stream: bool) -> dict:
             "ignore_eos": True, "stream": stream}
 
 
-async def measure(urls: list[str], concurrency: int, seconds: float, stream: bool) -> dict:
+async def measure(urls: list[str], concurrency: int, seconds: float, stream: bool,
+                  procs: list[psutil.Process] = ()) -> dict:
     """Closed loop: `concurrency` tasks, each one request after the other, for `seconds`."""
     lat: list[float] = []
     errors = 0
@@ -86,12 +90,28 @@ async def measure(urls: list[str], concurrency: int, seconds: float, stream: boo
         await asyncio.gather(*(worker(end, False) for _ in range(concurrency)))
         lat.clear()
         errors = 0
+        cpu0 = cpu_s(procs)
         t0 = time.perf_counter()
         end = t0 + seconds
         await asyncio.gather(*(worker(end, True) for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
+        cpu = cpu_s(procs) - cpu0
+    # the proxy's CPU per request is far less sensitive to a shared machine than latency
     return {"requests": len(lat), "errors": errors, "rps": len(lat) / elapsed,
-            "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000}
+            "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
+            "proxy_cpu_ms_per_req": cpu / max(len(lat), 1) * 1000}
+
+
+def cpu_s(procs: list[psutil.Process]) -> float:
+    """User + system CPU seconds of the processes (the warm-up is included; it is short)."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 class Rig:
@@ -136,6 +156,19 @@ class Rig:
         wait_until(envoy_ready, 60, interval_s=0.2, what="Envoy with every engine")
         self.nginx.start()
 
+    def proxy_processes(self, path: str) -> list[psutil.Process]:
+        """The processes doing the proxy's work (Envoy; nginx master and workers); none for direct."""
+        try:
+            if path == "envoy":
+                pid = json.loads((self.workdir / "gateway" / "envoy.json").read_text())["pid"]
+                return [psutil.Process(pid)]
+            if path == "nginx":
+                master = psutil.Process(self.nginx.proc.pid)
+                return [master, *master.children(recursive=True)]
+        except (OSError, ValueError, KeyError, psutil.Error):
+            pass
+        return []
+
     def stop(self) -> None:
         if self.gateway is not None:
             self.gateway.stop(30)
@@ -145,7 +178,7 @@ class Rig:
             e.stop()
 
 
-def run(concurrency: int = 16, seconds: float = 8.0, rounds: int = 3, workdir: Path | None = None) -> dict:
+def run(concurrency: int = 16, seconds: float = 6.0, rounds: int = 5, workdir: Path | None = None) -> dict:
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ernie-bench-overhead-"))
     rig = Rig(workdir)
     try:
@@ -157,11 +190,14 @@ def run(concurrency: int = 16, seconds: float = 8.0, rounds: int = 3, workdir: P
             for rnd in range(rounds):
                 order = PATHS[rnd % 3:] + PATHS[:rnd % 3]
                 for path in order:
-                    r = asyncio.run(measure(rig.urls[path], concurrency, seconds, mode == "streaming"))
+                    r = asyncio.run(measure(rig.urls[path], concurrency, seconds, mode == "streaming",
+                                            rig.proxy_processes(path)))
                     per_path[path].append(r)
                     progress(f"{mode} round {rnd + 1}/{rounds} {path:<6}: {r['rps']:7.1f} req/s  "
-                             f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}")
-            med = {p: {k: statistics.median(x[k] for x in per_path[p]) for k in ("rps", "p50_ms", "p99_ms")}
+                             f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  proxy CPU "
+                             f"{r['proxy_cpu_ms_per_req']:.3f} ms/req  errors {r['errors']}")
+            med = {p: {k: statistics.median(x[k] for x in per_path[p])
+                       for k in ("rps", "p50_ms", "p99_ms", "proxy_cpu_ms_per_req")}
                    | {"errors": sum(x["errors"] for x in per_path[p])} for p in PATHS}
             for proxy in ("envoy", "nginx"):
                 med[proxy]["added_p50_ms"] = med[proxy]["p50_ms"] - med["direct"]["p50_ms"]
@@ -176,8 +212,8 @@ def run(concurrency: int = 16, seconds: float = 8.0, rounds: int = 3, workdir: P
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=8.0, help="per path and round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=6.0, help="per path and round")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     r = run(args.concurrency, args.seconds, args.rounds)
@@ -190,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             m = r[mode][path]
             extra = "" if path == "direct" else (f"  added p50 {m['added_p50_ms']:+.2f} ms  p99 "
                                                  f"{m['added_p99_ms']:+.2f} ms  throughput x{m['throughput_ratio']:.2f}")
-            print(f"  {path:<6} {m['rps']:7.1f} req/s  p50 {m['p50_ms']:6.2f} ms  p99 {m['p99_ms']:6.2f} ms{extra}")
+            print(f"  {path:<6} {m['rps']:7.1f} req/s  p50 {m['p50_ms']:6.2f} ms  p99 {m['p99_ms']:6.2f} ms  "
+                  f"proxy CPU {m['proxy_cpu_ms_per_req']:.3f} ms/req{extra}")
     return 0
 
 

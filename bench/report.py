@@ -96,14 +96,16 @@ def overhead_table(o: dict) -> list[str]:
     out = [f"Concurrency {o['concurrency']}, {o['engines']} zero-delay simulated engines, {o['max_tokens']} tokens "
            f"per answer, {o['seconds']:g} s per path and round, medians of {o['rounds']} rounds "
            "(paths in rotating order).", "",
-           "| mode | path | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | throughput vs direct |",
-           "|---|---|--:|--:|--:|--:|--:|--:|"]
+           "| mode | path | req/s | p50 ms | p99 ms | proxy CPU ms/request | added p50 ms | added p99 ms | "
+           "throughput vs direct |",
+           "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for mode in ("non-streaming", "streaming"):
         for path in ("direct", "envoy", "nginx"):
             m = o[mode][path]
             extra = "| | |" if path == "direct" else (f"| {m['added_p50_ms']:+.2f} | {m['added_p99_ms']:+.2f} | "
                                                      f"×{m['throughput_ratio']:.2f} |")
-            out.append(f"| {mode} | {path} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} {extra}")
+            cpu = "—" if path == "direct" else f"{m.get('proxy_cpu_ms_per_req', 0):.3f}"
+            out.append(f"| {mode} | {path} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {cpu} {extra}")
     return out
 
 
@@ -118,12 +120,17 @@ def propagation_lines(p: dict) -> list[str]:
 
 
 def scale_table(s: dict) -> list[str]:
-    out = ["| instances | snapshot build ms | EDS encode ms | EDS size KiB | first full snapshot in Envoy s | "
-           "change → Envoy p50 ms | p99 ms | gateway agent CPU ms/change | Envoy CPU ms/change |",
-           "|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    out = ["| instances | snapshot build ms | EDS encode ms | EDS size KiB | Consul read ms | "
+           "first full snapshot in Envoy s | change → Envoy p50 ms | p99 ms | agent push ms (seen → ACK) | "
+           "gateway agent CPU ms/change | Envoy CPU ms/change |",
+           "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for n, x in s.items():
+        read = x.get("consul_read_ms")
+        push = x.get("agent_push_mean_ms")
         out.append(f"| {n} | {x['build_ms']:.1f} | {x['encode_ms']:.1f} | {x['eds_bytes'] / 1024:.0f} | "
+                   f"{'—' if read is None else f'{read:.0f}'} | "
                    f"{x['first_snapshot_s']:.2f} | {x['change_p50_ms']:.0f} | {x['change_p99_ms']:.0f} | "
+                   f"{'—' if push is None else f'{push:.0f}'} | "
                    f"{x['agent_cpu_ms_per_change']:.0f} | {x['envoy_cpu_ms_per_change']:.0f} |")
     return out
 

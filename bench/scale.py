@@ -112,6 +112,11 @@ def live(n: int, changes: int, workdir: Path) -> dict:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(register, range(n)))
         progress(f"{n} instances registered in {time.perf_counter() - t:.1f}s")
+        reads = []
+        for _ in range(5):
+            t = time.perf_counter()
+            catalog.instances(SERVICE)  # what the gateway's watch does on every change
+            reads.append(time.perf_counter() - t)
         listen, admin_port, xds, metrics_port = free_ports(4)
         admin = f"http://127.0.0.1:{admin_port}"
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -154,6 +159,7 @@ def live(n: int, changes: int, workdir: Path) -> dict:
         push_sum, push_count = _push_hist(metrics_url)
         pushes = push_count - push_count0
         return {
+            "consul_read_ms": statistics.median(reads) * 1000,
             "first_snapshot_s": first_s,
             "change_p50_ms": percentile(durations, 50) * 1000,
             "change_p99_ms": percentile(durations, 99) * 1000,
