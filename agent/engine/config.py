@@ -84,7 +84,7 @@ class EngineAgentConfig:
     stall_after_s: float = 8.0
     startup_timeout_s: float = 900.0
     ttl_s: float = 10.0
-    deregister_critical_after_s: float = 120.0
+    deregister_critical_after_s: float = 1800.0
     drain_deadline_s: float = 300.0
     drain_settle_s: float = 1.0
     restart_backoff_initial_s: float = 1.0

@@ -40,11 +40,12 @@ class CanaryState:
     last_error: str = ""
     last_latency_s: float | None = None
     progress_during_failure: bool = False
+    others_in_flight: int = 0
     generation: int = 0  # the engine start this state belongs to
 
     def facts(self) -> CanaryFacts:
         return CanaryFacts(self.ever_succeeded, self.last_ok, self.last_error, self.last_latency_s,
-                           self.progress_during_failure)
+                           self.progress_during_failure, self.others_in_flight)
 
 
 class InstanceController:
@@ -77,6 +78,7 @@ class InstanceController:
         self.draining = False
         self.drained = False
         self._drain_task: asyncio.Task | None = None
+        self._abandoned_canaries = 0
         self.wake = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -99,14 +101,13 @@ class InstanceController:
         """Seconds that requests have been running without a single new token (0 when idle/progressing)."""
         if load is None:
             return 0.0
-        progressed = self._last_tokens is None or load.generation_tokens > self._last_tokens
-        self._last_tokens = load.generation_tokens
+        progressed = self._last_tokens is None or load.tokens_processed > self._last_tokens
+        self._last_tokens = load.tokens_processed
+        if load.running + load.waiting == 0:
+            self._abandoned_canaries = 0
         if progressed or load.running + load.waiting == 0:
             self._last_progress_s = now
             return 0.0
-        if load.running == 0:
-            # only waiting requests: the scheduler may legitimately be waiting for memory; still no progress
-            pass
         return now - self._last_progress_s
 
     async def collect(self) -> Facts:
@@ -265,11 +266,16 @@ class InstanceController:
         before = await self.probe.load(self.cfg.health_timeout_s)
         res = await self.probe.canary(self.served_model_name(), self.cfg.canary_prompt, self.cfg.canary_timeout_s)
         self.metrics.probe_duration.labels(self.id, "canary").observe(res.latency_s)
-        progress = False
+        progress, others = False, 0
         if not res.ok:
             self.metrics.canary_failures.labels(self.id).inc()
             after = await self.probe.load(self.cfg.health_timeout_s)
-            progress = bool(before and after and after.generation_tokens > before.generation_tokens)
+            progress = bool(before and after and after.tokens_processed > before.tokens_processed)
+            # Canaries we gave up on may still be counted by the engine until it gets to abort them.
+            others = max(int(before.running + before.waiting) - self._abandoned_canaries, 0) if before else 0
+            self._abandoned_canaries += 1
+        else:
+            self._abandoned_canaries = 0
         if generation != self._engine_generation():
             return  # the engine restarted meanwhile: this result is about a process that is gone
         changed = self.canary.last_ok != res.ok
@@ -280,6 +286,7 @@ class InstanceController:
             last_error=res.error,
             last_latency_s=res.latency_s,
             progress_during_failure=progress,
+            others_in_flight=others,
             generation=generation,
         )
         if changed:

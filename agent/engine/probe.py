@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 GENERATION_TOKENS = "vllm:generation_tokens_total"
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
 KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
 
 
@@ -20,6 +21,12 @@ class EngineLoad:
     waiting: float
     generation_tokens: float
     kv_cache_usage: float | None = None
+    prompt_tokens: float = 0.0
+
+    @property
+    def tokens_processed(self) -> float:
+        """Prefill and decode work done so far: grows whenever the engine makes progress."""
+        return self.prompt_tokens + self.generation_tokens
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ def parse_load(text: str) -> EngineLoad | None:
     try:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name in (RUNNING, WAITING, GENERATION_TOKENS, KV_CACHE_USAGE):
+                if s.name in (RUNNING, WAITING, GENERATION_TOKENS, PROMPT_TOKENS, KV_CACHE_USAGE):
                     sums[s.name] = sums.get(s.name, 0.0) + float(s.value)
                     seen.add(s.name)
     except ValueError:
@@ -133,4 +140,5 @@ def parse_load(text: str) -> EngineLoad | None:
         waiting=sums.get(WAITING, 0.0),
         generation_tokens=sums[GENERATION_TOKENS],
         kv_cache_usage=sums.get(KV_CACHE_USAGE),
+        prompt_tokens=sums.get(PROMPT_TOKENS, 0.0),
     )

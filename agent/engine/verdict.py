@@ -27,7 +27,8 @@ class CanaryFacts:
     last_ok: bool | None = None  # None: none finished since (re)start
     last_error: str = ""
     last_latency_s: float | None = None
-    progress_during_failure: bool = False  # tokens were produced while the failed canary waited
+    progress_during_failure: bool = False  # tokens (prompt or generated) were processed while it waited
+    others_in_flight: int = 0  # other requests running or waiting when it failed (it queued behind them)
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,11 @@ def decide(f: Facts, p: Policy) -> Verdict:
     if f.stalled_for_s >= p.stall_after_s:
         return Verdict(crit, f"stuck: {f.running or 0:.0f} requests running but no token generated for "
                              f"{f.stalled_for_s:.0f}s")
-    if f.canary.last_ok is False and not f.canary.progress_during_failure:
+    if f.canary.last_ok is False and not f.canary.progress_during_failure and not f.canary.others_in_flight:
+        # Nothing else to do and still no token: the engine is hung, whatever /health says.
         return Verdict(crit, f"hung: canary generation failed ({f.canary.last_error}) and no tokens produced "
                              f"meanwhile, although /health answers")
     if f.canary.last_ok is False:
-        return Verdict(VerdictState.PASSING, "busy: canary missed its deadline but tokens keep flowing")
+        # Busy (e.g. a long prefill ahead of the canary): the progress watchdog above decides.
+        return Verdict(VerdictState.PASSING, "busy: canary missed its deadline behind other requests")
     return Verdict(VerdictState.PASSING, "canary generation ok")

@@ -126,7 +126,6 @@ class SimEngine:
                             held=self._fault.mode is FaultMode.HANG_AFTER_HEADERS)
         self._requests_total += 1
         self._waiting.add(req)
-        self.metrics.prompt_tokens.inc(params.prompt_tokens)
         if self._shutting_down:
             req.abort_reason = "shutdown"
         return req
@@ -170,6 +169,9 @@ class SimEngine:
             await req.sleep(remaining_s)
         now_s = loop.time()
         if req.last_token_s is None:
+            # Like vLLM: the prompt counts as processed when its prefill is done (the first token),
+            # so a hung engine shows no progress at all.
+            self.metrics.prompt_tokens.inc(req.params.prompt_tokens)
             self.metrics.ttft_s.observe(now_s - req.started_s)
         else:
             self.metrics.itl_s.observe(now_s - req.last_token_s)

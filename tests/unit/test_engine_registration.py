@@ -39,7 +39,7 @@ def test_payload_has_stable_id_meta_tags_and_ttl_check():
     assert reg.meta["zone"] == "rack-2"
     assert reg.meta["agent_url"] == "http://10.0.0.7:9100"
     assert "zone=rack-2" in reg.tags and "model=/models/ernie" in reg.tags
-    assert reg.ttl_s == 10.0 and reg.deregister_critical_after_s == 120.0
+    assert reg.ttl_s == 10.0 and reg.deregister_critical_after_s == 1800.0
 
 
 def test_engine_listening_everywhere_is_registered_on_the_advertised_address():

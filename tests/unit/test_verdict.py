@@ -58,6 +58,14 @@ def test_busy_engine_whose_canary_is_late_but_tokens_flow_stays_passing():
     assert decide(f, POLICY).state is VerdictState.PASSING
 
 
+def test_canary_late_behind_other_requests_defers_to_the_progress_watchdog():
+    late = CanaryFacts(ever_succeeded=True, last_ok=False, last_error="no token within 3s", others_in_flight=3)
+    v = decide(replace(HEALTHY, canary=late, stalled_for_s=3.0), POLICY)
+    assert v.state is VerdictState.PASSING and v.reason.startswith("busy:")
+    v = decide(replace(HEALTHY, canary=late, stalled_for_s=8.5, running=3), POLICY)
+    assert v.state is VerdictState.CRITICAL and v.reason.startswith("stuck:")
+
+
 def test_progress_watchdog():
     assert decide(replace(HEALTHY, stalled_for_s=7.9), POLICY).state is VerdictState.PASSING
     v = decide(replace(HEALTHY, stalled_for_s=9.0, running=3), POLICY)
