@@ -51,6 +51,9 @@ _STATUS_OF_STATE = {
 }
 
 
+REGISTERED_NO_VERDICT_YET = "registered; the engine agent's first verdict is on its way"
+
+
 @dataclass(frozen=True)
 class Verdict:
     state: VerdictState
@@ -66,7 +69,13 @@ class Verdict:
 
     @classmethod
     def from_note(cls, status: str, note: str) -> "Verdict":
-        """Rebuild a verdict from a check's status and output (what readers of the catalog see)."""
+        """Rebuild a verdict from a check's status and output (what readers of the catalog see).
+
+        A check the engine agent has just registered has no output until its first verdict lands
+        (a moment later): that instance is starting, not failed.
+        """
+        if not note and status == CheckStatus.CRITICAL.value:
+            return cls(VerdictState.STARTING, REGISTERED_NO_VERDICT_YET)
         head, _, reason = (note or "").partition(": ")
         try:
             state = VerdictState(head.strip())

@@ -106,3 +106,9 @@ def test_note_round_trips_through_the_catalog(state):
 def test_foreign_note_falls_back_on_status():
     assert Verdict.from_note("critical", "Agent not live or unreachable").state is VerdictState.CRITICAL
     assert Verdict.from_note("passing", "").state is VerdictState.PASSING
+
+
+def test_a_check_without_output_yet_is_starting_not_failed():
+    # Between registration and the first TTL update the check is critical with no output.
+    v = Verdict.from_note("critical", "")
+    assert v.state is VerdictState.STARTING and v.check_status is CheckStatus.CRITICAL, v
