@@ -23,7 +23,7 @@ KILL_CUT_WINDOW_S = 3.0
 
 def drill(tmp_path, scenario: str, system: str = "mesh", **kw) -> list[dict]:
     opts = DrillOptions(scenario, system=system, engines=3, engine="sim", concurrency=CONCURRENCY,
-                        duration_s=kw.pop("duration_s", 12.0), **kw)
+                        duration_s=kw.pop("duration_s", 10.0), **kw)
     results = run_drill(opts, workdir=tmp_path)
     assert [r["system"] for r in results] == opts.systems()
     for r in results:
@@ -36,7 +36,7 @@ def only_mesh(results: list[dict]) -> dict:
 
 
 def test_kill_fails_nothing_and_cuts_only_streams_in_flight_on_the_killed_engine(tmp_path):
-    r = only_mesh(drill(tmp_path, "kill", stream_ratio=0.5, hold_s=4.0))
+    r = only_mesh(drill(tmp_path, "kill", stream_ratio=0.5, hold_s=3.0))
     assert r["failed"] == 0, r["not_ok"]
     [kill] = r["events"]
     for bad in r["not_ok"]:
@@ -48,19 +48,19 @@ def test_kill_fails_nothing_and_cuts_only_streams_in_flight_on_the_killed_engine
 
 def test_hang_loses_nothing(tmp_path):
     # held long enough for the engine agent's canary to catch it, shorter than the client timeout
-    r = only_mesh(drill(tmp_path, "hang", duration_s=15.0, hold_s=6.0))
+    r = only_mesh(drill(tmp_path, "hang", duration_s=14.0, hold_s=6.0))
     assert (r["failed"], r["truncated"]) == (0, 0), r["not_ok"]
 
 
 def test_rolling_restart_loses_nothing(tmp_path):
-    r = only_mesh(drill(tmp_path, "rolling", duration_s=8.0))
+    r = only_mesh(drill(tmp_path, "rolling", duration_s=6.0))
     assert (r["failed"], r["truncated"]) == (0, 0), r["not_ok"]
     assert len(r["events"]) == 3 and all(e["recover_s"] is not None for e in r["events"]), r["events"]
 
 
 @pytest.mark.parametrize("scenario", ["slow", "consul-restart", "gateway-restart"])
 def test_other_scenarios_complete(tmp_path, scenario):
-    r = only_mesh(drill(tmp_path, scenario, hold_s=4.0))
+    r = only_mesh(drill(tmp_path, scenario, hold_s=3.0))
     assert r["recover_s"] is not None, r["events"]
 
 

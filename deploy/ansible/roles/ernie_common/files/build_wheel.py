@@ -67,8 +67,23 @@ def build_wheel(src: Path, out: Path) -> Path:
         return target
 
 
+def requirements_key(wheel: Path) -> str:
+    """What the wheel asks of its dependencies (Requires-Dist + Requires-Python + this Python)."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = [line for line in z.read(meta).decode().splitlines() if line.startswith(("Requires-", "Provides-Extra"))]
+    lines.append(f"{sys.implementation.cache_tag} {sys.platform}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def fill_wheelhouse(wheel: Path, wheelhouse: Path) -> None:
     wheelhouse.mkdir(parents=True, exist_ok=True)
+    stamp = wheelhouse / ".requirements.sha256"
+    key = requirements_key(wheel)
+    if stamp.exists() and stamp.read_text().strip() == key and wheelhouse.with_suffix(".tar").exists():
+        return  # same requirements as the last fill: nothing to resolve
     common = ("wheel", "-q", "-w", str(wheelhouse), "--find-links", str(wheelhouse), str(wheel))
     r = pip(*common[:1], "--no-index", *common[1:])
     if r.returncode != 0:  # something is missing: fetch it from the index
@@ -78,6 +93,8 @@ def fill_wheelhouse(wheel: Path, wheelhouse: Path) -> None:
     # The wheelhouse holds the dependencies only; the ernie-mesh wheel travels on its own.
     for own in wheelhouse.glob("ernie_mesh-*.whl"):
         own.unlink()
+    pack(wheelhouse)
+    stamp.write_text(key + "\n")
 
 
 def pack(wheelhouse: Path) -> Path:
@@ -115,7 +132,7 @@ def main() -> None:
     if args.wheelhouse:
         wh = Path(args.wheelhouse).resolve()
         fill_wheelhouse(wheel, wh)
-        tar = pack(wh)
+        tar = wh.with_suffix(".tar")
         out.update(wheelhouse=str(wh), wheelhouse_tar=str(tar), wheelhouse_sha256=sha256(tar))
     print(json.dumps(out))
 
