@@ -266,6 +266,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM stops a run like Ctrl-C: engines, proxies and Consul are stopped on the way out."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if args.engines < 1 or args.concurrency < 1 or not 0 <= args.stream_ratio <= 1 or args.duration <= 0:
@@ -276,7 +285,7 @@ def main(argv: list[str]) -> int:
     if args.engine == "vllm":
         names = [n for n in names if n in sc.VLLM_OK]
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stop_on_sigterm()
     results: list[dict] = []
     try:
         for name in names:

@@ -55,14 +55,20 @@ class EngineSettings:
                 "--served-model-name", self.served_model_name, "--host", "127.0.0.1", "--port", str(port),
                 "--shutdown-timeout", str(int(self.shutdown_timeout_s)), *self.vllm_args]
 
-    def agent_engine(self, port: int) -> dict:
-        """The [[engines]] table of an engine agent running this engine."""
+    def env(self, index: int) -> dict:
+        """Environment of engine number `index` (vLLM on CPU: its own core)."""
+        from agent.local.defaults import cpu_bind_env
+
+        return {**self.vllm_env, **cpu_bind_env(index)} if self.kind == "vllm" else {}
+
+    def agent_engine(self, port: int, index: int) -> dict:
+        """The [[engines]] table of an engine agent running engine number `index`."""
         if self.kind == "sim":
             return {"kind": "simulated", "port": port, "served_model_name": self.served_model_name,
                     "args": ["--token-delay-ms", f"{self.token_delay_ms:g}"],
                     "shutdown_timeout_s": self.shutdown_timeout_s}
         return {"kind": "vllm", "port": port, "model": self.model, "served_model_name": self.served_model_name,
-                "args": list(self.vllm_args), "env": dict(self.vllm_env),
+                "args": list(self.vllm_args), "env": self.env(index),
                 "shutdown_timeout_s": self.shutdown_timeout_s}
 
 
@@ -187,9 +193,8 @@ class PlainEngine:
 
     def start(self) -> "PlainEngine":
         self.starts += 1
-        env = dict(self.settings.vllm_env) if self.settings.kind == "vllm" else {}
         self.proc = ManagedProcess(f"engine-{self.port}", self.settings.command(self.port),
-                                   self.log_dir / f"engine-{self.port}.log", env=env).start()
+                                   self.log_dir / f"engine-{self.port}.log", env=self.settings.env(self.index)).start()
         return self
 
     def wait_ready(self, timeout_s: float | None = None) -> None:

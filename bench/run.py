@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench import report
-from bench.drill import DrillOptions, run_drill
+from bench.drill import DrillOptions, run_drill, stop_on_sigterm
 from bench.scenarios import SCENARIOS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown:
         p.error(f"unknown part(s): {', '.join(sorted(unknown))}")
+    stop_on_sigterm()
     results = load_results()
     workdir = Path(tempfile.mkdtemp(prefix="ernie-bench-"))
     try:

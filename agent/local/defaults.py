@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -21,10 +22,21 @@ def has_cuda_gpu() -> bool:
     return "GPU" in out
 
 
-def vllm_engine(port: int, model: str, served_model_name: str, gpu_index: int | None = None) -> dict:
-    """An [[engines]] table for engine.toml: CPU flags without a GPU, one GPU per engine with one."""
+def cpu_bind_env(cpu_index: int | None) -> dict:
+    """Pin a CPU engine's worker to its own core. vLLM's default (`auto`) pins every engine's worker
+    to core 0: two engines on one host then share one core, and an engine restarting next to a busy
+    one waits minutes for CPU (docs/vllm-cpu.md)."""
+    if cpu_index is None:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(cpu_index % (os.cpu_count() or 1))}
+
+
+def vllm_engine(port: int, model: str, served_model_name: str, gpu_index: int | None = None,
+                cpu_index: int | None = None) -> dict:
+    """An [[engines]] table for engine.toml: CPU flags without a GPU (engine `cpu_index` on its own
+    core), one GPU per engine with one."""
     if gpu_index is None:
         return {"kind": "vllm", "port": port, "model": model, "served_model_name": served_model_name,
-                "args": list(CPU_VLLM_ARGS), "env": dict(CPU_VLLM_ENV)}
+                "args": list(CPU_VLLM_ARGS), "env": {**CPU_VLLM_ENV, **cpu_bind_env(cpu_index)}}
     return {"kind": "vllm", "port": port, "model": model, "served_model_name": served_model_name,
             "env": {"CUDA_VISIBLE_DEVICES": str(gpu_index)}}

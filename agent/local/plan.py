@@ -39,7 +39,9 @@ MAX_PORT_OFFSET = 65535 - XDS_PORT
 
 # Local mesh timings: a drain on this machine never needs the production deadline.
 DRAIN_DEADLINE_S = 120.0
-ENGINE_SHUTDOWN_TIMEOUT_S = 30.0
+# vLLM's --shutdown-timeout: the agent stops an engine only once it is drained to zero, so this is a
+# safety net for stragglers; vLLM waits about this long even when idle (docs/vllm-cpu.md Q5).
+ENGINE_SHUTDOWN_TIMEOUT_S = 5.0
 
 
 def default_run_dir() -> Path:
@@ -218,7 +220,7 @@ class MeshPlan:
             table = {"kind": "simulated", "port": port, "served_model_name": self.model_name}
         else:
             gpu = (i % self.gpus) if self.gpus else None
-            table = vllm_engine(port, model_path, self.model_name, gpu)
+            table = vllm_engine(port, model_path, self.model_name, gpu, cpu_index=i)
             table["args"] = list(table.get("args", [])) + list(self.vllm_args)
         table["shutdown_timeout_s"] = ENGINE_SHUTDOWN_TIMEOUT_S
         return table
