@@ -129,8 +129,11 @@ def write(results: dict) -> None:
         out += ["## Proxy overhead", "", f"Machine: {_machine(o['machine'])}.", "", *report.overhead_table(o), "",
                 "The client is one asyncio process with keep-alive connections; \"direct\" spreads requests "
                 "round-robin over the three engines itself. On two shared cores the client, the proxy and the "
-                "engines compete for the same CPU, so the proxy's cost shows up as lost throughput as much as "
-                "added latency.", ""]
+                "engines compete for the same CPU, so the proxy's cost shows up as lost throughput (and in "
+                "p99) rather than added median latency: with a proxy in the path the closed-loop clients "
+                "send fewer requests per second, the engines' queues are shorter, and a median can come out "
+                "*below* direct (a negative \"added p50\"). Read the throughput ratio and the proxy CPU per "
+                "request as the cost.", ""]
     if results.get("propagation"):
         pr = results["propagation"]
         out += ["## Propagation: Consul health change → Envoy", "", f"Machine: {_machine(pr['machine'])}.", "",
