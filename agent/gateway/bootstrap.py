@@ -42,6 +42,9 @@ def template_values(cfg: GatewayConfig) -> dict[str, str]:
         "eds_initial_fetch_timeout": _duration(p.eds_initial_fetch_timeout_s),
         "connect_timeout": _duration(p.connect_timeout_s),
         "upstream_idle_timeout": _duration(p.upstream_idle_timeout_s),
+        # keepalive probes start after half the budget, one a second; TCP_USER_TIMEOUT bounds the rest
+        "tcp_keepalive_time_s": max(1, int(p.upstream_dead_peer_timeout_s / 2)),
+        "tcp_user_timeout_ms": int(p.upstream_dead_peer_timeout_s * 1000),
         "max_connections": p.max_connections,
         "max_pending_requests": p.max_pending_requests,
         "max_requests": p.max_requests,

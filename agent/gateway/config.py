@@ -49,6 +49,10 @@ class PolicyConfig:
     connect_timeout_s: float = 1.0
     # uvicorn (vLLM, the simulated engine) closes idle keep-alive connections after 5 s: close ours first.
     upstream_idle_timeout_s: float = 3.0
+    # A host that vanished (power loss, cut link) answers nothing, not even a reset: the kernel
+    # gives up on its connections after this long (TCP keepalive + TCP_USER_TIMEOUT), and Envoy
+    # retries the requests on them elsewhere if no response had started.
+    upstream_dead_peer_timeout_s: float = 5.0
     outlier_consecutive_5xx: int = 5
     outlier_consecutive_gateway_failure: int = 3
     outlier_interval_s: float = 1.0
@@ -64,7 +68,8 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         check_positive(self, "host_selection_retry_max_attempts", "retry_back_off_base_s", "retry_back_off_max_s",
                        "retry_budget_percent", "retry_min_concurrency", "max_connections", "max_pending_requests",
-                       "max_requests", "connect_timeout_s", "upstream_idle_timeout_s", "outlier_consecutive_5xx",
+                       "max_requests", "connect_timeout_s", "upstream_idle_timeout_s", "upstream_dead_peer_timeout_s",
+                       "outlier_consecutive_5xx",
                        "outlier_consecutive_gateway_failure", "outlier_interval_s", "outlier_base_ejection_s",
                        "outlier_max_ejection_s", "stream_idle_timeout_s", "request_buffer_limit_bytes",
                        "eds_initial_fetch_timeout_s")

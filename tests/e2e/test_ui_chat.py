@@ -46,7 +46,7 @@ def test_answer_is_streamed_and_names_the_serving_instance(vllm_mesh, page, seen
 def test_conversation_continues_when_the_serving_instance_dies(vllm_mesh, page, seen):
     victim = seen.get("first")
     if victim is None:
-        pytest.skip("needs the first answer")
+        pytest.fail("the previous test got no first answer")
     pid = vllm_mesh.agent_instances()[victim]["pid"]
     assert pid, f"{victim} has no engine pid"
     os.kill(pid, signal.SIGKILL)  # the vLLM server that answered last: a crash, no drain
@@ -62,7 +62,7 @@ def test_conversation_continues_when_the_serving_instance_dies(vllm_mesh, page, 
 def test_the_killed_instance_is_restarted_and_put_back(vllm_mesh, seen):
     victim = seen.get("killed")
     if victim is None:
-        pytest.skip("needs the killed instance")
+        pytest.fail("the previous test killed no instance")
     from agent.catalog.consul import ConsulCatalog
 
     catalog = ConsulCatalog(vllm_mesh.plan.consul_address)

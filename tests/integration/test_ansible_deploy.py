@@ -49,7 +49,7 @@ HOSTS = ["consul1", "consul2", "consul3", "engine1", "engine2", "gateway1"]
 PLAYBOOK_TIMEOUT_S = 420          # a generous bound: a quiet machine needs a fraction of it
 DNS_DEADLINE_S = 45.0
 LOAD_CONCURRENCY = 4
-PARTITION_REQUEST_TIMEOUT_S = 15.0   # a request stranded on the cut host fails after this long
+PARTITION_REQUEST_TIMEOUT_S = 15.0   # well above the gateway's dead-peer timeout (5 s)
 AFTER_DETECTION_S = 5.0
 RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
@@ -250,7 +250,7 @@ class SteadyLoad:
 def lab(tmp_path):
     why = available()
     if why:
-        pytest.skip(f"network namespaces unavailable: {why}")
+        pytest.fail(f"network namespaces unavailable (the test needs root and iproute2): {why}")
     with NetnsLab(tmp_path, HOSTS) as lab:
         yield lab
 
@@ -336,18 +336,21 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
             time.sleep(AFTER_DETECTION_S)
             load.gen.stop(wait_s=PARTITION_REQUEST_TIMEOUT_S + 5)
             results = load.gen.snapshot()
-        # A request in flight on engine2 when its link went down cannot finish (its host is gone);
-        # until Consul's failure detection takes engine2 out, a request may still be sent over a
-        # pooled connection to it. Every request started once Consul took engine2 out must succeed.
+        # Envoy's dead-peer timeout resets the connections to the vanished host; requests on them
+        # that had no response yet are retried on engine1: nothing fails. Only a stream already
+        # answering from engine2 at the instant of the cut is cut with it (resuming it elsewhere
+        # is DESIGN §8).
+        s_all = summarize(results, t_detect - t_cut + AFTER_DETECTION_S)
         after = [r for r in results if r.started >= t_detect]
-        before = [r for r in results if r.started < t_detect]
-        s_after, s_before = summarize(after, AFTER_DETECTION_S), summarize(before, t_detect - t_cut)
+        s_after = summarize(after, AFTER_DETECTION_S)
+        timings["partition: requests"] = s_all.requests
         timings["partition: requests after detection"] = s_after.requests
-        timings["partition: lost before detection"] = s_before.failed + s_before.truncated
-        print(f"partition: before detection {s_before}\npartition: after detection {s_after}")
+        timings["partition: streams cut"] = s_all.truncated
+        print(f"partition: all {s_all}\npartition: after detection {s_after}")
+        assert s_all.failed == 0, s_all
+        cut_streams = [r for r in results if r.outcome == "truncated"]
+        assert all(r.stream and r.started < t_cut for r in cut_streams), cut_streams
         assert s_after.requests >= 10 and s_after.failed == 0 and s_after.truncated == 0, s_after
-        stranded = [r for r in before if r.outcome != "ok"]
-        assert all(r.started < t_detect for r in stranded)
     except BaseException:
         print(host_logs(lab))
         raise
