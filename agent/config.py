@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tomllib
 import types
 import typing
@@ -131,6 +132,35 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+def layered(config_path: str | os.PathLike | None, env: Mapping[str, Any], flags: Mapping[str, Any]) -> dict[str, Any]:
+    """One process's settings: config file, then CONSUL_HTTP_* and the process's own variables,
+    then command-line flags (each layer wins over the previous; unset values are ignored)."""
+    return merge(merge(merge(read_toml(config_path), consul_env()), env), flags)
+
+
+def route_address(consul_address: str) -> str:
+    """The local address this host uses to reach Consul: what other hosts can reach us on."""
+    from agent.catalog.consul import split_address
+
+    _scheme, host, port = split_address(consul_address)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def check_consul_address(address: str) -> None:
+    """`host`, `host:port` or `http(s)://host[:port]` (what CONSUL_HTTP_ADDR accepts)."""
+    from agent.catalog.consul import split_address
+
+    try:
+        split_address(address)
+    except ValueError as e:
+        raise ConfigError(f"consul.address {e}") from None
+
+
 def consul_env() -> dict[str, Any]:
     """The standard Consul variables, as a [consul] table override."""
     return {"consul": {"address": os.environ.get("CONSUL_HTTP_ADDR"), "token": os.environ.get("CONSUL_HTTP_TOKEN")}}
@@ -158,5 +188,6 @@ class ConsulConfig:
     datacenter: str = ""
 
     def __post_init__(self) -> None:
+        check_consul_address(self.address)
         if not self.service or not self.service.replace("-", "").isalnum():
             raise ConfigError(f"consul.service must be a DNS label (letters, digits, '-'), got {self.service!r}")

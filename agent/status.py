@@ -13,6 +13,7 @@ import httpx
 
 from agent.catalog.base import CatalogEntry, CatalogError
 from agent.catalog.consul import ConsulCatalog
+from agent.config import ConfigError, check_consul_address
 
 GATEWAY_SERVICE = "ernie-gateway"
 AGENT_TIMEOUT_S = 2.0
@@ -122,6 +123,11 @@ def render(report: dict) -> str:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    try:
+        check_consul_address(args.consul)
+    except ConfigError as e:
+        print(f"ernie-mesh status: {e}", file=sys.stderr)
+        return 2
     try:
         report = collect(args.consul, args.service)
     except CatalogError as e:

@@ -6,6 +6,9 @@ Transport and API errors are converted here into the small exception tree of cat
 from __future__ import annotations
 
 import logging
+import os
+import re
+import threading
 from typing import Any
 
 import consul
@@ -36,16 +39,38 @@ def _duration(seconds: float) -> str:
     return f"{max(int(round(seconds * 1000)), 1)}ms"
 
 
-def split_address(address: str) -> tuple[str, str, int]:
-    """'http://host:8500' | 'host:8500' | 'host' -> (scheme, host, port)."""
-    scheme = "http"
-    if "://" in address:
-        scheme, address = address.split("://", 1)
-    address = address.rstrip("/")
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        return scheme, address, 8500
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)$")
+
+
+def split_address(address: str, default_port: int = 8500) -> tuple[str, str, int]:
+    """'http://host:8500' | 'host:8500' | 'host' -> (scheme, host, port); ValueError if malformed."""
+    scheme, rest = "http", address
+    if "://" in rest:
+        scheme, rest = rest.split("://", 1)
+        if scheme not in ("http", "https"):
+            raise ValueError(f"{address!r}: scheme must be http or https")
+    rest = rest.rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or rest.endswith("]"):
+        host, port = rest, str(default_port)
+    if not _HOST_RE.match(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r}: expected HOST[:PORT] or http(s)://HOST[:PORT]")
     return scheme, host.strip("[]"), int(port)
+
+
+def _consul_client(**kwargs) -> consul.Consul:
+    """python-consul2 lets CONSUL_HTTP_ADDR override the host and port it is given (and fails on
+    addresses without a port): the address we pass has already taken that variable into account."""
+    with _ENV_LOCK:
+        saved = os.environ.pop("CONSUL_HTTP_ADDR", None)
+        try:
+            return consul.Consul(**kwargs)
+        finally:
+            if saved is not None:
+                os.environ["CONSUL_HTTP_ADDR"] = saved
+
+
+_ENV_LOCK = threading.Lock()
 
 
 class ConsulCatalog:
@@ -55,7 +80,7 @@ class ConsulCatalog:
         scheme, host, port = split_address(address)
         self.address = f"{scheme}://{host}:{port}"
         self._token = token or None
-        self._client = consul.Consul(host=host, port=port, scheme=scheme, token=self._token,
+        self._client = _consul_client(host=host, port=port, scheme=scheme, token=self._token,
                                      timeout=HTTP_TIMEOUT_S)
         self._clients_by_timeout: dict[float, consul.Consul] = {}
         self._host, self._port, self._scheme = host, port, scheme
@@ -64,7 +89,7 @@ class ConsulCatalog:
         timeout = round(wait_s + wait_s / 16 + BLOCKING_SLACK_S, 1)
         client = self._clients_by_timeout.get(timeout)
         if client is None:
-            client = consul.Consul(host=self._host, port=self._port, scheme=self._scheme,
+            client = _consul_client(host=self._host, port=self._port, scheme=self._scheme,
                                    token=self._token, timeout=timeout)
             self._clients_by_timeout[timeout] = client
         return client

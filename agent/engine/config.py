@@ -16,9 +16,8 @@ from agent.config import (
     build,
     check_host_port,
     check_positive,
-    consul_env,
-    merge,
-    read_toml,
+    layered,
+    route_address,
 )
 
 ENGINE_KINDS = ("vllm", "simulated", "attach")
@@ -49,8 +48,12 @@ class EngineSpec:
         if self.kind == "attach":
             if not self.url.startswith(("http://", "https://")):
                 raise ConfigError(f"attached engine needs url = \"http://host:port\", got {self.url!r}")
+            origin = "/".join(self.url.split("/", 3)[:3])  # scheme://host[:port], without the path
+            try:
+                _scheme, _host, port = split_address(origin, default_port=443 if origin.startswith("https") else 80)
+            except ValueError as e:
+                raise ConfigError(f"attached engine url {e}") from None
             if not self.port:
-                _scheme, _host, port = split_address(self.url)
                 object.__setattr__(self, "port", port)
         elif not self.model and self.kind == "vllm":
             raise ConfigError(f"engine on port {self.port}: `model` is required to start vLLM")
@@ -154,17 +157,6 @@ def _default_node() -> str:
     return socket.gethostname().split(".")[0] or "node"
 
 
-def _route_address(consul_address: str) -> str:
-    """The local address this host uses to reach Consul: what other hosts can reach us on."""
-    _scheme, host, port = split_address(consul_address)
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((host, port))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie-mesh engine", description=HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,14 +188,11 @@ def _engine_from_flag(value: str) -> dict:
 
 def load(argv: list[str]) -> EngineAgentConfig:
     args = parser().parse_args(argv)
-    data = read_toml(args.config)
-    data = merge(data, consul_env())
-    data = merge(data, {
+    data = layered(args.config, {
         "node": os.environ.get("ERNIE_MESH_NODE"),
         "advertise_address": os.environ.get("ERNIE_MESH_ADVERTISE_ADDRESS"),
         "zone": os.environ.get("ERNIE_MESH_ZONE"),
-    })
-    data = merge(data, {
+    }, {
         "consul": {"address": args.consul, "service": args.service},
         "node": args.node,
         "advertise_address": args.advertise_address,
@@ -220,7 +209,7 @@ def load(argv: list[str]) -> EngineAgentConfig:
     cfg = replace(
         cfg,
         node=cfg.node or _default_node(),
-        advertise_address=cfg.advertise_address or _route_address(cfg.consul.address),
+        advertise_address=cfg.advertise_address or route_address(cfg.consul.address),
     )
     if cfg.log_dir:
         Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)

@@ -15,16 +15,14 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from agent.catalog.consul import split_address
 from agent.config import (
     ConfigError,
     ConsulConfig,
     build,
     check_host_port,
     check_positive,
-    consul_env,
-    merge,
-    read_toml,
+    layered,
+    route_address,
 )
 
 REPO_ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
@@ -234,27 +232,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _route_address(consul_address: str) -> str:
-    """The local address this host uses to reach Consul: what other hosts can reach us on."""
-    _scheme, host, port = split_address(consul_address)
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((host, port))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-
-
 def load(argv: list[str]) -> GatewayConfig:
     """argv -> validated GatewayConfig; raises ConfigError (one line) on anything wrong."""
     args = parser().parse_args(argv)
-    data = read_toml(args.config)
-    data = merge(data, consul_env())
-    data = merge(data, {
+    data = layered(args.config, {
         "name": os.environ.get("ERNIE_MESH_GATEWAY_NAME"),
         "advertise_address": os.environ.get("ERNIE_MESH_ADVERTISE_ADDRESS"),
-    })
-    data = merge(data, {
+    }, {
         "consul": {"address": args.consul, "service": args.service},
         "name": args.name,
         "listen": args.listen,
@@ -276,7 +260,7 @@ def finish(cfg: GatewayConfig) -> GatewayConfig:
     cfg = replace(cfg, name=name)
     if not cfg.advertise_address:
         listen_host, _ = cfg.host_port("listen")
-        adv = listen_host if listen_host not in ("0.0.0.0", "::", "") else _route_address(cfg.consul.address)
+        adv = listen_host if listen_host not in ("0.0.0.0", "::", "") else route_address(cfg.consul.address)
         cfg = replace(cfg, advertise_address=adv)
     if not cfg.run_dir:
         cfg = replace(cfg, run_dir=str(Path(tempfile.gettempdir()) / f"ernie-mesh-{os.getuid()}" / f"gateway-{name}"))

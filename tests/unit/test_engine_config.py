@@ -23,6 +23,7 @@ def run_engine(*args, env=None):
     ("[[engines]]\nkind='tpu'\nport = 1\n", "engine kind must be one of"),
     ("listen = 'nope'\n[[engines]]\nkind='simulated'\nport=8001\n", "listen: expected host:port"),
     ("[[engines]\n", "invalid TOML"),
+    ("[consul]\naddress='bad:addr:x'\n[[engines]]\nkind='simulated'\nport=8001\n", "consul.address 'bad:addr:x'"),
 ])
 def test_bad_config_exits_2_with_one_line(tmp_path, toml, expected):
     f = tmp_path / "engine.toml"

@@ -92,6 +92,8 @@ def test_policy_validation():
     ('[policy]\nnum_retries = "three"\n', "policy.num_retries: expected int"),
     ('envoy_admin = "0.0.0.0:9901"\n', "loopback"),
     ('name = \n', "invalid TOML"),
+    ('[consul]\naddress = "bad:addr:x"\n', "consul.address 'bad:addr:x'"),
+    ('[consul]\naddress = "ftp://consul:8500"\n', "scheme must be http or https"),
 ])
 def test_bad_config_file_exits_2_with_one_line(tmp_path, capsys, toml, message):
     f = tmp_path / "gateway.toml"
