@@ -55,20 +55,20 @@ class EngineSettings:
                 "--served-model-name", self.served_model_name, "--host", "127.0.0.1", "--port", str(port),
                 "--shutdown-timeout", str(int(self.shutdown_timeout_s)), *self.vllm_args]
 
-    def env(self, index: int) -> dict:
-        """Environment of engine number `index` (vLLM on CPU: its own core)."""
+    def env(self, index: int, count: int) -> dict:
+        """Environment of engine number `index` of `count` (vLLM on CPU: its own share of the cores)."""
         from agent.local.defaults import cpu_bind_env
 
-        return {**self.vllm_env, **cpu_bind_env(index)} if self.kind == "vllm" else {}
+        return {**self.vllm_env, **cpu_bind_env(index, count)} if self.kind == "vllm" else {}
 
-    def agent_engine(self, port: int, index: int) -> dict:
-        """The [[engines]] table of an engine agent running engine number `index`."""
+    def agent_engine(self, port: int, index: int, count: int) -> dict:
+        """The [[engines]] table of an engine agent running engine number `index` of `count`."""
         if self.kind == "sim":
             return {"kind": "simulated", "port": port, "served_model_name": self.served_model_name,
                     "args": ["--token-delay-ms", f"{self.token_delay_ms:g}"],
                     "shutdown_timeout_s": self.shutdown_timeout_s}
         return {"kind": "vllm", "port": port, "model": self.model, "served_model_name": self.served_model_name,
-                "args": list(self.vllm_args), "env": self.env(index),
+                "args": list(self.vllm_args), "env": self.env(index, count),
                 "shutdown_timeout_s": self.shutdown_timeout_s}
 
 
@@ -175,10 +175,10 @@ def model_ready(url: str, timeout_s: float = 2.0) -> bool:
 class PlainEngine:
     """One engine run the naive way: a process on a fixed port, no supervisor (the baseline)."""
 
-    def __init__(self, settings: EngineSettings, port: int, log_dir: Path, index: int):
+    def __init__(self, settings: EngineSettings, port: int, log_dir: Path, index: int, count: int):
         self.settings = settings
         self.port = port
-        self.index = index
+        self.index, self.count = index, count
         self.log_dir = Path(log_dir)
         self.proc: ManagedProcess | None = None
         self.starts = 0
@@ -194,7 +194,7 @@ class PlainEngine:
     def start(self) -> "PlainEngine":
         self.starts += 1
         self.proc = ManagedProcess(f"engine-{self.port}", self.settings.command(self.port),
-                                   self.log_dir / f"engine-{self.port}.log", env=self.settings.env(self.index)).start()
+                                   self.log_dir / f"engine-{self.port}.log", env=self.settings.env(self.index, self.count)).start()
         return self
 
     def wait_ready(self, timeout_s: float | None = None) -> None:

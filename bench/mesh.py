@@ -47,7 +47,7 @@ class EngineAgentProc:
     """`ernie-mesh engine` supervising one engine."""
 
     def __init__(self, workdir: Path, consul_address: str, settings: EngineSettings, engine_port: int,
-                 index: int, agent_settings: dict):
+                 index: int, count: int, agent_settings: dict):
         self.engine_port = engine_port
         self.port = free_port()
         self.instance_id = f"{SERVICE}-{NODE}-{engine_port}"
@@ -55,7 +55,7 @@ class EngineAgentProc:
         self.config_path.write_text(_toml(
             {"listen": f"127.0.0.1:{self.port}", "node": NODE, "log_dir": str(workdir / "logs"), **agent_settings},
             {"consul": {"address": consul_address, "service": SERVICE}},
-            {"engines": [settings.agent_engine(engine_port, index)]}))
+            {"engines": [settings.agent_engine(engine_port, index, count)]}))
         self.log_path = workdir / "logs" / f"engine-agent-{engine_port}.log"
         self.proc: ManagedProcess | None = None
         self._http = httpx.Client(timeout=2.0)
@@ -131,7 +131,7 @@ class MeshSystem(System):
         self.progress(f"mesh: Consul on {self.consul.address}; starting {self.n} engine agent(s) "
                       f"({self.settings.kind} engines) and the gateway")
         for i, port in enumerate(self.engine_ports):
-            self.agents.append(EngineAgentProc(self.workdir, self.consul.address, self.settings, port, i,
+            self.agents.append(EngineAgentProc(self.workdir, self.consul.address, self.settings, port, i, self.n,
                                                self.agent_settings).start())
         self.gw_config.write_text(_toml(
             {"name": "drill-gw", "run_dir": str(self.gw_run_dir),

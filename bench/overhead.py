@@ -120,7 +120,7 @@ class Rig:
     def __init__(self, workdir: Path):
         self.workdir = workdir
         ports = free_ports(ENGINES)
-        self.engines = [PlainEngine(sim_settings(0.0), p, workdir / "logs", i) for i, p in enumerate(ports)]
+        self.engines = [PlainEngine(sim_settings(0.0), p, workdir / "logs", i, len(ports)) for i, p in enumerate(ports)]
         listen, admin, xds, metrics, nginx_port = free_ports(5)
         self.gw_ports = (listen, admin, xds, metrics)
         self.nginx = Nginx(workdir / "nginx", nginx_port, [f"127.0.0.1:{p}" for p in ports])

@@ -19,6 +19,7 @@ from agent.config import (
     layered,
     route_address,
 )
+from agent.engine.cpu import spread
 
 ENGINE_KINDS = ("vllm", "simulated", "attach")
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -206,10 +207,13 @@ def load(argv: list[str]) -> EngineAgentConfig:
     if not isinstance(engines, list):
         raise ConfigError("engines must be an array of tables ([[engines]])")
     cfg: EngineAgentConfig = build(EngineAgentConfig, data, where="")
+    vllm = [e for e in cfg.engines if e.kind == "vllm"]
+    bound = dict(zip((e.port for e in vllm), spread([dict(e.env) for e in vllm])))
     cfg = replace(
         cfg,
         node=cfg.node or _default_node(),
         advertise_address=cfg.advertise_address or route_address(cfg.consul.address),
+        engines=tuple(replace(e, env=bound[e.port]) if e.port in bound else e for e in cfg.engines),
     )
     if cfg.log_dir:
         Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)

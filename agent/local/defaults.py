@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
+
+from agent.engine.cpu import BIND_VAR, core_share
 
 DEFAULT_SERVED_MODEL_NAME = "smollm2"
 # CPU build: small KV cache, no 92%-of-a-NUMA-node request, eager mode (start-up ~33 s instead of ~150 s).
@@ -22,21 +23,19 @@ def has_cuda_gpu() -> bool:
     return "GPU" in out
 
 
-def cpu_bind_env(cpu_index: int | None) -> dict:
-    """Pin a CPU engine's worker to its own core. vLLM's default (`auto`) pins every engine's worker
-    to core 0: two engines on one host then share one core, and an engine restarting next to a busy
-    one waits minutes for CPU (docs/vllm-cpu.md)."""
+def cpu_bind_env(cpu_index: int | None, count: int) -> dict:
+    """Engine `cpu_index` of `count` (each under its own engine agent) on its own share of the cores."""
     if cpu_index is None:
         return {}
-    return {"VLLM_CPU_OMP_THREADS_BIND": str(cpu_index % (os.cpu_count() or 1))}
+    return {BIND_VAR: core_share(cpu_index, count)}
 
 
 def vllm_engine(port: int, model: str, served_model_name: str, gpu_index: int | None = None,
-                cpu_index: int | None = None) -> dict:
+                cpu_index: int | None = None, engines: int = 1) -> dict:
     """An [[engines]] table for engine.toml: CPU flags without a GPU (engine `cpu_index` on its own
     core), one GPU per engine with one."""
     if gpu_index is None:
         return {"kind": "vllm", "port": port, "model": model, "served_model_name": served_model_name,
-                "args": list(CPU_VLLM_ARGS), "env": {**CPU_VLLM_ENV, **cpu_bind_env(cpu_index)}}
+                "args": list(CPU_VLLM_ARGS), "env": {**CPU_VLLM_ENV, **cpu_bind_env(cpu_index, engines)}}
     return {"kind": "vllm", "port": port, "model": model, "served_model_name": served_model_name,
             "env": {"CUDA_VISIBLE_DEVICES": str(gpu_index)}}

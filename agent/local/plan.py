@@ -220,7 +220,7 @@ class MeshPlan:
             table = {"kind": "simulated", "port": port, "served_model_name": self.model_name}
         else:
             gpu = (i % self.gpus) if self.gpus else None
-            table = vllm_engine(port, model_path, self.model_name, gpu, cpu_index=i)
+            table = vllm_engine(port, model_path, self.model_name, gpu, cpu_index=i, engines=self.engines)
             table["args"] = list(table.get("args", [])) + list(self.vllm_args)
         table["shutdown_timeout_s"] = ENGINE_SHUTDOWN_TIMEOUT_S
         return table

@@ -83,7 +83,7 @@ class BaselineSystem(System):
                  health_interval_s: float = HEALTH_INTERVAL_S):
         super().__init__(settings, engines, workdir, progress)
         ports = free_ports(engines + 1)
-        self.engines = [PlainEngine(settings, p, self.workdir / "logs", i) for i, p in enumerate(ports[:engines])]
+        self.engines = [PlainEngine(settings, p, self.workdir / "logs", i, engines) for i, p in enumerate(ports[:engines])]
         self.servers = [f"127.0.0.1:{e.port}" for e in self.engines]
         self.nginx = Nginx(self.workdir / "nginx", ports[-1], self.servers)
         self.events = self.workdir / "healthcheck-events.jsonl"

@@ -67,3 +67,25 @@ def test_ttl_must_cover_several_probes():
     with pytest.raises(ConfigError, match="ttl_s"):
         engine_config.build(engine_config.EngineAgentConfig,
                             {"ttl_s": 1, "engines": [{"kind": "simulated", "port": 8001}]})
+
+
+def test_several_cpu_engines_of_one_agent_get_their_own_cores():
+    from agent.engine.cpu import BIND_VAR, core_share, spread
+
+    assert [core_share(i, 2, [0, 1, 2, 3]) for i in range(2)] == ["0-1", "2-3"]
+    assert [core_share(i, 3, [0, 1]) for i in range(3)] == ["0", "1", "0"]
+    envs = spread([{}, {BIND_VAR: "7"}, {"X": "1"}])
+    assert envs[1][BIND_VAR] == "7" and envs[0][BIND_VAR] != envs[2][BIND_VAR] and envs[2]["X"] == "1"
+    assert spread([{}]) == [{}]   # a single engine keeps vLLM's default
+
+
+def test_the_agent_spreads_its_vllm_engines_over_the_cores(tmp_path):
+    from agent.engine.config import load
+    from agent.engine.cpu import BIND_VAR
+
+    f = tmp_path / "engine.toml"
+    f.write_text("[[engines]]\nport = 8001\nmodel = '/m'\n[[engines]]\nport = 8002\nmodel = '/m'\n"
+                 "[[engines]]\nkind = 'simulated'\nport = 8003\n")
+    cfg = load(["--config", str(f)])
+    binds = [dict(e.env).get(BIND_VAR) for e in cfg.engines]
+    assert binds[0] and binds[1] and binds[0] != binds[1] and binds[2] is None, binds

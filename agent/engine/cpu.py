@@ -1,0 +1,42 @@
+"""Sharing a host's cores between CPU vLLM engines.
+
+vLLM's CPU build pins its worker to cores by VLLM_CPU_OMP_THREADS_BIND; its default (`auto`) picks
+the same core for every engine on a host, so two engines share one core and an engine restarting
+next to a busy one waits minutes for CPU (docs/vllm-cpu.md). GPU builds ignore the variable.
+"""
+
+from __future__ import annotations
+
+import os
+
+BIND_VAR = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def usable_cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def core_share(index: int, count: int, cores: list[int] | None = None) -> str:
+    """Engine `index` of `count` on this host: its own contiguous slice of the cores, as vLLM's
+    core-list syntax ("0-3", "5"); with more engines than cores, engines share cores round-robin."""
+    cores = cores if cores is not None else usable_cores()
+    if count >= len(cores):
+        return str(cores[index % len(cores)])
+    per = len(cores) // count
+    mine = cores[index * per:(index + 1) * per]
+    return str(mine[0]) if len(mine) == 1 else f"{mine[0]}-{mine[-1]}"
+
+
+def spread(envs: list[dict]) -> list[dict]:
+    """Give each engine whose environment does not bind it yet its own share of the cores (only
+    when there are several: a single engine keeps vLLM's default)."""
+    free = [i for i, env in enumerate(envs) if BIND_VAR not in env]
+    if len(free) < 2:
+        return envs
+    out = [dict(env) for env in envs]
+    for n, i in enumerate(free):
+        out[i][BIND_VAR] = core_share(n, len(free))
+    return out
