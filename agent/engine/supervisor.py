@@ -81,6 +81,7 @@ class EngineProcess:
         return ProcessFacts(
             running=self.running,
             exit_code=self.exit_code,
+            ever_started=self.proc is not None or self.exit_code is not None,
             restarts=self.restarts,
             crash_loop=self.crash_loop,
             next_restart_in_s=nxt,

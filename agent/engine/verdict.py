@@ -13,6 +13,7 @@ class ProcessFacts:
 
     running: bool
     exit_code: int | None = None
+    ever_started: bool = True  # False until the supervisor has spawned it the first time
     restarts: int = 0
     crash_loop: bool = False
     next_restart_in_s: float | None = None
@@ -68,6 +69,8 @@ def decide(f: Facts, p: Policy) -> Verdict:
             return Verdict(crit, f"crash loop: exited {proc.restarts} times (last exit code {proc.exit_code}); "
                                  f"see the engine log")
         if not proc.running:
+            if not proc.ever_started and not proc.stopped_on_purpose:
+                return Verdict(VerdictState.STARTING, "starting the engine process")
             if proc.stopped_on_purpose:
                 return Verdict(crit, "engine stopped by the agent")
             when = f"; restart in {proc.next_restart_in_s:.0f}s" if proc.next_restart_in_s is not None else ""

@@ -28,12 +28,13 @@ def vllm_agent(consul_session, default_model, tmp_path_factory):
     agent.engine_port = port
     agent.iid = agent.instance_id(port)
     agent.start()
-    seen = []
+    seen, reasons = [], []
 
     def record():
         e = agent.entries().get(agent.iid)
         if e is not None and (not seen or seen[-1] != e.verdict.state.value):
             seen.append(e.verdict.state.value)
+            reasons.append(e.verdict.note)
         return e is not None and e.verdict.state.value == "passing"
 
     from agent.local.wait import wait_until
@@ -43,6 +44,6 @@ def vllm_agent(consul_session, default_model, tmp_path_factory):
         agent.stop()
         raise AssertionError(f"vLLM never passed; states {seen}\n{agent.proc.log_tail(60)}\n"
                              f"engine log:\n{(agent.tmp / 'logs').glob('*')}") from None
-    agent.states_seen = seen
+    agent.states_seen, agent.notes_seen = seen, reasons
     yield agent
     agent.stop(timeout_s=180)

@@ -14,7 +14,7 @@ from agent.local.wait import wait_until
 
 def test_passing_only_after_a_real_canary(vllm_agent):
     # Consul showed the instance as starting (not routable) while vLLM loaded, then passing.
-    assert vllm_agent.states_seen[0] == "starting", vllm_agent.states_seen
+    assert vllm_agent.states_seen[0] == "starting", vllm_agent.notes_seen
     assert vllm_agent.states_seen[-1] == "passing"
     entry = vllm_agent.entries()[vllm_agent.iid]
     assert entry.verdict.reason == "canary generation ok"

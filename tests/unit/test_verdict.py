@@ -112,3 +112,12 @@ def test_a_check_without_output_yet_is_starting_not_failed():
     # Between registration and the first TTL update the check is critical with no output.
     v = Verdict.from_note("critical", "")
     assert v.state is VerdictState.STARTING and v.check_status is CheckStatus.CRITICAL, v
+
+
+def test_an_engine_not_spawned_yet_is_starting():
+    f = replace(HEALTHY, process=ProcessFacts(running=False, ever_started=False), health_ok=None,
+                canary=CanaryFacts())
+    v = decide(f, POLICY)
+    assert (v.state, v.reason) == (VerdictState.STARTING, "starting the engine process")
+    # once spawned, an exit is an exit
+    assert decide(replace(f, process=ProcessFacts(running=False, exit_code=1)), POLICY).state is VerdictState.CRITICAL
