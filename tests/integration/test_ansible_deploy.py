@@ -337,19 +337,19 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
             load.gen.stop(wait_s=PARTITION_REQUEST_TIMEOUT_S + 5)
             results = load.gen.snapshot()
         # Envoy's dead-peer timeout resets the connections to the vanished host; requests on them
-        # that had no response yet are retried on engine1: nothing fails. Only a stream already
-        # answering from engine2 at the instant of the cut is cut with it (resuming it elsewhere
-        # is DESIGN §8).
+        # that had no response yet are retried on engine1: no non-streaming request fails. Only a
+        # stream already answering from engine2 at the instant of the cut (its headers sent, with
+        # or without tokens yet) is cut with it: resuming it elsewhere is DESIGN §8.
         s_all = summarize(results, t_detect - t_cut + AFTER_DETECTION_S)
         after = [r for r in results if r.started >= t_detect]
         s_after = summarize(after, AFTER_DETECTION_S)
         timings["partition: requests"] = s_all.requests
         timings["partition: requests after detection"] = s_after.requests
-        timings["partition: streams cut"] = s_all.truncated
+        timings["partition: streams cut"] = s_all.truncated + s_all.failed
         print(f"partition: all {s_all}\npartition: after detection {s_after}")
-        assert s_all.failed == 0, s_all
-        cut_streams = [r for r in results if r.outcome == "truncated"]
-        assert all(r.stream and r.started < t_cut for r in cut_streams), cut_streams
+        not_ok = [r for r in results if r.outcome != "ok"]
+        assert all(r.stream and r.started < t_cut for r in not_ok), not_ok
+        assert len(not_ok) <= LOAD_CONCURRENCY, not_ok   # at most the streams in flight at the cut
         assert s_after.requests >= 10 and s_after.failed == 0 and s_after.truncated == 0, s_after
     except BaseException:
         print(host_logs(lab))
