@@ -9,6 +9,7 @@ import os
 import sys
 
 from agent import __version__
+from agent.config import ConfigError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("agent.local.up", "bring the whole mesh up on this machine (Consul, vLLM engines, gateway, UI)"),
@@ -53,5 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(rest) or 0)
+    except ConfigError as e:
+        print(f"ernie-mesh {name}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130

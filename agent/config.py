@@ -6,6 +6,7 @@ message is one line, which the CLI prints before exiting with code 2.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import socket
@@ -136,6 +137,22 @@ def layered(config_path: str | os.PathLike | None, env: Mapping[str, Any], flags
     """One process's settings: config file, then CONSUL_HTTP_* and the process's own variables,
     then command-line flags (each layer wins over the previous; unset values are ignored)."""
     return merge(merge(merge(read_toml(config_path), consul_env()), env), flags)
+
+
+def agent_parser(prog: str, description: str, config_file: str, service_help: str,
+                 advertise_help: str) -> argparse.ArgumentParser:
+    """The flags every agent has (config file, Consul, service, advertised address); each adds its own."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help=config_file)
+    p.add_argument("--consul", help="Consul HTTP address (default 127.0.0.1:8500, or CONSUL_HTTP_ADDR)")
+    p.add_argument("--service", help=service_help)
+    p.add_argument("--advertise-address", help=advertise_help)
+    return p
+
+
+def short_hostname(fallback: str) -> str:
+    return socket.gethostname().split(".")[0] or fallback
 
 
 def route_address(consul_address: str) -> str:

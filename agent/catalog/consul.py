@@ -58,6 +58,9 @@ def split_address(address: str, default_port: int = 8500) -> tuple[str, str, int
     return scheme, host.strip("[]"), int(port)
 
 
+_ENV_LOCK = threading.Lock()
+
+
 def _consul_client(**kwargs) -> consul.Consul:
     """python-consul2 lets CONSUL_HTTP_ADDR override the host and port it is given (and fails on
     addresses without a port): the address we pass has already taken that variable into account."""
@@ -68,9 +71,6 @@ def _consul_client(**kwargs) -> consul.Consul:
         finally:
             if saved is not None:
                 os.environ["CONSUL_HTTP_ADDR"] = saved
-
-
-_ENV_LOCK = threading.Lock()
 
 
 class ConsulCatalog:

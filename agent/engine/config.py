@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -16,8 +15,10 @@ from agent.config import (
     build,
     check_host_port,
     check_positive,
+    agent_parser,
     layered,
     route_address,
+    short_hostname,
 )
 from agent.engine.cpu import spread
 
@@ -154,18 +155,10 @@ ERNIE_MESH_ADVERTISE_ADDRESS, ERNIE_MESH_ZONE), then flags.
 """
 
 
-def _default_node() -> str:
-    return socket.gethostname().split(".")[0] or "node"
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ernie-mesh engine", description=HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", "-c", help="engine.toml")
-    p.add_argument("--consul", help="Consul HTTP address (default 127.0.0.1:8500)")
-    p.add_argument("--service", help="Consul service name (default ernie)")
+    p = agent_parser("ernie-mesh engine", HELP, "engine.toml", "Consul service name (default ernie)",
+                     "address other hosts reach the engines on")
     p.add_argument("--node", help="node name used in instance IDs (default: hostname)")
-    p.add_argument("--advertise-address", help="address other hosts reach the engines on")
     p.add_argument("--listen", help="agent API host:port (default 127.0.0.1:9100)")
     p.add_argument("--zone", help="zone meta/tag")
     p.add_argument("--log-dir", help="directory for engine logs (default: inherit stderr)")
@@ -211,7 +204,7 @@ def load(argv: list[str]) -> EngineAgentConfig:
     bound = dict(zip((e.port for e in vllm), spread([dict(e.env) for e in vllm])))
     cfg = replace(
         cfg,
-        node=cfg.node or _default_node(),
+        node=cfg.node or short_hostname("node"),
         advertise_address=cfg.advertise_address or route_address(cfg.consul.address),
         engines=tuple(replace(e, env=bound[e.port]) if e.port in bound else e for e in cfg.engines),
     )

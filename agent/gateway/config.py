@@ -10,7 +10,6 @@ import argparse
 import ipaddress
 import os
 import re
-import socket
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,8 +20,10 @@ from agent.config import (
     build,
     check_host_port,
     check_positive,
+    agent_parser,
     layered,
     route_address,
+    short_hostname,
 )
 
 REPO_ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
@@ -215,17 +216,13 @@ endpoints; a restarted agent adopts the running Envoy (state in run_dir) and con
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ernie-mesh gateway", description=HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", "-c", help="gateway.toml")
-    p.add_argument("--consul", help="Consul HTTP address (default 127.0.0.1:8500, or CONSUL_HTTP_ADDR)")
-    p.add_argument("--service", help="Consul service of the engines (default ernie)")
+    p = agent_parser("ernie-mesh gateway", HELP, "gateway.toml", "Consul service of the engines (default ernie)",
+                     "address registered in Consul for this gateway")
     p.add_argument("--name", help="gateway name, unique per gateway (default: hostname)")
     p.add_argument("--listen", help="OpenAI API host:port served by Envoy (default 0.0.0.0:8080)")
     p.add_argument("--envoy-admin", help="Envoy admin host:port, loopback only (default 127.0.0.1:9901)")
     p.add_argument("--xds", help="ADS gRPC host:port, loopback only (default 127.0.0.1:18000)")
     p.add_argument("--metrics", help="agent metrics host:port (default 127.0.0.1:9102)")
-    p.add_argument("--advertise-address", help="address registered in Consul for this gateway")
     p.add_argument("--run-dir", help="directory for the rendered bootstrap, Envoy log and state")
     p.add_argument("--envoy-log-level", help="Envoy log level (default warning)")
     p.add_argument("--envoy-concurrency", type=int, help="Envoy worker threads (default: one per core)")
@@ -255,7 +252,7 @@ def load(argv: list[str]) -> GatewayConfig:
 
 def finish(cfg: GatewayConfig) -> GatewayConfig:
     """Fill the defaults that depend on the machine (name, advertise address, run dir)."""
-    name = cfg.name or (socket.gethostname().split(".")[0] or "gateway")
+    name = cfg.name or short_hostname("gateway")
     name = re.sub(r"[^A-Za-z0-9_-]", "-", name)[:63]
     cfg = replace(cfg, name=name)
     if not cfg.advertise_address:
