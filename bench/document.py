@@ -104,55 +104,54 @@ in its upstream list until its next poll.
 """
 
 
+def _section(title: str, part: dict, body: list[str], note: str = "") -> list[str]:
+    """One part of the document: title, the machine it ran on, its table, what to read in it."""
+    return [title, "", f"Machine: {_machine(part['machine'])}.", "", *body, "", *([note, ""] if note else [])]
+
+
+def _drill_body(rows: list[dict], settings_note: str = "") -> list[str]:
+    return [report.settings_line(rows) + settings_note, "", *report.drill_table(rows), "",
+            "Requests that did not complete in full, by error:", "", *(report.error_notes(rows) or ["- none"])]
+
+
 def write(results: dict) -> None:
     out = [HEAD]
-    drills = results.get("drills")
-    if drills:
-        rows = drills["rows"]
-        out += ["## Failure drills — simulated engines", "",
-                f"Machine: {_machine(drills['machine'])}.", "", report.settings_line(rows), "",
-                *report.drill_table(rows), "", "Requests that did not complete in full, by error:", "",
-                *(report.error_notes(rows) or ["- none"]), ""]
-    vllm = results.get("vllm")
-    if vllm:
-        rows = vllm["rows"]
-        out += ["## Failure drills — real vLLM engines (CPU build)", "",
-                f"Machine: {_machine(vllm['machine'])}.", "",
-                report.settings_line(rows) + " The embedded default model (SmolLM2-135M-Instruct, "
-                "`agent.model.prepare_default_model()`), CPU flags of `agent/local/defaults.py`. Two engines "
-                "per system because two vLLM CPU engines already share the machine's two cores.", "",
-                *report.drill_table(rows), "", "Requests that did not complete in full, by error:", "",
-                *(report.error_notes(rows) or ["- none"]), ""]
+    if results.get("drills"):
+        out += _section("## Failure drills — simulated engines", results["drills"],
+                        _drill_body(results["drills"]["rows"]))
+    if results.get("vllm"):
+        out += _section("## Failure drills — real vLLM engines (CPU build)", results["vllm"], _drill_body(
+            results["vllm"]["rows"],
+            " The embedded default model (SmolLM2-135M-Instruct, `agent.model.prepare_default_model()`), CPU "
+            "flags of `agent/local/defaults.py`. Two engines per system because two vLLM CPU engines already "
+            "share the machine's two cores."))
     out += shortfalls(results)
     if results.get("overhead"):
-        o = results["overhead"]
-        out += ["## Proxy overhead", "", f"Machine: {_machine(o['machine'])}.", "", *report.overhead_table(o), "",
-                "The client is one asyncio process with keep-alive connections; \"direct\" spreads requests "
-                "round-robin over the three engines itself. On two shared cores the client, the proxy and the "
-                "engines compete for the same CPU, so the proxy's cost shows up as lost throughput (and in "
-                "p99) rather than added median latency: with a proxy in the path the closed-loop clients "
-                "send fewer requests per second, the engines' queues are shorter, and a median can come out "
-                "*below* direct (a negative \"added p50\"). Read the throughput ratio and the proxy CPU per "
-                "request as the cost.", ""]
+        out += _section("## Proxy overhead", results["overhead"], report.overhead_table(results["overhead"]),
+                        "The client is one asyncio process with keep-alive connections; \"direct\" spreads requests "
+                        "round-robin over the three engines itself. On two shared cores the client, the proxy and the "
+                        "engines compete for the same CPU, so the proxy's cost shows up as lost throughput (and in "
+                        "p99) rather than added median latency: with a proxy in the path the closed-loop clients "
+                        "send fewer requests per second, the engines' queues are shorter, and a median can come out "
+                        "*below* direct (a negative \"added p50\"). Read the throughput ratio and the proxy CPU per "
+                        "request as the cost.")
     if results.get("propagation"):
-        pr = results["propagation"]
-        out += ["## Propagation: Consul health change → Envoy", "", f"Machine: {_machine(pr['machine'])}.", "",
-                *report.propagation_lines(pr), "",
-                "The baseline's equivalent is its polling period: a health change reaches nginx 0–10 s later "
-                "(5 s on average, plus up to 5 s of /health timeout for an engine that stopped answering), and "
-                "a hung engine that still answers /health never does.", ""]
+        out += _section("## Propagation: Consul health change → Envoy", results["propagation"],
+                        report.propagation_lines(results["propagation"]),
+                        "The baseline's equivalent is its polling period: a health change reaches nginx 0–10 s later "
+                        "(5 s on average, plus up to 5 s of /health timeout for an engine that stopped answering), "
+                        "and a hung engine that still answers /health never does.")
     if results.get("scale"):
-        sc = results["scale"]
-        out += ["## Scale: 500 and 2,000 registered instances", "", f"Machine: {_machine(sc['machine'])}.", "",
-                *report.scale_table(sc["sizes"]), "",
-                "Snapshot build and EDS encode: the gateway's own modules in-process (`build_snapshot`, "
-                "`eds.cluster_load_assignment` + serialization), medians of 20 repeats. The other columns come "
-                "from a real Consul dev agent holding N passing instances, a real gateway agent and its Envoy: "
-                "time from the gateway agent's start to Envoy holding all N endpoints; single-instance verdict "
-                "flips timed from the Consul write to Envoy's `membership_total` gauge; process CPU time of the "
-                "gateway agent and of Envoy during the flips, minus their idle rate, per flip. Every change makes "
-                "the agent re-read and re-parse the whole service from Consul and rebuild the whole snapshot "
-                "(state of the world), which is what grows with N.", ""]
+        out += _section("## Scale: 500 and 2,000 registered instances", results["scale"],
+                        report.scale_table(results["scale"]["sizes"]),
+                        "Snapshot build and EDS encode: the gateway's own modules in-process (`build_snapshot`, "
+                        "`eds.cluster_load_assignment` + serialization), medians of 20 repeats. The other columns "
+                        "come from a real Consul dev agent holding N passing instances, a real gateway agent and its "
+                        "Envoy: time from the gateway agent's start to Envoy holding all N endpoints; single-instance "
+                        "verdict flips timed from the Consul write to Envoy's `membership_total` gauge; process CPU "
+                        "time of the gateway agent and of Envoy during the flips, minus their idle rate, per flip. "
+                        "Every change makes the agent re-read and re-parse the whole service from Consul and rebuild "
+                        "the whole snapshot (state of the world), which is what grows with N.")
     report.DOC.parent.mkdir(parents=True, exist_ok=True)
     report.DOC.write_text("\n".join(out).rstrip() + "\n")
 
