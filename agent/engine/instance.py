@@ -2,7 +2,7 @@
 
 reconcile_once() reads the facts once, decides (verdict.decide is pure), acts on the catalog and
 returns a one-line summary; run() wraps it in a loop that survives every error and wakes early on
-change or shutdown (DESIGN.md §7)."""
+change or shutdown (docs/architecture.md §7.4)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 KILL_GRACE_S = 10.0
 
-# CPU builds need these (DESIGN.md §5); a user's env in the config wins.
+# CPU builds need these (docs/architecture.md §5.4); a user's env in the config wins.
 VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 

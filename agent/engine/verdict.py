@@ -1,4 +1,4 @@
-"""The health verdict: a pure function of observed facts (DESIGN.md §4). Never stored, always derived."""
+"""The health verdict: a pure function of observed facts (docs/architecture.md §2.2). Never stored, always derived."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Embedded defaults for running vLLM on this machine (DESIGN.md §5): CPU build flags, or GPU."""
+"""Embedded defaults for running vLLM on this machine (docs/architecture.md §5.4): CPU build flags, or GPU."""
 
 from __future__ import annotations
 

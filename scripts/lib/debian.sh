@@ -1,5 +1,5 @@
 # Sourced by install scripts: take binaries out of a package of another Debian suite without
-# touching the system's apt state (DESIGN.md §5).
+# touching the system's apt state (docs/architecture.md §5.1).
 
 debian_mirror() {
   # The Debian mirror this machine already uses (deb822 or one-line sources), not a hard-coded one.

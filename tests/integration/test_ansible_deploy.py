@@ -339,7 +339,7 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
         # Envoy's dead-peer timeout resets the connections to the vanished host; requests on them
         # that had no response yet are retried on engine1: no non-streaming request fails. Only a
         # stream already answering from engine2 at the instant of the cut (its headers sent, with
-        # or without tokens yet) is cut with it: resuming it elsewhere is DESIGN §8.
+        # or without tokens yet) is cut with it: resuming it elsewhere is docs/architecture.md §8.
         s_all = summarize(results, t_detect - t_cut + AFTER_DETECTION_S)
         after = [r for r in results if r.started >= t_detect]
         s_after = summarize(after, AFTER_DETECTION_S)

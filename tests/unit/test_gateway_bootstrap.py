@@ -1,4 +1,4 @@
-"""Envoy bootstrap rendering: every placeholder filled, every DESIGN §5 trap avoided, Envoy accepts it."""
+"""Envoy bootstrap rendering: every placeholder filled, every docs/architecture.md §5.2 trap avoided, Envoy accepts it."""
 
 from __future__ import annotations
 
