@@ -18,6 +18,7 @@ from agent.catalog.base import Catalog, CatalogEntry, CatalogError, NotRegistere
 from agent.gateway.config import GATEWAY_SERVICE, GatewayConfig
 from agent.gateway.envoy import EnvoySupervisor
 from agent.gateway.metrics import GatewayMetrics
+from agent.gateway.relays import RelaySupervisor
 from agent.gateway.snapshot import Snapshot, build_snapshot, with_held
 from agent.gateway.xds import AdsServer
 
@@ -64,8 +65,9 @@ def registration_of(cfg: GatewayConfig) -> Registration:
 
 class GatewayAgent:
     def __init__(self, cfg: GatewayConfig, catalog: Catalog, metrics: GatewayMetrics, ads: AdsServer,
-                 envoy: EnvoySupervisor, clock=time.monotonic):
+                 envoy: EnvoySupervisor, relays: RelaySupervisor | None = None, clock=time.monotonic):
         self.cfg = cfg
+        self.relays = relays
         self.catalog = catalog
         self.metrics = metrics
         self.ads = ads
@@ -148,10 +150,18 @@ class GatewayAgent:
         envoy_state = self.envoy.ensure()
         ready = envoy_state == "running" and self.envoy.admin.ready()
         self.metrics.envoy_up.set(1 if ready else 0)
+        relays = self.relays.ensure() if self.relays is not None else None
+        if relays is not None:
+            self.metrics.relays_up.set(relays)
         streams = self.ads.streams()
         self.metrics.xds_streams.set(len(streams))
-        verdict = Verdict(VerdictState.PASSING) if ready else \
-            Verdict(VerdictState.CRITICAL, f"envoy {envoy_state if envoy_state != 'running' else 'not ready'}")
+        if not ready:
+            verdict = Verdict(VerdictState.CRITICAL,
+                              f"envoy {envoy_state if envoy_state != 'running' else 'not ready'}")
+        elif relays == 0:
+            verdict = Verdict(VerdictState.CRITICAL, "no relay process running")
+        else:
+            verdict = Verdict(VerdictState.PASSING)
         registration = self._keep_registered(verdict)
         snap = self.snapshot
         acked = sorted({s.acked_version[:8] or "-" for s in streams})
@@ -159,7 +169,8 @@ class GatewayAgent:
         consul = "consul ok" if watch is None or watch.failing_since is None else \
             f"consul unreachable ({watch.last_error.split(':')[-1].strip()})"
         held = f" ({len(self._held)} held)" if self._held else ""
-        return (f"envoy pid {self.envoy.pid} {envoy_state}{', ready' if ready else ''}; "
+        relay_part = f"relays {relays}/{len(self.relays.slots)}; " if self.relays is not None else ""
+        return (f"envoy pid {self.envoy.pid} {envoy_state}{', ready' if ready else ''}; {relay_part}"
                 f"snapshot {snap.summary() if snap else 'none yet'}{held}; "
                 f"xds {len(streams)} stream(s) acked {','.join(acked) or '-'}; {consul}; registration {registration}")
 

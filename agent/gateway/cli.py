@@ -15,6 +15,7 @@ from agent.gateway import config as gateway_config
 from agent.gateway.agent import GatewayAgent
 from agent.gateway.envoy import EnvoySupervisor
 from agent.gateway.metrics import GatewayMetrics
+from agent.gateway.relays import RelaySupervisor
 from agent.gateway.watch import CatalogWatch, WatchSettings
 from agent.gateway.xds import AdsServer
 from agent.local.binaries import MissingBinary, envoy_binary
@@ -57,7 +58,8 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     agent: GatewayAgent
     ads = AdsServer(cfg.xds, on_ack=lambda *a: agent.on_ack(*a), on_nack=lambda *a: agent.on_nack(*a),
                     on_push=lambda *a: agent.on_push(*a))
-    agent = GatewayAgent(cfg, catalog, metrics, ads, envoy)
+    relays = RelaySupervisor(cfg, on_restart=metrics.relay_restarts.inc)
+    agent = GatewayAgent(cfg, catalog, metrics, ads, envoy, relays)
     watch = CatalogWatch(
         catalog, cfg.consul.service, agent.on_catalog,
         WatchSettings(wait_s=cfg.watch_wait_s, settle_s=cfg.settle_s, min_interval_s=cfg.watch_min_interval_s,
@@ -77,9 +79,11 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     metrics_server, _thread = metrics.serve(host, port)
     ads.start()
     watch.start()  # publishes the first snapshot as soon as Consul answers
+    relays_how = relays.adopt_or_start()
+    metrics.include_relays(cfg.relay_metrics_dir)
     how = envoy.adopt_or_start()
-    log.info("gateway %s: OpenAI API %s (envoy %s), admin %s, xDS %s, metrics %s, Consul %s service %r",
-             cfg.name, cfg.listen_url, how, cfg.admin_url, cfg.xds, cfg.metrics_url, cfg.consul.address,
+    log.info("gateway %s: OpenAI API %s (envoy %s, relays %s), admin %s, xDS %s, metrics %s, Consul %s service %r",
+             cfg.name, cfg.listen_url, how, relays_how, cfg.admin_url, cfg.xds, cfg.metrics_url, cfg.consul.address,
              cfg.consul.service)
     try:
         agent.run()
@@ -87,6 +91,7 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
         log.info("shutting down: deregistering, draining envoy (up to %.0fs)", cfg.envoy_drain_s)
         agent.deregister()
         envoy.stop()
+        relays.stop()
         watch.stop(timeout_s=0.2)  # a daemon thread, maybe inside a blocking query
         ads.stop()
         metrics_server.shutdown()

@@ -29,6 +29,7 @@ from agent.config import (
 REPO_ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
 DEFAULT_BOOTSTRAP_TEMPLATE = REPO_ENVOY_DIR / "bootstrap.yaml"
 GATEWAY_SERVICE = "ernie-gateway"
+UNIX_PATH_MAX = 107
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
@@ -83,6 +84,25 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class RelaySettings:
+    """The resuming relay (agent/gateway/relay): processes and resume policy. docs/gateway.md."""
+
+    processes: int = 2                 # Envoy balances over them; one that dies is restarted, the other serves
+    stall_s: float = 1.0               # a request on an instance that left the snapshot, silent this long, is rescued
+    resume_limit: int = 3              # continuations per request
+    resume_limit_after_crash: int = 1  # ... after the engine died or errored under it (a prompt of death)
+    resume_wait_s: float = 10.0        # a continuation waits this long for a healthy instance
+    drain_s: float = 30.0              # on stop: requests in flight get this long
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.processes <= 16):
+            raise ConfigError(f"relay.processes must be 1-16, got {self.processes}")
+        check_positive(self, "stall_s")
+        if min(self.resume_limit, self.resume_limit_after_crash, self.resume_wait_s, self.drain_s) < 0:
+            raise ConfigError("relay.resume_limit, resume_limit_after_crash, resume_wait_s and drain_s must be >= 0")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     consul: ConsulConfig = field(default_factory=ConsulConfig)
     name: str = ""                       # default: short hostname; unique per gateway
@@ -112,6 +132,7 @@ class GatewayConfig:
     run_dir: str = ""                    # bootstrap, Envoy log, adoption state; default under $TMPDIR
     bootstrap_template: str = str(DEFAULT_BOOTSTRAP_TEMPLATE)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    relay: RelaySettings = field(default_factory=RelaySettings)
 
     def __post_init__(self) -> None:
         for key in ("listen", "envoy_admin", "xds", "metrics"):
@@ -149,6 +170,18 @@ class GatewayConfig:
 
     def host_port(self, key: str) -> tuple[str, int]:
         return check_host_port(getattr(self, key), key)
+
+    @property
+    def hop_socket(self) -> str:
+        """Envoy's engine hop: the relay's way to the engines (a unix socket in run_dir)."""
+        return str(Path(self.run_dir) / "engine-hop.sock")
+
+    def relay_socket(self, index: int) -> str:
+        return str(Path(self.run_dir) / f"relay-{index}.sock")
+
+    @property
+    def relay_metrics_dir(self) -> str:
+        return str(Path(self.run_dir) / "relay-metrics")
 
     @property
     def instance_id(self) -> str:
@@ -204,6 +237,10 @@ Config file (TOML), every key optional:
   [consul]
   address = "127.0.0.1:8500"        # or CONSUL_HTTP_ADDR; token: CONSUL_HTTP_TOKEN
   service = "ernie"
+  [relay]                           # the resuming relay (docs/gateway.md)
+  processes = 2
+  stall_s = 1.0                     # rescue a request silent this long on an instance that left
+  resume_limit = 3                  # continuations per request (1 after an engine crash)
   [policy]
   num_retries = 3
   outlier_max_ejection_percent = 50
@@ -263,4 +300,8 @@ def finish(cfg: GatewayConfig) -> GatewayConfig:
         cfg = replace(cfg, run_dir=str(Path(tempfile.gettempdir()) / f"ernie-mesh-{os.getuid()}" / f"gateway-{name}"))
     if not Path(cfg.bootstrap_template).is_file():
         raise ConfigError(f"bootstrap_template {cfg.bootstrap_template} not found")
+    longest = max([cfg.hop_socket] + [cfg.relay_socket(i) for i in range(cfg.relay.processes)], key=len)
+    if len(longest.encode()) > UNIX_PATH_MAX:
+        raise ConfigError(f"run_dir {cfg.run_dir} is too long for its unix sockets ({longest} is over "
+                          f"{UNIX_PATH_MAX} bytes): choose a shorter run_dir")
     return cfg

@@ -38,6 +38,15 @@ class GatewayMetrics:
                                registry=r)
         self.envoy_restarts = Counter("ernie_gateway_envoy_restarts_total", "Envoy restarts by the agent", registry=r)
         self.envoy_up = Gauge("ernie_gateway_envoy_up", "1 while the supervised Envoy is live and ready", registry=r)
+        self.relays_up = Gauge("ernie_gateway_relays_up", "Relay processes running", registry=r)
+        self.relay_restarts = Counter("ernie_gateway_relay_restarts_total", "Relay process restarts by the agent",
+                                      registry=r)
+
+    def include_relays(self, metrics_dir: str) -> None:
+        """Serve the relay processes' metrics (ernie_relay_*, multiprocess files) with the agent's."""
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(self.registry, path=metrics_dir)
 
     # WatchMetrics protocol
     def watch_error(self) -> None:

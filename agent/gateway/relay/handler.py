@@ -1,0 +1,298 @@
+"""One client request through the relay: attempts, resumes, the client's stream.
+
+    attempt 0: the client's request, balanced by Envoy (retries before the first byte are Envoy's)
+    attempt k: a continuation, sent by Envoy's stateful-session header to an instance the relay
+               picked (healthy in the snapshot, not tried by this request); no Envoy retries
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from agent.gateway.relay import sse
+from agent.gateway.relay.membership import Attempt, Member, Membership
+from agent.gateway.relay.metrics import RelayMetrics
+from agent.gateway.relay.request import CONTINUATION_PATH, ROUTES, RelayRequest, parse
+from agent.gateway.relay.transcript import Signal, Transcript, error_body, error_event
+
+log = logging.getLogger("agent.gateway.relay")
+
+HOST_OVERRIDE_HEADER = "x-ernie-host"      # Envoy's stateful session (header based, strict)
+ATTEMPT_HEADER = "x-ernie-attempt"         # "resume": the hop's route without retries
+INSTANCE_HEADER = "x-ernie-instance"
+# Request headers that belong to one hop, not to the request.
+_HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "expect",
+                          "accept-encoding", "te", "trailer", "upgrade", "proxy-connection",
+                          HOST_OVERRIDE_HEADER, ATTEMPT_HEADER})
+_PASSED_RESPONSE_HEADERS = ("x-request-id",)
+SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+
+# Why an attempt ended.
+DONE = "done"
+ENGINE_LOST = "engine_lost"    # connection reset / EOF before the final chunk (killed engine, lost host)
+ERROR_EVENT = "error_event"    # the engine reported a mid-stream error
+ABORT = "abort"                # vLLM aborted it (SIGTERM without drain, drain deadline)
+RESCUED = "rescued"            # its instance left the snapshot and it made no progress (hung)
+CRASH_LIKE = frozenset({ENGINE_LOST, ERROR_EVENT})
+MAX_REFUSALS = 5  # continuations refused (instance gone between pick and send) before giving up
+
+
+@dataclass(frozen=True)
+class ResumePolicy:
+    limit: int = 3             # continuations per request, whatever the cause
+    limit_after_crash: int = 1  # ... of which after the engine died or errored under it (a prompt of death)
+    wait_s: float = 10.0        # how long a continuation waits for a healthy instance to appear
+
+
+class ClientGone(Exception):
+    pass
+
+
+class ClientStream:
+    """The response to the client, started lazily (so that an upstream 4xx passes through as it is)."""
+
+    def __init__(self, request: web.Request):
+        self.request = request
+        self.resp: web.StreamResponse | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.resp is not None
+
+    async def start(self, instance: str, upstream_headers) -> None:
+        headers = dict(SSE_HEADERS)
+        if instance:
+            headers[INSTANCE_HEADER] = instance
+        for h in _PASSED_RESPONSE_HEADERS:
+            if h in upstream_headers:
+                headers[h] = upstream_headers[h]
+        resp = web.StreamResponse(status=200, headers=headers)
+        try:
+            await resp.prepare(self.request)
+        except (ConnectionError, aiohttp.ClientConnectionError) as e:
+            raise ClientGone() from e
+        self.resp = resp
+
+    async def write(self, events: list[bytes]) -> None:
+        assert self.resp is not None
+        try:
+            await self.resp.write(b"".join(e + sse.EVENT_END for e in events))
+        except (ConnectionError, aiohttp.ClientConnectionError, RuntimeError) as e:
+            raise ClientGone() from e
+
+
+class Relay:
+    def __init__(self, session: aiohttp.ClientSession, membership: Membership, metrics: RelayMetrics,
+                 policy: ResumePolicy, clock=time.monotonic):
+        self.session = session
+        self.membership = membership
+        self.metrics = metrics
+        self.policy = policy
+        self.clock = clock
+        self.active = 0  # requests in flight in this process (the drain waits for 0)
+
+    # --- entry ------------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        kind = ROUTES[request.path]
+        raw = await request.read()
+        req = parse(kind, raw)
+        self.metrics.in_flight.inc()
+        self.active += 1
+        try:
+            if req is None or (not req.resumable and not req.stream):
+                return await self._pass_through(request, raw)
+            return await self._relay(request, req)
+        finally:
+            self.active -= 1
+            self.metrics.in_flight.dec()
+
+    def _headers(self, request: web.Request, member: Member | None) -> dict[str, str]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers["content-type"] = "application/json"
+        if member is not None:
+            headers[HOST_OVERRIDE_HEADER] = member.host_override
+            headers[ATTEMPT_HEADER] = "resume"
+        return headers
+
+    async def _pass_through(self, request: web.Request, raw: bytes) -> web.Response:
+        """Requests that cannot be resumed and wait for a whole body anyway: one attempt, as they are."""
+        async with self.session.post(request.path_qs, data=raw, headers=self._headers(request, None)) as resp:
+            body = await resp.read()
+            headers = {k: v for k, v in resp.headers.items()
+                       if k.lower() in ("content-type", INSTANCE_HEADER, *_PASSED_RESPONSE_HEADERS)}
+        self.metrics.requests.labels(request.path, "ok" if resp.status < 400 else "rejected").inc()
+        return web.Response(status=resp.status, body=body, headers=headers)
+
+    # --- the relay loop ---------------------------------------------------------------------
+
+    async def _relay(self, request: web.Request, req: RelayRequest) -> web.StreamResponse:
+        t = Transcript(req)
+        client = ClientStream(request)
+        excluded: set[str] = set()
+        crash_resumes = refusals = 0
+        member: Member | None = None
+        failed_at: float | None = None
+        last_reason = ""
+        try:
+            while True:
+                if t.started:
+                    path, body = CONTINUATION_PATH, t.continuation()
+                else:
+                    path, body = request.path_qs, req.upstream_body()
+                attempt = Attempt(self.clock)
+                outcome, early = await self._attempt(request, req, t, client, attempt, path, body, member,
+                                                     continuing=t.started and t.resumes > 0)
+                if failed_at is not None and outcome != "refused":
+                    self.metrics.resume_latency.observe(max(attempt.last_event_at - failed_at, 0.0))
+                    self.metrics.resumes.labels(last_reason, "ok" if outcome == DONE else "failed").inc()
+                if early is not None:
+                    self.metrics.requests.labels(request.path, "rejected").inc()
+                    return early
+                if outcome == DONE:
+                    return await self._finish(request, req, t, client)
+                # The attempt failed: continue elsewhere, within bounds.
+                if attempt.instance:
+                    excluded.add(attempt.instance)
+                elif member is not None:
+                    excluded.add(member.instance_id)
+                if outcome == "refused":
+                    refusals += 1
+                    if refusals > MAX_REFUSALS:
+                        return await self._give_up(request, req, t, client,
+                                                   "no instance accepted the request (engine hop unreachable?)")
+                else:
+                    last_reason, failed_at = outcome, self.clock()
+                    if outcome in CRASH_LIKE:
+                        crash_resumes += 1
+                    t.resumes += 1
+                log.info("request %s on %s ended (%s) after %d tokens; resume %d", t.id or "-",
+                         attempt.instance or (member.instance_id if member else "?"), outcome,
+                         t.generated_count(), t.resumes)
+                why = self._why_not_resume(req, t, crash_resumes)
+                if why:
+                    self.metrics.resumes.labels(last_reason or outcome, why[0]).inc()
+                    return await self._give_up(request, req, t, client, why[1])
+                if req.max_tokens is not None and t.started and t.generated_count() >= req.max_tokens:
+                    t.finish_reason = "length"  # every token was relayed; only the final chunk was lost
+                    return await self._finish(request, req, t, client, synthesize_final=True)
+                member = await self.membership.wait_pick(excluded, self.policy.wait_s)
+                if member is None:
+                    self.metrics.resumes.labels(last_reason, "no_instance").inc()
+                    return await self._give_up(request, req, t, client, "no other healthy instance to continue on")
+                if t.started:
+                    self.metrics.tokens_replayed.inc(t.generated_count())
+        except ClientGone:
+            self.metrics.requests.labels(request.path, "client_gone").inc()
+            return client.resp or web.Response(status=499)
+
+    def _why_not_resume(self, req: RelayRequest, t: Transcript, crash_resumes: int) -> tuple[str, str] | None:
+        if not req.resumable:
+            return "not_resumable", (f"the instance serving this request failed, and a request with {req.why_not} "
+                                     "cannot be continued exactly on another instance")
+        if crash_resumes > self.policy.limit_after_crash:
+            return "limit", (f"this request was cut on {crash_resumes} instances (engine died or errored): "
+                             "not trying another")
+        if t.resumes > self.policy.limit:
+            return "limit", f"this request failed on {t.resumes} instances: not trying another"
+        return None
+
+    async def _attempt(self, request: web.Request, req: RelayRequest, t: Transcript, client: ClientStream,
+                       attempt: Attempt, path: str, body: bytes, member: Member | None,
+                       continuing: bool) -> tuple[str, web.StreamResponse | None]:
+        """Run one upstream attempt; returns (why it ended, a response to return as it is or None)."""
+        try:
+            ctx = self.session.post(path, data=body, headers=self._headers(request, member))
+            resp = await ctx.__aenter__()
+        except (aiohttp.ClientError, OSError) as e:
+            log.warning("engine hop unreachable: %s", e)
+            return "refused", None
+        try:
+            attempt.close = resp.close
+            if resp.status != 200:
+                if client.started or member is not None and t.resumes > 0:
+                    return "refused", None  # the chosen instance is gone: the caller picks another
+                payload = await resp.read()
+                headers = {k: v for k, v in resp.headers.items()
+                           if k.lower() in ("content-type", INSTANCE_HEADER, *_PASSED_RESPONSE_HEADERS)}
+                return "rejected", web.Response(status=resp.status, body=payload, headers=headers)
+            instance = resp.headers.get(INSTANCE_HEADER, "") or (member.instance_id if member else "")
+            self.membership.track(attempt, instance)
+            t.served_by(instance)
+            if req.stream and not client.started:
+                await client.start(instance, resp.headers)
+            try:
+                return await self._read(resp, req, t, client, attempt, continuing), None
+            finally:
+                self.membership.untrack(attempt)
+        finally:
+            resp.close()
+
+    async def _read(self, resp: aiohttp.ClientResponse, req: RelayRequest, t: Transcript, client: ClientStream,
+                    attempt: Attempt, continuing: bool) -> str:
+        splitter = sse.EventSplitter()
+        on_event = t.continued if continuing else t.native
+        finished = False
+        try:
+            async for data in resp.content.iter_any():
+                attempt.last_event_at = self.clock()
+                out: list[bytes] = []
+                ended = ""
+                for ev in splitter.feed(data):
+                    payload, signal = on_event(ev)
+                    if payload is not None:
+                        out.append(payload)
+                    if signal == Signal.FINISH:
+                        finished = True
+                    elif signal == Signal.DONE:
+                        ended = DONE
+                        break
+                    elif signal == Signal.ABORT:
+                        ended = ABORT
+                        break
+                    elif signal == Signal.ERROR:
+                        ended = DONE if finished else ERROR_EVENT
+                        break
+                if out and req.stream:
+                    await client.write(out)
+                if ended:
+                    return ended
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError):
+            pass
+        if finished:
+            return DONE  # the final chunk came; only [DONE] (written by us) was lost
+        return RESCUED if attempt.rescued else ENGINE_LOST
+
+    # --- endings ----------------------------------------------------------------------------
+
+    async def _finish(self, request: web.Request, req: RelayRequest, t: Transcript, client: ClientStream,
+                      synthesize_final: bool = False) -> web.StreamResponse:
+        self.metrics.requests.labels(request.path, "resumed" if t.resumes else "ok").inc()
+        if not req.stream:
+            headers = {"content-type": "application/json"}
+            if t.instances:
+                headers[INSTANCE_HEADER] = t.instances[0]
+            return web.Response(status=200, body=t.response(), headers=headers)
+        events = []
+        if synthesize_final:
+            events.append(t._client_chunk("", [], t.finish_reason, None))
+        events.extend(t.closing_events())
+        await client.write(events)
+        await client.resp.write_eof()
+        return client.resp
+
+    async def _give_up(self, request: web.Request, req: RelayRequest, t: Transcript, client: ClientStream,
+                       message: str) -> web.StreamResponse:
+        self.metrics.requests.labels(request.path, "failed").inc()
+        log.warning("request %s failed: %s", t.id or "-", message)
+        if not client.started:
+            return web.Response(status=503, body=error_body(message), content_type="application/json")
+        await client.write([error_event(message)])
+        await client.resp.write_eof()
+        return client.resp

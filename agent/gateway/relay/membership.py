@@ -1,0 +1,122 @@
+"""The instances the relay may continue on, and the attempts running on each.
+
+Fed by the gateway agent's snapshot (ads_client.py), the same one Envoy gets. When an instance
+leaves it (critical or gone), every attempt still on it that has made no progress for `stall_s`
+is rescued: its connection is closed (so nothing keeps running there when a frozen engine thaws)
+and its request continues elsewhere. Attempts that are still flowing stay: an instance can leave
+the snapshot because its engine agent died (its TTL expired) while the engine serves on.
+A draining instance keeps its attempts: the drain exists to let them finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Member:
+    instance_id: str
+    address: str  # ip:port, as Envoy's endpoint
+    healthy: bool  # False: draining (no new work, in-flight finishes)
+
+    @property
+    def host_override(self) -> str:
+        """The value of Envoy's stateful-session header that routes a request to this instance."""
+        return base64.b64encode(self.address.encode()).decode()
+
+
+class Attempt:
+    """One upstream request of a client request. `close` is set by the upstream once it is open."""
+
+    __slots__ = ("instance", "last_event_at", "rescued", "close")
+
+    def __init__(self, clock: Callable[[], float]):
+        self.instance = ""
+        self.last_event_at = clock()
+        self.rescued = False
+        self.close: Callable[[], Any] | None = None
+
+    def rescue(self) -> None:
+        self.rescued = True
+        if self.close is not None:
+            self.close()
+
+
+class Membership:
+    def __init__(self, stall_s: float, clock: Callable[[], float] = time.monotonic):
+        self.stall_s = stall_s
+        self.clock = clock
+        self.members: dict[str, Member] = {}
+        self.version = ""
+        self._attempts: dict[str, set[Attempt]] = {}
+        self._changed = asyncio.Event()
+
+    # --- the snapshot ---------------------------------------------------------------------------
+
+    def update(self, members: list[Member], version: str = "") -> list[Attempt]:
+        """A new snapshot; returns the attempts rescued because their instance left it."""
+        self.members = {m.instance_id: m for m in members}
+        self.version = version
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return self.sweep()
+
+    def sweep(self) -> list[Attempt]:
+        """Rescue the stalled attempts on instances that are not in the snapshot (called on every
+        update and periodically: an attempt flowing when its instance left may stall later)."""
+        now = self.clock()
+        rescued = []
+        for instance, attempts in self._attempts.items():
+            if instance in self.members:
+                continue
+            for a in list(attempts):
+                if not a.rescued and now - a.last_event_at >= self.stall_s:
+                    a.rescue()
+                    rescued.append(a)
+        return rescued
+
+    # --- attempts -------------------------------------------------------------------------------
+
+    def track(self, attempt: Attempt, instance: str) -> None:
+        attempt.instance = instance
+        self._attempts.setdefault(instance, set()).add(attempt)
+
+    def untrack(self, attempt: Attempt) -> None:
+        attempts = self._attempts.get(attempt.instance)
+        if attempts is not None:
+            attempts.discard(attempt)
+            if not attempts:
+                del self._attempts[attempt.instance]
+
+    def in_flight(self, instance: str) -> int:
+        return len(self._attempts.get(instance, ()))
+
+    # --- where a continuation goes --------------------------------------------------------------
+
+    def pick(self, excluded: set[str]) -> Member | None:
+        """A healthy instance not yet tried by this request, least loaded by this relay first."""
+        candidates = [m for m in self.members.values() if m.healthy and m.instance_id not in excluded]
+        if not candidates:
+            return None
+        least = min(self.in_flight(m.instance_id) for m in candidates)
+        return random.choice([m for m in candidates if self.in_flight(m.instance_id) == least])
+
+    async def wait_pick(self, excluded: set[str], timeout_s: float) -> Member | None:
+        """`pick`, waiting up to timeout_s for an instance to come (back) into the snapshot."""
+        deadline = self.clock() + timeout_s
+        while True:
+            member = self.pick(excluded)
+            if member is not None:
+                return member
+            left = deadline - self.clock()
+            if left <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                return None

@@ -1,0 +1,213 @@
+"""Start, supervise, adopt and stop the gateway's relay processes (`ernie-mesh relay`, one per
+unix socket in run_dir; Envoy's edge balances over them).
+
+Like Envoy, each relay runs in its own session and outlives the agent: a restarted agent adopts
+the relays a previous one left (pid and command digest in run_dir/relay-<i>.json), and their ADS
+streams reconnect to it. A relay that dies is restarted after a short capped backoff; while it is
+away Envoy sends new requests to the others (connect failure -> retry on another relay). The
+streams a dying relay carried end at the client (its connection to Envoy is gone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agent.gateway.config import GatewayConfig
+from agent.gateway.envoy import _cmdline, _proc_state
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_INITIAL_S = 0.2
+RESTART_BACKOFF_MAX_S = 5.0
+STABLE_AFTER_S = 30.0
+STOP_GRACE_S = 5.0
+# Never inherited by a relay: it needs no Consul access.
+_SECRET_ENV = ("CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE")
+
+
+def relay_command(cfg: GatewayConfig, index: int) -> list[str]:
+    r = cfg.relay
+    return [sys.executable, "-m", "agent", "relay", "--socket", cfg.relay_socket(index),
+            "--hop-socket", cfg.hop_socket, "--xds", cfg.xds, "--cluster", cfg.cluster,
+            "--node-id", f"{cfg.name}-relay-{index}", "--stall-s", str(r.stall_s),
+            "--resume-limit", str(r.resume_limit), "--resume-limit-after-crash", str(r.resume_limit_after_crash),
+            "--resume-wait-s", str(r.resume_wait_s), "--max-body-bytes", str(cfg.policy.request_buffer_limit_bytes),
+            "--drain-s", str(r.drain_s)]
+
+
+class _Slot:
+    def __init__(self, index: int):
+        self.index = index
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+        self.started_at = 0.0
+        self.next_start_at: float | None = None
+        self.backoff_s = RESTART_BACKOFF_INITIAL_S
+
+
+class RelaySupervisor:
+    def __init__(self, cfg: GatewayConfig, on_restart=None, clock=time.monotonic):
+        self.cfg = cfg
+        self.on_restart = on_restart
+        self.clock = clock
+        self.run_dir = Path(cfg.run_dir)
+        self.metrics_dir = Path(cfg.relay_metrics_dir)
+        self.slots = [_Slot(i) for i in range(cfg.relay.processes)]
+        self._stopping = False
+
+    # --- files ----------------------------------------------------------------------------------
+
+    def _record_path(self, i: int) -> Path:
+        return self.run_dir / f"relay-{i}.json"
+
+    def _log_path(self, i: int) -> Path:
+        return self.run_dir / f"relay-{i}.log"
+
+    def _digest(self, i: int) -> str:
+        return hashlib.sha256(json.dumps(relay_command(self.cfg, i)[3:]).encode()).hexdigest()[:16]
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
+        repo = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
+        return env
+
+    # --- start / adopt --------------------------------------------------------------------------
+
+    def adopt_or_start(self) -> str:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        adopted = 0
+        for slot in self.slots:
+            rec = self._read(slot.index)
+            if rec and self._alive_pid(rec.get("pid", 0)) and rec.get("digest") == self._digest(slot.index) \
+                    and cfg_socket_in(_cmdline(rec["pid"]), self.cfg.relay_socket(slot.index)):
+                slot.pid, slot.started_at = rec["pid"], self.clock()
+                adopted += 1
+            elif rec and self._alive_pid(rec.get("pid", 0)) and \
+                    cfg_socket_in(_cmdline(rec["pid"]), self.cfg.relay_socket(slot.index)):
+                log.warning("relay %d (pid %d) runs another configuration: replacing it", slot.index, rec["pid"])
+                self._terminate(rec["pid"], None)
+        if adopted == 0:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)  # counters of a previous run
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        for slot in self.slots:
+            if slot.pid is None:
+                self._spawn(slot)
+        return f"{adopted} adopted, {len(self.slots) - adopted} started"
+
+    def _read(self, i: int) -> dict | None:
+        try:
+            return json.loads(self._record_path(i).read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive_pid(pid: int) -> bool:
+        return bool(pid) and _proc_state(pid) not in ("", "Z")
+
+    def _spawn(self, slot: _Slot) -> None:
+        with open(self._log_path(slot.index), "ab") as logf:
+            slot.proc = subprocess.Popen(relay_command(self.cfg, slot.index), stdin=subprocess.DEVNULL,
+                                         stdout=logf, stderr=subprocess.STDOUT, env=self._env(),
+                                         start_new_session=True)
+        slot.pid, slot.started_at = slot.proc.pid, self.clock()
+        tmp = self._record_path(slot.index).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": slot.pid, "digest": self._digest(slot.index)}))
+        os.replace(tmp, self._record_path(slot.index))
+        log.info("relay %d started: pid %d, socket %s", slot.index, slot.pid, self.cfg.relay_socket(slot.index))
+
+    # --- supervision ----------------------------------------------------------------------------
+
+    def _slot_alive(self, slot: _Slot) -> bool:
+        if slot.pid is None:
+            return False
+        if slot.proc is not None and slot.proc.pid == slot.pid:
+            return slot.proc.poll() is None
+        return self._alive_pid(slot.pid)
+
+    def ensure(self) -> int:
+        """One supervision step; returns how many relays are running."""
+        now = self.clock()
+        running = 0
+        for slot in self.slots:
+            if self._slot_alive(slot):
+                running += 1
+                if now - slot.started_at > STABLE_AFTER_S:
+                    slot.backoff_s = RESTART_BACKOFF_INITIAL_S
+                continue
+            if self._stopping:
+                continue
+            if slot.next_start_at is None:
+                log.error("relay %d (pid %s) died; restarting in %.1fs (log %s)", slot.index, slot.pid,
+                          slot.backoff_s, self._log_path(slot.index))
+                self._forget(slot.pid)
+                slot.next_start_at = now + slot.backoff_s
+                slot.backoff_s = min(slot.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+            if now >= slot.next_start_at:
+                slot.next_start_at = None
+                self._spawn(slot)
+                running += 1
+                if self.on_restart:
+                    self.on_restart()
+        return running
+
+    def _forget(self, pid: int | None) -> None:
+        if pid:
+            try:
+                from prometheus_client import multiprocess
+                multiprocess.mark_process_dead(pid, str(self.metrics_dir))
+            except (OSError, ImportError):
+                pass  # its gauge files are gone already
+
+    # --- stop -----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping = True
+        pids = [(s.pid, s.proc) for s in self.slots if self._slot_alive(s)]
+        for pid, _ in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass  # already gone
+        deadline = self.clock() + self.cfg.relay.drain_s + STOP_GRACE_S
+        for pid, proc in pids:
+            self._wait(pid, proc, deadline)
+        for s in self.slots:
+            self._record_path(s.index).unlink(missing_ok=True)
+
+    def _terminate(self, pid: int, proc: subprocess.Popen | None) -> None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        self._wait(pid, proc, self.clock() + self.cfg.relay.drain_s + STOP_GRACE_S)
+
+    def _wait(self, pid: int, proc: subprocess.Popen | None, deadline: float) -> None:
+        while self.clock() < deadline:
+            if proc is not None and proc.pid == pid:
+                if proc.poll() is not None:
+                    return
+            elif not self._alive_pid(pid):
+                return
+            time.sleep(0.05)
+        log.warning("relay pid %d did not stop in time: killing it", pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # exited just now
+        if proc is not None and proc.pid == pid:
+            proc.wait(5)
+
+
+def cfg_socket_in(cmdline: list[str], socket_path: str) -> bool:
+    return socket_path in cmdline
