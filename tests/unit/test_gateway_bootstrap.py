@@ -30,13 +30,24 @@ def engines_cluster(doc: dict) -> dict:
     return next(c for c in doc["static_resources"]["clusters"] if c["name"] == "ernie")
 
 
+def hcm(doc: dict, listener: str = "openai_api") -> dict:
+    lst = next(x for x in doc["static_resources"]["listeners"] if x["name"] == listener)
+    return lst["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def routes(doc: dict, listener: str = "openai_api") -> list[dict]:
+    return hcm(doc, listener)["route_config"]["virtual_hosts"][0]["routes"]
+
+
 def route(doc: dict) -> dict:
-    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    return hcm["route_config"]["virtual_hosts"][0]["routes"][0]
+    """The edge's route straight to the engines (everything but the generation routes)."""
+    return next(r for r in routes(doc) if r["match"] == {"prefix": "/"})
 
 
-def hcm(doc: dict) -> dict:
-    return doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+def edge_headers(doc: dict) -> dict:
+    vhost = hcm(doc)["route_config"]["virtual_hosts"][0]
+    pairs = vhost.get("response_headers_to_add", []) + route(doc)["response_headers_to_add"]
+    return {h["header"]["key"]: h["header"]["value"] for h in pairs}
 
 
 def test_addresses_and_names_come_from_the_config():
@@ -86,9 +97,42 @@ def test_design_traps_are_avoided():
     assert filters == ["envoy.filters.http.router"]  # nothing buffers a stream
 
 
+def test_generation_routes_go_through_the_relay_processes():
+    from agent.gateway.config import RelaySettings
+
+    doc = rendered(cfg(relay=RelaySettings(processes=3)))
+    by_path = {r["match"].get("path"): r for r in routes(doc) if "path" in r["match"]}
+    assert set(by_path) == {"/v1/chat/completions", "/v1/completions"}
+    for r in by_path.values():
+        assert r["route"]["cluster"] == "ernie_relay" and r["route"]["timeout"] == "0s"
+        # a relay that is restarting refuses the connection: the request goes to another relay
+        assert set(r["route"]["retry_policy"]["retry_on"].split(",")) == {"connect-failure", "refused-stream", "reset"}
+        assert "response_headers_to_add" not in r  # x-ernie-instance comes from the relay (the engine's)
+    relay = next(c for c in doc["static_resources"]["clusters"] if c["name"] == "ernie_relay")
+    pipes = [e["endpoint"]["address"]["pipe"]["path"] for e in relay["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert pipes == ["/tmp/unused/relay-0.sock", "/tmp/unused/relay-1.sock", "/tmp/unused/relay-2.sock"]
+
+
+def test_the_engine_hop_is_a_private_socket_with_host_override_for_continuations():
+    doc = rendered()
+    hop = next(x for x in doc["static_resources"]["listeners"] if x["name"] == "engine_hop")
+    assert hop["address"]["pipe"] == {"path": "/tmp/unused/engine-hop.sock", "mode": 0o600}
+    filters = hcm(doc, "engine_hop")["http_filters"]
+    assert filters[0]["name"] == "envoy.filters.http.stateful_session"
+    assert filters[0]["typed_config"]["strict"] is True  # a continuation goes where the relay said, or 503
+    assert filters[0]["typed_config"]["session_state"]["typed_config"]["name"] == "x-ernie-host"
+    resume, fresh = routes(doc, "engine_hop")
+    assert resume["match"]["headers"][0]["name"] == "x-ernie-attempt"
+    assert "retry_policy" not in resume["route"]  # Envoy's retries must not multiply with resumes
+    assert fresh["route"]["retry_policy"] == route(doc)["route"]["retry_policy"]
+    for r in (resume, fresh):
+        assert r["response_headers_to_add"][0]["header"]["value"] == "%UPSTREAM_HOST_NAME%"
+    assert hcm(doc, "engine_hop")["local_reply_config"] == hcm(doc)["local_reply_config"]
+
+
 def test_instance_header_and_json_local_replies():
     doc = rendered()
-    headers = {h["header"]["key"]: h["header"]["value"] for h in route(doc)["response_headers_to_add"]}
+    headers = edge_headers(doc)
     assert headers["x-ernie-instance"] == "%UPSTREAM_HOST_NAME%"
     assert headers["x-ernie-gateway"] == "gw-test"
     lr = hcm(doc)["local_reply_config"]
@@ -109,8 +153,7 @@ def test_policy_knobs_are_rendered():
 
 def test_names_are_quoted_not_injected():
     doc = rendered(cfg(name="a-b_c"))
-    headers = {h["header"]["key"]: h["header"]["value"] for h in route(doc)["response_headers_to_add"]}
-    assert headers["x-ernie-gateway"] == "a-b_c"
+    assert edge_headers(doc)["x-ernie-gateway"] == "a-b_c"
 
 
 def test_unknown_placeholder_is_an_error():
