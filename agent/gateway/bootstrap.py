@@ -57,7 +57,7 @@ def template_values(cfg: GatewayConfig) -> dict[str, str]:
         "outlier_max_ejection": _duration(p.outlier_max_ejection_s),
         "outlier_max_ejection_percent": p.outlier_max_ejection_percent,
         "hop_socket": cfg.hop_socket,
-        "relay_retries": cfg.relay.processes,
+        "relay_retries": cfg.relay.processes + 1,
     }
     # Quote every value as a JSON string (valid YAML scalars; no injection through a name).
     out = {k: json.dumps(str(v)) if isinstance(v, str) else str(v) for k, v in values.items()}

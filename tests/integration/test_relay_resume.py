@@ -1,0 +1,304 @@
+"""Nothing lost in flight: the resuming relay under engine failures. Real Consul, real Envoy, the
+gateway's relay processes, three SIMULATED engines whose greedy output is deterministic
+("tok0 tok1 ..."), so every answer can be checked word for word. Each test counts what a user
+sees: failed requests, truncated or altered answers, seconds waited."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import openai
+import pytest
+
+from agent.catalog.base import NotRegistered, VerdictState
+from agent.catalog.consul import ConsulCatalog
+from agent.local.consul_dev import ConsulDev
+from agent.local.ports import free_ports
+from tests.integration.gateway_support import Engine, Gateway, wait_until
+
+SERVICE = "ernie"
+TOKEN_DELAY_MS = 20
+MAX_TOKENS = 40          # ~0.8 s per request: long enough to be cut mid-stream
+CLIENTS = 20             # half of them streaming
+pytestmark = pytest.mark.timeout(180)
+
+
+def expected_text(n: int) -> str:
+    return " ".join(f"tok{i}" for i in range(n))
+
+
+@dataclass
+class Outcome:
+    stream: bool
+    ok: bool
+    text: str = ""
+    finish: str | None = None
+    usage: int | None = None
+    error: str = ""
+    started: float = 0.0
+    ended: float = 0.0
+    max_gap_s: float = 0.0
+    instances: list[str] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+
+
+def ask(client: openai.OpenAI, stream: bool, max_tokens: int = MAX_TOKENS) -> Outcome:
+    kwargs = dict(model="sim-model", messages=[{"role": "user", "content": "hello"}], max_tokens=max_tokens,
+                  temperature=0, extra_body={"ignore_eos": True})
+    out = Outcome(stream, False, started=time.monotonic())
+    try:
+        if stream:
+            last = time.monotonic()
+            parts = []
+            for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                        **kwargs):
+                now = time.monotonic()
+                out.max_gap_s, last = max(out.max_gap_s, now - last), now
+                out.ids.add(chunk.id)
+                for c in chunk.choices:
+                    parts.append(c.delta.content or "")
+                    if c.finish_reason:
+                        out.finish = c.finish_reason
+                        out.instances = (chunk.model_extra or {}).get("ernie_instances", [])
+                if chunk.usage is not None:
+                    out.usage = chunk.usage.completion_tokens
+            out.text = "".join(parts)
+        else:
+            r = client.chat.completions.create(**kwargs)
+            out.ids.add(r.id)
+            out.text, out.finish = r.choices[0].message.content, r.choices[0].finish_reason
+            out.usage = r.usage.completion_tokens
+            out.instances = (r.model_extra or {}).get("ernie_instances", [])
+    except openai.APIError as e:
+        out.error = f"{type(e).__name__}: {e}"
+    out.ended = time.monotonic()
+    out.ok = (not out.error and out.finish == "length" and out.usage == max_tokens
+              and out.text == expected_text(max_tokens) and len(out.ids) == 1)
+    return out
+
+
+class Load:
+    """CLIENTS threads with their own openai clients, half streaming, back to back until stopped."""
+
+    def __init__(self, base_url: str, clients: int = CLIENTS):
+        self.base_url = base_url
+        self.clients = clients
+        self.results: list[Outcome] = []
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i % 2 == 0,), daemon=True) for i in range(clients)]
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> list[Outcome]:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(60)
+        return self.results
+
+    def _run(self, stream: bool) -> None:
+        with openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="sk-test", max_retries=0, timeout=60) as c:
+            while not self.stop_event.is_set():
+                r = ask(c, stream)
+                with self.lock:
+                    self.results.append(r)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.results)
+
+    def wait_for_more(self, n: int, timeout_s: float = 30) -> None:
+        target = self.count() + n
+        wait_until(lambda: self.count() >= target, timeout_s, f"{n} more completed requests")
+
+
+def bad(results: list[Outcome]) -> str:
+    failed = [r for r in results if not r.ok]
+    return f"{len(failed)} of {len(results)} not ok; first: " + "; ".join(
+        f"{'stream' if r.stream else 'unary'} finish={r.finish} usage={r.usage} ids={len(r.ids)} "
+        f"err={r.error!r} text={r.text[-40:]!r}" for r in failed[:4])
+
+
+class Mesh:
+    def __init__(self, consul, catalog, engines: list[Engine], gateway: Gateway):
+        self.consul, self.catalog, self.engines, self.gateway = consul, catalog, engines, gateway
+
+    def healthy_in_envoy(self) -> bool:
+        eps = self.gateway.endpoints()
+        return sorted(eps) == sorted(e.id for e in self.engines) and all(v == "healthy" for v in eps.values())
+
+    def reset(self) -> None:
+        for e in self.engines:
+            if not e.running:
+                try:
+                    e.set(VerdictState.CRITICAL, "process exited")
+                except NotRegistered:
+                    pass  # deregistered already
+                wait_until(lambda: e.id not in self.gateway.endpoints(), 5, f"{e.id} removed from envoy")
+            e.ensure_healthy()
+        wait_until(self.healthy_in_envoy, 10, "three healthy endpoints in envoy")
+
+    def busiest(self) -> Engine:
+        """The engine with the most requests in flight now (where a kill hurts most)."""
+        return max((e for e in self.engines if e.running), key=lambda e: e.stats()["in_flight"])
+
+    def relay_metric(self, name: str, labels: str = "") -> float:
+        return self.gateway.metric(name, labels)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    root = tmp_path_factory.mktemp("relay")
+    (root / "consul").mkdir()
+    consul = ConsulDev(node="ernie-relay-test", data_dir=str(root / "consul")).start()
+    catalog = ConsulCatalog(consul.address)
+    engines: list[Engine] = []
+    gateway = None
+    try:
+        for port in free_ports(3):
+            engines.append(Engine(catalog, SERVICE, port, root, TOKEN_DELAY_MS).start())
+            engines[-1].register()
+        gateway = Gateway(consul.address, SERVICE, root / "gw").start()
+        m = Mesh(consul, catalog, engines, gateway)
+        wait_until(m.healthy_in_envoy, 10, "three healthy endpoints in envoy")
+        wait_until(lambda: gateway.metric("ernie_gateway_xds_streams") >= 3, 10, "envoy and two relays on xDS")
+        yield m
+    finally:
+        if gateway is not None:
+            gateway.cleanup()
+        for e in engines:
+            e.stop()
+        consul.stop()
+
+
+@pytest.fixture
+def fresh(mesh):
+    mesh.reset()
+    return mesh
+
+
+def test_kill_mid_stream_loses_nothing(fresh):
+    with Load(fresh.gateway.url) as load:
+        load.wait_for_more(CLIENTS)
+        victim = fresh.busiest()
+        in_flight = victim.stats()["in_flight"]
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        load.wait_for_more(3 * CLIENTS)
+    results = load.results
+    assert in_flight >= 2, "the kill should hit requests in flight"
+    assert all(r.ok for r in results), bad(results)
+    resumed = [r for r in results if len(r.instances) > 1]
+    assert resumed, "some requests were on the killed engine and must have been continued elsewhere"
+    assert all(r.instances[0] == victim.id and victim.id not in r.instances[1:] for r in resumed)
+    assert {r.stream for r in resumed} == {True, False}, "streaming and non-streaming requests both resume"
+    assert fresh.relay_metric("ernie_relay_resumes_total", 'outcome="ok",reason="engine_lost"') >= len(resumed)
+
+
+def test_hung_engine_gives_its_requests_back(fresh):
+    """/health stays 200 but nothing is generated; the verdict (here set as the engine agent would)
+    removes the instance and the relay moves every stalled request at once."""
+    with Load(fresh.gateway.url) as load:
+        load.wait_for_more(CLIENTS)
+        victim = fresh.busiest()
+        victim.proc.set_fault("hang")
+        hung_at = time.monotonic()
+        wait_until(lambda: victim.stats()["in_flight"] >= 1, 5, "requests stalled on the hung engine")
+        detect_s = 1.0  # the engine agent's detection, simulated: critical one second later
+        wait_until(lambda: time.monotonic() - hung_at >= detect_s, 2, "detection delay", interval_s=0.05)
+        victim.set(VerdictState.CRITICAL, "hung: canary generation failed")
+        load.wait_for_more(3 * CLIENTS)
+    results = load.results
+    assert all(r.ok for r in results), bad(results)
+    around = [r for r in results if r.started <= hung_at <= r.ended]
+    assert any(len(r.instances) > 1 for r in around), "requests on the hung engine were continued elsewhere"
+    longest = max(r.max_gap_s if r.stream else (r.ended - r.started) for r in around)
+    assert longest <= detect_s + 2.0, f"a request waited {longest:.2f}s (detection {detect_s}s + 2 s allowed)"
+    assert victim.stats()["in_flight"] == 0, "the rescued requests' connections to the hung engine were closed"
+
+
+def test_sigterm_without_drain_abort_chunks_are_resumed(fresh):
+    """vLLM with --shutdown-timeout 0 answers SIGTERM with finish_reason "abort": the relay continues."""
+    with Load(fresh.gateway.url) as load:
+        load.wait_for_more(CLIENTS)
+        victim = fresh.busiest()
+        victim.proc.proc.send_signal(signal.SIGTERM)
+        victim.proc.proc.wait(10)
+        load.wait_for_more(3 * CLIENTS)
+    assert all(r.ok for r in load.results), bad(load.results)
+    assert fresh.relay_metric("ernie_relay_resumes_total", 'outcome="ok",reason="abort"') >= 1
+
+
+def test_a_killed_relay_is_restarted_and_new_requests_flow(fresh):
+    gw = fresh.gateway
+    pids_before = {int(p.read_text().split('"pid": ')[1].split(",")[0]) for p in gw.run_dir.glob("relay-*.json")}
+    assert len(pids_before) == 2
+    victim_pid = min(pids_before)
+    restarts = gw.metric("ernie_gateway_relay_restarts_total")
+    with Load(gw.url, clients=6) as load:
+        load.wait_for_more(6)
+        os.kill(victim_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_until(lambda: gw.metric("ernie_gateway_relay_restarts_total") > restarts, 10, "relay restarted")
+        load.wait_for_more(12)
+    # Streams the killed relay carried end at the client (its connection to Envoy is gone); every
+    # request that started after the kill succeeds.
+    after = [r for r in load.results if r.started > killed_at]
+    assert after and all(r.ok for r in after), bad(after)
+    cut = [r for r in load.results if not r.ok]
+    assert all(r.started <= killed_at for r in cut)
+
+
+def test_resume_limit_ends_with_an_error_event_not_a_cut(fresh):
+    """A request whose engines keep dying under it (a prompt of death) takes at most one more engine,
+    then the client gets a clear error event."""
+    with openai.OpenAI(base_url=f"{fresh.gateway.url}/v1", api_key="sk-test", max_retries=0, timeout=30) as c:
+        stream = c.with_options(timeout=30).chat.completions.create(
+            model="sim-model", messages=[{"role": "user", "content": "hello"}], max_tokens=200,
+            extra_body={"ignore_eos": True}, stream=True)
+        seen_kills = 0
+        with pytest.raises(openai.APIError) as err:
+            for chunk in stream:
+                busiest = fresh.busiest()
+                if busiest.stats()["in_flight"] >= 1 and seen_kills < 2 and chunk.choices and \
+                        chunk.choices[0].delta.content and chunk.choices[0].delta.content.endswith(("5", "25")):
+                    os.kill(busiest.proc.pid, signal.SIGKILL)
+                    busiest.proc.proc.wait(5)
+                    seen_kills += 1
+    assert seen_kills == 2
+    assert "cut on 2 instances" in str(err.value)
+    assert fresh.relay_metric("ernie_relay_resumes_total", 'outcome="limit",reason="engine_lost"') >= 1
+
+
+def test_client_disconnect_cancels_the_engine_request(fresh):
+    with httpx.stream("POST", f"{fresh.gateway.url}/v1/chat/completions", timeout=10, json={
+            "model": "sim-model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 500,
+            "ignore_eos": True, "stream": True}) as r:
+        served_by = r.headers["x-ernie-instance"]
+        for i, _line in enumerate(r.iter_lines()):
+            if i >= 5:
+                break
+    engine = next(e for e in fresh.engines if e.id == served_by)
+    wait_until(lambda: engine.stats()["in_flight"] == 0, 5, "the engine's request cancelled after the client left")
+    assert engine.stats()["aborted"] >= 1
+
+
+def test_bad_input_is_a_4xx_passed_through_and_nothing_is_resumed(fresh):
+    before = fresh.relay_metric("ernie_relay_resumes_total", 'outcome="ok",reason="engine_lost"')
+    r = httpx.post(f"{fresh.gateway.url}/v1/chat/completions", content=b"{not json", timeout=10,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(f"{fresh.gateway.url}/v1/chat/completions", timeout=10,
+                   json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert r.status_code == 404 and r.json()["error"]["code"] == 404
+    assert fresh.relay_metric("ernie_relay_resumes_total", 'outcome="ok",reason="engine_lost"') == before
