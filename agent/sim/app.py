@@ -23,7 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent.sim.engine import SIM_ENGINE_VERSION, ActiveRequest, SimEngine
 from agent.sim.faults import FaultError, FaultMode, parse_fault
 from agent.sim.metrics import METRICS_CONTENT_TYPE
-from agent.sim.protocol import ApiError, Kind, chunk, error_body, full_response, parse_generation, usage_chunk
+from agent.sim.protocol import ApiError, Kind, error_body, parse_generation
+from agent.sim.wire import full_response, role_chunk, token_chunk, usage_chunk
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 SIM_HEADER = "x-sim-engine"
@@ -126,11 +127,15 @@ class GenerationEndpoint:
         async def event(obj: Any) -> None:
             await send({"type": "http.response.body", "body": b"data: " + _dumps(obj) + b"\n\n", "more_body": True})
 
-        while (text := await self.engine.next_token(req)) is not None:
+        finish_sent = False
+        while (token := await self.engine.next_token(req)) is not None:
+            text, token_id = token
             if req.tokens == 1 and p.kind == "chat":
-                await event(chunk(p, rid, created, role=True))
-            await event(chunk(p, rid, created, text=text))
-        await event(chunk(p, rid, created, finish_reason=req.finish_reason))
+                await event(role_chunk(p, rid, created))
+            await event(token_chunk(p, rid, created, text, [token_id], req.finish_reason, first=req.tokens == 1))
+            finish_sent = req.finish_reason is not None
+        if not finish_sent:  # aborted: a last chunk with no token
+            await event(token_chunk(p, rid, created, "", [], req.finish_reason, first=req.tokens == 0))
         if p.include_usage:
             await event(usage_chunk(p, rid, created, req.tokens))
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
@@ -139,12 +144,13 @@ class GenerationEndpoint:
         headers_sent = req.held  # hang_after_headers: the headers go out, then nothing
         if headers_sent:
             await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
-        texts = []
-        while (text := await self.engine.next_token(req)) is not None:
-            texts.append(text)
+        texts, token_ids = [], []
+        while (token := await self.engine.next_token(req)) is not None:
+            texts.append(token[0])
+            token_ids.append(token[1])
         assert req.finish_reason is not None
-        body = _dumps(full_response(req.params, req.request_id, req.created, "".join(texts), req.finish_reason,
-                                    req.tokens))
+        body = _dumps(full_response(req.params, req.request_id, req.created, "".join(texts), token_ids,
+                                    req.finish_reason))
         if not headers_sent:
             await send({"type": "http.response.start", "status": 200,
                         "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]})

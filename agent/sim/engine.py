@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.sim.faults import ErrorDraw, Fault, FaultMode
 from agent.sim.metrics import SimMetrics
-from agent.sim.protocol import GenerationParams, token_text
+from agent.sim.protocol import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,11 @@ class SimEngine:
         """A generation request answered before admission (400/404/500/503)."""
         self._requests_total += 1
 
-    async def next_token(self, req: ActiveRequest) -> str | None:
-        """The next token's text, after the token delay; None once finished (see finish_reason)."""
+    async def next_token(self, req: ActiveRequest) -> tuple[str, int] | None:
+        """(text, token ID) of the next token, after the token delay; None once finished or aborted.
+
+        The last planned token finishes the request at once (finish_reason is set when it returns), so
+        its chunk carries the finish_reason, as vLLM's does."""
         if req.finish_reason is not None:
             return None
         if req.tokens >= req.planned_tokens:
@@ -176,12 +179,13 @@ class SimEngine:
         else:
             self.metrics.itl_s.observe(now_s - req.last_token_s)
         req.last_token_s = now_s
-        index = req.params.first_token_index + req.tokens
-        text = token_text(index, first=req.tokens == 0, leading_space=req.params.leading_space)
+        token = req.params.token(req.tokens)
         req.tokens += 1
         self._tokens_total += 1
         self.metrics.generation_tokens.inc()
-        return text
+        if req.tokens >= req.planned_tokens:
+            self._finish(req, req.planned_finish)
+        return token
 
     def abort(self, req: ActiveRequest, reason: str) -> None:
         if req.finish_reason is None and req.abort_reason is None:

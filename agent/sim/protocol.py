@@ -1,27 +1,24 @@
-"""OpenAI/vLLM wire format for the SIMULATED engine: request validation and response shapes.
+"""OpenAI/vLLM request validation for the SIMULATED engine.
 
 Pure functions: a request body (already JSON-decoded) becomes a frozen `GenerationParams` or an
 `ApiError` whose message names the problem, the way vLLM answers (400 for bad input, 404 for an
-unknown model).
+unknown model). Prompts are tokenized by `agent.sim.tokens`; the response shapes are in `wire`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from agent.sim import tokens
+
 DEFAULT_MAX_TOKENS = 16
-# Without ignore_eos the simulated model "emits EOS" after this many tokens (counted from the
-# start of the answer, so a continuation stops where the uninterrupted run would).
+# Without ignore_eos the simulated model emits EOS after this many tokens (counted from the start of
+# the answer, so a continuation stops where the uninterrupted run would); EOS counts as a token.
 NATURAL_COMPLETION_TOKENS = 16
-CONTINUATION_SCAN_CHARS = 8192
 
 Kind = Literal["chat", "completion"]
-CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
-_TOKEN_WORD = re.compile(r"tok(\d+)")
-_TOKEN_SUFFIX = re.compile(r"tok(\d+)$")
-_WORD = re.compile(r"\S+")
+CHAT_ROLES = frozenset(tokens.ROLE_TOKEN_IDS)
 
 ERROR_TYPES = {
     400: "BadRequestError",
@@ -47,54 +44,55 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
 
 
 @dataclass(frozen=True)
+class Prompt:
+    token_ids: tuple[int, ...]
+    first_token_index: int  # > 0 when the prompt already ends with tok0..tok{n-1} (a resumed answer)
+    leading_space: bool  # the first token needs a separating space (the prompt ends mid-answer)
+
+
+def text_prompt(ids: list[int], text: str) -> Prompt:
+    """A prompt given as text: it continues an answer when its IDs end with one."""
+    n = tokens.continuation_index(ids)
+    return Prompt(tuple(ids), n, n > 0 and not text[-1:].isspace())
+
+
+def continuation_index(text: str) -> int:
+    """n when `text` ends with `tok0 tok1 ... tok{n-1}` (an answer of ours fed back), else 0."""
+    return tokens.continuation_index(tokens.tokenize(text))
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     kind: Kind
     model: str
     stream: bool
     include_usage: bool
+    return_token_ids: bool
     max_tokens: int
     ignore_eos: bool
-    prompt_tokens: int
-    first_token_index: int  # > 0 when the prompt already ends with tok0..tok{n-1} (a resumed answer)
-    leading_space: bool  # the first token needs a separating space (the prompt ends mid-answer)
+    prompt: Prompt
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt.token_ids)
 
     def plan(self) -> tuple[int, str]:
-        """(number of tokens to generate, finish_reason when all were generated)."""
+        """(number of tokens to generate, EOS included; finish_reason when all were generated)."""
         if self.ignore_eos:
             return self.max_tokens, "length"
-        natural = max(0, NATURAL_COMPLETION_TOKENS - self.first_token_index)
+        natural = max(0, NATURAL_COMPLETION_TOKENS - self.prompt.first_token_index)
         if natural < self.max_tokens:
-            return natural, "stop"
+            return natural + 1, "stop"
         return self.max_tokens, "length"
 
-
-def token_text(index: int, first: bool, leading_space: bool) -> str:
-    """The text of generated token number `index` (deterministic: tok0 tok1 tok2 ...)."""
-    sep = " " if (not first or leading_space) else ""
-    return f"{sep}tok{index}"
-
-
-def count_words(text: str) -> int:
-    return len(_WORD.findall(text))
-
-
-def continuation_index(text: str) -> int:
-    """n when `text` ends with `tok0 tok1 ... tok{n-1}` (an answer of ours fed back), else 0."""
-    run: list[int] = []
-    for word in reversed(text[-CONTINUATION_SCAN_CHARS:].split()):
-        m = _TOKEN_WORD.fullmatch(word)
-        if m is None:
-            m = _TOKEN_SUFFIX.search(word)  # the answer was appended without a space: "Hi!tok0"
-            if m is not None:
-                run.append(int(m.group(1)))
-            break
-        run.append(int(m.group(1)))
-    run.reverse()
-    if not run:
-        return 0
-    # The run must end with a whole answer: tok0, tok1, ... consecutive up to the last word.
-    n = run[-1] + 1
-    return n if n <= len(run) and run[-n:] == list(range(n)) else 0
+    def token(self, i: int) -> tuple[str, int]:
+        """(text, ID) of token number `i` of this answer (0-based); the last one of a "stop" plan is EOS."""
+        planned, finish = self.plan()
+        if finish == "stop" and i == planned - 1:
+            return "", tokens.EOS_TOKEN_ID
+        k = self.prompt.first_token_index + i
+        return tokens.generated_text(k, first=i == 0, leading_space=self.prompt.leading_space), \
+            tokens.generated_token_id(k)
 
 
 def _require(cond: bool, message: str, param: str) -> None:
@@ -117,6 +115,10 @@ def _opt_number(body: dict[str, Any], key: str) -> None:
         _require(ok, f"`{key}` must be a number, got {value!r}", key)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _content_text(content: object, where: str) -> str:
     if content is None:
         return ""
@@ -133,40 +135,51 @@ def _content_text(content: object, where: str) -> str:
     return " ".join(texts)
 
 
-def _chat_prompt(body: dict[str, Any]) -> tuple[int, int, bool]:
-    """(prompt_tokens, continuation index, leading space) of a chat request."""
+def _chat_prompt(body: dict[str, Any]) -> Prompt:
     _require("messages" in body, "missing required field `messages`", "messages")
     messages = body["messages"]
     _require(isinstance(messages, list) and len(messages) > 0, "`messages` must be a non-empty list", "messages")
-    words = 0
-    last_role, last_text = "", ""
+    turns: list[tuple[str, str]] = []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         _require(isinstance(msg, dict), f"{where} must be an object", "messages")
         role = msg.get("role")
         _require(isinstance(role, str) and role in CHAT_ROLES,
                  f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}, got {role!r}", "messages")
-        last_role, last_text = role, _content_text(msg.get("content"), where)
-        words += count_words(last_text)
-    if last_role == "assistant":  # continue_final_message: resume our own answer
-        index = continuation_index(last_text)
-        return max(1, words), index, index > 0 and not last_text[-1:].isspace()
-    return max(1, words), 0, False
+        turns.append((role, _content_text(msg.get("content"), where)))
+    continue_final = _opt_bool(body, "continue_final_message", False)
+    add_generation_prompt = _opt_bool(body, "add_generation_prompt", True)
+    # vLLM refuses the pair (its validator, or the HF chat template for the default add_generation_prompt).
+    _require(not (continue_final and add_generation_prompt),
+             "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+             "continue_final_message")
+    ids = tokens.chat_prompt_ids(turns, add_generation_prompt, continue_final)
+    return text_prompt(ids, turns[-1][1]) if continue_final else Prompt(tuple(ids), 0, False)
 
 
-def _completion_prompt(body: dict[str, Any]) -> tuple[int, int, bool]:
+def _token_id_prompt(prompt: list[object]) -> Prompt:
+    _require(len(prompt) > 0, "The decoder prompt cannot be empty", "prompt")
+    for t in prompt:
+        _require(_is_int(t), f"`prompt` token ids must be integers, got {t!r}", "prompt")
+    ids = [int(t) for t in prompt]  # type: ignore[call-overload]
+    for bad in (min(ids), max(ids)):
+        _require(0 <= bad < tokens.VOCAB_SIZE_TOKENS, f"Token id {bad} is out of vocabulary", "prompt")
+    n = tokens.continuation_index(ids)
+    return Prompt(tuple(ids), n, n > 0)  # the prompt ends with a generated token: no space after it
+
+
+def _completion_prompt(body: dict[str, Any]) -> Prompt:
     _require("prompt" in body, "missing required field `prompt`", "prompt")
     prompt = body["prompt"]
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         _require(prompt != "", "`prompt` must not be empty", "prompt")
-        index = continuation_index(prompt)
-        return max(1, count_words(prompt)), index, index > 0 and not prompt[-1:].isspace()
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return len(prompt), 0, False
-    raise ApiError(400, "`prompt` must be a non-empty string, a list of one string, or a list of token ids"
-                   " (the simulated engine serves one prompt per request)", "prompt")
+        return text_prompt(tokens.tokenize(prompt), prompt)
+    if isinstance(prompt, list) and all(not isinstance(t, (str, list)) for t in prompt):
+        return _token_id_prompt(prompt)
+    raise ApiError(400, "`prompt` must be a non-empty string, a list of one string, a list of token ids or a "
+                   "list of one list of token ids (the simulated engine serves one prompt per request)", "prompt")
 
 
 def parse_generation(kind: Kind, body: object, served_model: str, max_model_len: int) -> GenerationParams:
@@ -179,7 +192,7 @@ def parse_generation(kind: Kind, body: object, served_model: str, max_model_len:
     _require(isinstance(model, str), f"`model` must be a string, got {model!r}", "model")
     if model != served_model:
         raise ApiError(404, f"The model `{model}` does not exist.", "model")
-    prompt_tokens, first_index, leading_space = _chat_prompt(body) if kind == "chat" else _completion_prompt(body)
+    prompt = _chat_prompt(body) if kind == "chat" else _completion_prompt(body)
 
     stream = _opt_bool(body, "stream", False)
     options = body.get("stream_options")
@@ -189,71 +202,22 @@ def parse_generation(kind: Kind, body: object, served_model: str, max_model_len:
         _require(stream, "Stream options can only be defined when `stream=True`.", "stream_options")
         include_usage = _opt_bool(options, "include_usage", False)
     ignore_eos = _opt_bool(body, "ignore_eos", False)
+    return_token_ids = _opt_bool(body, "return_token_ids", False)
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         _opt_number(body, key)
     n = body.get("n")
     if n is not None:
-        _require(isinstance(n, int) and not isinstance(n, bool) and n == 1,
-                 f"`n` must be 1 (the simulated engine returns one choice), got {n!r}", "n")
+        _require(_is_int(n) and n == 1, f"`n` must be 1 (the simulated engine returns one choice), got {n!r}", "n")
 
     key = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(key)
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
-    _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool),
-             f"`{key}` must be an integer, got {max_tokens!r}", key)
+    _require(_is_int(max_tokens), f"`{key}` must be an integer, got {max_tokens!r}", key)
     _require(max_tokens >= 1, f"`{key}` must be at least 1, got {max_tokens}", key)
+    prompt_tokens = len(prompt.token_ids)
     _require(prompt_tokens + max_tokens <= max_model_len,
              f"This model's maximum context length is {max_model_len} tokens. However, you requested "
              f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
              f"completion). Please reduce the length of the messages or completion.", key)
-    return GenerationParams(kind, model, stream, include_usage, max_tokens, ignore_eos, prompt_tokens,
-                            first_index, leading_space)
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def full_response(p: GenerationParams, request_id: str, created: int, text: str, finish_reason: str,
-                  completion_tokens: int) -> dict[str, Any]:
-    if p.kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text}
-        obj = "text_completion"
-    choice.update({"logprobs": None, "finish_reason": finish_reason, "stop_reason": None})
-    return {"id": request_id, "object": obj, "created": created, "model": p.model, "choices": [choice],
-            "usage": usage(p.prompt_tokens, completion_tokens)}
-
-
-def chunk(p: GenerationParams, request_id: str, created: int, *, text: str | None = None, role: bool = False,
-          finish_reason: str | None = None) -> dict[str, Any]:
-    """One streamed chunk: a role announcement, a token, or the finish (text None, finish_reason set)."""
-    if p.kind == "chat":
-        delta: dict[str, Any] = {}
-        if role:
-            delta["role"] = "assistant"
-            delta["content"] = ""
-        if text is not None:
-            delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text or ""}
-        obj = "text_completion"
-    choice.update({"logprobs": None, "finish_reason": finish_reason})
-    if finish_reason is not None:
-        choice["stop_reason"] = None
-    out: dict[str, Any] = {"id": request_id, "object": obj, "created": created, "model": p.model, "choices": [choice]}
-    if p.include_usage:
-        out["usage"] = None
-    return out
-
-
-def usage_chunk(p: GenerationParams, request_id: str, created: int, completion_tokens: int) -> dict[str, Any]:
-    obj = "chat.completion.chunk" if p.kind == "chat" else "text_completion"
-    return {"id": request_id, "object": obj, "created": created, "model": p.model, "choices": [],
-            "usage": usage(p.prompt_tokens, completion_tokens)}
+    return GenerationParams(kind, model, stream, include_usage, return_token_ids, max_tokens, ignore_eos, prompt)

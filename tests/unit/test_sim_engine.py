@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.sim.app import build_app
 from agent.sim.engine import EngineConfig, SimEngine
 from agent.sim.faults import Fault, FaultError, FaultMode, parse_fault
+from agent.sim import tokens, wire
 from agent.sim.protocol import continuation_index
 
 pytestmark = pytest.mark.timeout(30)
@@ -138,16 +139,18 @@ def test_chat_non_streaming_shape_and_usage():
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == MODEL and body["id"].startswith("chatcmpl-")
     choice = body["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": "tok0 tok1 tok2 tok3 tok4"}
-    assert choice["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"] == "tok0 tok1 tok2 tok3 tok4"
+    assert choice["finish_reason"] == "length" and choice["token_ids"] is None
+    # <user> say something please <end_of_turn> <assistant>
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11,
+                             "prompt_tokens_details": None, "completion_tokens_details": None}
 
 
 @pytest.mark.parametrize("max_tokens, ignore_eos, tokens, finish", [
     (None, False, 16, "length"),  # default max_tokens 16 = the natural length: EOS never reached
     (5, False, 5, "length"),
     (16, False, 16, "length"),
-    (17, False, 16, "stop"),
+    (17, False, 16, "stop"),  # 16 tokens of text, then EOS (the 17th token, no text)
     (100, False, 16, "stop"),
     (40, True, 40, "length"),
 ])
@@ -166,7 +169,7 @@ def test_completion_lengths_and_finish_reasons(max_tokens, ignore_eos, tokens, f
     assert body["object"] == "text_completion"
     assert choice["text"] == " ".join(f"tok{i}" for i in range(tokens))
     assert choice["finish_reason"] == finish
-    assert body["usage"]["completion_tokens"] == tokens
+    assert body["usage"]["completion_tokens"] == tokens + (finish == "stop")
     assert body["usage"]["prompt_tokens"] == 2
 
 
@@ -222,14 +225,19 @@ def test_resumed_answer_continues_where_it_stopped():
             full = await c.post(COMPLETIONS, json={"prompt": "Q: hi\nA:", "max_tokens": 100})
             part = await c.post(COMPLETIONS, json={"prompt": "Q: hi\nA: tok0 tok1 tok2", "max_tokens": 100})
             chat = await c.post(CHAT, json={"messages": [*MESSAGES, {"role": "assistant", "content": "tok0 tok1"}],
-                                            "max_tokens": 3})
-            return full.json(), part.json(), chat.json()
+                                            "max_tokens": 3, "continue_final_message": True,
+                                            "add_generation_prompt": False})
+            fresh = await c.post(CHAT, json={"messages": [*MESSAGES, {"role": "assistant", "content": "tok0 tok1"}],
+                                             "max_tokens": 3})
+            return full.json(), part.json(), chat.json(), fresh.json()
 
-    full, part, chat = run(go)
+    full, part, chat, fresh = run(go)
     assert full["choices"][0]["text"] == " ".join(f"tok{i}" for i in range(16))
     assert "tok0 tok1 tok2" + part["choices"][0]["text"] == full["choices"][0]["text"]
-    assert part["choices"][0]["finish_reason"] == "stop" and part["usage"]["completion_tokens"] == 13
+    assert part["choices"][0]["finish_reason"] == "stop" and part["usage"]["completion_tokens"] == 13 + 1  # EOS
     assert chat["choices"][0]["message"]["content"] == " tok2 tok3 tok4"
+    # Without continue_final_message the assistant message is closed and a new answer starts, as in vLLM.
+    assert fresh["choices"][0]["message"]["content"] == "tok0 tok1 tok2"
 
 
 # --- bad input ----------------------------------------------------------------------------------------
@@ -312,13 +320,13 @@ def test_metrics_have_vllm_names_and_count_tokens():
     text, other = run(go)
     m = metric_values(text)
     lbl = "{model_name=sim-model}"
-    assert m["vllm:generation_tokens_total" + lbl] == 7 + 16
-    assert m["vllm:prompt_tokens_total" + lbl] == 3 + 4
+    assert m["vllm:generation_tokens_total" + lbl] == 7 + 17  # 16 and EOS
+    assert m["vllm:prompt_tokens_total" + lbl] == 6 + 4
     assert m["vllm:num_requests_running" + lbl] == 0
     assert m["vllm:num_requests_waiting" + lbl] == 0
     assert m["vllm:kv_cache_usage_perc" + lbl] == 0
     assert m["vllm:time_to_first_token_seconds_count" + lbl] == 2
-    assert m["vllm:inter_token_latency_seconds_count" + lbl] == 6 + 15
+    assert m["vllm:inter_token_latency_seconds_count" + lbl] == 6 + 16
     assert m["vllm:request_success_total{finished_reason=length,model_name=sim-model}"] == 1
     assert m["vllm:request_success_total{finished_reason=stop,model_name=sim-model}"] == 1
     assert metric_values(other)["vllm:generation_tokens_total" + lbl] == 0
@@ -512,3 +520,270 @@ def test_requests_beyond_max_num_seqs_wait():
     assert m["vllm:num_requests_waiting{model_name=sim-model}"] == 1
     assert json.loads(body_text(first))["usage"]["completion_tokens"] == 2
     assert json.loads(body_text(second))["usage"]["completion_tokens"] == 2
+
+
+# --- token IDs and resuming (what a resuming relay needs) ---------------------------------------------
+
+# vLLM 0.32's keys per chunk (vllm/entrypoints/openai/*/serving.py, dumped with exclude_unset=True).
+TOP_KEYS = {"id", "object", "created", "model", "choices"}
+CHAT_FIRST_KEYS = TOP_KEYS | {"prompt_token_ids", "prompt_text"}
+CHAT_FIRST_CHOICE_KEYS = {"index", "delta", "logprobs", "finish_reason"}
+CHAT_CONTENT_CHOICE_KEYS = {"index", "delta", "logprobs", "finish_reason", "token_ids"}
+CHAT_FINAL_CHOICE_KEYS = CHAT_CONTENT_CHOICE_KEYS | {"stop_reason"}
+COMPLETION_CHOICE_KEYS = {"index", "text", "logprobs", "finish_reason", "stop_reason", "prompt_token_ids", "token_ids"}
+USAGE_CHUNK_KEYS = TOP_KEYS | {"usage", "system_fingerprint"}  # the fingerprint is on the last chunk only
+
+
+def gen_ids(start: int, stop: int) -> list[int]:
+    return [tokens.generated_token_id(k) for k in range(start, stop)]
+
+
+def gen_text(start: int, stop: int) -> str:
+    return "".join(tokens.generated_text(k, first=k == 0, leading_space=False) for k in range(start, stop))
+
+
+def chat_ids(messages: list[dict[str, str]]) -> list[int]:
+    return tokens.chat_prompt_ids([(m["role"], m["content"]) for m in messages], True, False)
+
+
+def token_chunks(events: list[Any]) -> list[tuple[str, list[int] | None, str | None]]:
+    """(text, token_ids, finish_reason) of every chunk that can carry generated tokens (not the chat role chunk)."""
+    out = []
+    for e in events:
+        if e == "[DONE]" or not e["choices"]:
+            continue
+        c = e["choices"][0]
+        if "delta" in c and "role" in c["delta"]:
+            continue
+        out.append((c["delta"]["content"] if "delta" in c else c["text"], c["token_ids"], c["finish_reason"]))
+    return out
+
+
+async def post(app: Any, path: str, body: dict[str, Any]) -> httpx.Response:
+    async with client(app) as c:
+        return await c.post(path, json=body)
+
+
+def test_tokenizer_is_deterministic_and_knows_its_own_tokens():
+    assert tokens.tokenize("the cat  sat") == tokens.tokenize(" the cat sat ")
+    assert len(set(tokens.tokenize("the cat sat"))) == 3
+    assert tokens.tokenize("A: tok0 tok1") [1:] == gen_ids(0, 2)
+    hi, tok0 = tokens.tokenize("Hi!tok0")  # an answer appended without a space: two tokens
+    assert hi == tokens.tokenize("Hi!")[0] and tok0 == tokens.generated_token_id(0)
+    assert all(0 <= t < tokens.VOCAB_SIZE_TOKENS for t in tokens.tokenize("x tok5 tokens 123"))
+    assert len(tokens.tokenize("   ")) == 1  # whitespace alone is a token, as with a real tokenizer
+    user = tokens.ROLE_TOKEN_IDS["user"]
+    asst = tokens.ROLE_TOKEN_IDS["assistant"]
+    eot = tokens.END_OF_TURN_TOKEN_ID
+    assert tokens.chat_prompt_ids([("user", "hi")], True, False) == [user, *tokens.tokenize("hi"), eot, asst]
+    assert tokens.chat_prompt_ids([("user", "hi"), ("assistant", "tok0")], False, True) == \
+        [user, *tokens.tokenize("hi"), eot, asst, tokens.generated_token_id(0)]
+    assert tokens.continuation_index([user, *gen_ids(0, 4)]) == 4
+    assert tokens.continuation_index(gen_ids(2, 5)) == 0  # not a whole answer
+    assert tokens.continuation_index([*gen_ids(0, 3), *gen_ids(0, 2)]) == 2
+    assert tokens.continuation_index([user, asst]) == 0
+
+
+@pytest.mark.parametrize("return_token_ids", [False, True])
+def test_chat_stream_shape_with_and_without_token_ids(return_token_ids):
+    _, app, _ = make()
+    body = {"messages": MESSAGES, "max_tokens": 20, "stream": True, "stream_options": {"include_usage": True},
+            "return_token_ids": return_token_ids}
+    r = run(lambda: post(app, CHAT, body))
+    events = sse_events(r.text)
+    first, *content, final, usage_event, done = events
+    assert done == "[DONE]" and len(content) == 16  # tok0..tok15, then EOS in the final chunk
+    assert set(first) == CHAT_FIRST_KEYS and set(first["choices"][0]) == CHAT_FIRST_CHOICE_KEYS
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""} and first["prompt_text"] is None
+    assert first["prompt_token_ids"] == (chat_ids(MESSAGES) if return_token_ids else None)
+    for k, e in enumerate(content):
+        assert set(e) == TOP_KEYS and set(e["choices"][0]) == CHAT_CONTENT_CHOICE_KEYS, e
+        assert e["choices"][0]["delta"] == {"content": tokens.generated_text(k, k == 0, False)}
+        assert e["choices"][0]["token_ids"] == (gen_ids(k, k + 1) if return_token_ids else None)
+    assert set(final) == TOP_KEYS and set(final["choices"][0]) == CHAT_FINAL_CHOICE_KEYS
+    choice = final["choices"][0]
+    assert (choice["delta"], choice["finish_reason"], choice["stop_reason"]) == ({"content": ""}, "stop", None)
+    assert choice["token_ids"] == ([tokens.EOS_TOKEN_ID] if return_token_ids else None)
+    assert set(usage_event) == USAGE_CHUNK_KEYS and usage_event["choices"] == []
+    assert usage_event["system_fingerprint"] == wire.SYSTEM_FINGERPRINT
+    assert usage_event["usage"] == {"prompt_tokens": 6, "total_tokens": 6 + 17, "completion_tokens": 17}
+    if not return_token_ids:  # vLLM writes the unset-but-passed field as null
+        assert r.text.count('"token_ids":null') == 17 and r.text.count('"prompt_token_ids":null') == 1
+
+
+@pytest.mark.parametrize("return_token_ids", [False, True])
+def test_completion_stream_shape_with_and_without_token_ids(return_token_ids):
+    _, app, _ = make()
+    body = {"prompt": "once upon a time", "max_tokens": 5, "stream": True, "return_token_ids": return_token_ids,
+            "stream_options": {"include_usage": True}}
+    r = run(lambda: post(app, COMPLETIONS, body))
+    *chunks, usage_event, done = sse_events(r.text)
+    assert done == "[DONE]" and len(chunks) == 5  # the last token rides with finish_reason "length"
+    for k, e in enumerate(chunks):
+        c = e["choices"][0]
+        assert set(e) == TOP_KEYS and set(c) == COMPLETION_CHOICE_KEYS, e
+        assert e["object"] == "text_completion" and c["text"] == tokens.generated_text(k, k == 0, False)
+        assert c["finish_reason"] == ("length" if k == 4 else None) and c["stop_reason"] is None
+        assert c["token_ids"] == (gen_ids(k, k + 1) if return_token_ids else None)
+        want_prompt = tokens.tokenize("once upon a time") if return_token_ids and k == 0 else None
+        assert c["prompt_token_ids"] == want_prompt
+    assert usage_event["usage"] == {"prompt_tokens": 4, "total_tokens": 9, "completion_tokens": 5}
+    assert set(usage_event) == USAGE_CHUNK_KEYS
+    if not return_token_ids:
+        assert r.text.count('"token_ids":null') == 5 and r.text.count('"prompt_token_ids":null') == 5
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_non_streaming_token_ids_sit_where_vllm_puts_them(kind):
+    _, app, _ = make()
+    path, body = (CHAT, {"messages": MESSAGES}) if kind == "chat" else (COMPLETIONS, {"prompt": "once upon"})
+    plain = run(lambda: post(app, path, {**body, "max_tokens": 3})).json()
+    with_ids = run(lambda: post(app, path, {**body, "max_tokens": 3, "return_token_ids": True})).json()
+    prompt_ids = chat_ids(MESSAGES) if kind == "chat" else tokens.tokenize("once upon")
+    assert set(plain) == set(with_ids) and set(plain["choices"][0]) == set(with_ids["choices"][0])
+    assert with_ids["choices"][0]["token_ids"] == gen_ids(0, 3) and plain["choices"][0]["token_ids"] is None
+    if kind == "chat":  # top level in a chat answer ...
+        assert with_ids["prompt_token_ids"] == prompt_ids and plain["prompt_token_ids"] is None
+        assert "prompt_token_ids" not in with_ids["choices"][0]
+    else:  # ... inside the choice in a completion
+        assert with_ids["choices"][0]["prompt_token_ids"] == prompt_ids
+        assert plain["choices"][0]["prompt_token_ids"] is None and "prompt_token_ids" not in with_ids
+    assert with_ids["usage"]["prompt_tokens"] == len(prompt_ids)
+    assert plain["system_fingerprint"] == wire.SYSTEM_FINGERPRINT
+
+
+@pytest.mark.parametrize("path, start", [(CHAT, {"messages": MESSAGES}), (COMPLETIONS, {"prompt": "once"})])
+def test_without_a_usage_chunk_the_final_chunk_carries_the_system_fingerprint(path, start):
+    _, app, _ = make()
+    events = sse_events(run(lambda: post(app, path, {**start, "max_tokens": 3, "stream": True})).text)
+    *chunks, final, done = events
+    assert done == "[DONE]" and final["choices"][0]["finish_reason"] == "length"
+    assert final["system_fingerprint"] == wire.SYSTEM_FINGERPRINT
+    assert all("system_fingerprint" not in e and "usage" not in e for e in chunks)
+
+
+async def cut_stream(app: Any, path: str, body: dict[str, Any], keep_tokens: int) -> list[Any]:
+    """Events of a stream whose client goes away once `keep_tokens` generated tokens arrived."""
+    call = AsgiCall(app, path, body)
+    assert (await call.next())["status"] == 200
+    received = ""
+    while True:
+        received += (await call.next())["body"].decode()
+        events = sse_events(received)
+        if len(token_chunks(events)) >= keep_tokens:
+            break
+    call.disconnect()
+    await asyncio.wait_for(call.task, 5)
+    return events
+
+
+@pytest.mark.parametrize("ignore_eos, keep", [(False, 1), (False, 7), (False, 16), (True, 1), (True, 7), (True, 19)])
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_a_cut_stream_continued_by_token_ids_is_the_undisturbed_run(kind, ignore_eos, keep):
+    engine, app, _ = make(token_delay_ms=1)
+    max_tokens = 20
+    start: dict[str, Any] = {"messages": MESSAGES} if kind == "chat" else {"prompt": "Q: what next?\nA:"}
+    path = CHAT if kind == "chat" else COMPLETIONS
+    body = {**start, "max_tokens": max_tokens, "ignore_eos": ignore_eos, "stream": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+
+    async def go():
+        full = sse_events((await post(app, path, body)).text)
+        cut = await cut_stream(app, path, body, keep)
+        return full, cut
+
+    full, cut = run(go)
+    prompt_ids = full[0]["prompt_token_ids"] if kind == "chat" else full[0]["choices"][0]["prompt_token_ids"]
+    whole = token_chunks(full)
+    got = token_chunks(cut)[:keep]
+    assert got == whole[:keep]  # the cut stream was the same run up to the cut
+    generated = [t for _, ids, _ in got for t in ids]
+
+    resumed = {"prompt": prompt_ids + generated, "max_tokens": max_tokens - keep, "ignore_eos": ignore_eos,
+               "stream": True, "return_token_ids": True, "stream_options": {"include_usage": True}}
+    rest_events = sse_events(run(lambda: post(app, COMPLETIONS, resumed)).text)
+    rest = token_chunks(rest_events)
+    assert [(t, ids) for t, ids, _ in rest] == [(t, ids) for t, ids, _ in whole[keep:]]
+    assert rest[-1][2] == whole[-1][2] == ("length" if ignore_eos else "stop")
+    assert "".join(t for t, _, _ in got + rest) == "".join(t for t, _, _ in whole)
+    assert "".join(t for t, _, _ in whole) == gen_text(0, max_tokens if ignore_eos else 16)
+    assert rest_events[0]["choices"][0]["prompt_token_ids"] == prompt_ids + generated
+    full_usage, rest_usage = full[-2]["usage"], rest_events[-2]["usage"]
+    assert rest_usage["prompt_tokens"] == len(prompt_ids) + keep
+    assert rest_usage["completion_tokens"] == full_usage["completion_tokens"] - keep == len(rest)
+    assert engine.stats()["aborted"] == 1  # the cut one
+
+
+@pytest.mark.parametrize("keep", [1, 9])
+def test_a_cut_chat_continued_as_its_final_message_is_the_undisturbed_run(keep):
+    _, app, _ = make()
+    body = {"messages": MESSAGES, "max_tokens": 30, "return_token_ids": True}
+    full = run(lambda: post(app, CHAT, body)).json()["choices"][0]
+    partial = gen_text(0, keep)
+    resumed = {"messages": [*MESSAGES, {"role": "assistant", "content": partial}], "continue_final_message": True,
+               "add_generation_prompt": False, "max_tokens": 30 - keep, "return_token_ids": True}
+    rest = run(lambda: post(app, CHAT, resumed)).json()
+    assert partial + rest["choices"][0]["message"]["content"] == full["message"]["content"]
+    assert full["token_ids"][:keep] + rest["choices"][0]["token_ids"] == full["token_ids"]
+    assert rest["choices"][0]["finish_reason"] == full["finish_reason"] == "stop"
+    assert rest["prompt_token_ids"][-keep:] == gen_ids(0, keep)  # the open final message ends the prompt
+
+
+def test_token_id_prompts_are_accepted_as_a_list_or_a_batch_of_one():
+    _, app, _ = make()
+    ids = tokens.tokenize("some words here") + [tokens.generated_token_id(3)]  # tok3 alone is no answer
+    plain = run(lambda: post(app, COMPLETIONS, {"prompt": ids, "max_tokens": 2})).json()
+    batch = run(lambda: post(app, COMPLETIONS, {"prompt": [ids], "max_tokens": 2})).json()
+    resumed = run(lambda: post(app, COMPLETIONS, {"prompt": [5, *gen_ids(0, 3)], "max_tokens": 2})).json()
+    assert plain["choices"][0]["text"] == batch["choices"][0]["text"] == "tok0 tok1"
+    assert plain["usage"]["prompt_tokens"] == batch["usage"]["prompt_tokens"] == 4
+    assert resumed["choices"][0]["text"] == " tok3 tok4"
+
+
+@pytest.mark.parametrize("prompt, needle", [
+    ([], "The decoder prompt cannot be empty"),
+    ([[]], "The decoder prompt cannot be empty"),
+    ([1, -1], "Token id -1 is out of vocabulary"),
+    ([1, tokens.VOCAB_SIZE_TOKENS], f"Token id {tokens.VOCAB_SIZE_TOKENS} is out of vocabulary"),
+    ([1, 2.5], "token ids must be integers"),
+    ([True, 2], "token ids must be integers"),
+    ([[1, 2], [3]], "one prompt per request"),
+    ([1, "a"], "one prompt per request"),
+    ([1] * 4096, "maximum context length"),
+])
+def test_bad_token_id_prompts_are_openai_shaped_400s(prompt, needle):
+    engine, app, _ = make()
+    r = run(lambda: post(app, COMPLETIONS, {"prompt": prompt, "max_tokens": 1}))
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert needle in err["message"]
+    assert (err["type"], err["code"]) == ("BadRequestError", 400)
+    assert err["param"] == ("max_tokens" if needle == "maximum context length" else "prompt")
+    assert engine.stats()["by_status"] == {"400": 1} and engine.stats()["in_flight"] == 0
+
+
+@pytest.mark.parametrize("extra", [{}, {"add_generation_prompt": True}])
+def test_continue_final_message_with_a_generation_prompt_is_a_400(extra):
+    _, app, _ = make()
+    body = {"messages": [*MESSAGES, {"role": "assistant", "content": "tok0"}], "continue_final_message": True, **extra}
+    r = run(lambda: post(app, CHAT, body))
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+
+
+def test_an_aborted_stream_ends_with_a_chunk_without_tokens():
+    engine, app, _ = make(token_delay_ms=10)
+
+    async def go():
+        call = AsgiCall(app, COMPLETIONS, {"prompt": "x", "max_tokens": 500, "ignore_eos": True, "stream": True,
+                                           "return_token_ids": True, "stream_options": {"include_usage": True}})
+        first = [await call.next() for _ in range(3)]  # headers, tok0, tok1
+        assert engine.abort_all("shutdown") == 1
+        return sse_events(body_text(first + await call.rest()))
+
+    events = run(go)
+    chunks = token_chunks(events)
+    assert chunks[-1] == ("", [], "abort")
+    streamed = [t for _, ids, _ in chunks for t in ids]
+    assert len(streamed) >= 2 and streamed == gen_ids(0, len(streamed))
+    assert events[-2]["usage"]["completion_tokens"] == len(streamed)
