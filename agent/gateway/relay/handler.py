@@ -30,7 +30,14 @@ INSTANCE_HEADER = "x-ernie-instance"
 _HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "expect",
                           "accept-encoding", "te", "trailer", "upgrade", "proxy-connection",
                           HOST_OVERRIDE_HEADER, ATTEMPT_HEADER})
-_PASSED_RESPONSE_HEADERS = ("x-request-id",)
+# Response headers the relay does not pass on (its own framing, or the engine hop's session header).
+_DROPPED_RESPONSE_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "date",
+                                       "server", "content-encoding", HOST_OVERRIDE_HEADER})
+
+
+def response_headers(upstream) -> dict[str, str]:
+    """The engine's response headers as the client should get them (x-ernie-instance among them)."""
+    return {k: v for k, v in upstream.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
 SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
 
 # Why an attempt ended.
@@ -66,12 +73,9 @@ class ClientStream:
         return self.resp is not None
 
     async def start(self, instance: str, upstream_headers) -> None:
-        headers = dict(SSE_HEADERS)
+        headers = {**response_headers(upstream_headers), **SSE_HEADERS}
         if instance:
             headers[INSTANCE_HEADER] = instance
-        for h in _PASSED_RESPONSE_HEADERS:
-            if h in upstream_headers:
-                headers[h] = upstream_headers[h]
         resp = web.StreamResponse(status=200, headers=headers)
         try:
             await resp.prepare(self.request)
@@ -125,8 +129,7 @@ class Relay:
         """Requests that cannot be resumed and wait for a whole body anyway: one attempt, as they are."""
         async with self.session.post(request.path_qs, data=raw, headers=self._headers(request, None)) as resp:
             body = await resp.read()
-            headers = {k: v for k, v in resp.headers.items()
-                       if k.lower() in ("content-type", INSTANCE_HEADER, *_PASSED_RESPONSE_HEADERS)}
+            headers = response_headers(resp.headers)
         self.metrics.requests.labels(request.path, "ok" if resp.status < 400 else "rejected").inc()
         return web.Response(status=resp.status, body=body, headers=headers)
 
@@ -219,10 +222,11 @@ class Relay:
                 if client.started or member is not None and t.resumes > 0:
                     return "refused", None  # the chosen instance is gone: the caller picks another
                 payload = await resp.read()
-                headers = {k: v for k, v in resp.headers.items()
-                           if k.lower() in ("content-type", INSTANCE_HEADER, *_PASSED_RESPONSE_HEADERS)}
+                headers = response_headers(resp.headers)
                 return "rejected", web.Response(status=resp.status, body=payload, headers=headers)
             instance = resp.headers.get(INSTANCE_HEADER, "") or (member.instance_id if member else "")
+            if not t.instances:
+                t.first_headers = response_headers(resp.headers)
             self.membership.track(attempt, instance)
             t.served_by(instance)
             if req.stream and not client.started:
@@ -275,7 +279,7 @@ class Relay:
                       synthesize_final: bool = False) -> web.StreamResponse:
         self.metrics.requests.labels(request.path, "resumed" if t.resumes else "ok").inc()
         if not req.stream:
-            headers = {"content-type": "application/json"}
+            headers = {**t.first_headers, "content-type": "application/json"}
             if t.instances:
                 headers[INSTANCE_HEADER] = t.instances[0]
             return web.Response(status=200, body=t.response(), headers=headers)

@@ -52,6 +52,7 @@ class Transcript:
     resumes: int = 0
     sent_events: int = 0
     upstream_usage: bytes | None = None  # the engine's usage chunk (used as is when nothing was resumed)
+    first_headers: dict[str, str] = field(default_factory=dict)  # the first engine's response headers
 
     # --- facts -----------------------------------------------------------------------------
 
