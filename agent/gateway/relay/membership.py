@@ -55,6 +55,7 @@ class Membership:
         self.version = ""
         self._attempts: dict[str, set[Attempt]] = {}
         self._changed = asyncio.Event()
+        self._have_snapshot = False  # before the first one, no instance has left anything
 
     # --- the snapshot ---------------------------------------------------------------------------
 
@@ -62,6 +63,7 @@ class Membership:
         """A new snapshot; returns the attempts rescued because their instance left it."""
         self.members = {m.instance_id: m for m in members}
         self.version = version
+        self._have_snapshot = True
         self._changed.set()
         self._changed = asyncio.Event()
         return self.sweep()
@@ -69,6 +71,8 @@ class Membership:
     def sweep(self) -> list[Attempt]:
         """Rescue the stalled attempts on instances that are not in the snapshot (called on every
         update and periodically: an attempt flowing when its instance left may stall later)."""
+        if not self._have_snapshot:
+            return []
         now = self.clock()
         rescued = []
         for instance, attempts in self._attempts.items():

@@ -20,8 +20,10 @@ CONTINUATION_PATH = "/v1/completions"
 CARRIED_PARAMS = (
     "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "stop_token_ids",
     "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
-    "allowed_token_ids", "bad_words", "priority", "user", "truncate_prompt_tokens",
+    "allowed_token_ids", "bad_words", "priority", "user",
 )
+# Not `truncate_prompt_tokens`: the relayed prompt IDs are already truncated, and truncating them
+# with the generated IDs again would drop the start of the context the continuation runs from.
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,11 @@ def _nonzero(body: dict[str, Any], key: str) -> bool:
     return v not in (None, 0, 0.0, False)
 
 
+def _guided_format(body: dict[str, Any]) -> bool:
+    rf = body.get("response_format")
+    return rf is not None and not (isinstance(rf, dict) and rf.get("type", "text") == "text")
+
+
 def not_resumable_because(kind: Kind, body: dict[str, Any]) -> str:
     """'' if a continuation from token IDs is exact for this request, else the feature that prevents it."""
     if body.get("n", 1) not in (1, None) or body.get("best_of", 1) not in (1, None):
@@ -87,7 +94,7 @@ def not_resumable_because(kind: Kind, body: dict[str, Any]) -> str:
             return "logprobs"
         if body.get("tools") or body.get("functions") or body.get("tool_choice") not in (None, "none"):
             return "tool calls"
-        if (body.get("response_format") or {}).get("type", "text") != "text":
+        if _guided_format(body):
             return "response_format (guided decoding)"
         if body.get("echo"):
             return "echo"
@@ -101,7 +108,7 @@ def not_resumable_because(kind: Kind, body: dict[str, Any]) -> str:
         prompt = body.get("prompt")
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))):
             return "a batch of prompts"
-        if (body.get("response_format") or {}).get("type", "text") != "text":
+        if _guided_format(body):
             return "response_format (guided decoding)"
     for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
         if body.get(key) is not None:
@@ -128,8 +135,11 @@ def parse(kind: Kind, raw: bytes) -> RelayRequest | None:
         return None
     why = not_resumable_because(kind, body)
     opts = body.get("stream_options")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) if kind == "chat" else \
-        body.get("max_tokens", 16)
+    if kind == "chat":  # as vLLM: max_completion_tokens unless it is null
+        max_tokens = body.get("max_completion_tokens")
+        max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
+    else:
+        max_tokens = body.get("max_tokens", 16)
     min_tokens = body.get("min_tokens") or 0
     if (max_tokens is not None and not isinstance(max_tokens, int)) or not isinstance(min_tokens, int) \
             or isinstance(max_tokens, bool):
