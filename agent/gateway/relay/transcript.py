@@ -23,6 +23,7 @@ from agent.gateway.relay import sse
 from agent.gateway.relay.request import RelayRequest
 
 INSTANCES_FIELD = "ernie_instances"
+SPLICES_FIELD = "ernie_splices"  # for each continuation: how many completion tokens came before it
 
 
 class Signal:
@@ -46,6 +47,7 @@ class Transcript:
     prompt_raw: bytes | None = None
     generated_raw: list[bytes] = field(default_factory=list)
     instances: list[str] = field(default_factory=list)
+    splices: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: Any = None
     text: list[str] = field(default_factory=list)  # non-streaming clients only
@@ -74,7 +76,9 @@ class Transcript:
         return self.req.continuation_body(self.prompt_ids(), self.generated_ids())
 
     def served_by(self, instance: str) -> None:
-        if not self.instances or self.instances[-1] != instance:
+        if self.instances and self.started:
+            self.splices.append(self.generated_count())
+        if not self.instances or self.instances[-1] != instance or self.started:
             self.instances.append(instance)
 
     # --- attempt 0: the client's own request ----------------------------------------------------
@@ -123,6 +127,11 @@ class Transcript:
             return ev
         return ev[:-1] + b',"' + INSTANCES_FIELD.encode() + b'":' + _dumps(self.instances) + b"}"
 
+    def _provenance(self, obj: dict[str, Any]) -> None:
+        obj[INSTANCES_FIELD] = self.instances
+        if self.splices:
+            obj[SPLICES_FIELD] = self.splices
+
     # --- continuations ----------------------------------------------------------------------
 
     def continued(self, ev: bytes) -> tuple[bytes | None, str]:
@@ -170,7 +179,7 @@ class Transcript:
                    "choices": [choice]}
         if reason:
             choice["stop_reason"] = stop_reason
-            obj[INSTANCES_FIELD] = self.instances
+            self._provenance(obj)
         return sse.DATA_PREFIX + _dumps(obj)
 
     # --- the end --------------------------------------------------------------------------------
@@ -231,7 +240,7 @@ class Transcript:
             else:
                 choice["prompt_token_ids"] = self.prompt_ids()
         obj["usage"] = {**self.usage(), "prompt_tokens_details": None}
-        obj[INSTANCES_FIELD] = self.instances
+        self._provenance(obj)
         return _dumps(obj)
 
 
