@@ -150,7 +150,7 @@ class GatewayAgent:
         envoy_state = self.envoy.ensure()
         ready = envoy_state == "running" and self.envoy.admin.ready()
         self.metrics.envoy_up.set(1 if ready else 0)
-        relays = self.relays.ensure() if self.relays is not None else None
+        relays = self.relays.ensure() if self.relays is not None and self.relays.slots else None
         if relays is not None:
             self.metrics.relays_up.set(relays)
         streams = self.ads.streams()
@@ -169,7 +169,7 @@ class GatewayAgent:
         consul = "consul ok" if watch is None or watch.failing_since is None else \
             f"consul unreachable ({watch.last_error.split(':')[-1].strip()})"
         held = f" ({len(self._held)} held)" if self._held else ""
-        relay_part = f"relays {relays}/{len(self.relays.slots)}; " if self.relays is not None else ""
+        relay_part = f"relays {relays}/{len(self.relays.slots)}; " if relays is not None else ""
         return (f"envoy pid {self.envoy.pid} {envoy_state}{', ready' if ready else ''}; {relay_part}"
                 f"snapshot {snap.summary() if snap else 'none yet'}{held}; "
                 f"xds {len(streams)} stream(s) acked {','.join(acked) or '-'}; {consul}; registration {registration}")

@@ -57,13 +57,14 @@ def template_values(cfg: GatewayConfig) -> dict[str, str]:
         "outlier_max_ejection": _duration(p.outlier_max_ejection_s),
         "outlier_max_ejection_percent": p.outlier_max_ejection_percent,
         "hop_socket": cfg.hop_socket,
-        "relay_retries": cfg.relay.processes + 1,
+        "relay_retries": cfg.relay_processes + 1,
+        "relay_percent": 100 if cfg.relay.enabled else 0,
     }
     # Quote every value as a JSON string (valid YAML scalars; no injection through a name).
     out = {k: json.dumps(str(v)) if isinstance(v, str) else str(v) for k, v in values.items()}
     # JSON is YAML: the relay processes' unix sockets as a flow list of endpoints.
     out["relay_endpoints"] = json.dumps([{"endpoint": {"address": {"pipe": {"path": cfg.relay_socket(i)}}}}
-                                         for i in range(cfg.relay.processes)])
+                                         for i in range(cfg.relay_processes)])
     return out
 
 

@@ -7,6 +7,7 @@ receives values from these objects.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import os
 import re
@@ -87,6 +88,7 @@ class PolicyConfig:
 class RelaySettings:
     """The resuming relay (agent/gateway/relay): processes and resume policy. docs/gateway.md."""
 
+    enabled: bool = True               # false: generation routes go straight to the engines (nothing resumes)
     processes: int = 2                 # Envoy balances over them; one that dies is restarted, the other serves
     stall_s: float = 1.0               # a request on an instance that left the snapshot, silent this long, is rescued
     resume_limit: int = 3              # continuations per request
@@ -172,12 +174,25 @@ class GatewayConfig:
         return check_host_port(getattr(self, key), key)
 
     @property
+    def socket_dir(self) -> str:
+        """Where the relay's and the engine hop's unix sockets live: run_dir, or, when run_dir is too
+        long for a socket path (107 bytes), a short directory of this user's named after run_dir."""
+        if len(str(Path(self.run_dir) / "engine-hop.sock").encode()) <= UNIX_PATH_MAX:
+            return self.run_dir
+        tag = hashlib.sha256(self.run_dir.encode()).hexdigest()[:12]
+        return str(Path(tempfile.gettempdir()) / f"ernie-mesh-{os.getuid()}" / f"sock-{tag}")
+
+    @property
     def hop_socket(self) -> str:
-        """Envoy's engine hop: the relay's way to the engines (a unix socket in run_dir)."""
-        return str(Path(self.run_dir) / "engine-hop.sock")
+        """Envoy's engine hop: the relay's way to the engines (a unix socket only this user can open)."""
+        return str(Path(self.socket_dir) / "engine-hop.sock")
 
     def relay_socket(self, index: int) -> str:
-        return str(Path(self.run_dir) / f"relay-{index}.sock")
+        return str(Path(self.socket_dir) / f"relay-{index}.sock")
+
+    @property
+    def relay_processes(self) -> int:
+        return self.relay.processes if self.relay.enabled else 0
 
     @property
     def relay_metrics_dir(self) -> str:
@@ -238,6 +253,7 @@ Config file (TOML), every key optional:
   address = "127.0.0.1:8500"        # or CONSUL_HTTP_ADDR; token: CONSUL_HTTP_TOKEN
   service = "ernie"
   [relay]                           # the resuming relay (docs/gateway.md)
+  enabled = true
   processes = 2
   stall_s = 1.0                     # rescue a request silent this long on an instance that left
   resume_limit = 3                  # continuations per request (1 after an engine crash)
@@ -300,8 +316,4 @@ def finish(cfg: GatewayConfig) -> GatewayConfig:
         cfg = replace(cfg, run_dir=str(Path(tempfile.gettempdir()) / f"ernie-mesh-{os.getuid()}" / f"gateway-{name}"))
     if not Path(cfg.bootstrap_template).is_file():
         raise ConfigError(f"bootstrap_template {cfg.bootstrap_template} not found")
-    longest = max([cfg.hop_socket] + [cfg.relay_socket(i) for i in range(cfg.relay.processes)], key=len)
-    if len(longest.encode()) > UNIX_PATH_MAX:
-        raise ConfigError(f"run_dir {cfg.run_dir} is too long for its unix sockets ({longest} is over "
-                          f"{UNIX_PATH_MAX} bytes): choose a shorter run_dir")
     return cfg

@@ -147,6 +147,7 @@ class EnvoySupervisor:
 
     def prepare(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        Path(self.cfg.socket_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # the engine hop's socket
         tmp = self.bootstrap_path.with_suffix(".tmp")
         tmp.write_text(self.bootstrap_text)
         os.replace(tmp, self.bootstrap_path)

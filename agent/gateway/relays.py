@@ -61,7 +61,7 @@ class RelaySupervisor:
         self.clock = clock
         self.run_dir = Path(cfg.run_dir)
         self.metrics_dir = Path(cfg.relay_metrics_dir)
-        self.slots = [_Slot(i) for i in range(cfg.relay.processes)]
+        self.slots = [_Slot(i) for i in range(cfg.relay_processes)]
         self._stopping = False
 
     # --- files ----------------------------------------------------------------------------------
@@ -86,6 +86,9 @@ class RelaySupervisor:
 
     def adopt_or_start(self) -> str:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        socket_dir = Path(self.cfg.socket_dir)
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(socket_dir, 0o700)  # the hop is no way around the edge for other users
         adopted = 0
         for slot in self.slots:
             rec = self._read(slot.index)

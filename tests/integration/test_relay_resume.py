@@ -227,6 +227,21 @@ def test_hung_engine_gives_its_requests_back(fresh):
     assert victim.stats()["in_flight"] == 0, "the rescued requests' connections to the hung engine were closed"
 
 
+def test_requests_still_flowing_stay_on_an_instance_that_leaves_the_snapshot(fresh):
+    """An instance can turn critical while its engine serves on (its engine agent died and the TTL
+    expired): requests that are flowing are not moved, only new ones go elsewhere."""
+    with Load(fresh.gateway.url) as load:
+        load.wait_for_more(CLIENTS)
+        victim = fresh.busiest()
+        victim.set(VerdictState.CRITICAL, "TTL expired")
+        left_at = time.monotonic()
+        load.wait_for_more(2 * CLIENTS)
+    assert all(r.ok for r in load.results), bad(load.results)
+    on_victim = [r for r in load.results if r.started < left_at < r.ended and r.instances[:1] == [victim.id]]
+    assert on_victim, "requests were in flight on the instance when it left"
+    assert all(r.instances == [victim.id] for r in on_victim), "flowing requests were moved needlessly"
+
+
 def test_sigterm_without_drain_abort_chunks_are_resumed(fresh):
     """vLLM with --shutdown-timeout 0 answers SIGTERM with finish_reason "abort": the relay continues."""
     with Load(fresh.gateway.url) as load:

@@ -182,3 +182,28 @@ def test_a_vanished_host_s_connections_are_reset_by_the_kernel():
     assert (ka["keepalive_time"], ka["keepalive_interval"], ka["keepalive_probes"]) == (3, 1, 3)
     [opt] = c["upstream_bind_config"]["socket_options"]
     assert (opt["level"], opt["name"], opt["int_value"]) == (6, 18, 6000)   # IPPROTO_TCP, TCP_USER_TIMEOUT
+
+
+def test_the_relay_can_be_turned_off_and_its_share_changed_at_runtime():
+    from agent.gateway.config import RelaySettings
+
+    def share(doc):
+        return {r["match"]["path"]: r["match"]["runtime_fraction"] for r in routes(doc) if "path" in r["match"]}
+
+    on, off = rendered(), rendered(cfg(relay=RelaySettings(enabled=False)))
+    for doc, percent in ((on, 100), (off, 0)):
+        for frac in share(doc).values():
+            assert frac == {"default_value": {"numerator": percent, "denominator": "HUNDRED"},
+                            "runtime_key": "ernie.relay.percent"}
+        assert doc["layered_runtime"]["layers"][0]["static_layer"] == {"ernie.relay.percent": percent}
+        assert {"name": "admin", "admin_layer": {}} in doc["layered_runtime"]["layers"]  # /runtime_modify
+    relay = next(c for c in off["static_resources"]["clusters"] if c["name"] == "ernie_relay")
+    assert relay["load_assignment"]["endpoints"][0]["lb_endpoints"] == []
+
+
+def test_sockets_move_to_a_short_directory_when_run_dir_is_too_long():
+    long_dir = "/tmp/" + "d" * 120
+    c = cfg(run_dir=long_dir)
+    assert len(c.hop_socket.encode()) <= 107 and not c.hop_socket.startswith(long_dir)
+    assert c.socket_dir == cfg(run_dir=long_dir).socket_dir  # the same run_dir, the same sockets (adoption)
+    assert cfg().hop_socket == "/tmp/unused/engine-hop.sock"
