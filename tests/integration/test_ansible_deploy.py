@@ -13,7 +13,8 @@ here and passed as vars). Then, as a user would check:
   3. `ansible-playbook rolling-upgrade.yml` under steady load: zero failed, zero truncated;
   4. a second `site.yml` reports changed=0 on every host;
   5. one engine host's link cut: DNS stops listing its instances within Consul's failure
-     detection, and the gateway keeps answering with zero failed requests under steady load.
+     detection, and the gateway keeps answering under steady load with zero failed requests and
+     zero streams lost (those answering from the cut host are resumed by the relay).
 
 Every namespace, the bridge and every process started inside are removed at the end, even on failure.
 """
@@ -337,9 +338,8 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
             load.gen.stop(wait_s=PARTITION_REQUEST_TIMEOUT_S + 5)
             results = load.gen.snapshot()
         # Envoy's dead-peer timeout resets the connections to the vanished host; requests on them
-        # that had no response yet are retried on engine1: no non-streaming request fails. Only a
-        # stream already answering from engine2 at the instant of the cut (its headers sent, with
-        # or without tokens yet) is cut with it: resuming it elsewhere is docs/architecture.md §8.
+        # that had no response yet are retried on engine1 by Envoy, and streams already answering
+        # from engine2 are continued on engine1 by the gateway's relay: nothing is lost.
         s_all = summarize(results, t_detect - t_cut + AFTER_DETECTION_S)
         after = [r for r in results if r.started >= t_detect]
         s_after = summarize(after, AFTER_DETECTION_S)
@@ -348,8 +348,8 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
         timings["partition: streams cut"] = s_all.truncated + s_all.failed
         print(f"partition: all {s_all}\npartition: after detection {s_after}")
         not_ok = [r for r in results if r.outcome != "ok"]
-        assert all(r.stream and r.started < t_cut for r in not_ok), not_ok
-        assert len(not_ok) <= LOAD_CONCURRENCY, not_ok   # at most the streams in flight at the cut
+        assert not not_ok, not_ok
+        assert s_all.failed == 0 and s_all.truncated == 0, s_all
         assert s_after.requests >= 10 and s_after.failed == 0 and s_after.truncated == 0, s_after
     except BaseException:
         print(host_logs(lab))

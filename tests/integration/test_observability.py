@@ -17,9 +17,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from agent.engine.metrics import EngineAgentMetrics
 from agent.gateway.metrics import GatewayMetrics
+from agent.gateway.relay.metrics import RelayMetrics
 from agent.local.consul_dev import ConsulDev
 from agent.local.ports import free_ports
 from agent.local.prometheus import (
@@ -132,9 +134,10 @@ def test_configs_are_rendered_and_promtool_accepts_them(tmp_path):
 
 
 def _our_metrics() -> list:
-    """(name as exposed, type, label names) of every metric the engine and gateway agents define."""
+    """(name as exposed, type, label names) of every metric the engine and gateway agents (and the
+    gateway's relay processes) define."""
     out = []
-    for holder in (EngineAgentMetrics(), GatewayMetrics()):
+    for holder in (EngineAgentMetrics(), GatewayMetrics(), RelayMetrics(CollectorRegistry())):
         for m in vars(holder).values():
             if hasattr(m, "_labelnames") and hasattr(m, "_type"):
                 exposed = m._name + "_total" if m._type == "counter" else m._name
