@@ -1,5 +1,6 @@
 """Proxy overhead: the same zero-delay simulated engines reached directly, through the gateway's
-Envoy and through the baseline's nginx, at a fixed concurrency.
+Envoy alone, through the gateway as users run it (Envoy + the resuming relay) and through the
+baseline's nginx, at a fixed concurrency.
 
     python -m bench.overhead [--concurrency 16] [--seconds 6] [--rounds 5] [--json]
 
@@ -7,7 +8,9 @@ Three simulated engines (token delay 0: the engine answers as fast as it can), r
 Consul dev agent as passing (no engine agent: no canary traffic), one gateway agent with Envoy,
 and the baseline's nginx (bench/baseline) over the same ports. A light asyncio httpx client
 (one process, keep-alive) sends non-streaming and streaming chat completions; "direct" spreads
-requests round-robin over the engines itself. Paths are measured in rotating order for several
+requests round-robin over the engines itself. "envoy" and "envoy+relay" are the same gateway: the
+share of generation requests sent through the relay is switched between 0 and 100 % through
+Envoy's runtime (`ernie.relay.percent`) before each measurement. Paths are measured in rotating order for several
 rounds; figures are medians over rounds (the machine is shared and noisy). The proxy's CPU time
 per request (Envoy's process; nginx's master and workers) is measured too: it depends much less
 on what else the machine is doing than latency does.
@@ -41,7 +44,8 @@ SERVICE = "ernie"
 ENGINES = 3
 MAX_TOKENS = 16
 WARMUP_S = 1.0
-PATHS = ("direct", "envoy", "nginx")
+PATHS = ("direct", "envoy", "envoy+relay", "nginx")
+PROXIES = PATHS[1:]
 
 
 def progress(msg: str) -> None:
@@ -59,18 +63,19 @@ async def measure(urls: list[str], concurrency: int, seconds: float, stream: boo
     lat: list[float] = []
     errors = 0
     counter = 0
+    events = 0
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
         async def one() -> None:
-            nonlocal counter, errors
+            nonlocal counter, errors, events
             url = urls[counter % len(urls)] + "/v1/chat/completions"
             counter += 1
             t = time.perf_counter()
             try:
                 if stream:
                     async with client.stream("POST", url, json=body(True)) as r:
-                        async for _ in r.aiter_raw():
-                            pass
+                        async for piece in r.aiter_raw():
+                            events += piece.count(b"data: ")
                         ok = r.status_code == 200
                 else:
                     r = await client.post(url, json=body(False))
@@ -89,7 +94,7 @@ async def measure(urls: list[str], concurrency: int, seconds: float, stream: boo
         end = time.perf_counter() + WARMUP_S
         await asyncio.gather(*(worker(end, False) for _ in range(concurrency)))
         lat.clear()
-        errors = 0
+        errors = events = 0
         cpu0 = cpu_s(procs)
         t0 = time.perf_counter()
         end = t0 + seconds
@@ -99,7 +104,8 @@ async def measure(urls: list[str], concurrency: int, seconds: float, stream: boo
     # the proxy's CPU per request is far less sensitive to a shared machine than latency
     return {"requests": len(lat), "errors": errors, "rps": len(lat) / elapsed,
             "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
-            "proxy_cpu_ms_per_req": cpu / max(len(lat), 1) * 1000}
+            "proxy_cpu_ms_per_req": cpu / max(len(lat), 1) * 1000,
+            "events_per_req": events / max(len(lat), 1) if stream else 0.0}
 
 
 def cpu_s(procs: list[psutil.Process]) -> float:
@@ -130,8 +136,25 @@ class Rig:
 
     @property
     def urls(self) -> dict[str, list[str]]:
-        return {"direct": [e.url for e in self.engines], "envoy": [f"http://127.0.0.1:{self.gw_ports[0]}"],
-                "nginx": [self.nginx.url]}
+        gw = [f"http://127.0.0.1:{self.gw_ports[0]}"]
+        return {"direct": [e.url for e in self.engines], "envoy": gw, "envoy+relay": gw, "nginx": [self.nginx.url]}
+
+    def route(self, path: str) -> None:
+        """Send generation requests through the relay (envoy+relay) or straight to the engines."""
+        if path in ("envoy", "envoy+relay"):
+            percent = 100 if path == "envoy+relay" else 0
+            r = httpx.post(f"http://127.0.0.1:{self.gw_ports[1]}/runtime_modify?ernie.relay.percent={percent}",
+                           timeout=5)
+            r.raise_for_status()
+
+    def relay_processes(self) -> list[psutil.Process]:
+        out = []
+        for rec in sorted((self.workdir / "gateway").glob("relay-*.json")):
+            try:
+                out.append(psutil.Process(json.loads(rec.read_text())["pid"]))
+            except (OSError, ValueError, KeyError, psutil.Error):
+                pass
+        return out
 
     def start(self) -> None:
         for e in self.engines:
@@ -159,9 +182,9 @@ class Rig:
     def proxy_processes(self, path: str) -> list[psutil.Process]:
         """The processes doing the proxy's work (Envoy; nginx master and workers); none for direct."""
         try:
-            if path == "envoy":
+            if path in ("envoy", "envoy+relay"):
                 pid = json.loads((self.workdir / "gateway" / "envoy.json").read_text())["pid"]
-                return [psutil.Process(pid)]
+                return [psutil.Process(pid)] + (self.relay_processes() if path == "envoy+relay" else [])
             if path == "nginx":
                 master = psutil.Process(self.nginx.proc.pid)
                 return [master, *master.children(recursive=True)]
@@ -188,18 +211,27 @@ def run(concurrency: int = 16, seconds: float = 6.0, rounds: int = 5, workdir: P
         for mode in ("non-streaming", "streaming"):
             per_path: dict[str, list[dict]] = {p: [] for p in PATHS}
             for rnd in range(rounds):
-                order = PATHS[rnd % 3:] + PATHS[:rnd % 3]
+                order = PATHS[rnd % len(PATHS):] + PATHS[:rnd % len(PATHS)]
                 for path in order:
+                    rig.route(path)
                     r = asyncio.run(measure(rig.urls[path], concurrency, seconds, mode == "streaming",
                                             rig.proxy_processes(path)))
+                    if path == "envoy+relay":
+                        relay_only = asyncio.run(measure(rig.urls[path], concurrency, seconds, mode == "streaming",
+                                                         rig.relay_processes()))
+                        r["relay_cpu_ms_per_req"] = relay_only["proxy_cpu_ms_per_req"]
+                        r["relay_cpu_us_per_event"] = (relay_only["proxy_cpu_ms_per_req"] * 1000
+                                                       / relay_only["events_per_req"]) if mode == "streaming" else 0.0
                     per_path[path].append(r)
                     progress(f"{mode} round {rnd + 1}/{rounds} {path:<6}: {r['rps']:7.1f} req/s  "
                              f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  proxy CPU "
                              f"{r['proxy_cpu_ms_per_req']:.3f} ms/req  errors {r['errors']}")
             med = {p: {k: statistics.median(x[k] for x in per_path[p])
-                       for k in ("rps", "p50_ms", "p99_ms", "proxy_cpu_ms_per_req")}
+                       for k in ("rps", "p50_ms", "p99_ms", "proxy_cpu_ms_per_req", "events_per_req",
+                                 "relay_cpu_ms_per_req", "relay_cpu_us_per_event") if k in per_path[p][0]}
                    | {"errors": sum(x["errors"] for x in per_path[p])} for p in PATHS}
-            for proxy in ("envoy", "nginx"):
+            med["envoy+relay"]["vs_envoy_ratio"] = med["envoy+relay"]["rps"] / med["envoy"]["rps"]
+            for proxy in PROXIES:
                 med[proxy]["added_p50_ms"] = med[proxy]["p50_ms"] - med["direct"]["p50_ms"]
                 med[proxy]["added_p99_ms"] = med[proxy]["p99_ms"] - med["direct"]["p99_ms"]
                 med[proxy]["throughput_ratio"] = med[proxy]["rps"] / med["direct"]["rps"]
@@ -226,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             m = r[mode][path]
             extra = "" if path == "direct" else (f"  added p50 {m['added_p50_ms']:+.2f} ms  p99 "
                                                  f"{m['added_p99_ms']:+.2f} ms  throughput x{m['throughput_ratio']:.2f}")
-            print(f"  {path:<6} {m['rps']:7.1f} req/s  p50 {m['p50_ms']:6.2f} ms  p99 {m['p99_ms']:6.2f} ms  "
+            if path == "envoy+relay":
+                extra += (f"  vs envoy alone x{m['vs_envoy_ratio']:.2f}  relay CPU {m['relay_cpu_ms_per_req']:.3f} "
+                          f"ms/req, {m['relay_cpu_us_per_event']:.1f} us/event")
+            print(f"  {path:<11} {m['rps']:7.1f} req/s  p50 {m['p50_ms']:6.2f} ms  p99 {m['p99_ms']:6.2f} ms  "
                   f"proxy CPU {m['proxy_cpu_ms_per_req']:.3f} ms/req{extra}")
     return 0
 

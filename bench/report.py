@@ -99,13 +99,23 @@ def overhead_table(o: dict) -> list[str]:
            "| mode | path | req/s | p50 ms | p99 ms | proxy CPU ms/request | added p50 ms | added p99 ms | "
            "throughput vs direct |",
            "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    paths = [p for p in ("direct", "envoy", "envoy+relay", "nginx") if p in o["streaming"]]
     for mode in ("non-streaming", "streaming"):
-        for path in ("direct", "envoy", "nginx"):
+        for path in paths:
             m = o[mode][path]
             extra = "| | |" if path == "direct" else (f"| {m['added_p50_ms']:+.2f} | {m['added_p99_ms']:+.2f} | "
                                                      f"×{m['throughput_ratio']:.2f} |")
             cpu = "—" if path == "direct" else f"{m.get('proxy_cpu_ms_per_req', 0):.3f}"
             out.append(f"| {mode} | {path} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {cpu} {extra}")
+    if "envoy+relay" in o["streaming"]:
+        out += ["", "The resuming relay's own cost (its processes' CPU, measured in a separate run of the same "
+                "load; an event is one SSE `data:` line):", "",
+                "| mode | envoy+relay vs envoy alone (throughput) | relay CPU ms/request | relay CPU µs/event |",
+                "|---|--:|--:|--:|"]
+        for mode in ("non-streaming", "streaming"):
+            m = o[mode]["envoy+relay"]
+            per_event = f"{m['relay_cpu_us_per_event']:.1f}" if mode == "streaming" else "—"
+            out.append(f"| {mode} | ×{m['vs_envoy_ratio']:.2f} | {m['relay_cpu_ms_per_req']:.3f} | {per_event} |")
     return out
 
 
