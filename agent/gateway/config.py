@@ -1,7 +1,8 @@
 """The gateway agent's one typed config: gateway.toml -> environment -> CLI flags.
 
-Every default lives here (GatewayConfig and PolicyConfig); the Envoy bootstrap template only
-receives values from these objects.
+Every default lives here (GatewayConfig and PolicyConfig), the catalog watch's in its
+WatchSettings (GatewayConfig takes them from there and builds the watch's settings in `watch`);
+the Envoy bootstrap template only receives values from these objects.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from agent.config import (
     route_address,
     short_hostname,
 )
+from agent.gateway.watch import WatchSettings
 
+_WATCH_DEFAULTS = WatchSettings()
 REPO_ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
 DEFAULT_BOOTSTRAP_TEMPLATE = REPO_ENVOY_DIR / "bootstrap.yaml"
 GATEWAY_SERVICE = "ernie-gateway"
@@ -54,8 +57,9 @@ class PolicyConfig:
     # gives up on its connections after this long (TCP keepalive + TCP_USER_TIMEOUT), and Envoy
     # retries the requests on them elsewhere if no response had started.
     upstream_dead_peer_timeout_s: float = 5.0
-    outlier_consecutive_5xx: int = 5
-    outlier_consecutive_gateway_failure: int = 3
+    # Passive ejection counts local-origin failures only (connect, reset, timeout): an engine's 5xx
+    # may be caused by the request itself, and the engine agent's verdict decides its health.
+    outlier_consecutive_local_origin_failure: int = 3
     outlier_interval_s: float = 1.0
     outlier_base_ejection_s: float = 5.0
     outlier_max_ejection_s: float = 60.0
@@ -64,15 +68,19 @@ class PolicyConfig:
     # A non-streaming request sends nothing until it completes: keep this above the longest one.
     stream_idle_timeout_s: float = 120.0
     request_buffer_limit_bytes: int = 8 * 1024 * 1024
+    # Bound the time to *receive* a request (a body trickled a byte a minute holds a slot, a
+    # connection and retry buffer); the time to generate the answer stays unbounded.
+    request_headers_timeout_s: float = 10.0
+    request_receive_timeout_s: float = 60.0
     eds_initial_fetch_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         check_positive(self, "host_selection_retry_max_attempts", "retry_back_off_base_s", "retry_back_off_max_s",
                        "retry_budget_percent", "retry_min_concurrency", "max_connections", "max_pending_requests",
                        "max_requests", "connect_timeout_s", "upstream_idle_timeout_s", "upstream_dead_peer_timeout_s",
-                       "outlier_consecutive_5xx",
-                       "outlier_consecutive_gateway_failure", "outlier_interval_s", "outlier_base_ejection_s",
+                       "outlier_consecutive_local_origin_failure", "outlier_interval_s", "outlier_base_ejection_s",
                        "outlier_max_ejection_s", "stream_idle_timeout_s", "request_buffer_limit_bytes",
+                       "request_headers_timeout_s", "request_receive_timeout_s",
                        "eds_initial_fetch_timeout_s")
         if self.num_retries < 0:
             raise ConfigError(f"policy.num_retries must be >= 0, got {self.num_retries}")
@@ -114,11 +122,12 @@ class GatewayConfig:
     metrics: str = "127.0.0.1:9102"      # the agent's /metrics
     advertise_address: str = ""          # what the gateway registers in Consul (default: route to Consul)
     cluster: str = "ernie"               # Envoy cluster name for the engines
-    watch_wait_s: float = 60.0           # Consul blocking query wait
-    settle_s: float = 0.025              # coalesce a burst of catalog changes
-    watch_min_interval_s: float = 0.05   # rate limit between two catalog reads
-    watch_backoff_initial_s: float = 0.25
-    watch_backoff_max_s: float = 5.0
+    # The catalog watch (top-level keys of gateway.toml; defaults from WatchSettings, read through `watch`)
+    watch_wait_s: float = _WATCH_DEFAULTS.wait_s                      # Consul blocking query wait
+    settle_s: float = _WATCH_DEFAULTS.settle_s                        # coalesce a burst of catalog changes
+    watch_min_interval_s: float = _WATCH_DEFAULTS.min_interval_s      # rate limit between two catalog reads
+    watch_backoff_initial_s: float = _WATCH_DEFAULTS.backoff_initial_s  # on Consul errors
+    watch_backoff_max_s: float = _WATCH_DEFAULTS.backoff_max_s
     # After Consul comes back from an outage or with its state lost (a restarted -dev agent),
     # instances absent from the catalog keep their last state this long, while their engine
     # agents re-register (critical ones are removed at once).
@@ -172,6 +181,12 @@ class GatewayConfig:
 
     def host_port(self, key: str) -> tuple[str, int]:
         return check_host_port(getattr(self, key), key)
+
+    @property
+    def watch(self) -> WatchSettings:
+        """The catalog watch's settings, built from the watch_* keys here and nowhere else."""
+        return WatchSettings(wait_s=self.watch_wait_s, settle_s=self.settle_s, min_interval_s=self.watch_min_interval_s,
+                             backoff_initial_s=self.watch_backoff_initial_s, backoff_max_s=self.watch_backoff_max_s)
 
     @property
     def socket_dir(self) -> str:

@@ -313,6 +313,59 @@ def test_400_storm_passes_through_no_ejection_no_retry(m):
 # --- several gateways side by side --------------------------------------------------------------
 
 
+def test_engine_500s_caused_by_requests_do_not_eject_it(m):
+    """A request that makes an engine answer 500, repeated, must not take the engine out of rotation
+    for everyone: passive ejection is for local-origin failures (connect, reset, timeout); an
+    engine's health is the engine agent's verdict."""
+    victim = m.engines[0]
+    victim.proc.set_fault("error_rate", error_rate=1.0)
+    before = envoy_stat(m, "cluster.ernie.outlier_detection.ejections_enforced_total")
+    statuses = []
+    with httpx.Client(timeout=10) as http:
+        for _ in range(40):
+            r = http.post(f"{m.gateway.url}/v1/chat/completions", json={
+                "model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            statuses.append((r.status_code, r.headers.get("x-ernie-instance")))
+    served_500 = [s for s in statuses if s == (500, victim.id)]
+    assert len(served_500) >= 6, f"the engine should have answered several 500s in a row: {statuses}"
+    assert envoy_stat(m, "cluster.ernie.outlier_detection.ejections_enforced_total") == before
+    assert m.gateway.endpoints()[victim.id] == "healthy"
+
+
+def test_a_trickled_request_is_cut_and_frees_its_slot(m, tmp_path):
+    """Slowloris: a body sent a byte at a time holds nothing for long; generation time stays unbounded."""
+    import socket
+
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text("[policy]\nrequest_receive_timeout_s = 2\nrequest_headers_timeout_s = 1\n")
+    gw = Gateway(m.consul.address, SERVICE, tmp_path / "gw-slow", name="gw-slow",
+                 extra_args=("--config", str(cfg))).start()
+    try:
+        wait_until(lambda: len(gw.endpoints()) == 3, 10, "three endpoints in the second gateway")
+        slow = socket.create_connection(("127.0.0.1", gw.listen_port), timeout=10)
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 1000\r\n\r\n{")
+        t0 = time.monotonic()
+        answer = slow.recv(4096)
+        waited = time.monotonic() - t0
+        slow.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert waited < 5, f"the trickled request held its slot {waited:.1f}s"
+        headers_only = socket.create_connection(("127.0.0.1", gw.listen_port), timeout=10)
+        headers_only.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        answer = headers_only.recv(4096)
+        assert time.monotonic() - t0 < 4 and (answer == b"" or answer.startswith(b"HTTP/1.1 408")), answer[:200]
+        headers_only.close()
+        # a long generation is not cut by the receive timeout
+        r = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, json={
+            "model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300,
+            "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 300
+    finally:
+        gw.cleanup()
+
+
 def test_second_gateway_side_by_side_and_clean_stop(m, tmp_path):
     gw2 = Gateway(m.consul.address, SERVICE, tmp_path / "gw2", name="gw-two").start()
     try:

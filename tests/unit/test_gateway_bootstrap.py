@@ -10,7 +10,7 @@ import yaml
 
 from agent.gateway import bootstrap
 from agent.gateway.config import DEFAULT_BOOTSTRAP_TEMPLATE, GatewayConfig, PolicyConfig, finish
-from agent.local.binaries import MissingBinary, envoy_binary
+from agent.binaries import MissingBinary, envoy_binary
 
 
 def cfg(**kw) -> GatewayConfig:
@@ -78,11 +78,15 @@ def test_design_traps_are_avoided():
     assert c["common_lb_config"]["healthy_panic_threshold"]["value"] == 0
     assert "health_checks" not in c  # Consul is the truth
     od = c["outlier_detection"]
-    assert od["enforcing_consecutive_gateway_failure"] == 100 and od["enforcing_consecutive_5xx"] == 100
+    # connect failures, resets and timeouts eject; an engine's 5xx (a request can cause it) never does
+    assert od["split_external_local_origin_errors"] is True
+    assert od["enforcing_consecutive_local_origin_failure"] == 100 and od["consecutive_local_origin_failure"] == 3
+    assert od["enforcing_consecutive_gateway_failure"] == 0 and od["enforcing_consecutive_5xx"] == 0
     assert od["max_ejection_percent"] > 100 / 3  # one host of three can be ejected
     assert od["successful_active_health_check_uneject_host"] is False
     cb = c["circuit_breakers"]["thresholds"][0]
     assert cb["max_requests"] > 1024 and "retry_budget" in cb
+    assert hcm(doc)["request_headers_timeout"] == "10s" and hcm(doc)["request_timeout"] == "60s"  # slowloris
     r = route(doc)
     assert r["route"]["timeout"] == "0s"
     assert r["route"]["idle_timeout"] == "120s" and hcm(doc)["stream_idle_timeout"] == "120s"
