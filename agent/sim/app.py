@@ -90,6 +90,8 @@ class GenerationEndpoint:
         engine = self.engine
         try:
             body = await _read_json(receive)
+            if engine.config.crash_marker and engine.config.crash_marker in _dumps(body).decode():
+                engine.crash()  # a prompt of death: the process dies before answering
             params = parse_generation(self.kind, body, engine.config.model, engine.config.max_model_len)
             if not engine.accepting:
                 raise ApiError(503, "the simulated engine is shutting down and accepts no new requests")

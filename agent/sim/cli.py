@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="instance name, sent in the x-sim-engine header (default sim-<port>)")
     p.add_argument("--token-delay-ms", type=_non_negative_float, default=DEFAULT_TOKEN_DELAY_MS,
                    help="delay before each generated token, ms (default %(default)s)")
+    p.add_argument("--crash-on-prompt", default="", metavar="TEXT",
+                   help="a generation request whose body contains TEXT crashes the engine before it answers "
+                        "(a prompt of death; drills and tests)")
     p.add_argument("--fault", choices=FAULT_MODE_NAMES, default=FaultMode.NONE.value,
                    help="fault mode at start (default %(default)s)")
     p.add_argument("--slow-factor", type=float, default=DEFAULT_SLOW_FACTOR,
@@ -109,7 +112,8 @@ def main(argv: list[str]) -> int:
         log.error("simulated engine %s: started with fault crash, exiting with code %d", name, CRASH_EXIT_CODE)
         return CRASH_EXIT_CODE
     engine = SimEngine(EngineConfig(name=name, model=args.model, token_delay_ms=args.token_delay_ms,
-                                    max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs), fault)
+                                    max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                                    crash_marker=args.crash_on_prompt), fault)
     log.warning("SIMULATED engine %s (not vLLM) serving model %r on http://%s:%d, fault %s, token delay %g ms",
                 name, args.model, args.host, args.port, fault.mode.value, args.token_delay_ms)
     from agent.sim.server import ServeOptions, serve  # uvicorn + starlette: not needed for --help or bad args

@@ -36,6 +36,7 @@ class EngineConfig:
     token_delay_ms: float = DEFAULT_TOKEN_DELAY_MS
     max_model_len: int = DEFAULT_MAX_MODEL_LEN
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    crash_marker: str = ""  # a request whose body contains it crashes the engine (a prompt of death)
 
 
 class ActiveRequest:

@@ -51,7 +51,9 @@ def wait_until(cond: Callable[[], object], timeout_s: float, what: str, interval
 class Engine:
     """A SIMULATED engine registered in Consul the way the engine agent would do it."""
 
-    def __init__(self, catalog: ConsulCatalog, service: str, port: int, log_dir: Path, token_delay_ms: float):
+    def __init__(self, catalog: ConsulCatalog, service: str, port: int, log_dir: Path, token_delay_ms: float,
+                 extra_args: tuple[str, ...] = ()):
+        self.extra_args = extra_args
         self.catalog = catalog
         self.service = service
         self.port = port
@@ -62,7 +64,7 @@ class Engine:
 
     def start(self) -> "Engine":
         self.proc = SimEngineProcess(self.port, name=self.id, token_delay_ms=self.token_delay_ms,
-                                     log_path=str(self.log_dir / f"{self.id}.log")).start()
+                                     log_path=str(self.log_dir / f"{self.id}.log"), extra_args=self.extra_args).start()
         return self
 
     @property

@@ -25,6 +25,7 @@ SERVICE = "ernie"
 TOKEN_DELAY_MS = 20
 MAX_TOKENS = 40          # ~0.8 s per request: long enough to be cut mid-stream
 CLIENTS = 20             # half of them streaming
+PROMPT_OF_DEATH = "PROMPT-OF-DEATH"  # the simulated engines crash on it before answering
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -167,7 +168,8 @@ def mesh(tmp_path_factory):
     gateway = None
     try:
         for port in free_ports(3):
-            engines.append(Engine(catalog, SERVICE, port, root, TOKEN_DELAY_MS).start())
+            engines.append(Engine(catalog, SERVICE, port, root, TOKEN_DELAY_MS,
+                                  extra_args=("--crash-on-prompt", PROMPT_OF_DEATH)).start())
             engines[-1].register()
         gateway = Gateway(consul.address, SERVICE, root / "gw").start()
         m = Mesh(consul, catalog, engines, gateway)
@@ -202,7 +204,7 @@ def test_kill_mid_stream_loses_nothing(fresh):
     assert resumed, "some requests were on the killed engine and must have been continued elsewhere"
     assert all(r.instances[0] == victim.id and victim.id not in r.instances[1:] for r in resumed)
     assert {r.stream for r in resumed} == {True, False}, "streaming and non-streaming requests both resume"
-    assert fresh.relay_metric("ernie_relay_resumes_total", 'outcome="ok",reason="engine_lost"') >= len(resumed)
+    assert fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"') >= len(resumed)
 
 
 def test_hung_engine_gives_its_requests_back(fresh):
@@ -251,7 +253,7 @@ def test_sigterm_without_drain_abort_chunks_are_resumed(fresh):
         victim.proc.proc.wait(10)
         load.wait_for_more(3 * CLIENTS)
     assert all(r.ok for r in load.results), bad(load.results)
-    assert fresh.relay_metric("ernie_relay_resumes_total", 'outcome="ok",reason="abort"') >= 1
+    assert fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="abort"') >= 1
 
 
 def test_a_killed_relay_is_restarted_and_new_requests_flow(fresh):
@@ -292,7 +294,26 @@ def test_resume_limit_ends_with_an_error_event_not_a_cut(fresh):
                     seen_kills += 1
     assert seen_kills == 2
     assert "cut on 2 instances" in str(err.value)
-    assert fresh.relay_metric("ernie_relay_resumes_total", 'outcome="limit",reason="engine_lost"') >= 1
+    assert fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="limit",reason="engine_lost"') >= 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("resumable", [True, False])
+def test_a_prompt_of_death_takes_at_most_one_more_engine(fresh, stream, resumable):
+    """A request that crashes every engine it reaches (before it answers) must not take the fleet
+    down: Envoy's retries and the relay's resumes together try it on at most one more engine."""
+    extra = {} if resumable else {"logprobs": True}  # not resumable: relayed as it is
+    with openai.OpenAI(base_url=f"{fresh.gateway.url}/v1", api_key="sk-test", max_retries=0, timeout=30) as c:
+        with pytest.raises(openai.APIError) as err:
+            r = c.chat.completions.create(model="sim-model", messages=[{"role": "user", "content": PROMPT_OF_DEATH}],
+                                          max_tokens=5, stream=stream, extra_body=extra)
+            if stream:
+                list(r)
+    crashed = [e for e in fresh.engines if not e.running]
+    assert 1 <= len(crashed) <= 2, f"{len(crashed)} engines crashed on one request ({err.value})"
+    with openai.OpenAI(base_url=f"{fresh.gateway.url}/v1", api_key="sk-test", max_retries=0, timeout=30) as c:
+        ok = ask(c, stream=True, max_tokens=5)
+    assert ok.ok, ok.error  # the surviving engine(s) serve on
 
 
 def test_client_disconnect_cancels_the_engine_request(fresh):
@@ -309,11 +330,11 @@ def test_client_disconnect_cancels_the_engine_request(fresh):
 
 
 def test_bad_input_is_a_4xx_passed_through_and_nothing_is_resumed(fresh):
-    before = fresh.relay_metric("ernie_relay_resumes_total", 'outcome="ok",reason="engine_lost"')
+    before = fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"')
     r = httpx.post(f"{fresh.gateway.url}/v1/chat/completions", content=b"{not json", timeout=10,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.post(f"{fresh.gateway.url}/v1/chat/completions", timeout=10,
                    json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}], "stream": True})
     assert r.status_code == 404 and r.json()["error"]["code"] == 404
-    assert fresh.relay_metric("ernie_relay_resumes_total", 'outcome="ok",reason="engine_lost"') == before
+    assert fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"') == before

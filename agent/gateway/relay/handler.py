@@ -57,6 +57,16 @@ class ResumePolicy:
     wait_s: float = 10.0        # how long a continuation waits for a healthy instance to appear
 
 
+def dropped_before_answering(status: int, headers, body: bytes) -> str:
+    """The instance that dropped a request before answering it ('' if that is not what happened).
+
+    The engine hop does not retry resets (a request that crashes engines must not walk the fleet):
+    Envoy answers 503 with the reset as the reply's details, and names the instance it tried."""
+    if status == 503 and b"upstream_reset_before_response_started" in body:
+        return headers.get(INSTANCE_HEADER, "")
+    return ""
+
+
 class ClientGone(Exception):
     pass
 
@@ -67,6 +77,7 @@ class ClientStream:
     def __init__(self, request: web.Request):
         self.request = request
         self.resp: web.StreamResponse | None = None
+        self.events_sent = 0
 
     @property
     def started(self) -> bool:
@@ -85,6 +96,7 @@ class ClientStream:
 
     async def write(self, events: list[bytes]) -> None:
         assert self.resp is not None
+        self.events_sent += len(events)
         try:
             await self.resp.write(b"".join(e + sse.EVENT_END for e in events))
         except (ConnectionError, aiohttp.ClientConnectionError, RuntimeError) as e:
@@ -126,10 +138,22 @@ class Relay:
         return headers
 
     async def _pass_through(self, request: web.Request, raw: bytes) -> web.Response:
-        """Requests that cannot be resumed and wait for a whole body anyway: one attempt, as they are."""
-        async with self.session.post(request.path_qs, data=raw, headers=self._headers(request, None)) as resp:
-            body = await resp.read()
-            headers = response_headers(resp.headers)
+        """Requests that cannot be resumed and wait for a whole body anyway: sent as they are. One that
+        an engine dropped before answering (reset before headers: it died, or its host vanished) is
+        sent once more, to another instance: a prompt of death takes at most one more engine."""
+        member: Member | None = None
+        excluded: set[str] = set()
+        for crashes in range(self.policy.limit_after_crash + 1):
+            async with self.session.post(request.path_qs, data=raw, headers=self._headers(request, member)) as resp:
+                body = await resp.read()
+                headers = response_headers(resp.headers)
+            lost_on = dropped_before_answering(resp.status, headers, body)
+            if not lost_on or crashes == self.policy.limit_after_crash:
+                break
+            excluded.add(lost_on)
+            member = await self.membership.wait_pick(excluded, self.policy.wait_s)
+            if member is None:
+                break
         self.metrics.requests.labels(request.path, "ok" if resp.status < 400 else "rejected").inc()
         return web.Response(status=resp.status, body=body, headers=headers)
 
@@ -178,7 +202,7 @@ class Relay:
                 log.info("request %s on %s ended (%s) after %d tokens; resume %d", t.id or "-",
                          attempt.instance or (member.instance_id if member else "?"), outcome,
                          t.generated_count(), t.resumes)
-                why = self._why_not_resume(req, t, crash_resumes)
+                why = self._why_not_resume(req, t, client, crash_resumes)
                 if why:
                     self.metrics.resumes.labels(last_reason or outcome, why[0]).inc()
                     return await self._give_up(request, req, t, client, why[1])
@@ -195,8 +219,9 @@ class Relay:
             self.metrics.requests.labels(request.path, "client_gone").inc()
             return client.resp or web.Response(status=499)
 
-    def _why_not_resume(self, req: RelayRequest, t: Transcript, crash_resumes: int) -> tuple[str, str] | None:
-        if not req.resumable:
+    def _why_not_resume(self, req: RelayRequest, t: Transcript, client: ClientStream,
+                        crash_resumes: int) -> tuple[str, str] | None:
+        if not req.resumable and (t.started or client.events_sent):
             return "not_resumable", (f"the instance serving this request failed, and a request with {req.why_not} "
                                      "cannot be continued exactly on another instance")
         if crash_resumes > self.policy.limit_after_crash:
@@ -219,10 +244,14 @@ class Relay:
         try:
             attempt.close = resp.close
             if resp.status != 200:
-                if client.started or member is not None and t.resumes > 0:
-                    return "refused", None  # the chosen instance is gone: the caller picks another
                 payload = await resp.read()
                 headers = response_headers(resp.headers)
+                lost_on = dropped_before_answering(resp.status, headers, payload)
+                if lost_on:  # the engine died (or its host vanished) before answering
+                    attempt.instance = lost_on
+                    return ENGINE_LOST, None
+                if client.started or member is not None and t.resumes > 0:
+                    return "refused", None  # the chosen instance is gone: the caller picks another
                 return "rejected", web.Response(status=resp.status, body=payload, headers=headers)
             instance = resp.headers.get(INSTANCE_HEADER, "") or (member.instance_id if member else "")
             if not t.instances:
