@@ -58,6 +58,9 @@ What the columns mean:
   than asked.
 - **stalled**: complete answers that took more than 5× the median (a user waiting on a frozen or
   slow engine).
+- **longest wait s**: the longest a user waited on one complete answer beyond the usual: a
+  stream's longest silence between two events (the first one included), or a non-streaming
+  answer's latency minus the median non-streaming latency.
 - **p50 / p99**: latency of the complete answers; **TTFT**: time to the first token of the
   complete streaming answers.
 - **detect s**: from the fault to the engine being out of rotation — for the mesh, Envoy's admin

@@ -182,6 +182,7 @@ def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monit
         "ttft_p50_ms": s.ttft_p50_ms,
         "ok_rps": s.rps,
         "stalled": s.stalled,
+        "longest_wait_s": s.longest_wait_s,
         "engine": opts.engine,
         "engines": opts.engines,
         "concurrency": opts.concurrency,

@@ -50,6 +50,7 @@ class Result:
     finish_reason: str | None = None
     error: str = ""
     kind: str = ""                    # short category of a not-ok outcome (for counting)
+    max_gap_s: float = 0.0            # a stream's longest silence (from the request to its first event included)
 
     @property
     def ended(self) -> float:
@@ -88,11 +89,15 @@ def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
     finish = None
     usage_tokens = None
     chunks = 0
+    last = t0
+    max_gap = 0.0
     try:
         events = client.chat.completions.create(model=cfg.model, messages=messages, max_tokens=cfg.max_tokens,
                                                 temperature=0, extra_body=extra, stream=True,
                                                 stream_options={"include_usage": True})
         for ev in events:
+            now = time.perf_counter()
+            max_gap, last = max(max_gap, now - last), now
             if ev.choices:
                 c = ev.choices[0]
                 if c.delta and c.delta.content:
@@ -112,7 +117,7 @@ def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
     tokens = usage_tokens if usage_tokens is not None else chunks
     full = finish == "length" and usage_tokens is not None and usage_tokens >= cfg.max_tokens
     return Result(t0_wall, latency, True, "ok" if full else "truncated", ttft_s=ttft, tokens=tokens,
-                  finish_reason=finish,
+                  finish_reason=finish, max_gap_s=max_gap,
                   error="" if full else f"stream ended: finish_reason={finish} usage_tokens={usage_tokens} "
                                         f"content_chunks={chunks}",
                   kind="" if full else f"stream ended, finish_reason {finish}")
@@ -195,6 +200,9 @@ class LoadSummary:
     ttft_p99_ms: float | None
     rps: float
     stalled: int = 0  # ok requests that took more than STALLED_FACTOR x the median
+    # The longest a user waited on one request beyond the usual: a stream's longest silence, or a
+    # non-streaming request's latency minus the median non-streaming latency.
+    longest_wait_s: float | None = None
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -211,6 +219,9 @@ def summarize(results: list[Result], seconds: float) -> LoadSummary:
         return None if v is None else round(v, 1)
 
     ok = sum(1 for r in results if r.outcome == "ok")
+    unary = [r.latency_s for r in results if r.outcome == "ok" and not r.stream]
+    unary_p50 = percentile(unary, 50) or 0.0
+    waits = [r.max_gap_s if r.stream else r.latency_s - unary_p50 for r in results if r.outcome == "ok"]
     p50 = percentile(lat, 50)
     stalled = sum(1 for v in lat if p50 is not None and v > STALLED_FACTOR * p50)
     return LoadSummary(
@@ -221,5 +232,6 @@ def summarize(results: list[Result], seconds: float) -> LoadSummary:
         ttft_p50_ms=rnd(percentile(ttft, 50)), ttft_p99_ms=rnd(percentile(ttft, 99)),
         rps=round(ok / seconds, 2) if seconds > 0 else 0.0,
         stalled=stalled,
+        longest_wait_s=round(max(waits), 2) if waits else None,
         errors=dict(sorted(errors.items(), key=lambda kv: -kv[1])),
     )

@@ -57,9 +57,9 @@ def _detect(r: dict) -> str:
 
 def drill_table(rows: list[dict]) -> list[str]:
     """Mesh and baseline side by side, one block per scenario, plus a ratio line (baseline / mesh)."""
-    out = ["| scenario | system | requests | failed | truncated | stalled | p50 ms | p99 ms | TTFT p50 ms | "
-           "TTFT p99 ms | detect s | recover s |",
-           "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    out = ["| scenario | system | requests | failed | truncated | stalled | longest wait s | p50 ms | p99 ms | "
+           "TTFT p50 ms | TTFT p99 ms | detect s | recover s |",
+           "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     by_scenario: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_scenario.setdefault(r["scenario"], {})[r["system"]] = r
@@ -69,13 +69,14 @@ def drill_table(rows: list[dict]) -> list[str]:
             if r is None:
                 continue
             out.append(f"| {scenario} | {name} | {r['requests']} | {r['failed']} | {r['truncated']} | "
-                       f"{r.get('stalled', '—')} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(r['ttft_p50_ms'])} | "
+                       f"{r.get('stalled', '—')} | {_f(r.get('longest_wait_s'), 1)} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(r['ttft_p50_ms'])} | "
                        f"{_f(r['ttft_p99_ms'])} | {_detect(r)} | {_f(r['recover_s'], 1)} |")
         m, b = systems.get("mesh"), systems.get("baseline")
         if m and b:
             out.append(f"| {scenario} | *baseline ÷ mesh* | {_ratio(b['requests'], m['requests'], 2)} | "
                        f"{_ratio(b['failed'], m['failed'])} | {_ratio(b['truncated'], m['truncated'])} | "
-                       f"{_ratio(b.get('stalled'), m.get('stalled'))} | {_ratio(b['p50_ms'], m['p50_ms'], 2)} | "
+                       f"{_ratio(b.get('stalled'), m.get('stalled'))} | "
+                       f"{_ratio(b.get('longest_wait_s'), m.get('longest_wait_s'))} | {_ratio(b['p50_ms'], m['p50_ms'], 2)} | "
                        f"{_ratio(b['p99_ms'], m['p99_ms'])} | {_ratio(b['ttft_p50_ms'], m['ttft_p50_ms'], 2)} | "
                        f"{_ratio(b['ttft_p99_ms'], m['ttft_p99_ms'])} | "
                        f"{'∞ (never)' if m.get('engine_fault') and b['detect_s'] is None and m['detect_s'] is not None else _ratio(b['detect_s'], m['detect_s'])} | "

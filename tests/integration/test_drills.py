@@ -16,10 +16,9 @@ import pytest
 from bench.drill import DrillOptions, run_drill
 
 CONCURRENCY = 8
-# The kill cuts streams that were in flight on the killed engine: Envoy cannot retry a response
-# that already started (see docs/benchmarks.md). Such a stream started before the kill and ended
-# right after it; anything else truncated or failed is a mesh bug.
-KILL_CUT_WINDOW_S = 3.0
+# A hung request is rescued once the instance leaves the snapshot: it waits for the detection
+# (the engine agent's verdict reaching Envoy) and little more.
+RESCUE_ALLOWANCE_S = 2.0
 
 
 def drill(tmp_path, scenario: str, system: str = "mesh", **kw) -> list[dict]:
@@ -36,21 +35,19 @@ def only_mesh(results: list[dict]) -> dict:
     return next(r for r in results if r["system"] == "mesh")
 
 
-def test_kill_fails_nothing_and_cuts_only_streams_in_flight_on_the_killed_engine(tmp_path):
+def test_kill_loses_nothing(tmp_path):
+    # streams in flight on the killed engine are resumed on another one by the gateway's relay
     r = only_mesh(drill(tmp_path, "kill", stream_ratio=0.5, hold_s=3.0))
-    assert r["failed"] == 0, r["not_ok"]
-    [kill] = r["events"]
-    for bad in r["not_ok"]:
-        # non-streaming requests in flight were retried on another engine: none is lost
-        assert bad["outcome"] == "truncated" and bad["stream"], bad
-        assert bad["start_s"] <= kill["at_s"] <= bad["end_s"] <= kill["at_s"] + KILL_CUT_WINDOW_S, (bad, kill)
-    assert r["truncated"] <= CONCURRENCY
-
-
-def test_hang_loses_nothing(tmp_path):
-    # held long enough for the engine agent's canary to catch it, shorter than the client timeout
-    r = only_mesh(drill(tmp_path, "hang", duration_s=14.0, hold_s=6.0))
     assert (r["failed"], r["truncated"]) == (0, 0), r["not_ok"]
+
+
+def test_hang_loses_nothing_and_no_request_waits_past_detection(tmp_path):
+    # held long enough for the engine agent's canary to catch it, shorter than the client timeout
+    r = only_mesh(drill(tmp_path, "hang", duration_s=16.0, hold_s=8.0))
+    assert (r["failed"], r["truncated"]) == (0, 0), r["not_ok"]
+    [hang] = r["events"]
+    assert hang["detect_s"] is not None, hang
+    assert r["longest_wait_s"] <= hang["detect_s"] + RESCUE_ALLOWANCE_S, (r["longest_wait_s"], hang)
 
 
 def test_rolling_restart_loses_nothing(tmp_path):
