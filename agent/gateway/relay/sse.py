@@ -9,7 +9,7 @@ asked for, so the client sees exactly what it would have seen), look for a finis
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 EVENT_END = b"\n\n"
 DONE = b"data: [DONE]"
@@ -44,22 +44,36 @@ class EventSplitter:
         return self._buf
 
 
-@dataclass(frozen=True)
-class TokenFields:
+class TokenFields(NamedTuple):
     prompt: bytes | None  # raw "1,2,3" of prompt_token_ids, if the event carried them
     generated: bytes | None  # raw "4,5" of token_ids
 
 
+_PROMPT_KEY = b'"prompt_token_ids":['
+_GENERATED_KEY = b'"token_ids":['  # never matches inside the prompt key (an underscore precedes it there)
+
+
+def _cut(event: bytes, key: bytes) -> tuple[bytes, bytes | None]:
+    """`key[...]` -> `key-without-bracket null`, and the list's raw content. A quote inside a JSON
+    string is escaped (\\"), so the key cannot match inside the generated text."""
+    i = event.find(key)
+    if i < 0:
+        return event, None
+    start = i + len(key)
+    end = event.find(b"]", start)
+    if end < 0:
+        return event, None
+    return event[:i] + key[:-1] + b"null" + event[end + 1:], event[start:end]
+
+
 def take_token_ids(event: bytes) -> tuple[bytes, TokenFields]:
-    """The event with its token-ID lists replaced by null, and the lists it carried (raw)."""
-    found: dict[bytes, bytes] = {}
-
-    def repl(m: re.Match[bytes]) -> bytes:
-        found[m.group(1)] = m.group(2)
-        return b'"' + m.group(1) + b'":null'
-
-    stripped = _IDS.sub(repl, event)
-    return stripped, TokenFields(found.get(b"prompt_token_ids"), found.get(b"token_ids"))
+    """The event with its token-ID lists replaced by null, and the lists it carried (raw). This runs
+    for every relayed event: plain byte searches, no regular expression, no JSON."""
+    prompt = None
+    if _PROMPT_KEY in event:  # the first event only
+        event, prompt = _cut(event, _PROMPT_KEY)
+    event, generated = _cut(event, _GENERATED_KEY)
+    return event, TokenFields(prompt, generated)
 
 
 def peek_token_ids(event: bytes) -> TokenFields:

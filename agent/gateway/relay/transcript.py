@@ -84,11 +84,12 @@ class Transcript:
     # --- attempt 0: the client's own request ----------------------------------------------------
 
     def native(self, ev: bytes) -> tuple[bytes | None, str]:
-        """One event of the first attempt -> (bytes for a streaming client or None, signal)."""
-        if sse.is_done(ev):
-            return None, Signal.DONE
-        if sse.is_error(ev):
-            return None, Signal.ERROR
+        """One event of the first attempt -> (bytes for a streaming client or None, signal). The hot path."""
+        if not ev.startswith(b'data: {"id"'):  # vLLM's chunks start with their id: anything else is rare
+            if sse.is_done(ev):
+                return None, Signal.DONE
+            if sse.is_error(ev):
+                return None, Signal.ERROR
         if self.req.client_wants_token_ids:
             out, ids = ev, sse.peek_token_ids(ev)
         else:
