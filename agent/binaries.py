@@ -1,4 +1,6 @@
-"""Locate the external binaries the mesh runs; a missing one is a clear, actionable error."""
+"""Locate the external binaries the product runs (Envoy); a missing one is a clear, actionable error.
+
+The local mesh's own (`consul agent -dev`) is in agent/local/binaries.py, on the same rule."""
 
 from __future__ import annotations
 
@@ -25,11 +27,6 @@ def find_binary(name: str, install_hint: str) -> str:
     if found:
         return found
     raise MissingBinary(f"'{name}' not found in {_venv_bin()} or on PATH: {install_hint}")
-
-
-def consul_binary() -> str:
-    return find_binary("consul", "run `scripts/install.sh core` (or `make test`) or install Consul from "
-                                 "https://developer.hashicorp.com/consul/install")
 
 
 def envoy_binary() -> str:

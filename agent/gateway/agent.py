@@ -1,8 +1,9 @@
 """The gateway agent: catalog watch -> snapshot -> ADS, Envoy supervision, self-registration.
 
 Two loops:
-- the watch thread delivers catalog changes; each becomes a snapshot (pure build), published
-  to the ADS server if its version is new;
+- the watch thread hands over `WatchUpdate`s (`on_watch`); new content becomes a snapshot (pure
+  build), published to the ADS server if its version is new; the watch's state (discontinuity,
+  failing) is kept for the grace period and the summary — the agent never reads the watch;
 - the control loop (`run`) calls `reconcile_once()` every reconcile interval: supervise Envoy,
   keep the gateway's own TTL check in Consul in step with Envoy's readiness, return a one-line
   summary (logged when it changes). It survives every error and sleeps on the stop event.
@@ -20,6 +21,7 @@ from agent.gateway.envoy import EnvoySupervisor
 from agent.gateway.metrics import GatewayMetrics
 from agent.gateway.relays import RelaySupervisor
 from agent.gateway.snapshot import Snapshot, build_snapshot, with_held
+from agent.gateway.watch import WatchUpdate
 from agent.gateway.xds import AdsServer
 
 log = logging.getLogger("agent.gateway")
@@ -75,10 +77,10 @@ class GatewayAgent:
         self.clock = clock
         self.stop_event = threading.Event()
         self.snapshot: Snapshot | None = None
-        self.watch = None  # set by the caller (CatalogWatch), read for the summary
+        self._watch: WatchUpdate | None = None  # the watch's last update: its state, for grace and summary
         self._lock = threading.Lock()
         self._rejected_logged: set[tuple[str, str]] = set()
-        self._last_entries: list[CatalogEntry] = []
+        self._last_entries: tuple[CatalogEntry, ...] = ()
         self._held: frozenset[str] = frozenset()
         self._registration = registration_of(cfg)
         self._registered_verdict: Verdict | None = None
@@ -87,17 +89,19 @@ class GatewayAgent:
 
     # --- catalog -> snapshot -> ADS (watch thread) --------------------------------------------
 
-    def on_catalog(self, entries: list[CatalogEntry], seen_at: float) -> None:
+    def on_watch(self, update: WatchUpdate) -> None:
         with self._lock:
-            self._last_entries = entries
-            self._publish(entries, seen_at)
+            self._watch = update
+            if update.changed:
+                self._last_entries = update.entries
+                self._publish(update.entries, update.seen_at)
 
     def _in_grace(self) -> bool:
-        """Shortly after the catalog may have lost state (see CatalogWatch.discontinuity_at)."""
-        since = getattr(self.watch, "discontinuity_at", None)
+        """Shortly after the catalog may have lost state (WatchUpdate.discontinuity_at)."""
+        since = self._watch.discontinuity_at if self._watch is not None else None
         return since is not None and self.clock() - since < self.cfg.catalog_reset_grace_s
 
-    def _publish(self, entries: list[CatalogEntry], seen_at: float) -> None:
+    def _publish(self, entries: tuple[CatalogEntry, ...], seen_at: float) -> None:
         result = build_snapshot(entries, self.cfg.cluster)
         for r in result.rejected:
             if (r.instance_id, r.reason) not in self._rejected_logged:
@@ -130,19 +134,6 @@ class GatewayAgent:
                          len(self._held))
                 self._publish(self._last_entries, self.clock())
 
-    # --- xDS callbacks (ADS threads) ------------------------------------------------------------
-
-    def on_ack(self, node_id: str, version: str, latency_s: float | None) -> None:
-        if latency_s is not None:
-            self.metrics.push_latency.observe(latency_s)
-        log.debug("envoy %s acked %s (%.1f ms after the change was seen)", node_id, version, (latency_s or 0) * 1000)
-
-    def on_nack(self, node_id: str, version: str, message: str) -> None:
-        self.metrics.nacks.inc()
-
-    def on_push(self, node_id: str, version: str) -> None:
-        self.metrics.pushes.inc()
-
     # --- control loop -------------------------------------------------------------------------
 
     def reconcile_once(self) -> str:
@@ -165,8 +156,8 @@ class GatewayAgent:
         registration = self._keep_registered(verdict)
         snap = self.snapshot
         acked = sorted({s.acked_version[:8] or "-" for s in streams})
-        watch = self.watch
-        consul = "consul ok" if watch is None or watch.failing_since is None else \
+        watch = self._watch
+        consul = "consul ok" if watch is None or not watch.failing else \
             f"consul unreachable ({watch.last_error.split(':')[-1].strip()})"
         held = f" ({len(self._held)} held)" if self._held else ""
         relay_part = f"relays {relays}/{len(self.relays.slots)}; " if relays is not None else ""

@@ -8,6 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
+from agent.binaries import MissingBinary, envoy_binary
 from agent.catalog.consul import ConsulCatalog
 from agent.config import ConfigError
 from agent.gateway import bootstrap
@@ -16,9 +17,8 @@ from agent.gateway.agent import GatewayAgent
 from agent.gateway.envoy import EnvoySupervisor
 from agent.gateway.metrics import GatewayMetrics
 from agent.gateway.relays import RelaySupervisor
-from agent.gateway.watch import CatalogWatch, WatchSettings
+from agent.gateway.watch import CatalogWatch
 from agent.gateway.xds import AdsServer
-from agent.local.binaries import MissingBinary, envoy_binary
 
 log = logging.getLogger("agent.gateway")
 
@@ -55,18 +55,11 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     catalog = ConsulCatalog(cfg.consul.address, cfg.consul.token)
     metrics = GatewayMetrics()
     envoy = EnvoySupervisor(cfg, binary, template, on_restart=metrics.envoy_restarts.inc)
-    agent: GatewayAgent
-    ads = AdsServer(cfg.xds, on_ack=lambda *a: agent.on_ack(*a), on_nack=lambda *a: agent.on_nack(*a),
-                    on_push=lambda *a: agent.on_push(*a))
+    # Wiring runs one way: metrics <- ADS server <- agent <- watch; nothing points back.
+    ads = AdsServer(cfg.xds, callbacks=metrics)
     relays = RelaySupervisor(cfg, on_restart=metrics.relay_restarts.inc)
     agent = GatewayAgent(cfg, catalog, metrics, ads, envoy, relays)
-    watch = CatalogWatch(
-        catalog, cfg.consul.service, agent.on_catalog,
-        WatchSettings(wait_s=cfg.watch_wait_s, settle_s=cfg.settle_s, min_interval_s=cfg.watch_min_interval_s,
-                      backoff_initial_s=cfg.watch_backoff_initial_s, backoff_max_s=cfg.watch_backoff_max_s),
-        metrics=metrics,
-    )
-    agent.watch = watch
+    watch = CatalogWatch(catalog, cfg.consul.service, agent.on_watch, cfg.watch, metrics=metrics)
 
     def on_signal(signum, _frame) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)

@@ -57,6 +57,17 @@ class GatewayMetrics:
         self.last_success.set(unix_time)
         self.consul_up.set(1)
 
+    # XdsCallbacks protocol (agent/gateway/xds.py), called from the ADS stream threads
+    def on_push(self, node_id: str, version: str) -> None:
+        self.pushes.inc()
+
+    def on_ack(self, node_id: str, version: str, latency_s: float | None) -> None:
+        if latency_s is not None:  # None: an initial sync, not a push
+            self.push_latency.observe(latency_s)
+
+    def on_nack(self, node_id: str, version: str, message: str) -> None:
+        self.nacks.inc()
+
     def published(self, snapshot: Snapshot, previous: Snapshot | None, rejected: int) -> None:
         for state in EndpointState:
             self.endpoints.labels(state.value).set(snapshot.count(state))

@@ -9,8 +9,10 @@
 - a change is held for a short settle window, during which a further change replaces it, so a
   burst (e.g. a rolling restart touching several instances) is delivered once.
 
-`CatalogWatch.run()` is the thread body; `on_change(entries, seen_at)` is called from it with
-`seen_at` the monotonic time the first reply carrying the change came back.
+`CatalogWatch.run()` is the thread body; `on_update(WatchUpdate)` is called from it: with
+`changed` true when new content is delivered (`seen_at`: the monotonic time the first reply
+carrying it came back), with `changed` false when only the watch's state moved (failing, back,
+a discontinuity). The consumer needs nothing else from the watch: wiring runs one way.
 """
 
 from __future__ import annotations
@@ -47,6 +49,27 @@ class WatchSettings:
     max_settle_s: float = 0.25  # a constant churn is still delivered at least this often
 
 
+@dataclass(frozen=True)
+class WatchUpdate:
+    """What the watch hands its consumer: the catalog content in force and the watch's state."""
+
+    entries: tuple[CatalogEntry, ...]
+    seen_at: float                          # monotonic: when the reply carrying `entries` came back
+    changed: bool = True                    # False: the last delivered entries, only the state moved
+    # When the catalog may have lost state: the index went backwards, or the first success after
+    # an outage. The consumer holds absent instances for a grace period after it.
+    discontinuity_at: float | None = None
+    failing_since: float | None = None      # monotonic; None while the watch succeeds
+    last_error: str = ""
+
+    @property
+    def failing(self) -> bool:
+        return self.failing_since is not None
+
+    def state(self) -> tuple:
+        return self.discontinuity_at, self.failing_since, self.last_error
+
+
 def next_index(previous: int, replied: int) -> int:
     """Index rules: reset to 0 if the index went backwards; otherwise the reply's, at least 1."""
     if replied < previous:
@@ -63,12 +86,12 @@ def content_key(entries: list[CatalogEntry]) -> tuple:
 
 
 class CatalogWatch:
-    def __init__(self, catalog: Reader, service: str, on_change: Callable[[list[CatalogEntry], float], None],
+    def __init__(self, catalog: Reader, service: str, on_update: Callable[[WatchUpdate], None],
                  settings: WatchSettings = WatchSettings(), metrics: WatchMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         self.catalog = catalog
         self.service = service
-        self.on_change = on_change
+        self.on_update = on_update
         self.s = settings
         self.metrics = metrics
         self.clock = clock
@@ -78,10 +101,9 @@ class CatalogWatch:
         self.last_key: tuple | None = None
         self.last_success_at: float | None = None  # monotonic
         self.failing_since: float | None = None
-        # When the catalog may have lost state: the index went backwards, or the first success
-        # after an outage. The agent holds absent instances for a grace period after it.
-        self.discontinuity_at: float | None = None
+        self.discontinuity_at: float | None = None  # see WatchUpdate
         self.last_error = ""
+        self._handed: WatchUpdate | None = None  # the last update the consumer accepted
         self.errors = 0
         self.deliveries = 0
         self._backoff_s = settings.backoff_initial_s
@@ -144,17 +166,36 @@ class CatalogWatch:
         """One blocking read (plus its settle window). True if a change was delivered."""
         got = self._read(self.s.wait_s)
         if got is None:
+            self._report_state()
             return False
         _, entries = got
         seen_at = self.clock()
         key = content_key(entries)
         if key == self.last_key:
+            self._report_state()
             return False  # the index moved, the content did not (another service, a TTL refresh)
         entries, key = self._settle(entries, key, seen_at)
-        self.on_change(entries, seen_at)
+        self._hand(self._update(tuple(entries), seen_at, changed=True))
         self.last_key = key  # only once delivered: a failed callback gets the content again
         self.deliveries += 1
         return True
+
+    def _update(self, entries: tuple[CatalogEntry, ...], seen_at: float, changed: bool) -> WatchUpdate:
+        return WatchUpdate(entries, seen_at, changed, discontinuity_at=self.discontinuity_at,
+                           failing_since=self.failing_since, last_error=self.last_error)
+
+    def _hand(self, update: WatchUpdate) -> None:
+        self.on_update(update)
+        self._handed = update  # only once accepted: a failed callback gets it again
+
+    def _report_state(self) -> None:
+        """No new content, but the watch's state moved (failing, back, discontinuity): hand it over."""
+        last = self._handed
+        if last is None and self.failing_since is None and self.discontinuity_at is None:
+            return  # nothing to tell yet
+        update = self._update(last.entries if last else (), last.seen_at if last else self.clock(), changed=False)
+        if last is None or update.state() != last.state():
+            self._hand(update)
 
     def _settle(self, entries: list[CatalogEntry], key: tuple, seen_at: float) -> tuple[list[CatalogEntry], tuple]:
         """Hold a change for settle_s of quiet (at most max_settle_s), taking any later content."""

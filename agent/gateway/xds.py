@@ -3,8 +3,10 @@
 It knows nothing about Consul: `publish(snapshot)` is all it gets. Each connected Envoy has one
 stream; a new snapshot is pushed to every stream at once. ACKs and NACKs are matched by nonce
 (a reply with an old nonce is stale and ignored); a NACK is logged with Envoy's error detail and
-the rejected version is not resent. The time from "change seen" to an Envoy's ACK is reported
-through `on_ack`, for the push-latency histogram.
+the rejected version is not resent. What happens is reported through `XdsCallbacks` (as
+go-control-plane's `Callbacks`): every response sent (`on_push`), every ACK with the time from
+"change seen" to it (`on_ack`, for the push-latency histogram), every NACK (`on_nack`). The
+gateway's metrics implement them; the server holds no reference to the agent.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Protocol
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -31,8 +33,32 @@ MAX_STREAMS = 16
 _WAKE = object()
 _CLOSED = object()
 
-AckCallback = Callable[[str, str, float | None], None]      # node id, version, latency (s) or None
-NackCallback = Callable[[str, str, str], None]              # node id, rejected version, error message
+
+class XdsCallbacks(Protocol):
+    """What the server reports, from its stream threads (keep them quick; they must not raise)."""
+
+    def on_push(self, node_id: str, version: str) -> None:
+        """One response with `version` sent to `node_id`."""
+
+    def on_ack(self, node_id: str, version: str, latency_s: float | None) -> None:
+        """`node_id` accepted `version`; `latency_s` from the change seen to the ACK, None for an
+        initial sync (a change seen before the stream opened is not a push)."""
+
+    def on_nack(self, node_id: str, version: str, message: str) -> None:
+        """`node_id` rejected `version` with Envoy's error message."""
+
+
+class NoCallbacks:
+    """XdsCallbacks that record nothing."""
+
+    def on_push(self, node_id: str, version: str) -> None:
+        pass
+
+    def on_ack(self, node_id: str, version: str, latency_s: float | None) -> None:
+        pass
+
+    def on_nack(self, node_id: str, version: str, message: str) -> None:
+        pass
 
 
 @dataclass
@@ -53,12 +79,9 @@ class StreamState:
 
 
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, address: str, on_ack: AckCallback | None = None, on_nack: NackCallback | None = None,
-                 on_push: Callable[[str, str], None] | None = None):
+    def __init__(self, address: str, callbacks: XdsCallbacks | None = None):
         self.address = address
-        self._on_push = on_push  # node id, version: one response sent
-        self._on_ack = on_ack
-        self._on_nack = on_nack
+        self._callbacks: XdsCallbacks = callbacks if callbacks is not None else NoCallbacks()
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self._changed_at: dict[str, float] = {}  # version -> monotonic time the change was seen
@@ -171,8 +194,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 stream.acked_version = req.version_info  # what Envoy still holds
                 log.error("xDS NACK from %s for version %s: %s (keeping version %s)", stream.node_id,
                           stream.sent_version, req.error_detail.message, req.version_info or "none")
-                if self._on_nack:
-                    self._on_nack(stream.node_id, stream.sent_version, req.error_detail.message)
+                self._callbacks.on_nack(stream.node_id, stream.sent_version, req.error_detail.message)
                 return None
             if req.version_info != stream.acked_version:
                 stream.acked_version = req.version_info
@@ -181,8 +203,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 # Only a change seen while this Envoy was connected is a push; the initial sync
                 # of a (re)connecting Envoy is not.
                 latency = None if seen is None or seen < stream.opened_at else time.monotonic() - seen
-                if self._on_ack:
-                    self._on_ack(stream.node_id, req.version_info, latency)
+                log.debug("envoy %s acked %s (%.1f ms after the change was seen)", stream.node_id,
+                          req.version_info, (latency or 0) * 1000)
+                self._callbacks.on_ack(stream.node_id, req.version_info, latency)
             if not resubscribed:
                 return None
         elif req.version_info:
@@ -205,7 +228,6 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         resource.Pack(cluster_load_assignment(snap))
         nonce = str(next(self._nonces))
         stream.sent_version, stream.sent_nonce = snap.version, nonce
-        if self._on_push:
-            self._on_push(stream.node_id, snap.version)
+        self._callbacks.on_push(stream.node_id, snap.version)
         return discovery_pb2.DiscoveryResponse(version_info=snap.version, resources=[resource],
                                                type_url=EDS_TYPE_URL, nonce=nonce)

@@ -7,6 +7,7 @@ from agent.catalog.memory import MemoryCatalog
 from agent.gateway.agent import GatewayAgent
 from agent.gateway.config import GatewayConfig, finish
 from agent.gateway.metrics import GatewayMetrics
+from agent.gateway.watch import WatchUpdate
 
 
 class FakeAdmin:
@@ -59,6 +60,11 @@ def entry(iid, port, status=CheckStatus.PASSING):
     return CatalogEntry(iid, "n", "10.0.0.1", port, status)
 
 
+def update(entries, seen_at, **state):
+    """What the catalog watch hands the agent when the content changed."""
+    return WatchUpdate(tuple(entries), seen_at, **state)
+
+
 def test_registers_itself_with_meta_and_follows_envoy_readiness(tmp_path):
     agent, catalog, envoy, _ads, clock, _m = make(tmp_path)
     summary = agent.reconcile_once()
@@ -103,10 +109,10 @@ def test_consul_outage_does_not_break_the_loop(tmp_path):
 
 def test_catalog_changes_publish_new_versions_only(tmp_path):
     agent, _catalog, _envoy, ads, _clock, metrics = make(tmp_path)
-    agent.on_catalog([entry("a", 8001), entry("b", 8002, CheckStatus.WARNING)], seen_at=0.0)
-    agent.on_catalog([entry("b", 8002, CheckStatus.WARNING), entry("a", 8001)], seen_at=0.0)  # same content
+    agent.on_watch(update([entry("a", 8001), entry("b", 8002, CheckStatus.WARNING)], seen_at=0.0))
+    agent.on_watch(update([entry("b", 8002, CheckStatus.WARNING), entry("a", 8001)], seen_at=0.0))  # same content
     assert len(ads.published) == 1
-    agent.on_catalog([entry("a", 8001), entry("bad", 0)], seen_at=0.0)
+    agent.on_watch(update([entry("a", 8001), entry("bad", 0)], seen_at=0.0))
     assert len(ads.published) == 2 and [e.instance_id for e in ads.published[-1].endpoints] == ["a"]
     text = metrics.registry.get_sample_value
     assert text("ernie_gateway_endpoints", {"state": "healthy"}) == 1
@@ -133,26 +139,19 @@ def test_reconcile_errors_are_survived(tmp_path, caplog):
     assert len(calls) == 2 and "reconcile failed" in caplog.text
 
 
-class FakeWatch:
-    discontinuity_at = None
-    failing_since = None
-    last_error = ""
-
-
 def test_absent_instances_are_held_for_a_grace_period_after_a_consul_reset(tmp_path):
     agent, _catalog, _envoy, ads, clock, _m = make(tmp_path)
-    agent.watch = FakeWatch()
-    agent.on_catalog([entry("a", 8001), entry("b", 8002)], seen_at=clock())
+    agent.on_watch(update([entry("a", 8001), entry("b", 8002)], seen_at=clock()))
     # an ordinary removal (no discontinuity) is published at once
-    agent.on_catalog([entry("a", 8001)], seen_at=clock())
+    agent.on_watch(update([entry("a", 8001)], seen_at=clock()))
     assert ads.published[-1].ids() == {"a"}
-    agent.on_catalog([entry("a", 8001), entry("b", 8002)], seen_at=clock())
+    agent.on_watch(update([entry("a", 8001), entry("b", 8002)], seen_at=clock()))
     # Consul came back empty: nothing is dropped during the grace period...
-    agent.watch.discontinuity_at = clock()
-    agent.on_catalog([], seen_at=clock())
+    reset_at = clock()
+    agent.on_watch(update([], seen_at=clock(), discontinuity_at=reset_at))
     assert ads.published[-1].ids() == {"a", "b"}
     # ...an instance that says critical is removed, one that re-registered is current
-    agent.on_catalog([entry("a", 8001, CheckStatus.CRITICAL)], seen_at=clock())
+    agent.on_watch(update([entry("a", 8001, CheckStatus.CRITICAL)], seen_at=clock(), discontinuity_at=reset_at))
     assert ads.published[-1].ids() == {"b"}
     clock.t += 5
     agent.reconcile_once()
@@ -161,3 +160,17 @@ def test_absent_instances_are_held_for_a_grace_period_after_a_consul_reset(tmp_p
     clock.t += agent.cfg.catalog_reset_grace_s
     assert "held" not in agent.reconcile_once()
     assert ads.published[-1].ids() == frozenset()
+
+
+def test_the_watch_state_reaches_the_summary_without_a_reference_to_the_watch(tmp_path):
+    agent, _catalog, _envoy, ads, clock, _m = make(tmp_path)
+    agent.on_watch(update([entry("a", 8001)], seen_at=clock()))
+    assert "consul ok" in agent.reconcile_once()
+    seen = ads.published[-1]
+    # a state-only update (Consul failing) publishes nothing; the summary says why
+    agent.on_watch(WatchUpdate((entry("a", 8001),), clock(), changed=False, failing_since=clock(),
+                               last_error="Consul unreachable: Connection refused"))
+    assert ads.published[-1] is seen
+    assert "consul unreachable (Connection refused)" in agent.reconcile_once()
+    agent.on_watch(WatchUpdate((entry("a", 8001),), clock(), changed=False, discontinuity_at=clock()))
+    assert "consul ok" in agent.reconcile_once() and ads.published[-1] is seen

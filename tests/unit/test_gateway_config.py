@@ -7,7 +7,7 @@ import pytest
 from agent.config import ConfigError
 from agent.gateway import cli
 from agent.gateway import config as gc
-from agent.local.binaries import MissingBinary
+from agent.binaries import MissingBinary
 
 
 @pytest.fixture(autouse=True)

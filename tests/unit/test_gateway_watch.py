@@ -7,7 +7,7 @@ import time
 
 from agent.catalog.base import CatalogEntry, CatalogUnavailable, CheckStatus, Registration, Verdict, VerdictState
 from agent.catalog.memory import MemoryCatalog
-from agent.gateway.watch import CatalogWatch, WatchSettings, content_key, next_index
+from agent.gateway.watch import CatalogWatch, WatchSettings, WatchUpdate, content_key, next_index
 
 FAST = WatchSettings(wait_s=0.2, settle_s=0.02, min_interval_s=0.0, backoff_initial_s=0.01, backoff_max_s=0.04,
                      max_settle_s=0.1)
@@ -19,13 +19,18 @@ def reg(port: int) -> Registration:
 
 
 class Recorder:
+    """Records the contents delivered (`calls`) and every update (`updates`, state-only ones too)."""
+
     def __init__(self):
-        self.calls: list[list[CatalogEntry]] = []
+        self.calls: list[tuple[CatalogEntry, ...]] = []
+        self.updates: list[WatchUpdate] = []
         self.event = threading.Event()
 
-    def __call__(self, entries, seen_at):
-        self.calls.append(entries)
-        self.event.set()
+    def __call__(self, update: WatchUpdate):
+        self.updates.append(update)
+        if update.changed:
+            self.calls.append(update.entries)
+            self.event.set()
 
     def states(self, i=-1):
         return sorted((e.instance_id, e.status.value) for e in self.calls[i])
@@ -184,7 +189,7 @@ def test_callback_errors_do_not_kill_the_loop():
     cat.register(reg(8001), PASSING)
     calls = []
 
-    def boom(entries, seen_at):
+    def boom(update):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("bug in a callback")
@@ -196,3 +201,41 @@ def test_callback_errors_do_not_kill_the_loop():
         time.sleep(0.01)
     w.stop()
     assert len(calls) >= 2
+
+
+def test_updates_carry_the_watch_state_and_state_changes_are_handed_over():
+    cat = ScriptedCatalog([(3, [e("a1")]), CatalogUnavailable("down"), CatalogUnavailable("down"),
+                           (3, [e("a1")]), (4, [e("a1"), e("a2")])])
+    rec = Recorder()
+    w = CatalogWatch(cat, "ernie", rec, FAST)
+    w.step()
+    first = rec.updates[-1]
+    assert first.changed and not first.failing and first.discontinuity_at is None
+    w.step()  # Consul fails: the consumer learns it, with the content still in force
+    failing = rec.updates[-1]
+    assert len(rec.updates) == 2 and not failing.changed and failing.failing
+    assert failing.last_error == "down" and failing.entries == first.entries
+    w.step()  # the same failure again: nothing new to tell
+    assert len(rec.updates) == 2
+    w.step()  # back, same content: the state moved (a discontinuity), the content did not
+    back = rec.updates[-1]
+    assert len(rec.updates) == 3 and not back.changed and not back.failing and back.discontinuity_at is not None
+    w.step()
+    assert rec.updates[-1].changed and rec.updates[-1].discontinuity_at == back.discontinuity_at
+    assert len(rec.calls) == 2
+
+
+def test_index_going_backwards_is_handed_over_even_without_a_change():
+    cat = ScriptedCatalog([(10, [e("a1")]), (4, [e("a1")])])
+    rec = Recorder()
+    w = CatalogWatch(cat, "ernie", rec, FAST)
+    w.step()
+    w.step()
+    assert len(rec.calls) == 1 and rec.updates[-1].discontinuity_at is not None and not rec.updates[-1].changed
+
+
+def test_a_failure_before_the_first_read_hands_over_no_content():
+    rec = Recorder()
+    w = CatalogWatch(ScriptedCatalog([CatalogUnavailable("down")]), "ernie", rec, FAST)
+    w.step()
+    assert rec.calls == [] and rec.updates[-1].failing and rec.updates[-1].entries == ()

@@ -85,12 +85,27 @@ def ports_of(resp) -> list[tuple[int, int]]:
             for loc in cla.endpoints for lb in loc.lb_endpoints]
 
 
+class Events:
+    """XdsCallbacks that record what the server reported."""
+
+    def __init__(self):
+        self.events = {"ack": [], "nack": [], "push": []}
+
+    def on_push(self, *a):
+        self.events["push"].append(a)
+
+    def on_ack(self, *a):
+        self.events["ack"].append(a)
+
+    def on_nack(self, *a):
+        self.events["nack"].append(a)
+
+
 @pytest.fixture
 def server():
-    events = {"ack": [], "nack": [], "push": []}
-    s = AdsServer("127.0.0.1:0", on_ack=lambda *a: events["ack"].append(a),
-                  on_nack=lambda *a: events["nack"].append(a), on_push=lambda *a: events["push"].append(a)).start()
-    s.events = events
+    callbacks = Events()
+    s = AdsServer("127.0.0.1:0", callbacks=callbacks).start()
+    s.events = callbacks.events
     yield s
     s.stop()
 
@@ -182,3 +197,48 @@ def test_unsubscribed_cluster_gets_nothing(server):
     env.send(first=True, names=("other",))
     assert env.nothing()
     env.close()
+
+
+def test_gateway_metrics_are_the_servers_callbacks():
+    from agent.gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    s = AdsServer("127.0.0.1:0", callbacks=metrics).start()
+    sample = metrics.registry.get_sample_value
+    try:
+        s.publish(snap(8001))
+        env = FakeEnvoy(s.port)
+        env.send(first=True)
+        r1 = env.recv()
+        env.send(version=r1.version_info, nonce=r1.nonce)
+        assert wait_for(lambda: [st.acked_version for st in s.streams()] == [r1.version_info])
+        assert sample("ernie_gateway_xds_pushes_total") == 1
+        assert sample("ernie_gateway_xds_push_latency_seconds_count") == 0  # an initial sync is not a push
+        s.publish(snap(8001, 8002))
+        r2 = env.recv()
+        env.send(version=r2.version_info, nonce=r2.nonce)
+        assert wait_for(lambda: sample("ernie_gateway_xds_push_latency_seconds_count") == 1)
+        s.publish(snap(8003))
+        r3 = env.recv()
+        env.send(version=r2.version_info, nonce=r3.nonce, error="bad endpoint")
+        assert wait_for(lambda: sample("ernie_gateway_xds_nacks_total") == 1)
+        assert sample("ernie_gateway_xds_pushes_total") == 3
+        env.close()
+    finally:
+        s.stop()
+
+
+def test_a_server_without_callbacks_serves_all_the_same():
+    s = AdsServer("127.0.0.1:0").start()
+    try:
+        s1 = snap(8001)
+        s.publish(s1)
+        env = FakeEnvoy(s.port)
+        env.send(first=True)
+        r = env.recv()
+        env.send(version=r.version_info, nonce=r.nonce)
+        assert r.version_info == s1.version
+        assert wait_for(lambda: [st.acked_version for st in s.streams()] == [s1.version])
+        env.close()
+    finally:
+        s.stop()
