@@ -43,7 +43,7 @@ class GatewayMetrics:
                                       registry=r)
 
     def include_relays(self, metrics_dir: str) -> None:
-        """Serve the relay processes' metrics (ernie_relay_*, multiprocess files) with the agent's."""
+        """Serve the relay processes' metrics (ernie_gateway_relay_*, multiprocess files) with the agent's."""
         from prometheus_client import multiprocess
 
         multiprocess.MultiProcessCollector(self.registry, path=metrics_dir)
