@@ -83,10 +83,11 @@ class EngineAgentConfig:
     tags: tuple[str, ...] = ()
     probe_interval_s: float = 1.0
     health_timeout_s: float = 2.0
-    canary_interval_s: float = 2.0
+    canary_interval_s: float = 1.0
     canary_timeout_s: float = 3.0
     canary_prompt: str = "Hi"
-    stall_after_s: float = 8.0
+    stall_after_s: float = 8.0  # without process facts (attached engines): no token this long = stuck
+    hang_after_s: float = 2.0  # an engine process stopped, or work in flight and no computing, this long = hung
     startup_timeout_s: float = 900.0
     ttl_s: float = 10.0
     deregister_critical_after_s: float = 1800.0
@@ -102,7 +103,7 @@ class EngineAgentConfig:
     def __post_init__(self) -> None:
         check_host_port(self.listen, "listen")
         check_positive(self, "probe_interval_s", "health_timeout_s", "canary_interval_s", "canary_timeout_s",
-                       "stall_after_s", "startup_timeout_s", "ttl_s", "deregister_critical_after_s",
+                       "stall_after_s", "hang_after_s", "startup_timeout_s", "ttl_s", "deregister_critical_after_s",
                        "drain_deadline_s", "restart_backoff_initial_s", "restart_backoff_max_s",
                        "crash_loop_restarts", "crash_loop_window_s")
         if self.ttl_s < 3 * self.probe_interval_s:

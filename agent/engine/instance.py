@@ -23,7 +23,9 @@ from agent.catalog.base import (
 )
 from agent.engine.config import EngineAgentConfig, EngineSpec
 from agent.engine.metrics import EngineAgentMetrics, critical_reason_class
-from agent.engine.probe import EngineLoad, EngineProbe, Identity
+from agent.engine.probe import EngineLoad, EngineProbe, Identity, ProbeResult
+from agent.engine.procfs import TreeSample, read_tree
+from agent.engine.progress import WorkerWatch, observe
 from agent.engine.supervisor import EngineProcess
 from agent.engine.verdict import CanaryFacts, Facts, Policy, decide
 
@@ -41,11 +43,15 @@ class CanaryState:
     last_latency_s: float | None = None
     progress_during_failure: bool = False
     others_in_flight: int = 0
+    timed_out: bool = False
+    metrics_read: bool = True
+    consecutive_failures: int = 0
     generation: int = 0  # the engine start this state belongs to
 
     def facts(self) -> CanaryFacts:
         return CanaryFacts(self.ever_succeeded, self.last_ok, self.last_error, self.last_latency_s,
-                           self.progress_during_failure, self.others_in_flight)
+                           self.progress_during_failure, self.others_in_flight, self.timed_out,
+                           self.metrics_read, self.consecutive_failures)
 
 
 class InstanceController:
@@ -61,7 +67,8 @@ class InstanceController:
             EngineProcess(spec, cfg, self.id, on_restart=lambda: self.metrics.restarts.labels(self.id).inc())
             if spec.supervised else None
         )
-        self.policy = Policy(cfg.stall_after_s, cfg.startup_timeout_s, cfg.canary_timeout_s)
+        self.policy = Policy(cfg.stall_after_s, cfg.startup_timeout_s, cfg.canary_timeout_s,
+                             hang_after_s=cfg.hang_after_s)
         self.attached_at_s = time.monotonic()
         self.canary = CanaryState()
         self.identity: Identity | None = None
@@ -70,6 +77,12 @@ class InstanceController:
         self.health_error = ""
         self._last_tokens: float | None = None
         self._last_progress_s = time.monotonic()
+        self._health_failures = 0
+        # Since when the engine owes us a canary token: the first of a run of canaries that got no answer
+        # (in flight, or timed out and retried at once), cleared by any answer.
+        self._canary_owed_since_s: float | None = None
+        self._requests_seen_since_s: float | None = None  # vLLM has counted requests in flight since then
+        self._worker: WorkerWatch | None = None
         self.verdict = Verdict(VerdictState.STARTING, "agent starting")
         self.registered: Registration | None = None
         self.pushed: Verdict | None = None
@@ -110,22 +123,49 @@ class InstanceController:
             return 0.0
         return now - self._last_progress_s
 
+    def _work_since(self, load: EngineLoad | None, now: float) -> float | None:
+        """Since when something is in flight on the engine: requests vLLM counts, or our own canary."""
+        if load is None:
+            pass  # /metrics unreadable: keep what we knew
+        elif load.running + load.waiting > 0:
+            if self._requests_seen_since_s is None:
+                self._requests_seen_since_s = now
+        else:
+            self._requests_seen_since_s = None
+        starts = [t for t in (self._requests_seen_since_s, self._canary_owed_since_s) if t is not None]
+        return min(starts) if starts else None
+
+    async def _sample_processes(self) -> tuple[TreeSample | None, float]:
+        """The supervised engine's process tree from /proc (None: attached, or not running)."""
+        pid = self.process.pid if self.process else None
+        sample = None if pid is None else await asyncio.to_thread(read_tree, pid)
+        return sample, time.monotonic()
+
     async def collect(self) -> Facts:
         if self.canary.generation != self._engine_generation():
             self.canary = CanaryState(generation=self._engine_generation())
             self.identity = None
             self._last_tokens = None
+            self._worker = None
+            self._health_failures = 0
         running_proc = self.process is None or self.process.running
+        sample, sampled_at = await self._sample_processes()
         health = load = None
-        if running_proc:
+        if sample is not None and sample.root is not None and sample.root.stopped:
+            pass  # a stopped API server cannot answer: no HTTP probe, its last answers stand (not new failures)
+        elif running_proc:
             health, load = await asyncio.gather(
                 self.probe.health(self.cfg.health_timeout_s),
                 self.probe.load(self.cfg.health_timeout_s),
             )
             self.metrics.probe_duration.labels(self.id, "health").observe(health.latency_s)
+            self.health_ok, self.health_error = health.ok, health.error
+            self._health_failures = 0 if health.ok else self._health_failures + 1
+        if not running_proc:
+            self.health_ok, self.health_error, self._health_failures = None, "", 0
         now = time.monotonic()
-        self.health_ok = None if health is None else health.ok
-        self.health_error = "" if health is None else health.error
+        self._worker = None if sample is None else observe(self._worker, sample, sampled_at,
+                                                             self._work_since(load, now))
         self.load = load
         stalled = self._track_progress(load, now)
         if load is not None:
@@ -144,6 +184,8 @@ class InstanceController:
             stalled_for_s=stalled,
             canary=self.canary.facts(),
             draining=self.draining,
+            health_failures=self._health_failures,
+            worker=self._worker.facts() if self._worker else None,
         )
 
     # --- catalog ----------------------------------------------------------------------------------
@@ -230,6 +272,7 @@ class InstanceController:
         last = ""
         try:
             while not self._stopping.is_set() and not self.drained:
+                cycle_started = time.monotonic()
                 try:
                     summary = await self.reconcile_once()
                 except Exception:  # the loop must survive anything; the next cycle re-reads the facts
@@ -239,8 +282,11 @@ class InstanceController:
                     log.debug("%s", summary)
                     last = summary
                 self.wake.clear()
+                # A fixed period (not a pause after each cycle): slow probes under load must not stretch
+                # the sampling that the hang verdict's timing rests on (Policy.hang_after_s).
+                pause = self.cfg.probe_interval_s - (time.monotonic() - cycle_started)
                 try:
-                    await asyncio.wait_for(self.wake.wait(), timeout=self.cfg.probe_interval_s)
+                    await asyncio.wait_for(self.wake.wait(), timeout=max(pause, 0.0))
                 except asyncio.TimeoutError:
                     pass
         finally:
@@ -255,29 +301,52 @@ class InstanceController:
     async def _canary_loop(self) -> None:
         while not self._stopping.is_set():
             if not self.draining and self.health_ok and (self.process is None or self.process.running):
-                await self._canary_once()
+                generation = self._engine_generation()
+                res = None
+                try:
+                    res = await self._canary_once()
+                except Exception as e:  # the loop must survive anything; a frozen last result would lie
+                    log.exception("%s: canary failed unexpectedly", self.id)
+                    self._canary_owed_since_s = None
+                    self._record_canary(ProbeResult(False, 0.0, f"canary probe failed: {type(e).__name__}: {e}"),
+                                        generation)
+                if res is not None and res.timed_out and res.latency_s >= self.cfg.canary_interval_s:
+                    continue  # it waited longer than an interval already: ask again at once, still owed
+            else:
+                self._canary_owed_since_s = None
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.cfg.canary_interval_s)
             except asyncio.TimeoutError:
                 pass
 
-    async def _canary_once(self) -> None:
+    async def _canary_once(self) -> ProbeResult:
         generation = self._engine_generation()
         before = await self.probe.load(self.cfg.health_timeout_s)
+        if self._canary_owed_since_s is None:
+            self._canary_owed_since_s = time.monotonic()
         res = await self.probe.canary(self.served_model_name(), self.cfg.canary_prompt, self.cfg.canary_timeout_s)
+        if not res.timed_out or generation != self._engine_generation():
+            self._canary_owed_since_s = None
         self.metrics.probe_duration.labels(self.id, "canary").observe(res.latency_s)
-        progress, others = False, 0
+        progress, others, metrics_read = False, 0, True
         if not res.ok:
-            self.metrics.canary_failures.labels(self.id).inc()
             after = await self.probe.load(self.cfg.health_timeout_s)
+            metrics_read = before is not None and after is not None
             progress = bool(before and after and after.tokens_processed > before.tokens_processed)
             # Canaries we gave up on may still be counted by the engine until it gets to abort them.
             others = max(int(before.running + before.waiting) - self._abandoned_canaries, 0) if before else 0
             self._abandoned_canaries += 1
         else:
             self._abandoned_canaries = 0
+        self._record_canary(res, generation, progress, others, metrics_read)
+        return res
+
+    def _record_canary(self, res: ProbeResult, generation: int, progress: bool = False, others: int = 0,
+                       metrics_read: bool = False) -> None:
         if generation != self._engine_generation():
             return  # the engine restarted meanwhile: this result is about a process that is gone
+        if not res.ok:
+            self.metrics.canary_failures.labels(self.id).inc()
         changed = self.canary.last_ok != res.ok
         self.canary = dataclasses.replace(
             self.canary,
@@ -287,9 +356,12 @@ class InstanceController:
             last_latency_s=res.latency_s,
             progress_during_failure=progress,
             others_in_flight=others,
+            timed_out=res.timed_out,
+            metrics_read=metrics_read,
+            consecutive_failures=0 if res.ok else self.canary.consecutive_failures + 1,
             generation=generation,
         )
-        if changed:
+        if changed or not res.ok:
             self.wake.set()
 
     def stop(self) -> None:

@@ -34,6 +34,7 @@ class ProbeResult:
     ok: bool
     latency_s: float
     error: str = ""
+    timed_out: bool = False  # no answer within the deadline (as opposed to a bad answer)
 
 
 @dataclass(frozen=True)
@@ -83,19 +84,19 @@ class EngineProbe:
         try:
             r = await self.client.post(f"{self.base_url}/v1/completions", json=body, timeout=timeout_s)
         except httpx.HTTPError as e:
-            err = _describe(e)
-            if err == "timed out":
-                err = f"no token within {timeout_s:g}s"
-            return ProbeResult(False, time.monotonic() - t0, err)
+            if isinstance(e, httpx.TimeoutException):
+                return ProbeResult(False, time.monotonic() - t0, f"no token within {timeout_s:g}s", timed_out=True)
+            return ProbeResult(False, time.monotonic() - t0, _describe(e))
         dt = time.monotonic() - t0
         if r.status_code != 200:
             return ProbeResult(False, dt, f"HTTP {r.status_code}: {r.text[:120]}")
         try:
-            choices = r.json().get("choices") or []
+            body = r.json()
         except ValueError:
             return ProbeResult(False, dt, "answer is not JSON")
-        if not choices:
-            return ProbeResult(False, dt, "answer has no choices")
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return ProbeResult(False, dt, f"answer is not a completion: {r.text[:120]}")
         if choices[0].get("finish_reason") == "abort":
             return ProbeResult(False, dt, "generation aborted")
         return ProbeResult(True, dt)

@@ -30,6 +30,19 @@ class CanaryFacts:
     last_latency_s: float | None = None
     progress_during_failure: bool = False  # tokens (prompt or generated) were processed while it waited
     others_in_flight: int = 0  # other requests running or waiting when it failed (it queued behind them)
+    timed_out: bool = False  # the last failure was the deadline (not an answer)
+    metrics_read: bool = True  # /metrics answered before and after the last failure (so the two above are facts)
+    consecutive_failures: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerFacts:
+    """The engine's processes as /proc shows them (supervised engines; None for attached ones)."""
+
+    stopped: tuple[str, ...] = ()  # processes of the engine in state T, e.g. "VLLM::Worker (pid 7)"
+    stopped_for_s: float = 0.0  # since the agent first saw one stopped
+    compute_known: bool = False  # the model processes (the API server's children) were found
+    idle_for_s: float = 0.0  # requests or the canary in flight, but the model processes have not computed
 
 
 @dataclass(frozen=True)
@@ -44,13 +57,18 @@ class Facts:
     stalled_for_s: float  # requests running but no token produced for this long (0 if progressing/idle)
     canary: CanaryFacts
     draining: bool = False
+    health_failures: int = 0  # consecutive failed /health probes, the latest included
+    worker: WorkerFacts | None = None  # None: no process facts (attached engine, /proc unreadable)
 
 
 @dataclass(frozen=True)
 class Policy:
-    stall_after_s: float = 8.0
+    stall_after_s: float = 8.0  # no token for this long with requests in flight = stuck (without process facts)
     startup_timeout_s: float = 900.0
     canary_timeout_s: float = 3.0
+    hang_after_s: float = 2.0  # a process stopped, or work in flight and no computing, this long = hung
+    health_failures: int = 2  # consecutive /health failures before critical (one timeout is not a verdict)
+    canary_failures_blind: int = 2  # canary failures needed when /metrics did not answer either
 
 
 def _load(f: Facts) -> str:
@@ -85,16 +103,62 @@ def decide(f: Facts, p: Policy) -> Verdict:
         if f.canary.last_ok is False:
             return Verdict(VerdictState.STARTING, f"waiting for a first canary generation ({f.canary.last_error})")
         return Verdict(VerdictState.STARTING, "waiting for a first canary generation")
-    if f.health_ok is False:
+    w = f.worker
+    if w is not None and w.stopped and w.stopped_for_s >= p.hang_after_s:
+        return Verdict(crit, f"hung: engine process {', '.join(w.stopped)} stopped (SIGSTOP) for {w.stopped_for_s:.0f}s")
+    if f.health_ok is False and f.health_failures >= p.health_failures:
         return Verdict(crit, f"/health failed: {f.health_error}")
+    if w is not None and w.compute_known:
+        return _judge_by_compute(f, w, p)
     if f.stalled_for_s >= p.stall_after_s:
         return Verdict(crit, f"stuck: {f.running or 0:.0f} requests running but no token generated for "
                              f"{f.stalled_for_s:.0f}s")
-    if f.canary.last_ok is False and not f.canary.progress_during_failure and not f.canary.others_in_flight:
-        # Nothing else to do and still no token: the engine is hung, whatever /health says.
-        return Verdict(crit, f"hung: canary generation failed ({f.canary.last_error}) and no tokens produced "
-                             f"meanwhile, although /health answers")
-    if f.canary.last_ok is False:
+    c = f.canary
+    if (v := _lone_canary_failure(f, p)) is not None:
+        return v
+    if c.last_ok is False:
         # Busy (e.g. a long prefill ahead of the canary): the progress watchdog above decides.
-        return Verdict(VerdictState.PASSING, "busy: canary missed its deadline behind other requests")
-    return Verdict(VerdictState.PASSING, "canary generation ok")
+        return _passing(f, "busy: canary missed its deadline behind other requests")
+    return _passing(f, "canary generation ok")
+
+
+def _judge_by_compute(f: Facts, w: WorkerFacts, p: Policy) -> Verdict:
+    """With process facts, CPU time decides hung vs busy: vLLM's counters stand still during a long
+    prefill (prompt tokens count when it ends), the Worker's CPU does not."""
+    if w.idle_for_s >= p.hang_after_s:
+        return Verdict(VerdictState.CRITICAL,
+                       f"hung: {_work(f)} in flight but the engine's model processes have not computed for "
+                       f"{w.idle_for_s:.0f}s, although /health answers")
+    c = f.canary
+    if not c.timed_out and (v := _lone_canary_failure(f, p)) is not None:  # an answer, but a bad one
+        return v
+    if f.stalled_for_s >= p.stall_after_s:
+        return _passing(f, f"busy: no token for {f.stalled_for_s:.0f}s but the model processes compute "
+                           f"(long prefill)")
+    if c.last_ok is False:
+        return _passing(f, "busy: canary missed its deadline but the model processes compute")
+    return _passing(f, "canary generation ok")
+
+
+def _lone_canary_failure(f: Facts, p: Policy) -> Verdict | None:
+    """The canary failed with nothing else in flight and no token produced meanwhile: hung, whatever
+    /health says. If /metrics did not answer either, those two are unknown: wait for a second failure."""
+    c = f.canary
+    if c.last_ok is not False or c.progress_during_failure or c.others_in_flight:
+        return None
+    if c.metrics_read or c.consecutive_failures >= p.canary_failures_blind:
+        return Verdict(VerdictState.CRITICAL, f"hung: canary generation failed ({c.last_error}) and no tokens "
+                                              f"produced meanwhile, although /health answers")
+    return _passing(f, f"canary failed ({c.last_error}) while /metrics did not answer; confirming")
+
+
+def _work(f: Facts) -> str:
+    if f.running is None or f.running + (f.waiting or 0) == 0:
+        return "the canary"
+    return f"{f.running:.0f} running, {f.waiting or 0:.0f} waiting requests"
+
+
+def _passing(f: Facts, reason: str) -> Verdict:
+    if f.health_ok is False:  # one failure, not yet a verdict (Policy.health_failures)
+        reason = f"{reason}; /health failed once ({f.health_error}), confirming"
+    return Verdict(VerdictState.PASSING, reason)

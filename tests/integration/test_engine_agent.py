@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import httpx
@@ -63,6 +65,27 @@ def test_gray_failure_hang_with_health_200_turns_critical_within_10s_and_recover
         set_sim_fault(engine, "none")
     agent.wait_state(iid, "passing", timeout_s=15)
     print(f"gray failure detected in {detect_s:.1f}s")
+
+
+def test_stopped_engine_process_turns_critical_as_stopped_not_on_one_health_timeout_and_recovers(agent):
+    """SIGSTOP of the whole simulated engine (one process: its /health stops too). What it shows: the
+    agent reads the engine's state 'T' from /proc and says so, and one /health timeout is not yet
+    its verdict. (A simulated engine has no model processes, so the CPU-time fact is not exercised
+    here: unit tests and docs/vllm-cpu.md's measurement on real vLLM cover it.)"""
+    iid = agent.instance_id(agent.engine_port)
+    pid = agent.instances()[iid]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        entry = agent.wait_state(iid, "critical", timeout_s=10)
+        detect_s = time.monotonic() - t0
+        reason = entry.verdict.reason
+        assert reason.startswith("hung: engine process ") and f"(pid {pid}) stopped (SIGSTOP)" in reason, reason
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    agent.wait_state(iid, "passing", timeout_s=15)
+    assert agent.instances()[iid]["pid"] == pid  # the same process, not a restart
+    print(f"stopped engine detected in {detect_s:.1f}s")
 
 
 def test_crashed_engine_goes_critical_then_is_restarted_and_passing(agent):

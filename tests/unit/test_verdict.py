@@ -5,9 +5,10 @@ from dataclasses import replace
 import pytest
 
 from agent.catalog.base import CheckStatus, Verdict, VerdictState
-from agent.engine.verdict import CanaryFacts, Facts, Policy, ProcessFacts, decide
+from agent.engine.verdict import CanaryFacts, Facts, Policy, ProcessFacts, WorkerFacts, decide
 
-POLICY = Policy(stall_after_s=8.0, startup_timeout_s=600.0, canary_timeout_s=3.0)
+POLICY = Policy(stall_after_s=8.0, startup_timeout_s=600.0, canary_timeout_s=3.0, hang_after_s=2.0,
+                health_failures=2, canary_failures_blind=2)
 HEALTHY = Facts(
     now_s=1000.0, started_at_s=900.0, process=ProcessFacts(running=True), health_ok=True, health_error="",
     running=2, waiting=0, stalled_for_s=0.0,
@@ -73,9 +74,20 @@ def test_progress_watchdog():
     assert v.reason == "stuck: 3 requests running but no token generated for 9s"
 
 
-def test_health_failure_after_ready_is_critical():
-    v = decide(replace(HEALTHY, health_ok=False, health_error="timed out"), POLICY)
+def test_one_health_timeout_is_not_a_verdict_two_are():
+    once = replace(HEALTHY, health_ok=False, health_error="timed out", health_failures=1)
+    v = decide(once, POLICY)
+    assert (v.state, v.reason) == (VerdictState.PASSING, "canary generation ok; /health failed once (timed out), "
+                                                         "confirming")
+    v = decide(replace(once, health_failures=2), POLICY)
     assert (v.state, v.reason) == (VerdictState.CRITICAL, "/health failed: timed out")
+
+
+def test_an_exited_process_is_critical_at_once_whatever_else_is_known():
+    f = replace(HEALTHY, process=ProcessFacts(running=False, exit_code=0), health_ok=None, health_failures=0,
+                worker=WorkerFacts(compute_known=True))
+    v = decide(f, POLICY)
+    assert (v.state, v.reason) == (VerdictState.CRITICAL, "engine process exited with code 0")
 
 
 def test_exited_process_and_crash_loop():
@@ -121,3 +133,70 @@ def test_an_engine_not_spawned_yet_is_starting():
     assert (v.state, v.reason) == (VerdictState.STARTING, "starting the engine process")
     # once spawned, an exit is an exit
     assert decide(replace(f, process=ProcessFacts(running=False, exit_code=1)), POLICY).state is VerdictState.CRITICAL
+
+
+# --- process facts (supervised engines): stopped processes and CPU time ---------------------------
+
+COMPUTING = WorkerFacts(compute_known=True, idle_for_s=0.0)
+LATE = CanaryFacts(ever_succeeded=True, last_ok=False, last_error="no token within 3s", timed_out=True)
+
+
+def test_a_stopped_engine_process_is_hung_after_hang_after_s():
+    stopped = ("VLLM::Worker (pid 7)",)
+    f = replace(HEALTHY, worker=WorkerFacts(stopped=stopped, stopped_for_s=1.9, compute_known=True))
+    assert decide(f, POLICY).state is VerdictState.PASSING  # a stop that short may be a debugger's
+    v = decide(replace(f, worker=WorkerFacts(stopped=stopped, stopped_for_s=2.0, compute_known=True)), POLICY)
+    assert (v.state, v.reason) == (VerdictState.CRITICAL,
+                                   "hung: engine process VLLM::Worker (pid 7) stopped (SIGSTOP) for 2s")
+
+
+def test_a_stopped_api_server_is_named_before_its_health_timeouts():
+    f = replace(HEALTHY, health_ok=False, health_error="timed out", health_failures=2,
+                worker=WorkerFacts(stopped=("python (pid 5)",), stopped_for_s=3.0))
+    v = decide(f, POLICY)
+    assert v.state is VerdictState.CRITICAL and v.reason.startswith("hung: engine process python (pid 5) stopped")
+
+
+def test_work_in_flight_and_model_processes_idle_for_hang_after_s_is_hung():
+    f = replace(HEALTHY, running=0, waiting=0, worker=WorkerFacts(compute_known=True, idle_for_s=1.5))
+    assert decide(f, POLICY).state is VerdictState.PASSING
+    v = decide(replace(f, worker=WorkerFacts(compute_known=True, idle_for_s=2.4)), POLICY)
+    assert (v.state, v.reason) == (VerdictState.CRITICAL, "hung: the canary in flight but the engine's model "
+                                   "processes have not computed for 2s, although /health answers")
+    v = decide(replace(f, running=3, waiting=1, worker=WorkerFacts(compute_known=True, idle_for_s=2.4)), POLICY)
+    assert v.reason.startswith("hung: 3 running, 1 waiting requests in flight")
+
+
+def test_long_prefill_no_counter_moves_canary_late_but_worker_computes_is_passing():
+    # the ~36 s cold prefill: vLLM showed 0 running, no token counted, the canary timed out behind it
+    f = replace(HEALTHY, running=0, waiting=0, stalled_for_s=0.0, canary=LATE, worker=COMPUTING)
+    v = decide(f, POLICY)
+    assert (v.state, v.reason) == (VerdictState.PASSING, "busy: canary missed its deadline but the model "
+                                                         "processes compute")
+    # without process facts the same facts are a hang (what the agent said before it read /proc)
+    assert decide(replace(f, worker=None), POLICY).reason.startswith("hung: canary generation failed")
+
+
+def test_token_stall_while_computing_is_busy_not_stuck():
+    f = replace(HEALTHY, running=1, stalled_for_s=30.0, worker=COMPUTING)
+    v = decide(f, POLICY)
+    assert (v.state, v.reason) == (VerdictState.PASSING, "busy: no token for 30s but the model processes compute "
+                                                         "(long prefill)")
+    assert decide(replace(f, worker=None), POLICY).reason.startswith("stuck:")
+
+
+def test_a_canary_answered_with_an_error_is_critical_even_while_computing():
+    err = CanaryFacts(ever_succeeded=True, last_ok=False, last_error="HTTP 500: boom")
+    v = decide(replace(HEALTHY, canary=err, worker=COMPUTING), POLICY)
+    assert v.state is VerdictState.CRITICAL and "HTTP 500: boom" in v.reason
+
+
+def test_a_canary_timeout_while_metrics_also_timed_out_needs_a_second_failure():
+    blind = replace(LATE, metrics_read=False, consecutive_failures=1)
+    v = decide(replace(HEALTHY, canary=blind), POLICY)
+    assert (v.state, v.reason) == (VerdictState.PASSING,
+                                   "canary failed (no token within 3s) while /metrics did not answer; confirming")
+    v = decide(replace(HEALTHY, canary=replace(blind, consecutive_failures=2)), POLICY)
+    assert v.state is VerdictState.CRITICAL and v.reason.startswith("hung: canary generation failed")
+    # with /metrics read and showing nothing else in flight, one failure is a fact (as before)
+    assert decide(replace(HEALTHY, canary=replace(LATE, consecutive_failures=1)), POLICY).state is VerdictState.CRITICAL
