@@ -11,13 +11,13 @@ import sys
 import httpx
 import uvicorn
 
+from agent.binaries import MissingBinary
 from agent.catalog.consul import ConsulCatalog
 from agent.config import ConfigError
 from agent.engine import config as engine_config
 from agent.engine.api import create_app
 from agent.engine.instance import InstanceController
 from agent.engine.metrics import EngineAgentMetrics
-from agent.local.binaries import MissingBinary
 
 log = logging.getLogger("agent.engine")
 

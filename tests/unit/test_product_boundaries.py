@@ -30,10 +30,6 @@ PRODUCTION = {
 # local mesh, the simulated engine, the benchmarks.
 HARNESS = ("agent.local", "agent.catalog.memory", "agent.sim", "bench", "tests")
 
-# Still imported by a production command, to be moved (agent/engine/ is being changed elsewhere):
-# the engine CLI takes MissingBinary from agent.local.binaries instead of agent.binaries.
-KNOWN = {"engine": {"agent.local", "agent.local.binaries"}}
-
 # Imported lazily behind an ImportError guard, installed with vLLM or on purpose, not required.
 OPTIONAL = {"torch", "transformers", "safetensors", "gguf", "uvloop"}
 
@@ -54,7 +50,7 @@ def is_harness(module: str) -> bool:
 @pytest.mark.parametrize("command", sorted(PRODUCTION))
 def test_production_commands_import_no_harness_module(command):
     harness = {m for m in loaded_modules(PRODUCTION[command]) if is_harness(m)}
-    assert harness - KNOWN.get(command, set()) == set(), \
+    assert harness == set(), \
         f"`ernie-mesh {command}` imports test/local-mesh support: {sorted(harness)}"
 
 
