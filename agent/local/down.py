@@ -15,12 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+from agent.local.parts import mesh_parts, stop_order
 from agent.local.plan import default_run_dir
 from agent.local.runstate import Proc, kill, read_state, wait_gone, write_state
 
 DEFAULT_TIMEOUT_S = 600.0
-ORDER = ("ui", "prometheus", "engine-agent-", "gateway", "consul")
-ORPHAN_STOP_TIMEOUT_S = {"engine-agent-": 180.0, "gateway": 30.0}
+# Every part a mesh can have, in `up`'s stop order with its timeouts (a replicated part owns its
+# processes by name, whatever their number).
+STOP_ORDER = stop_order(mesh_parts())
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,17 +35,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rank(proc: Proc) -> int:
-    for i, prefix in enumerate(ORDER):
-        if proc.name == prefix or (prefix.endswith("-") and proc.name.startswith(prefix) and "/" not in proc.name):
-            return i
-    return len(ORDER)
-
-
 def stop_orphans(procs: list[Proc], say) -> None:
-    """`up` is gone: SIGTERM the recorded parts in order (each drains as with `up`), then sweep."""
-    for i, prefix in enumerate(ORDER):
-        group = [p for p in procs if _rank(p) == i and p.alive()]
+    """`up` is gone: SIGTERM the recorded parts in order (each drains as with `up`), then sweep.
+
+    Only the parts' own processes are signalled here; their children (`engine-agent-1/<command>`)
+    and anything else recorded are left to the caller's final sweep."""
+    for part in STOP_ORDER:
+        group = [p for p in procs if part.owns(p.name) and p.alive()]
         if not group:
             continue
         say(f"stopping {', '.join(p.name for p in group)}")
@@ -52,7 +50,7 @@ def stop_orphans(procs: list[Proc], say) -> None:
                 os.kill(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        for p in wait_gone(group, ORPHAN_STOP_TIMEOUT_S.get(prefix, 10.0)):
+        for p in wait_gone(group, part.stop_timeout_s):
             say(f"{p.name} did not stop in time: killing it")
             kill(p)
 

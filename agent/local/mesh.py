@@ -3,6 +3,7 @@ it in the foreground, and stop everything in the right order leaving no process 
 
 Every child runs in its own session, so a Ctrl-C in the terminal reaches only `up`, which then
 stops the parts itself: UI, Prometheus, engine agents (each drains its engine), gateway, Consul.
+The parts, their start and stop order, stop timeouts and which deaths are fatal: `agent/local/parts.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import sys
 import threading
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 import httpx
@@ -24,6 +24,7 @@ import httpx
 from agent.catalog.base import CatalogError, CatalogEntry
 from agent.catalog.consul import ConsulCatalog
 from agent.local.binaries import MissingBinary, consul_binary, find_binary
+from agent.local.parts import Part, part_of, plan_parts, stop_order
 from agent.local.plan import REPO_DIR, MeshPlan
 from agent.local.ports import port_open
 from agent.local.procs import ManagedProcess, mesh_command
@@ -39,11 +40,8 @@ UI_START_TIMEOUT_S = 120.0
 PROMETHEUS_START_TIMEOUT_S = 30.0
 ROUTE_TIMEOUT_S = 60.0
 HTTP_TIMEOUT_S = 2.0
-UI_STOP_TIMEOUT_S = 10.0
-GATEWAY_STOP_TIMEOUT_S = 30.0
-CONSUL_STOP_TIMEOUT_S = 10.0
+PROMETHEUS_FAILED_STOP_TIMEOUT_S = 5.0
 KILL_WAIT_S = 5.0
-OPTIONAL_PARTS = ("prometheus",)  # the mesh runs without them: their death is reported, never fatal
 
 
 class Interrupted(Exception):
@@ -95,6 +93,7 @@ def http_status(url: str) -> int | None:
 class Mesh:
     def __init__(self, plan: MeshPlan, console: Console, stop: threading.Event, force: threading.Event):
         self.plan = plan
+        self.parts = plan_parts(plan)
         self.out = console
         self.stop_requested = stop
         self.force = force
@@ -130,13 +129,19 @@ class Mesh:
         if changed:
             self.save()
 
-    def _start(self, name: str, cmd: list[str], log_name: str, env: dict | None = None,
-               cwd: str | None = None) -> ManagedProcess:
-        mp = ManagedProcess(name, cmd, self.plan.log_dir / log_name, env=env, cwd=cwd).start()
+    def _start(self, name: str, cmd: list[str], env: dict | None = None, cwd: str | None = None) -> ManagedProcess:
+        """Start one process of a part (its log: <name>.log)."""
+        mp = ManagedProcess(name, cmd, self.plan.log_dir / f"{name}.log", env=env, cwd=cwd).start()
         self.procs[name] = mp
         self.known[mp.pid] = proc_identity(name, mp.pid)
         self.save()
         return mp
+
+    def _part(self, process_name: str) -> Part:
+        part = part_of(self.parts, process_name)
+        if part is None:
+            raise KeyError(f"{process_name!r} is no part of the mesh (agent/local/parts.py)")
+        return part
 
     def _check_stop(self) -> None:
         if self.stop_requested.is_set():
@@ -144,7 +149,7 @@ class Mesh:
 
     def _check_children(self) -> None:
         for name, mp in self.procs.items():
-            if name not in OPTIONAL_PARTS and not mp.alive():
+            if self._part(name).fatal_while_starting and not mp.alive():
                 tail = "\n".join("      " + line for line in mp.log_tail(12).splitlines())
                 raise StartError(f"{name} exited with code {mp.proc.returncode} while the mesh was starting; "
                                  f"log {mp.log_path}:\n{tail}")
@@ -174,26 +179,24 @@ class Mesh:
     # --- start ---------------------------------------------------------------------------------
 
     def start(self, healthy_timeout_s: float) -> None:
-        p = self.plan
-        p.log_dir.mkdir(parents=True, exist_ok=True)
+        """Start the plan's parts in their start order, then wait until the engines pass and the gateway routes."""
+        self.plan.log_dir.mkdir(parents=True, exist_ok=True)
         self.save("starting", "starting Consul")
-        self.start_consul()
-        model_path = self.prepare_model()
-        self.start_engines(model_path)
-        self.start_gateway()
-        if p.ui:
-            self.start_ui()
-        if p.prometheus:
-            self.start_prometheus()
+        starters: dict[str, Callable[[Part], None]] = {
+            "consul": self.start_consul, "engine-agent": self.start_engines, "gateway": self.start_gateway,
+            "ui": self.start_ui, "prometheus": self.start_prometheus,
+        }
+        for part in sorted(self.parts, key=lambda part: part.start_order):
+            starters[part.name](part)
         self.wait_engines(healthy_timeout_s)
         self.wait_route()
         self.save("healthy", "")
 
-    def start_consul(self) -> None:
+    def start_consul(self, part: Part) -> None:
         p = self.plan
         self.out.step(f"Consul dev agent on {p.consul_address} (DNS 127.0.0.1:{p.port(8600)})")
         (p.run_dir / "consul-ports.json").write_text(p.consul_ports_json())
-        self._start("consul", p.consul_command(consul_binary()), "consul.log")
+        self._start(part.name, p.consul_command(consul_binary()))
         self._wait(lambda: self.catalog.leader(), CONSUL_START_TIMEOUT_S, "Consul leader elected")
         self.out.info(f"Consul UI: {p.consul_ui_url}")
 
@@ -248,29 +251,30 @@ class Mesh:
         except (ValueError, IndexError, KeyError):
             raise StartError(f"model preparation printed no path; see {log_path}") from None
 
-    def start_engines(self, model_path: str) -> None:
+    def start_engines(self, part: Part) -> None:
+        """Prepare the model (once), then one engine agent per engine."""
+        model_path = self.prepare_model()
         p = self.plan
         where = "CPU build" if not p.gpus else f"{p.gpus} GPU(s), one per engine"
         kind = "SIMULATED engine" if p.engine_kind == "simulated" else f"vLLM engine ({where})"
         self.out.step(f"{p.engines} engine agent(s), each supervising one {kind}")
-        for i in range(p.engines):
+        for i, name in enumerate(part.process_names()):
             config = p.run_dir / f"engine-{i + 1}.toml"
             config.write_text(p.engine_agent_toml(i, model_path))
-            self._start(f"engine-agent-{i + 1}",
-                        mesh_command("engine", "--config", str(config), "--consul", p.consul_address,
-                                     "--node", p.node, "--advertise-address", "127.0.0.1"),
-                        f"engine-agent-{i + 1}.log", env=_child_env())
+            self._start(name, mesh_command("engine", "--config", str(config), "--consul", p.consul_address,
+                                           "--node", p.node, "--advertise-address", "127.0.0.1"),
+                        env=_child_env())
             self.out.info(f"{p.instance_id(i)}: engine :{p.engine_port(i)}, agent http://127.0.0.1:{p.agent_port(i)}"
-                          f" (logs {p.log_dir}/engine-agent-{i + 1}.log, {p.log_dir}/{p.instance_id(i)}.log)")
+                          f" (logs {p.log_dir}/{name}.log, {p.log_dir}/{p.instance_id(i)}.log)")
 
-    def start_gateway(self) -> None:
+    def start_gateway(self, part: Part) -> None:
         p = self.plan
         self.out.step(f"gateway agent + Envoy: OpenAI API on {p.api_url}")
         config = p.run_dir / "gateway.toml"
         config.write_text(p.gateway_toml())
-        self._start("gateway", mesh_command("gateway", "--config", str(config), "--consul", p.consul_address,
-                                 "--name", p.node, "--advertise-address", "127.0.0.1"),
-                    "gateway.log", env=_child_env())
+        self._start(part.name, mesh_command("gateway", "--config", str(config), "--consul", p.consul_address,
+                                            "--name", p.node, "--advertise-address", "127.0.0.1"),
+                    env=_child_env())
         self._wait(lambda: port_open(p.host if p.host not in ("0.0.0.0", "::") else "127.0.0.1", p.gateway_port),
                    GATEWAY_START_TIMEOUT_S, f"Envoy listening on :{p.gateway_port}")
         envoy_log = p.run_dir / "gateway" / "envoy.log"
@@ -278,13 +282,13 @@ class Mesh:
         if not link.exists() and not link.is_symlink():
             link.symlink_to(envoy_log)
 
-    def start_ui(self) -> None:
+    def start_ui(self, part: Part) -> None:
         p = self.plan
         self.out.step(f"Chainlit UI on {p.ui_url}")
-        self._start("ui", p.ui_command(), "ui.log", env=p.ui_env(), cwd=str(REPO_DIR / "ui"))
+        self._start(part.name, p.ui_command(), env=p.ui_env(), cwd=str(REPO_DIR / "ui"))
         self._wait(lambda: http_status(p.ui_url) == 200, UI_START_TIMEOUT_S, "Chainlit UI answering")
 
-    def start_prometheus(self) -> None:
+    def start_prometheus(self, part: Part) -> None:
         """Optional: only with a Prometheus that has Consul service discovery (deploy/prometheus/install.sh)."""
         p = self.plan
         try:
@@ -303,10 +307,9 @@ class Mesh:
             return
         self.out.step(f"Prometheus on {p.prometheus_url} (targets from Consul)")
         config = prom.write_config(p.run_dir / "prometheus", p.consul_address)
-        self._start("prometheus", [binary, f"--config.file={config}",
-                                   f"--storage.tsdb.path={p.run_dir / 'prometheus' / 'data'}",
-                                   f"--web.listen-address=127.0.0.1:{p.prometheus_port}"], "prometheus.log")
-        mp = self.procs["prometheus"]
+        mp = self._start(part.name, [binary, f"--config.file={config}",
+                                     f"--storage.tsdb.path={p.run_dir / 'prometheus' / 'data'}",
+                                     f"--web.listen-address=127.0.0.1:{p.prometheus_port}"])
 
         def ready() -> bool:
             if not mp.alive():
@@ -317,8 +320,8 @@ class Mesh:
             self._wait(ready, PROMETHEUS_START_TIMEOUT_S, "Prometheus ready")
         except StartError as e:
             self.out.warn(f"Prometheus did not start ({str(e).splitlines()[0]}); the mesh runs without it")
-            self._stop_one("prometheus", 5.0)
-            self.procs.pop("prometheus", None)
+            self._stop_one(part.name, PROMETHEUS_FAILED_STOP_TIMEOUT_S)
+            self.procs.pop(part.name, None)
 
     def _instances(self) -> dict[str, CatalogEntry]:
         _idx, entries = self.catalog.instances(self.plan.service)
@@ -378,7 +381,7 @@ class Mesh:
                     continue
                 reported_dead.add(name)
                 msg = f"{name} exited with code {mp.proc.returncode}; log {mp.log_path}"
-                if name in ("consul", "gateway"):
+                if self._part(name).fatal_while_running:
                     self.out.warn(f"{msg}: the mesh cannot work without it; stopping everything")
                     return 1
                 self.out.warn(msg)
@@ -403,8 +406,12 @@ class Mesh:
         mp = self.procs.get(name)
         if mp is None or mp.proc is None:
             return
-        mp.signal(signal.SIGTERM)
-        self._await_exit([mp], timeout_s)
+        self._stop_together([mp], timeout_s)
+
+    def _stop_together(self, procs: list[ManagedProcess], timeout_s: float) -> None:
+        for mp in procs:
+            mp.signal(signal.SIGTERM)
+        self._await_exit(procs, timeout_s)
 
     def _await_exit(self, procs: list[ManagedProcess], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -420,32 +427,19 @@ class Mesh:
                 self.out.warn(f"{mp.name} (pid {mp.pid}) survived SIGKILL")
 
     def stop(self) -> list[str]:
-        """Stop in order, then sweep: returns the processes that had to be killed at the end."""
+        """Stop the parts in their stop order, then sweep: returns the processes that had to be killed at the end."""
         started = time.monotonic()
         self.refresh_tree()
         self.save("stopping", "stopping the UI")
         self.out.step("stopping the mesh (Ctrl-C again to kill everything at once)")
-        if "ui" in self.procs:
-            self.out.info("UI")
-            self._stop_one("ui", UI_STOP_TIMEOUT_S)
-        if "prometheus" in self.procs:
-            self.out.info("Prometheus")
-            self._stop_one("prometheus", UI_STOP_TIMEOUT_S)
-        agents = [mp for name, mp in self.procs.items() if name.startswith("engine-agent-")]
-        if agents:
-            self.save(step="draining engines")
-            self.out.info(f"engine agents: draining {len(agents)} engine(s) (requests in flight finish), then stopping them")
-            for mp in agents:
-                mp.signal(signal.SIGTERM)
-            self._await_exit(agents, self.plan.drain_deadline_s + 60.0)
-        if "gateway" in self.procs:
-            self.save(step="stopping the gateway")
-            self.out.info("gateway agent and Envoy")
-            self._stop_one("gateway", GATEWAY_STOP_TIMEOUT_S)
-        if "consul" in self.procs:
-            self.save(step="stopping Consul")
-            self.out.info("Consul")
-            self._stop_one("consul", CONSUL_STOP_TIMEOUT_S)
+        for part in stop_order(self.parts):
+            procs = [mp for name, mp in self.procs.items() if part.owns(name) and mp.proc is not None]
+            if not procs:
+                continue
+            if part.stop_step:
+                self.save(step=part.stop_step)
+            self.out.info(part.stop_message(len(procs)))
+            self._stop_together(procs, part.stop_timeout_s)
         leftovers = [p for p in self.known.values() if p.alive()]
         for p in leftovers:
             self.out.warn(f"left behind, killing: {p.name} (pid {p.pid})")

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.config import ConfigError
+from agent.config import ConfigError, short_hostname
 from agent.local.defaults import DEFAULT_SERVED_MODEL_NAME, vllm_engine
 
 REPO_DIR = Path(__file__).resolve().parents[2]
@@ -54,8 +53,10 @@ def default_ui_venv() -> Path:
     return Path(env).expanduser() if env else REPO_DIR / ".venv-ui"
 
 
-def short_hostname() -> str:
-    name = socket.gethostname().split(".")[0]
+def local_node_name() -> str:
+    """This host's short name (agent/config.py's `short_hostname`), kept to letters, digits, '-' and '_'
+    and 40 characters: the local mesh's Consul node name, part of every instance id."""
+    name = short_hostname("local")
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40] or "local"
 
 
@@ -93,7 +94,7 @@ class MeshPlan:
     gpus: int = 0                  # CUDA GPUs found; 0 = CPU build flags
     port_offset: int = 0
     host: str = "127.0.0.1"        # where Envoy (the API) and the UI listen
-    node: str = field(default_factory=short_hostname)
+    node: str = field(default_factory=local_node_name)
     service: str = "ernie"
     run_dir: Path = field(default_factory=default_run_dir)
     ui: bool = True
