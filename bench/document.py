@@ -85,25 +85,12 @@ gateway agent killed -9 (its Envoy keeps running), started again. The last two a
 """
 
 
-SHORTFALL_KILL = """### kill -9 cuts the streams that were in flight on the killed engine
+SHORTFALL_KILL = """### kill -9 truncated streams
 
-Truncated answers in the `kill` drill: {counts}. The mesh is not guaranteed zero here: a
-truncation happens whenever a stream is in flight on the engine at the instant it is killed (with
-20 ms simulated tokens a run may catch none; a CPU vLLM stream lasts seconds). Every one was a
-stream that had already started on the engine
-that was killed (the CI test checks exactly that: each truncated request started before the
-kill and ended right after it; non-streaming requests in flight were retried by Envoy on another
-engine and none failed). Why: once the response headers and the first tokens have gone to the
-client, Envoy cannot retry — a retry would start the answer again from the beginning inside a
-response that is already half sent. Nothing in the control plane can help: the engine vanished
-with the request's state. What would fix it is DESIGN.md §8's *stream resumption*: the gateway
-keeps the tokens it has relayed and, when the upstream stream breaks, re-issues the request to
-another instance with those tokens appended to the prompt (greedy decoding makes the
-continuation identical) and splices the continuation into the client's stream. That needs a
-component in the data path that understands SSE (an Envoy `ext_proc` or Lua filter, or a small
-resuming proxy in front of the engines); it is not built yet. The baseline loses the same
-in-flight streams **and** the non-streaming requests in flight (502s), and keeps the dead engine
-in its upstream list until its next poll.
+Truncated answers in the `kill` drill: {counts}. Streams in flight on a killed engine are resumed
+on another instance by the gateway's relay (docs/gateway.md, "Resuming relay"), so this should be
+zero; the errors below say what happened to each. (Before the relay, every stream that had
+started on the killed engine was cut: Envoy cannot retry a response that has started.)
 """
 
 

@@ -3,7 +3,7 @@ and rewrite docs/benchmarks.md from them.
 
     python -m bench                       # drills (simulated engines, both systems), overhead,
                                           # propagation, scale
-    python -m bench --only vllm           # the kill and rolling drills with real vLLM engines
+    python -m bench --only vllm           # the kill, hang and rolling drills with real vLLM engines
     python -m bench --only drills --duration 30
 
 Parts not run keep their last figures (each part records its own date), so a long vLLM run and
@@ -28,7 +28,7 @@ from bench.scenarios import SCENARIOS
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 PARTS = ("drills", "overhead", "propagation", "scale", "vllm")
 DEFAULT_PARTS = ("drills", "overhead", "propagation", "scale")
-VLLM_SCENARIOS = ("kill", "rolling")
+VLLM_SCENARIOS = ("kill", "hang", "rolling")
 
 
 def progress(msg: str) -> None:
