@@ -148,3 +148,37 @@ def test_stopped_worker_stream_completes_elsewhere(vllm_mesh):
     print(f"\n[relay e2e] worker of {stopped['instance']} stopped; longest wait between chunks "
           f"{got['max_gap_s']:.1f}s; finished on {got['instances'][1]}")
     assert got["max_gap_s"] <= 15.0
+
+
+def test_a_long_cold_prefill_is_not_taken_for_a_hang(vllm_mesh):
+    """A cold ~1,300-token prompt keeps a CPU engine busy for tens of seconds without moving any vLLM
+    counter; the engine's worker is computing, so the verdict must stay passing (no false 'hung'),
+    and the request must complete where it started."""
+    mesh = vllm_mesh
+    wait_until(lambda: both_passing(mesh), 900, interval_s=1, what="both engines passing")
+    words = " ".join(f"w{i}x{time.time_ns() % 997}" for i in range(650))  # unique: nothing cached
+    client = openai.OpenAI(base_url=mesh.plan.api_url, api_key="none", timeout=600, max_retries=0)
+    states: list[dict[str, str]] = []
+    done = {}
+
+    def ask_long():
+        r = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=4, extra_body={"ignore_eos": True},
+                                           messages=[{"role": "system", "content": words},
+                                                     {"role": "user", "content": "Summarize."}])
+        done["r"] = r
+
+    import threading
+    t = threading.Thread(target=ask_long, daemon=True)
+    started = time.monotonic()
+    t.start()
+    while t.is_alive():
+        states.append({k: v["state"] for k, v in mesh.agent_instances().items()})
+        t.join(0.5)
+    took = time.monotonic() - started
+    assert "r" in done, "the long request failed"
+    r = done["r"]
+    assert r.choices[0].finish_reason == "length" and r.usage.prompt_tokens > 1000
+    seen = {s for snap in states for s in snap.values()}
+    print(f"\n[relay e2e] cold prefill of {r.usage.prompt_tokens} tokens took {took:.0f}s; states seen {sorted(seen)}")
+    assert seen == {"passing"}, states
+    assert len((r.model_extra or {}).get("ernie_instances", [])) == 1, "not moved: it was computing, not hung"
