@@ -14,8 +14,8 @@ import httpx
 from agent.catalog.base import CatalogEntry, CatalogError
 from agent.catalog.consul import ConsulCatalog
 from agent.config import check_consul_address
+from agent.naming import GATEWAY_SERVICE
 
-GATEWAY_SERVICE = "ernie-gateway"
 AGENT_TIMEOUT_S = 2.0
 
 

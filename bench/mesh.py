@@ -16,6 +16,7 @@ from agent.local.consul_dev import ConsulDev
 from agent.local.ports import free_port, free_ports
 from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.wait import wait_until
+from agent.naming import instance_id
 from bench.engines import EngineSettings, kill_group
 from bench.system import Progress, System
 
@@ -50,7 +51,7 @@ class EngineAgentProc:
                  index: int, count: int, agent_settings: dict):
         self.engine_port = engine_port
         self.port = free_port()
-        self.instance_id = f"{SERVICE}-{NODE}-{engine_port}"
+        self.instance_id = instance_id(SERVICE, NODE, engine_port)
         self.config_path = workdir / f"engine-agent-{engine_port}.toml"
         self.config_path.write_text(_toml(
             {"listen": f"127.0.0.1:{self.port}", "node": NODE, "log_dir": str(workdir / "logs"), **agent_settings},

@@ -21,6 +21,7 @@ from agent.config import (
     short_hostname,
 )
 from agent.engine.cpu import spread
+from agent.naming import instance_id
 
 ENGINE_KINDS = ("vllm", "simulated", "attach")
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -129,7 +130,7 @@ class EngineAgentConfig:
         return f"http://{host}:{port}"
 
     def instance_id(self, engine: EngineSpec) -> str:
-        return f"{self.consul.service}-{self.node}-{engine.port}"
+        return instance_id(self.consul.service, self.node, engine.port)
 
 
 HELP = """\

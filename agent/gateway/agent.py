@@ -16,13 +16,14 @@ import threading
 import time
 
 from agent.catalog.base import Catalog, CatalogEntry, CatalogError, NotRegistered, Registration, Verdict, VerdictState
-from agent.gateway.config import GATEWAY_SERVICE, GatewayConfig
+from agent.gateway.config import GatewayConfig
 from agent.gateway.envoy import EnvoySupervisor
 from agent.gateway.metrics import GatewayMetrics
 from agent.gateway.relays import RelaySupervisor
 from agent.gateway.snapshot import Snapshot, build_snapshot, with_held
 from agent.gateway.watch import WatchUpdate
 from agent.gateway.xds import AdsServer
+from agent.naming import GATEWAY_SERVICE
 
 log = logging.getLogger("agent.gateway")
 

@@ -28,11 +28,11 @@ from agent.config import (
     short_hostname,
 )
 from agent.gateway.watch import WatchSettings
+from agent.naming import GATEWAY_SERVICE, gateway_instance_id
 
 _WATCH_DEFAULTS = WatchSettings()
 REPO_ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
 DEFAULT_BOOTSTRAP_TEMPLATE = REPO_ENVOY_DIR / "bootstrap.yaml"
-GATEWAY_SERVICE = "ernie-gateway"
 UNIX_PATH_MAX = 107
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
@@ -215,7 +215,7 @@ class GatewayConfig:
 
     @property
     def instance_id(self) -> str:
-        return f"{GATEWAY_SERVICE}-{self.name}"
+        return gateway_instance_id(self.name)
 
     def public_url(self, key: str) -> str:
         host, port = self.host_port(key)

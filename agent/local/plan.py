@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent.config import ConfigError, short_hostname
 from agent.local.defaults import DEFAULT_SERVED_MODEL_NAME, vllm_engine
+from agent.naming import instance_id
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 ENGINE_KINDS = ("vllm", "simulated")
@@ -213,7 +214,7 @@ class MeshPlan:
         return self.engine_kind == "vllm" and not self.model
 
     def instance_id(self, i: int) -> str:
-        return f"{self.service}-{self.node}-{self.engine_port(i)}"
+        return instance_id(self.service, self.node, self.engine_port(i))
 
     def engine_table(self, i: int, model_path: str) -> dict:
         port = self.engine_port(i)

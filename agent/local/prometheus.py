@@ -25,9 +25,9 @@ import tempfile
 from pathlib import Path
 
 from agent.local.prometheus_rules import RULES_FILE_NAME, render_rules
+from agent.naming import GATEWAY_SERVICE as GATEWAY_SERVICE  # deploy/prometheus/render.py reads it here
 
 ENGINE_SERVICE = "ernie"
-GATEWAY_SERVICE = "ernie-gateway"
 ALERTMANAGER_SERVICE = "alertmanager"
 DEFAULT_CONSUL_ADDRESS = "127.0.0.1:8500"
 SCRAPE_INTERVAL_S = 15.0

@@ -12,6 +12,7 @@ from agent.catalog.consul import ConsulCatalog
 from agent.local.ports import free_port
 from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.wait import wait_until
+from agent.naming import instance_id
 
 
 def toml_value(v) -> str:
@@ -44,7 +45,7 @@ class EngineAgent:
         return f"http://127.0.0.1:{self.port}"
 
     def instance_id(self, engine_port: int) -> str:
-        return f"{self.service}-{self.node}-{engine_port}"
+        return instance_id(self.service, self.node, engine_port)
 
     def start(self) -> "EngineAgent":
         self.proc.start()
