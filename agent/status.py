@@ -55,6 +55,7 @@ def _instance_row(e: CatalogEntry, live: dict) -> dict:
         "model": e.meta.get("served_model_name") or e.meta.get("model", ""),
         "zone": e.meta.get("zone", ""),
         "verdict": v.state.value,
+        "cause": v.cause.value if v.cause else None,
         "reason": v.reason,
         "consul_status": e.status.value,
         "running": live.get("running"),
@@ -102,9 +103,9 @@ def _fmt(v, unit: str = "") -> str:
 def render(report: dict) -> str:
     lines = [f"{report['service']}: {report['passing']}/{len(report['instances'])} instances passing "
              f"(Consul {report['consul']})", ""]
-    header = ("NODE", "INSTANCE", "MODEL", "VERDICT", "RUN", "WAIT", "CANARY", "REASON")
+    header = ("NODE", "INSTANCE", "MODEL", "VERDICT", "CAUSE", "RUN", "WAIT", "CANARY", "REASON")
     rows = [header] + [
-        (r["node"], r["id"], r["model"], r["verdict"], _fmt(r["running"]), _fmt(r["waiting"]),
+        (r["node"], r["id"], r["model"], r["verdict"], r["cause"] or "-", _fmt(r["running"]), _fmt(r["waiting"]),
          _fmt(r["canary_latency_ms"], "ms"), r["reason"])
         for r in report["instances"]
     ]

@@ -25,6 +25,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from agent.engine.cpu import VLLM_CPU_ENV  # noqa: E402
 from agent.model import SERVED_MODEL_NAME, default_model_dir  # noqa: E402
 
 BASE_ARGS = ["--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--enforce-eager",
@@ -44,7 +45,7 @@ class Engine:
     def __init__(self, model: Path, port: int, extra: list[str], logfile: Path, env_extra: dict | None = None):
         env_extra = env_extra or {}
         self.port, self.url = port, f"http://127.0.0.1:{port}"
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **env_extra)
+        env = {**os.environ, **VLLM_CPU_ENV, **env_extra}
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--port", str(port), *BASE_ARGS, *extra]
         self.t0 = time.monotonic()

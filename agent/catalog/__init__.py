@@ -9,6 +9,7 @@ from agent.catalog.base import (
     NotRegistered,
     Registration,
     Verdict,
+    VerdictCause,
     VerdictState,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "NotRegistered",
     "Registration",
     "Verdict",
+    "VerdictCause",
     "VerdictState",
 ]

@@ -8,12 +8,15 @@ The verdict an engine agent decides travels in Consul as the state of a TTL chec
     starting  -> critical       not routable yet
     critical  -> critical       removed
 
-The check's output carries "<state>: <reason>" so a human reading the Consul UI sees why.
+The check's output carries "<state> (<cause>): <reason>", e.g. "critical (hung): canary generation
+failed ...": the cause is a fixed word (VerdictCause) that readers parse back and decide on; the
+reason is prose for humans, never parsed.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol
 
@@ -37,6 +40,30 @@ class VerdictState(str, enum.Enum):
     CRITICAL = "critical"
 
 
+class VerdictCause(str, enum.Enum):
+    """Why an instance has its verdict: the word behaviour decides on (metrics labels, `up`, status)."""
+
+    # starting
+    REGISTERED = "registered"  # in the catalog, the agent's first verdict not landed yet
+    SPAWNING = "spawning"  # the engine process is not spawned yet
+    LOADING = "loading"  # /health not 200 yet (model loading)
+    CANARY_PENDING = "canary_pending"  # /health 200, no canary has succeeded since (re)start
+    # passing
+    OK = "ok"
+    BUSY = "busy"  # canary late behind other work, the engine makes progress
+    CONFIRMING = "confirming"  # a canary failure not yet confirmed (/metrics did not answer either)
+    # draining
+    DRAINING = "draining"
+    # critical
+    CRASH_LOOP = "crash_loop"
+    EXITED = "exited"
+    STOPPED = "stopped"  # stopped by the agent
+    STARTUP_TIMEOUT = "startup_timeout"  # not ready within startup_timeout_s
+    HEALTH_FAILED = "health_failed"
+    STUCK = "stuck"
+    HUNG = "hung"
+
+
 class CheckStatus(str, enum.Enum):
     PASSING = "passing"
     WARNING = "warning"
@@ -53,11 +80,14 @@ _STATUS_OF_STATE = {
 
 REGISTERED_NO_VERDICT_YET = "registered; the engine agent's first verdict is on its way"
 
+_NOTE_HEAD = re.compile(r"^(?P<state>[a-z]+)(?: \((?P<cause>[a-z_]+)\))?$")
+
 
 @dataclass(frozen=True)
 class Verdict:
     state: VerdictState
     reason: str = ""
+    cause: VerdictCause | None = None  # None: a verdict without one (the gateway's own, a foreign note)
 
     @property
     def check_status(self) -> CheckStatus:
@@ -65,7 +95,9 @@ class Verdict:
 
     @property
     def note(self) -> str:
-        return f"{self.state.value}: {self.reason}" if self.reason else self.state.value
+        """What the check's output shows: "critical (hung): <reason>" (the cause part only if known)."""
+        head = f"{self.state.value} ({self.cause.value})" if self.cause else self.state.value
+        return f"{head}: {self.reason}" if self.reason else head
 
     @classmethod
     def from_note(cls, status: str, note: str) -> "Verdict":
@@ -75,17 +107,24 @@ class Verdict:
         (a moment later): that instance is starting, not failed.
         """
         if not note and status == CheckStatus.CRITICAL.value:
-            return cls(VerdictState.STARTING, REGISTERED_NO_VERDICT_YET)
+            return cls(VerdictState.STARTING, REGISTERED_NO_VERDICT_YET, VerdictCause.REGISTERED)
         head, _, reason = (note or "").partition(": ")
+        m = _NOTE_HEAD.match(head.strip())
         try:
-            state = VerdictState(head.strip())
+            state = VerdictState(m["state"]) if m else VerdictState(head.strip())
         except ValueError:
             state = {
                 "passing": VerdictState.PASSING,
                 "warning": VerdictState.DRAINING,
             }.get(status, VerdictState.CRITICAL)
-            reason = note or ""
-        return cls(state, reason.strip())
+            return cls(state, (note or "").strip())
+        cause = None
+        if m and m["cause"]:
+            try:
+                cause = VerdictCause(m["cause"])
+            except ValueError:  # a cause this reader does not know (a newer agent): the state still holds
+                cause = None
+        return cls(state, reason.strip(), cause)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 
 BIND_VAR = "VLLM_CPU_OMP_THREADS_BIND"
+# CPU builds need a small KV cache (GiB; docs/architecture.md §5.4): every vLLM the agent starts
+# gets it unless its env says otherwise, and so do the local mesh's engine tables.
+# deploy/ansible/filter_plugins/ernie.py keeps a copy (tests/unit/test_ansible_filters.py).
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def usable_cores() -> list[int]:

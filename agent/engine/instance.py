@@ -19,10 +19,11 @@ from agent.catalog.base import (
     NotRegistered,
     Registration,
     Verdict,
+    VerdictCause,
     VerdictState,
 )
 from agent.engine.config import EngineAgentConfig, EngineSpec
-from agent.engine.metrics import EngineAgentMetrics, critical_reason_class
+from agent.engine.metrics import EngineAgentMetrics, cause_label
 from agent.engine.probe import EngineLoad, EngineProbe, Identity, ProbeResult
 from agent.engine.procfs import TreeSample, read_tree
 from agent.engine.progress import WorkerWatch, observe
@@ -83,7 +84,7 @@ class InstanceController:
         self._canary_owed_since_s: float | None = None
         self._requests_seen_since_s: float | None = None  # vLLM has counted requests in flight since then
         self._worker: WorkerWatch | None = None
-        self.verdict = Verdict(VerdictState.STARTING, "agent starting")
+        self.verdict = Verdict(VerdictState.STARTING, "agent starting", VerdictCause.SPAWNING)
         self.registered: Registration | None = None
         self.pushed: Verdict | None = None
         self._pushed_at_s = 0.0
@@ -252,11 +253,11 @@ class InstanceController:
     def _set_verdict(self, verdict: Verdict) -> None:
         old = self.verdict
         self.verdict = verdict
-        if verdict.state != old.state or (verdict.state is VerdictState.CRITICAL and verdict.reason != old.reason):
+        if verdict.state != old.state or (verdict.state is VerdictState.CRITICAL and verdict != old):
             log.log(logging.WARNING if verdict.state is VerdictState.CRITICAL else logging.INFO,
                     "%s: %s -> %s", self.id, old.note, verdict.note)
             if verdict.state is VerdictState.CRITICAL and old.state is not VerdictState.CRITICAL:
-                self.metrics.critical.labels(self.id, critical_reason_class(verdict.reason)).inc()
+                self.metrics.critical.labels(self.id, cause_label(verdict)).inc()
         self.metrics.set_verdict(self.id, verdict.state)
 
     async def reconcile_once(self) -> str:
@@ -426,6 +427,7 @@ class InstanceController:
             "kind": self.spec.kind,
             "model": self.served_model_name(),
             "state": "drained" if self.drained else self.verdict.state.value,
+            "cause": self.verdict.cause.value if self.verdict.cause else None,
             "reason": self.verdict.reason,
             "running": None if load is None else load.running,
             "waiting": None if load is None else load.waiting,

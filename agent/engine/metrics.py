@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from agent.catalog.base import VerdictState
+from agent.catalog.base import Verdict, VerdictState
 
 PROBE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 DRAIN_BUCKETS_S = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
@@ -21,7 +21,8 @@ class EngineAgentMetrics:
         self.canary_failures = Counter("ernie_engine_canary_failures_total", "Canary generations that failed",
                                        ["instance_id"], registry=r)
         self.critical = Counter("ernie_engine_critical_total",
-                                "Transitions to critical, by reason (exited, crash_loop, health, stuck, hung, startup)",
+                                "Transitions to critical, by the verdict's cause (exited, crash_loop, stopped, "
+                                "startup_timeout, health_failed, stuck, hung)",
                                 ["instance_id", "reason"], registry=r)
         self.restarts = Counter("ernie_engine_restarts_total", "Engine process restarts by the agent",
                                 ["instance_id"], registry=r)
@@ -40,11 +41,6 @@ class EngineAgentMetrics:
             self.verdict.labels(instance, s.value).set(1 if s is state else 0)
 
 
-def critical_reason_class(reason: str) -> str:
-    """A short, bounded label for a critical reason (metrics must not carry free text)."""
-    for prefix, label in (("crash loop", "crash_loop"), ("engine process exited", "exited"),
-                          ("engine stopped", "stopped"), ("not ready", "startup"), ("/health", "health"),
-                          ("stuck", "stuck"), ("hung", "hung")):
-        if reason.startswith(prefix):
-            return label
-    return "other"
+def cause_label(verdict: Verdict) -> str:
+    """The bounded label for a verdict: its cause (metrics never carry the reason's free text)."""
+    return verdict.cause.value if verdict.cause is not None else "other"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.catalog.base import Verdict, VerdictState
+from agent.catalog.base import Verdict, VerdictCause, VerdictState
+
+C = VerdictCause
 
 
 @dataclass(frozen=True)
@@ -80,46 +82,48 @@ def _load(f: Facts) -> str:
 def decide(f: Facts, p: Policy) -> Verdict:
     crit = VerdictState.CRITICAL
     if f.draining:
-        return Verdict(VerdictState.DRAINING, f"drain requested{_load(f)}")
+        return Verdict(VerdictState.DRAINING, f"drain requested{_load(f)}", C.DRAINING)
     proc = f.process
     if proc is not None:
         if proc.crash_loop:
-            return Verdict(crit, f"crash loop: exited {proc.restarts} times (last exit code {proc.exit_code}); "
-                                 f"see the engine log")
+            return Verdict(crit, f"exited {proc.restarts} times (last exit code {proc.exit_code}); "
+                                 f"see the engine log", C.CRASH_LOOP)
         if not proc.running:
             if not proc.ever_started and not proc.stopped_on_purpose:
-                return Verdict(VerdictState.STARTING, "starting the engine process")
+                return Verdict(VerdictState.STARTING, "starting the engine process", C.SPAWNING)
             if proc.stopped_on_purpose:
-                return Verdict(crit, "engine stopped by the agent")
+                return Verdict(crit, "engine stopped by the agent", C.STOPPED)
             when = f"; restart in {proc.next_restart_in_s:.0f}s" if proc.next_restart_in_s is not None else ""
-            return Verdict(crit, f"engine process exited with code {proc.exit_code}{when}")
+            return Verdict(crit, f"engine process exited with code {proc.exit_code}{when}", C.EXITED)
     if not f.canary.ever_succeeded:
         age = f.now_s - f.started_at_s
         if age > p.startup_timeout_s:
             why = f.health_error if f.health_ok is False else f.canary.last_error or "no successful canary"
-            return Verdict(crit, f"not ready {age:.0f}s after start ({why})")
+            return Verdict(crit, f"not ready {age:.0f}s after start ({why})", C.STARTUP_TIMEOUT)
         if not f.health_ok:
-            return Verdict(VerdictState.STARTING, f"loading model ({age:.0f}s)")
+            return Verdict(VerdictState.STARTING, f"loading model ({age:.0f}s)", C.LOADING)
         if f.canary.last_ok is False:
-            return Verdict(VerdictState.STARTING, f"waiting for a first canary generation ({f.canary.last_error})")
-        return Verdict(VerdictState.STARTING, "waiting for a first canary generation")
+            return Verdict(VerdictState.STARTING, f"waiting for a first canary generation ({f.canary.last_error})",
+                           C.CANARY_PENDING)
+        return Verdict(VerdictState.STARTING, "waiting for a first canary generation", C.CANARY_PENDING)
     w = f.worker
     if w is not None and w.stopped and w.stopped_for_s >= p.hang_after_s:
-        return Verdict(crit, f"hung: engine process {', '.join(w.stopped)} stopped (SIGSTOP) for {w.stopped_for_s:.0f}s")
+        return Verdict(crit, f"engine process {', '.join(w.stopped)} stopped (SIGSTOP) for {w.stopped_for_s:.0f}s",
+                       C.HUNG)
     if f.health_ok is False and f.health_failures >= p.health_failures:
-        return Verdict(crit, f"/health failed: {f.health_error}")
+        return Verdict(crit, f"/health failed: {f.health_error}", C.HEALTH_FAILED)
     if w is not None and w.compute_known:
         return _judge_by_compute(f, w, p)
     if f.stalled_for_s >= p.stall_after_s:
-        return Verdict(crit, f"stuck: {f.running or 0:.0f} requests running but no token generated for "
-                             f"{f.stalled_for_s:.0f}s")
+        return Verdict(crit, f"{f.running or 0:.0f} requests running but no token generated for "
+                             f"{f.stalled_for_s:.0f}s", C.STUCK)
     c = f.canary
     if (v := _lone_canary_failure(f, p)) is not None:
         return v
     if c.last_ok is False:
         # Busy (e.g. a long prefill ahead of the canary): the progress watchdog above decides.
-        return _passing(f, "busy: canary missed its deadline behind other requests")
-    return _passing(f, "canary generation ok")
+        return _passing(f, "canary missed its deadline behind other requests", C.BUSY)
+    return _passing(f, "canary generation ok", C.OK)
 
 
 def _judge_by_compute(f: Facts, w: WorkerFacts, p: Policy) -> Verdict:
@@ -127,17 +131,17 @@ def _judge_by_compute(f: Facts, w: WorkerFacts, p: Policy) -> Verdict:
     prefill (prompt tokens count when it ends), the Worker's CPU does not."""
     if w.idle_for_s >= p.hang_after_s:
         return Verdict(VerdictState.CRITICAL,
-                       f"hung: {_work(f)} in flight but the engine's model processes have not computed for "
-                       f"{w.idle_for_s:.0f}s, although /health answers")
+                       f"{_work(f)} in flight but the engine's model processes have not computed for "
+                       f"{w.idle_for_s:.0f}s, although /health answers", C.HUNG)
     c = f.canary
     if not c.timed_out and (v := _lone_canary_failure(f, p)) is not None:  # an answer, but a bad one
         return v
     if f.stalled_for_s >= p.stall_after_s:
-        return _passing(f, f"busy: no token for {f.stalled_for_s:.0f}s but the model processes compute "
-                           f"(long prefill)")
+        return _passing(f, f"no token for {f.stalled_for_s:.0f}s but the model processes compute "
+                           f"(long prefill)", C.BUSY)
     if c.last_ok is False:
-        return _passing(f, "busy: canary missed its deadline but the model processes compute")
-    return _passing(f, "canary generation ok")
+        return _passing(f, "canary missed its deadline but the model processes compute", C.BUSY)
+    return _passing(f, "canary generation ok", C.OK)
 
 
 def _lone_canary_failure(f: Facts, p: Policy) -> Verdict | None:
@@ -147,9 +151,9 @@ def _lone_canary_failure(f: Facts, p: Policy) -> Verdict | None:
     if c.last_ok is not False or c.progress_during_failure or c.others_in_flight:
         return None
     if c.metrics_read or c.consecutive_failures >= p.canary_failures_blind:
-        return Verdict(VerdictState.CRITICAL, f"hung: canary generation failed ({c.last_error}) and no tokens "
-                                              f"produced meanwhile, although /health answers")
-    return _passing(f, f"canary failed ({c.last_error}) while /metrics did not answer; confirming")
+        return Verdict(VerdictState.CRITICAL, f"canary generation failed ({c.last_error}) and no tokens "
+                                              f"produced meanwhile, although /health answers", C.HUNG)
+    return _passing(f, f"canary failed ({c.last_error}) while /metrics did not answer; confirming", C.CONFIRMING)
 
 
 def _work(f: Facts) -> str:
@@ -158,7 +162,7 @@ def _work(f: Facts) -> str:
     return f"{f.running:.0f} running, {f.waiting or 0:.0f} waiting requests"
 
 
-def _passing(f: Facts, reason: str) -> Verdict:
+def _passing(f: Facts, reason: str, cause: VerdictCause) -> Verdict:
     if f.health_ok is False:  # one failure, not yet a verdict (Policy.health_failures)
         reason = f"{reason}; /health failed once ({f.health_error}), confirming"
-    return Verdict(VerdictState.PASSING, reason)
+    return Verdict(VerdictState.PASSING, reason, cause)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from agent.engine.cpu import BIND_VAR, core_share
+from agent.engine.cpu import BIND_VAR, VLLM_CPU_ENV, core_share
 
 DEFAULT_SERVED_MODEL_NAME = "smollm2"
 # CPU build: small KV cache, no 92%-of-a-NUMA-node request, eager mode (start-up ~33 s instead of ~150 s).
 CPU_VLLM_ARGS = ("--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "2048")
-CPU_VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def has_cuda_gpu() -> bool:
@@ -36,6 +35,6 @@ def vllm_engine(port: int, model: str, served_model_name: str, gpu_index: int | 
     core), one GPU per engine with one."""
     if gpu_index is None:
         return {"kind": "vllm", "port": port, "model": model, "served_model_name": served_model_name,
-                "args": list(CPU_VLLM_ARGS), "env": {**CPU_VLLM_ENV, **cpu_bind_env(cpu_index, engines)}}
+                "args": list(CPU_VLLM_ARGS), "env": {**VLLM_CPU_ENV, **cpu_bind_env(cpu_index, engines)}}
     return {"kind": "vllm", "port": port, "model": model, "served_model_name": served_model_name,
             "env": {"CUDA_VISIBLE_DEVICES": str(gpu_index)}}

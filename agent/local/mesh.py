@@ -21,7 +21,7 @@ from typing import Callable
 
 import httpx
 
-from agent.catalog.base import CatalogError, CatalogEntry
+from agent.catalog.base import CatalogError, CatalogEntry, VerdictCause
 from agent.catalog.consul import ConsulCatalog
 from agent.local.binaries import MissingBinary, consul_binary, find_binary
 from agent.local.parts import Part, part_of, plan_parts, stop_order
@@ -343,7 +343,7 @@ class Mesh:
                 if seen.get(iid) != state:
                     seen[iid] = state
                     self.out.info(f"{iid}: {state}" + (f" ({e.verdict.reason})" if e.verdict.reason else ""))
-                if "crash loop" in e.verdict.reason:
+                if e.verdict.cause is VerdictCause.CRASH_LOOP:
                     raise StartError(f"{iid}: {e.verdict.reason}; engine log {p.log_dir / (iid + '.log')}")
             return sum(1 for e in now.values() if e.verdict.state.value == "passing") >= p.engines
 

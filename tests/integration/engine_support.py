@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
+import tomli_w
 
 from agent.catalog.base import CatalogEntry
 from agent.catalog.consul import ConsulCatalog
@@ -13,10 +13,6 @@ from agent.local.ports import free_port
 from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.wait import wait_until
 from agent.naming import instance_id
-
-
-def toml_value(v) -> str:
-    return json.dumps(v) if not isinstance(v, dict) else "{ " + ", ".join(f"{k} = {json.dumps(x)}" for k, x in v.items()) + " }"
 
 
 class EngineAgent:
@@ -29,14 +25,10 @@ class EngineAgent:
         self.node = node
         self.port = free_port()
         self.catalog = ConsulCatalog(consul_address)
-        lines = [f'listen = "127.0.0.1:{self.port}"', f'node = "{node}"', f'log_dir = "{self.tmp / "logs"}"']
-        lines += [f"{k} = {toml_value(v)}" for k, v in settings.items()]
-        lines += ["[consul]", f'address = "{consul_address}"', f'service = "{service}"']
-        for e in engines:
-            lines.append("[[engines]]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in e.items()]
         self.config_path = self.tmp / f"engine-{self.port}.toml"
-        self.config_path.write_text("\n".join(lines) + "\n")
+        self.config_path.write_text(tomli_w.dumps(
+            {"listen": f"127.0.0.1:{self.port}", "node": node, "log_dir": str(self.tmp / "logs"), **settings,
+             "consul": {"address": consul_address, "service": service}, "engines": engines}))
         self.proc = ManagedProcess(f"engine-agent-{self.port}", mesh_command("engine", "--config", str(self.config_path)),
                                    self.tmp / f"engine-agent-{self.port}.log")
 
@@ -61,13 +53,14 @@ class EngineAgent:
         _idx, entries = self.catalog.instances(self.service)
         return {e.instance_id: e for e in entries}
 
-    def wait_state(self, instance_id: str, state: str, timeout_s: float, reason_has: str = "") -> CatalogEntry:
-        """Poll Consul until the instance's verdict has `state` (and the reason contains `reason_has`)."""
+    def wait_state(self, instance_id: str, state: str, timeout_s: float, cause: str = "") -> CatalogEntry:
+        """Poll Consul until the instance's verdict has `state` (and, if given, `cause`)."""
         def ok():
             e = self.entries().get(instance_id)
-            return e if e and e.verdict.state.value == state and reason_has in e.verdict.reason else None
+            v = e.verdict if e else None
+            return e if v and v.state.value == state and (not cause or (v.cause and v.cause.value == cause)) else None
         try:
-            return wait_until(ok, timeout_s, what=f"{instance_id} {state} {reason_has!r} in Consul")
+            return wait_until(ok, timeout_s, what=f"{instance_id} {state} ({cause or 'any cause'}) in Consul")
         except TimeoutError as err:
             raise AssertionError(f"{err}; now: {self.entries().get(instance_id)}\n--- agent log ---\n"
                                  f"{self.proc.log_tail()}") from None

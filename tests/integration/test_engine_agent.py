@@ -42,7 +42,7 @@ def test_instance_registered_passing_with_id_meta_and_ttl_check(agent, consul_se
     checks = httpx.get(f"{consul_session.url}/v1/agent/checks", timeout=5).json()
     check = checks[f"service:{iid}"]
     assert check["Type"] == "ttl"
-    assert check["Status"] == "passing" and check["Output"] == "passing: canary generation ok"
+    assert check["Status"] == "passing" and check["Output"] == "passing (ok): canary generation ok"
     # the agent's own API agrees
     assert httpx.get(f"{agent.url}/ready/{iid}", timeout=5).status_code == 200
     assert httpx.get(f"{agent.url}/live", timeout=5).json()["status"] == "alive"
@@ -59,7 +59,8 @@ def test_gray_failure_hang_with_health_200_turns_critical_within_10s_and_recover
         assert httpx.get(f"{engine}/health", timeout=5).status_code == 200  # the engine still says it's fine
         entry = agent.wait_state(iid, "critical", timeout_s=10)
         detect_s = time.monotonic() - t0
-        assert "hung" in entry.verdict.reason and "/health answers" in entry.verdict.reason, entry.verdict
+        assert entry.verdict.cause.value == "hung" and "/health answers" in entry.verdict.reason, entry.verdict
+        assert entry.note.startswith("critical (hung): "), entry.note
         assert httpx.get(f"{agent.url}/ready/{iid}", timeout=5).status_code == 503
     finally:
         set_sim_fault(engine, "none")
@@ -80,7 +81,8 @@ def test_stopped_engine_process_turns_critical_as_stopped_not_on_one_health_time
         entry = agent.wait_state(iid, "critical", timeout_s=10)
         detect_s = time.monotonic() - t0
         reason = entry.verdict.reason
-        assert reason.startswith("hung: engine process ") and f"(pid {pid}) stopped (SIGSTOP)" in reason, reason
+        assert entry.verdict.cause.value == "hung", entry.verdict
+        assert reason.startswith("engine process ") and f"(pid {pid}) stopped (SIGSTOP)" in reason, reason
     finally:
         os.kill(pid, signal.SIGCONT)
     agent.wait_state(iid, "passing", timeout_s=15)
@@ -96,7 +98,7 @@ def test_crashed_engine_goes_critical_then_is_restarted_and_passing(agent):
         set_sim_fault(engine, "crash")  # the engine exits at once (it may or may not answer first)
     except httpx.HTTPError:
         pass
-    agent.wait_state(iid, "critical", timeout_s=10, reason_has="exited")
+    agent.wait_state(iid, "critical", timeout_s=10, cause="exited")
     agent.wait_state(iid, "passing", timeout_s=30)
     info = agent.instances()[iid]
     assert info["restarts"] >= 1
@@ -146,7 +148,7 @@ def test_attached_engine_is_registered_and_judged_without_being_supervised(consu
             assert entry.meta["served_model_name"] == "attached-model"  # learnt from /v1/models
             assert a.instances()[iid]["kind"] == "attach"
             set_sim_fault(engine.url, "hang")
-            a.wait_state(iid, "critical", timeout_s=10, reason_has="hung")
+            a.wait_state(iid, "critical", timeout_s=10, cause="hung")
             set_sim_fault(engine.url, "none")
             a.wait_state(iid, "passing", timeout_s=15)
             assert a.stop() == 0

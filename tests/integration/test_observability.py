@@ -251,7 +251,7 @@ def run_incident(mesh: Mesh) -> dict:
     pid = agent.instances()[iid]["pid"]
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    agent.wait_state(iid, "critical", timeout_s=15, reason_has="exited")
+    agent.wait_state(iid, "critical", timeout_s=15, cause="exited")
     t_critical = time.monotonic() - t0
     _wait("the killed engine's target down",
           lambda: _value(prom, f'up{{job="{JOB_VLLM}",instance_id="{iid}"}}') == 0)

@@ -1,9 +1,10 @@
-"""One source per fact: names (agent/naming.py)."""
+"""One source per fact: names (agent/naming.py), vLLM's CPU environment (agent/engine/cpu.py)."""
 
 from __future__ import annotations
 
 from agent import naming
 from agent.engine import config as engine_config
+from agent.engine.cpu import VLLM_CPU_ENV
 from agent.gateway import config as gateway_config
 from agent.local.plan import MeshPlan
 
@@ -22,3 +23,12 @@ def test_gateways_register_under_one_service_name():
     cfg = gateway_config.build(gateway_config.GatewayConfig, {"name": "gw-a"})
     assert cfg.instance_id == naming.gateway_instance_id("gw-a") == "ernie-gateway-gw-a"
 
+
+def test_the_local_mesh_and_the_engine_agent_give_cpu_vllm_one_env():
+    table = MeshPlan(engines=1).engine_table(0, "/m")
+    assert VLLM_CPU_ENV.items() <= table["env"].items()
+    # agent/engine/supervisor.py still keeps its own copy (being rewritten): the same value.
+    from agent.engine.supervisor import engine_env
+
+    spec = engine_config.EngineSpec(kind="vllm", port=8001, model="/m")
+    assert VLLM_CPU_ENV.items() <= engine_env(spec).items()

@@ -49,7 +49,7 @@ def test_gray_failure_health_200_but_canary_fails_without_progress_is_critical()
     f = replace(HEALTHY, canary=CanaryFacts(ever_succeeded=True, last_ok=False, last_error="no token within 3s"))
     v = decide(f, POLICY)
     assert v.state is VerdictState.CRITICAL
-    assert v.reason.startswith("hung:")
+    assert v.note.startswith("critical (hung): ")
     assert "no token within 3s" in v.reason and "/health answers" in v.reason
 
 
@@ -62,16 +62,16 @@ def test_busy_engine_whose_canary_is_late_but_tokens_flow_stays_passing():
 def test_canary_late_behind_other_requests_defers_to_the_progress_watchdog():
     late = CanaryFacts(ever_succeeded=True, last_ok=False, last_error="no token within 3s", others_in_flight=3)
     v = decide(replace(HEALTHY, canary=late, stalled_for_s=3.0), POLICY)
-    assert v.state is VerdictState.PASSING and v.reason.startswith("busy:")
+    assert v.state is VerdictState.PASSING and v.note.startswith("passing (busy):")
     v = decide(replace(HEALTHY, canary=late, stalled_for_s=8.5, running=3), POLICY)
-    assert v.state is VerdictState.CRITICAL and v.reason.startswith("stuck:")
+    assert v.state is VerdictState.CRITICAL and v.note.startswith("critical (stuck):")
 
 
 def test_progress_watchdog():
     assert decide(replace(HEALTHY, stalled_for_s=7.9), POLICY).state is VerdictState.PASSING
     v = decide(replace(HEALTHY, stalled_for_s=9.0, running=3), POLICY)
     assert v.state is VerdictState.CRITICAL
-    assert v.reason == "stuck: 3 requests running but no token generated for 9s"
+    assert v.reason == "3 requests running but no token generated for 9s"
 
 
 def test_one_health_timeout_is_not_a_verdict_two_are():
@@ -95,7 +95,7 @@ def test_exited_process_and_crash_loop():
     assert (v.state, v.reason) == (VerdictState.CRITICAL, "engine process exited with code -9; restart in 2s")
     v = decide(replace(HEALTHY, process=ProcessFacts(running=False, exit_code=1, restarts=5, crash_loop=True)),
                POLICY)
-    assert v.state is VerdictState.CRITICAL and v.reason.startswith("crash loop: exited 5 times")
+    assert v.state is VerdictState.CRITICAL and v.note.startswith("critical (crash_loop): exited 5 times")
 
 
 def test_draining_wins_and_maps_to_consul_warning():
@@ -147,42 +147,42 @@ def test_a_stopped_engine_process_is_hung_after_hang_after_s():
     assert decide(f, POLICY).state is VerdictState.PASSING  # a stop that short may be a debugger's
     v = decide(replace(f, worker=WorkerFacts(stopped=stopped, stopped_for_s=2.0, compute_known=True)), POLICY)
     assert (v.state, v.reason) == (VerdictState.CRITICAL,
-                                   "hung: engine process VLLM::Worker (pid 7) stopped (SIGSTOP) for 2s")
+                                   "engine process VLLM::Worker (pid 7) stopped (SIGSTOP) for 2s")
 
 
 def test_a_stopped_api_server_is_named_before_its_health_timeouts():
     f = replace(HEALTHY, health_ok=False, health_error="timed out", health_failures=2,
                 worker=WorkerFacts(stopped=("python (pid 5)",), stopped_for_s=3.0))
     v = decide(f, POLICY)
-    assert v.state is VerdictState.CRITICAL and v.reason.startswith("hung: engine process python (pid 5) stopped")
+    assert v.state is VerdictState.CRITICAL and v.note.startswith("critical (hung): engine process python (pid 5) stopped")
 
 
 def test_work_in_flight_and_model_processes_idle_for_hang_after_s_is_hung():
     f = replace(HEALTHY, running=0, waiting=0, worker=WorkerFacts(compute_known=True, idle_for_s=1.5))
     assert decide(f, POLICY).state is VerdictState.PASSING
     v = decide(replace(f, worker=WorkerFacts(compute_known=True, idle_for_s=2.4)), POLICY)
-    assert (v.state, v.reason) == (VerdictState.CRITICAL, "hung: the canary in flight but the engine's model "
+    assert (v.state, v.reason) == (VerdictState.CRITICAL, "the canary in flight but the engine's model "
                                    "processes have not computed for 2s, although /health answers")
     v = decide(replace(f, running=3, waiting=1, worker=WorkerFacts(compute_known=True, idle_for_s=2.4)), POLICY)
-    assert v.reason.startswith("hung: 3 running, 1 waiting requests in flight")
+    assert v.note.startswith("critical (hung): 3 running, 1 waiting requests in flight")
 
 
 def test_long_prefill_no_counter_moves_canary_late_but_worker_computes_is_passing():
     # the ~36 s cold prefill: vLLM showed 0 running, no token counted, the canary timed out behind it
     f = replace(HEALTHY, running=0, waiting=0, stalled_for_s=0.0, canary=LATE, worker=COMPUTING)
     v = decide(f, POLICY)
-    assert (v.state, v.reason) == (VerdictState.PASSING, "busy: canary missed its deadline but the model "
+    assert (v.state, v.reason) == (VerdictState.PASSING, "canary missed its deadline but the model "
                                                          "processes compute")
     # without process facts the same facts are a hang (what the agent said before it read /proc)
-    assert decide(replace(f, worker=None), POLICY).reason.startswith("hung: canary generation failed")
+    assert decide(replace(f, worker=None), POLICY).note.startswith("critical (hung): canary generation failed")
 
 
 def test_token_stall_while_computing_is_busy_not_stuck():
     f = replace(HEALTHY, running=1, stalled_for_s=30.0, worker=COMPUTING)
     v = decide(f, POLICY)
-    assert (v.state, v.reason) == (VerdictState.PASSING, "busy: no token for 30s but the model processes compute "
+    assert (v.state, v.reason) == (VerdictState.PASSING, "no token for 30s but the model processes compute "
                                                          "(long prefill)")
-    assert decide(replace(f, worker=None), POLICY).reason.startswith("stuck:")
+    assert decide(replace(f, worker=None), POLICY).note.startswith("critical (stuck):")
 
 
 def test_a_canary_answered_with_an_error_is_critical_even_while_computing():
@@ -197,6 +197,6 @@ def test_a_canary_timeout_while_metrics_also_timed_out_needs_a_second_failure():
     assert (v.state, v.reason) == (VerdictState.PASSING,
                                    "canary failed (no token within 3s) while /metrics did not answer; confirming")
     v = decide(replace(HEALTHY, canary=replace(blind, consecutive_failures=2)), POLICY)
-    assert v.state is VerdictState.CRITICAL and v.reason.startswith("hung: canary generation failed")
+    assert v.state is VerdictState.CRITICAL and v.note.startswith("critical (hung): canary generation failed")
     # with /metrics read and showing nothing else in flight, one failure is a fact (as before)
     assert decide(replace(HEALTHY, canary=replace(LATE, consecutive_failures=1)), POLICY).state is VerdictState.CRITICAL

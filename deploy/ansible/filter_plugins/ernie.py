@@ -14,6 +14,9 @@ from ansible.errors import AnsibleFilterError
 
 KEYS = ("port", "kind", "url", "model", "served_model_name", "max_model_len", "host", "args", "env",
         "shutdown_timeout_s", "log_file")
+# A copy of agent.engine.cpu.VLLM_CPU_ENV: the filter runs on the Ansible controller and imports
+# nothing from the package (tests/unit/test_ansible_filters.py checks the two are equal).
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def ernie_engine_tables(engines, flavor="gpu", host_address="0.0.0.0", cpu_args=()):
@@ -46,7 +49,8 @@ def ernie_engine_tables(engines, flavor="gpu", host_address="0.0.0.0", cpu_args=
                 args += ["--tensor-parallel-size", str(len(gpus))]
         if kind == "vllm" and flavor == "cpu" and "args" not in item:
             args = [str(a) for a in cpu_args]
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            for key, value in VLLM_CPU_ENV.items():
+                env.setdefault(key, value)
         e.pop("args", None)
         e.pop("env", None)
         if args:
