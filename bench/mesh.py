@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import tomli_w
 
 from agent.catalog.consul import ConsulCatalog
 from agent.local.consul_dev import ConsulDev
@@ -26,24 +27,6 @@ CLUSTER = "ernie"
 DRAIN_TIMEOUT_S = 300.0
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {json.dumps(x)}" for k, x in v.items()) + " }"
-    return json.dumps(v)
-
-
-def _toml(settings: dict, tables: dict[str, dict], arrays: dict[str, list[dict]] | None = None) -> str:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
-    for name, table in tables.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    for name, items in (arrays or {}).items():
-        for item in items:
-            lines.append(f"[[{name}]]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
-    return "\n".join(lines) + "\n"
-
-
 class EngineAgentProc:
     """`ernie-mesh engine` supervising one engine."""
 
@@ -53,10 +36,10 @@ class EngineAgentProc:
         self.port = free_port()
         self.instance_id = instance_id(SERVICE, NODE, engine_port)
         self.config_path = workdir / f"engine-agent-{engine_port}.toml"
-        self.config_path.write_text(_toml(
-            {"listen": f"127.0.0.1:{self.port}", "node": NODE, "log_dir": str(workdir / "logs"), **agent_settings},
-            {"consul": {"address": consul_address, "service": SERVICE}},
-            {"engines": [settings.agent_engine(engine_port, index, count)]}))
+        self.config_path.write_text(tomli_w.dumps(
+            {"listen": f"127.0.0.1:{self.port}", "node": NODE, "log_dir": str(workdir / "logs"), **agent_settings,
+             "consul": {"address": consul_address, "service": SERVICE},
+             "engines": [settings.agent_engine(engine_port, index, count)]}))
         self.log_path = workdir / "logs" / f"engine-agent-{engine_port}.log"
         self.proc: ManagedProcess | None = None
         self._http = httpx.Client(timeout=2.0)
@@ -134,10 +117,10 @@ class MeshSystem(System):
         for i, port in enumerate(self.engine_ports):
             self.agents.append(EngineAgentProc(self.workdir, self.consul.address, self.settings, port, i, self.n,
                                                self.agent_settings).start())
-        self.gw_config.write_text(_toml(
+        self.gw_config.write_text(tomli_w.dumps(
             {"name": "drill-gw", "run_dir": str(self.gw_run_dir),
-             **{k: f"127.0.0.1:{p}" for k, p in self.gw_ports.items()}},
-            {"consul": {"address": self.consul.address, "service": SERVICE}}))
+             **{k: f"127.0.0.1:{p}" for k, p in self.gw_ports.items()},
+             "consul": {"address": self.consul.address, "service": SERVICE}}))
         self.start_gateway()
         self.progress(f"mesh: {self.describe()}")
 

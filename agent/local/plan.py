@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
+
 from agent.config import ConfigError, short_hostname
 from agent.local.defaults import DEFAULT_SERVED_MODEL_NAME, vllm_engine
 from agent.naming import instance_id
@@ -59,30 +61,6 @@ def local_node_name() -> str:
     and 40 characters: the local mesh's Consul node name, part of every instance id."""
     name = short_hostname("local")
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40] or "local"
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{json.dumps(str(k))} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"no TOML form for {v!r}")
-
-
-def toml_document(top: dict, tables: dict[str, dict] | None = None, arrays: dict[str, list[dict]] | None = None) -> str:
-    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
-    for name, table in (tables or {}).items():
-        lines += ["", f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
-    for name, items in (arrays or {}).items():
-        for item in items:
-            lines += ["", f"[[{name}]]"] + [f"{k} = {toml_value(v)}" for k, v in item.items()]
-    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -228,23 +206,21 @@ class MeshPlan:
         return table
 
     def engine_agent_toml(self, i: int, model_path: str) -> str:
-        return toml_document(
+        return tomli_w.dumps(
             {"listen": f"127.0.0.1:{self.agent_port(i)}", "node": self.node, "advertise_address": "127.0.0.1",
-             "zone": "local", "log_dir": str(self.log_dir), "drain_deadline_s": self.drain_deadline_s},
-            tables={"consul": {"address": self.consul_address, "service": self.service}},
-            arrays={"engines": [self.engine_table(i, model_path)]},
-        )
+             "zone": "local", "log_dir": str(self.log_dir), "drain_deadline_s": self.drain_deadline_s,
+             "consul": {"address": self.consul_address, "service": self.service},
+             "engines": [self.engine_table(i, model_path)]})
 
     # --- gateway, Consul -----------------------------------------------------------------------
 
     def gateway_toml(self) -> str:
-        return toml_document(
+        return tomli_w.dumps(
             {"name": self.node, "listen": f"{self.host}:{self.gateway_port}",
              "envoy_admin": f"127.0.0.1:{self.port(ENVOY_ADMIN_PORT)}", "xds": f"127.0.0.1:{self.port(XDS_PORT)}",
              "metrics": f"127.0.0.1:{self.port(GATEWAY_METRICS_PORT)}", "advertise_address": "127.0.0.1",
-             "run_dir": str(self.run_dir / "gateway")},
-            tables={"consul": {"address": self.consul_address, "service": self.service}},
-        )
+             "run_dir": str(self.run_dir / "gateway"),
+             "consul": {"address": self.consul_address, "service": self.service}})
 
     def consul_ports_json(self) -> str:
         return json.dumps({"ports": {"grpc": -1, "server": self.port(CONSUL_SERVER_PORT),

@@ -1,10 +1,14 @@
 """The Ansible filter plugins run on the controller and import nothing from the package: the facts
-they copy must equal the package's."""
+they copy must equal the package's, and the TOML they write must parse back to what they were given."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import tomllib
 from pathlib import Path
+
+import pytest
 
 from agent.engine.cpu import VLLM_CPU_ENV
 
@@ -29,3 +33,31 @@ def test_cpu_vllm_env_is_the_packages():
     [gpu] = ernie.ernie_engine_tables([{"port": 8001, "model": "/m"}], flavor="gpu")
     assert "env" not in gpu
 
+
+VALUES = [
+    "", "ernie", "127.0.0.1:8500", "/var/log/ernie-mesh/engines", "a b", 'quote " and \\ backslash',
+    "line\nbreak\ttab\rcr\bbs\fff", "\x01\x1f control", "del \x7f", "ünïcødé ✓ 漢字", "\u2028", "'single'",
+    "#not a comment", "[not an array]", "{ not = a table }",
+    0, 1, -7, 2**63 - 1, -(2**63), 0.0, -0.0, 0.3, 120.0, 1e100, 1e-05, -2.5e-7,
+    True, False,
+    [], ["--enforce-eager", "--gpu-memory-utilization", "0.3"], [1, 2, 3], [[1, 2], ["a"]], [{"a": 1}],
+    {}, {"VLLM_CPU_KVCACHE_SPACE": "1", "CUDA_VISIBLE_DEVICES": "0,1"}, {"a b": 1, "ü": [True], "x.y": {"z": 0.5}},
+]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=repr)
+def test_to_toml_parses_back_to_its_input(value):
+    text = load("toml").to_toml(value)
+    assert "\n" not in text, "one template line per key"
+    parsed = tomllib.loads(f"key = {text}\n")["key"]
+    assert parsed == value
+    if isinstance(value, float):
+        assert math.copysign(1, parsed) == math.copysign(1, value)
+
+
+@pytest.mark.parametrize("value", [None, float("nan"), float("inf")])
+def test_to_toml_refuses_what_toml_cannot_say(value):
+    from ansible.errors import AnsibleFilterError
+
+    with pytest.raises(AnsibleFilterError):
+        load("toml").to_toml(value)
