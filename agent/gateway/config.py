@@ -28,7 +28,7 @@ from agent.config import (
     short_hostname,
 )
 from agent.gateway.watch import WatchSettings
-from agent.naming import GATEWAY_SERVICE, gateway_instance_id
+from agent.naming import gateway_instance_id
 
 _WATCH_DEFAULTS = WatchSettings()
 REPO_ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
