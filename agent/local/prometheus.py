@@ -16,13 +16,14 @@ defaults (deploy/prometheus/render.py regenerates them; a test checks they match
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 from agent.local.prometheus_rules import RULES_FILE_NAME, render_rules
 from agent.naming import GATEWAY_SERVICE as GATEWAY_SERVICE  # deploy/prometheus/render.py reads it here
@@ -267,62 +268,38 @@ def prepare_local(run_dir: str | Path, consul_address: str, listen: str = "127.0
     return prometheus_command(found[0], config_path, base / "data", listen)
 
 
-# --- a small YAML emitter (block style; enough for configs and rule files, no dependency) ---------
+# --- YAML: PyYAML's safe dumper, laid out like a hand-written config ---------------------------------
 
 _PLAIN = re.compile(r"^[A-Za-z_/][A-Za-z0-9_./-]*$")
+# Words some YAML 1.1 readers (Go's yaml.v2) take for booleans or null: always quoted.
 _RESERVED = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
 
 
-def _scalar(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    s = str(v)
-    if _PLAIN.match(s) and s.lower() not in _RESERVED:
-        return s
-    return json.dumps(s)  # a JSON string is a valid YAML double-quoted scalar
+class _ConfigDumper(yaml.SafeDumper):
+    """SafeDumper (safe_dump's), with lists indented under their key, lists of scalars on one line,
+    multi-line strings as blocks and any string but a plain word double-quoted ("15s",
+    "10.0.0.5:8500", regexes)."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        return super().increase_indent(flow, False)
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True  # a list used twice is written twice, not as an anchor and an alias
 
 
-def _flow(v) -> str:
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_scalar(k)}: {_flow(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, list):
-        return "[" + ", ".join(_flow(x) for x in v) + "]"
-    return _scalar(v)
+def _represent_str(dumper: yaml.SafeDumper, s: str) -> yaml.Node:
+    style = "|" if "\n" in s else None if _PLAIN.match(s) and s.lower() not in _RESERVED else '"'
+    return dumper.represent_scalar("tag:yaml.org,2002:str", s, style=style)
 
 
-def _simple(v) -> bool:
-    return not isinstance(v, (dict, list)) or (isinstance(v, list) and all(not isinstance(x, (dict, list))
-                                                                           for x in v))
+def _represent_list(dumper: yaml.SafeDumper, items: list[object]) -> yaml.Node:
+    flow = bool(items) and not any(isinstance(x, (dict, list)) for x in items)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flow)
 
 
-def _emit(obj, level: int) -> list[str]:
-    pad = "  " * level
-    lines: list[str] = []
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            key = _scalar(k)
-            if isinstance(v, str) and "\n" in v:
-                lines.append(f"{pad}{key}: |-")
-                lines += [f"{pad}  {line}".rstrip() for line in v.split("\n")]
-            elif _simple(v) or not v:
-                lines.append(f"{pad}{key}: {_flow(v)}")
-            else:
-                lines.append(f"{pad}{key}:")
-                lines += _emit(v, level + 1)
-    elif isinstance(obj, list):
-        for item in obj:
-            if isinstance(item, (dict, list)) and item:
-                sub = _emit(item, level + 1)
-                lines.append(f"{pad}- {sub[0][len(pad) + 2:]}")
-                lines += sub[1:]
-            else:
-                lines.append(f"{pad}- {_flow(item)}")
-    else:
-        lines.append(pad + _scalar(obj))
-    return lines
+_ConfigDumper.add_representer(str, _represent_str)
+_ConfigDumper.add_representer(list, _represent_list)
 
 
-def to_yaml(obj) -> str:
-    return "\n".join(_emit(obj, 0)) + "\n"
+def to_yaml(obj: object) -> str:
+    return yaml.dump(obj, Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=1 << 20)
