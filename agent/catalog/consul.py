@@ -23,6 +23,7 @@ from agent.catalog.base import (
     Registration,
     Verdict,
 )
+from agent.durations import go_duration
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ BLOCKING_SLACK_S = 5.0
 
 def check_id(instance_id: str) -> str:
     return f"service:{instance_id}"
-
-
-def _duration(seconds: float) -> str:
-    return f"{max(int(round(seconds * 1000)), 1)}ms"
 
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)$")
@@ -118,8 +115,8 @@ class ConsulCatalog:
         check = {
             "CheckID": check_id(reg.instance_id),
             "Name": f"ernie-mesh verdict for {reg.instance_id}",
-            "TTL": _duration(reg.ttl_s),
-            "DeregisterCriticalServiceAfter": _duration(reg.deregister_critical_after_s),
+            "TTL": go_duration(reg.ttl_s, min_ms=1),
+            "DeregisterCriticalServiceAfter": go_duration(reg.deregister_critical_after_s, min_ms=1),
             "Status": verdict.check_status.value,
         }
         self._call(
@@ -170,7 +167,7 @@ class ConsulCatalog:
         if wait_s > 0 and index > 0:
             client = self._blocking_client(wait_s)
             new_index, nodes = self._call(
-                f"watch {service}", client.health.service, service, index=index, wait=_duration(wait_s)
+                f"watch {service}", client.health.service, service, index=index, wait=go_duration(wait_s, min_ms=1)
             )
         else:
             new_index, nodes = self._call(f"read {service}", self._client.health.service, service)

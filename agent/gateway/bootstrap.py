@@ -7,11 +7,8 @@ import hashlib
 import json
 import string
 
+from agent.durations import proto_duration as _duration  # Envoy reads protobuf JSON durations
 from agent.gateway.config import GatewayConfig
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s" if seconds else "0s"
 
 
 def template_values(cfg: GatewayConfig) -> dict[str, str]:

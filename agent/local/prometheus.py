@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from agent.durations import go_duration
 from agent.local.prometheus_rules import RULES_FILE_NAME, render_rules
 from agent.naming import GATEWAY_SERVICE as GATEWAY_SERVICE  # deploy/prometheus/render.py reads it here
 
@@ -59,13 +60,6 @@ HEADER = """\
 """
 
 
-def _duration(seconds: float) -> str:
-    ms = int(round(seconds * 1000))
-    if ms % 60000 == 0:
-        return f"{ms // 60000}m"
-    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
-
-
 def _relabel_from_url(meta_key: str, default_path: str | None) -> list[dict]:
     """Scheme, address and metrics path of a target from a URL (or host:port) in Consul meta."""
     src = [_META + meta_key]
@@ -98,7 +92,7 @@ def _node_labels() -> list[dict]:
 
 
 def _sd(consul_address: str, service: str, refresh_s: float, token: str | None) -> list[dict]:
-    sd = {"server": consul_address, "services": [service], "refresh_interval": _duration(refresh_s)}
+    sd = {"server": consul_address, "services": [service], "refresh_interval": go_duration(refresh_s)}
     if token:
         sd["token"] = token
     return [sd]
@@ -170,9 +164,9 @@ def config(consul_address: str = DEFAULT_CONSUL_ADDRESS, *, rule_files: list[str
     evaluation_interval_s = evaluation_interval_s or scrape_interval_s
     cfg: dict = {
         "global": {
-            "scrape_interval": _duration(scrape_interval_s),
-            "scrape_timeout": _duration(min(SCRAPE_TIMEOUT_S, scrape_interval_s)),
-            "evaluation_interval": _duration(evaluation_interval_s),
+            "scrape_interval": go_duration(scrape_interval_s),
+            "scrape_timeout": go_duration(min(SCRAPE_TIMEOUT_S, scrape_interval_s)),
+            "evaluation_interval": go_duration(evaluation_interval_s),
         },
         "rule_files": list(rule_files if rule_files is not None else [f"{RULES_DIR_NAME}/{RULES_FILE_NAME}"]),
     }

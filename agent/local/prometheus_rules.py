@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.durations import go_duration
+
 RULES_FILE_NAME = "ernie-mesh.rules.yml"
 
 # The xDS control-plane cluster in the Envoy bootstrap: not an engine cluster.
@@ -101,11 +103,6 @@ ALERTS = (
 )
 
 
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 60}m" if s and s % 60 == 0 else f"{s}s"
-
-
 def rule_groups(for_s: float | None = None) -> dict:
     """The rule file as data; `for_s` replaces every alert's `for` (tests)."""
     alerts = []
@@ -113,7 +110,7 @@ def rule_groups(for_s: float | None = None) -> dict:
         alerts.append({
             "alert": a.name,
             "expr": a.expr,
-            "for": _duration(a.for_s if for_s is None else for_s),
+            "for": go_duration(a.for_s if for_s is None else for_s),
             "labels": {"severity": a.severity},
             "annotations": {"summary": a.summary, "description": a.description},
         })

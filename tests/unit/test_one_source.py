@@ -32,3 +32,15 @@ def test_the_local_mesh_and_the_engine_agent_give_cpu_vllm_one_env():
 
     spec = engine_config.EngineSpec(kind="vllm", port=8001, model="/m")
     assert VLLM_CPU_ENV.items() <= engine_env(spec).items()
+
+
+def test_durations_in_go_and_protobuf_spelling():
+    from agent.durations import go_duration, proto_duration
+
+    # Consul and Prometheus (what the three helpers before wrote for these values)
+    assert [go_duration(s) for s in (0.25, 1.0, 1.5, 15.0, 60.0, 90.0, 300.0)] == \
+        ["250ms", "1s", "1500ms", "15s", "1m", "90s", "5m"]
+    assert go_duration(0.0, min_ms=1) == "1ms"
+    # Envoy
+    assert [proto_duration(s) for s in (0.0, 0.025, 0.25, 1.0, 1.5, 60.0, 300.0)] == \
+        ["0s", "0.025s", "0.25s", "1s", "1.5s", "60s", "300s"]
