@@ -18,6 +18,7 @@ from agent.engine import config as engine_config
 from agent.engine.api import create_app
 from agent.engine.instance import InstanceController
 from agent.engine.metrics import EngineAgentMetrics
+from agent.net import bind_error
 
 log = logging.getLogger("agent.engine")
 
@@ -67,15 +68,9 @@ async def serve(cfg: engine_config.EngineAgentConfig) -> int:
 
 
 def check_listen(cfg: engine_config.EngineAgentConfig) -> None:
-    import socket
-
-    host, port = cfg.listen_host_port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {cfg.listen}: {e.strerror}") from None
+    reason = bind_error(*cfg.listen_host_port)
+    if reason:
+        raise ConfigError(f"cannot listen on {cfg.listen}: {reason}")
 
 
 def main(argv: list[str]) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from agent.gateway.metrics import GatewayMetrics
 from agent.gateway.relays import RelaySupervisor
 from agent.gateway.watch import CatalogWatch
 from agent.gateway.xds import AdsServer
+from agent.net import bind_error
 
 log = logging.getLogger("agent.gateway")
 
@@ -26,14 +26,9 @@ log = logging.getLogger("agent.gateway")
 def check_bindable(cfg: gateway_config.GatewayConfig, *keys: str) -> None:
     """The agent's own ports (xDS, metrics) must be free: fail at start, not in a thread."""
     for key in keys:
-        host, port = cfg.host_port(key)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError as e:
-                raise ConfigError(f"cannot listen on {key} {getattr(cfg, key)}: {e.strerror}") from None
+        reason = bind_error(*cfg.host_port(key))
+        if reason:
+            raise ConfigError(f"cannot listen on {key} {getattr(cfg, key)}: {reason}")
 
 
 def prepare(argv: list[str]) -> tuple[gateway_config.GatewayConfig, str, str]:

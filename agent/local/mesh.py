@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from agent.local.ports import port_open
 from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.runstate import (Proc, UpState, descendants, kill, proc_identity, process_name, wait_gone,
                                   write_state)
+from agent.net import can_bind
 
 POLL_S = 0.25
 HEARTBEAT_S = 15.0
@@ -302,7 +302,7 @@ class Mesh:
             self.out.info(f"Prometheus skipped: {binary} has no Consul service discovery "
                           "(deploy/prometheus/install.sh installs one that has)")
             return
-        if not port_free("127.0.0.1", p.prometheus_port):
+        if not can_bind("127.0.0.1", p.prometheus_port):
             self.out.info(f"Prometheus skipped: port {p.prometheus_port} is in use")
             return
         self.out.step(f"Prometheus on {p.prometheus_url} (targets from Consul)")
@@ -451,16 +451,6 @@ class Mesh:
                       ("; no process left behind" if not survivors else f"; {len(survivors)} process(es) survived"))
         self.save("stopped", "")
         return [p.name for p in leftovers]
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _child_env() -> dict[str, str]:

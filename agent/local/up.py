@@ -14,9 +14,10 @@ import threading
 from agent.config import ConfigError
 from agent.local.binaries import MissingBinary, consul_binary
 from agent.local.defaults import has_cuda_gpu
-from agent.local.mesh import Console, Interrupted, Mesh, StartError, port_free
+from agent.local.mesh import Console, Interrupted, Mesh, StartError
 from agent.local.plan import MAX_PORT_OFFSET, MeshPlan, default_run_dir
 from agent.local.runstate import read_state
+from agent.net import can_bind
 
 DEFAULT_HEALTHY_TIMEOUT_S = 900.0
 
@@ -82,7 +83,7 @@ def count_gpus() -> int:
 def busy_port(plan: MeshPlan) -> str | None:
     """A one-line message naming the first planned port that something else already uses."""
     for host, what, port in plan.ports():
-        if not port_free(host, port):
+        if not can_bind(host, port):
             return (f"port {port} ({what}) is already in use on {host}: stop what uses it "
                     f"(a mesh already running? `ernie-mesh down`) or move every port with --port-offset N")
     return None

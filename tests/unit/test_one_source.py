@@ -1,4 +1,5 @@
-"""One source per fact: names (agent/naming.py), vLLM's CPU environment (agent/engine/cpu.py)."""
+"""One source per fact: names (agent/naming.py), vLLM's CPU environment (agent/engine/cpu.py), duration
+strings (agent/durations.py), the can-I-listen check (agent/net.py)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,23 @@ def test_durations_in_go_and_protobuf_spelling():
     # Envoy
     assert [proto_duration(s) for s in (0.0, 0.025, 0.25, 1.0, 1.5, 60.0, 300.0)] == \
         ["0s", "0.025s", "0.25s", "1s", "1.5s", "60s", "300s"]
+
+
+def test_one_bind_check_for_every_part():
+    import socket
+
+    import pytest
+
+    from agent.config import ConfigError
+    from agent.engine.cli import check_listen
+    from agent.net import bind_error, can_bind
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert bind_error("127.0.0.1", port) and not can_bind("127.0.0.1", port)
+        cfg = engine_config.build(engine_config.EngineAgentConfig,
+                                  {"listen": f"127.0.0.1:{port}", "engines": [{"kind": "simulated", "port": 8001}]})
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: "):
+            check_listen(cfg)
