@@ -34,7 +34,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], where)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a hint is a class, never an instance
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
         return build(tp, value, where)
@@ -103,7 +103,7 @@ def build(cls: type, data: Mapping[str, Any], where: str = "config") -> Any:
         raise ConfigError(f"{prefix}{e}") from None
 
 
-def read_toml(path: str | os.PathLike | None) -> dict[str, Any]:
+def read_toml(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     if not path:
         return {}
     p = Path(path)
@@ -125,7 +125,8 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
         if v is None:
             continue
         if isinstance(v, Mapping):
-            merged = merge(out.get(k) if isinstance(out.get(k), Mapping) else {}, v)
+            current = out.get(k)
+            merged = merge(current if isinstance(current, Mapping) else {}, v)
             if merged or k in out:
                 out[k] = merged
         else:
@@ -133,7 +134,8 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def layered(config_path: str | os.PathLike | None, env: Mapping[str, Any], flags: Mapping[str, Any]) -> dict[str, Any]:
+def layered(config_path: str | os.PathLike[str] | None, env: Mapping[str, Any],
+            flags: Mapping[str, Any]) -> dict[str, Any]:
     """One process's settings: config file, then CONSUL_HTTP_* and the process's own variables,
     then command-line flags (each layer wins over the previous; unset values are ignored)."""
     return merge(merge(merge(read_toml(config_path), consul_env()), env), flags)
@@ -163,7 +165,8 @@ def route_address(consul_address: str) -> str:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect((host, port))
-            return s.getsockname()[0]
+            local_address: str = s.getsockname()[0]  # (host, port) for AF_INET
+            return local_address
     except OSError:
         return "127.0.0.1"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from agent.catalog.base import Catalog, CatalogEntry, CatalogError, NotRegistered, Registration, Verdict, VerdictState
 from agent.gateway.config import GatewayConfig
@@ -37,10 +38,10 @@ def snapshot_diff(old: Snapshot | None, new: Snapshot) -> str:
     parts = []
     for iid in sorted(set(before) | set(after)):
         a, b = before.get(iid), after.get(iid)
-        if a is None:
-            parts.append(f"+{iid} {b.state.value}")
-        elif b is None:
+        if b is None:
             parts.append(f"-{iid}")
+        elif a is None:
+            parts.append(f"+{iid} {b.state.value}")
         elif a.state is not b.state or (a.address, a.port) != (b.address, b.port):
             parts.append(f"{iid} {b.state.value}")
     return ", ".join(parts) or "no endpoint change"
@@ -68,7 +69,8 @@ def registration_of(cfg: GatewayConfig) -> Registration:
 
 class GatewayAgent:
     def __init__(self, cfg: GatewayConfig, catalog: Catalog, metrics: GatewayMetrics, ads: AdsServer,
-                 envoy: EnvoySupervisor, relays: RelaySupervisor | None = None, clock=time.monotonic):
+                 envoy: EnvoySupervisor, relays: RelaySupervisor | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
         self.relays = relays
         self.catalog = catalog
@@ -161,7 +163,8 @@ class GatewayAgent:
         consul = "consul ok" if watch is None or not watch.failing else \
             f"consul unreachable ({watch.last_error.split(':')[-1].strip()})"
         held = f" ({len(self._held)} held)" if self._held else ""
-        relay_part = f"relays {relays}/{len(self.relays.slots)}; " if relays is not None else ""
+        relay_part = f"relays {relays}/{len(self.relays.slots)}; " \
+            if relays is not None and self.relays is not None else ""
         return (f"envoy pid {self.envoy.pid} {envoy_state}{', ready' if ready else ''}; {relay_part}"
                 f"snapshot {snap.summary() if snap else 'none yet'}{held}; "
                 f"xds {len(streams)} stream(s) acked {','.join(acked) or '-'}; {consul}; registration {registration}")

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 from agent.binaries import MissingBinary, envoy_binary
 from agent.catalog.consul import ConsulCatalog
@@ -56,7 +57,7 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     agent = GatewayAgent(cfg, catalog, metrics, ads, envoy, relays)
     watch = CatalogWatch(catalog, cfg.consul.service, agent.on_watch, cfg.watch, metrics=metrics)
 
-    def on_signal(signum, _frame) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
         agent.stop_event.set()
 

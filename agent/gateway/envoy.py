@@ -15,8 +15,10 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -47,7 +49,7 @@ class EnvoyAdmin:
         except httpx.HTTPError:
             return False
 
-    def server_info(self) -> dict | None:
+    def server_info(self) -> dict[str, Any] | None:
         try:
             r = self._http.get(f"{self.url}/server_info")
             return r.json() if r.status_code == 200 else None
@@ -59,18 +61,18 @@ class EnvoyAdmin:
         params = {"filter": contains} if contains else {}
         r = self._http.get(f"{self.url}/stats", params=params)
         r.raise_for_status()
-        out = {}
+        out: dict[str, int] = {}
         for line in r.text.splitlines():
             name, _, value = line.partition(": ")
             if value.strip().lstrip("-").isdigit():
                 out[name] = int(value)
         return out
 
-    def hosts(self, cluster: str) -> dict[str, dict]:
+    def hosts(self, cluster: str) -> dict[str, dict[str, str]]:
         """The cluster's hosts: hostname (instance ID) -> {address, health_flags, rq_active, ...}."""
         r = self._http.get(f"{self.url}/clusters")
         r.raise_for_status()
-        by_addr: dict[str, dict] = {}
+        by_addr: dict[str, dict[str, str]] = {}
         prefix = f"{cluster}::"
         for line in r.text.splitlines():
             if not line.startswith(prefix):
@@ -120,8 +122,8 @@ class EnvoySupervisor:
     """Keeps one Envoy running. `ensure()` is called by the agent's control loop and never blocks
     for long: a dead Envoy is restarted after a capped exponential backoff."""
 
-    def __init__(self, cfg: GatewayConfig, binary: str, template_text: str, on_restart=None,
-                 clock=time.monotonic):
+    def __init__(self, cfg: GatewayConfig, binary: str, template_text: str,
+                 on_restart: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
         self.binary = binary
         self.on_restart = on_restart
@@ -133,7 +135,7 @@ class EnvoySupervisor:
         self.bootstrap_text = bootstrap.render(template_text, cfg)
         self.digest = bootstrap.digest(self.bootstrap_text)
         self.admin = EnvoyAdmin(cfg.admin_url)
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self.adopted = False
         self.started_at: float | None = None

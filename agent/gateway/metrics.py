@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from agent.gateway.snapshot import EndpointState, Snapshot
@@ -46,7 +49,8 @@ class GatewayMetrics:
         """Serve the relay processes' metrics (ernie_gateway_relay_*, multiprocess files) with the agent's."""
         from prometheus_client import multiprocess
 
-        multiprocess.MultiProcessCollector(self.registry, path=metrics_dir)
+        # prometheus_client ships py.typed but leaves MultiProcessCollector.__init__ unannotated.
+        multiprocess.MultiProcessCollector(self.registry, path=metrics_dir)  # type: ignore[no-untyped-call]
 
     # WatchMetrics protocol
     def watch_error(self) -> None:
@@ -80,6 +84,6 @@ class GatewayMetrics:
         self.snapshot_generation.inc()
         self.rejected.set(rejected)
 
-    def serve(self, host: str, port: int):
+    def serve(self, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
         """Start the /metrics HTTP server; returns (server, thread) for shutdown."""
         return start_http_server(port, addr=host, registry=self.registry)

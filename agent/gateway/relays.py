@@ -19,7 +19,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent.gateway.config import GatewayConfig
 from agent.gateway.envoy import _cmdline, _proc_state
@@ -47,7 +49,7 @@ def relay_command(cfg: GatewayConfig, index: int) -> list[str]:
 class _Slot:
     def __init__(self, index: int):
         self.index = index
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self.started_at = 0.0
         self.next_start_at: float | None = None
@@ -55,7 +57,8 @@ class _Slot:
 
 
 class RelaySupervisor:
-    def __init__(self, cfg: GatewayConfig, on_restart=None, clock=time.monotonic):
+    def __init__(self, cfg: GatewayConfig, on_restart: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
         self.on_restart = on_restart
         self.clock = clock
@@ -108,9 +111,10 @@ class RelaySupervisor:
                 self._spawn(slot)
         return f"{adopted} adopted, {len(self.slots) - adopted} started"
 
-    def _read(self, i: int) -> dict | None:
+    def _read(self, i: int) -> dict[str, Any] | None:
         try:
-            return json.loads(self._record_path(i).read_text())
+            rec: dict[str, Any] = json.loads(self._record_path(i).read_text())
+            return rec
         except (OSError, ValueError):
             return None
 
@@ -168,7 +172,8 @@ class RelaySupervisor:
         if pid:
             try:
                 from prometheus_client import multiprocess
-                multiprocess.mark_process_dead(pid, str(self.metrics_dir))
+                # prometheus_client ships py.typed but leaves mark_process_dead unannotated.
+                multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
             except (OSError, ImportError):
                 pass  # its gauge files are gone already
 
@@ -176,7 +181,7 @@ class RelaySupervisor:
 
     def stop(self) -> None:
         self._stopping = True
-        pids = [(s.pid, s.proc) for s in self.slots if self._slot_alive(s)]
+        pids = [(s.pid, s.proc) for s in self.slots if s.pid is not None and self._slot_alive(s)]
         for pid, _ in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -188,14 +193,14 @@ class RelaySupervisor:
         for s in self.slots:
             self._record_path(s.index).unlink(missing_ok=True)
 
-    def _terminate(self, pid: int, proc: subprocess.Popen | None) -> None:
+    def _terminate(self, pid: int, proc: subprocess.Popen[bytes] | None) -> None:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
         self._wait(pid, proc, self.clock() + self.cfg.relay.drain_s + STOP_GRACE_S)
 
-    def _wait(self, pid: int, proc: subprocess.Popen | None, deadline: float) -> None:
+    def _wait(self, pid: int, proc: subprocess.Popen[bytes] | None, deadline: float) -> None:
         while self.clock() < deadline:
             if proc is not None and proc.pid == pid:
                 if proc.poll() is not None:

@@ -66,7 +66,7 @@ class WatchUpdate:
     def failing(self) -> bool:
         return self.failing_since is not None
 
-    def state(self) -> tuple:
+    def state(self) -> tuple[float | None, float | None, str]:
         return self.discontinuity_at, self.failing_since, self.last_error
 
 
@@ -77,7 +77,12 @@ def next_index(previous: int, replied: int) -> int:
     return max(replied, 1)
 
 
-def content_key(entries: list[CatalogEntry]) -> tuple:
+# One entry's part of a ContentKey: id, node, address, port, status, note, sorted meta, tags.
+EntryKey = tuple[str, str, str, int, str, str, tuple[tuple[str, str], ...], tuple[str, ...]]
+ContentKey = tuple[EntryKey, ...]
+
+
+def content_key(entries: list[CatalogEntry]) -> ContentKey:
     """What counts as a change: everything a snapshot is built from, in a stable order."""
     return tuple(sorted(
         (e.instance_id, e.node, e.address, e.port, e.status.value, e.note, tuple(sorted(e.meta.items())), e.tags)
@@ -98,7 +103,7 @@ class CatalogWatch:
         self.wall = wall
         self.stop_event = threading.Event()
         self.index = 0
-        self.last_key: tuple | None = None
+        self.last_key: ContentKey | None = None
         self.last_success_at: float | None = None  # monotonic
         self.failing_since: float | None = None
         self.discontinuity_at: float | None = None  # see WatchUpdate
@@ -197,7 +202,8 @@ class CatalogWatch:
         if last is None or update.state() != last.state():
             self._hand(update)
 
-    def _settle(self, entries: list[CatalogEntry], key: tuple, seen_at: float) -> tuple[list[CatalogEntry], tuple]:
+    def _settle(self, entries: list[CatalogEntry], key: ContentKey,
+                seen_at: float) -> tuple[list[CatalogEntry], ContentKey]:
         """Hold a change for settle_s of quiet (at most max_settle_s), taking any later content."""
         if self.last_key is None:
             return entries, key  # the first read is delivered at once

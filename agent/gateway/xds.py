@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -78,7 +79,8 @@ class StreamState:
     inbox: "queue.Queue[object]" = field(default_factory=queue.Queue, repr=False)
 
 
-class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+# The generated servicer base (xds-protos, no type information) is Any to mypy.
+class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     def __init__(self, address: str, callbacks: XdsCallbacks | None = None):
         self.address = address
         self._callbacks: XdsCallbacks = callbacks if callbacks is not None else NoCallbacks()
@@ -140,7 +142,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     # --- the RPC --------------------------------------------------------------------------------
 
-    def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
+    def StreamAggregatedResources(  # noqa: N802 (gRPC name)
+            self, request_iterator: Iterator[discovery_pb2.DiscoveryRequest],
+            context: grpc.ServicerContext) -> Iterator[discovery_pb2.DiscoveryResponse]:
         stream = StreamState(id=next(self._ids), peer=context.peer(), opened_at=time.monotonic())
         with self._lock:
             self._streams[stream.id] = stream
@@ -165,7 +169,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 self._streams.pop(stream.id, None)
             log.info("xDS stream %d from %s (node %s) closed", stream.id, stream.peer, stream.node_id or "?")
 
-    def _read(self, request_iterator, stream: StreamState) -> None:
+    def _read(self, request_iterator: Iterator[discovery_pb2.DiscoveryRequest], stream: StreamState) -> None:
         try:
             for request in request_iterator:
                 stream.inbox.put(request)
@@ -176,7 +180,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         finally:
             stream.inbox.put(_CLOSED)
 
-    def _handle(self, stream: StreamState, req: discovery_pb2.DiscoveryRequest):
+    def _handle(self, stream: StreamState,
+                req: discovery_pb2.DiscoveryRequest) -> discovery_pb2.DiscoveryResponse | None:
         if req.node.id and not stream.node_id:
             stream.node_id = req.node.id
         if req.type_url != EDS_TYPE_URL:
@@ -213,10 +218,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             stream.acked_version = req.version_info
         return self._response(stream, force=True)
 
-    def _response_if_new(self, stream: StreamState):
+    def _response_if_new(self, stream: StreamState) -> discovery_pb2.DiscoveryResponse | None:
         return self._response(stream, force=False) if stream.subscribed else None
 
-    def _response(self, stream: StreamState, force: bool):
+    def _response(self, stream: StreamState, force: bool) -> discovery_pb2.DiscoveryResponse | None:
         snap = self._snapshot
         if snap is None:
             return None  # nothing to serve yet (no catalog read): Envoy keeps what it has

@@ -112,13 +112,16 @@ class SimEngineProcess:
             raise SimEngineError(f"POST /sim/fault {body} -> {r.status_code} {r.text}")
         if mode == "crash":
             self.wait(CRASH_EXIT_TIMEOUT_S)
-        return r.json()
+        state: dict[str, Any] = r.json()
+        return state
 
     def get_fault(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/sim/fault", timeout=ADMIN_TIMEOUT_S).json()
+        fault: dict[str, Any] = httpx.get(f"{self.url}/sim/fault", timeout=ADMIN_TIMEOUT_S).json()
+        return fault
 
     def stats(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/sim/stats", timeout=ADMIN_TIMEOUT_S).json()
+        stats: dict[str, Any] = httpx.get(f"{self.url}/sim/stats", timeout=ADMIN_TIMEOUT_S).json()
+        return stats
 
     def terminate(self) -> None:
         """SIGTERM (vLLM-like shutdown: abort or drain, per shutdown_timeout_s)."""

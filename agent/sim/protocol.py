@@ -124,9 +124,10 @@ def _content_text(content: object, where: str) -> str:
         return ""
     if isinstance(content, str):
         return content
-    _require(isinstance(content, list), f"{where}.content must be a string or a list of parts", "messages")
-    texts = []
-    for j, part in enumerate(content):  # type: ignore[arg-type]
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or a list of parts", "messages")
+    texts: list[str] = []
+    for j, part in enumerate(content):
         _require(isinstance(part, dict) and isinstance(part.get("type"), str),
                  f"{where}.content[{j}] must be an object with a `type`", "messages")
         if part["type"] == "text":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Callable
 
 import grpc
@@ -48,7 +49,7 @@ async def follow(xds_address: str, cluster: str, node_id: str, on_members: Calla
                 first.node.id, first.node.cluster = node_id, "ernie-gateway-relay"
                 await requests.put(first)
 
-                async def outgoing():
+                async def outgoing() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
                     while True:
                         yield await requests.get()
 

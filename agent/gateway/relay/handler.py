@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -35,7 +36,7 @@ _DROPPED_RESPONSE_HEADERS = frozenset({"connection", "keep-alive", "transfer-enc
                                        "server", "content-encoding", HOST_OVERRIDE_HEADER})
 
 
-def response_headers(upstream) -> dict[str, str]:
+def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     """The engine's response headers as the client should get them (x-ernie-instance among them)."""
     return {k: v for k, v in upstream.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
 SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
@@ -57,7 +58,7 @@ class ResumePolicy:
     wait_s: float = 10.0        # how long a continuation waits for a healthy instance to appear
 
 
-def dropped_before_answering(status: int, headers, body: bytes) -> str:
+def dropped_before_answering(status: int, headers: Mapping[str, str], body: bytes) -> str:
     """The instance that dropped a request before answering it ('' if that is not what happened).
 
     The engine hop does not retry resets (a request that crashes engines must not walk the fleet):
@@ -83,7 +84,7 @@ class ClientStream:
     def started(self) -> bool:
         return self.resp is not None
 
-    async def start(self, instance: str, upstream_headers) -> None:
+    async def start(self, instance: str, upstream_headers: Mapping[str, str]) -> None:
         headers = {**response_headers(upstream_headers), **SSE_HEADERS}
         if instance:
             headers[INSTANCE_HEADER] = instance
@@ -105,7 +106,7 @@ class ClientStream:
 
 class Relay:
     def __init__(self, session: aiohttp.ClientSession, membership: Membership, metrics: RelayMetrics,
-                 policy: ResumePolicy, clock=time.monotonic):
+                 policy: ResumePolicy, clock: Callable[[], float] = time.monotonic):
         self.session = session
         self.membership = membership
         self.metrics = metrics
@@ -317,8 +318,10 @@ class Relay:
             events.append(t._client_chunk("", [], t.finish_reason, None))
         events.extend(t.closing_events())
         await client.write(events)
-        await client.resp.write_eof()
-        return client.resp
+        resp = client.resp
+        assert resp is not None  # started: write() above needs it
+        await resp.write_eof()
+        return resp
 
     async def _give_up(self, request: web.Request, req: RelayRequest, t: Transcript, client: ClientStream,
                        message: str) -> web.StreamResponse:
@@ -327,5 +330,7 @@ class Relay:
         if not client.started:
             return web.Response(status=503, body=error_body(message), content_type="application/json")
         await client.write([error_event(message)])
-        await client.resp.write_eof()
-        return client.resp
+        resp = client.resp
+        assert resp is not None  # started: write() above needs it
+        await resp.write_eof()
+        return resp

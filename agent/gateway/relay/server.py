@@ -15,8 +15,14 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from agent.config import ConfigError, check_host_port
+
+if TYPE_CHECKING:  # aiohttp and the relay's modules are imported when it serves, not to parse flags
+    from aiohttp.typedefs import Handler
+
+    from agent.gateway.relay.membership import Member
 
 log = logging.getLogger("agent.gateway.relay")
 
@@ -100,7 +106,7 @@ async def serve(cfg: RelayConfig) -> int:
     membership = Membership(cfg.stall_s)
     metrics = RelayMetrics()
 
-    def on_members(members, version: str) -> None:
+    def on_members(members: list[Member], version: str) -> None:
         rescued = membership.update(members, version)
         if rescued:
             log.warning("snapshot %s: rescuing %d stalled request(s) from instance(s) no longer routable",
@@ -125,7 +131,7 @@ async def serve(cfg: RelayConfig) -> int:
                   ResumePolicy(cfg.resume_limit, cfg.resume_limit_after_crash, cfg.resume_wait_s))
 
     @web.middleware
-    async def too_large(request, handler):
+    async def too_large(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
@@ -162,7 +168,11 @@ async def serve(cfg: RelayConfig) -> int:
     return 0
 
 
-async def _idle(metrics_of) -> None:
+class _InFlight(Protocol):
+    active: int  # requests in flight
+
+
+async def _idle(metrics_of: _InFlight) -> None:
     while metrics_of.active:
         await asyncio.sleep(0.05)
 

@@ -197,7 +197,7 @@ class Transcript:
             if self.resumes == 0 and self.upstream_usage is not None:
                 out.append(self.upstream_usage)
             else:
-                obj = {"id": self.id, "object": "chat.completion.chunk" if self.req.kind == "chat" else
+                obj: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.req.kind == "chat" else
                        "text_completion", "created": self.created, "model": self.model, "choices": [],
                        "usage": self.usage()}
                 out.append(sse.DATA_PREFIX + _dumps(obj))
