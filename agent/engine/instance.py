@@ -15,8 +15,6 @@ import httpx
 
 from agent.catalog.base import (
     Catalog,
-    CatalogError,
-    NotRegistered,
     Registration,
     Verdict,
     VerdictCause,
@@ -27,6 +25,7 @@ from agent.engine.metrics import EngineAgentMetrics, cause_label
 from agent.engine.probe import EngineLoad, EngineProbe, Identity, ProbeResult
 from agent.engine.procfs import TreeSample, read_tree
 from agent.engine.progress import WorkerWatch, observe
+from agent.engine.publisher import Publisher
 from agent.engine.supervisor import EngineProcess
 from agent.engine.verdict import CanaryFacts, Facts, Policy, decide
 
@@ -85,10 +84,9 @@ class InstanceController:
         self._requests_seen_since_s: float | None = None  # vLLM has counted requests in flight since then
         self._worker: WorkerWatch | None = None
         self.verdict = Verdict(VerdictState.STARTING, "agent starting", VerdictCause.SPAWNING)
-        self.registered: Registration | None = None
-        self.pushed: Verdict | None = None
-        self._pushed_at_s = 0.0
-        self.consul_ok: bool | None = None
+        # The one writer of this instance's Consul state (run loop, canary via the run loop, drain).
+        self.publisher = Publisher(catalog, self.id, cfg.ttl_s,
+                                   on_error=lambda: self.metrics.consul_errors.labels(self.id).inc())
         self.draining = False
         self.drained = False
         self._drain_task: asyncio.Task | None = None
@@ -221,32 +219,13 @@ class InstanceController:
             deregister_critical_after_s=self.cfg.deregister_critical_after_s,
         )
 
+    @property
+    def consul_ok(self) -> bool | None:
+        return self.publisher.ok
+
     async def publish(self, verdict: Verdict, now: float) -> str:
-        """Make Consul hold our registration and verdict; idempotent, re-registers after Consul lost it."""
-        desired = self.registration()
-        try:
-            if self.registered != desired:
-                await asyncio.to_thread(self.catalog.register, desired, verdict)
-                action = "registered"
-                self.registered = desired
-            elif verdict != self.pushed or now - self._pushed_at_s >= self.cfg.ttl_s / 3:
-                try:
-                    await asyncio.to_thread(self.catalog.set_verdict, self.id, verdict)
-                    action = "verdict pushed"
-                except NotRegistered:
-                    log.warning("%s: Consul no longer knows this instance; registering again", self.id)
-                    await asyncio.to_thread(self.catalog.register, desired, verdict)
-                    action = "re-registered"
-            else:
-                return "unchanged"
-        except CatalogError as e:
-            self.consul_ok = False
-            self.metrics.consul_errors.labels(self.id).inc()
-            return f"Consul write failed ({e})"
-        self.consul_ok = True
-        self.pushed = verdict
-        self._pushed_at_s = now
-        return action
+        """Make Consul hold our registration and verdict, through the instance's one writer."""
+        return await self.publisher.publish(self.registration(), verdict, now)
 
     # --- loop -------------------------------------------------------------------------------------
 
@@ -404,12 +383,9 @@ class InstanceController:
             await asyncio.sleep(DRAIN_POLL_S)
         if self.process:
             await self.process.stop()
-        try:
-            await asyncio.to_thread(self.catalog.deregister, self.id)
-        except CatalogError as e:
-            log.warning("%s: could not deregister (%s); Consul will reap it when its TTL expires", self.id, e)
+        # After every write queued before it; nothing is published afterwards (no ghost re-registration).
+        await self.publisher.deregister()
         self.drained = True
-        self.registered = None
         self.stop()
         elapsed = time.monotonic() - t0
         self.metrics.drain_duration.labels(self.id).observe(elapsed)

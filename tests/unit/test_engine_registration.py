@@ -1,6 +1,8 @@
 """Registration payload and idempotence, against the in-memory catalog."""
 
 import asyncio
+import dataclasses
+import time
 
 import httpx
 import pytest
@@ -88,3 +90,37 @@ def test_changed_data_re_registers():
 
 def test_catalog_unavailable_is_a_catalog_error():
     assert issubclass(CatalogUnavailable, Exception)
+
+
+class SlowCatalog(MemoryCatalog):
+    """A Consul whose critical-verdict writes take a while (a slow agent, a GC pause)."""
+
+    def __init__(self, delay_s: float):
+        super().__init__()
+        self.delay_s = delay_s
+
+    def set_verdict(self, instance_id, verdict):
+        if verdict.state is VerdictState.CRITICAL:
+            time.sleep(self.delay_s)
+        super().set_verdict(instance_id, verdict)
+
+
+def test_a_verdict_in_flight_during_the_drain_does_not_resurrect_the_instance():
+    """Before: _drain deregistered while a set_verdict was still in flight on another thread; it
+    landed afterwards, got NotRegistered and re-registered the instance (a ghost)."""
+    cat = SlowCatalog(delay_s=1.0)
+    cfg = engine_config.load(["--node", "n1", "--engine", "attach:http://127.0.0.1:9"])
+    cfg = dataclasses.replace(cfg, drain_settle_s=0.01, drain_deadline_s=0.2)
+    c = InstanceController(cfg, cfg.engines[0], cat, httpx.AsyncClient(), EngineAgentMetrics())
+
+    async def scenario():
+        assert await c.publish(PASS, now=0.0) == "registered"
+        in_flight = asyncio.create_task(c.publish(Verdict(VerdictState.CRITICAL, "x"), now=1.0))
+        await asyncio.sleep(0.1)  # the slow write is on its way
+        await c.start_drain()
+        await in_flight
+        await asyncio.sleep(0.2)
+
+    asyncio.run(scenario())
+    assert cat.local_instances("ernie") == {}, cat.writes
+    assert cat.writes[-1][0] == "deregister", cat.writes  # nothing written after the deregistration

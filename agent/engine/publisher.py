@@ -1,0 +1,95 @@
+"""The one path from an engine instance to Consul (docs/architecture.md §2.1).
+
+The run loop, the canary (through the run loop) and the drain all write through one Publisher per
+instance, like Patroni's single lock around its member writes: every write runs on the
+publisher's own single worker thread, in the order it was asked for, so a verdict can never land
+after the deregistration that was asked for later. Once retired (deregistered) the publisher
+writes nothing more: no late verdict, no NotRegistered re-registration of a ghost instance."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from agent.catalog.base import Catalog, CatalogError, NotRegistered, Registration, Verdict
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETIRED = "deregistered"
+
+
+class Publisher:
+    def __init__(self, catalog: Catalog, instance_id: str, ttl_s: float, on_error: Callable[[], None]):
+        self.catalog = catalog
+        self.id = instance_id
+        self.ttl_s = ttl_s
+        self._on_error = on_error
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"consul {instance_id}")
+        self._lock = threading.Lock()  # held by the writer thread around each write and the retired flag
+        self.registered: Registration | None = None  # what Consul holds, as far as we know
+        self.pushed: Verdict | None = None
+        self.pushed_at_s = 0.0
+        self.ok: bool | None = None  # the last write succeeded (None: none yet)
+        self.retired = False
+
+    async def _on_writer(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    async def publish(self, desired: Registration, verdict: Verdict, now: float) -> str:
+        """Make Consul hold `desired` with `verdict`; idempotent, re-registers after Consul lost it."""
+        if self.retired:
+            return RETIRED
+        return await self._on_writer(self._publish, desired, verdict, now)
+
+    async def deregister(self) -> None:
+        """Remove the instance, after every write asked for before; nothing is written afterwards."""
+        self.retired = True  # no new write is queued from here on
+        await self._on_writer(self._deregister)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=False)
+
+    # --- on the writer thread -----------------------------------------------------------------------
+
+    def _publish(self, desired: Registration, verdict: Verdict, now: float) -> str:
+        with self._lock:
+            if self.retired:
+                return RETIRED
+            try:
+                if self.registered != desired:
+                    self.catalog.register(desired, verdict)
+                    action = "registered"
+                    self.registered = desired
+                elif verdict != self.pushed or now - self.pushed_at_s >= self.ttl_s / 3:
+                    try:
+                        self.catalog.set_verdict(self.id, verdict)
+                        action = "verdict pushed"
+                    except NotRegistered:
+                        log.warning("%s: Consul no longer knows this instance; registering again", self.id)
+                        self.catalog.register(desired, verdict)
+                        action = "re-registered"
+                else:
+                    return "unchanged"
+            except CatalogError as e:
+                self.ok = False
+                self._on_error()
+                return f"Consul write failed ({e})"
+            self.ok = True
+            self.pushed = verdict
+            self.pushed_at_s = now
+            return action
+
+    def _deregister(self) -> None:
+        with self._lock:
+            self.retired = True
+            self.registered = None
+            try:
+                self.catalog.deregister(self.id)
+            except CatalogError as e:
+                log.warning("%s: could not deregister (%s); Consul will reap it when its TTL expires", self.id, e)
