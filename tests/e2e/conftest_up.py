@@ -12,7 +12,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import pytest
 
 from agent.local.plan import MeshPlan
 from agent.local.runstate import Proc, descendants, proc_identity, read_state
+from agent.net import can_bind
 
 HEALTHY_TIMEOUT_S = 900.0      # two CPU vLLM engines on a loaded 2-core machine
 STOP_TIMEOUT_S = 300.0
@@ -38,15 +38,7 @@ def plan_for(offset: int, run_dir: Path, **kw) -> MeshPlan:
 
 def ports_free(plan: MeshPlan) -> list[int]:
     """The planned ports that something listens on (empty when all are free)."""
-    busy = []
-    for host, _what, port in plan.ports():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError:
-                busy.append(port)
-    return busy
+    return [port for host, _what, port in plan.ports() if not can_bind(host, port)]
 
 
 def free_offset(run_dir: Path, exclude: tuple[int, ...] = (), **kw) -> int:
