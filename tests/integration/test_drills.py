@@ -42,8 +42,9 @@ def test_kill_loses_nothing(tmp_path):
 
 
 def test_hang_loses_nothing_and_no_request_waits_past_detection(tmp_path):
-    # held long enough for the engine agent's canary to catch it, shorter than the client timeout
-    r = only_mesh(drill(tmp_path, "hang", duration_s=16.0, hold_s=8.0))
+    # Held long enough for the engine agent to catch it (a simulated engine is one process: no worker
+    # CPU facts, so under load its progress watchdog decides, after 8 s), shorter than the client timeout.
+    r = only_mesh(drill(tmp_path, "hang", duration_s=20.0, hold_s=12.0))
     assert (r["failed"], r["truncated"]) == (0, 0), r["not_ok"]
     [hang] = r["events"]
     assert hang["detect_s"] is not None, hang
