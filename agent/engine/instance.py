@@ -245,8 +245,25 @@ class InstanceController:
         action = await self.publish(self.verdict, time.monotonic())
         return f"{self.id}: {self.verdict.note} [{action}]"
 
+    async def _ttl_loop(self) -> None:
+        """Keep the TTL check fresh from its own task: a slow probe cycle (probe timeouts of seconds,
+        a Consul write timing out) must not let a healthy instance's check expire."""
+        while not self._stopping.is_set() and not self.drained:
+            try:
+                await self.publisher.refresh(time.monotonic())
+            except Exception:  # the loop must survive anything
+                log.exception("%s: TTL refresh failed", self.id)
+            pause = self.publisher.refresh_due_in(time.monotonic())
+            if self.publisher.ok is False or pause <= 0:
+                pause = self.cfg.probe_interval_s  # the last write failed: retry soon, not in a busy loop
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=pause)
+            except asyncio.TimeoutError:
+                pass
+
     async def run(self) -> None:
-        tasks = [asyncio.create_task(self._canary_loop(), name=f"canary {self.id}")]
+        tasks = [asyncio.create_task(self._canary_loop(), name=f"canary {self.id}"),
+                 asyncio.create_task(self._ttl_loop(), name=f"ttl {self.id}")]
         if self.process:
             tasks.append(asyncio.create_task(self.process.run(), name=f"process {self.id}"))
         last = ""
@@ -272,7 +289,7 @@ class InstanceController:
         finally:
             self._stopping.set()
             for t in tasks:
-                if t.get_name().startswith("canary"):
+                if t.get_name().startswith(("canary", "ttl")):
                     t.cancel()
             if self.process and not self.drained:
                 await self.process.stop()
@@ -396,6 +413,7 @@ class InstanceController:
     def describe(self) -> dict:
         """What the agent API and `ernie-mesh status` show for this instance."""
         load = self.load
+        proc_facts = self.process.facts(time.monotonic()) if self.process else None
         return {
             "id": self.id,
             "node": self.cfg.node,
@@ -410,6 +428,10 @@ class InstanceController:
             "canary_latency_ms": None if self.canary.last_latency_s is None
             else round(self.canary.last_latency_s * 1000, 1),
             "restarts": self.process.restarts if self.process else 0,
+            # live figures the (stable) reason leaves out
+            "up_for_s": round(time.monotonic() - self._started_at(), 1),
+            "next_restart_in_s": None if proc_facts is None or proc_facts.next_restart_in_s is None
+            else round(proc_facts.next_restart_in_s, 1),
             "pid": self.process.pid if self.process else None,
             "consul_ok": self.consul_ok,
         }

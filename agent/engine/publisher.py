@@ -4,7 +4,10 @@ The run loop, the canary (through the run loop) and the drain all write through 
 instance, like Patroni's single lock around its member writes: every write runs on the
 publisher's own single worker thread, in the order it was asked for, so a verdict can never land
 after the deregistration that was asked for later. Once retired (deregistered) the publisher
-writes nothing more: no late verdict, no NotRegistered re-registration of a ghost instance."""
+writes nothing more: no late verdict, no NotRegistered re-registration of a ghost instance.
+
+Writes happen only when something changed (publish: the registration or the verdict) or the TTL
+needs refreshing (refresh, called from the instance's own TTL task, not from the probe loop)."""
 
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class Publisher:
         self.pushed_at_s = 0.0
         self.ok: bool | None = None  # the last write succeeded (None: none yet)
         self.retired = False
+        self._wanted: tuple[Registration, Verdict] | None = None  # the latest asked for
 
     async def _on_writer(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
@@ -45,7 +49,19 @@ class Publisher:
         """Make Consul hold `desired` with `verdict`; idempotent, re-registers after Consul lost it."""
         if self.retired:
             return RETIRED
-        return await self._on_writer(self._publish, desired, verdict, now)
+        self._wanted = (desired, verdict)
+        return await self._on_writer(self._publish, desired, verdict, now, False)
+
+    async def refresh(self, now: float) -> str:
+        """Refresh the TTL check with the latest verdict if ttl_s / 3 passed since the last write."""
+        wanted = self._wanted
+        if self.retired or wanted is None:
+            return "unchanged"
+        return await self._on_writer(self._publish, *wanted, now, True)
+
+    def refresh_due_in(self, now: float) -> float:
+        """Seconds until the TTL wants refreshing (0: now)."""
+        return max(self.pushed_at_s + self.ttl_s / 3 - now, 0.0)
 
     async def deregister(self) -> None:
         """Remove the instance, after every write asked for before; nothing is written afterwards."""
@@ -57,16 +73,19 @@ class Publisher:
 
     # --- on the writer thread -----------------------------------------------------------------------
 
-    def _publish(self, desired: Registration, verdict: Verdict, now: float) -> str:
+    def _publish(self, desired: Registration, verdict: Verdict, now: float, refresh: bool) -> str:
         with self._lock:
             if self.retired:
                 return RETIRED
+            if refresh and self.registered is None:
+                return "unchanged"  # not registered yet: the run loop's next publish registers
+            due = refresh and now - self.pushed_at_s >= self.ttl_s / 3
             try:
                 if self.registered != desired:
                     self.catalog.register(desired, verdict)
                     action = "registered"
                     self.registered = desired
-                elif verdict != self.pushed or now - self.pushed_at_s >= self.ttl_s / 3:
+                elif verdict != self.pushed or self.ok is False or due:
                     try:
                         self.catalog.set_verdict(self.id, verdict)
                         action = "verdict pushed"

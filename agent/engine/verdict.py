@@ -73,16 +73,13 @@ class Policy:
     canary_failures_blind: int = 2  # canary failures needed when /metrics did not answer either
 
 
-def _load(f: Facts) -> str:
-    if f.running is None:
-        return ""
-    return f"; {f.running:.0f} running, {f.waiting or 0:.0f} waiting"
-
-
 def decide(f: Facts, p: Policy) -> Verdict:
+    """The verdict of the facts. Its reason is stable while the cause is (no ticking counters, no live
+    load figures): the agent writes to Consul only when the verdict changes, and every change makes
+    every gateway rebuild its snapshot. Live figures are in the agent's /instances."""
     crit = VerdictState.CRITICAL
     if f.draining:
-        return Verdict(VerdictState.DRAINING, f"drain requested{_load(f)}", C.DRAINING)
+        return Verdict(VerdictState.DRAINING, "drain requested", C.DRAINING)
     proc = f.process
     if proc is not None:
         if proc.crash_loop:
@@ -93,30 +90,29 @@ def decide(f: Facts, p: Policy) -> Verdict:
                 return Verdict(VerdictState.STARTING, "starting the engine process", C.SPAWNING)
             if proc.stopped_on_purpose:
                 return Verdict(crit, "engine stopped by the agent", C.STOPPED)
-            when = f"; restart in {proc.next_restart_in_s:.0f}s" if proc.next_restart_in_s is not None else ""
+            when = "; restarting" if proc.next_restart_in_s is not None else ""
             return Verdict(crit, f"engine process exited with code {proc.exit_code}{when}", C.EXITED)
     if not f.canary.ever_succeeded:
         age = f.now_s - f.started_at_s
         if age > p.startup_timeout_s:
             why = f.health_error if f.health_ok is False else f.canary.last_error or "no successful canary"
-            return Verdict(crit, f"not ready {age:.0f}s after start ({why})", C.STARTUP_TIMEOUT)
+            return Verdict(crit, f"not ready within {p.startup_timeout_s:g}s of start ({why})", C.STARTUP_TIMEOUT)
         if not f.health_ok:
-            return Verdict(VerdictState.STARTING, f"loading model ({age:.0f}s)", C.LOADING)
+            return Verdict(VerdictState.STARTING, "loading model", C.LOADING)
         if f.canary.last_ok is False:
             return Verdict(VerdictState.STARTING, f"waiting for a first canary generation ({f.canary.last_error})",
                            C.CANARY_PENDING)
         return Verdict(VerdictState.STARTING, "waiting for a first canary generation", C.CANARY_PENDING)
     w = f.worker
     if w is not None and w.stopped and w.stopped_for_s >= p.hang_after_s:
-        return Verdict(crit, f"engine process {', '.join(w.stopped)} stopped (SIGSTOP) for {w.stopped_for_s:.0f}s",
+        return Verdict(crit, f"engine process {', '.join(w.stopped)} stopped (SIGSTOP) for over {p.hang_after_s:g}s",
                        C.HUNG)
     if f.health_ok is False and f.health_failures >= p.health_failures:
         return Verdict(crit, f"/health failed: {f.health_error}", C.HEALTH_FAILED)
     if w is not None and w.compute_known:
         return _judge_by_compute(f, w, p)
     if f.stalled_for_s >= p.stall_after_s:
-        return Verdict(crit, f"{f.running or 0:.0f} requests running but no token generated for "
-                             f"{f.stalled_for_s:.0f}s", C.STUCK)
+        return Verdict(crit, f"requests running but no token generated for over {p.stall_after_s:g}s", C.STUCK)
     c = f.canary
     if (v := _lone_canary_failure(f, p)) is not None:
         return v
@@ -131,13 +127,13 @@ def _judge_by_compute(f: Facts, w: WorkerFacts, p: Policy) -> Verdict:
     prefill (prompt tokens count when it ends), the Worker's CPU does not."""
     if w.idle_for_s >= p.hang_after_s:
         return Verdict(VerdictState.CRITICAL,
-                       f"{_work(f)} in flight but the engine's model processes have not computed for "
-                       f"{w.idle_for_s:.0f}s, although /health answers", C.HUNG)
+                       f"{_work(f)} in flight but the engine's model processes have not computed for over "
+                       f"{p.hang_after_s:g}s, although /health answers", C.HUNG)
     c = f.canary
     if not c.timed_out and (v := _lone_canary_failure(f, p)) is not None:  # an answer, but a bad one
         return v
     if f.stalled_for_s >= p.stall_after_s:
-        return _passing(f, f"no token for {f.stalled_for_s:.0f}s but the model processes compute "
+        return _passing(f, f"no token for over {p.stall_after_s:g}s but the model processes compute "
                            f"(long prefill)", C.BUSY)
     if c.last_ok is False:
         return _passing(f, "canary missed its deadline but the model processes compute", C.BUSY)
@@ -159,7 +155,7 @@ def _lone_canary_failure(f: Facts, p: Policy) -> Verdict | None:
 def _work(f: Facts) -> str:
     if f.running is None or f.running + (f.waiting or 0) == 0:
         return "the canary"
-    return f"{f.running:.0f} running, {f.waiting or 0:.0f} waiting requests"
+    return "requests"
 
 
 def _passing(f: Facts, reason: str, cause: VerdictCause) -> Verdict:

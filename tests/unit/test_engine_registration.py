@@ -58,12 +58,15 @@ def test_publish_is_idempotent_and_survives_consul_losing_everything():
 
     async def scenario():
         assert await c.publish(PASS, now=0.0) == "registered"
-        assert await c.publish(PASS, now=1.0) == "unchanged"  # same verdict, TTL not due
-        assert await c.publish(PASS, now=4.0) == "verdict pushed"  # TTL refresh (ttl/3)
+        assert await c.publish(PASS, now=1.0) == "unchanged"  # same verdict
+        assert await c.publish(PASS, now=4.0) == "unchanged"  # the TTL is the TTL task's business
+        assert await c.publisher.refresh(now=3.0) == "unchanged"  # not due
+        assert await c.publisher.refresh(now=4.0) == "verdict pushed"  # TTL refresh (ttl/3)
         crit = Verdict(VerdictState.CRITICAL, "hung: x")
         assert await c.publish(crit, now=4.1) == "verdict pushed"  # a change goes out at once
         cat.forget_everything()  # Consul restarted (-dev keeps nothing)
-        assert await c.publish(crit, now=9.0) == "re-registered"
+        assert await c.publish(crit, now=9.0) == "unchanged"  # nothing changed as far as the agent knows
+        assert await c.publisher.refresh(now=9.0) == "re-registered"  # the TTL task finds out
         cat.available = False
         assert (await c.publish(PASS, now=20.0)).startswith("Consul write failed")
         cat.available = True

@@ -34,7 +34,7 @@ def test_loading_model_is_starting_not_critical():
     f = replace(HEALTHY, health_ok=False, health_error="connection refused", canary=CanaryFacts())
     v = decide(f, POLICY)
     assert v.state is VerdictState.STARTING
-    assert "loading model (100s)" == v.reason
+    assert "loading model" == v.reason
 
 
 def test_startup_timeout_turns_critical_with_the_cause():
@@ -42,7 +42,7 @@ def test_startup_timeout_turns_critical_with_the_cause():
                 canary=CanaryFacts())
     v = decide(f, POLICY)
     assert v.state is VerdictState.CRITICAL
-    assert "not ready 1000s after start (HTTP 500)" == v.reason
+    assert "not ready within 600s of start (HTTP 500)" == v.reason
 
 
 def test_gray_failure_health_200_but_canary_fails_without_progress_is_critical():
@@ -71,7 +71,7 @@ def test_progress_watchdog():
     assert decide(replace(HEALTHY, stalled_for_s=7.9), POLICY).state is VerdictState.PASSING
     v = decide(replace(HEALTHY, stalled_for_s=9.0, running=3), POLICY)
     assert v.state is VerdictState.CRITICAL
-    assert v.reason == "3 requests running but no token generated for 9s"
+    assert v.reason == "requests running but no token generated for over 8s"
 
 
 def test_one_health_timeout_is_not_a_verdict_two_are():
@@ -92,7 +92,7 @@ def test_an_exited_process_is_critical_at_once_whatever_else_is_known():
 
 def test_exited_process_and_crash_loop():
     v = decide(replace(HEALTHY, process=ProcessFacts(running=False, exit_code=-9, next_restart_in_s=2.0)), POLICY)
-    assert (v.state, v.reason) == (VerdictState.CRITICAL, "engine process exited with code -9; restart in 2s")
+    assert (v.state, v.reason) == (VerdictState.CRITICAL, "engine process exited with code -9; restarting")
     v = decide(replace(HEALTHY, process=ProcessFacts(running=False, exit_code=1, restarts=5, crash_loop=True)),
                POLICY)
     assert v.state is VerdictState.CRITICAL and v.note.startswith("critical (crash_loop): exited 5 times")
@@ -102,7 +102,7 @@ def test_draining_wins_and_maps_to_consul_warning():
     v = decide(replace(HEALTHY, draining=True, health_ok=False), POLICY)
     assert v.state is VerdictState.DRAINING
     assert v.check_status is CheckStatus.WARNING
-    assert v.reason == "drain requested; 2 running, 0 waiting"
+    assert v.reason == "drain requested"
 
 
 def test_attached_engine_has_no_process_facts():
@@ -147,7 +147,7 @@ def test_a_stopped_engine_process_is_hung_after_hang_after_s():
     assert decide(f, POLICY).state is VerdictState.PASSING  # a stop that short may be a debugger's
     v = decide(replace(f, worker=WorkerFacts(stopped=stopped, stopped_for_s=2.0, compute_known=True)), POLICY)
     assert (v.state, v.reason) == (VerdictState.CRITICAL,
-                                   "engine process VLLM::Worker (pid 7) stopped (SIGSTOP) for 2s")
+                                   "engine process VLLM::Worker (pid 7) stopped (SIGSTOP) for over 2s")
 
 
 def test_a_stopped_api_server_is_named_before_its_health_timeouts():
@@ -162,9 +162,9 @@ def test_work_in_flight_and_model_processes_idle_for_hang_after_s_is_hung():
     assert decide(f, POLICY).state is VerdictState.PASSING
     v = decide(replace(f, worker=WorkerFacts(compute_known=True, idle_for_s=2.4)), POLICY)
     assert (v.state, v.reason) == (VerdictState.CRITICAL, "the canary in flight but the engine's model "
-                                   "processes have not computed for 2s, although /health answers")
+                                   "processes have not computed for over 2s, although /health answers")
     v = decide(replace(f, running=3, waiting=1, worker=WorkerFacts(compute_known=True, idle_for_s=2.4)), POLICY)
-    assert v.note.startswith("critical (hung): 3 running, 1 waiting requests in flight")
+    assert v.note.startswith("critical (hung): requests in flight")
 
 
 def test_long_prefill_no_counter_moves_canary_late_but_worker_computes_is_passing():
@@ -180,7 +180,7 @@ def test_long_prefill_no_counter_moves_canary_late_but_worker_computes_is_passin
 def test_token_stall_while_computing_is_busy_not_stuck():
     f = replace(HEALTHY, running=1, stalled_for_s=30.0, worker=COMPUTING)
     v = decide(f, POLICY)
-    assert (v.state, v.reason) == (VerdictState.PASSING, "no token for 30s but the model processes compute "
+    assert (v.state, v.reason) == (VerdictState.PASSING, "no token for over 8s but the model processes compute "
                                                          "(long prefill)")
     assert decide(replace(f, worker=None), POLICY).note.startswith("critical (stuck):")
 
