@@ -14,7 +14,8 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 
 class ConfigError(Exception):

@@ -191,7 +191,7 @@ class PlainEngine:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc and self.proc.alive() else None
 
-    def start(self) -> "PlainEngine":
+    def start(self) -> PlainEngine:
         self.starts += 1
         self.proc = ManagedProcess(f"engine-{self.port}", self.settings.command(self.port),
                                    self.log_dir / f"engine-{self.port}.log", env=self.settings.env(self.index, self.count)).start()

@@ -135,7 +135,7 @@ class LoadGenerator:
         self.started_at: float | None = None
         self.stopped_at: float | None = None
 
-    def start(self) -> "LoadGenerator":
+    def start(self) -> LoadGenerator:
         self.started_at = time.time()
         for i in range(self.cfg.concurrency):
             t = threading.Thread(target=self._worker, args=(i,), daemon=True, name=f"load-{i}")

@@ -48,7 +48,7 @@ class EngineAgentProc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "EngineAgentProc":
+    def start(self) -> EngineAgentProc:
         self.proc = ManagedProcess(f"engine-agent-{self.engine_port}",
                                    mesh_command("engine", "--config", str(self.config_path)), self.log_path).start()
         return self

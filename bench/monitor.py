@@ -45,7 +45,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="monitor")
 
-    def start(self) -> "Monitor":
+    def start(self) -> Monitor:
         self._thread.start()
         return self
 

@@ -129,7 +129,7 @@ def run(changes: int, instances: int, workdir: Path) -> dict:
             t0 = time.perf_counter()
             catalog.set_verdict(iid, Verdict(nxt, "bench"))
             writes.append(time.perf_counter() - t0)
-            wait_for(lambda: envoy_view(admin) == want, CHANGE_TIMEOUT_S, f"change {i} in envoy")
+            wait_for(lambda want=want: envoy_view(admin) == want, CHANGE_TIMEOUT_S, f"change {i} in envoy")
             durations.append(time.perf_counter() - t0)
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         buckets = []

@@ -150,7 +150,8 @@ def live(n: int, changes: int, workdir: Path) -> dict:
             t = time.perf_counter()
             catalog.set_verdict(iid, Verdict(VerdictState.CRITICAL if to_critical else VerdictState.PASSING, "bench"))
             want = total
-            wait_until(lambda: _stats(admin).get("membership_total") == want, CHANGE_TIMEOUT_S, interval_s=0.002,
+            wait_until(lambda want=want: _stats(admin).get("membership_total") == want, CHANGE_TIMEOUT_S,
+                       interval_s=0.002,
                        what=f"change {k} in Envoy")
             durations.append(time.perf_counter() - t)
         span = time.perf_counter() - t_changes

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from bench.monitor import FaultEvent, Monitor
 from bench.system import Progress, System

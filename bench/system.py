@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from bench.engines import EngineSettings, completed_requests, freeze, slow_down, speed_up, thaw
 

@@ -16,7 +16,7 @@ import hashlib
 import ipaddress
 import json
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from agent.catalog.base import CatalogEntry, CheckStatus
 

@@ -21,7 +21,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
+from collections.abc import Callable
 
 from agent.catalog.base import CatalogEntry, CatalogError
 
@@ -117,7 +118,7 @@ class CatalogWatch:
 
     # --- thread -----------------------------------------------------------------------------------
 
-    def start(self) -> "CatalogWatch":
+    def start(self) -> CatalogWatch:
         self._thread = threading.Thread(target=self.run, name=f"watch-{self.service}", daemon=True)
         self._thread.start()
         return self

@@ -76,7 +76,7 @@ class StreamState:
     acked_version: str = ""
     last_nack: str = ""
     opened_at: float = 0.0
-    inbox: "queue.Queue[object]" = field(default_factory=queue.Queue, repr=False)
+    inbox: queue.Queue[object] = field(default_factory=queue.Queue, repr=False)
 
 
 # The generated servicer base (xds-protos, no type information) is Any to mypy.
@@ -95,7 +95,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> "AdsServer":
+    def start(self) -> AdsServer:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 2, thread_name_prefix="ads"),
                              maximum_concurrent_rpcs=MAX_STREAMS)
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, server)

@@ -34,7 +34,7 @@ class ConsulDev:
     def url(self) -> str:
         return f"http://{self.address}"
 
-    def start(self) -> "ConsulDev":
+    def start(self) -> ConsulDev:
         ports = free_ports(6)
         if not self.http_port:
             self.http_port = ports[0]
@@ -95,7 +95,7 @@ class ConsulDev:
         self.stop()
         self.start()
 
-    def __enter__(self) -> "ConsulDev":
+    def __enter__(self) -> ConsulDev:
         return self.start()
 
     def __exit__(self, *exc) -> None:

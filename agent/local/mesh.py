@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict
-from typing import Callable
+from collections.abc import Callable
 
 import httpx
 

@@ -21,7 +21,7 @@ class ManagedProcess:
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "ManagedProcess":
+    def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -75,7 +75,7 @@ class ManagedProcess:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> "ManagedProcess":
+    def __enter__(self) -> ManagedProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -41,14 +41,14 @@ class Alert:
 
 
 RECORDS = (
-    Record("ernie:instances_passing:count", f"""\
+    Record("ernie:instances_passing:count", """\
 sum by (service, model) (
-    max by (service, instance_id) (ernie_engine_verdict{{state="passing"}})
+    max by (service, instance_id) (ernie_engine_verdict{state="passing"})
   * on (service, instance_id) group_left (model)
-    count by (service, instance_id, model) (up{{job="ernie-vllm"}})
+    count by (service, instance_id, model) (up{job="ernie-vllm"})
 )
 or on (service, model)
-  0 * count by (service, model) (up{{job="ernie-vllm"}})"""),
+  0 * count by (service, model) (up{job="ernie-vllm"})"""),
     Record("ernie:envoy_retry_ratio:rate5m", f"""\
 sum by (gateway, envoy_cluster_name) (rate(envoy_cluster_upstream_rq_retry{{{ENGINE_CLUSTERS}}}[5m]))
 /

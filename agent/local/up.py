@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import shlex
 import signal
 import subprocess
@@ -152,8 +153,8 @@ def banner(plan: MeshPlan, mesh: Mesh, seconds: float) -> str:
         lines.append(render(collect(plan.consul_address, plan.service)))
     except Exception as e:  # the table is a courtesy: never fail a healthy mesh over it
         lines.append(f"(health table unavailable: {e})")
-    body = ('{"model": "%s", "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
-            % plan.model_name)
+    body = json.dumps({"model": plan.model_name,
+                       "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     lines += ["", "try it:", f"  curl -s {plan.api_url}/chat/completions -H 'content-type: application/json' \\",
               f"       -d '{body}'", ""]
     return "\n".join(lines)

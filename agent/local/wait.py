@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 T = TypeVar("T")
 

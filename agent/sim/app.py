@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask

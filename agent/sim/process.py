@@ -62,7 +62,7 @@ class SimEngineProcess:
                 "--model", self.model, "--name", self.name, "--token-delay-ms", str(self.token_delay_ms),
                 "--fault", self.fault, "--shutdown-timeout", str(self.shutdown_timeout_s), *self.extra_args]
 
-    def start(self, timeout_s: float = START_TIMEOUT_S) -> "SimEngineProcess":
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> SimEngineProcess:
         """Start the subprocess and wait until /health answers 200."""
         if self.proc is not None:
             raise SimEngineError(f"simulated engine {self.name} already started (pid {self.proc.pid})")
@@ -160,7 +160,7 @@ class SimEngineProcess:
             raise SimEngineError(f"simulated engine {self.name} not started")
         return self.proc
 
-    def __enter__(self) -> "SimEngineProcess":
+    def __enter__(self) -> SimEngineProcess:
         return self.start() if self.proc is None else self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

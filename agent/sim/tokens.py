@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 EOS_TOKEN_ID = 2
 END_OF_TURN_TOKEN_ID = 3

@@ -12,7 +12,8 @@ finish_reason only when there is no usage chunk.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from agent.sim.engine import SIM_ENGINE_VERSION
 from agent.sim.protocol import GenerationParams

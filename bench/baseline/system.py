@@ -8,7 +8,6 @@ import shlex
 import shutil
 import string
 import sys
-import time
 from pathlib import Path
 
 from agent.local.ports import free_ports, port_open
@@ -56,7 +55,7 @@ class Nginx:
     def reload_cmd(self) -> str:
         return shlex.join([*self.base_cmd(), "-s", "reload"])
 
-    def start(self) -> "Nginx":
+    def start(self) -> Nginx:
         (self.prefix / "tmp").mkdir(parents=True, exist_ok=True)
         self.conf.write_text(string.Template(TEMPLATE.read_text()).substitute(
             prefix=str(self.prefix), listen=f"127.0.0.1:{self.port}", workers=self.workers))

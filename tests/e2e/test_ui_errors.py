@@ -4,7 +4,6 @@ both instances drained: Envoy answers 503 with a JSON error)."""
 
 from __future__ import annotations
 
-import sys
 
 import httpx
 import pytest

@@ -141,7 +141,7 @@ class ChatPage:
         finally:
             shutil.rmtree(self.profile, ignore_errors=True)
 
-    def __enter__(self) -> "ChatPage":
+    def __enter__(self) -> ChatPage:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -39,7 +39,7 @@ class EngineAgent:
     def instance_id(self, engine_port: int) -> str:
         return instance_id(self.service, self.node, engine_port)
 
-    def start(self) -> "EngineAgent":
+    def start(self) -> EngineAgent:
         self.proc.start()
         return self
 
@@ -65,7 +65,7 @@ class EngineAgent:
             raise AssertionError(f"{err}; now: {self.entries().get(instance_id)}\n--- agent log ---\n"
                                  f"{self.proc.log_tail()}") from None
 
-    def __enter__(self) -> "EngineAgent":
+    def __enter__(self) -> EngineAgent:
         return self.start()
 
     def __exit__(self, *exc) -> None:

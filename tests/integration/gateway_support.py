@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import httpx
 import openai
@@ -62,7 +62,7 @@ class Engine:
         self.token_delay_ms = token_delay_ms
         self.proc: SimEngineProcess | None = None
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self.proc = SimEngineProcess(self.port, name=self.id, token_delay_ms=self.token_delay_ms,
                                      log_path=str(self.log_dir / f"{self.id}.log"), extra_args=self.extra_args).start()
         return self
@@ -129,7 +129,7 @@ class Gateway:
                 "--metrics", f"127.0.0.1:{self.metrics_port}", "--run-dir", str(self.run_dir),
                 "--envoy-concurrency", "1", *self.extra_args]
 
-    def start(self, wait: bool = True) -> "Gateway":
+    def start(self, wait: bool = True) -> Gateway:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
@@ -234,7 +234,7 @@ class Load:
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for i in range(self.clients):
             t = threading.Thread(target=self._run, name=f"load-{i}", daemon=True)
             t.start()

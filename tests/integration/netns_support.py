@@ -134,7 +134,7 @@ class NetnsLab:
                 return prefix
         raise RuntimeError("no free 10.231.x.0/24 subnet for the test hosts")
 
-    def create(self) -> "NetnsLab":
+    def create(self) -> NetnsLab:
         remove_stale_labs()
         self.subnet = self._free_subnet()
         ip("link", "add", self.bridge, "type", "bridge")
@@ -179,7 +179,7 @@ class NetnsLab:
         self._made.clear()
         self._bridge_made = False
 
-    def __enter__(self) -> "NetnsLab":
+    def __enter__(self) -> NetnsLab:
         try:
             return self.create()
         except BaseException:

@@ -63,7 +63,7 @@ class Prometheus:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Prometheus":
+    def start(self) -> Prometheus:
         self.proc.start()
 
         def ready() -> bool:
@@ -77,7 +77,7 @@ class Prometheus:
         self.client.close()
         self.proc.stop(10.0)
 
-    def __enter__(self) -> "Prometheus":
+    def __enter__(self) -> Prometheus:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -152,7 +152,7 @@ class GatewayAgent:
                 return float(value)
         return 0.0
 
-    def start(self, healthy_endpoints: int, timeout_s: float = 60.0) -> "GatewayAgent":
+    def start(self, healthy_endpoints: int, timeout_s: float = 60.0) -> GatewayAgent:
         self.proc.start()
 
         def ready() -> bool:

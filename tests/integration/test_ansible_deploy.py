@@ -234,7 +234,7 @@ class SteadyLoad:
                                             stream_ratio=0.5, max_tokens=16, request_timeout_s=request_timeout_s))
         self.t0 = 0.0
 
-    def __enter__(self) -> "SteadyLoad":
+    def __enter__(self) -> SteadyLoad:
         self.t0 = time.monotonic()
         self.gen.start()
         return self

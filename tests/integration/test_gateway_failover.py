@@ -51,7 +51,7 @@ class Mesh:
                     e.set(VerdictState.CRITICAL, "process exited")
                 except NotRegistered:
                     pass  # deregistered by the test (drain): already out of envoy
-                wait_until(lambda: e.id not in self.gateway.endpoints(), 5, f"{e.id} removed from envoy")
+                wait_until(lambda e=e: e.id not in self.gateway.endpoints(), 5, f"{e.id} removed from envoy")
             e.ensure_healthy()
         wait_until(self.healthy_in_envoy, 10, "three healthy endpoints in envoy")
 
@@ -380,7 +380,7 @@ def test_second_gateway_side_by_side_and_clean_stop(m, tmp_path):
         assert meta["ernie-gateway-gw-two"]["envoy_admin"].startswith("http://127.0.0.1:")
         m.engines[0].set(VerdictState.DRAINING, "both gateways see it")
         for gw in (m.gateway, gw2):
-            wait_until(lambda: "draining" in gw.endpoints().get(m.engines[0].id, ""), PROPAGATION_BOUND_S,
+            wait_until(lambda gw=gw: "draining" in gw.endpoints().get(m.engines[0].id, ""), PROPAGATION_BOUND_S,
                        f"{gw.name} sees the change", interval_s=0.005)
         with Load(gw2.url, clients=4, max_tokens=3) as load:
             load.wait_for_more(20)
@@ -419,7 +419,7 @@ def test_envoy_killed_is_restarted_by_the_agent(m):
     with Load(m.gateway.url, clients=4, max_tokens=3) as load:
         load.wait_for_more(20)
     assert not failures(load.results), describe(load.results)
-    assert "envoy (pid %d) died" % old in m.gateway.log_tail(50000)
+    assert f"envoy (pid {old}) died" in m.gateway.log_tail(50000)
 
 
 # --- last: Consul stopped -> traffic continues on the last snapshot ------------------------------

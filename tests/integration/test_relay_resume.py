@@ -94,7 +94,7 @@ class Load:
         self.stop_event = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(i % 2 == 0,), daemon=True) for i in range(clients)]
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
         return self
@@ -146,7 +146,7 @@ class Mesh:
                     e.set(VerdictState.CRITICAL, "process exited")
                 except NotRegistered:
                     pass  # deregistered already
-                wait_until(lambda: e.id not in self.gateway.endpoints(), 5, f"{e.id} removed from envoy")
+                wait_until(lambda e=e: e.id not in self.gateway.endpoints(), 5, f"{e.id} removed from envoy")
             e.ensure_healthy()
         wait_until(self.healthy_in_envoy, 10, "three healthy endpoints in envoy")
 

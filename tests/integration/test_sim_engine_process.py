@@ -9,7 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai

@@ -5,7 +5,6 @@ import dataclasses
 import time
 
 import httpx
-import pytest
 
 from agent.catalog.base import CatalogUnavailable, Verdict, VerdictState
 from agent.catalog.memory import MemoryCatalog

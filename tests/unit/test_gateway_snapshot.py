@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from agent.catalog.base import CatalogEntry, CheckStatus
@@ -84,8 +86,8 @@ def test_snapshot_invariants_are_checked_on_construction():
     with pytest.raises(SnapshotError, match="cluster"):
         Snapshot("", (ok,))
     snap = Snapshot("ernie", (ok,))
-    with pytest.raises(Exception):
-        snap.version = "x"  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snap.version = "x"  # type: ignore[misc]  # frozen
 
 
 def test_meta_travels_to_envoy_endpoint_metadata_and_hostname():

@@ -94,7 +94,8 @@ def test_index_goes_backwards_resets_to_zero():
     w = CatalogWatch(cat, "ernie", Recorder(), FAST)
     w.step()
     assert w.discontinuity_at is None
-    w.step(); w.step()
+    w.step()
+    w.step()
     assert cat.asked == [0, 10, 0]  # after 4 < 10 the next query starts from 0
     assert w.index == 5
     assert w.discontinuity_at is not None  # the agent holds absent instances for a while

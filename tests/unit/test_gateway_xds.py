@@ -29,8 +29,8 @@ class FakeEnvoy:
 
     def __init__(self, port: int, node: str = "gw-1"):
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.requests: "queue.Queue[discovery_pb2.DiscoveryRequest | None]" = queue.Queue()
-        self.responses: "queue.Queue[discovery_pb2.DiscoveryResponse]" = queue.Queue()
+        self.requests: queue.Queue[discovery_pb2.DiscoveryRequest | None] = queue.Queue()
+        self.responses: queue.Queue[discovery_pb2.DiscoveryResponse] = queue.Queue()
         self.node = node
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
         self.call = stub.StreamAggregatedResources(iter(self.requests.get, None))

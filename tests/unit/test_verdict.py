@@ -95,7 +95,11 @@ def test_exited_process_and_crash_loop():
     assert (v.state, v.reason) == (VerdictState.CRITICAL, "engine process exited with code -9; restarting")
     v = decide(replace(HEALTHY, process=ProcessFacts(running=False, exit_code=1, restarts=5, crash_loop=True)),
                POLICY)
-    assert v.state is VerdictState.CRITICAL and v.note.startswith("critical (crash_loop): exited 5 times")
+    assert v.note == ("critical (crash_loop): engine keeps exiting (last exit code 1); retrying at the capped "
+                      "backoff; see the engine log")
+    # a retry that runs is judged like any start (the supervisor ends the crash loop once it stays up)
+    v = decide(replace(HEALTHY, process=ProcessFacts(running=True, restarts=6, crash_loop=True)), POLICY)
+    assert v.state is VerdictState.PASSING
 
 
 def test_draining_wins_and_maps_to_consul_warning():

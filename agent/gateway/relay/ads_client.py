@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 from envoy.config.core.v3 import health_check_pb2
@@ -49,9 +49,10 @@ async def follow(xds_address: str, cluster: str, node_id: str, on_members: Calla
                 first.node.id, first.node.cluster = node_id, "ernie-gateway-relay"
                 await requests.put(first)
 
-                async def outgoing() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+                async def outgoing(queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = requests,
+                                   ) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
                     while True:
-                        yield await requests.get()
+                        yield await queue.get()
 
                 call = stub.StreamAggregatedResources(outgoing())
                 async for resp in call:
@@ -74,6 +75,6 @@ async def follow(xds_address: str, cluster: str, node_id: str, on_members: Calla
             log.exception("xDS subscription failed")
         try:
             await asyncio.wait_for(stop.wait(), backoff)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         backoff = min(backoff * 2, RECONNECT_MAX_S)

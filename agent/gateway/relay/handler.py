@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -297,7 +296,7 @@ class Relay:
                     await client.write(out)
                 if ended:
                     return ended
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
             pass
         if finished:
             return DONE  # the final chunk came; only [DONE] (written by us) was lost

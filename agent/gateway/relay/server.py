@@ -118,7 +118,7 @@ async def serve(cfg: RelayConfig) -> int:
                 log.warning("rescued stalled request(s) from instance(s) no longer routable")
             try:
                 await asyncio.wait_for(stop.wait(), SWEEP_INTERVAL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     session = aiohttp.ClientSession(
@@ -157,7 +157,7 @@ async def serve(cfg: RelayConfig) -> int:
     await site.stop()
     try:
         await asyncio.wait_for(_idle(metrics_of=relay), cfg.drain_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.warning("relay %s: drain deadline reached", cfg.node_id)
     await runner.cleanup()
     for t in tasks:
