@@ -49,7 +49,9 @@ def engine_env(spec: EngineSpec) -> dict[str, str]:
 
 class EngineProcess:
     """One supervised process. Restarts with capped exponential backoff; a crash loop (too many exits
-    in a window) stops the restarts and is reported, not hidden."""
+    in a window) is reported, not hidden, and retried at the capped backoff for as long as it lasts
+    (the agent stays up; a fixed engine, disk or GPU recovers without anyone restarting the agent).
+    A process that stays up `restart_backoff_max_s * 2` ends the crash loop."""
 
     def __init__(self, spec: EngineSpec, cfg: EngineAgentConfig, name: str, on_restart=None):
         self.spec = spec
@@ -124,7 +126,7 @@ class EngineProcess:
                 log.error("%s: cannot start engine: %s", self.name, e)
             else:
                 up_since = time.monotonic()
-                self.exit_code = await self.proc.wait()
+                self.exit_code = await self._wait_exit(self.proc)
                 _signal_group(self.proc.pid, signal.SIGKILL)  # no orphaned engine-core left holding the port
                 if self._stop.is_set() or self.stopped_on_purpose:
                     break
@@ -136,11 +138,12 @@ class EngineProcess:
             while self._exits and now - self._exits[0] > self.cfg.crash_loop_window_s:
                 self._exits.popleft()
             if len(self._exits) >= self.cfg.crash_loop_restarts:
+                if not self.crash_loop:
+                    log.error("%s: crash loop (%d exits in %.0fs): retrying every %.0fs until it stays up; "
+                              "see the engine log", self.name, len(self._exits), self.cfg.crash_loop_window_s,
+                              self.cfg.restart_backoff_max_s)
                 self.crash_loop = True
-                log.error("%s: crash loop (%d exits in %.0fs): not restarting; fix the engine and restart the agent",
-                          self.name, len(self._exits), self.cfg.crash_loop_window_s)
-                await self._stop.wait()
-                break
+                backoff = self.cfg.restart_backoff_max_s
             self.next_restart_at_s = now + backoff
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=backoff)
@@ -151,6 +154,17 @@ class EngineProcess:
             self.restarts += 1
             if self.on_restart:
                 self.on_restart()
+
+    async def _wait_exit(self, proc: asyncio.subprocess.Process) -> int:
+        """Wait for the process to exit; once it has stayed up a while, a crash loop is over."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=self.cfg.restart_backoff_max_s * 2)
+        except asyncio.TimeoutError:
+            if self.crash_loop:
+                log.info("%s: engine stayed up; crash loop over", self.name)
+            self.crash_loop = False
+            self._exits.clear()
+            return await proc.wait()
 
     async def stop(self) -> int | None:
         """SIGTERM the engine's process group (vLLM drains up to its --shutdown-timeout), then SIGKILL."""

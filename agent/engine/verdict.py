@@ -82,9 +82,9 @@ def decide(f: Facts, p: Policy) -> Verdict:
         return Verdict(VerdictState.DRAINING, "drain requested", C.DRAINING)
     proc = f.process
     if proc is not None:
-        if proc.crash_loop:
-            return Verdict(crit, f"exited {proc.restarts} times (last exit code {proc.exit_code}); "
-                                 f"see the engine log", C.CRASH_LOOP)
+        if proc.crash_loop and not proc.running:  # while a retry runs, it is judged like any start
+            return Verdict(crit, f"engine keeps exiting (last exit code {proc.exit_code}); retrying at the "
+                                 f"capped backoff; see the engine log", C.CRASH_LOOP)
         if not proc.running:
             if not proc.ever_started and not proc.stopped_on_purpose:
                 return Verdict(VerdictState.STARTING, "starting the engine process", C.SPAWNING)
