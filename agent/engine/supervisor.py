@@ -69,6 +69,8 @@ class EngineProcess:
         self._exits: deque[float] = deque()
         self._stop = asyncio.Event()
         self._resume = asyncio.Event()
+        self._not_spawning = asyncio.Event()  # cleared while a spawn is under way
+        self._not_spawning.set()
 
     @property
     def pid(self) -> int | None:
@@ -100,6 +102,7 @@ class EngineProcess:
     async def _spawn(self) -> None:
         cmd = engine_command(self.spec)
         out = self._log_target()
+        self._not_spawning.clear()
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd, env=engine_env(self.spec), stdin=asyncio.subprocess.DEVNULL,
@@ -107,6 +110,7 @@ class EngineProcess:
                 start_new_session=True,  # own process group: Ctrl-C reaches the agent, which drains first
             )
         finally:
+            self._not_spawning.set()
             if out:
                 out.close()
         self.generation += 1
@@ -170,6 +174,9 @@ class EngineProcess:
         """SIGTERM the engine's process group (vLLM drains up to its --shutdown-timeout), then SIGKILL."""
         self.stopped_on_purpose = True
         self._stop.set()
+        # A spawn under way finishes first: the process it starts a moment later must not escape the stop
+        # (run() would wait on it forever).
+        await self._not_spawning.wait()
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return None if proc is None else proc.returncode

@@ -71,3 +71,26 @@ def test_a_crash_loop_ends_once_a_retry_stays_up(monkeypatch, tmp_path):
 
     asyncio.run(scenario())
 
+
+def test_a_stop_during_the_spawn_stops_the_process_spawned_a_moment_later(monkeypatch):
+    """Before: stop() returned at once while proc was None; the process spawned a moment later was
+    waited on forever (shutdown hung)."""
+    p = process(monkeypatch, "import time; time.sleep(60)")
+    real_exec = asyncio.create_subprocess_exec
+    spawning = asyncio.Event()
+
+    async def slow_exec(*args, **kwargs):
+        spawning.set()
+        await asyncio.sleep(0.5)  # a slow fork/exec (a loaded host, a big environment)
+        return await real_exec(*args, **kwargs)
+
+    monkeypatch.setattr(supervisor.asyncio, "create_subprocess_exec", slow_exec)
+
+    async def scenario():
+        run = asyncio.create_task(p.run())
+        await spawning.wait()
+        await asyncio.wait_for(p.stop(), 15)
+        await asyncio.wait_for(run, 15)
+        assert not p.running
+
+    asyncio.run(scenario())
