@@ -90,6 +90,7 @@ class InstanceController:
         self.draining = False
         self.drained = False
         self._drain_task: asyncio.Task | None = None
+        self._served_generation: int | None = None  # the engine start that last had a passing verdict
         self._abandoned_canaries = 0
         self.wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -232,6 +233,8 @@ class InstanceController:
     def _set_verdict(self, verdict: Verdict) -> None:
         old = self.verdict
         self.verdict = verdict
+        if verdict.state is VerdictState.PASSING:
+            self._served_generation = self._engine_generation()
         if verdict.state != old.state or (verdict.state is VerdictState.CRITICAL and verdict != old):
             log.log(logging.WARNING if verdict.state is VerdictState.CRITICAL else logging.INFO,
                     "%s: %s -> %s", self.id, old.note, verdict.note)
@@ -378,13 +381,17 @@ class InstanceController:
         self.metrics.draining.labels(self.id).set(1)
         log.info("%s: draining (deadline %.0fs)", self.id, self.cfg.drain_deadline_s)
         await self.reconcile_once()  # draining visible in Consul before anything else happens
-        # Gateways need a moment to take the instance out of rotation; requests they had already
-        # routed show up in the engine's counters and are waited for below.
-        await asyncio.sleep(self.cfg.drain_settle_s)
+        # An engine (start) that never had a passing verdict was never routed to: nothing to wait for
+        # (while it loads, /metrics does not even answer, and the wait below would last the deadline).
+        served = self._served_generation is not None and self._served_generation == self._engine_generation()
+        if served:
+            # Gateways need a moment to take the instance out of rotation; requests they had already
+            # routed show up in the engine's counters and are waited for below.
+            await asyncio.sleep(self.cfg.drain_settle_s)
         deadline = t0 + self.cfg.drain_deadline_s
         idle_polls = 0
-        outcome = "idle"
-        while idle_polls < DRAIN_IDLE_POLLS:
+        outcome = "idle" if served else "never served"
+        while served and idle_polls < DRAIN_IDLE_POLLS:
             if time.monotonic() > deadline:
                 outcome = "deadline passed"
                 log.warning("%s: drain deadline passed with requests still running", self.id)

@@ -86,3 +86,24 @@ def test_drain_under_load_completes_every_request_in_full(consul_session, tmp_pa
         assert timeline["draining_in_consul"] < timeline["engine_down"], timeline
         assert iid not in agent.entries()
         assert agent.instances()[iid]["state"] == "drained"
+
+
+def test_sigterm_before_the_instance_ever_served_does_not_wait_the_drain_deadline(consul_session, tmp_path):
+    """Before: the drain counted idle only when /metrics parsed and showed nothing in flight, so an
+    engine still loading (its port not bound yet, as vLLM's while it loads the model) kept the agent
+    for the whole drain deadline after SIGTERM."""
+    port = free_port()
+    slow = tmp_path / "slow-start"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(120)  # a model that takes long to load\n")
+    agent = EngineAgent(tmp_path, consul_session.address, SERVICE, node="early", drain_deadline_s=60.0,
+                        engines=[{"kind": "simulated", "port": port, "env": {"PYTHONPATH": str(slow)}}])
+    iid = agent.instance_id(port)
+    with agent:
+        agent.wait_state(iid, "starting", timeout_s=30, cause="loading")
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        assert agent.stop(timeout_s=90) == 0
+        took_s = time.monotonic() - t0
+    assert took_s < 20, f"SIGTERM -> exit took {took_s:.1f}s (the drain deadline is 60s)"
+    assert iid not in agent.entries()
