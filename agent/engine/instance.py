@@ -261,7 +261,7 @@ class InstanceController:
                 pause = self.cfg.probe_interval_s  # the last write failed: retry soon, not in a busy loop
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=pause)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def run(self) -> None:

@@ -129,9 +129,11 @@ class EngineProcess:
                 self.exit_code = 127
                 log.error("%s: cannot start engine: %s", self.name, e)
             else:
+                proc = self.proc
+                assert proc is not None  # set by _spawn
                 up_since = time.monotonic()
-                self.exit_code = await self._wait_exit(self.proc)
-                _signal_group(self.proc.pid, signal.SIGKILL)  # no orphaned engine-core left holding the port
+                self.exit_code = await self._wait_exit(proc)
+                _signal_group(proc.pid, signal.SIGKILL)  # no orphaned engine-core left holding the port
                 if self._stop.is_set() or self.stopped_on_purpose:
                     break
                 log.warning("%s: engine exited with code %s", self.name, self.exit_code)
@@ -163,7 +165,7 @@ class EngineProcess:
         """Wait for the process to exit; once it has stayed up a while, a crash loop is over."""
         try:
             return await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=self.cfg.restart_backoff_max_s * 2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if self.crash_loop:
                 log.info("%s: engine stayed up; crash loop over", self.name)
             self.crash_loop = False
