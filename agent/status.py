@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypedDict
 
 import httpx
 
@@ -17,6 +18,41 @@ from agent.config import check_consul_address
 from agent.naming import GATEWAY_SERVICE
 
 AGENT_TIMEOUT_S = 2.0
+
+
+class InstanceRow(TypedDict):
+    """One engine instance in `status --json` (live figures None when its agent did not answer)."""
+
+    node: str
+    id: str
+    address: str
+    model: str
+    zone: str
+    verdict: str
+    cause: str | None
+    reason: str
+    consul_status: str
+    running: float | None
+    waiting: float | None
+    canary_latency_ms: float | None
+    agent_url: str
+
+
+class GatewayRow(TypedDict):
+    node: str
+    id: str
+    listen: str
+    status: str
+    note: str
+    metrics_url: str
+
+
+class StatusReport(TypedDict):
+    consul: str
+    service: str
+    instances: list[InstanceRow]
+    passing: int
+    gateways: list[GatewayRow]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,23 +66,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _agent_figures(agent_urls: set[str]) -> dict[str, dict]:
+def _agent_figures(agent_urls: set[str]) -> dict[str, dict[str, Any]]:
     """instance id -> the agent's own description (live load and canary figures)."""
 
-    def fetch(url: str) -> list[dict]:
+    def fetch(url: str) -> list[dict[str, Any]]:
         try:
-            return httpx.get(f"{url}/instances", timeout=AGENT_TIMEOUT_S).json().get("instances", [])
+            items: list[dict[str, Any]] = httpx.get(f"{url}/instances",
+                                                     timeout=AGENT_TIMEOUT_S).json().get("instances", [])
+            return items
         except (httpx.HTTPError, ValueError):
             return []
 
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
     with ThreadPoolExecutor(max(1, min(16, len(agent_urls)))) as pool:
         for items in pool.map(fetch, sorted(agent_urls)):
             out.update({i["id"]: i for i in items})
     return out
 
 
-def _instance_row(e: CatalogEntry, live: dict) -> dict:
+def _instance_row(e: CatalogEntry, live: dict[str, Any]) -> InstanceRow:
     v = e.verdict
     return {
         "node": e.node,
@@ -65,7 +103,7 @@ def _instance_row(e: CatalogEntry, live: dict) -> dict:
     }
 
 
-def _gateway_row(e: CatalogEntry) -> dict:
+def _gateway_row(e: CatalogEntry) -> GatewayRow:
     return {
         "node": e.node,
         "id": e.instance_id,
@@ -76,7 +114,7 @@ def _gateway_row(e: CatalogEntry) -> dict:
     }
 
 
-def collect(consul: str, service: str) -> dict:
+def collect(consul: str, service: str) -> StatusReport:
     catalog = ConsulCatalog(consul, os.environ.get("CONSUL_HTTP_TOKEN"))
     _i, engines = catalog.instances(service)
     _j, gateways = catalog.instances(GATEWAY_SERVICE)
@@ -92,7 +130,7 @@ def collect(consul: str, service: str) -> dict:
     }
 
 
-def _fmt(v, unit: str = "") -> str:
+def _fmt(v: object, unit: str = "") -> str:
     if v is None:
         return "-"
     if isinstance(v, float) and v.is_integer():
@@ -100,7 +138,7 @@ def _fmt(v, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
-def render(report: dict) -> str:
+def render(report: StatusReport) -> str:
     lines = [f"{report['service']}: {report['passing']}/{len(report['instances'])} instances passing "
              f"(Consul {report['consul']})", ""]
     header = ("NODE", "INSTANCE", "MODEL", "VERDICT", "CAUSE", "RUN", "WAIT", "CANARY", "REASON")

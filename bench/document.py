@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from bench import report
+from bench.report import Figures
 
 
-def _machine(m: dict) -> str:
+def _machine(m: Figures) -> str:
     load = ", ".join(f"{x:.1f}" for x in m.get("loadavg", ()))
     return (f"{m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, Linux {m['kernel']}, Python {m['python']}; "
             f"commit {m['commit']}; {m['date']}; load average at the end of the part: {load}")
 
 
-def _row(rows: list[dict], scenario: str, system: str) -> dict | None:
+def _row(rows: list[Figures], scenario: str, system: str) -> Figures | None:
     return next((r for r in rows if r["scenario"] == scenario and r["system"] == system), None)
 
 
@@ -94,17 +95,17 @@ started on the killed engine was cut: Envoy cannot retry a response that has sta
 """
 
 
-def _section(title: str, part: dict, body: list[str], note: str = "") -> list[str]:
+def _section(title: str, part: Figures, body: list[str], note: str = "") -> list[str]:
     """One part of the document: title, the machine it ran on, its table, what to read in it."""
     return [title, "", f"Machine: {_machine(part['machine'])}.", "", *body, "", *([note, ""] if note else [])]
 
 
-def _drill_body(rows: list[dict], settings_note: str = "") -> list[str]:
+def _drill_body(rows: list[Figures], settings_note: str = "") -> list[str]:
     return [report.settings_line(rows) + settings_note, "", *report.drill_table(rows), "",
             "Requests that did not complete in full, by error:", "", *(report.error_notes(rows) or ["- none"])]
 
 
-def write(results: dict) -> None:
+def write(results: Figures) -> None:
     out = [HEAD]
     if results.get("drills"):
         out += _section("## Failure drills — simulated engines", results["drills"],
@@ -146,7 +147,7 @@ def write(results: dict) -> None:
     report.DOC.write_text("\n".join(out).rstrip() + "\n")
 
 
-def shortfalls(results: dict) -> list[str]:
+def shortfalls(results: Figures) -> list[str]:
     rows = (results.get("drills") or {}).get("rows", [])
     vrows = (results.get("vllm") or {}).get("rows", [])
     out = []

@@ -19,8 +19,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench import scenarios as sc
+from bench.engines import EngineSettings
 from bench.load import LoadConfig, LoadGenerator, summarize
 from bench.monitor import Monitor
 from bench.system import System
@@ -62,11 +64,11 @@ def progress(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} drill: {msg}", file=sys.stderr, flush=True)
 
 
-def build_system(name: str, opts: DrillOptions, settings, workdir: Path) -> System:
+def build_system(name: str, opts: DrillOptions, settings: EngineSettings, workdir: Path) -> System:
     if name == "mesh":
         from bench.mesh import MeshSystem
 
-        agent_settings = {}
+        agent_settings: dict[str, Any] = {}
         if opts.scenario == "kill":
             # "restart it later": the agent restarts the engine itself, at the fault's end like the baseline
             agent_settings = {"restart_backoff_initial_s": opts.hold,
@@ -77,7 +79,7 @@ def build_system(name: str, opts: DrillOptions, settings, workdir: Path) -> Syst
     return BaselineSystem(settings, opts.engines, workdir / "baseline", progress, opts.health_interval_s)
 
 
-def engine_settings(opts: DrillOptions):
+def engine_settings(opts: DrillOptions) -> EngineSettings:
     from bench.engines import sim_settings, vllm_settings
 
     if opts.engine == "vllm":
@@ -85,7 +87,8 @@ def engine_settings(opts: DrillOptions):
     return sim_settings(opts.token_delay_ms)
 
 
-def run_one(name: str, opts: DrillOptions, settings, workdir: Path, stop: threading.Event) -> dict:
+def run_one(name: str, opts: DrillOptions, settings: EngineSettings, workdir: Path,
+            stop: threading.Event) -> dict[str, Any]:
     """Start a fresh system, run the scenario under load, stop everything; the figures."""
     system = build_system(name, opts, settings, workdir)
     ready_timeout = settings.start_timeout_s + 60
@@ -97,10 +100,13 @@ def run_one(name: str, opts: DrillOptions, settings, workdir: Path, stop: thread
         monitor = Monitor(system).start()
         load = LoadGenerator(LoadConfig(system.base_url, settings.served_model_name, opts.concurrency,
                                         opts.stream_ratio, opts.max_tokens, opts.request_timeout_s)).start()
-        tl = sc.Timeline(system, monitor, load.started_at, opts.duration_s, opts.hold, stop, progress,
+        started_at = load.started_at
+        if started_at is None:  # start() sets it
+            raise RuntimeError("the load generator did not start")
+        tl = sc.Timeline(system, monitor, started_at, opts.duration_s, opts.hold, stop, progress,
                          ready_timeout)
 
-        def scenario_thread():
+        def scenario_thread() -> None:
             try:
                 sc.SCENARIOS[opts.scenario](tl)
             except sc.Aborted:
@@ -121,19 +127,19 @@ def run_one(name: str, opts: DrillOptions, settings, workdir: Path, stop: thread
             now = time.time()
             if not scen.is_alive() and scen_done_at is None:
                 scen_done_at = now
-            if (now - load.started_at >= opts.duration_s and scen_done_at is not None
+            if (now - started_at >= opts.duration_s and scen_done_at is not None
                     and (monitor.all_recovered() or now - scen_done_at > cap)):
                 break
             if now - last >= PROGRESS_EVERY_S:
                 last = now
                 s = summarize(load.snapshot(), 1)
-                progress(f"[{name} +{last - load.started_at:5.1f}s] requests {s.requests}, failed {s.failed}, "
+                progress(f"[{name} +{last - started_at:5.1f}s] requests {s.requests}, failed {s.failed}, "
                          f"truncated {s.truncated}, in rotation {sorted(monitor.rotation)}")
             time.sleep(0.2)
         if not failure and not stop.is_set():
             stop.wait(TAIL_S)
         load.stop()
-        elapsed = (load.stopped_at or time.time()) - load.started_at
+        elapsed = (load.stopped_at or time.time()) - started_at
         if failure:
             raise RuntimeError(f"{name}: scenario {opts.scenario} failed: {failure[0]}") from failure[0]
         monitor.stop()
@@ -161,12 +167,17 @@ def stop_quietly(system: System) -> None:
             signal.signal(signal.SIGINT, old)
 
 
-def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monitor, elapsed: float) -> dict:
+def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monitor,
+              elapsed: float) -> dict[str, Any]:
     results = load.snapshot()
     t0 = load.started_at
+    if t0 is None:
+        raise ValueError("result_of: the load never started")
     s = summarize(results, elapsed)
     detects = [e.detect_s for e in monitor.events if e.index is not None]
     recovers = [e.recover_s for e in monitor.events]
+    detected = [d for d in detects if d is not None]
+    recovered = [r for r in recovers if r is not None]
     return {
         "scenario": opts.scenario,
         "system": name,
@@ -177,8 +188,8 @@ def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monit
         "p99_ms": s.p99_ms,
         "ttft_p99_ms": s.ttft_p99_ms,
         # the slowest detection; None if an engine was never taken out of rotation (or no engine fault)
-        "detect_s": max(detects) if detects and None not in detects else None,
-        "recover_s": max(recovers) if recovers and None not in recovers else None,
+        "detect_s": max(detected) if detects and len(detected) == len(detects) else None,
+        "recover_s": max(recovered) if recovers and len(recovered) == len(recovers) else None,
         "ttft_p50_ms": s.ttft_p50_ms,
         "ok_rps": s.rps,
         "stalled": s.stalled,
@@ -201,7 +212,8 @@ def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monit
     }
 
 
-def run_drill(opts: DrillOptions, stop: threading.Event | None = None, workdir: Path | None = None) -> list[dict]:
+def run_drill(opts: DrillOptions, stop: threading.Event | None = None,
+              workdir: Path | None = None) -> list[dict[str, Any]]:
     stop = stop or threading.Event()
     if opts.engine == "vllm" and opts.scenario not in sc.VLLM_OK:
         raise SystemExit(f"ernie-mesh drill: scenario {opts.scenario} needs --engine sim")
@@ -222,7 +234,7 @@ JSON_KEYS = ("scenario", "system", "requests", "failed", "truncated", "p50_ms", 
              "detect_s", "recover_s")
 
 
-def fmt(v, unit: str = "") -> str:
+def fmt(v: object, unit: str = "") -> str:
     if v is None:
         return "never" if unit == "s" else "-"
     if isinstance(v, float):
@@ -230,7 +242,7 @@ def fmt(v, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict[str, Any]]) -> str:
     head = ["scenario", "system", "requests", "failed", "truncated", "p50 ms", "p99 ms", "TTFT p50", "TTFT p99",
             "detect", "recover"]
     rows = [[r["scenario"], r["system"], fmt(r["requests"]), fmt(r["failed"]), fmt(r["truncated"]), fmt(r["p50_ms"]),
@@ -267,7 +279,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(*_) -> None:
+def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
@@ -287,7 +299,7 @@ def main(argv: list[str]) -> int:
         names = [n for n in names if n in sc.VLLM_OK]
     stop = threading.Event()
     stop_on_sigterm()
-    results: list[dict] = []
+    results: list[dict[str, Any]] = []
     try:
         for name in names:
             opts = DrillOptions(name, args.system, args.engines, args.engine, args.duration, args.concurrency,

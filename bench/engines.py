@@ -12,8 +12,10 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -39,7 +41,7 @@ class EngineSettings:
     # restart); the mesh never SIGTERMs an engine with requests in flight (it drains first).
     shutdown_timeout_s: float = 0.0
     vllm_args: tuple[str, ...] = ()
-    vllm_env: dict = field(default_factory=dict)
+    vllm_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def start_timeout_s(self) -> float:
@@ -55,13 +57,13 @@ class EngineSettings:
                 "--served-model-name", self.served_model_name, "--host", "127.0.0.1", "--port", str(port),
                 "--shutdown-timeout", str(int(self.shutdown_timeout_s)), *self.vllm_args]
 
-    def env(self, index: int, count: int) -> dict:
+    def env(self, index: int, count: int) -> dict[str, str]:
         """Environment of engine number `index` of `count` (vLLM on CPU: its own share of the cores)."""
         from agent.local.defaults import cpu_bind_env
 
         return {**self.vllm_env, **cpu_bind_env(index, count)} if self.kind == "vllm" else {}
 
-    def agent_engine(self, port: int, index: int, count: int) -> dict:
+    def agent_engine(self, port: int, index: int, count: int) -> dict[str, Any]:
         """The [[engines]] table of an engine agent running engine number `index` of `count`."""
         if self.kind == "sim":
             return {"kind": "simulated", "port": port, "served_model_name": self.served_model_name,
@@ -76,7 +78,7 @@ def sim_settings(token_delay_ms: float = 20.0) -> EngineSettings:
     return EngineSettings(kind="sim", token_delay_ms=token_delay_ms)
 
 
-def vllm_settings(progress=print) -> EngineSettings:
+def vllm_settings(progress: Callable[[str], None] = print) -> EngineSettings:
     """Real vLLM, CPU flags from agent.local.defaults, the embedded default model."""
     from agent.local.defaults import vllm_engine
     from agent.model import SERVED_MODEL_NAME, prepare_default_model
@@ -101,7 +103,7 @@ def engine_core(pid: int) -> psutil.Process:
     raise RuntimeError(f"no {ENGINE_CORE_TITLE} child under pid {pid} (children: {[c.pid for c in children]})")
 
 
-def set_sim_fault(url: str, mode: str, **params) -> None:
+def set_sim_fault(url: str, mode: str, **params: object) -> None:
     r = httpx.post(f"{url}/sim/fault", json={"mode": mode, **params}, timeout=5)
     r.raise_for_status()
 
@@ -111,14 +113,21 @@ def freeze(settings: EngineSettings, url: str, pid: int | None) -> None:
     if settings.kind == "sim":
         set_sim_fault(url, "hang")
     else:
-        engine_core(pid).send_signal(signal.SIGSTOP)
+        engine_core(_running_pid(url, pid)).send_signal(signal.SIGSTOP)
 
 
 def thaw(settings: EngineSettings, url: str, pid: int | None) -> None:
     if settings.kind == "sim":
         set_sim_fault(url, "none")
     else:
-        engine_core(pid).send_signal(signal.SIGCONT)
+        engine_core(_running_pid(url, pid)).send_signal(signal.SIGCONT)
+
+
+def _running_pid(url: str, pid: int | None) -> int:
+    # psutil.Process(None) would be this process: never look for an engine core among our own children
+    if pid is None:
+        raise RuntimeError(f"the engine at {url} has no running process")
+    return pid
 
 
 def slow_down(settings: EngineSettings, url: str, factor: float) -> None:
@@ -194,15 +203,19 @@ class PlainEngine:
     def start(self) -> PlainEngine:
         self.starts += 1
         self.proc = ManagedProcess(f"engine-{self.port}", self.settings.command(self.port),
-                                   self.log_dir / f"engine-{self.port}.log", env=self.settings.env(self.index, self.count)).start()
+                                   self.log_dir / f"engine-{self.port}.log",
+                                   env=self.settings.env(self.index, self.count)).start()
         return self
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         timeout_s = timeout_s or self.settings.start_timeout_s
 
-        def ready():
-            if not self.proc.alive():
-                raise RuntimeError(f"engine on :{self.port} exited: {self.proc.log_tail(15)}")
+        def ready() -> bool:
+            proc = self.proc
+            if proc is None:
+                raise RuntimeError(f"engine on :{self.port} was not started")
+            if not proc.alive():
+                raise RuntimeError(f"engine on :{self.port} exited: {proc.log_tail(15)}")
             return model_ready(self.url)
         wait_until(ready, timeout_s, interval_s=0.2, what=f"engine :{self.port} ready")
 

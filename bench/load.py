@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 PROMPT = "Count slowly from one to one hundred."
 STALLED_FACTOR = 5.0
@@ -68,7 +69,7 @@ def _kind(e: BaseException) -> str:
 
 
 def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
-    messages = [{"role": "user", "content": cfg.prompt}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": cfg.prompt}]
     extra = {"ignore_eos": True}
     t0_wall, t0 = time.time(), time.perf_counter()
     if not stream:
@@ -147,7 +148,9 @@ class LoadGenerator:
         http = httpx.Client(limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
                             timeout=httpx.Timeout(self.cfg.request_timeout_s, connect=5.0))
         client = openai.OpenAI(base_url=f"{self.cfg.base_url}/v1", api_key="none", max_retries=0,
-                               timeout=self.cfg.request_timeout_s, http_client=http)
+                               timeout=self.cfg.request_timeout_s,
+                               # openai types this as httpx2.Client, but accepts (and checks for) an httpx.Client
+                               http_client=http)  # type: ignore[arg-type]
         n = 0
         # Deterministic mix: worker i, request n streams when the running fraction is below the ratio,
         # offset per worker so the mix holds at every moment, not only on average.

@@ -7,6 +7,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -31,7 +32,7 @@ class EngineAgentProc:
     """`ernie-mesh engine` supervising one engine."""
 
     def __init__(self, workdir: Path, consul_address: str, settings: EngineSettings, engine_port: int,
-                 index: int, count: int, agent_settings: dict):
+                 index: int, count: int, agent_settings: dict[str, Any]):
         self.engine_port = engine_port
         self.port = free_port()
         self.instance_id = instance_id(SERVICE, NODE, engine_port)
@@ -53,9 +54,10 @@ class EngineAgentProc:
                                    mesh_command("engine", "--config", str(self.config_path)), self.log_path).start()
         return self
 
-    def instance(self) -> dict | None:
+    def instance(self) -> dict[str, Any] | None:
         try:
-            for i in self._http.get(f"{self.url}/instances").json()["instances"]:
+            instances: list[dict[str, Any]] = self._http.get(f"{self.url}/instances").json()["instances"]
+            for i in instances:
                 if i["id"] == self.instance_id:
                     return i
         except (httpx.HTTPError, ValueError, KeyError):
@@ -79,7 +81,7 @@ class MeshSystem(System):
     name = "mesh"
 
     def __init__(self, settings: EngineSettings, engines: int, workdir: Path, progress: Progress,
-                 agent_settings: dict | None = None):
+                 agent_settings: dict[str, Any] | None = None):
         super().__init__(settings, engines, workdir, progress)
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.agent_settings = dict(agent_settings or {})
@@ -173,6 +175,8 @@ class MeshSystem(System):
 
     def control_plane_ok(self) -> bool:
         """Consul answers with every instance passing and the gateway agent serves its metrics."""
+        if self._catalog is None:  # not started
+            return False
         try:
             _idx, entries = self._catalog.instances(SERVICE)
             passing = sum(1 for e in entries if e.status.value == "passing")
@@ -214,6 +218,8 @@ class MeshSystem(System):
         if what == "consul":
             self.consul.stop()
         elif what == "gateway":
+            if self.gateway is None:
+                raise RuntimeError("mesh: the gateway agent was not started")
             self.gateway.kill()  # SIGKILL of the agent alone: its Envoy keeps serving
         else:
             raise ValueError(what)

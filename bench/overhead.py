@@ -25,7 +25,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -52,13 +54,13 @@ def progress(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} overhead: {msg}", file=sys.stderr, flush=True)
 
 
-def body(stream: bool) -> dict:
+def body(stream: bool) -> dict[str, Any]:
     return {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS,
             "ignore_eos": True, "stream": stream}
 
 
 async def measure(urls: list[str], concurrency: int, seconds: float, stream: bool,
-                  procs: list[psutil.Process] = ()) -> dict:
+                  procs: Sequence[psutil.Process] = ()) -> dict[str, Any]:
     """Closed loop: `concurrency` tasks, each one request after the other, for `seconds`."""
     lat: list[float] = []
     errors = 0
@@ -101,14 +103,17 @@ async def measure(urls: list[str], concurrency: int, seconds: float, stream: boo
         await asyncio.gather(*(worker(end, True) for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
         cpu = cpu_s(procs) - cpu0
+    p50, p99 = percentile(lat, 50), percentile(lat, 99)
+    if p50 is None or p99 is None:
+        raise RuntimeError(f"overhead: no request to {urls} succeeded ({errors} errors)")
     # the proxy's CPU per request is far less sensitive to a shared machine than latency
     return {"requests": len(lat), "errors": errors, "rps": len(lat) / elapsed,
-            "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
+            "p50_ms": p50 * 1000, "p99_ms": p99 * 1000,
             "proxy_cpu_ms_per_req": cpu / max(len(lat), 1) * 1000,
             "events_per_req": events / max(len(lat), 1) if stream else 0.0}
 
 
-def cpu_s(procs: list[psutil.Process]) -> float:
+def cpu_s(procs: Sequence[psutil.Process]) -> float:
     """User + system CPU seconds of the processes (the warm-up is included; it is short)."""
     total = 0.0
     for p in procs:
@@ -186,7 +191,9 @@ class Rig:
                 pid = json.loads((self.workdir / "gateway" / "envoy.json").read_text())["pid"]
                 return [psutil.Process(pid)] + (self.relay_processes() if path == "envoy+relay" else [])
             if path == "nginx":
-                master = psutil.Process(self.nginx.proc.pid)
+                if self.nginx.proc is None:
+                    raise RuntimeError("overhead: nginx was not started")
+                master = psutil.Process(self.nginx.proc.popen.pid)
                 return [master, *master.children(recursive=True)]
         except (OSError, ValueError, KeyError, psutil.Error):
             pass
@@ -201,15 +208,16 @@ class Rig:
             e.stop()
 
 
-def run(concurrency: int = 16, seconds: float = 6.0, rounds: int = 5, workdir: Path | None = None) -> dict:
+def run(concurrency: int = 16, seconds: float = 6.0, rounds: int = 5,
+        workdir: Path | None = None) -> dict[str, Any]:
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ernie-bench-overhead-"))
     rig = Rig(workdir)
     try:
         rig.start()
-        out: dict = {"concurrency": concurrency, "seconds": seconds, "rounds": rounds, "engines": ENGINES,
-                     "max_tokens": MAX_TOKENS}
+        out: dict[str, Any] = {"concurrency": concurrency, "seconds": seconds, "rounds": rounds,
+                               "engines": ENGINES, "max_tokens": MAX_TOKENS}
         for mode in ("non-streaming", "streaming"):
-            per_path: dict[str, list[dict]] = {p: [] for p in PATHS}
+            per_path: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
             for rnd in range(rounds):
                 order = PATHS[rnd % len(PATHS):] + PATHS[:rnd % len(PATHS)]
                 for path in order:
@@ -257,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in PATHS:
             m = r[mode][path]
             extra = "" if path == "direct" else (f"  added p50 {m['added_p50_ms']:+.2f} ms  p99 "
-                                                 f"{m['added_p99_ms']:+.2f} ms  throughput x{m['throughput_ratio']:.2f}")
+                                                 f"{m['added_p99_ms']:+.2f} ms  "
+                                                 f"throughput x{m['throughput_ratio']:.2f}")
             if path == "envoy+relay":
                 extra += (f"  vs envoy alone x{m['vs_envoy_ratio']:.2f}  relay CPU {m['relay_cpu_ms_per_req']:.3f} "
                           f"ms/req, {m['relay_cpu_us_per_event']:.1f} us/event")

@@ -20,7 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -59,7 +61,12 @@ def expected_view(states: dict[str, VerdictState]) -> dict[str, str]:
             for iid, s in states.items() if s in (VerdictState.PASSING, VerdictState.DRAINING)}
 
 
-def wait_for(cond, timeout_s: float, what: str, interval_s: float = 0.001):
+def _shows(admin: EnvoyAdmin, want: dict[str, str]) -> Callable[[], bool]:
+    """Envoy's admin /clusters shows exactly `want`."""
+    return lambda: envoy_view(admin) == want
+
+
+def wait_for(cond: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.001) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -95,7 +102,7 @@ def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
     return prev_le
 
 
-def run(changes: int, instances: int, workdir: Path) -> dict:
+def run(changes: int, instances: int, workdir: Path) -> dict[str, Any]:
     (workdir / "consul").mkdir(parents=True, exist_ok=True)
     consul = ConsulDev(node="ernie-bench", data_dir=str(workdir / "consul")).start()
     listen, admin_port, xds, metrics_port = free_ports(4)
@@ -129,7 +136,7 @@ def run(changes: int, instances: int, workdir: Path) -> dict:
             t0 = time.perf_counter()
             catalog.set_verdict(iid, Verdict(nxt, "bench"))
             writes.append(time.perf_counter() - t0)
-            wait_for(lambda want=want: envoy_view(admin) == want, CHANGE_TIMEOUT_S, f"change {i} in envoy")
+            wait_for(_shows(admin, want), CHANGE_TIMEOUT_S, f"change {i} in envoy")
             durations.append(time.perf_counter() - t0)
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         buckets = []

@@ -7,12 +7,16 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+# A part's figures as bench/results/latest.json holds them (JSON: keys per part, see bench/run.py).
+Figures = dict[str, Any]
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 
 
-def machine() -> dict:
+def machine() -> Figures:
     cpu = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -33,7 +37,7 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M %Z"), "loadavg": os.getloadavg()}
 
 
-def _f(v, digits: int = 0, unit: str = "") -> str:
+def _f(v: object, digits: int = 0, unit: str = "") -> str:
     if v is None:
         return "—"
     if isinstance(v, float):
@@ -41,7 +45,7 @@ def _f(v, digits: int = 0, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
-def _ratio(b, m, digits: int = 1) -> str:
+def _ratio(b: float | None, m: float | None, digits: int = 1) -> str:
     if b is None or m is None:
         return ""
     if m == 0:
@@ -49,42 +53,45 @@ def _ratio(b, m, digits: int = 1) -> str:
     return f"×{b / m:.{digits}f}"
 
 
-def _detect(r: dict) -> str:
+def _detect(r: Figures) -> str:
     if not r.get("engine_fault"):
         return "n/a"
     return "never" if r["detect_s"] is None else f"{r['detect_s']:.1f}"
 
 
-def drill_table(rows: list[dict]) -> list[str]:
+def drill_table(rows: list[Figures]) -> list[str]:
     """Mesh and baseline side by side, one block per scenario, plus a ratio line (baseline / mesh)."""
     out = ["| scenario | system | requests | failed | truncated | stalled | longest wait s | p50 ms | p99 ms | "
            "TTFT p50 ms | TTFT p99 ms | detect s | recover s |",
            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    by_scenario: dict[str, dict[str, dict]] = {}
-    for r in rows:
-        by_scenario.setdefault(r["scenario"], {})[r["system"]] = r
+    by_scenario: dict[str, dict[str, Figures]] = {}
+    for row in rows:
+        by_scenario.setdefault(row["scenario"], {})[row["system"]] = row
     for scenario, systems in by_scenario.items():
         for name in ("mesh", "baseline"):
             r = systems.get(name)
             if r is None:
                 continue
             out.append(f"| {scenario} | {name} | {r['requests']} | {r['failed']} | {r['truncated']} | "
-                       f"{r.get('stalled', '—')} | {_f(r.get('longest_wait_s'), 1)} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(r['ttft_p50_ms'])} | "
+                       f"{r.get('stalled', '—')} | {_f(r.get('longest_wait_s'), 1)} | {_f(r['p50_ms'])} | "
+                       f"{_f(r['p99_ms'])} | {_f(r['ttft_p50_ms'])} | "
                        f"{_f(r['ttft_p99_ms'])} | {_detect(r)} | {_f(r['recover_s'], 1)} |")
         m, b = systems.get("mesh"), systems.get("baseline")
         if m and b:
+            never_detected = m.get("engine_fault") and b["detect_s"] is None and m["detect_s"] is not None
             out.append(f"| {scenario} | *baseline ÷ mesh* | {_ratio(b['requests'], m['requests'], 2)} | "
                        f"{_ratio(b['failed'], m['failed'])} | {_ratio(b['truncated'], m['truncated'])} | "
                        f"{_ratio(b.get('stalled'), m.get('stalled'))} | "
-                       f"{_ratio(b.get('longest_wait_s'), m.get('longest_wait_s'))} | {_ratio(b['p50_ms'], m['p50_ms'], 2)} | "
+                       f"{_ratio(b.get('longest_wait_s'), m.get('longest_wait_s'))} | "
+                       f"{_ratio(b['p50_ms'], m['p50_ms'], 2)} | "
                        f"{_ratio(b['p99_ms'], m['p99_ms'])} | {_ratio(b['ttft_p50_ms'], m['ttft_p50_ms'], 2)} | "
                        f"{_ratio(b['ttft_p99_ms'], m['ttft_p99_ms'])} | "
-                       f"{'∞ (never)' if m.get('engine_fault') and b['detect_s'] is None and m['detect_s'] is not None else _ratio(b['detect_s'], m['detect_s'])} | "
+                       f"{'∞ (never)' if never_detected else _ratio(b['detect_s'], m['detect_s'])} | "
                        f"{_ratio(b['recover_s'], m['recover_s'])} |")
     return out
 
 
-def error_notes(rows: list[dict]) -> list[str]:
+def error_notes(rows: list[Figures]) -> list[str]:
     out = []
     for r in rows:
         if r["errors"]:
@@ -93,7 +100,7 @@ def error_notes(rows: list[dict]) -> list[str]:
     return out
 
 
-def overhead_table(o: dict) -> list[str]:
+def overhead_table(o: Figures) -> list[str]:
     out = [f"Concurrency {o['concurrency']}, {o['engines']} zero-delay simulated engines, {o['max_tokens']} tokens "
            f"per answer, {o['seconds']:g} s per path and round, medians of {o['rounds']} rounds "
            "(paths in rotating order).", "",
@@ -120,7 +127,7 @@ def overhead_table(o: dict) -> list[str]:
     return out
 
 
-def propagation_lines(p: dict) -> list[str]:
+def propagation_lines(p: Figures) -> list[str]:
     return [f"{p['changes']} verdict changes over {p['instances']} instances (draining → critical → passing), "
             "each timed from the Consul write to Envoy's admin `/clusters` showing it "
             "(`bench/propagation.py`, by the gateway engineer):", "",
@@ -130,7 +137,7 @@ def propagation_lines(p: dict) -> list[str]:
             f"{p['consul_write_p50_ms']:.1f} | {p['agent_push_p50_ms']:.1f} |"]
 
 
-def scale_table(s: dict) -> list[str]:
+def scale_table(s: Figures) -> list[str]:
     out = ["| instances | snapshot build ms | EDS encode ms | EDS size KiB | Consul read ms | "
            "first full snapshot in Envoy s | change → Envoy p50 ms | p99 ms | agent push ms (seen → ACK) | "
            "gateway agent CPU ms/change | Envoy CPU ms/change |",
@@ -146,7 +153,7 @@ def scale_table(s: dict) -> list[str]:
     return out
 
 
-def settings_line(rows: list[dict]) -> str:
+def settings_line(rows: list[Figures]) -> str:
     r = rows[0]
     return (f"{r['engines']} {'simulated' if r['engine'] == 'sim' else 'vLLM (CPU build)'} engines per system, "
             f"{r['concurrency']} concurrent clients, {r['stream_ratio']:.0%} streaming, "

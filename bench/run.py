@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench import report
 from bench.drill import DrillOptions, run_drill, stop_on_sigterm
+from bench.report import Figures
 from bench.scenarios import SCENARIOS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -35,23 +36,24 @@ def progress(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} bench: {msg}", file=sys.stderr, flush=True)
 
 
-def load_results() -> dict:
+def load_results() -> Figures:
     try:
-        return json.loads(RESULTS.read_text())
+        results: Figures = json.loads(RESULTS.read_text())
+        return results
     except (OSError, ValueError):
         return {}
 
 
-def save_results(results: dict) -> None:
+def save_results(results: Figures) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
-def stamp(part: dict) -> dict:
+def stamp(part: Figures) -> Figures:
     return {"machine": report.machine(), **part}
 
 
-def run_drills(args, engine: str) -> dict:
+def run_drills(args: argparse.Namespace, engine: str) -> Figures:
     rows = []
     stop = threading.Event()
     names = VLLM_SCENARIOS if engine == "vllm" else tuple(SCENARIOS)
@@ -68,16 +70,18 @@ def run_drills(args, engine: str) -> dict:
     return {"rows": rows}
 
 
-def run_propagation(workdir: Path) -> dict:
+def run_propagation(workdir: Path) -> Figures:
     try:
         from bench import propagation
     except ImportError:
-        propagation = None
-    if propagation is not None and hasattr(propagation, "run"):
-        return propagation.run(60, 3, workdir)
+        pass
+    else:
+        if hasattr(propagation, "run"):
+            return propagation.run(60, 3, workdir)
     out = subprocess.run([sys.executable, "-m", "bench.propagation", "--json"], capture_output=True, text=True,
                          timeout=1800)
-    return json.loads(out.stdout)
+    figures: Figures = json.loads(out.stdout)
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:

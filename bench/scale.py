@@ -21,8 +21,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -51,12 +53,12 @@ def progress(msg: str) -> None:
 
 def entries(n: int) -> list[CatalogEntry]:
     meta = {"model": "m", "served_model_name": "m", "zone": "z1", "engine": "vllm"}
-    return [CatalogEntry(f"{SERVICE}-node{i // 8}-{FIRST_PORT + i}", f"node{i // 8}", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
-                         FIRST_PORT + i, CheckStatus.PASSING if i % 10 else CheckStatus.WARNING,
-                         "passing", meta) for i in range(n)]
+    return [CatalogEntry(f"{SERVICE}-node{i // 8}-{FIRST_PORT + i}", f"node{i // 8}",
+                         f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", FIRST_PORT + i,
+                         CheckStatus.PASSING if i % 10 else CheckStatus.WARNING, "passing", meta) for i in range(n)]
 
 
-def pure(n: int) -> dict:
+def pure(n: int) -> dict[str, Any]:
     es = entries(n)
     build, encode, size = [], [], 0
     for _ in range(PURE_REPEATS):
@@ -97,7 +99,12 @@ def _push_hist(metrics_url: str) -> tuple[float, float]:
     return s, c
 
 
-def live(n: int, changes: int, workdir: Path) -> dict:
+def _membership_is(admin: str, want: int) -> Callable[[], bool]:
+    """Envoy's admin shows `want` endpoints in the cluster."""
+    return lambda: _stats(admin).get("membership_total") == want
+
+
+def live(n: int, changes: int, workdir: Path) -> dict[str, Any]:
     (workdir / "consul").mkdir(parents=True, exist_ok=True)
     consul = ConsulDev(node="ernie-scale", data_dir=str(workdir / "consul")).start()
     gateway = None
@@ -149,8 +156,7 @@ def live(n: int, changes: int, workdir: Path) -> dict:
             total += -1 if to_critical else 1
             t = time.perf_counter()
             catalog.set_verdict(iid, Verdict(VerdictState.CRITICAL if to_critical else VerdictState.PASSING, "bench"))
-            want = total
-            wait_until(lambda want=want: _stats(admin).get("membership_total") == want, CHANGE_TIMEOUT_S,
+            wait_until(_membership_is(admin, total), CHANGE_TIMEOUT_S,
                        interval_s=0.002,
                        what=f"change {k} in Envoy")
             durations.append(time.perf_counter() - t)
@@ -159,11 +165,14 @@ def live(n: int, changes: int, workdir: Path) -> dict:
         envoy_cpu = (_cpu(envoy_p) - e0 - envoy_idle_rate * span) / changes
         push_sum, push_count = _push_hist(metrics_url)
         pushes = push_count - push_count0
+        p50, p99 = percentile(durations, 50), percentile(durations, 99)
+        if p50 is None or p99 is None:
+            raise ValueError(f"scale: no change timed (changes={changes})")
         return {
             "consul_read_ms": statistics.median(reads) * 1000,
             "first_snapshot_s": first_s,
-            "change_p50_ms": percentile(durations, 50) * 1000,
-            "change_p99_ms": percentile(durations, 99) * 1000,
+            "change_p50_ms": p50 * 1000,
+            "change_p99_ms": p99 * 1000,
             "agent_push_mean_ms": (push_sum - push_sum0) / pushes * 1000 if pushes else None,
             "agent_cpu_ms_per_change": max(agent_cpu, 0.0) * 1000,
             "envoy_cpu_ms_per_change": max(envoy_cpu, 0.0) * 1000,
@@ -176,9 +185,10 @@ def live(n: int, changes: int, workdir: Path) -> dict:
         consul.stop()
 
 
-def run(sizes: tuple[int, ...] = (500, 2000), changes: int = 20, workdir: Path | None = None) -> dict:
+def run(sizes: tuple[int, ...] = (500, 2000), changes: int = 20,
+        workdir: Path | None = None) -> dict[str, dict[str, Any]]:
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ernie-bench-scale-"))
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for n in sizes:
         r = {"instances": n, **pure(n)}
         progress(f"{n}: snapshot build {r['build_ms']:.2f} ms, EDS encode {r['encode_ms']:.2f} ms, "

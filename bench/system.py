@@ -90,6 +90,10 @@ class System:
         """Second half: start it again (returns at once; the drill waits for it to be back)."""
         raise NotImplementedError
 
+    def roll_wait(self, i: int, timeout_s: float) -> None:
+        """Wait until engine i, started again by roll_start, is back in service."""
+        raise NotImplementedError
+
     def control_plane_stop(self, what: str) -> None:
         raise NotImplementedError(f"{self.name} has no {what} to restart")
 

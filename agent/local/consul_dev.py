@@ -24,7 +24,7 @@ class ConsulDev:
     data_dir: str | None = None
     log_path: str | None = None
     config_file: str | None = None
-    proc: subprocess.Popen | None = field(default=None, repr=False)
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -98,5 +98,5 @@ class ConsulDev:
     def __enter__(self) -> ConsulDev:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from typing import Any
 
 from agent.engine.cpu import BIND_VAR, VLLM_CPU_ENV, core_share
 
@@ -22,7 +23,7 @@ def has_cuda_gpu() -> bool:
     return "GPU" in out
 
 
-def cpu_bind_env(cpu_index: int | None, count: int) -> dict:
+def cpu_bind_env(cpu_index: int | None, count: int) -> dict[str, str]:
     """Engine `cpu_index` of `count` (each under its own engine agent) on its own share of the cores."""
     if cpu_index is None:
         return {}
@@ -30,7 +31,7 @@ def cpu_bind_env(cpu_index: int | None, count: int) -> dict:
 
 
 def vllm_engine(port: int, model: str, served_model_name: str, gpu_index: int | None = None,
-                cpu_index: int | None = None, engines: int = 1) -> dict:
+                cpu_index: int | None = None, engines: int = 1) -> dict[str, Any]:
     """An [[engines]] table for engine.toml: CPU flags without a GPU (engine `cpu_index` on its own
     core), one GPU per engine with one."""
     if gpu_index is None:

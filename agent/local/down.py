@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.local.parts import mesh_parts, stop_order
@@ -35,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def stop_orphans(procs: list[Proc], say) -> None:
+def stop_orphans(procs: list[Proc], say: Callable[[str], None]) -> None:
     """`up` is gone: SIGTERM the recorded parts in order (each drains as with `up`), then sweep.
 
     Only the parts' own processes are signalled here; their children (`engine-agent-1/<command>`)
@@ -59,7 +60,7 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     run_dir = os.path.abspath(args.run_dir) if args.run_dir else str(default_run_dir())
     state_path = os.path.join(run_dir, "up.json")
-    say = (lambda m: print(f"down: {m}", file=sys.stderr, flush=True)) if args.json else \
+    say: Callable[[str], None] = (lambda m: print(f"down: {m}", file=sys.stderr, flush=True)) if args.json else \
         (lambda m: print(f"==> {m}", flush=True))
     state = read_state(Path(state_path))
     if state is None or (state.phase == "stopped" and not state.owner().alive()):

@@ -75,7 +75,7 @@ class Console:
     def block(self, text: str) -> None:
         self._print(text)
 
-    def event(self, **fields) -> None:
+    def event(self, **fields: object) -> None:
         if self.json_mode:
             print(json.dumps(fields), flush=True)
 
@@ -129,11 +129,13 @@ class Mesh:
         if changed:
             self.save()
 
-    def _start(self, name: str, cmd: list[str], env: dict | None = None, cwd: str | None = None) -> ManagedProcess:
+    def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None,
+               cwd: str | None = None) -> ManagedProcess:
         """Start one process of a part (its log: <name>.log)."""
         mp = ManagedProcess(name, cmd, self.plan.log_dir / f"{name}.log", env=env, cwd=cwd).start()
         self.procs[name] = mp
-        self.known[mp.pid] = proc_identity(name, mp.pid)
+        pid = mp.popen.pid
+        self.known[pid] = proc_identity(name, pid)
         self.save()
         return mp
 
@@ -151,7 +153,7 @@ class Mesh:
         for name, mp in self.procs.items():
             if self._part(name).fatal_while_starting and not mp.alive():
                 tail = "\n".join("      " + line for line in mp.log_tail(12).splitlines())
-                raise StartError(f"{name} exited with code {mp.proc.returncode} while the mesh was starting; "
+                raise StartError(f"{name} exited with code {mp.returncode} while the mesh was starting; "
                                  f"log {mp.log_path}:\n{tail}")
 
     def _wait(self, predicate: Callable[[], object], timeout_s: float, what: str,
@@ -203,7 +205,8 @@ class Mesh:
     def prepare_model(self) -> str:
         p = self.plan
         if p.engine_kind == "simulated":
-            self.out.step(f"SIMULATED engines (no vLLM, no model): tokens are placeholders, model name {p.model_name!r}")
+            self.out.step(f"SIMULATED engines (no vLLM, no model): tokens are placeholders, "
+                          f"model name {p.model_name!r}")
             return ""
         if not p.needs_default_model:
             self.out.step(f"model {p.model} (vLLM loads it; served as {p.model_name!r})")
@@ -224,10 +227,13 @@ class Mesh:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                     start_new_session=True, cwd=str(REPO_DIR))
+            stdout, stderr = proc.stdout, proc.stderr
+            if stdout is None or stderr is None:  # both are PIPEs: Popen always opens them
+                raise RuntimeError("model preparation started without its output pipes")
             self.known[proc.pid] = proc_identity("model-prepare", proc.pid)
 
             def relay() -> None:
-                for line in proc.stderr:
+                for line in stderr:
                     log.write(line)
                     log.flush()
                     self.out.info(line.decode(errors="replace").rstrip())
@@ -243,11 +249,12 @@ class Mesh:
             finally:
                 relay_thread.join(timeout=5)
                 self.known.pop(proc.pid, None)
-            out = proc.stdout.read().decode(errors="replace")
+            out = stdout.read().decode(errors="replace")
         if proc.returncode != 0:
             raise StartError(f"model preparation failed (exit {proc.returncode}); see {log_path}")
         try:
-            return json.loads(out.strip().splitlines()[-1])["path"]
+            path: str = json.loads(out.strip().splitlines()[-1])["path"]
+            return path
         except (ValueError, IndexError, KeyError):
             raise StartError(f"model preparation printed no path; see {log_path}") from None
 
@@ -313,7 +320,7 @@ class Mesh:
 
         def ready() -> bool:
             if not mp.alive():
-                raise StartError(f"exited with code {mp.proc.returncode}, log {mp.log_path}")
+                raise StartError(f"exited with code {mp.returncode}, log {mp.log_path}")
             return http_status(f"{p.prometheus_url}/-/ready") == 200
 
         try:
@@ -354,7 +361,8 @@ class Mesh:
                     now = self._instances()
                 except CatalogError:
                     now = {}
-                detail = "; ".join(f"{iid} {e.verdict.state.value}: {e.verdict.reason}" for iid, e in sorted(now.items()))
+                detail = "; ".join(f"{iid} {e.verdict.state.value}: {e.verdict.reason}"
+                                   for iid, e in sorted(now.items()))
                 self.out.info(f"... {waited:.0f}s: {detail or 'no instance registered yet'}")
 
         self._wait(all_passing, timeout_s, f"{p.engines} engine(s) passing", on_poll=beat)
@@ -380,7 +388,7 @@ class Mesh:
                 if mp.alive() or name in reported_dead:
                     continue
                 reported_dead.add(name)
-                msg = f"{name} exited with code {mp.proc.returncode}; log {mp.log_path}"
+                msg = f"{name} exited with code {mp.returncode}; log {mp.log_path}"
                 if self._part(name).fatal_while_running:
                     self.out.warn(f"{msg}: the mesh cannot work without it; stopping everything")
                     return 1
@@ -422,7 +430,7 @@ class Mesh:
                 self.out.warn(f"{mp.name} did not stop in time: killing it")
             mp.kill_group()
             try:
-                mp.proc.wait(timeout=KILL_WAIT_S)
+                mp.wait(KILL_WAIT_S)
             except subprocess.TimeoutExpired:
                 self.out.warn(f"{mp.name} (pid {mp.pid}) survived SIGKILL")
 

@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
@@ -194,8 +195,9 @@ class MeshPlan:
     def instance_id(self, i: int) -> str:
         return instance_id(self.service, self.node, self.engine_port(i))
 
-    def engine_table(self, i: int, model_path: str) -> dict:
+    def engine_table(self, i: int, model_path: str) -> dict[str, Any]:
         port = self.engine_port(i)
+        table: dict[str, Any]
         if self.engine_kind == "simulated":
             table = {"kind": "simulated", "port": port, "served_model_name": self.model_name}
         else:
@@ -239,7 +241,8 @@ class MeshPlan:
 
     def ui_env(self) -> dict[str, str]:
         return {"ERNIE_MESH_API_URL": self.api_url, "ERNIE_MESH_MODEL": self.model_name,
-                "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui"), "ERNIE_MESH_SIMULATED": "1" if self.engine_kind == "simulated" else ""}
+                "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui"),
+                "ERNIE_MESH_SIMULATED": "1" if self.engine_kind == "simulated" else ""}
 
     def urls(self) -> dict[str, str]:
         out = {"api": self.api_url, "consul_ui": self.consul_ui_url, "consul": f"http://{self.consul_address}"}
@@ -247,7 +250,7 @@ class MeshPlan:
             out["ui"] = self.ui_url
         return out
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {"engines": self.engines, "engine_kind": self.engine_kind, "model": self.model_name,
                 "port_offset": self.port_offset, "node": self.node, "service": self.service,
                 "run_dir": str(self.run_dir), "python": sys.executable}

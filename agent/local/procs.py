@@ -12,14 +12,15 @@ STOP_TIMEOUT_S = 60.0
 
 
 class ManagedProcess:
-    def __init__(self, name: str, cmd: list[str], log_path: str | os.PathLike, env: dict | None = None,
+    def __init__(self, name: str, cmd: list[str], log_path: str | os.PathLike[str],
+                 env: dict[str, str] | None = None,
                  cwd: str | None = None):
         self.name = name
         self.cmd = cmd
         self.log_path = Path(log_path)
         self.env = env
         self.cwd = cwd
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,8 +32,19 @@ class ManagedProcess:
         return self
 
     @property
+    def popen(self) -> subprocess.Popen[bytes]:
+        """The process start() launched (running or exited)."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} was not started")
+        return self.proc
+
+    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc is not None else None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -45,10 +57,10 @@ class ManagedProcess:
 
     def signal(self, sig: int) -> None:
         if self.alive():
-            os.kill(self.proc.pid, sig)
+            os.kill(self.popen.pid, sig)
 
     def wait(self, timeout_s: float) -> int:
-        return self.proc.wait(timeout=timeout_s)
+        return self.popen.wait(timeout=timeout_s)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM (the process drains/cleans up), then SIGKILL of its whole group if it lingers."""
@@ -65,20 +77,20 @@ class ManagedProcess:
 
     def kill_group(self) -> None:
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
     def kill(self) -> None:
         """SIGKILL the process itself only (a crash), leaving its children as a crash would."""
         if self.alive():
-            self.proc.kill()
-            self.proc.wait()
+            self.popen.kill()
+            self.popen.wait()
 
     def __enter__(self) -> ManagedProcess:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

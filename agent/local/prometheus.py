@@ -12,7 +12,7 @@ static lists. The Consul meta our agents register says where each part serves it
 `write_config()` renders prometheus.yml and the rule file for a given Consul address and
 intervals (`ernie-mesh up`, tests); deploy/prometheus/ holds the same files rendered with the
 defaults (deploy/prometheus/render.py regenerates them; a test checks they match).
-"""
+"""  # noqa: E501 (the job table)
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -60,7 +61,7 @@ HEADER = """\
 """
 
 
-def _relabel_from_url(meta_key: str, default_path: str | None) -> list[dict]:
+def _relabel_from_url(meta_key: str, default_path: str | None) -> list[dict[str, Any]]:
     """Scheme, address and metrics path of a target from a URL (or host:port) in Consul meta."""
     src = [_META + meta_key]
     rules = [
@@ -78,20 +79,20 @@ def _relabel_from_url(meta_key: str, default_path: str | None) -> list[dict]:
     return rules
 
 
-def _keep_with(meta_key: str) -> dict:
+def _keep_with(meta_key: str) -> dict[str, Any]:
     return {"source_labels": [_META + meta_key], "regex": ".+", "action": "keep"}
 
 
-def _copy(source: str, target: str) -> dict:
+def _copy(source: str, target: str) -> dict[str, Any]:
     """Set `target` from `source` when `source` is not empty (later rules override earlier ones)."""
     return {"source_labels": [source], "regex": "(.+)", "target_label": target, "replacement": "$1"}
 
 
-def _node_labels() -> list[dict]:
+def _node_labels() -> list[dict[str, Any]]:
     return [_copy("__meta_consul_node", "node"), _copy(_META + "node", "node")]
 
 
-def _sd(consul_address: str, service: str, refresh_s: float, token: str | None) -> list[dict]:
+def _sd(consul_address: str, service: str, refresh_s: float, token: str | None) -> list[dict[str, Any]]:
     sd = {"server": consul_address, "services": [service], "refresh_interval": go_duration(refresh_s)}
     if token:
         sd["token"] = token
@@ -100,8 +101,8 @@ def _sd(consul_address: str, service: str, refresh_s: float, token: str | None) 
 
 def scrape_configs(consul_address: str, engine_service: str = ENGINE_SERVICE,
                    gateway_service: str = GATEWAY_SERVICE, sd_refresh_interval_s: float = SD_REFRESH_INTERVAL_S,
-                   consul_token: str | None = None) -> list[dict]:
-    def sd(service: str) -> list[dict]:
+                   consul_token: str | None = None) -> list[dict[str, Any]]:
+    def sd(service: str) -> list[dict[str, Any]]:
         return _sd(consul_address, service, sd_refresh_interval_s, consul_token)
 
     engine_agent = {
@@ -157,12 +158,12 @@ def config(consul_address: str = DEFAULT_CONSUL_ADDRESS, *, rule_files: list[str
            scrape_interval_s: float = SCRAPE_INTERVAL_S, evaluation_interval_s: float | None = None,
            sd_refresh_interval_s: float = SD_REFRESH_INTERVAL_S, engine_service: str = ENGINE_SERVICE,
            gateway_service: str = GATEWAY_SERVICE, alertmanager_service: str | None = ALERTMANAGER_SERVICE,
-           consul_token: str | None = None) -> dict:
+           consul_token: str | None = None) -> dict[str, Any]:
     """The whole Prometheus config as data."""
     if scrape_interval_s <= 0 or sd_refresh_interval_s <= 0:
         raise ValueError("scrape and discovery intervals must be > 0")
     evaluation_interval_s = evaluation_interval_s or scrape_interval_s
-    cfg: dict = {
+    cfg: dict[str, Any] = {
         "global": {
             "scrape_interval": go_duration(scrape_interval_s),
             "scrape_timeout": go_duration(min(SCRAPE_TIMEOUT_S, scrape_interval_s)),
@@ -179,7 +180,7 @@ def config(consul_address: str = DEFAULT_CONSUL_ADDRESS, *, rule_files: list[str
     return cfg
 
 
-def render_config(consul_address: str = DEFAULT_CONSUL_ADDRESS, **kwargs) -> str:
+def render_config(consul_address: str = DEFAULT_CONSUL_ADDRESS, **kwargs: Any) -> str:
     return HEADER + to_yaml(config(consul_address, **kwargs))
 
 

@@ -9,6 +9,7 @@ agent/local/prometheus.py; names and meanings are documented in docs/metrics.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from agent.durations import go_duration
 
@@ -52,7 +53,7 @@ or on (service, model)
     Record("ernie:envoy_retry_ratio:rate5m", f"""\
 sum by (gateway, envoy_cluster_name) (rate(envoy_cluster_upstream_rq_retry{{{ENGINE_CLUSTERS}}}[5m]))
 /
-clamp_min(sum by (gateway, envoy_cluster_name) (rate(envoy_cluster_upstream_rq_total{{{ENGINE_CLUSTERS}}}[5m])), 1e-9)"""),
+clamp_min(sum by (gateway, envoy_cluster_name) (rate(envoy_cluster_upstream_rq_total{{{ENGINE_CLUSTERS}}}[5m])), 1e-9)"""),  # noqa: E501 (PromQL)
     Record("ernie:envoy_ejections:increase5m", f"""\
 sum by (gateway, envoy_cluster_name) (
   increase(envoy_cluster_outlier_detection_ejections_enforced_total{{{ENGINE_CLUSTERS}}}[5m])
@@ -103,7 +104,7 @@ ALERTS = (
 )
 
 
-def rule_groups(for_s: float | None = None) -> dict:
+def rule_groups(for_s: float | None = None) -> dict[str, Any]:
     """The rule file as data; `for_s` replaces every alert's `for` (tests)."""
     alerts = []
     for a in ALERTS:

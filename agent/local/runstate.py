@@ -14,6 +14,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 STATE_VERSION = 1
 
@@ -38,9 +39,9 @@ class UpState:
     phase: str = "starting"      # starting, healthy, stopping, stopped, failed
     step: str = ""               # what is happening now (shown by `down`)
     started_at: float = field(default_factory=time.time)
-    urls: dict = field(default_factory=dict)
-    plan: dict = field(default_factory=dict)
-    processes: list[dict] = field(default_factory=list)   # Proc as dicts, in start order
+    urls: dict[str, str] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    processes: list[dict[str, Any]] = field(default_factory=list)   # Proc as dicts, in start order
     version: int = STATE_VERSION
 
     def procs(self) -> list[Proc]:

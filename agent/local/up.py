@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from types import FrameType
 
 from agent.config import ConfigError
 from agent.local.binaries import MissingBinary, consul_binary
@@ -172,7 +173,7 @@ def main(argv: list[str]) -> int:
 
     stop, force = threading.Event(), threading.Event()
 
-    def on_signal(signum, _frame) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         if stop.is_set():
             if not force.is_set():
                 force.set()

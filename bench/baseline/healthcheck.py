@@ -50,7 +50,8 @@ def servers_in(path: str) -> list[str]:
 def healthy(engine: str, timeout_s: float) -> bool:
     try:
         with urllib.request.urlopen(f"http://{engine}/health", timeout=timeout_s) as r:
-            return r.status == 200
+            status: int = r.status
+            return status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = False
 
-    def on_signal(*_):
+    def on_signal(*_: object) -> None:
         nonlocal stop
         stop = True
 

@@ -65,9 +65,13 @@ class Nginx:
         return self
 
     def _up(self) -> bool:
-        if not self.proc.alive():
-            err = (self.prefix / "error.log").read_text(errors="replace")[-1500:] if (self.prefix / "error.log").exists() else ""
-            raise NginxError(f"nginx exited: {self.proc.log_tail(10)}\n{err}")
+        proc = self.proc
+        if proc is None:
+            raise NginxError("nginx was not started")
+        if not proc.alive():
+            error_log = self.prefix / "error.log"
+            err = error_log.read_text(errors="replace")[-1500:] if error_log.exists() else ""
+            raise NginxError(f"nginx exited: {proc.log_tail(10)}\n{err}")
         return port_open("127.0.0.1", self.port, 0.2)
 
     def stop(self) -> None:
@@ -82,7 +86,8 @@ class BaselineSystem(System):
                  health_interval_s: float = HEALTH_INTERVAL_S):
         super().__init__(settings, engines, workdir, progress)
         ports = free_ports(engines + 1)
-        self.engines = [PlainEngine(settings, p, self.workdir / "logs", i, engines) for i, p in enumerate(ports[:engines])]
+        self.engines = [PlainEngine(settings, p, self.workdir / "logs", i, engines)
+                        for i, p in enumerate(ports[:engines])]
         self.servers = [f"127.0.0.1:{e.port}" for e in self.engines]
         self.nginx = Nginx(self.workdir / "nginx", ports[-1], self.servers)
         self.events = self.workdir / "healthcheck-events.jsonl"
