@@ -18,7 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from agent.catalog.base import Catalog, CatalogError, NotRegistered, Registration, Verdict
+from agent.catalog.base import Catalog, CatalogError, Registration, Verdict
+from agent.catalog.keeper import UNCHANGED, RegistrationKeeper
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,7 @@ class Publisher:
         self._on_error = on_error
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"consul {instance_id}")
         self._lock = threading.Lock()  # held by the writer thread around each write and the retired flag
-        self.registered: Registration | None = None  # what Consul holds, as far as we know
-        self.pushed: Verdict | None = None
-        self.pushed_at_s = 0.0
-        self.ok: bool | None = None  # the last write succeeded (None: none yet)
+        self.keeper = RegistrationKeeper(catalog, instance_id, ttl_s)
         self.retired = False
         self._wanted: tuple[Registration, Verdict] | None = None  # the latest asked for
 
@@ -56,12 +54,17 @@ class Publisher:
         """Refresh the TTL check with the latest verdict if ttl_s / 3 passed since the last write."""
         wanted = self._wanted
         if self.retired or wanted is None:
-            return "unchanged"
+            return UNCHANGED
         return await self._on_writer(self._publish, *wanted, now, True)
 
     def refresh_due_in(self, now: float) -> float:
         """Seconds until the TTL wants refreshing (0: now)."""
-        return max(self.pushed_at_s + self.ttl_s / 3 - now, 0.0)
+        return max(self.keeper.pushed_at_s + self.ttl_s / 3 - now, 0.0)
+
+    @property
+    def ok(self) -> bool | None:
+        """The last write succeeded (None: none yet)."""
+        return self.keeper.ok
 
     async def deregister(self) -> None:
         """Remove the instance, after every write asked for before; nothing is written afterwards."""
@@ -77,37 +80,18 @@ class Publisher:
         with self._lock:
             if self.retired:
                 return RETIRED
-            if refresh and self.registered is None:
-                return "unchanged"  # not registered yet: the run loop's next publish registers
-            due = refresh and now - self.pushed_at_s >= self.ttl_s / 3
+            if refresh and self.keeper.registered is None:
+                return UNCHANGED  # not registered yet: the run loop's next publish registers
             try:
-                if self.registered != desired:
-                    self.catalog.register(desired, verdict)
-                    action = "registered"
-                    self.registered = desired
-                elif verdict != self.pushed or self.ok is False or due:
-                    try:
-                        self.catalog.set_verdict(self.id, verdict)
-                        action = "verdict pushed"
-                    except NotRegistered:
-                        log.warning("%s: Consul no longer knows this instance; registering again", self.id)
-                        self.catalog.register(desired, verdict)
-                        action = "re-registered"
-                else:
-                    return "unchanged"
+                return self.keeper.keep(desired, verdict, now, refresh=refresh)
             except CatalogError as e:
-                self.ok = False
                 self._on_error()
                 return f"Consul write failed ({e})"
-            self.ok = True
-            self.pushed = verdict
-            self.pushed_at_s = now
-            return action
 
     def _deregister(self) -> None:
         with self._lock:
             self.retired = True
-            self.registered = None
+            self.keeper.forget()
             try:
                 self.catalog.deregister(self.id)
             except CatalogError as e:

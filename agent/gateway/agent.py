@@ -16,7 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.catalog.base import Catalog, CatalogEntry, CatalogError, NotRegistered, Registration, Verdict, VerdictState
+from agent.catalog.base import Catalog, CatalogEntry, CatalogError, Registration, Verdict, VerdictState
+from agent.catalog.keeper import RegistrationKeeper
 from agent.gateway.config import GatewayConfig
 from agent.gateway.envoy import EnvoySupervisor
 from agent.gateway.metrics import GatewayMetrics
@@ -86,8 +87,7 @@ class GatewayAgent:
         self._last_entries: tuple[CatalogEntry, ...] = ()
         self._held: frozenset[str] = frozenset()
         self._registration = registration_of(cfg)
-        self._registered_verdict: Verdict | None = None
-        self._next_refresh_at = 0.0
+        self._keeper = RegistrationKeeper(catalog, self._registration.instance_id, cfg.ttl_s)
         self._last_registration_error_log = 0.0
 
     # --- catalog -> snapshot -> ADS (watch thread) --------------------------------------------
@@ -171,26 +171,13 @@ class GatewayAgent:
 
     def _keep_registered(self, verdict: Verdict) -> str:
         now = self.clock()
-        if verdict == self._registered_verdict and now < self._next_refresh_at:
-            return verdict.state.value
         try:
-            if self._registered_verdict is None:
-                self.catalog.register(self._registration, verdict)
-            else:
-                try:
-                    self.catalog.set_verdict(self._registration.instance_id, verdict)
-                except NotRegistered:
-                    log.info("gateway registration gone from Consul (restarted?): registering again")
-                    self.catalog.register(self._registration, verdict)
+            self._keeper.keep(self._registration, verdict, now)
         except CatalogError as e:
-            self._registered_verdict = None
-            self._next_refresh_at = 0.0
             if now - self._last_registration_error_log >= REGISTRATION_ERROR_LOG_EVERY_S:
                 self._last_registration_error_log = now
                 log.warning("cannot update the gateway's registration in Consul: %s", e)
             return "failing"
-        self._registered_verdict = verdict
-        self._next_refresh_at = now + self.cfg.ttl_s / 3
         return verdict.state.value
 
     def run(self) -> None:
