@@ -236,8 +236,10 @@ def exp_load(eng: Engine) -> None:
     fact("eight_streams_200_tokens", {"seconds": round(dt, 1), "generated": gen,
                                       "aggregate_tok_s": round(gen / dt, 1),
                                       "results": [s.summary() for s in streams]})
-    ttft = metric(m1, "vllm:time_to_first_token_seconds_sum") / max(1, metric(m1, "vllm:time_to_first_token_seconds_count"))
-    itl = metric(m1, "vllm:inter_token_latency_seconds_sum") / max(1, metric(m1, "vllm:inter_token_latency_seconds_count"))
+    ttft = (metric(m1, "vllm:time_to_first_token_seconds_sum")
+            / max(1, metric(m1, "vllm:time_to_first_token_seconds_count")))
+    itl = (metric(m1, "vllm:inter_token_latency_seconds_sum")
+           / max(1, metric(m1, "vllm:inter_token_latency_seconds_count")))
     fact("histogram_means", {"ttft_s": round(ttft, 3), "itl_s": round(itl, 4)})
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Protocol
 
 
 class CatalogError(Exception):
@@ -100,7 +101,7 @@ class Verdict:
         return f"{head}: {self.reason}" if self.reason else head
 
     @classmethod
-    def from_note(cls, status: str, note: str) -> "Verdict":
+    def from_note(cls, status: str, note: str) -> Verdict:
         """Rebuild a verdict from a check's status and output (what readers of the catalog see).
 
         A check the engine agent has just registered has no output until its first verdict lands

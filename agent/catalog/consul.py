@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import consul
@@ -58,7 +59,7 @@ def split_address(address: str, default_port: int = 8500) -> tuple[str, str, int
 _ENV_LOCK = threading.Lock()
 
 
-def _consul_client(**kwargs) -> consul.Consul:
+def _consul_client(**kwargs: Any) -> consul.Consul:
     """python-consul2 lets CONSUL_HTTP_ADDR override the host and port it is given (and fails on
     addresses without a port): the address we pass has already taken that variable into account."""
     with _ENV_LOCK:
@@ -91,7 +92,7 @@ class ConsulCatalog:
             self._clients_by_timeout[timeout] = client
         return client
 
-    def _call(self, what: str, fn, *args, **kwargs) -> Any:
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except consul.NotFound as e:
@@ -177,7 +178,7 @@ class ConsulCatalog:
         return self._call("status leader", self._client.status.leader) or ""
 
 
-def _entry(node: dict) -> CatalogEntry:
+def _entry(node: dict[str, Any]) -> CatalogEntry:
     svc = node.get("Service") or {}
     checks = node.get("Checks") or []
     node_info = node.get("Node") or {}
@@ -185,7 +186,7 @@ def _entry(node: dict) -> CatalogEntry:
     # the note is the service check's output unless a node check is what makes it worse.
     order = {CheckStatus.PASSING: 0, CheckStatus.WARNING: 1, CheckStatus.CRITICAL: 2}
 
-    def status_of(chk: dict) -> CheckStatus:
+    def status_of(chk: dict[str, Any]) -> CheckStatus:
         try:
             return CheckStatus(chk.get("Status", "critical"))
         except ValueError:
@@ -193,7 +194,7 @@ def _entry(node: dict) -> CatalogEntry:
 
     own = [c for c in checks if c.get("ServiceID") == svc.get("ID")]
     other = [c for c in checks if c.get("ServiceID") != svc.get("ID")]
-    status = max((status_of(c) for c in own), key=order.get, default=CheckStatus.CRITICAL)
+    status = max((status_of(c) for c in own), key=order.__getitem__, default=CheckStatus.CRITICAL)
     note = next((c.get("Output", "") for c in own), "")
     for chk in other:
         if order[status_of(chk)] > order[status]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,7 +21,7 @@ def create_app(controllers: dict[str, InstanceController], metrics: EngineAgentM
                              "instances": sorted(controllers)}, status_code=404)
 
     @app.get("/live")
-    def live() -> dict:
+    def live() -> dict[str, Any]:
         return {"status": "alive", "node": node}
 
     @app.get("/ready")
@@ -37,7 +39,7 @@ def create_app(controllers: dict[str, InstanceController], metrics: EngineAgentM
         return JSONResponse(c.describe(), status_code=200 if ok else 503)
 
     @app.get("/instances")
-    def instances() -> dict:
+    def instances() -> dict[str, Any]:
         return {"node": node, "instances": [c.describe() for c in controllers.values()]}
 
     @app.post("/drain/{instance_id}")

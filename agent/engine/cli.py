@@ -4,9 +4,11 @@ SIGTERM/SIGINT, then drain every instance and exit 0."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 
 import httpx
 import uvicorn
@@ -21,6 +23,16 @@ from agent.engine.metrics import EngineAgentMetrics
 from agent.net import bind_error
 
 log = logging.getLogger("agent.engine")
+
+
+class _AgentServer(uvicorn.Server):
+    """uvicorn without its own signal handling: we own SIGTERM/SIGINT and drain first, the API staying
+    up meanwhile. (Assigning `install_signal_handlers`, what uvicorn before 0.29 called, no longer
+    kept uvicorn's handlers out: the API went down at the signal.)"""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def check_runnable(cfg: engine_config.EngineAgentConfig) -> None:
@@ -45,9 +57,8 @@ async def serve(cfg: engine_config.EngineAgentConfig) -> int:
     async with httpx.AsyncClient(limits=limits) as client:
         controllers = {c.id: c for c in (InstanceController(cfg, s, catalog, client, metrics) for s in cfg.engines)}
         host, port = cfg.listen_host_port
-        server = uvicorn.Server(uvicorn.Config(create_app(controllers, metrics, cfg.node), host=host, port=port,
-                                               log_level="warning", lifespan="off"))
-        server.install_signal_handlers = lambda: None  # we own SIGTERM/SIGINT: drain first
+        server = _AgentServer(uvicorn.Config(create_app(controllers, metrics, cfg.node), host=host, port=port,
+                                             log_level="warning", lifespan="off"))
         shutdown = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
 
 from agent.catalog.consul import split_address
 from agent.config import (
@@ -169,14 +169,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _engine_from_flag(value: str) -> dict:
+def _engine_from_flag(value: str) -> dict[str, str | int]:
     kind, _, rest = value.partition(":")
     if kind == "attach":
         return {"kind": "attach", "url": rest}
     port, _, model = rest.partition(":")
     if not port.isdigit():
         raise ConfigError(f"--engine {value!r}: expected KIND:PORT[:MODEL]")
-    out: dict = {"kind": kind, "port": int(port)}
+    out: dict[str, str | int] = {"kind": kind, "port": int(port)}
     if model:
         out["model"] = model
     return out

@@ -34,7 +34,7 @@ def core_share(index: int, count: int, cores: list[int] | None = None) -> str:
     return str(mine[0]) if len(mine) == 1 else f"{mine[0]}-{mine[-1]}"
 
 
-def spread(envs: list[dict]) -> list[dict]:
+def spread(envs: list[dict[str, str]]) -> list[dict[str, str]]:
     """Give each engine whose environment does not bind it yet its own share of the cores (only
     when there are several: a single engine keeps vLLM's default)."""
     free = [i for i, env in enumerate(envs) if BIND_VAR not in env]

@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from agent.catalog.base import CatalogError
+from agent.catalog.base import CatalogEntry, CatalogError
 from agent.catalog.consul import ConsulCatalog
 from agent.config import check_consul_address
 
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     check_consul_address(args.consul)  # a bad address: one line and exit 2 (agent.cli)
     catalog = ConsulCatalog(args.consul, os.environ.get("CONSUL_HTTP_TOKEN"))
 
-    def find():
+    def find() -> CatalogEntry | None:
         _idx, entries = catalog.instances(args.service)
         return next((e for e in entries if e.instance_id == args.instance_id), None)
 
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
             try:
                 entry = find()
             except CatalogError as e:
-                entry, line = "unknown", f"  Consul unreachable ({e})"
+                line = f"  Consul unreachable ({e})"
             else:
                 if entry is None:
                     outcome.update(drained=True, seconds=round(time.monotonic() - t0, 2))

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from typing import Any
 
 import httpx
 
@@ -89,7 +90,7 @@ class InstanceController:
                                    on_error=lambda: self.metrics.consul_errors.labels(self.id).inc())
         self.draining = False
         self.drained = False
-        self._drain_task: asyncio.Task | None = None
+        self._drain_task: asyncio.Task[str] | None = None
         self._served_generation: int | None = None  # the engine start that last had a passing verdict
         self._abandoned_canaries = 0
         self.wake = asyncio.Event()
@@ -287,7 +288,7 @@ class InstanceController:
                 pause = self.cfg.probe_interval_s - (time.monotonic() - cycle_started)
                 try:
                     await asyncio.wait_for(self.wake.wait(), timeout=max(pause, 0.0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             self._stopping.set()
@@ -316,7 +317,7 @@ class InstanceController:
                 self._canary_owed_since_s = None
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.cfg.canary_interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _canary_once(self) -> ProbeResult:
@@ -370,7 +371,7 @@ class InstanceController:
 
     # --- drain ------------------------------------------------------------------------------------
 
-    def start_drain(self) -> asyncio.Task:
+    def start_drain(self) -> asyncio.Task[str]:
         if self._drain_task is None:
             self._drain_task = asyncio.create_task(self._drain(), name=f"drain {self.id}")
         return self._drain_task
@@ -417,7 +418,7 @@ class InstanceController:
         log.info("%s: drained in %.1fs (%s), stopped and deregistered", self.id, elapsed, outcome)
         return outcome
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """What the agent API and `ernie-mesh status` show for this instance."""
         load = self.load
         proc_facts = self.process.facts(time.monotonic()) if self.process else None

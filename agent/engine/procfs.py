@@ -12,8 +12,8 @@ Parsing is pure (tested against sample text); reading is `read_tree`."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 STOPPED_STATES = ("T", "t")  # stopped by a signal; stopped under a tracer
@@ -96,7 +96,7 @@ def tree(stats: Iterable[ProcStat], root_pid: int) -> TreeSample:
 
 def read_stats(proc_dir: str = PROC_DIR) -> list[ProcStat]:
     """Every process's stat line (processes that vanish while we read are skipped)."""
-    out = []
+    out: list[ProcStat] = []
     try:
         names = os.listdir(proc_dir)
     except OSError:

@@ -9,17 +9,17 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from agent.engine.config import VLLM_MODULE, EngineAgentConfig, EngineSpec
+from agent.engine.cpu import VLLM_CPU_ENV
 from agent.engine.verdict import ProcessFacts
 
 log = logging.getLogger(__name__)
 
 KILL_GRACE_S = 10.0
-
-# CPU builds need these (docs/architecture.md §5.4); a user's env in the config wins.
-VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def engine_command(spec: EngineSpec) -> list[str]:
@@ -41,7 +41,7 @@ def engine_command(spec: EngineSpec) -> list[str]:
 
 def engine_env(spec: EngineSpec) -> dict[str, str]:
     env = dict(os.environ)
-    if spec.kind == "vllm":
+    if spec.kind == "vllm":  # CPU builds need it (docs/architecture.md §5.4); a user's env in the config wins
         env.update(VLLM_CPU_ENV)
     env.update(spec.env)
     return env
@@ -53,7 +53,8 @@ class EngineProcess:
     (the agent stays up; a fixed engine, disk or GPU recovers without anyone restarting the agent).
     A process that stays up `restart_backoff_max_s * 2` ends the crash loop."""
 
-    def __init__(self, spec: EngineSpec, cfg: EngineAgentConfig, name: str, on_restart=None):
+    def __init__(self, spec: EngineSpec, cfg: EngineAgentConfig, name: str,
+                 on_restart: Callable[[], None] | None = None):
         self.spec = spec
         self.cfg = cfg
         self.name = name
@@ -92,7 +93,7 @@ class EngineProcess:
             stopped_on_purpose=self.stopped_on_purpose,
         )
 
-    def _log_target(self):
+    def _log_target(self) -> BinaryIO | None:
         if not self.cfg.log_dir and not self.spec.log_file:
             return None
         path = Path(self.spec.log_file or Path(self.cfg.log_dir) / f"{self.name}.log")
@@ -154,7 +155,7 @@ class EngineProcess:
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=backoff)
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             backoff = min(backoff * 2, self.cfg.restart_backoff_max_s)
             self.restarts += 1
@@ -185,7 +186,7 @@ class EngineProcess:
         _signal_group(proc.pid, signal.SIGTERM)
         try:
             code = await asyncio.wait_for(proc.wait(), timeout=self.spec.shutdown_timeout_s + KILL_GRACE_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("%s: engine did not exit after SIGTERM; killing it", self.name)
             _signal_group(proc.pid, signal.SIGKILL)
             code = await proc.wait()

@@ -39,7 +39,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Envoy data-plane policy knobs (docs/architecture.md §2.5, §5.2). Defaults chosen by measurement; see docs/gateway.md."""
+    """Envoy data-plane policy knobs (docs/architecture.md §2.5, §5.2). Defaults chosen by measurement; see
+    docs/gateway.md."""
 
     num_retries: int = 3
     host_selection_retry_max_attempts: int = 5

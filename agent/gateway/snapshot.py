@@ -156,7 +156,8 @@ def build_snapshot(entries: Iterable[CatalogEntry], cluster: str) -> BuildResult
     kept: list[Endpoint] = []
     for ep in candidates:
         if ep.instance_id in seen_ids:
-            rejected.append(Rejected(ep.instance_id, f"duplicate id (also on another node; kept node {_node_of(kept, ep)})"))
+            rejected.append(Rejected(ep.instance_id,
+                                     f"duplicate id (also on another node; kept node {_node_of(kept, ep)})"))
             continue
         if (ep.address, ep.port) in seen_addrs:
             rejected.append(Rejected(ep.instance_id, f"{ep.address}:{ep.port} already used by another instance"))

@@ -72,7 +72,8 @@ ROWS: list[tuple[str, list[dict]]] = [
             "What clients got from each gateway (Envoy downstream), by status class; 5 = errors, including "
             "Envoy's own 503 when no instance is healthy."), targets=[
             q(f'sum by (gateway, envoy_response_code_class) (rate(envoy_http_downstream_rq_xx'
-              f'{{envoy_http_conn_manager_prefix="openai_api"}}[{RI}]))', "{{gateway}} {{envoy_response_code_class}}xx"),
+              f'{{envoy_http_conn_manager_prefix="openai_api"}}[{RI}]))',
+              "{{gateway}} {{envoy_response_code_class}}xx"),
         ]),
     ]),
     ("Latency", [

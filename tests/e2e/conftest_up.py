@@ -88,7 +88,8 @@ class UpRun:
         try:
             return self.events.get(timeout=timeout_s)
         except queue.Empty:
-            raise AssertionError(f"`up` printed no JSON event within {timeout_s:.0f}s; stderr:\n{self.stderr_tail()}") from None
+            raise AssertionError(f"`up` printed no JSON event within {timeout_s:.0f}s; "
+                                 f"stderr:\n{self.stderr_tail()}") from None
 
     def wait_healthy(self, timeout_s: float = HEALTHY_TIMEOUT_S) -> dict:
         deadline = time.monotonic() + timeout_s

@@ -22,8 +22,8 @@ def test_passing_only_after_a_real_canary(vllm_agent):
     assert entry.meta["served_model_name"] == DEFAULT_SERVED_MODEL_NAME
     assert int(entry.meta["max_model_len"]) == 2048
     metrics = httpx.get(f"{vllm_agent.url}/metrics", timeout=5).text
-    line = next(row for row in metrics.splitlines()
-                if row.startswith(f'ernie_engine_probe_duration_seconds_count{{instance_id="{vllm_agent.iid}",probe="canary"'))
+    prefix = f'ernie_engine_probe_duration_seconds_count{{instance_id="{vllm_agent.iid}",probe="canary"'
+    line = next(row for row in metrics.splitlines() if row.startswith(prefix))
     assert float(line.split()[-1]) >= 1
 
 

@@ -162,7 +162,8 @@ def test_a_long_cold_prefill_is_not_taken_for_a_hang(vllm_mesh):
     done = {}
 
     def ask_long():
-        r = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=4, extra_body={"ignore_eos": True},
+        r = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=4,
+                                           extra_body={"ignore_eos": True},
                                            messages=[{"role": "system", "content": words},
                                                      {"role": "user", "content": "Summarize."}])
         done["r"] = r

@@ -135,8 +135,10 @@ def test_simulated_engine_wire_shapes_match_real_vllm(vllm_mesh):
                     assert token_ids_streamed(events) == MAX_TOKENS, (label, name, events)
 
             if kind == "chat" and rti:  # a prompt of token IDs (what a resuming relay sends) to /v1/completions
-                ids = r_events[0]["prompt_token_ids"] + [t for e in r_events[1:3] for t in e["choices"][0]["token_ids"]]
-                sim_ids = s_events[0]["prompt_token_ids"] + [t for e in s_events[1:3] for t in e["choices"][0]["token_ids"]]
+                ids = (r_events[0]["prompt_token_ids"]
+                       + [t for e in r_events[1:3] for t in e["choices"][0]["token_ids"]])
+                sim_ids = (s_events[0]["prompt_token_ids"]
+                           + [t for e in s_events[1:3] for t in e["choices"][0]["token_ids"]])
                 resumed = {"max_tokens": MAX_TOKENS, "ignore_eos": True, "return_token_ids": True, "stream": True,
                            "stream_options": {"include_usage": True}}
                 r_res = sse(real.post("/v1/completions", json={"model": model, "temperature": 0, "prompt": ids,
@@ -152,7 +154,8 @@ def test_simulated_engine_wire_shapes_match_real_vllm(vllm_mesh):
                  "stream_options": {"include_usage": True}}
     r_stop, s_stop = both("chat natural stop", "/v1/chat/completions", stop_body)
     assert r_stop[-3]["choices"][0]["finish_reason"] == "stop" == s_stop[-3]["choices"][0]["finish_reason"]
-    compare("chat natural stop, stream chunk keys", shapes_by_type(r_stop, keys_only), shapes_by_type(s_stop, keys_only))
+    compare("chat natural stop, stream chunk keys", shapes_by_type(r_stop, keys_only),
+            shapes_by_type(s_stop, keys_only))
     for label, events in (("vLLM", r_stop), ("sim", s_stop)):  # the EOS token is streamed and counted
         assert token_ids_streamed(events) == events[-2]["usage"]["completion_tokens"], (label, events)
     print("\nreal vLLM natural-stop final chunk:", json.dumps(r_stop[-3]))

@@ -96,4 +96,5 @@ def test_sigint_drains_and_stops_everything(vllm_mesh):
     assert ports_free(vllm_mesh.plan) == []
     log = vllm_mesh.stderr_tail(400)
     stop = log[log.rindex("stopping the mesh"):]  # the order of the stop: UI, engines, gateway, Consul
-    assert stop.index("    UI\n") < stop.index("draining") < stop.index("gateway agent and Envoy") < stop.index("    Consul\n")
+    assert (stop.index("    UI\n") < stop.index("draining") < stop.index("gateway agent and Envoy")
+            < stop.index("    Consul\n"))

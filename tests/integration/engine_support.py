@@ -29,7 +29,8 @@ class EngineAgent:
         self.config_path.write_text(tomli_w.dumps(
             {"listen": f"127.0.0.1:{self.port}", "node": node, "log_dir": str(self.tmp / "logs"), **settings,
              "consul": {"address": consul_address, "service": service}, "engines": engines}))
-        self.proc = ManagedProcess(f"engine-agent-{self.port}", mesh_command("engine", "--config", str(self.config_path)),
+        self.proc = ManagedProcess(f"engine-agent-{self.port}",
+                                   mesh_command("engine", "--config", str(self.config_path)),
                                    self.tmp / f"engine-agent-{self.port}.log")
 
     @property

@@ -133,7 +133,8 @@ class Deploy:
         self.runs += 1
         log = self.tmp / f"ansible-{self.runs}-{name}.log"
         env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-               "ANSIBLE_LOCAL_TEMP": str(self.tmp / "ansible-local"), "ANSIBLE_REMOTE_TEMP": str(self.tmp / "ansible-remote"),
+               "ANSIBLE_LOCAL_TEMP": str(self.tmp / "ansible-local"),
+               "ANSIBLE_REMOTE_TEMP": str(self.tmp / "ansible-remote"),
                "ANSIBLE_CALLBACKS_ENABLED": "ernie_task_times",
                "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
         for key in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN"):
@@ -258,7 +259,8 @@ def lab(tmp_path):
 
 def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Path):
     assert shutil.which("dig"), "dig (Debian dnsutils) is needed: scripts/install.sh system"
-    assert (Path(sys.executable).parent / "ansible-playbook").exists(), "ansible-core is needed: pip install -e '.[test]'"
+    assert (Path(sys.executable).parent / "ansible-playbook").exists(), \
+        "ansible-core is needed: pip install -e '.[test]'"
     t_start = time.monotonic()
     keygen = subprocess.run([consul_binary(), "keygen"], capture_output=True, text=True, check=True).stdout.strip()
     secrets = {"encrypt": keygen, **{k: str(uuid.uuid4()) for k in ("management", "agent", "dns", "engine", "gateway")}}

@@ -107,3 +107,23 @@ def test_sigterm_before_the_instance_ever_served_does_not_wait_the_drain_deadlin
         took_s = time.monotonic() - t0
     assert took_s < 20, f"SIGTERM -> exit took {took_s:.1f}s (the drain deadline is 60s)"
     assert iid not in agent.entries()
+
+
+def test_the_agent_api_answers_during_a_sigterm_drain(consul_session, tmp_path):
+    """Before: uvicorn's own SIGTERM handler was still installed (the agent assigned
+    `install_signal_handlers`, which uvicorn no longer calls), so the API went down at the signal
+    while the drain went on."""
+    import signal
+
+    port = free_port()
+    agent = EngineAgent(tmp_path, consul_session.address, SERVICE, node="api-up", drain_settle_s=3.0,
+                        engines=[{"kind": "simulated", "port": port}])
+    iid = agent.instance_id(port)
+    with agent:
+        agent.wait_state(iid, "passing", timeout_s=60)
+        agent.proc.signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert agent.proc.alive()
+        assert agent.instances()[iid]["state"] == "draining"
+        assert agent.proc.wait(30) == 0
+    assert iid not in agent.entries()

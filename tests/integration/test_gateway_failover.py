@@ -109,7 +109,8 @@ def test_kill9_engine_under_load_fails_no_request(m):
     assert not failures(results), describe(results)
     after = [r for r in results if r.started > killed_at + 0.5]
     assert after and all(r.instance != victim.id for r in after)
-    print(f"\nkill -9: ejected after {detected_s * 1000:.0f} ms; retries {envoy_stat(m, 'cluster.ernie.upstream_rq_retry')}"
+    print(f"\nkill -9: ejected after {detected_s * 1000:.0f} ms; "
+          f"retries {envoy_stat(m, 'cluster.ernie.upstream_rq_retry')}"
           f"; {len(results)} requests, 0 failed")
     assert ejected
 

@@ -1,4 +1,5 @@
-"""Envoy bootstrap rendering: every placeholder filled, every docs/architecture.md §5.2 trap avoided, Envoy accepts it."""
+"""Envoy bootstrap rendering: every placeholder filled, every docs/architecture.md §5.2 trap avoided, Envoy
+accepts it."""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@ strings (agent/durations.py), the can-I-listen check (agent/net.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from agent import naming
 from agent.engine import config as engine_config
 from agent.engine.cpu import VLLM_CPU_ENV
@@ -28,11 +30,16 @@ def test_gateways_register_under_one_service_name():
 def test_the_local_mesh_and_the_engine_agent_give_cpu_vllm_one_env():
     table = MeshPlan(engines=1).engine_table(0, "/m")
     assert VLLM_CPU_ENV.items() <= table["env"].items()
-    # agent/engine/supervisor.py still keeps its own copy (being rewritten): the same value.
-    from agent.engine.supervisor import engine_env
+    from agent.engine import supervisor
 
+    assert supervisor.VLLM_CPU_ENV is VLLM_CPU_ENV
     spec = engine_config.EngineSpec(kind="vllm", port=8001, model="/m")
-    assert VLLM_CPU_ENV.items() <= engine_env(spec).items()
+    assert VLLM_CPU_ENV.items() <= supervisor.engine_env(spec).items()
+    # No other copy in agent/ (deploy/ansible/filter_plugins/ernie.py keeps one: tests/unit/test_ansible_filters.py).
+    agent_dir = Path(supervisor.__file__).parent.parent
+    spelled = {p.relative_to(agent_dir).as_posix() for p in agent_dir.rglob("*.py")
+               if any(name in p.read_text() for name in VLLM_CPU_ENV)}
+    assert spelled == {"engine/cpu.py"}
 
 
 def test_durations_in_go_and_protobuf_spelling():

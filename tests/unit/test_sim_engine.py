@@ -769,7 +769,8 @@ def test_continue_final_message_with_a_generation_prompt_is_a_400(extra):
     body = {"messages": [*MESSAGES, {"role": "assistant", "content": "tok0"}], "continue_final_message": True, **extra}
     r = run(lambda: post(app, CHAT, body))
     assert r.status_code == 400
-    assert r.json()["error"]["message"] == "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+    assert r.json()["error"]["message"] == \
+        "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
 
 
 def test_an_aborted_stream_ends_with_a_chunk_without_tokens():

@@ -158,7 +158,8 @@ def test_a_stopped_api_server_is_named_before_its_health_timeouts():
     f = replace(HEALTHY, health_ok=False, health_error="timed out", health_failures=2,
                 worker=WorkerFacts(stopped=("python (pid 5)",), stopped_for_s=3.0))
     v = decide(f, POLICY)
-    assert v.state is VerdictState.CRITICAL and v.note.startswith("critical (hung): engine process python (pid 5) stopped")
+    assert v.state is VerdictState.CRITICAL
+    assert v.note.startswith("critical (hung): engine process python (pid 5) stopped")
 
 
 def test_work_in_flight_and_model_processes_idle_for_hang_after_s_is_hung():

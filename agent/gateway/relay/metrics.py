@@ -18,7 +18,8 @@ class RelayMetrics:
         self.resumes = Counter("ernie_gateway_relay_resumes_total",
                                "Continuations of a request on another instance, by why the previous attempt "
                                "ended (engine_lost, error_event, abort, rescued) and how the continuation "
-                               "went (ok, failed, limit, not_resumable, no_instance)", ["reason", "outcome"], registry=r)
+                               "went (ok, failed, limit, not_resumable, no_instance)", ["reason", "outcome"],
+                               registry=r)
         self.resume_latency = Histogram("ernie_gateway_relay_resume_seconds",
                                         "From the end of a failed attempt to the first event of its "
                                         "continuation", buckets=RESUME_BUCKETS_S, registry=r)

@@ -61,7 +61,8 @@ def ensure_policy(module: AnsibleModule, api: ConsulAPI) -> None:
         status, current = api.call("GET", f"/v1/acl/policy/{found['ID']}")
         if status != 200:
             module.fail_json(msg=f"read ACL policy {p['name']}: HTTP {status}: {current}")
-        if current.get("Rules", "").strip() == p["rules"].strip() and current.get("Description", "") == p["description"]:
+        if (current.get("Rules", "").strip() == p["rules"].strip()
+                and current.get("Description", "") == p["description"]):
             module.exit_json(changed=False, id=found["ID"])
         if module.check_mode:
             module.exit_json(changed=True)

@@ -28,7 +28,8 @@ options:
   cwd: {description: Working directory., type: path, default: /}
   fingerprint: {description: Changes when the process must be restarted (config/version hash)., type: str, default: ''}
   stop_timeout: {description: Seconds between SIGTERM and SIGKILL., type: float, default: 90}
-  start_grace: {description: Seconds the process must stay alive after start to count as started., type: float, default: 1}
+  start_grace: {description: Seconds the process must stay alive after start to count as started.,
+                type: float, default: 1}
 """
 
 import json

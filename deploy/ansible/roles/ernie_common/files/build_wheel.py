@@ -73,7 +73,8 @@ def requirements_key(wheel: Path) -> str:
 
     with zipfile.ZipFile(wheel) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        lines = [line for line in z.read(meta).decode().splitlines() if line.startswith(("Requires-", "Provides-Extra"))]
+        lines = [line for line in z.read(meta).decode().splitlines()
+                 if line.startswith(("Requires-", "Provides-Extra"))]
     lines.append(f"{sys.implementation.cache_tag} {sys.platform}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
