@@ -5,7 +5,7 @@ MODEL ?=
 ENGINES ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: up down test install test-unit test-integration test-e2e bench clean
+.PHONY: up down test install lint test-unit test-integration test-e2e bench clean
 
 install:
 	@scripts/install.sh all
@@ -16,12 +16,17 @@ up: install
 down:
 	@$(VENV)/bin/ernie-mesh down
 
-# Every test: unit, integration (real Consul + Envoy), e2e (real vLLM, headless Chromium).
+# Every test: lint and types (ruff, mypy), unit, integration (real Consul + Envoy), e2e (real vLLM,
+# headless Chromium).
 # pytest's exit code 5 ("no tests collected") is a failure, not a pass.
 test:
 	@scripts/install.sh test
+	@scripts/lint.sh
 	@$(PY) -m pytest -ra $(PYTEST_ARGS) tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint:
+	@scripts/lint.sh
 
 test-unit:
 	@$(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit

@@ -91,7 +91,8 @@ def build(cls: type, data: Mapping[str, Any], where: str = "config") -> Any:
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
     missing = [
-        n for n, f in fields.items()
+        n
+        for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
@@ -135,18 +136,21 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def layered(config_path: str | os.PathLike[str] | None, env: Mapping[str, Any],
-            flags: Mapping[str, Any]) -> dict[str, Any]:
+def layered(
+    config_path: str | os.PathLike[str] | None, env: Mapping[str, Any], flags: Mapping[str, Any]
+) -> dict[str, Any]:
     """One process's settings: config file, then CONSUL_HTTP_* and the process's own variables,
     then command-line flags (each layer wins over the previous; unset values are ignored)."""
     return merge(merge(merge(read_toml(config_path), consul_env()), env), flags)
 
 
-def agent_parser(prog: str, description: str, config_file: str, service_help: str,
-                 advertise_help: str) -> argparse.ArgumentParser:
+def agent_parser(
+    prog: str, description: str, config_file: str, service_help: str, advertise_help: str
+) -> argparse.ArgumentParser:
     """The flags every agent has (config file, Consul, service, advertised address); each adds its own."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", "-c", help=config_file)
     p.add_argument("--consul", help="Consul HTTP address (default 127.0.0.1:8500, or CONSUL_HTTP_ADDR)")
     p.add_argument("--service", help=service_help)

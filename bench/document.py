@@ -8,8 +8,10 @@ from bench.report import Figures
 
 def _machine(m: Figures) -> str:
     load = ", ".join(f"{x:.1f}" for x in m.get("loadavg", ()))
-    return (f"{m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, Linux {m['kernel']}, Python {m['python']}; "
-            f"commit {m['commit']}; {m['date']}; load average at the end of the part: {load}")
+    return (
+        f"{m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, Linux {m['kernel']}, Python {m['python']}; "
+        f"commit {m['commit']}; {m['date']}; load average at the end of the part: {load}"
+    )
 
 
 def _row(rows: list[Figures], scenario: str, system: str) -> Figures | None:
@@ -101,48 +103,71 @@ def _section(title: str, part: Figures, body: list[str], note: str = "") -> list
 
 
 def _drill_body(rows: list[Figures], settings_note: str = "") -> list[str]:
-    return [report.settings_line(rows) + settings_note, "", *report.drill_table(rows), "",
-            "Requests that did not complete in full, by error:", "", *(report.error_notes(rows) or ["- none"])]
+    return [
+        report.settings_line(rows) + settings_note,
+        "",
+        *report.drill_table(rows),
+        "",
+        "Requests that did not complete in full, by error:",
+        "",
+        *(report.error_notes(rows) or ["- none"]),
+    ]
 
 
 def write(results: Figures) -> None:
     out = [HEAD]
     if results.get("drills"):
-        out += _section("## Failure drills — simulated engines", results["drills"],
-                        _drill_body(results["drills"]["rows"]))
+        out += _section(
+            "## Failure drills — simulated engines", results["drills"], _drill_body(results["drills"]["rows"])
+        )
     if results.get("vllm"):
-        out += _section("## Failure drills — real vLLM engines (CPU build)", results["vllm"], _drill_body(
-            results["vllm"]["rows"],
-            " The embedded default model (SmolLM2-135M-Instruct, `agent.model.prepare_default_model()`), CPU "
-            "flags of `agent/local/defaults.py`. Two engines per system because two vLLM CPU engines already "
-            "share the machine's two cores."))
+        out += _section(
+            "## Failure drills — real vLLM engines (CPU build)",
+            results["vllm"],
+            _drill_body(
+                results["vllm"]["rows"],
+                " The embedded default model (SmolLM2-135M-Instruct, `agent.model.prepare_default_model()`), CPU "
+                "flags of `agent/local/defaults.py`. Two engines per system because two vLLM CPU engines already "
+                "share the machine's two cores.",
+            ),
+        )
     out += shortfalls(results)
     if results.get("overhead"):
-        out += _section("## Proxy overhead", results["overhead"], report.overhead_table(results["overhead"]),
-                        "The client is one asyncio process with keep-alive connections; \"direct\" spreads requests "
-                        "round-robin over the three engines itself. On two shared cores the client, the proxy and the "
-                        "engines compete for the same CPU, so the proxy's cost shows up as lost throughput (and in "
-                        "p99) rather than added median latency: with a proxy in the path the closed-loop clients "
-                        "send fewer requests per second, the engines' queues are shorter, and a median can come out "
-                        "*below* direct (a negative \"added p50\"). Read the throughput ratio and the proxy CPU per "
-                        "request as the cost.")
+        out += _section(
+            "## Proxy overhead",
+            results["overhead"],
+            report.overhead_table(results["overhead"]),
+            'The client is one asyncio process with keep-alive connections; "direct" spreads requests '
+            "round-robin over the three engines itself. On two shared cores the client, the proxy and the "
+            "engines compete for the same CPU, so the proxy's cost shows up as lost throughput (and in "
+            "p99) rather than added median latency: with a proxy in the path the closed-loop clients "
+            "send fewer requests per second, the engines' queues are shorter, and a median can come out "
+            '*below* direct (a negative "added p50"). Read the throughput ratio and the proxy CPU per '
+            "request as the cost.",
+        )
     if results.get("propagation"):
-        out += _section("## Propagation: Consul health change → Envoy", results["propagation"],
-                        report.propagation_lines(results["propagation"]),
-                        "The baseline's equivalent is its polling period: a health change reaches nginx 0–10 s later "
-                        "(5 s on average, plus up to 5 s of /health timeout for an engine that stopped answering), "
-                        "and a hung engine that still answers /health never does.")
+        out += _section(
+            "## Propagation: Consul health change → Envoy",
+            results["propagation"],
+            report.propagation_lines(results["propagation"]),
+            "The baseline's equivalent is its polling period: a health change reaches nginx 0–10 s later "
+            "(5 s on average, plus up to 5 s of /health timeout for an engine that stopped answering), "
+            "and a hung engine that still answers /health never does.",
+        )
     if results.get("scale"):
-        out += _section("## Scale: 500 and 2,000 registered instances", results["scale"],
-                        report.scale_table(results["scale"]["sizes"]),
-                        "Snapshot build and EDS encode: the gateway's own modules in-process (`build_snapshot`, "
-                        "`eds.cluster_load_assignment` + serialization), medians of 20 repeats. The other columns "
-                        "come from a real Consul dev agent holding N passing instances, a real gateway agent and its "
-                        "Envoy: time from the gateway agent's start to Envoy holding all N endpoints; single-instance "
-                        "verdict flips timed from the Consul write to Envoy's `membership_total` gauge; process CPU "
-                        "time of the gateway agent and of Envoy during the flips, minus their idle rate, per flip. "
-                        "Every change makes the agent re-read and re-parse the whole service from Consul and rebuild "
-                        "the whole snapshot (state of the world), which is what grows with N.")
+        out += _section(
+            "## Scale: 500 and 2,000 registered instances",
+            results["scale"],
+            report.scale_table(results["scale"]["sizes"]),
+            "Snapshot build and EDS encode: the gateway's own modules in-process (`build_snapshot`, "
+            "`eds.cluster_load_assignment` + serialization), medians of 20 repeats. The other columns "
+            "come from a real Consul dev agent holding N passing instances, a real gateway agent and its "
+            "Envoy: time from the gateway agent's start to Envoy holding all N endpoints; single-instance "
+            "verdict flips timed from the Consul write to Envoy's `membership_total` gauge; process CPU "
+            "time of the gateway agent and of Envoy during the flips, minus their idle rate, per flip. "
+            "Every change makes the agent re-read and re-parse the whole service from Consul and rebuild "
+            "the whole snapshot (state of the world), which is what grows with N.",
+        )
     report.DOC.parent.mkdir(parents=True, exist_ok=True)
     report.DOC.write_text("\n".join(out).rstrip() + "\n")
 
@@ -154,15 +179,21 @@ def shortfalls(results: Figures) -> list[str]:
     m = _row(rows, "kill", "mesh")
     vm = _row(vrows, "kill", "mesh")
     if (m and m["truncated"]) or (vm and vm["truncated"]):
-        counts = "; ".join(f"{r['truncated']} of {r['requests']} requests with {kind} engines"
-                           for r, kind in ((m, "simulated"), (vm, "vLLM")) if r)
+        counts = "; ".join(
+            f"{r['truncated']} of {r['requests']} requests with {kind} engines"
+            for r, kind in ((m, "simulated"), (vm, "vLLM"))
+            if r
+        )
         out.append(SHORTFALL_KILL.format(counts=counts))
-    others = [r for r in rows + vrows if r["system"] == "mesh" and (r["failed"] or r["truncated"])
-              and r["scenario"] != "kill"]
+    others = [
+        r for r in rows + vrows if r["system"] == "mesh" and (r["failed"] or r["truncated"]) and r["scenario"] != "kill"
+    ]
     for r in others:
         errs = "; ".join(f"{n} × {e}" for e, n in r["errors"].items())
-        out.append(f"### {r['scenario']} ({r['engine']}): {r['failed']} failed, {r['truncated']} truncated\n\n"
-                   f"Errors: {errs}. See the note below the table.\n")
+        out.append(
+            f"### {r['scenario']} ({r['engine']}): {r['failed']} failed, {r['truncated']} truncated\n\n"
+            f"Errors: {errs}. See the note below the table.\n"
+        )
     if not out:
         return []
     return ["## Where ernie-mesh falls short, and why", "", *out]

@@ -37,17 +37,17 @@ MAX_NOT_OK = 200
 @dataclass(frozen=True)
 class DrillOptions:
     scenario: str
-    system: str = "both"               # mesh | baseline | both
+    system: str = "both"  # mesh | baseline | both
     engines: int = 3
-    engine: str = "sim"                # sim | vllm
+    engine: str = "sim"  # sim | vllm
     duration_s: float = 60.0
     concurrency: int = 8
     stream_ratio: float = 0.5
     max_tokens: int = 32
     token_delay_ms: float = 20.0
     request_timeout_s: float = 60.0
-    hold_s: float | None = None        # fault length; default scenarios.HOLD x duration
-    health_interval_s: float = 10.0    # the baseline's health-check period
+    hold_s: float | None = None  # fault length; default scenarios.HOLD x duration
+    health_interval_s: float = 10.0  # the baseline's health-check period
 
     @property
     def hold(self) -> float:
@@ -71,8 +71,7 @@ def build_system(name: str, opts: DrillOptions, settings: EngineSettings, workdi
         agent_settings: dict[str, Any] = {}
         if opts.scenario == "kill":
             # "restart it later": the agent restarts the engine itself, at the fault's end like the baseline
-            agent_settings = {"restart_backoff_initial_s": opts.hold,
-                              "restart_backoff_max_s": max(30.0, opts.hold)}
+            agent_settings = {"restart_backoff_initial_s": opts.hold, "restart_backoff_max_s": max(30.0, opts.hold)}
         return MeshSystem(settings, opts.engines, workdir / "mesh", progress, agent_settings)
     from bench.baseline.system import BaselineSystem
 
@@ -87,8 +86,9 @@ def engine_settings(opts: DrillOptions) -> EngineSettings:
     return sim_settings(opts.token_delay_ms)
 
 
-def run_one(name: str, opts: DrillOptions, settings: EngineSettings, workdir: Path,
-            stop: threading.Event) -> dict[str, Any]:
+def run_one(
+    name: str, opts: DrillOptions, settings: EngineSettings, workdir: Path, stop: threading.Event
+) -> dict[str, Any]:
     """Start a fresh system, run the scenario under load, stop everything; the figures."""
     system = build_system(name, opts, settings, workdir)
     ready_timeout = settings.start_timeout_s + 60
@@ -98,13 +98,20 @@ def run_one(name: str, opts: DrillOptions, settings: EngineSettings, workdir: Pa
         system.start()
         system.wait_all_in_rotation(ready_timeout)
         monitor = Monitor(system).start()
-        load = LoadGenerator(LoadConfig(system.base_url, settings.served_model_name, opts.concurrency,
-                                        opts.stream_ratio, opts.max_tokens, opts.request_timeout_s)).start()
+        load = LoadGenerator(
+            LoadConfig(
+                system.base_url,
+                settings.served_model_name,
+                opts.concurrency,
+                opts.stream_ratio,
+                opts.max_tokens,
+                opts.request_timeout_s,
+            )
+        ).start()
         started_at = load.started_at
         if started_at is None:  # start() sets it
             raise RuntimeError("the load generator did not start")
-        tl = sc.Timeline(system, monitor, started_at, opts.duration_s, opts.hold, stop, progress,
-                         ready_timeout)
+        tl = sc.Timeline(system, monitor, started_at, opts.duration_s, opts.hold, stop, progress, ready_timeout)
 
         def scenario_thread() -> None:
             try:
@@ -116,8 +123,10 @@ def run_one(name: str, opts: DrillOptions, settings: EngineSettings, workdir: Pa
 
         scen = threading.Thread(target=scenario_thread, daemon=True, name="scenario")
         scen.start()
-        progress(f"[{name}] {opts.scenario}: load started ({opts.concurrency} clients, "
-                 f"{opts.stream_ratio:.0%} streaming, {opts.max_tokens} tokens) for {opts.duration_s:g}s")
+        progress(
+            f"[{name}] {opts.scenario}: load started ({opts.concurrency} clients, "
+            f"{opts.stream_ratio:.0%} streaming, {opts.max_tokens} tokens) for {opts.duration_s:g}s"
+        )
         last = 0.0
         cap = RECOVERY_WAIT_VLLM_S if settings.kind == "vllm" else RECOVERY_WAIT_SIM_S
         scen_done_at = None
@@ -127,14 +136,19 @@ def run_one(name: str, opts: DrillOptions, settings: EngineSettings, workdir: Pa
             now = time.time()
             if not scen.is_alive() and scen_done_at is None:
                 scen_done_at = now
-            if (now - started_at >= opts.duration_s and scen_done_at is not None
-                    and (monitor.all_recovered() or now - scen_done_at > cap)):
+            if (
+                now - started_at >= opts.duration_s
+                and scen_done_at is not None
+                and (monitor.all_recovered() or now - scen_done_at > cap)
+            ):
                 break
             if now - last >= PROGRESS_EVERY_S:
                 last = now
                 s = summarize(load.snapshot(), 1)
-                progress(f"[{name} +{last - started_at:5.1f}s] requests {s.requests}, failed {s.failed}, "
-                         f"truncated {s.truncated}, in rotation {sorted(monitor.rotation)}")
+                progress(
+                    f"[{name} +{last - started_at:5.1f}s] requests {s.requests}, failed {s.failed}, "
+                    f"truncated {s.truncated}, in rotation {sorted(monitor.rotation)}"
+                )
             time.sleep(0.2)
         if not failure and not stop.is_set():
             stop.wait(TAIL_S)
@@ -157,8 +171,9 @@ def run_one(name: str, opts: DrillOptions, settings: EngineSettings, workdir: Pa
 
 def stop_quietly(system: System) -> None:
     """Stop every process of the system even if Ctrl-C is pressed again meanwhile."""
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() \
-        else None
+    old = (
+        signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         progress(f"[{system.name}] stopping")
         system.stop()
@@ -167,8 +182,7 @@ def stop_quietly(system: System) -> None:
             signal.signal(signal.SIGINT, old)
 
 
-def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monitor,
-              elapsed: float) -> dict[str, Any]:
+def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monitor, elapsed: float) -> dict[str, Any]:
     results = load.snapshot()
     t0 = load.started_at
     if t0 is None:
@@ -202,18 +216,36 @@ def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monit
         "hold_s": opts.hold if opts.scenario != "rolling" else None,
         "errors": s.errors,
         "engine_fault": bool(detects),
-        "events": [{"label": e.label, "index": e.index, "at_s": round(e.t_fault - t0, 2),
-                    "end_s": None if e.t_end is None else round(e.t_end - t0, 2),
-                    "detect_s": e.detect_s, "recover_s": e.recover_s} for e in monitor.events],
+        "events": [
+            {
+                "label": e.label,
+                "index": e.index,
+                "at_s": round(e.t_fault - t0, 2),
+                "end_s": None if e.t_end is None else round(e.t_end - t0, 2),
+                "detect_s": e.detect_s,
+                "recover_s": e.recover_s,
+            }
+            for e in monitor.events
+        ],
         # every request that was not ok, times relative to the load start (what a test can reason about)
-        "not_ok": [{"outcome": r.outcome, "stream": r.stream, "start_s": round(r.started - t0, 2),
-                    "end_s": round(r.ended - t0, 2), "tokens": r.tokens, "error": r.error}
-                   for r in results if r.outcome != "ok"][:MAX_NOT_OK],
+        "not_ok": [
+            {
+                "outcome": r.outcome,
+                "stream": r.stream,
+                "start_s": round(r.started - t0, 2),
+                "end_s": round(r.ended - t0, 2),
+                "tokens": r.tokens,
+                "error": r.error,
+            }
+            for r in results
+            if r.outcome != "ok"
+        ][:MAX_NOT_OK],
     }
 
 
-def run_drill(opts: DrillOptions, stop: threading.Event | None = None,
-              workdir: Path | None = None) -> list[dict[str, Any]]:
+def run_drill(
+    opts: DrillOptions, stop: threading.Event | None = None, workdir: Path | None = None
+) -> list[dict[str, Any]]:
     stop = stop or threading.Event()
     if opts.engine == "vllm" and opts.scenario not in sc.VLLM_OK:
         raise SystemExit(f"ernie-mesh drill: scenario {opts.scenario} needs --engine sim")
@@ -230,8 +262,18 @@ def run_drill(opts: DrillOptions, stop: threading.Event | None = None,
 
 # --- output -----------------------------------------------------------------------------------
 
-JSON_KEYS = ("scenario", "system", "requests", "failed", "truncated", "p50_ms", "p99_ms", "ttft_p99_ms",
-             "detect_s", "recover_s")
+JSON_KEYS = (
+    "scenario",
+    "system",
+    "requests",
+    "failed",
+    "truncated",
+    "p50_ms",
+    "p99_ms",
+    "ttft_p99_ms",
+    "detect_s",
+    "recover_s",
+)
 
 
 def fmt(v: object, unit: str = "") -> str:
@@ -243,15 +285,40 @@ def fmt(v: object, unit: str = "") -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ["scenario", "system", "requests", "failed", "truncated", "p50 ms", "p99 ms", "TTFT p50", "TTFT p99",
-            "detect", "recover"]
-    rows = [[r["scenario"], r["system"], fmt(r["requests"]), fmt(r["failed"]), fmt(r["truncated"]), fmt(r["p50_ms"]),
-             fmt(r["p99_ms"]), fmt(r["ttft_p50_ms"]), fmt(r["ttft_p99_ms"]),
-             fmt(r["detect_s"], "s") if r["engine_fault"] else "-",
-             fmt(r["recover_s"], "s")] for r in results]
+    head = [
+        "scenario",
+        "system",
+        "requests",
+        "failed",
+        "truncated",
+        "p50 ms",
+        "p99 ms",
+        "TTFT p50",
+        "TTFT p99",
+        "detect",
+        "recover",
+    ]
+    rows = [
+        [
+            r["scenario"],
+            r["system"],
+            fmt(r["requests"]),
+            fmt(r["failed"]),
+            fmt(r["truncated"]),
+            fmt(r["p50_ms"]),
+            fmt(r["p99_ms"]),
+            fmt(r["ttft_p50_ms"]),
+            fmt(r["ttft_p99_ms"]),
+            fmt(r["detect_s"], "s") if r["engine_fault"] else "-",
+            fmt(r["recover_s"], "s"),
+        ]
+        for r in results
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(str(x).rjust(w) if i > 1 else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))
-             for row in [head, *rows]]
+    lines = [
+        "  ".join(str(x).rjust(w) if i > 1 else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))
+        for row in [head, *rows]
+    ]
     notes = []
     for r in results:
         for err, n in list(r["errors"].items())[:4]:
@@ -260,14 +327,21 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ernie-mesh drill", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="scenarios:\n" + "\n".join(f"  {k:<16} {v}" for k, v in sc.DESCRIPTIONS.items()))
+    p = argparse.ArgumentParser(
+        prog="ernie-mesh drill",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="scenarios:\n" + "\n".join(f"  {k:<16} {v}" for k, v in sc.DESCRIPTIONS.items()),
+    )
     p.add_argument("scenario", choices=[*sc.SCENARIOS, "all"])
     p.add_argument("--system", choices=["mesh", "baseline", "both"], default="both")
     p.add_argument("--engines", type=int, default=3, help="engines per system (default 3)")
-    p.add_argument("--engine", choices=["sim", "vllm"], default="sim",
-                   help="simulated engines (default) or real vLLM (CPU build and the embedded default model)")
+    p.add_argument(
+        "--engine",
+        choices=["sim", "vllm"],
+        default="sim",
+        help="simulated engines (default) or real vLLM (CPU build and the embedded default model)",
+    )
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent clients (default 8)")
     p.add_argument("--stream-ratio", type=float, default=0.5, help="fraction of streaming requests (default 0.5)")
@@ -291,8 +365,10 @@ def stop_on_sigterm() -> None:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if args.engines < 1 or args.concurrency < 1 or not 0 <= args.stream_ratio <= 1 or args.duration <= 0:
-        print("ernie-mesh drill: --engines and --concurrency >= 1, --stream-ratio in [0, 1], --duration > 0",
-              file=sys.stderr)
+        print(
+            "ernie-mesh drill: --engines and --concurrency >= 1, --stream-ratio in [0, 1], --duration > 0",
+            file=sys.stderr,
+        )
         return 2
     names = list(sc.SCENARIOS) if args.scenario == "all" else [args.scenario]
     if args.engine == "vllm":
@@ -302,14 +378,26 @@ def main(argv: list[str]) -> int:
     results: list[dict[str, Any]] = []
     try:
         for name in names:
-            opts = DrillOptions(name, args.system, args.engines, args.engine, args.duration, args.concurrency,
-                                args.stream_ratio, args.max_tokens, args.token_delay_ms, args.request_timeout,
-                                args.hold)
+            opts = DrillOptions(
+                name,
+                args.system,
+                args.engines,
+                args.engine,
+                args.duration,
+                args.concurrency,
+                args.stream_ratio,
+                args.max_tokens,
+                args.token_delay_ms,
+                args.request_timeout,
+                args.hold,
+            )
             for r in run_drill(opts, stop):
                 results.append(r)
                 if args.json:
-                    print(json.dumps({k: r[k] for k in JSON_KEYS} | {k: v for k, v in r.items() if k not in JSON_KEYS}),
-                          flush=True)
+                    print(
+                        json.dumps({k: r[k] for k in JSON_KEYS} | {k: v for k, v in r.items() if k not in JSON_KEYS}),
+                        flush=True,
+                    )
     except KeyboardInterrupt:
         stop.set()
         progress("interrupted: everything stopped")
@@ -317,4 +405,3 @@ def main(argv: list[str]) -> int:
     if not args.json:
         print(table(results))
     return 0
-

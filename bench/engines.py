@@ -33,9 +33,9 @@ ENGINE_CORE_TITLE = "EngineCore"
 class EngineSettings:
     """One engine's settings; both systems get the same ones."""
 
-    kind: str = "sim"                      # sim | vllm
-    token_delay_ms: float = 20.0           # simulated engine only
-    model: str = ""                        # vLLM: model path
+    kind: str = "sim"  # sim | vllm
+    token_delay_ms: float = 20.0  # simulated engine only
+    model: str = ""  # vLLM: model path
     served_model_name: str = SIM_MODEL
     # vLLM's default is 0: SIGTERM aborts requests in flight. The baseline keeps that default (a plain
     # restart); the mesh never SIGTERMs an engine with requests in flight (it drains first).
@@ -50,12 +50,35 @@ class EngineSettings:
     def command(self, port: int) -> list[str]:
         """The command a user would run for this engine (the baseline runs exactly this)."""
         if self.kind == "sim":
-            return mesh_command("sim-engine", "--host", "127.0.0.1", "--port", str(port), "--model",
-                                self.served_model_name, "--token-delay-ms", f"{self.token_delay_ms:g}",
-                                "--shutdown-timeout", f"{self.shutdown_timeout_s:g}")
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                "--served-model-name", self.served_model_name, "--host", "127.0.0.1", "--port", str(port),
-                "--shutdown-timeout", str(int(self.shutdown_timeout_s)), *self.vllm_args]
+            return mesh_command(
+                "sim-engine",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--model",
+                self.served_model_name,
+                "--token-delay-ms",
+                f"{self.token_delay_ms:g}",
+                "--shutdown-timeout",
+                f"{self.shutdown_timeout_s:g}",
+            )
+        return [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model,
+            "--served-model-name",
+            self.served_model_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--shutdown-timeout",
+            str(int(self.shutdown_timeout_s)),
+            *self.vllm_args,
+        ]
 
     def env(self, index: int, count: int) -> dict[str, str]:
         """Environment of engine number `index` of `count` (vLLM on CPU: its own share of the cores)."""
@@ -66,12 +89,22 @@ class EngineSettings:
     def agent_engine(self, port: int, index: int, count: int) -> dict[str, Any]:
         """The [[engines]] table of an engine agent running engine number `index` of `count`."""
         if self.kind == "sim":
-            return {"kind": "simulated", "port": port, "served_model_name": self.served_model_name,
-                    "args": ["--token-delay-ms", f"{self.token_delay_ms:g}"],
-                    "shutdown_timeout_s": self.shutdown_timeout_s}
-        return {"kind": "vllm", "port": port, "model": self.model, "served_model_name": self.served_model_name,
-                "args": list(self.vllm_args), "env": self.env(index, count),
-                "shutdown_timeout_s": self.shutdown_timeout_s}
+            return {
+                "kind": "simulated",
+                "port": port,
+                "served_model_name": self.served_model_name,
+                "args": ["--token-delay-ms", f"{self.token_delay_ms:g}"],
+                "shutdown_timeout_s": self.shutdown_timeout_s,
+            }
+        return {
+            "kind": "vllm",
+            "port": port,
+            "model": self.model,
+            "served_model_name": self.served_model_name,
+            "args": list(self.vllm_args),
+            "env": self.env(index, count),
+            "shutdown_timeout_s": self.shutdown_timeout_s,
+        }
 
 
 def sim_settings(token_delay_ms: float = 20.0) -> EngineSettings:
@@ -85,11 +118,17 @@ def vllm_settings(progress: Callable[[str], None] = print) -> EngineSettings:
 
     model = str(prepare_default_model(progress=progress))
     table = vllm_engine(0, model, SERVED_MODEL_NAME)
-    return EngineSettings(kind="vllm", model=model, served_model_name=SERVED_MODEL_NAME,
-                          vllm_args=tuple(table.get("args", ())), vllm_env=dict(table.get("env", {})))
+    return EngineSettings(
+        kind="vllm",
+        model=model,
+        served_model_name=SERVED_MODEL_NAME,
+        vllm_args=tuple(table.get("args", ())),
+        vllm_env=dict(table.get("env", {})),
+    )
 
 
 # --- faults, the same for both systems ----------------------------------------------------------
+
 
 def engine_core(pid: int) -> psutil.Process:
     """vLLM's engine-core worker: a child of the API server named VLLM::EngineCore."""
@@ -202,9 +241,12 @@ class PlainEngine:
 
     def start(self) -> PlainEngine:
         self.starts += 1
-        self.proc = ManagedProcess(f"engine-{self.port}", self.settings.command(self.port),
-                                   self.log_dir / f"engine-{self.port}.log",
-                                   env=self.settings.env(self.index, self.count)).start()
+        self.proc = ManagedProcess(
+            f"engine-{self.port}",
+            self.settings.command(self.port),
+            self.log_dir / f"engine-{self.port}.log",
+            env=self.settings.env(self.index, self.count),
+        ).start()
         return self
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
@@ -217,6 +259,7 @@ class PlainEngine:
             if not proc.alive():
                 raise RuntimeError(f"engine on :{self.port} exited: {proc.log_tail(15)}")
             return model_ready(self.url)
+
         wait_until(ready, timeout_s, interval_s=0.2, what=f"engine :{self.port} ready")
 
     def kill(self) -> None:

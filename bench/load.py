@@ -31,10 +31,10 @@ STALLED_FACTOR = 5.0
 
 @dataclass(frozen=True)
 class LoadConfig:
-    base_url: str                     # e.g. http://127.0.0.1:8080 (without /v1)
+    base_url: str  # e.g. http://127.0.0.1:8080 (without /v1)
     model: str
     concurrency: int = 8
-    stream_ratio: float = 0.5         # fraction of requests that stream
+    stream_ratio: float = 0.5  # fraction of requests that stream
     max_tokens: int = 32
     request_timeout_s: float = 60.0
     prompt: str = PROMPT
@@ -42,16 +42,16 @@ class LoadConfig:
 
 @dataclass
 class Result:
-    started: float                    # wall clock (time.time), comparable across processes
+    started: float  # wall clock (time.time), comparable across processes
     latency_s: float
     stream: bool
-    outcome: str                      # ok | failed | truncated
+    outcome: str  # ok | failed | truncated
     ttft_s: float | None = None
     tokens: int = 0
     finish_reason: str | None = None
     error: str = ""
-    kind: str = ""                    # short category of a not-ok outcome (for counting)
-    max_gap_s: float = 0.0            # a stream's longest silence (from the request to its first event included)
+    kind: str = ""  # short category of a not-ok outcome (for counting)
+    max_gap_s: float = 0.0  # a stream's longest silence (from the request to its first event included)
 
     @property
     def ended(self) -> float:
@@ -74,18 +74,25 @@ def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
     t0_wall, t0 = time.time(), time.perf_counter()
     if not stream:
         try:
-            r = client.chat.completions.create(model=cfg.model, messages=messages, max_tokens=cfg.max_tokens,
-                                               temperature=0, extra_body=extra)
+            r = client.chat.completions.create(
+                model=cfg.model, messages=messages, max_tokens=cfg.max_tokens, temperature=0, extra_body=extra
+            )
         except Exception as e:  # noqa: BLE001 - every client-visible error is an outcome to count
-            return Result(t0_wall, time.perf_counter() - t0, False, "failed", error=_classify_error(e),
-                          kind=_kind(e))
+            return Result(t0_wall, time.perf_counter() - t0, False, "failed", error=_classify_error(e), kind=_kind(e))
         latency = time.perf_counter() - t0
         finish = r.choices[0].finish_reason if r.choices else None
         tokens = r.usage.completion_tokens if r.usage else 0
         full = finish == "length" and tokens >= cfg.max_tokens
-        return Result(t0_wall, latency, False, "ok" if full else "truncated", tokens=tokens, finish_reason=finish,
-                      error="" if full else f"finish_reason={finish} tokens={tokens}",
-                      kind="" if full else f"finish_reason {finish}")
+        return Result(
+            t0_wall,
+            latency,
+            False,
+            "ok" if full else "truncated",
+            tokens=tokens,
+            finish_reason=finish,
+            error="" if full else f"finish_reason={finish} tokens={tokens}",
+            kind="" if full else f"finish_reason {finish}",
+        )
     ttft = None
     finish = None
     usage_tokens = None
@@ -93,9 +100,15 @@ def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
     last = t0
     max_gap = 0.0
     try:
-        events = client.chat.completions.create(model=cfg.model, messages=messages, max_tokens=cfg.max_tokens,
-                                                temperature=0, extra_body=extra, stream=True,
-                                                stream_options={"include_usage": True})
+        events = client.chat.completions.create(
+            model=cfg.model,
+            messages=messages,
+            max_tokens=cfg.max_tokens,
+            temperature=0,
+            extra_body=extra,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         for ev in events:
             now = time.perf_counter()
             max_gap, last = max(max_gap, now - last), now
@@ -112,16 +125,34 @@ def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
     except Exception as e:  # noqa: BLE001
         latency = time.perf_counter() - t0
         outcome = "truncated" if chunks else "failed"
-        return Result(t0_wall, latency, True, outcome, ttft_s=ttft, tokens=chunks, finish_reason=finish,
-                      error=_classify_error(e), kind=("stream cut: " if chunks else "") + _kind(e))
+        return Result(
+            t0_wall,
+            latency,
+            True,
+            outcome,
+            ttft_s=ttft,
+            tokens=chunks,
+            finish_reason=finish,
+            error=_classify_error(e),
+            kind=("stream cut: " if chunks else "") + _kind(e),
+        )
     latency = time.perf_counter() - t0
     tokens = usage_tokens if usage_tokens is not None else chunks
     full = finish == "length" and usage_tokens is not None and usage_tokens >= cfg.max_tokens
-    return Result(t0_wall, latency, True, "ok" if full else "truncated", ttft_s=ttft, tokens=tokens,
-                  finish_reason=finish, max_gap_s=max_gap,
-                  error="" if full else f"stream ended: finish_reason={finish} usage_tokens={usage_tokens} "
-                                        f"content_chunks={chunks}",
-                  kind="" if full else f"stream ended, finish_reason {finish}")
+    return Result(
+        t0_wall,
+        latency,
+        True,
+        "ok" if full else "truncated",
+        ttft_s=ttft,
+        tokens=tokens,
+        finish_reason=finish,
+        max_gap_s=max_gap,
+        error=""
+        if full
+        else f"stream ended: finish_reason={finish} usage_tokens={usage_tokens} content_chunks={chunks}",
+        kind="" if full else f"stream ended, finish_reason {finish}",
+    )
 
 
 class LoadGenerator:
@@ -145,12 +176,18 @@ class LoadGenerator:
         return self
 
     def _worker(self, index: int) -> None:
-        http = httpx.Client(limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
-                            timeout=httpx.Timeout(self.cfg.request_timeout_s, connect=5.0))
-        client = openai.OpenAI(base_url=f"{self.cfg.base_url}/v1", api_key="none", max_retries=0,
-                               timeout=self.cfg.request_timeout_s,
-                               # openai types this as httpx2.Client, but accepts (and checks for) an httpx.Client
-                               http_client=http)  # type: ignore[arg-type]
+        http = httpx.Client(
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
+            timeout=httpx.Timeout(self.cfg.request_timeout_s, connect=5.0),
+        )
+        client = openai.OpenAI(
+            base_url=f"{self.cfg.base_url}/v1",
+            api_key="none",
+            max_retries=0,
+            timeout=self.cfg.request_timeout_s,
+            # openai types this as httpx2.Client, but accepts (and checks for) an httpx.Client
+            http_client=http,  # type: ignore[arg-type]
+        )
         n = 0
         # Deterministic mix: worker i, request n streams when the running fraction is below the ratio,
         # offset per worker so the mix holds at every moment, not only on average.
@@ -228,11 +265,14 @@ def summarize(results: list[Result], seconds: float) -> LoadSummary:
     p50 = percentile(lat, 50)
     stalled = sum(1 for v in lat if p50 is not None and v > STALLED_FACTOR * p50)
     return LoadSummary(
-        requests=len(results), ok=ok,
+        requests=len(results),
+        ok=ok,
         failed=sum(1 for r in results if r.outcome == "failed"),
         truncated=sum(1 for r in results if r.outcome == "truncated"),
-        p50_ms=rnd(percentile(lat, 50)), p99_ms=rnd(percentile(lat, 99)),
-        ttft_p50_ms=rnd(percentile(ttft, 50)), ttft_p99_ms=rnd(percentile(ttft, 99)),
+        p50_ms=rnd(percentile(lat, 50)),
+        p99_ms=rnd(percentile(lat, 99)),
+        ttft_p50_ms=rnd(percentile(ttft, 50)),
+        ttft_p99_ms=rnd(percentile(ttft, 99)),
         rps=round(ok / seconds, 2) if seconds > 0 else 0.0,
         stalled=stalled,
         longest_wait_s=round(max(waits), 2) if waits else None,

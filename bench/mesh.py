@@ -31,16 +31,32 @@ DRAIN_TIMEOUT_S = 300.0
 class EngineAgentProc:
     """`ernie-mesh engine` supervising one engine."""
 
-    def __init__(self, workdir: Path, consul_address: str, settings: EngineSettings, engine_port: int,
-                 index: int, count: int, agent_settings: dict[str, Any]):
+    def __init__(
+        self,
+        workdir: Path,
+        consul_address: str,
+        settings: EngineSettings,
+        engine_port: int,
+        index: int,
+        count: int,
+        agent_settings: dict[str, Any],
+    ):
         self.engine_port = engine_port
         self.port = free_port()
         self.instance_id = instance_id(SERVICE, NODE, engine_port)
         self.config_path = workdir / f"engine-agent-{engine_port}.toml"
-        self.config_path.write_text(tomli_w.dumps(
-            {"listen": f"127.0.0.1:{self.port}", "node": NODE, "log_dir": str(workdir / "logs"), **agent_settings,
-             "consul": {"address": consul_address, "service": SERVICE},
-             "engines": [settings.agent_engine(engine_port, index, count)]}))
+        self.config_path.write_text(
+            tomli_w.dumps(
+                {
+                    "listen": f"127.0.0.1:{self.port}",
+                    "node": NODE,
+                    "log_dir": str(workdir / "logs"),
+                    **agent_settings,
+                    "consul": {"address": consul_address, "service": SERVICE},
+                    "engines": [settings.agent_engine(engine_port, index, count)],
+                }
+            )
+        )
         self.log_path = workdir / "logs" / f"engine-agent-{engine_port}.log"
         self.proc: ManagedProcess | None = None
         self._http = httpx.Client(timeout=2.0)
@@ -50,8 +66,9 @@ class EngineAgentProc:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> EngineAgentProc:
-        self.proc = ManagedProcess(f"engine-agent-{self.engine_port}",
-                                   mesh_command("engine", "--config", str(self.config_path)), self.log_path).start()
+        self.proc = ManagedProcess(
+            f"engine-agent-{self.engine_port}", mesh_command("engine", "--config", str(self.config_path)), self.log_path
+        ).start()
         return self
 
     def instance(self) -> dict[str, Any] | None:
@@ -80,14 +97,23 @@ class EngineAgentProc:
 class MeshSystem(System):
     name = "mesh"
 
-    def __init__(self, settings: EngineSettings, engines: int, workdir: Path, progress: Progress,
-                 agent_settings: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        settings: EngineSettings,
+        engines: int,
+        workdir: Path,
+        progress: Progress,
+        agent_settings: dict[str, Any] | None = None,
+    ):
         super().__init__(settings, engines, workdir, progress)
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.agent_settings = dict(agent_settings or {})
         self.engine_ports = free_ports(engines)
-        self.consul = ConsulDev(node="ernie-drill", data_dir=str(self.workdir / "consul"),
-                                log_path=str(self.workdir / "logs" / "consul.log"))
+        self.consul = ConsulDev(
+            node="ernie-drill",
+            data_dir=str(self.workdir / "consul"),
+            log_path=str(self.workdir / "logs" / "consul.log"),
+        )
         (self.workdir / "consul").mkdir(exist_ok=True)
         self.agents: list[EngineAgentProc] = []
         self.gateway: ManagedProcess | None = None
@@ -107,28 +133,44 @@ class MeshSystem(System):
         return f"http://127.0.0.1:{self.gw_ports['envoy_admin']}"
 
     def describe(self) -> str:
-        return (f"Consul {self.consul.address}, {self.n} engine agent(s), gateway Envoy {self.base_url} "
-                f"(admin {self.admin_url})")
+        return (
+            f"Consul {self.consul.address}, {self.n} engine agent(s), gateway Envoy {self.base_url} "
+            f"(admin {self.admin_url})"
+        )
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         self.consul.start()
         self._catalog = ConsulCatalog(self.consul.address)
-        self.progress(f"mesh: Consul on {self.consul.address}; starting {self.n} engine agent(s) "
-                      f"({self.settings.kind} engines) and the gateway")
+        self.progress(
+            f"mesh: Consul on {self.consul.address}; starting {self.n} engine agent(s) "
+            f"({self.settings.kind} engines) and the gateway"
+        )
         for i, port in enumerate(self.engine_ports):
-            self.agents.append(EngineAgentProc(self.workdir, self.consul.address, self.settings, port, i, self.n,
-                                               self.agent_settings).start())
-        self.gw_config.write_text(tomli_w.dumps(
-            {"name": "drill-gw", "run_dir": str(self.gw_run_dir),
-             **{k: f"127.0.0.1:{p}" for k, p in self.gw_ports.items()},
-             "consul": {"address": self.consul.address, "service": SERVICE}}))
+            self.agents.append(
+                EngineAgentProc(
+                    self.workdir, self.consul.address, self.settings, port, i, self.n, self.agent_settings
+                ).start()
+            )
+        self.gw_config.write_text(
+            tomli_w.dumps(
+                {
+                    "name": "drill-gw",
+                    "run_dir": str(self.gw_run_dir),
+                    **{k: f"127.0.0.1:{p}" for k, p in self.gw_ports.items()},
+                    "consul": {"address": self.consul.address, "service": SERVICE},
+                }
+            )
+        )
         self.start_gateway()
         self.progress(f"mesh: {self.describe()}")
 
     def start_gateway(self) -> None:
-        self.gateway = ManagedProcess("gateway", mesh_command("gateway", "--config", str(self.gw_config)),
-                                      self.workdir / "logs" / "gateway-agent.log").start()
+        self.gateway = ManagedProcess(
+            "gateway",
+            mesh_command("gateway", "--config", str(self.gw_config)),
+            self.workdir / "logs" / "gateway-agent.log",
+        ).start()
 
     def stop(self) -> None:
         """SIGTERM to the gateway and every engine agent at once (each drains on its own), then wait."""
@@ -168,7 +210,7 @@ class MeshSystem(System):
         for line in text.splitlines():
             if not line.startswith(prefix):
                 continue
-            parts = line[len(prefix):].split("::")
+            parts = line[len(prefix) :].split("::")
             if len(parts) == 3 and parts[1] == "health_flags":
                 flags[int(parts[0].rpartition(":")[2])] = parts[2]
         return frozenset(i for i, p in enumerate(self.engine_ports) if flags.get(p) == "healthy")
@@ -202,8 +244,12 @@ class MeshSystem(System):
         """Drain through the engine agent, then stop the agent (nothing left to drain)."""
         agent = self.agents[i]
         agent.drain()
-        wait_until(lambda: (agent.instance() or {}).get("state") == "drained", DRAIN_TIMEOUT_S, interval_s=0.1,
-                   what=f"{agent.instance_id} drained")
+        wait_until(
+            lambda: (agent.instance() or {}).get("state") == "drained",
+            DRAIN_TIMEOUT_S,
+            interval_s=0.1,
+            what=f"{agent.instance_id} drained",
+        )
         agent.stop(30.0)
 
     def roll_start(self, i: int) -> None:
@@ -211,8 +257,7 @@ class MeshSystem(System):
 
     def roll_wait(self, i: int, timeout_s: float) -> None:
         """Back when Envoy routes to it again (the agent saw a canary succeed and said passing)."""
-        wait_until(lambda: i in self.in_rotation(), timeout_s, interval_s=0.1,
-                   what=f"engine {i} back in rotation")
+        wait_until(lambda: i in self.in_rotation(), timeout_s, interval_s=0.1, what=f"engine {i} back in rotation")
 
     def control_plane_stop(self, what: str) -> None:
         if what == "consul":

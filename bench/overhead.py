@@ -55,12 +55,18 @@ def progress(msg: str) -> None:
 
 
 def body(stream: bool) -> dict[str, Any]:
-    return {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS,
-            "ignore_eos": True, "stream": stream}
+    return {
+        "model": "sim-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": MAX_TOKENS,
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
-async def measure(urls: list[str], concurrency: int, seconds: float, stream: bool,
-                  procs: Sequence[psutil.Process] = ()) -> dict[str, Any]:
+async def measure(
+    urls: list[str], concurrency: int, seconds: float, stream: bool, procs: Sequence[psutil.Process] = ()
+) -> dict[str, Any]:
     """Closed loop: `concurrency` tasks, each one request after the other, for `seconds`."""
     lat: list[float] = []
     errors = 0
@@ -68,6 +74,7 @@ async def measure(urls: list[str], concurrency: int, seconds: float, stream: boo
     events = 0
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+
         async def one() -> None:
             nonlocal counter, errors, events
             url = urls[counter % len(urls)] + "/v1/chat/completions"
@@ -107,10 +114,15 @@ async def measure(urls: list[str], concurrency: int, seconds: float, stream: boo
     if p50 is None or p99 is None:
         raise RuntimeError(f"overhead: no request to {urls} succeeded ({errors} errors)")
     # the proxy's CPU per request is far less sensitive to a shared machine than latency
-    return {"requests": len(lat), "errors": errors, "rps": len(lat) / elapsed,
-            "p50_ms": p50 * 1000, "p99_ms": p99 * 1000,
-            "proxy_cpu_ms_per_req": cpu / max(len(lat), 1) * 1000,
-            "events_per_req": events / max(len(lat), 1) if stream else 0.0}
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        "rps": len(lat) / elapsed,
+        "p50_ms": p50 * 1000,
+        "p99_ms": p99 * 1000,
+        "proxy_cpu_ms_per_req": cpu / max(len(lat), 1) * 1000,
+        "events_per_req": events / max(len(lat), 1) if stream else 0.0,
+    }
 
 
 def cpu_s(procs: Sequence[psutil.Process]) -> float:
@@ -148,8 +160,9 @@ class Rig:
         """Send generation requests through the relay (envoy+relay) or straight to the engines."""
         if path in ("envoy", "envoy+relay"):
             percent = 100 if path == "envoy+relay" else 0
-            r = httpx.post(f"http://127.0.0.1:{self.gw_ports[1]}/runtime_modify?ernie.relay.percent={percent}",
-                           timeout=5)
+            r = httpx.post(
+                f"http://127.0.0.1:{self.gw_ports[1]}/runtime_modify?ernie.relay.percent={percent}", timeout=5
+            )
             r.raise_for_status()
 
     def relay_processes(self) -> list[psutil.Process]:
@@ -169,18 +182,46 @@ class Rig:
         self.consul.start()
         catalog = ConsulCatalog(self.consul.address)
         for e in self.engines:
-            catalog.register(Registration(SERVICE, f"{SERVICE}-overhead-{e.port}", "127.0.0.1", e.port, ttl_s=3600,
-                                          deregister_critical_after_s=3600), Verdict(VerdictState.PASSING))
+            catalog.register(
+                Registration(
+                    SERVICE,
+                    f"{SERVICE}-overhead-{e.port}",
+                    "127.0.0.1",
+                    e.port,
+                    ttl_s=3600,
+                    deregister_critical_after_s=3600,
+                ),
+                Verdict(VerdictState.PASSING),
+            )
         listen, admin, xds, metrics = self.gw_ports
-        self.gateway = ManagedProcess("gateway", mesh_command(
-            "gateway", "--name", "overhead", "--consul", self.consul.address, "--service", SERVICE,
-            "--listen", f"127.0.0.1:{listen}", "--envoy-admin", f"127.0.0.1:{admin}", "--xds", f"127.0.0.1:{xds}",
-            "--metrics", f"127.0.0.1:{metrics}", "--run-dir", str(self.workdir / "gateway")),
-            self.workdir / "logs" / "gateway.log").start()
+        self.gateway = ManagedProcess(
+            "gateway",
+            mesh_command(
+                "gateway",
+                "--name",
+                "overhead",
+                "--consul",
+                self.consul.address,
+                "--service",
+                SERVICE,
+                "--listen",
+                f"127.0.0.1:{listen}",
+                "--envoy-admin",
+                f"127.0.0.1:{admin}",
+                "--xds",
+                f"127.0.0.1:{xds}",
+                "--metrics",
+                f"127.0.0.1:{metrics}",
+                "--run-dir",
+                str(self.workdir / "gateway"),
+            ),
+            self.workdir / "logs" / "gateway.log",
+        ).start()
 
         def envoy_ready() -> bool:
             text = httpx.get(f"http://127.0.0.1:{admin}/clusters", timeout=1).text
             return text.count("::health_flags::healthy") >= ENGINES
+
         wait_until(envoy_ready, 60, interval_s=0.2, what="Envoy with every engine")
         self.nginx.start()
 
@@ -208,36 +249,60 @@ class Rig:
             e.stop()
 
 
-def run(concurrency: int = 16, seconds: float = 6.0, rounds: int = 5,
-        workdir: Path | None = None) -> dict[str, Any]:
+def run(concurrency: int = 16, seconds: float = 6.0, rounds: int = 5, workdir: Path | None = None) -> dict[str, Any]:
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ernie-bench-overhead-"))
     rig = Rig(workdir)
     try:
         rig.start()
-        out: dict[str, Any] = {"concurrency": concurrency, "seconds": seconds, "rounds": rounds,
-                               "engines": ENGINES, "max_tokens": MAX_TOKENS}
+        out: dict[str, Any] = {
+            "concurrency": concurrency,
+            "seconds": seconds,
+            "rounds": rounds,
+            "engines": ENGINES,
+            "max_tokens": MAX_TOKENS,
+        }
         for mode in ("non-streaming", "streaming"):
             per_path: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
             for rnd in range(rounds):
-                order = PATHS[rnd % len(PATHS):] + PATHS[:rnd % len(PATHS)]
+                order = PATHS[rnd % len(PATHS) :] + PATHS[: rnd % len(PATHS)]
                 for path in order:
                     rig.route(path)
-                    r = asyncio.run(measure(rig.urls[path], concurrency, seconds, mode == "streaming",
-                                            rig.proxy_processes(path)))
+                    r = asyncio.run(
+                        measure(rig.urls[path], concurrency, seconds, mode == "streaming", rig.proxy_processes(path))
+                    )
                     if path == "envoy+relay":
-                        relay_only = asyncio.run(measure(rig.urls[path], concurrency, seconds, mode == "streaming",
-                                                         rig.relay_processes()))
+                        relay_only = asyncio.run(
+                            measure(rig.urls[path], concurrency, seconds, mode == "streaming", rig.relay_processes())
+                        )
                         r["relay_cpu_ms_per_req"] = relay_only["proxy_cpu_ms_per_req"]
-                        r["relay_cpu_us_per_event"] = (relay_only["proxy_cpu_ms_per_req"] * 1000
-                                                       / relay_only["events_per_req"]) if mode == "streaming" else 0.0
+                        r["relay_cpu_us_per_event"] = (
+                            (relay_only["proxy_cpu_ms_per_req"] * 1000 / relay_only["events_per_req"])
+                            if mode == "streaming"
+                            else 0.0
+                        )
                     per_path[path].append(r)
-                    progress(f"{mode} round {rnd + 1}/{rounds} {path:<6}: {r['rps']:7.1f} req/s  "
-                             f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  proxy CPU "
-                             f"{r['proxy_cpu_ms_per_req']:.3f} ms/req  errors {r['errors']}")
-            med = {p: {k: statistics.median(x[k] for x in per_path[p])
-                       for k in ("rps", "p50_ms", "p99_ms", "proxy_cpu_ms_per_req", "events_per_req",
-                                 "relay_cpu_ms_per_req", "relay_cpu_us_per_event") if k in per_path[p][0]}
-                   | {"errors": sum(x["errors"] for x in per_path[p])} for p in PATHS}
+                    progress(
+                        f"{mode} round {rnd + 1}/{rounds} {path:<6}: {r['rps']:7.1f} req/s  "
+                        f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  proxy CPU "
+                        f"{r['proxy_cpu_ms_per_req']:.3f} ms/req  errors {r['errors']}"
+                    )
+            med = {
+                p: {
+                    k: statistics.median(x[k] for x in per_path[p])
+                    for k in (
+                        "rps",
+                        "p50_ms",
+                        "p99_ms",
+                        "proxy_cpu_ms_per_req",
+                        "events_per_req",
+                        "relay_cpu_ms_per_req",
+                        "relay_cpu_us_per_event",
+                    )
+                    if k in per_path[p][0]
+                }
+                | {"errors": sum(x["errors"] for x in per_path[p])}
+                for p in PATHS
+            }
             med["envoy+relay"]["vs_envoy_ratio"] = med["envoy+relay"]["rps"] / med["envoy"]["rps"]
             for proxy in PROXIES:
                 med[proxy]["added_p50_ms"] = med[proxy]["p50_ms"] - med["direct"]["p50_ms"]
@@ -264,14 +329,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode} (concurrency {r['concurrency']}, medians of {r['rounds']} rounds):")
         for path in PATHS:
             m = r[mode][path]
-            extra = "" if path == "direct" else (f"  added p50 {m['added_p50_ms']:+.2f} ms  p99 "
-                                                 f"{m['added_p99_ms']:+.2f} ms  "
-                                                 f"throughput x{m['throughput_ratio']:.2f}")
+            extra = (
+                ""
+                if path == "direct"
+                else (
+                    f"  added p50 {m['added_p50_ms']:+.2f} ms  p99 "
+                    f"{m['added_p99_ms']:+.2f} ms  "
+                    f"throughput x{m['throughput_ratio']:.2f}"
+                )
+            )
             if path == "envoy+relay":
-                extra += (f"  vs envoy alone x{m['vs_envoy_ratio']:.2f}  relay CPU {m['relay_cpu_ms_per_req']:.3f} "
-                          f"ms/req, {m['relay_cpu_us_per_event']:.1f} us/event")
-            print(f"  {path:<11} {m['rps']:7.1f} req/s  p50 {m['p50_ms']:6.2f} ms  p99 {m['p99_ms']:6.2f} ms  "
-                  f"proxy CPU {m['proxy_cpu_ms_per_req']:.3f} ms/req{extra}")
+                extra += (
+                    f"  vs envoy alone x{m['vs_envoy_ratio']:.2f}  relay CPU {m['relay_cpu_ms_per_req']:.3f} "
+                    f"ms/req, {m['relay_cpu_us_per_event']:.1f} us/event"
+                )
+            print(
+                f"  {path:<11} {m['rps']:7.1f} req/s  p50 {m['p50_ms']:6.2f} ms  p99 {m['p99_ms']:6.2f} ms  "
+                f"proxy CPU {m['proxy_cpu_ms_per_req']:.3f} ms/req{extra}"
+            )
     return 0
 
 

@@ -57,8 +57,11 @@ def envoy_view(admin: EnvoyAdmin) -> dict[str, str]:
 
 
 def expected_view(states: dict[str, VerdictState]) -> dict[str, str]:
-    return {iid: {VerdictState.PASSING: "healthy", VerdictState.DRAINING: "draining"}[s]
-            for iid, s in states.items() if s in (VerdictState.PASSING, VerdictState.DRAINING)}
+    return {
+        iid: {VerdictState.PASSING: "healthy", VerdictState.DRAINING: "draining"}[s]
+        for iid, s in states.items()
+        if s in (VerdictState.PASSING, VerdictState.DRAINING)
+    }
 
 
 def _shows(admin: EnvoyAdmin, want: dict[str, str]) -> Callable[[], bool]:
@@ -114,19 +117,48 @@ def run(changes: int, instances: int, workdir: Path) -> dict[str, Any]:
         ids = [f"{SERVICE}-bench-{p}" for p in ports]
         states = {}
         for iid, port in zip(ids, ports):
-            catalog.register(Registration(SERVICE, iid, "127.0.0.1", port, ttl_s=3600,
-                                          deregister_critical_after_s=3600), Verdict(VerdictState.PASSING))
+            catalog.register(
+                Registration(SERVICE, iid, "127.0.0.1", port, ttl_s=3600, deregister_critical_after_s=3600),
+                Verdict(VerdictState.PASSING),
+            )
             states[iid] = VerdictState.PASSING
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
         log = open(workdir / "gateway.log", "ab")
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "agent", "gateway", "--name", "bench", "--consul", consul.address,
-             "--service", SERVICE, "--listen", f"127.0.0.1:{listen}", "--envoy-admin", f"127.0.0.1:{admin_port}",
-             "--xds", f"127.0.0.1:{xds}", "--metrics", f"127.0.0.1:{metrics_port}", "--run-dir",
-             str(workdir / "gw")], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "gateway",
+                "--name",
+                "bench",
+                "--consul",
+                consul.address,
+                "--service",
+                SERVICE,
+                "--listen",
+                f"127.0.0.1:{listen}",
+                "--envoy-admin",
+                f"127.0.0.1:{admin_port}",
+                "--xds",
+                f"127.0.0.1:{xds}",
+                "--metrics",
+                f"127.0.0.1:{metrics_port}",
+                "--run-dir",
+                str(workdir / "gw"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
         log.close()
-        wait_for(lambda: envoy_view(admin) == expected_view(states), START_TIMEOUT_S, "the gateway's first snapshot",
-                 interval_s=0.05)
+        wait_for(
+            lambda: envoy_view(admin) == expected_view(states),
+            START_TIMEOUT_S,
+            "the gateway's first snapshot",
+            interval_s=0.05,
+        )
         durations, writes = [], []
         for i in range(changes):
             iid = ids[i % len(ids)]
@@ -168,8 +200,9 @@ def run(changes: int, instances: int, workdir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.propagation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.propagation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--changes", type=int, default=60, help="number of verdict changes (>= 50 for a p99)")
     p.add_argument("--instances", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -180,13 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
     else:
-        print(f"propagation Consul verdict write -> Envoy /clusters, {r['changes']} changes over "
-              f"{r['instances']} instances (draining/critical/passing cycle):")
-        print(f"  p50 {r['p50_ms']:.1f} ms   p90 {r['p90_ms']:.1f} ms   p99 {r['p99_ms']:.1f} ms   "
-              f"max {r['max_ms']:.1f} ms   mean {r['mean_ms']:.1f} ms   (target p99 < {TARGET_P99_S * 1000:.0f} ms)")
+        print(
+            f"propagation Consul verdict write -> Envoy /clusters, {r['changes']} changes over "
+            f"{r['instances']} instances (draining/critical/passing cycle):"
+        )
+        print(
+            f"  p50 {r['p50_ms']:.1f} ms   p90 {r['p90_ms']:.1f} ms   p99 {r['p99_ms']:.1f} ms   "
+            f"max {r['max_ms']:.1f} ms   mean {r['mean_ms']:.1f} ms   (target p99 < {TARGET_P99_S * 1000:.0f} ms)"
+        )
         print(f"  of which the Consul write itself: p50 {r['consul_write_p50_ms']:.1f} ms")
-        print(f"  agent push latency (change seen -> Envoy ACK, from /metrics, {r['agent_pushes']:.0f} pushes): "
-              f"p50 ~{r['agent_push_p50_ms']:.1f} ms   p99 ~{r['agent_push_p99_ms']:.1f} ms")
+        print(
+            f"  agent push latency (change seen -> Envoy ACK, from /metrics, {r['agent_pushes']:.0f} pushes): "
+            f"p50 ~{r['agent_push_p50_ms']:.1f} ms   p99 ~{r['agent_push_p99_ms']:.1f} ms"
+        )
         print(f"  logs in {workdir}")
     return 0 if r["p99_ms"] < TARGET_P99_S * 1000 else 1
 

@@ -59,13 +59,24 @@ def run_drills(args: argparse.Namespace, engine: str) -> Figures:
     names = VLLM_SCENARIOS if engine == "vllm" else tuple(SCENARIOS)
     for name in names:
         if engine == "vllm":
-            opts = DrillOptions(name, "both", args.vllm_engines, "vllm", args.vllm_duration, args.vllm_concurrency,
-                                0.5, args.max_tokens, request_timeout_s=300.0)
+            opts = DrillOptions(
+                name,
+                "both",
+                args.vllm_engines,
+                "vllm",
+                args.vllm_duration,
+                args.vllm_concurrency,
+                0.5,
+                args.max_tokens,
+                request_timeout_s=300.0,
+            )
         else:
             opts = DrillOptions(name, "both", 3, "sim", args.duration, args.concurrency, 0.5, args.max_tokens)
         for r in run_drill(opts, stop):
-            progress(f"{name} {r['system']}: requests {r['requests']} failed {r['failed']} truncated "
-                     f"{r['truncated']} detect {r['detect_s']} recover {r['recover_s']}")
+            progress(
+                f"{name} {r['system']}: requests {r['requests']} failed {r['failed']} truncated "
+                f"{r['truncated']} detect {r['detect_s']} recover {r['recover_s']}"
+            )
             rows.append(r)
     return {"rows": rows}
 
@@ -78,17 +89,20 @@ def run_propagation(workdir: Path) -> Figures:
     else:
         if hasattr(propagation, "run"):
             return propagation.run(60, 3, workdir)
-    out = subprocess.run([sys.executable, "-m", "bench.propagation", "--json"], capture_output=True, text=True,
-                         timeout=1800)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.propagation", "--json"], capture_output=True, text=True, timeout=1800
+    )
     figures: Figures = json.loads(out.stdout)
     return figures
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", help=f"comma-separated parts among {','.join(PARTS)} "
-                                  f"(default: {','.join(DEFAULT_PARTS)})")
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--only", help=f"comma-separated parts among {','.join(PARTS)} (default: {','.join(DEFAULT_PARTS)})")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load per drill (default 60)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -113,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
                 results["vllm"] = stamp(run_drills(args, "vllm"))
             elif part == "overhead":
                 from bench import overhead
+
                 results["overhead"] = stamp(overhead.run(workdir=workdir / "overhead"))
             elif part == "propagation":
                 results["propagation"] = stamp(run_propagation(workdir / "propagation"))
             elif part == "scale":
                 from bench import scale
+
                 results["scale"] = stamp({"sizes": scale.run(workdir=workdir / "scale")})
             save_results(results)
     except KeyboardInterrupt:

@@ -53,9 +53,18 @@ def progress(msg: str) -> None:
 
 def entries(n: int) -> list[CatalogEntry]:
     meta = {"model": "m", "served_model_name": "m", "zone": "z1", "engine": "vllm"}
-    return [CatalogEntry(f"{SERVICE}-node{i // 8}-{FIRST_PORT + i}", f"node{i // 8}",
-                         f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", FIRST_PORT + i,
-                         CheckStatus.PASSING if i % 10 else CheckStatus.WARNING, "passing", meta) for i in range(n)]
+    return [
+        CatalogEntry(
+            f"{SERVICE}-node{i // 8}-{FIRST_PORT + i}",
+            f"node{i // 8}",
+            f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
+            FIRST_PORT + i,
+            CheckStatus.PASSING if i % 10 else CheckStatus.WARNING,
+            "passing",
+            meta,
+        )
+        for i in range(n)
+    ]
 
 
 def pure(n: int) -> dict[str, Any]:
@@ -69,8 +78,11 @@ def pure(n: int) -> dict[str, Any]:
         blob = cluster_load_assignment(snap).SerializeToString()
         encode.append(time.perf_counter() - t)
         size = len(blob)
-    return {"build_ms": statistics.median(build) * 1000, "encode_ms": statistics.median(encode) * 1000,
-            "eds_bytes": size}
+    return {
+        "build_ms": statistics.median(build) * 1000,
+        "encode_ms": statistics.median(encode) * 1000,
+        "eds_bytes": size,
+    }
 
 
 def _stats(admin: str) -> dict[str, int]:
@@ -114,8 +126,13 @@ def live(n: int, changes: int, workdir: Path) -> dict[str, Any]:
         t = time.perf_counter()
 
         def register(i: int) -> None:
-            catalog.register(Registration(SERVICE, ids[i], "127.0.0.1", FIRST_PORT + i, ttl_s=3600,
-                                          deregister_critical_after_s=3600), Verdict(VerdictState.PASSING))
+            catalog.register(
+                Registration(
+                    SERVICE, ids[i], "127.0.0.1", FIRST_PORT + i, ttl_s=3600, deregister_critical_after_s=3600
+                ),
+                Verdict(VerdictState.PASSING),
+            )
+
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(register, range(n)))
         progress(f"{n} instances registered in {time.perf_counter() - t:.1f}s")
@@ -128,13 +145,32 @@ def live(n: int, changes: int, workdir: Path) -> dict[str, Any]:
         admin = f"http://127.0.0.1:{admin_port}"
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         t0 = time.perf_counter()
-        gateway = ManagedProcess("gateway", mesh_command(
-            "gateway", "--name", "scale", "--consul", consul.address, "--service", SERVICE,
-            "--listen", f"127.0.0.1:{listen}", "--envoy-admin", f"127.0.0.1:{admin_port}", "--xds", f"127.0.0.1:{xds}",
-            "--metrics", f"127.0.0.1:{metrics_port}", "--run-dir", str(workdir / "gateway")),
-            workdir / "gateway.log").start()
-        wait_until(lambda: _stats(admin).get("membership_total") == n, 120, interval_s=0.02,
-                   what=f"Envoy with {n} endpoints")
+        gateway = ManagedProcess(
+            "gateway",
+            mesh_command(
+                "gateway",
+                "--name",
+                "scale",
+                "--consul",
+                consul.address,
+                "--service",
+                SERVICE,
+                "--listen",
+                f"127.0.0.1:{listen}",
+                "--envoy-admin",
+                f"127.0.0.1:{admin_port}",
+                "--xds",
+                f"127.0.0.1:{xds}",
+                "--metrics",
+                f"127.0.0.1:{metrics_port}",
+                "--run-dir",
+                str(workdir / "gateway"),
+            ),
+            workdir / "gateway.log",
+        ).start()
+        wait_until(
+            lambda: _stats(admin).get("membership_total") == n, 120, interval_s=0.02, what=f"Envoy with {n} endpoints"
+        )
         first_s = time.perf_counter() - t0
         progress(f"{n}: first full snapshot in Envoy after {first_s:.2f}s (gateway agent start included)")
         agent_p = psutil.Process(gateway.pid)
@@ -156,9 +192,7 @@ def live(n: int, changes: int, workdir: Path) -> dict[str, Any]:
             total += -1 if to_critical else 1
             t = time.perf_counter()
             catalog.set_verdict(iid, Verdict(VerdictState.CRITICAL if to_critical else VerdictState.PASSING, "bench"))
-            wait_until(_membership_is(admin, total), CHANGE_TIMEOUT_S,
-                       interval_s=0.002,
-                       what=f"change {k} in Envoy")
+            wait_until(_membership_is(admin, total), CHANGE_TIMEOUT_S, interval_s=0.002, what=f"change {k} in Envoy")
             durations.append(time.perf_counter() - t)
         span = time.perf_counter() - t_changes
         agent_cpu = (_cpu(agent_p) - a0 - agent_idle_rate * span) / changes
@@ -185,18 +219,23 @@ def live(n: int, changes: int, workdir: Path) -> dict[str, Any]:
         consul.stop()
 
 
-def run(sizes: tuple[int, ...] = (500, 2000), changes: int = 20,
-        workdir: Path | None = None) -> dict[str, dict[str, Any]]:
+def run(
+    sizes: tuple[int, ...] = (500, 2000), changes: int = 20, workdir: Path | None = None
+) -> dict[str, dict[str, Any]]:
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ernie-bench-scale-"))
     out: dict[str, dict[str, Any]] = {}
     for n in sizes:
         r = {"instances": n, **pure(n)}
-        progress(f"{n}: snapshot build {r['build_ms']:.2f} ms, EDS encode {r['encode_ms']:.2f} ms, "
-                 f"{r['eds_bytes'] / 1024:.0f} KiB")
+        progress(
+            f"{n}: snapshot build {r['build_ms']:.2f} ms, EDS encode {r['encode_ms']:.2f} ms, "
+            f"{r['eds_bytes'] / 1024:.0f} KiB"
+        )
         r.update(live(n, changes, workdir / str(n)))
-        progress(f"{n}: change -> Envoy p50 {r['change_p50_ms']:.1f} ms p99 {r['change_p99_ms']:.1f} ms, "
-                 f"agent CPU {r['agent_cpu_ms_per_change']:.1f} ms/change, Envoy CPU "
-                 f"{r['envoy_cpu_ms_per_change']:.1f} ms/change")
+        progress(
+            f"{n}: change -> Envoy p50 {r['change_p50_ms']:.1f} ms p99 {r['change_p99_ms']:.1f} ms, "
+            f"agent CPU {r['agent_cpu_ms_per_change']:.1f} ms/change, Envoy CPU "
+            f"{r['envoy_cpu_ms_per_change']:.1f} ms/change"
+        )
         out[str(n)] = r
     return out
 
@@ -212,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r, indent=2))
         return 0
     for n, x in r.items():
-        print(f"{n:>5} instances: build {x['build_ms']:.2f} ms, encode {x['encode_ms']:.2f} ms "
-              f"({x['eds_bytes'] / 1024:.0f} KiB); first snapshot in Envoy {x['first_snapshot_s']:.2f}s; "
-              f"change -> Envoy p50 {x['change_p50_ms']:.1f} ms p99 {x['change_p99_ms']:.1f} ms; "
-              f"gateway agent CPU {x['agent_cpu_ms_per_change']:.1f} ms/change, Envoy "
-              f"{x['envoy_cpu_ms_per_change']:.1f} ms/change")
+        print(
+            f"{n:>5} instances: build {x['build_ms']:.2f} ms, encode {x['encode_ms']:.2f} ms "
+            f"({x['eds_bytes'] / 1024:.0f} KiB); first snapshot in Envoy {x['first_snapshot_s']:.2f}s; "
+            f"change -> Envoy p50 {x['change_p50_ms']:.1f} ms p99 {x['change_p99_ms']:.1f} ms; "
+            f"gateway agent CPU {x['agent_cpu_ms_per_change']:.1f} ms/change, Envoy "
+            f"{x['envoy_cpu_ms_per_change']:.1f} ms/change"
+        )
     return 0
 
 

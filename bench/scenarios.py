@@ -29,7 +29,7 @@ class Aborted(Exception):
 class Timeline:
     system: System
     monitor: Monitor
-    t0: float                  # wall clock at load start
+    t0: float  # wall clock at load start
     duration_s: float
     hold_s: float
     stop: threading.Event
@@ -58,8 +58,9 @@ class Timeline:
         return 1 % self.system.n
 
 
-def _fault_then_end(tl: Timeline, label: str, index: int | None, fault: Callable[[], None],
-                    end: Callable[[], None]) -> None:
+def _fault_then_end(
+    tl: Timeline, label: str, index: int | None, fault: Callable[[], None], end: Callable[[], None]
+) -> None:
     tl.at(tl.fault_at)
     ev = tl.monitor.add(FaultEvent(label, index, time.time()))
     fault()
@@ -101,13 +102,23 @@ def rolling(tl: Timeline) -> None:
 
 
 def consul_restart(tl: Timeline) -> None:
-    _fault_then_end(tl, "Consul stopped", None, lambda: tl.system.control_plane_stop("consul"),
-                    lambda: tl.system.control_plane_start("consul"))
+    _fault_then_end(
+        tl,
+        "Consul stopped",
+        None,
+        lambda: tl.system.control_plane_stop("consul"),
+        lambda: tl.system.control_plane_start("consul"),
+    )
 
 
 def gateway_restart(tl: Timeline) -> None:
-    _fault_then_end(tl, "gateway agent killed", None, lambda: tl.system.control_plane_stop("gateway"),
-                    lambda: tl.system.control_plane_start("gateway"))
+    _fault_then_end(
+        tl,
+        "gateway agent killed",
+        None,
+        lambda: tl.system.control_plane_stop("gateway"),
+        lambda: tl.system.control_plane_start("gateway"),
+    )
 
 
 SCENARIOS: dict[str, Callable[[Timeline], None]] = {

@@ -39,8 +39,10 @@ class System:
             if self.in_rotation() == frozenset(range(self.n)):
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"{self.name}: not every engine in rotation after {timeout_s:g}s "
-                           f"(in rotation: {sorted(self.in_rotation())})")
+        raise TimeoutError(
+            f"{self.name}: not every engine in rotation after {timeout_s:g}s "
+            f"(in rotation: {sorted(self.in_rotation())})"
+        )
 
     # --- observation --------------------------------------------------------------------------
     def in_rotation(self) -> frozenset[int]:

@@ -28,8 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.engine.cpu import VLLM_CPU_ENV  # noqa: E402
 from agent.model import SERVED_MODEL_NAME, default_model_dir  # noqa: E402
 
-BASE_ARGS = ["--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--enforce-eager",
-             "--gpu-memory-utilization", "0.3", "--max-model-len", "2048"]
+BASE_ARGS = [
+    "--served-model-name",
+    SERVED_MODEL_NAME,
+    "--host",
+    "127.0.0.1",
+    "--enforce-eager",
+    "--gpu-memory-utilization",
+    "0.3",
+    "--max-model-len",
+    "2048",
+]
 START_DEADLINE_S = 300
 
 
@@ -46,8 +55,17 @@ class Engine:
         env_extra = env_extra or {}
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         env = {**os.environ, **VLLM_CPU_ENV, **env_extra}
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--port", str(port), *BASE_ARGS, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            *BASE_ARGS,
+            *extra,
+        ]
         self.t0 = time.monotonic()
         self.logf = open(logfile, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -64,8 +82,10 @@ class Engine:
                 if t_health is not None:
                     r = complete(self, "Hello", 1)
                     if r.status_code == 200:
-                        return {"health_200_s": round(t_health, 1),
-                                "first_completion_s": round(time.monotonic() - self.t0, 1)}
+                        return {
+                            "health_200_s": round(t_health, 1),
+                            "first_completion_s": round(time.monotonic() - self.t0, 1),
+                        }
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
@@ -76,8 +96,15 @@ class Engine:
         out = []
         for p in [root, *root.children(recursive=True)]:
             try:
-                out.append({"pid": p.pid, "ppid": p.ppid(), "name": p.name(), "cmdline": " ".join(p.cmdline())[:120],
-                            "rss_mb": round(p.memory_info().rss / 2**20)})
+                out.append(
+                    {
+                        "pid": p.pid,
+                        "ppid": p.ppid(),
+                        "name": p.name(),
+                        "cmdline": " ".join(p.cmdline())[:120],
+                        "rss_mb": round(p.memory_info().rss / 2**20),
+                    }
+                )
             except psutil.NoSuchProcess:
                 pass
         return out
@@ -149,8 +176,14 @@ class Stream(threading.Thread):
         self.text, self.error_event, self.done_marker = "", None, False
 
     def run(self) -> None:
-        body = {"model": SERVED_MODEL_NAME, "prompt": self.prompt, "max_tokens": self.max_tokens,
-                "temperature": 0, "stream": True, "ignore_eos": True}
+        body = {
+            "model": SERVED_MODEL_NAME,
+            "prompt": self.prompt,
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
         try:
             with httpx.stream("POST", self.eng.url + "/v1/completions", json=body, timeout=120) as r:
                 self.status = r.status_code
@@ -173,27 +206,52 @@ class Stream(threading.Thread):
         self.done_at = time.monotonic()
 
     def summary(self) -> dict:
-        return {"status": self.status, "chunks_with_text": self.tokens, "finish_reason": self.finish,
-                "error": self.error, "error_event": self.error_event, "done_marker": self.done_marker}
+        return {
+            "status": self.status,
+            "chunks_with_text": self.tokens,
+            "finish_reason": self.finish,
+            "error": self.error,
+            "error_event": self.error_event,
+            "done_marker": self.done_marker,
+        }
 
 
 # -- experiments ----------------------------------------------------------------------------------
+
 
 def exp_startup(eng: Engine) -> None:
     fact("startup", eng.wait_ready())
     time.sleep(1)
     fact("process_tree", eng.tree())
     from openai import OpenAI
+
     client = OpenAI(base_url=eng.url + "/v1", api_key="none")
     t = time.monotonic()
-    r = client.chat.completions.create(model=SERVED_MODEL_NAME, max_tokens=60, temperature=0,
-                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
-    fact("chat", {"answer": r.choices[0].message.content, "finish_reason": r.choices[0].finish_reason,
-                  "usage": r.usage.model_dump(), "seconds": round(time.monotonic() - t, 2)})
+    r = client.chat.completions.create(
+        model=SERVED_MODEL_NAME,
+        max_tokens=60,
+        temperature=0,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    fact(
+        "chat",
+        {
+            "answer": r.choices[0].message.content,
+            "finish_reason": r.choices[0].finish_reason,
+            "usage": r.usage.model_dump(),
+            "seconds": round(time.monotonic() - t, 2),
+        },
+    )
     r = complete(eng, "The capital of France is", 20, ignore_eos=True)
     j = r.json()
-    fact("ignore_eos_completions", {"status": r.status_code, "completion_tokens": j["usage"]["completion_tokens"],
-                                    "finish_reason": j["choices"][0]["finish_reason"]})
+    fact(
+        "ignore_eos_completions",
+        {
+            "status": r.status_code,
+            "completion_tokens": j["usage"]["completion_tokens"],
+            "finish_reason": j["choices"][0]["finish_reason"],
+        },
+    )
     r = complete(eng, "Count: 1, 2, 3,", 64, ignore_eos=True, stop=None)
     fact("ignore_eos_64", {"completion_tokens": r.json()["usage"]["completion_tokens"]})
     s = Stream(eng, 50)
@@ -223,9 +281,13 @@ def exp_load(eng: Engine) -> None:
     for _ in range(5):
         busy.append(canary_s(eng))
         ms = metrics(eng)
-        samples.append({"running": metric(ms, "vllm:num_requests_running"),
-                        "waiting": metric(ms, "vllm:num_requests_waiting"),
-                        "kv_cache_usage_perc": metric(ms, "vllm:kv_cache_usage_perc")})
+        samples.append(
+            {
+                "running": metric(ms, "vllm:num_requests_running"),
+                "waiting": metric(ms, "vllm:num_requests_waiting"),
+                "kv_cache_usage_perc": metric(ms, "vllm:kv_cache_usage_perc"),
+            }
+        )
     for s in streams:
         s.join(300)
     dt = time.monotonic() - t
@@ -233,13 +295,21 @@ def exp_load(eng: Engine) -> None:
     gen = metric(m1, "vllm:generation_tokens_total") - metric(m0, "vllm:generation_tokens_total")
     fact("canary_with_8_streams_s", {"samples": busy, "median": statistics.median(x for x in busy if x)})
     fact("metrics_under_8_streams", samples)
-    fact("eight_streams_200_tokens", {"seconds": round(dt, 1), "generated": gen,
-                                      "aggregate_tok_s": round(gen / dt, 1),
-                                      "results": [s.summary() for s in streams]})
-    ttft = (metric(m1, "vllm:time_to_first_token_seconds_sum")
-            / max(1, metric(m1, "vllm:time_to_first_token_seconds_count")))
-    itl = (metric(m1, "vllm:inter_token_latency_seconds_sum")
-           / max(1, metric(m1, "vllm:inter_token_latency_seconds_count")))
+    fact(
+        "eight_streams_200_tokens",
+        {
+            "seconds": round(dt, 1),
+            "generated": gen,
+            "aggregate_tok_s": round(gen / dt, 1),
+            "results": [s.summary() for s in streams],
+        },
+    )
+    ttft = metric(m1, "vllm:time_to_first_token_seconds_sum") / max(
+        1, metric(m1, "vllm:time_to_first_token_seconds_count")
+    )
+    itl = metric(m1, "vllm:inter_token_latency_seconds_sum") / max(
+        1, metric(m1, "vllm:inter_token_latency_seconds_count")
+    )
     fact("histogram_means", {"ttft_s": round(ttft, 3), "itl_s": round(itl, 4)})
 
 
@@ -265,13 +335,20 @@ def _hang(eng: Engine, title: str) -> None:
     tokens_during = [s.tokens for s in streams]
     time.sleep(3)
     tokens_after = [s.tokens for s in streams]
-    fact(f"sigstop_{title}", {
-        "pid": target.pid, "health": health, "metrics_answer_s": metrics_s,
-        "running_before": metric(before, "vllm:num_requests_running"),
-        "running_stopped": metric(m2, "vllm:num_requests_running"),
-        "gen_tokens_2s_after_stop": metric(m1, "vllm:generation_tokens_total"),
-        "gen_tokens_7s_after_stop": metric(m2, "vllm:generation_tokens_total"),
-        "canary_5s_deadline": can, "client_chunks_then_3s_later": [tokens_during, tokens_after]})
+    fact(
+        f"sigstop_{title}",
+        {
+            "pid": target.pid,
+            "health": health,
+            "metrics_answer_s": metrics_s,
+            "running_before": metric(before, "vllm:num_requests_running"),
+            "running_stopped": metric(m2, "vllm:num_requests_running"),
+            "gen_tokens_2s_after_stop": metric(m1, "vllm:generation_tokens_total"),
+            "gen_tokens_7s_after_stop": metric(m2, "vllm:generation_tokens_total"),
+            "canary_5s_deadline": can,
+            "client_chunks_then_3s_later": [tokens_during, tokens_after],
+        },
+    )
     target.send_signal(signal.SIGCONT)
     t = time.monotonic()
     can = None
@@ -280,8 +357,7 @@ def _hang(eng: Engine, title: str) -> None:
     rec = round(time.monotonic() - t, 2)
     for s in streams:
         s.join(120)
-    fact(f"sigcont_{title}", {"canary_ok_after_s": rec, "canary_s": can,
-                              "streams": [s.summary() for s in streams]})
+    fact(f"sigcont_{title}", {"canary_ok_after_s": rec, "canary_s": can, "streams": [s.summary() for s in streams]})
 
 
 def exp_stop(eng: Engine) -> None:
@@ -322,10 +398,18 @@ def exp_term(eng: Engine, label: str, stream: bool = True, probe: bool = True, w
         s.join(30)
     alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     stream_done = round(s.done_at - t_term, 1) if s.done_at else None
-    fact(f"sigterm_{label}", {"stream": s.summary() if stream else None, "stream_ended_after_term_s": stream_done,
-                              "stream_text_tail": s.text[-60:], "api_exit_after_term_s": exit_s,
-                              "returncode": eng.proc.returncode, "children_alive": alive,
-                              "probes_during_shutdown": _compress(probes)})
+    fact(
+        f"sigterm_{label}",
+        {
+            "stream": s.summary() if stream else None,
+            "stream_ended_after_term_s": stream_done,
+            "stream_text_tail": s.text[-60:],
+            "api_exit_after_term_s": exit_s,
+            "returncode": eng.proc.returncode,
+            "children_alive": alive,
+            "probes_during_shutdown": _compress(probes),
+        },
+    )
 
 
 def _compress(rows: list[dict]) -> list[dict]:
@@ -342,13 +426,34 @@ def _compress(rows: list[dict]) -> list[dict]:
 
 def exp_misc(eng: Engine) -> None:
     eng.wait_ready()
-    fact("memory_mb", [{"name": p.name(), "rss": round(p.memory_info().rss / 2**20),
-                        "pss": round(p.memory_full_info().pss / 2**20), "uss": round(p.memory_full_info().uss / 2**20)}
-                       for p in [psutil.Process(eng.proc.pid), *psutil.Process(eng.proc.pid).children(recursive=True)]])
-    fact("cpu_affinity", {p.name(): p.cpu_affinity() for p in [psutil.Process(eng.proc.pid),
-                                                              *psutil.Process(eng.proc.pid).children(recursive=True)]})
-    body = {"model": SERVED_MODEL_NAME, "prompt": "Once", "max_tokens": 200, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    fact(
+        "memory_mb",
+        [
+            {
+                "name": p.name(),
+                "rss": round(p.memory_info().rss / 2**20),
+                "pss": round(p.memory_full_info().pss / 2**20),
+                "uss": round(p.memory_full_info().uss / 2**20),
+            }
+            for p in [psutil.Process(eng.proc.pid), *psutil.Process(eng.proc.pid).children(recursive=True)]
+        ],
+    )
+    fact(
+        "cpu_affinity",
+        {
+            p.name(): p.cpu_affinity()
+            for p in [psutil.Process(eng.proc.pid), *psutil.Process(eng.proc.pid).children(recursive=True)]
+        },
+    )
+    body = {
+        "model": SERVED_MODEL_NAME,
+        "prompt": "Once",
+        "max_tokens": 200,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     usage, chunks, empty = None, 0, 0
     with httpx.stream("POST", eng.url + "/v1/completions", json=body, timeout=120) as r:
         for line in r.iter_lines():
@@ -360,9 +465,16 @@ def exp_misc(eng: Engine) -> None:
                     chunks += 1
                     empty += not ch.get("text")
     fact("stream_200_include_usage", {"usage": usage, "chunks": chunks, "chunks_with_empty_text": empty})
-    r = eng.client.post("/v1/chat/completions", json={
-        "model": SERVED_MODEL_NAME, "max_tokens": 30, "ignore_eos": True,
-        "messages": [{"role": "user", "content": "Say hi"}]}, timeout=60)
+    r = eng.client.post(
+        "/v1/chat/completions",
+        json={
+            "model": SERVED_MODEL_NAME,
+            "max_tokens": 30,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Say hi"}],
+        },
+        timeout=60,
+    )
     fact("chat_ignore_eos_30", {"status": r.status_code, "usage": r.json().get("usage")})
 
 
@@ -391,9 +503,15 @@ def exp_dead(eng: Engine, label: str) -> None:
         rows.append(row)
         time.sleep(1)
     s.join(10)
-    fact(f"dead_{label}", {"api_exited_after_s": round(time.monotonic() - t0, 1) if eng.proc.poll() is not None
-                           else None, "returncode": eng.proc.returncode, "stream": s.summary(),
-                           "probes": _compress(rows)})
+    fact(
+        f"dead_{label}",
+        {
+            "api_exited_after_s": round(time.monotonic() - t0, 1) if eng.proc.poll() is not None else None,
+            "returncode": eng.proc.returncode,
+            "stream": s.summary(),
+            "probes": _compress(rows),
+        },
+    )
 
 
 def main() -> int:
@@ -415,8 +533,7 @@ def main() -> int:
     }
     dead_runs = {"kill_enginecore": ([], {}), "stop_worker_execute_timeout_10": ([], {})}
     if a.experiment in ("term", "dead"):
-        runs = [(k, *v) for k, v in (term_runs if a.experiment == "term" else dead_runs).items()
-                if a.only in (None, k)]
+        runs = [(k, *v) for k, v in (term_runs if a.experiment == "term" else dead_runs).items() if a.only in (None, k)]
     else:
         runs = [(a.experiment, [], {})]
     for label, extra, kwargs in runs:

@@ -74,14 +74,18 @@ _model_cache: ModelInfo | None = None
 
 
 def gateway_unreachable(detail: str) -> ChatError:
-    return ChatError(f"**The gateway is unreachable** at `{API_URL}` ({detail}).\n\n"
-                     "Is the mesh running? Start it with `make up` (or `ernie-mesh up`), then send your message again.")
+    return ChatError(
+        f"**The gateway is unreachable** at `{API_URL}` ({detail}).\n\n"
+        "Is the mesh running? Start it with `make up` (or `ernie-mesh up`), then send your message again."
+    )
 
 
 def no_instance(detail: str) -> ChatError:
-    return ChatError("**No model instance is available right now.** The gateway has no healthy instance to send "
-                     f"your message to ({detail}).\n\nInstances come back by themselves as soon as they pass their "
-                     "health check (see `ernie-mesh status` or the Consul UI): send your message again in a moment.")
+    return ChatError(
+        "**No model instance is available right now.** The gateway has no healthy instance to send "
+        f"your message to ({detail}).\n\nInstances come back by themselves as soon as they pass their "
+        "health check (see `ernie-mesh status` or the Consul UI): send your message again in a moment."
+    )
 
 
 def error_detail(e: openai.APIStatusError) -> str:
@@ -105,11 +109,15 @@ def status_error(e: openai.APIStatusError) -> ChatError:
     if e.status_code in RETRYABLE_STATUS:
         return no_instance(f"HTTP {e.status_code}: {detail}")
     if e.status_code == 404 and "model" in detail.lower():
-        return ChatError(f"**The model `{MODEL or '?'}` is not served by this mesh** ({detail}). "
-                         "Set ERNIE_MESH_MODEL to one of the names `/v1/models` lists.")
+        return ChatError(
+            f"**The model `{MODEL or '?'}` is not served by this mesh** ({detail}). "
+            "Set ERNIE_MESH_MODEL to one of the names `/v1/models` lists."
+        )
     if 400 <= e.status_code < 500:
-        return ChatError(f"**The model rejected this request** (HTTP {e.status_code}): {detail}\n\n"
-                         "If the conversation is long, start a new chat.")
+        return ChatError(
+            f"**The model rejected this request** (HTTP {e.status_code}): {detail}\n\n"
+            "If the conversation is long, start a new chat."
+        )
     return ChatError(f"**The instance failed to answer** (HTTP {e.status_code}): {detail}\n\nSend your message again.")
 
 
@@ -159,7 +167,11 @@ async def stream_once(messages: list[dict], model: ModelInfo, msg: cl.Message, m
     parts: list[str] = []
     finish = None
     async with client.chat.completions.with_streaming_response.create(
-        model=model.name, messages=messages, stream=True, max_tokens=max_tokens, temperature=TEMPERATURE,
+        model=model.name,
+        messages=messages,
+        stream=True,
+        max_tokens=max_tokens,
+        temperature=TEMPERATURE,
     ) as response:
         instance = response.headers.get(INSTANCE_HEADER, "")
         stream = await response.parse()
@@ -196,8 +208,10 @@ async def answer(history: list[dict], msg: cl.Message) -> Answer:
         except openai.APIError as e:  # an error event inside the stream
             last_error = ChatError(f"**The instance reported an error while answering:** {e.message}")
         if msg.content:  # tokens were shown: the answer was cut off, do not silently start over
-            raise ChatError(f"{last_error.human}\n\n*The answer above was cut off.* Send your message again: "
-                            "another instance will answer.")
+            raise ChatError(
+                f"{last_error.human}\n\n*The answer above was cut off.* Send your message again: "
+                "another instance will answer."
+            )
         log.warning("attempt %d failed: %s", attempt + 1, last_error.human.splitlines()[0])
     raise last_error
 
@@ -206,8 +220,10 @@ async def answer(history: list[dict], msg: cl.Message) -> Answer:
 async def on_chat_start() -> None:
     cl.user_session.set("history", [])
     if SIMULATED:
-        await cl.Message(content="This mesh runs **SIMULATED engines** (`ernie-mesh up --engine-kind simulated`): "
-                                 "answers are placeholder tokens, not a model's text.").send()
+        await cl.Message(
+            content="This mesh runs **SIMULATED engines** (`ernie-mesh up --engine-kind simulated`): "
+            "answers are placeholder tokens, not a model's text."
+        ).send()
 
 
 @cl.on_message
@@ -226,8 +242,9 @@ async def on_message(message: cl.Message) -> None:
     except Exception:  # a bug here must still not show the user a stack trace
         log.exception("unexpected error while answering")
         history.pop()
-        await cl.Message(content="⚠️ **Something went wrong in the chat app** (see the UI log). "
-                                 "Send your message again.").send()
+        await cl.Message(
+            content="⚠️ **Something went wrong in the chat app** (see the UI log). Send your message again."
+        ).send()
         return
     history.append({"role": "assistant", "content": result.text})
     cl.user_session.set("history", history)

@@ -78,8 +78,7 @@ class ConsulCatalog:
         scheme, host, port = split_address(address)
         self.address = f"{scheme}://{host}:{port}"
         self._token = token or None
-        self._client = _consul_client(host=host, port=port, scheme=scheme, token=self._token,
-                                     timeout=HTTP_TIMEOUT_S)
+        self._client = _consul_client(host=host, port=port, scheme=scheme, token=self._token, timeout=HTTP_TIMEOUT_S)
         self._clients_by_timeout: dict[float, consul.Consul] = {}
         self._host, self._port, self._scheme = host, port, scheme
 
@@ -87,8 +86,9 @@ class ConsulCatalog:
         timeout = round(wait_s + wait_s / 16 + BLOCKING_SLACK_S, 1)
         client = self._clients_by_timeout.get(timeout)
         if client is None:
-            client = _consul_client(host=self._host, port=self._port, scheme=self._scheme,
-                                   token=self._token, timeout=timeout)
+            client = _consul_client(
+                host=self._host, port=self._port, scheme=self._scheme, token=self._token, timeout=timeout
+            )
             self._clients_by_timeout[timeout] = client
         return client
 

@@ -17,8 +17,9 @@ def create_app(controllers: dict[str, InstanceController], metrics: EngineAgentM
     app = FastAPI(title="ernie-mesh engine agent", docs_url=None, redoc_url=None, openapi_url=None)
 
     def unknown(instance_id: str) -> JSONResponse:
-        return JSONResponse({"error": f"no instance {instance_id!r} on this agent",
-                             "instances": sorted(controllers)}, status_code=404)
+        return JSONResponse(
+            {"error": f"no instance {instance_id!r} on this agent", "instances": sorted(controllers)}, status_code=404
+        )
 
     @app.get("/live")
     def live() -> dict[str, Any]:

@@ -41,8 +41,10 @@ def check_runnable(cfg: engine_config.EngineAgentConfig) -> None:
 
     for spec in cfg.engines:
         if spec.kind == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise MissingBinary(f"vLLM is not installed in {sys.prefix}: run `scripts/install.sh core` "
-                                "(CPU build) or `pip install vllm` (GPU)")
+            raise MissingBinary(
+                f"vLLM is not installed in {sys.prefix}: run `scripts/install.sh core` "
+                "(CPU build) or `pip install vllm` (GPU)"
+            )
         if spec.kind == "vllm" and spec.model.startswith(("/", ".")):
             from pathlib import Path
 
@@ -57,16 +59,24 @@ async def serve(cfg: engine_config.EngineAgentConfig) -> int:
     async with httpx.AsyncClient(limits=limits) as client:
         controllers = {c.id: c for c in (InstanceController(cfg, s, catalog, client, metrics) for s in cfg.engines)}
         host, port = cfg.listen_host_port
-        server = _AgentServer(uvicorn.Config(create_app(controllers, metrics, cfg.node), host=host, port=port,
-                                             log_level="warning", lifespan="off"))
+        server = _AgentServer(
+            uvicorn.Config(
+                create_app(controllers, metrics, cfg.node), host=host, port=port, log_level="warning", lifespan="off"
+            )
+        )
         shutdown = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, shutdown.set)
         runs = [asyncio.create_task(c.run(), name=f"instance {c.id}") for c in controllers.values()]
         api = asyncio.create_task(server.serve(), name="agent api")
-        log.info("engine agent on %s: %d engine(s), Consul %s, node %s", cfg.agent_url, len(controllers),
-                 cfg.consul.address, cfg.node)
+        log.info(
+            "engine agent on %s: %d engine(s), Consul %s, node %s",
+            cfg.agent_url,
+            len(controllers),
+            cfg.consul.address,
+            cfg.node,
+        )
         await shutdown.wait()
         log.info("shutting down: draining %d instance(s)", len(controllers))
         await asyncio.gather(*(c.start_drain() for c in controllers.values()), return_exceptions=True)

@@ -50,7 +50,7 @@ class EngineSpec:
             object.__setattr__(self, "kind", "attach")
         if self.kind == "attach":
             if not self.url.startswith(("http://", "https://")):
-                raise ConfigError(f"attached engine needs url = \"http://host:port\", got {self.url!r}")
+                raise ConfigError(f'attached engine needs url = "http://host:port", got {self.url!r}')
             origin = "/".join(self.url.split("/", 3)[:3])  # scheme://host[:port], without the path
             try:
                 _scheme, _host, port = split_address(origin, default_port=443 if origin.startswith("https") else 80)
@@ -103,10 +103,23 @@ class EngineAgentConfig:
 
     def __post_init__(self) -> None:
         check_host_port(self.listen, "listen")
-        check_positive(self, "probe_interval_s", "health_timeout_s", "canary_interval_s", "canary_timeout_s",
-                       "stall_after_s", "hang_after_s", "startup_timeout_s", "ttl_s", "deregister_critical_after_s",
-                       "drain_deadline_s", "restart_backoff_initial_s", "restart_backoff_max_s",
-                       "crash_loop_restarts", "crash_loop_window_s")
+        check_positive(
+            self,
+            "probe_interval_s",
+            "health_timeout_s",
+            "canary_interval_s",
+            "canary_timeout_s",
+            "stall_after_s",
+            "hang_after_s",
+            "startup_timeout_s",
+            "ttl_s",
+            "deregister_critical_after_s",
+            "drain_deadline_s",
+            "restart_backoff_initial_s",
+            "restart_backoff_max_s",
+            "crash_loop_restarts",
+            "crash_loop_window_s",
+        )
         if self.ttl_s < 3 * self.probe_interval_s:
             raise ConfigError(f"ttl_s ({self.ttl_s}) must be at least 3x probe_interval_s ({self.probe_interval_s})")
         if self.deregister_critical_after_s < 60:
@@ -158,14 +171,24 @@ ERNIE_MESH_ADVERTISE_ADDRESS, ERNIE_MESH_ZONE), then flags.
 
 
 def parser() -> argparse.ArgumentParser:
-    p = agent_parser("ernie-mesh engine", HELP, "engine.toml", "Consul service name (default ernie)",
-                     "address other hosts reach the engines on")
+    p = agent_parser(
+        "ernie-mesh engine",
+        HELP,
+        "engine.toml",
+        "Consul service name (default ernie)",
+        "address other hosts reach the engines on",
+    )
     p.add_argument("--node", help="node name used in instance IDs (default: hostname)")
     p.add_argument("--listen", help="agent API host:port (default 127.0.0.1:9100)")
     p.add_argument("--zone", help="zone meta/tag")
     p.add_argument("--log-dir", help="directory for engine logs (default: inherit stderr)")
-    p.add_argument("--engine", action="append", default=[], metavar="KIND:PORT[:MODEL]",
-                   help="add an engine without a file: vllm:8001:/path/model, simulated:8001, attach:http://h:8001")
+    p.add_argument(
+        "--engine",
+        action="append",
+        default=[],
+        metavar="KIND:PORT[:MODEL]",
+        help="add an engine without a file: vllm:8001:/path/model, simulated:8001, attach:http://h:8001",
+    )
     return p
 
 
@@ -184,18 +207,22 @@ def _engine_from_flag(value: str) -> dict[str, str | int]:
 
 def load(argv: list[str]) -> EngineAgentConfig:
     args = parser().parse_args(argv)
-    data = layered(args.config, {
-        "node": os.environ.get("ERNIE_MESH_NODE"),
-        "advertise_address": os.environ.get("ERNIE_MESH_ADVERTISE_ADDRESS"),
-        "zone": os.environ.get("ERNIE_MESH_ZONE"),
-    }, {
-        "consul": {"address": args.consul, "service": args.service},
-        "node": args.node,
-        "advertise_address": args.advertise_address,
-        "listen": args.listen,
-        "zone": args.zone,
-        "log_dir": args.log_dir,
-    })
+    data = layered(
+        args.config,
+        {
+            "node": os.environ.get("ERNIE_MESH_NODE"),
+            "advertise_address": os.environ.get("ERNIE_MESH_ADVERTISE_ADDRESS"),
+            "zone": os.environ.get("ERNIE_MESH_ZONE"),
+        },
+        {
+            "consul": {"address": args.consul, "service": args.service},
+            "node": args.node,
+            "advertise_address": args.advertise_address,
+            "listen": args.listen,
+            "zone": args.zone,
+            "log_dir": args.log_dir,
+        },
+    )
     if args.engine:
         data["engines"] = list(data.get("engines", [])) + [_engine_from_flag(v) for v in args.engine]
     engines = data.get("engines", [])

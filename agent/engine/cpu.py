@@ -30,7 +30,7 @@ def core_share(index: int, count: int, cores: list[int] | None = None) -> str:
     if count >= len(cores):
         return str(cores[index % len(cores)])
     per = len(cores) // count
-    mine = cores[index * per:(index + 1) * per]
+    mine = cores[index * per : (index + 1) * per]
     return str(mine[0]) if len(mine) == 1 else f"{mine[0]}-{mine[-1]}"
 
 

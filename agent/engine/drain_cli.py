@@ -21,10 +21,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ernie-mesh drain",
         description="Drain one instance: it turns 'draining' in Consul (gateways stop sending it new requests), "
-                    "requests in flight finish, then its engine agent stops the engine and deregisters it.")
+        "requests in flight finish, then its engine agent stops the engine and deregisters it.",
+    )
     p.add_argument("instance_id", help="instance ID as shown by `ernie-mesh status` (e.g. ernie-host1-8001)")
-    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
-                   help="Consul HTTP address (default: $CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
+    p.add_argument(
+        "--consul",
+        default=os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
+        help="Consul HTTP address (default: $CONSUL_HTTP_ADDR or 127.0.0.1:8500)",
+    )
     p.add_argument("--service", default="ernie", help="Consul service name (default ernie)")
     p.add_argument("--no-wait", action="store_true", help="return once the drain started")
     p.add_argument("--timeout", type=float, default=900.0, help="give up waiting after this many seconds")
@@ -55,8 +59,11 @@ def main(argv: list[str]) -> int:
         return 2
     agent_url = entry.meta.get("agent_url")
     if not agent_url:
-        print(f"ernie-mesh drain: {args.instance_id} has no agent_url in its meta (not registered by an "
-              "ernie-mesh engine agent)", file=sys.stderr)
+        print(
+            f"ernie-mesh drain: {args.instance_id} has no agent_url in its meta (not registered by an "
+            "ernie-mesh engine agent)",
+            file=sys.stderr,
+        )
         return 2
     t0 = time.monotonic()
     try:

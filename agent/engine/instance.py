@@ -50,14 +50,28 @@ class CanaryState:
     generation: int = 0  # the engine start this state belongs to
 
     def facts(self) -> CanaryFacts:
-        return CanaryFacts(self.ever_succeeded, self.last_ok, self.last_error, self.last_latency_s,
-                           self.progress_during_failure, self.others_in_flight, self.timed_out,
-                           self.metrics_read, self.consecutive_failures)
+        return CanaryFacts(
+            self.ever_succeeded,
+            self.last_ok,
+            self.last_error,
+            self.last_latency_s,
+            self.progress_during_failure,
+            self.others_in_flight,
+            self.timed_out,
+            self.metrics_read,
+            self.consecutive_failures,
+        )
 
 
 class InstanceController:
-    def __init__(self, cfg: EngineAgentConfig, spec: EngineSpec, catalog: Catalog, client: httpx.AsyncClient,
-                 metrics: EngineAgentMetrics):
+    def __init__(
+        self,
+        cfg: EngineAgentConfig,
+        spec: EngineSpec,
+        catalog: Catalog,
+        client: httpx.AsyncClient,
+        metrics: EngineAgentMetrics,
+    ):
         self.cfg = cfg
         self.spec = spec
         self.catalog = catalog
@@ -66,10 +80,12 @@ class InstanceController:
         self.probe = EngineProbe(spec.base_url, client)
         self.process = (
             EngineProcess(spec, cfg, self.id, on_restart=lambda: self.metrics.restarts.labels(self.id).inc())
-            if spec.supervised else None
+            if spec.supervised
+            else None
         )
-        self.policy = Policy(cfg.stall_after_s, cfg.startup_timeout_s, cfg.canary_timeout_s,
-                             hang_after_s=cfg.hang_after_s)
+        self.policy = Policy(
+            cfg.stall_after_s, cfg.startup_timeout_s, cfg.canary_timeout_s, hang_after_s=cfg.hang_after_s
+        )
         self.attached_at_s = time.monotonic()
         self.canary = CanaryState()
         self.identity: Identity | None = None
@@ -86,8 +102,9 @@ class InstanceController:
         self._worker: WorkerWatch | None = None
         self.verdict = Verdict(VerdictState.STARTING, "agent starting", VerdictCause.SPAWNING)
         # The one writer of this instance's Consul state (run loop, canary via the run loop, drain).
-        self.publisher = Publisher(catalog, self.id, cfg.ttl_s,
-                                   on_error=lambda: self.metrics.consul_errors.labels(self.id).inc())
+        self.publisher = Publisher(
+            catalog, self.id, cfg.ttl_s, on_error=lambda: self.metrics.consul_errors.labels(self.id).inc()
+        )
         self.draining = False
         self.drained = False
         self._drain_task: asyncio.Task[str] | None = None
@@ -165,8 +182,9 @@ class InstanceController:
         if not running_proc:
             self.health_ok, self.health_error, self._health_failures = None, "", 0
         now = time.monotonic()
-        self._worker = None if sample is None else observe(self._worker, sample, sampled_at,
-                                                             self._work_since(load, now))
+        self._worker = (
+            None if sample is None else observe(self._worker, sample, sampled_at, self._work_since(load, now))
+        )
         self.load = load
         stalled = self._track_progress(load, now)
         if load is not None:
@@ -237,8 +255,13 @@ class InstanceController:
         if verdict.state is VerdictState.PASSING:
             self._served_generation = self._engine_generation()
         if verdict.state != old.state or (verdict.state is VerdictState.CRITICAL and verdict != old):
-            log.log(logging.WARNING if verdict.state is VerdictState.CRITICAL else logging.INFO,
-                    "%s: %s -> %s", self.id, old.note, verdict.note)
+            log.log(
+                logging.WARNING if verdict.state is VerdictState.CRITICAL else logging.INFO,
+                "%s: %s -> %s",
+                self.id,
+                old.note,
+                verdict.note,
+            )
             if verdict.state is VerdictState.CRITICAL and old.state is not VerdictState.CRITICAL:
                 self.metrics.critical.labels(self.id, cause_label(verdict)).inc()
         self.metrics.set_verdict(self.id, verdict.state)
@@ -266,8 +289,10 @@ class InstanceController:
                 pass
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(self._canary_loop(), name=f"canary {self.id}"),
-                 asyncio.create_task(self._ttl_loop(), name=f"ttl {self.id}")]
+        tasks = [
+            asyncio.create_task(self._canary_loop(), name=f"canary {self.id}"),
+            asyncio.create_task(self._ttl_loop(), name=f"ttl {self.id}"),
+        ]
         if self.process:
             tasks.append(asyncio.create_task(self.process.run(), name=f"process {self.id}"))
         last = ""
@@ -309,8 +334,9 @@ class InstanceController:
                 except Exception as e:  # the loop must survive anything; a frozen last result would lie
                     log.exception("%s: canary failed unexpectedly", self.id)
                     self._canary_owed_since_s = None
-                    self._record_canary(ProbeResult(False, 0.0, f"canary probe failed: {type(e).__name__}: {e}"),
-                                        generation)
+                    self._record_canary(
+                        ProbeResult(False, 0.0, f"canary probe failed: {type(e).__name__}: {e}"), generation
+                    )
                 if res is not None and res.timed_out and res.latency_s >= self.cfg.canary_interval_s:
                     continue  # it waited longer than an interval already: ask again at once, still owed
             else:
@@ -342,8 +368,9 @@ class InstanceController:
         self._record_canary(res, generation, progress, others, metrics_read)
         return res
 
-    def _record_canary(self, res: ProbeResult, generation: int, progress: bool = False, others: int = 0,
-                       metrics_read: bool = False) -> None:
+    def _record_canary(
+        self, res: ProbeResult, generation: int, progress: bool = False, others: int = 0, metrics_read: bool = False
+    ) -> None:
         if generation != self._engine_generation():
             return  # the engine restarted meanwhile: this result is about a process that is gone
         if not res.ok:
@@ -433,12 +460,14 @@ class InstanceController:
             "reason": self.verdict.reason,
             "running": None if load is None else load.running,
             "waiting": None if load is None else load.waiting,
-            "canary_latency_ms": None if self.canary.last_latency_s is None
+            "canary_latency_ms": None
+            if self.canary.last_latency_s is None
             else round(self.canary.last_latency_s * 1000, 1),
             "restarts": self.process.restarts if self.process else 0,
             # live figures the (stable) reason leaves out
             "up_for_s": round(time.monotonic() - self._started_at(), 1),
-            "next_restart_in_s": None if proc_facts is None or proc_facts.next_restart_in_s is None
+            "next_restart_in_s": None
+            if proc_facts is None or proc_facts.next_restart_in_s is None
             else round(proc_facts.next_restart_in_s, 1),
             "pid": self.process.pid if self.process else None,
             "consul_ok": self.consul_ok,

@@ -14,27 +14,49 @@ class EngineAgentMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.verdict = Gauge("ernie_engine_verdict", "1 for the instance's current verdict state, 0 for the others",
-                             ["instance_id", "state"], registry=r)
-        self.probe_duration = Histogram("ernie_engine_probe_duration_seconds", "Duration of health probes",
-                                        ["instance_id", "probe"], buckets=PROBE_BUCKETS_S, registry=r)
-        self.canary_failures = Counter("ernie_engine_canary_failures_total", "Canary generations that failed",
-                                       ["instance_id"], registry=r)
-        self.critical = Counter("ernie_engine_critical_total",
-                                "Transitions to critical, by the verdict's cause (exited, crash_loop, stopped, "
-                                "startup_timeout, health_failed, stuck, hung)",
-                                ["instance_id", "reason"], registry=r)
-        self.restarts = Counter("ernie_engine_restarts_total", "Engine process restarts by the agent",
-                                ["instance_id"], registry=r)
+        self.verdict = Gauge(
+            "ernie_engine_verdict",
+            "1 for the instance's current verdict state, 0 for the others",
+            ["instance_id", "state"],
+            registry=r,
+        )
+        self.probe_duration = Histogram(
+            "ernie_engine_probe_duration_seconds",
+            "Duration of health probes",
+            ["instance_id", "probe"],
+            buckets=PROBE_BUCKETS_S,
+            registry=r,
+        )
+        self.canary_failures = Counter(
+            "ernie_engine_canary_failures_total", "Canary generations that failed", ["instance_id"], registry=r
+        )
+        self.critical = Counter(
+            "ernie_engine_critical_total",
+            "Transitions to critical, by the verdict's cause (exited, crash_loop, stopped, "
+            "startup_timeout, health_failed, stuck, hung)",
+            ["instance_id", "reason"],
+            registry=r,
+        )
+        self.restarts = Counter(
+            "ernie_engine_restarts_total", "Engine process restarts by the agent", ["instance_id"], registry=r
+        )
         self.draining = Gauge("ernie_engine_draining", "1 while the instance drains", ["instance_id"], registry=r)
-        self.drain_duration = Histogram("ernie_engine_drain_duration_seconds", "From drain start to deregistration",
-                                        ["instance_id"], buckets=DRAIN_BUCKETS_S, registry=r)
-        self.requests_running = Gauge("ernie_engine_requests_running", "vllm:num_requests_running as last probed",
-                                      ["instance_id"], registry=r)
-        self.requests_waiting = Gauge("ernie_engine_requests_waiting", "vllm:num_requests_waiting as last probed",
-                                      ["instance_id"], registry=r)
-        self.consul_errors = Counter("ernie_engine_consul_errors_total", "Failed writes to Consul",
-                                     ["instance_id"], registry=r)
+        self.drain_duration = Histogram(
+            "ernie_engine_drain_duration_seconds",
+            "From drain start to deregistration",
+            ["instance_id"],
+            buckets=DRAIN_BUCKETS_S,
+            registry=r,
+        )
+        self.requests_running = Gauge(
+            "ernie_engine_requests_running", "vllm:num_requests_running as last probed", ["instance_id"], registry=r
+        )
+        self.requests_waiting = Gauge(
+            "ernie_engine_requests_waiting", "vllm:num_requests_waiting as last probed", ["instance_id"], registry=r
+        )
+        self.consul_errors = Counter(
+            "ernie_engine_consul_errors_total", "Failed writes to Consul", ["instance_id"], registry=r
+        )
 
     def set_verdict(self, instance: str, state: VerdictState) -> None:
         for s in VerdictState:

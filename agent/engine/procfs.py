@@ -69,8 +69,13 @@ def parse_stat(text: str) -> ProcStat | None:
         return None
     try:
         # after the name: state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt utime stime
-        return ProcStat(pid=int(pid_text), comm=comm, state=fields[0], ppid=int(fields[1]),
-                        cpu_ticks=int(fields[11]) + int(fields[12]))
+        return ProcStat(
+            pid=int(pid_text),
+            comm=comm,
+            state=fields[0],
+            ppid=int(fields[1]),
+            cpu_ticks=int(fields[11]) + int(fields[12]),
+        )
     except ValueError:
         return None
 

@@ -58,5 +58,11 @@ def observe(prev: WorkerWatch | None, sample: TreeSample, now_s: float, work_sin
         used = cpu - base
         if 0 <= used < COMPUTE_BUSY_CPU_S_PER_S * (now_s - since):
             idle_since, idle_cpu = since, base
-    return WorkerWatch(at_s=now_s, cpu_s=cpu, idle_since_s=idle_since, idle_cpu_s=idle_cpu,
-                       stopped_since_s=stopped_since, stopped=stopped)
+    return WorkerWatch(
+        at_s=now_s,
+        cpu_s=cpu,
+        idle_since_s=idle_since,
+        idle_cpu_s=idle_cpu,
+        stopped_since_s=stopped_since,
+        stopped=stopped,
+    )

@@ -25,13 +25,28 @@ KILL_GRACE_S = 10.0
 def engine_command(spec: EngineSpec) -> list[str]:
     common = ["--host", spec.host, "--port", str(spec.port)]
     if spec.kind == "simulated":
-        cmd = [sys.executable, "-m", "agent", "sim-engine", *common,
-               "--shutdown-timeout", f"{spec.shutdown_timeout_s:g}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "agent",
+            "sim-engine",
+            *common,
+            "--shutdown-timeout",
+            f"{spec.shutdown_timeout_s:g}",
+        ]
         if spec.served_model_name:
             cmd += ["--model", spec.served_model_name]
         return cmd + list(spec.args)
-    cmd = [sys.executable, "-m", VLLM_MODULE, "--model", spec.model, *common,
-           "--shutdown-timeout", str(int(spec.shutdown_timeout_s))]
+    cmd = [
+        sys.executable,
+        "-m",
+        VLLM_MODULE,
+        "--model",
+        spec.model,
+        *common,
+        "--shutdown-timeout",
+        str(int(spec.shutdown_timeout_s)),
+    ]
     if spec.served_model_name:
         cmd += ["--served-model-name", spec.served_model_name]
     if spec.max_model_len:
@@ -53,8 +68,9 @@ class EngineProcess:
     (the agent stays up; a fixed engine, disk or GPU recovers without anyone restarting the agent).
     A process that stays up `restart_backoff_max_s * 2` ends the crash loop."""
 
-    def __init__(self, spec: EngineSpec, cfg: EngineAgentConfig, name: str,
-                 on_restart: Callable[[], None] | None = None):
+    def __init__(
+        self, spec: EngineSpec, cfg: EngineAgentConfig, name: str, on_restart: Callable[[], None] | None = None
+    ):
         self.spec = spec
         self.cfg = cfg
         self.name = name
@@ -106,8 +122,11 @@ class EngineProcess:
         self._not_spawning.clear()
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *cmd, env=engine_env(self.spec), stdin=asyncio.subprocess.DEVNULL,
-                stdout=out, stderr=asyncio.subprocess.STDOUT if out else None,
+                *cmd,
+                env=engine_env(self.spec),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT if out else None,
                 start_new_session=True,  # own process group: Ctrl-C reaches the agent, which drains first
             )
         finally:
@@ -146,9 +165,14 @@ class EngineProcess:
                 self._exits.popleft()
             if len(self._exits) >= self.cfg.crash_loop_restarts:
                 if not self.crash_loop:
-                    log.error("%s: crash loop (%d exits in %.0fs): retrying every %.0fs until it stays up; "
-                              "see the engine log", self.name, len(self._exits), self.cfg.crash_loop_window_s,
-                              self.cfg.restart_backoff_max_s)
+                    log.error(
+                        "%s: crash loop (%d exits in %.0fs): retrying every %.0fs until it stays up; "
+                        "see the engine log",
+                        self.name,
+                        len(self._exits),
+                        self.cfg.crash_loop_window_s,
+                        self.cfg.restart_backoff_max_s,
+                    )
                 self.crash_loop = True
                 backoff = self.cfg.restart_backoff_max_s
             self.next_restart_at_s = now + backoff

@@ -83,8 +83,12 @@ def decide(f: Facts, p: Policy) -> Verdict:
     proc = f.process
     if proc is not None:
         if proc.crash_loop and not proc.running:  # while a retry runs, it is judged like any start
-            return Verdict(crit, f"engine keeps exiting (last exit code {proc.exit_code}); retrying at the "
-                                 f"capped backoff; see the engine log", C.CRASH_LOOP)
+            return Verdict(
+                crit,
+                f"engine keeps exiting (last exit code {proc.exit_code}); retrying at the "
+                f"capped backoff; see the engine log",
+                C.CRASH_LOOP,
+            )
         if not proc.running:
             if not proc.ever_started and not proc.stopped_on_purpose:
                 return Verdict(VerdictState.STARTING, "starting the engine process", C.SPAWNING)
@@ -100,13 +104,17 @@ def decide(f: Facts, p: Policy) -> Verdict:
         if not f.health_ok:
             return Verdict(VerdictState.STARTING, "loading model", C.LOADING)
         if f.canary.last_ok is False:
-            return Verdict(VerdictState.STARTING, f"waiting for a first canary generation ({f.canary.last_error})",
-                           C.CANARY_PENDING)
+            return Verdict(
+                VerdictState.STARTING,
+                f"waiting for a first canary generation ({f.canary.last_error})",
+                C.CANARY_PENDING,
+            )
         return Verdict(VerdictState.STARTING, "waiting for a first canary generation", C.CANARY_PENDING)
     w = f.worker
     if w is not None and w.stopped and w.stopped_for_s >= p.hang_after_s:
-        return Verdict(crit, f"engine process {', '.join(w.stopped)} stopped (SIGSTOP) for over {p.hang_after_s:g}s",
-                       C.HUNG)
+        return Verdict(
+            crit, f"engine process {', '.join(w.stopped)} stopped (SIGSTOP) for over {p.hang_after_s:g}s", C.HUNG
+        )
     if f.health_ok is False and f.health_failures >= p.health_failures:
         return Verdict(crit, f"/health failed: {f.health_error}", C.HEALTH_FAILED)
     if w is not None and w.compute_known:
@@ -126,15 +134,19 @@ def _judge_by_compute(f: Facts, w: WorkerFacts, p: Policy) -> Verdict:
     """With process facts, CPU time decides hung vs busy: vLLM's counters stand still during a long
     prefill (prompt tokens count when it ends), the Worker's CPU does not."""
     if w.idle_for_s >= p.hang_after_s:
-        return Verdict(VerdictState.CRITICAL,
-                       f"{_work(f)} in flight but the engine's model processes have not computed for over "
-                       f"{p.hang_after_s:g}s, although /health answers", C.HUNG)
+        return Verdict(
+            VerdictState.CRITICAL,
+            f"{_work(f)} in flight but the engine's model processes have not computed for over "
+            f"{p.hang_after_s:g}s, although /health answers",
+            C.HUNG,
+        )
     c = f.canary
     if not c.timed_out and (v := _lone_canary_failure(f, p)) is not None:  # an answer, but a bad one
         return v
     if f.stalled_for_s >= p.stall_after_s:
-        return _passing(f, f"no token for over {p.stall_after_s:g}s but the model processes compute "
-                           f"(long prefill)", C.BUSY)
+        return _passing(
+            f, f"no token for over {p.stall_after_s:g}s but the model processes compute (long prefill)", C.BUSY
+        )
     if c.last_ok is False:
         return _passing(f, "canary missed its deadline but the model processes compute", C.BUSY)
     return _passing(f, "canary generation ok", C.OK)
@@ -147,8 +159,11 @@ def _lone_canary_failure(f: Facts, p: Policy) -> Verdict | None:
     if c.last_ok is not False or c.progress_during_failure or c.others_in_flight:
         return None
     if c.metrics_read or c.consecutive_failures >= p.canary_failures_blind:
-        return Verdict(VerdictState.CRITICAL, f"canary generation failed ({c.last_error}) and no tokens "
-                                              f"produced meanwhile, although /health answers", C.HUNG)
+        return Verdict(
+            VerdictState.CRITICAL,
+            f"canary generation failed ({c.last_error}) and no tokens produced meanwhile, although /health answers",
+            C.HUNG,
+        )
     return _passing(f, f"canary failed ({c.last_error}) while /metrics did not answer; confirming", C.CONFIRMING)
 
 

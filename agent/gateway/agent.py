@@ -69,9 +69,16 @@ def registration_of(cfg: GatewayConfig) -> Registration:
 
 
 class GatewayAgent:
-    def __init__(self, cfg: GatewayConfig, catalog: Catalog, metrics: GatewayMetrics, ads: AdsServer,
-                 envoy: EnvoySupervisor, relays: RelaySupervisor | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        catalog: Catalog,
+        metrics: GatewayMetrics,
+        ads: AdsServer,
+        envoy: EnvoySupervisor,
+        relays: RelaySupervisor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.cfg = cfg
         self.relays = relays
         self.catalog = catalog
@@ -117,24 +124,31 @@ class GatewayAgent:
             snap = with_held(snap, previous, frozenset(absent))
             held = snap.ids() - result.snapshot.ids()
         if held and held != self._held:
-            log.warning("catalog discontinuity (Consul restarted or back from an outage): keeping %d absent "
-                        "instance(s) up to %.0fs while they re-register: %s", len(held),
-                        self.cfg.catalog_reset_grace_s, ", ".join(sorted(held)))
+            log.warning(
+                "catalog discontinuity (Consul restarted or back from an outage): keeping %d absent "
+                "instance(s) up to %.0fs while they re-register: %s",
+                len(held),
+                self.cfg.catalog_reset_grace_s,
+                ", ".join(sorted(held)),
+            )
         self._held = held
         if previous is not None and previous.version == snap.version:
             return
         self.snapshot = snap
         self.ads.publish(snap, changed_at=seen_at)
         self.metrics.published(snap, previous, len(result.rejected))
-        log.info("snapshot %s published %.0f ms after the change was seen: %s", snap.summary(),
-                 (time.monotonic() - seen_at) * 1000, snapshot_diff(previous, snap))
+        log.info(
+            "snapshot %s published %.0f ms after the change was seen: %s",
+            snap.summary(),
+            (time.monotonic() - seen_at) * 1000,
+            snapshot_diff(previous, snap),
+        )
 
     def _release_held(self) -> None:
         """The grace period is over: what the catalog says now is the truth."""
         with self._lock:
             if self._held and not self._in_grace():
-                log.info("grace period over: %d instance(s) still absent from the catalog are removed",
-                         len(self._held))
+                log.info("grace period over: %d instance(s) still absent from the catalog are removed", len(self._held))
                 self._publish(self._last_entries, self.clock())
 
     # --- control loop -------------------------------------------------------------------------
@@ -150,8 +164,9 @@ class GatewayAgent:
         streams = self.ads.streams()
         self.metrics.xds_streams.set(len(streams))
         if not ready:
-            verdict = Verdict(VerdictState.CRITICAL,
-                              f"envoy {envoy_state if envoy_state != 'running' else 'not ready'}")
+            verdict = Verdict(
+                VerdictState.CRITICAL, f"envoy {envoy_state if envoy_state != 'running' else 'not ready'}"
+            )
         elif relays == 0:
             verdict = Verdict(VerdictState.CRITICAL, "no relay process running")
         else:
@@ -160,14 +175,20 @@ class GatewayAgent:
         snap = self.snapshot
         acked = sorted({s.acked_version[:8] or "-" for s in streams})
         watch = self._watch
-        consul = "consul ok" if watch is None or not watch.failing else \
-            f"consul unreachable ({watch.last_error.split(':')[-1].strip()})"
+        consul = (
+            "consul ok"
+            if watch is None or not watch.failing
+            else f"consul unreachable ({watch.last_error.split(':')[-1].strip()})"
+        )
         held = f" ({len(self._held)} held)" if self._held else ""
-        relay_part = f"relays {relays}/{len(self.relays.slots)}; " \
-            if relays is not None and self.relays is not None else ""
-        return (f"envoy pid {self.envoy.pid} {envoy_state}{', ready' if ready else ''}; {relay_part}"
-                f"snapshot {snap.summary() if snap else 'none yet'}{held}; "
-                f"xds {len(streams)} stream(s) acked {','.join(acked) or '-'}; {consul}; registration {registration}")
+        relay_part = (
+            f"relays {relays}/{len(self.relays.slots)}; " if relays is not None and self.relays is not None else ""
+        )
+        return (
+            f"envoy pid {self.envoy.pid} {envoy_state}{', ready' if ready else ''}; {relay_part}"
+            f"snapshot {snap.summary() if snap else 'none yet'}{held}; "
+            f"xds {len(streams)} stream(s) acked {','.join(acked) or '-'}; {consul}; registration {registration}"
+        )
 
     def _keep_registered(self, verdict: Verdict) -> str:
         now = self.clock()

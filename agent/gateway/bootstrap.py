@@ -61,8 +61,9 @@ def template_values(cfg: GatewayConfig) -> dict[str, str]:
     # Quote every value as a JSON string (valid YAML scalars; no injection through a name).
     out = {k: json.dumps(str(v)) if isinstance(v, str) else str(v) for k, v in values.items()}
     # JSON is YAML: the relay processes' unix sockets as a flow list of endpoints.
-    out["relay_endpoints"] = json.dumps([{"endpoint": {"address": {"pipe": {"path": cfg.relay_socket(i)}}}}
-                                         for i in range(cfg.relay_processes)])
+    out["relay_endpoints"] = json.dumps(
+        [{"endpoint": {"address": {"pipe": {"path": cfg.relay_socket(i)}}}} for i in range(cfg.relay_processes)]
+    )
     return out
 
 

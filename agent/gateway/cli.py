@@ -71,9 +71,18 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     relays_how = relays.adopt_or_start()
     metrics.include_relays(cfg.relay_metrics_dir)
     how = envoy.adopt_or_start()
-    log.info("gateway %s: OpenAI API %s (envoy %s, relays %s), admin %s, xDS %s, metrics %s, Consul %s service %r",
-             cfg.name, cfg.listen_url, how, relays_how, cfg.admin_url, cfg.xds, cfg.metrics_url, cfg.consul.address,
-             cfg.consul.service)
+    log.info(
+        "gateway %s: OpenAI API %s (envoy %s, relays %s), admin %s, xDS %s, metrics %s, Consul %s service %r",
+        cfg.name,
+        cfg.listen_url,
+        how,
+        relays_how,
+        cfg.admin_url,
+        cfg.xds,
+        cfg.metrics_url,
+        cfg.consul.address,
+        cfg.consul.service,
+    )
     try:
         agent.run()
     finally:

@@ -76,13 +76,29 @@ class PolicyConfig:
     eds_initial_fetch_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        check_positive(self, "host_selection_retry_max_attempts", "retry_back_off_base_s", "retry_back_off_max_s",
-                       "retry_budget_percent", "retry_min_concurrency", "max_connections", "max_pending_requests",
-                       "max_requests", "connect_timeout_s", "upstream_idle_timeout_s", "upstream_dead_peer_timeout_s",
-                       "outlier_consecutive_local_origin_failure", "outlier_interval_s", "outlier_base_ejection_s",
-                       "outlier_max_ejection_s", "stream_idle_timeout_s", "request_buffer_limit_bytes",
-                       "request_headers_timeout_s", "request_receive_timeout_s",
-                       "eds_initial_fetch_timeout_s")
+        check_positive(
+            self,
+            "host_selection_retry_max_attempts",
+            "retry_back_off_base_s",
+            "retry_back_off_max_s",
+            "retry_budget_percent",
+            "retry_min_concurrency",
+            "max_connections",
+            "max_pending_requests",
+            "max_requests",
+            "connect_timeout_s",
+            "upstream_idle_timeout_s",
+            "upstream_dead_peer_timeout_s",
+            "outlier_consecutive_local_origin_failure",
+            "outlier_interval_s",
+            "outlier_base_ejection_s",
+            "outlier_max_ejection_s",
+            "stream_idle_timeout_s",
+            "request_buffer_limit_bytes",
+            "request_headers_timeout_s",
+            "request_receive_timeout_s",
+            "eds_initial_fetch_timeout_s",
+        )
         if self.num_retries < 0:
             raise ConfigError(f"policy.num_retries must be >= 0, got {self.num_retries}")
         if not (0 < self.retry_budget_percent <= 100):
@@ -97,13 +113,13 @@ class PolicyConfig:
 class RelaySettings:
     """The resuming relay (agent/gateway/relay): processes and resume policy. docs/gateway.md."""
 
-    enabled: bool = True               # false: generation routes go straight to the engines (nothing resumes)
-    processes: int = 2                 # Envoy balances over them; one that dies is restarted, the other serves
-    stall_s: float = 1.0               # a request on an instance that left the snapshot, silent this long, is rescued
-    resume_limit: int = 3              # continuations per request
+    enabled: bool = True  # false: generation routes go straight to the engines (nothing resumes)
+    processes: int = 2  # Envoy balances over them; one that dies is restarted, the other serves
+    stall_s: float = 1.0  # a request on an instance that left the snapshot, silent this long, is rescued
+    resume_limit: int = 3  # continuations per request
     resume_limit_after_crash: int = 1  # ... after the engine died or errored under it (a prompt of death)
-    resume_wait_s: float = 10.0        # a continuation waits this long for a healthy instance
-    drain_s: float = 30.0              # on stop: requests in flight get this long
+    resume_wait_s: float = 10.0  # a continuation waits this long for a healthy instance
+    drain_s: float = 30.0  # on stop: requests in flight get this long
 
     def __post_init__(self) -> None:
         if not (1 <= self.processes <= 16):
@@ -116,17 +132,17 @@ class RelaySettings:
 @dataclass(frozen=True)
 class GatewayConfig:
     consul: ConsulConfig = field(default_factory=ConsulConfig)
-    name: str = ""                       # default: short hostname; unique per gateway
-    listen: str = "0.0.0.0:8080"         # Envoy: the OpenAI-compatible API
+    name: str = ""  # default: short hostname; unique per gateway
+    listen: str = "0.0.0.0:8080"  # Envoy: the OpenAI-compatible API
     envoy_admin: str = "127.0.0.1:9901"  # Envoy admin: loopback only
-    xds: str = "127.0.0.1:18000"         # our ADS gRPC server (Envoy connects here)
-    metrics: str = "127.0.0.1:9102"      # the agent's /metrics
-    advertise_address: str = ""          # what the gateway registers in Consul (default: route to Consul)
-    cluster: str = "ernie"               # Envoy cluster name for the engines
+    xds: str = "127.0.0.1:18000"  # our ADS gRPC server (Envoy connects here)
+    metrics: str = "127.0.0.1:9102"  # the agent's /metrics
+    advertise_address: str = ""  # what the gateway registers in Consul (default: route to Consul)
+    cluster: str = "ernie"  # Envoy cluster name for the engines
     # The catalog watch (top-level keys of gateway.toml; defaults from WatchSettings, read through `watch`)
-    watch_wait_s: float = _WATCH_DEFAULTS.wait_s                      # Consul blocking query wait
-    settle_s: float = _WATCH_DEFAULTS.settle_s                        # coalesce a burst of catalog changes
-    watch_min_interval_s: float = _WATCH_DEFAULTS.min_interval_s      # rate limit between two catalog reads
+    watch_wait_s: float = _WATCH_DEFAULTS.wait_s  # Consul blocking query wait
+    settle_s: float = _WATCH_DEFAULTS.settle_s  # coalesce a burst of catalog changes
+    watch_min_interval_s: float = _WATCH_DEFAULTS.min_interval_s  # rate limit between two catalog reads
     watch_backoff_initial_s: float = _WATCH_DEFAULTS.backoff_initial_s  # on Consul errors
     watch_backoff_max_s: float = _WATCH_DEFAULTS.backoff_max_s
     # After Consul comes back from an outage or with its state lost (a restarted -dev agent),
@@ -138,10 +154,10 @@ class GatewayConfig:
     deregister_critical_after_s: float = 120.0
     envoy_restart_backoff_initial_s: float = 0.5
     envoy_restart_backoff_max_s: float = 30.0
-    envoy_drain_s: float = 5.0           # on shutdown: let in-flight requests finish up to this long
-    envoy_concurrency: int = 0           # Envoy worker threads; 0 = one per core
+    envoy_drain_s: float = 5.0  # on shutdown: let in-flight requests finish up to this long
+    envoy_concurrency: int = 0  # Envoy worker threads; 0 = one per core
     envoy_log_level: str = "warning"
-    run_dir: str = ""                    # bootstrap, Envoy log, adoption state; default under $TMPDIR
+    run_dir: str = ""  # bootstrap, Envoy log, adoption state; default under $TMPDIR
     bootstrap_template: str = str(DEFAULT_BOOTSTRAP_TEMPLATE)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     relay: RelaySettings = field(default_factory=RelaySettings)
@@ -151,8 +167,9 @@ class GatewayConfig:
             check_host_port(getattr(self, key), key)
         admin_host, _ = check_host_port(self.envoy_admin, "envoy_admin")
         if not _is_loopback(admin_host):
-            raise ConfigError(f"envoy_admin must be a loopback address (the admin API can stop Envoy), "
-                              f"got {self.envoy_admin!r}")
+            raise ConfigError(
+                f"envoy_admin must be a loopback address (the admin API can stop Envoy), got {self.envoy_admin!r}"
+            )
         xds_host, _ = check_host_port(self.xds, "xds")
         if not _is_loopback(xds_host):
             raise ConfigError(f"xds must be a loopback address (Envoy runs next to the agent), got {self.xds!r}")
@@ -160,12 +177,21 @@ class GatewayConfig:
             raise ConfigError(f"name must be letters, digits, '-' or '_' (max 63), got {self.name!r}")
         if not self.cluster.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"cluster must be letters, digits, '-' or '_', got {self.cluster!r}")
-        check_positive(self, "watch_wait_s", "settle_s", "watch_backoff_initial_s", "watch_backoff_max_s",
-                       "reconcile_interval_s", "ttl_s", "envoy_restart_backoff_initial_s",
-                       "envoy_restart_backoff_max_s")
+        check_positive(
+            self,
+            "watch_wait_s",
+            "settle_s",
+            "watch_backoff_initial_s",
+            "watch_backoff_max_s",
+            "reconcile_interval_s",
+            "ttl_s",
+            "envoy_restart_backoff_initial_s",
+            "envoy_restart_backoff_max_s",
+        )
         if min(self.watch_min_interval_s, self.envoy_drain_s, self.envoy_concurrency, self.catalog_reset_grace_s) < 0:
-            raise ConfigError("watch_min_interval_s, envoy_drain_s, envoy_concurrency and catalog_reset_grace_s "
-                              "must be >= 0")
+            raise ConfigError(
+                "watch_min_interval_s, envoy_drain_s, envoy_concurrency and catalog_reset_grace_s must be >= 0"
+            )
         if self.settle_s > 1.0:
             raise ConfigError(f"settle_s is a short window (<= 1 s) to coalesce bursts, got {self.settle_s}")
         if self.ttl_s < 3 * self.reconcile_interval_s:
@@ -186,8 +212,13 @@ class GatewayConfig:
     @property
     def watch(self) -> WatchSettings:
         """The catalog watch's settings, built from the watch_* keys here and nowhere else."""
-        return WatchSettings(wait_s=self.watch_wait_s, settle_s=self.settle_s, min_interval_s=self.watch_min_interval_s,
-                             backoff_initial_s=self.watch_backoff_initial_s, backoff_max_s=self.watch_backoff_max_s)
+        return WatchSettings(
+            wait_s=self.watch_wait_s,
+            settle_s=self.settle_s,
+            min_interval_s=self.watch_min_interval_s,
+            backoff_initial_s=self.watch_backoff_initial_s,
+            backoff_max_s=self.watch_backoff_max_s,
+        )
 
     @property
     def socket_dir(self) -> str:
@@ -285,8 +316,13 @@ endpoints; a restarted agent adopts the running Envoy (state in run_dir) and con
 
 
 def parser() -> argparse.ArgumentParser:
-    p = agent_parser("ernie-mesh gateway", HELP, "gateway.toml", "Consul service of the engines (default ernie)",
-                     "address registered in Consul for this gateway")
+    p = agent_parser(
+        "ernie-mesh gateway",
+        HELP,
+        "gateway.toml",
+        "Consul service of the engines (default ernie)",
+        "address registered in Consul for this gateway",
+    )
     p.add_argument("--name", help="gateway name, unique per gateway (default: hostname)")
     p.add_argument("--listen", help="OpenAI API host:port served by Envoy (default 0.0.0.0:8080)")
     p.add_argument("--envoy-admin", help="Envoy admin host:port, loopback only (default 127.0.0.1:9901)")
@@ -301,21 +337,25 @@ def parser() -> argparse.ArgumentParser:
 def load(argv: list[str]) -> GatewayConfig:
     """argv -> validated GatewayConfig; raises ConfigError (one line) on anything wrong."""
     args = parser().parse_args(argv)
-    data = layered(args.config, {
-        "name": os.environ.get("ERNIE_MESH_GATEWAY_NAME"),
-        "advertise_address": os.environ.get("ERNIE_MESH_ADVERTISE_ADDRESS"),
-    }, {
-        "consul": {"address": args.consul, "service": args.service},
-        "name": args.name,
-        "listen": args.listen,
-        "envoy_admin": args.envoy_admin,
-        "xds": args.xds,
-        "metrics": args.metrics,
-        "advertise_address": args.advertise_address,
-        "run_dir": args.run_dir,
-        "envoy_log_level": args.envoy_log_level,
-        "envoy_concurrency": args.envoy_concurrency,
-    })
+    data = layered(
+        args.config,
+        {
+            "name": os.environ.get("ERNIE_MESH_GATEWAY_NAME"),
+            "advertise_address": os.environ.get("ERNIE_MESH_ADVERTISE_ADDRESS"),
+        },
+        {
+            "consul": {"address": args.consul, "service": args.service},
+            "name": args.name,
+            "listen": args.listen,
+            "envoy_admin": args.envoy_admin,
+            "xds": args.xds,
+            "metrics": args.metrics,
+            "advertise_address": args.advertise_address,
+            "run_dir": args.run_dir,
+            "envoy_log_level": args.envoy_log_level,
+            "envoy_concurrency": args.envoy_concurrency,
+        },
+    )
     return finish(build(GatewayConfig, data, where=""))
 
 

@@ -77,7 +77,7 @@ class EnvoyAdmin:
         for line in r.text.splitlines():
             if not line.startswith(prefix):
                 continue
-            parts = line[len(prefix):].split("::")
+            parts = line[len(prefix) :].split("::")
             if len(parts) != 3 or ":" not in parts[0]:
                 continue
             addr, key, value = parts
@@ -122,8 +122,14 @@ class EnvoySupervisor:
     """Keeps one Envoy running. `ensure()` is called by the agent's control loop and never blocks
     for long: a dead Envoy is restarted after a capped exponential backoff."""
 
-    def __init__(self, cfg: GatewayConfig, binary: str, template_text: str,
-                 on_restart: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        binary: str,
+        template_text: str,
+        on_restart: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.cfg = cfg
         self.binary = binary
         self.on_restart = on_restart
@@ -158,22 +164,41 @@ class EnvoySupervisor:
         # --disable-hot-restart (measured on 1.40): with hot restart enabled Envoy exits when its
         # parent process dies, so it could not outlive a killed agent; and without the hot-restart
         # shared memory nothing is keyed by --base-id, so gateways run side by side without one.
-        cmd = [self.binary, "-c", str(self.bootstrap_path), "--disable-hot-restart",
-               "-l", self.cfg.envoy_log_level, "--log-path", str(self.log_path),
-               "--drain-time-s", str(max(int(self.cfg.envoy_drain_s), 1))]
+        cmd = [
+            self.binary,
+            "-c",
+            str(self.bootstrap_path),
+            "--disable-hot-restart",
+            "-l",
+            self.cfg.envoy_log_level,
+            "--log-path",
+            str(self.log_path),
+            "--drain-time-s",
+            str(max(int(self.cfg.envoy_drain_s), 1)),
+        ]
         if self.cfg.envoy_concurrency:
             cmd += ["--concurrency", str(self.cfg.envoy_concurrency)]
         return cmd
 
     def _spawn(self) -> None:
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.pid, self.adopted = self.proc.pid, False
         self.started_at = self.clock()
         self.starts += 1
         self._write_record()
-        log.info("envoy started: pid %d, listen %s, admin %s, log %s", self.pid, self.cfg.listen,
-                 self.cfg.admin_url, self.log_path)
+        log.info(
+            "envoy started: pid %d, listen %s, admin %s, log %s",
+            self.pid,
+            self.cfg.listen,
+            self.cfg.admin_url,
+            self.log_path,
+        )
 
     def _write_record(self) -> None:
         rec = EnvoyRecord(self.pid or 0, str(self.bootstrap_path), self.digest, self.cfg.admin_url, time.time())
@@ -196,8 +221,11 @@ class EnvoySupervisor:
         self.prepare()
         rec = self._read_record()
         if rec is not None and self._is_our_envoy(rec):
-            if rec.bootstrap_digest == self.digest and rec.admin_url == self.cfg.admin_url \
-                    and self.admin.server_info() is not None:
+            if (
+                rec.bootstrap_digest == self.digest
+                and rec.admin_url == self.cfg.admin_url
+                and self.admin.server_info() is not None
+            ):
                 self.pid, self.adopted, self.started_at = rec.pid, True, self.clock()
                 log.info("adopted the running envoy (pid %d) left by a previous agent", rec.pid)
                 return "adopted"
@@ -227,8 +255,13 @@ class EnvoySupervisor:
         if self.next_start_at is None:
             code = self.proc.returncode if self.proc is not None else None
             self.last_exit = f"exit code {code}" if code is not None else "gone"
-            log.error("envoy (pid %s) died (%s); restarting in %.1fs. Last log lines:\n%s", self.pid,
-                      self.last_exit, self._backoff_s, self.log_tail())
+            log.error(
+                "envoy (pid %s) died (%s); restarting in %.1fs. Last log lines:\n%s",
+                self.pid,
+                self.last_exit,
+                self._backoff_s,
+                self.log_tail(),
+            )
             self.next_start_at = now + self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, self.cfg.envoy_restart_backoff_max_s)
         if now < self.next_start_at:

@@ -16,34 +16,48 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.endpoints = Gauge("ernie_gateway_endpoints", "Endpoints in the published snapshot, by state",
-                               ["state"], registry=r)
-        self.snapshot_generation = Gauge("ernie_gateway_snapshot_generation",
-                                         "Snapshots published by this agent since start (increments per change)",
-                                         registry=r)
-        self.snapshot_info = Gauge("ernie_gateway_snapshot_version_info", "1 for the published snapshot version",
-                                   ["version"], registry=r)
-        self.rejected = Gauge("ernie_gateway_snapshot_rejected_endpoints",
-                              "Catalog entries left out of the snapshot because Envoy could not use them",
-                              registry=r)
+        self.endpoints = Gauge(
+            "ernie_gateway_endpoints", "Endpoints in the published snapshot, by state", ["state"], registry=r
+        )
+        self.snapshot_generation = Gauge(
+            "ernie_gateway_snapshot_generation",
+            "Snapshots published by this agent since start (increments per change)",
+            registry=r,
+        )
+        self.snapshot_info = Gauge(
+            "ernie_gateway_snapshot_version_info", "1 for the published snapshot version", ["version"], registry=r
+        )
+        self.rejected = Gauge(
+            "ernie_gateway_snapshot_rejected_endpoints",
+            "Catalog entries left out of the snapshot because Envoy could not use them",
+            registry=r,
+        )
         self.pushes = Counter("ernie_gateway_xds_pushes_total", "Snapshots pushed to Envoy over ADS", registry=r)
         self.nacks = Counter("ernie_gateway_xds_nacks_total", "Snapshots Envoy rejected (NACK)", registry=r)
-        self.push_latency = Histogram("ernie_gateway_xds_push_latency_seconds",
-                                      "From a catalog change seen by the watch to Envoy's ACK of it",
-                                      buckets=PUSH_BUCKETS_S, registry=r)
+        self.push_latency = Histogram(
+            "ernie_gateway_xds_push_latency_seconds",
+            "From a catalog change seen by the watch to Envoy's ACK of it",
+            buckets=PUSH_BUCKETS_S,
+            registry=r,
+        )
         self.xds_streams = Gauge("ernie_gateway_xds_streams", "Connected Envoy ADS streams", registry=r)
         self.watch_errors = Counter("ernie_gateway_consul_watch_errors_total", "Failed catalog reads", registry=r)
-        self.last_success = Gauge("ernie_gateway_consul_last_success_timestamp_seconds",
-                                  "Unix time of the last successful catalog read (blocking reads last up to the "
-                                  "watch wait)", registry=r)
-        self.consul_up = Gauge("ernie_gateway_consul_up",
-                               "1 while the catalog watch succeeds; 0 while it fails (the last snapshot is served)",
-                               registry=r)
+        self.last_success = Gauge(
+            "ernie_gateway_consul_last_success_timestamp_seconds",
+            "Unix time of the last successful catalog read (blocking reads last up to the watch wait)",
+            registry=r,
+        )
+        self.consul_up = Gauge(
+            "ernie_gateway_consul_up",
+            "1 while the catalog watch succeeds; 0 while it fails (the last snapshot is served)",
+            registry=r,
+        )
         self.envoy_restarts = Counter("ernie_gateway_envoy_restarts_total", "Envoy restarts by the agent", registry=r)
         self.envoy_up = Gauge("ernie_gateway_envoy_up", "1 while the supervised Envoy is live and ready", registry=r)
         self.relays_up = Gauge("ernie_gateway_relays_up", "Relay processes running", registry=r)
-        self.relay_restarts = Counter("ernie_gateway_relay_restarts_total", "Relay process restarts by the agent",
-                                      registry=r)
+        self.relay_restarts = Counter(
+            "ernie_gateway_relay_restarts_total", "Relay process restarts by the agent", registry=r
+        )
 
     def include_relays(self, metrics_dir: str) -> None:
         """Serve the relay processes' metrics (ernie_gateway_relay_*, multiprocess files) with the agent's."""

@@ -38,12 +38,34 @@ _SECRET_ENV = ("CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE")
 
 def relay_command(cfg: GatewayConfig, index: int) -> list[str]:
     r = cfg.relay
-    return [sys.executable, "-m", "agent", "relay", "--socket", cfg.relay_socket(index),
-            "--hop-socket", cfg.hop_socket, "--xds", cfg.xds, "--cluster", cfg.cluster,
-            "--node-id", f"{cfg.name}-relay-{index}", "--stall-s", str(r.stall_s),
-            "--resume-limit", str(r.resume_limit), "--resume-limit-after-crash", str(r.resume_limit_after_crash),
-            "--resume-wait-s", str(r.resume_wait_s), "--max-body-bytes", str(cfg.policy.request_buffer_limit_bytes),
-            "--drain-s", str(r.drain_s)]
+    return [
+        sys.executable,
+        "-m",
+        "agent",
+        "relay",
+        "--socket",
+        cfg.relay_socket(index),
+        "--hop-socket",
+        cfg.hop_socket,
+        "--xds",
+        cfg.xds,
+        "--cluster",
+        cfg.cluster,
+        "--node-id",
+        f"{cfg.name}-relay-{index}",
+        "--stall-s",
+        str(r.stall_s),
+        "--resume-limit",
+        str(r.resume_limit),
+        "--resume-limit-after-crash",
+        str(r.resume_limit_after_crash),
+        "--resume-wait-s",
+        str(r.resume_wait_s),
+        "--max-body-bytes",
+        str(cfg.policy.request_buffer_limit_bytes),
+        "--drain-s",
+        str(r.drain_s),
+    ]
 
 
 class _Slot:
@@ -57,8 +79,12 @@ class _Slot:
 
 
 class RelaySupervisor:
-    def __init__(self, cfg: GatewayConfig, on_restart: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        on_restart: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.cfg = cfg
         self.on_restart = on_restart
         self.clock = clock
@@ -95,12 +121,19 @@ class RelaySupervisor:
         adopted = 0
         for slot in self.slots:
             rec = self._read(slot.index)
-            if rec and self._alive_pid(rec.get("pid", 0)) and rec.get("digest") == self._digest(slot.index) \
-                    and cfg_socket_in(_cmdline(rec["pid"]), self.cfg.relay_socket(slot.index)):
+            if (
+                rec
+                and self._alive_pid(rec.get("pid", 0))
+                and rec.get("digest") == self._digest(slot.index)
+                and cfg_socket_in(_cmdline(rec["pid"]), self.cfg.relay_socket(slot.index))
+            ):
                 slot.pid, slot.started_at = rec["pid"], self.clock()
                 adopted += 1
-            elif rec and self._alive_pid(rec.get("pid", 0)) and \
-                    cfg_socket_in(_cmdline(rec["pid"]), self.cfg.relay_socket(slot.index)):
+            elif (
+                rec
+                and self._alive_pid(rec.get("pid", 0))
+                and cfg_socket_in(_cmdline(rec["pid"]), self.cfg.relay_socket(slot.index))
+            ):
                 log.warning("relay %d (pid %d) runs another configuration: replacing it", slot.index, rec["pid"])
                 self._terminate(rec["pid"], None)
         if adopted == 0:
@@ -124,9 +157,14 @@ class RelaySupervisor:
 
     def _spawn(self, slot: _Slot) -> None:
         with open(self._log_path(slot.index), "ab") as logf:
-            slot.proc = subprocess.Popen(relay_command(self.cfg, slot.index), stdin=subprocess.DEVNULL,
-                                         stdout=logf, stderr=subprocess.STDOUT, env=self._env(),
-                                         start_new_session=True)
+            slot.proc = subprocess.Popen(
+                relay_command(self.cfg, slot.index),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                start_new_session=True,
+            )
         slot.pid, slot.started_at = slot.proc.pid, self.clock()
         tmp = self._record_path(slot.index).with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": slot.pid, "digest": self._digest(slot.index)}))
@@ -155,8 +193,13 @@ class RelaySupervisor:
             if self._stopping:
                 continue
             if slot.next_start_at is None:
-                log.error("relay %d (pid %s) died; restarting in %.1fs (log %s)", slot.index, slot.pid,
-                          slot.backoff_s, self._log_path(slot.index))
+                log.error(
+                    "relay %d (pid %s) died; restarting in %.1fs (log %s)",
+                    slot.index,
+                    slot.pid,
+                    slot.backoff_s,
+                    self._log_path(slot.index),
+                )
                 self._forget(slot.pid)
                 slot.next_start_at = now + slot.backoff_s
                 slot.backoff_s = min(slot.backoff_s * 2, RESTART_BACKOFF_MAX_S)
@@ -172,6 +215,7 @@ class RelaySupervisor:
         if pid:
             try:
                 from prometheus_client import multiprocess
+
                 # prometheus_client ships py.typed but leaves mark_process_dead unannotated.
                 multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
             except (OSError, ImportError):

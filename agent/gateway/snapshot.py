@@ -95,8 +95,10 @@ class Snapshot:
         return frozenset(e.instance_id for e in self.endpoints if state is None or e.state is state)
 
     def summary(self) -> str:
-        return (f"{self.version[:8]} {self.count(EndpointState.HEALTHY)} healthy, "
-                f"{self.count(EndpointState.DRAINING)} draining")
+        return (
+            f"{self.version[:8]} {self.count(EndpointState.HEALTHY)} healthy, "
+            f"{self.count(EndpointState.DRAINING)} draining"
+        )
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,9 @@ def build_snapshot(entries: Iterable[CatalogEntry], cluster: str) -> BuildResult
     kept: list[Endpoint] = []
     for ep in candidates:
         if ep.instance_id in seen_ids:
-            rejected.append(Rejected(ep.instance_id,
-                                     f"duplicate id (also on another node; kept node {_node_of(kept, ep)})"))
+            rejected.append(
+                Rejected(ep.instance_id, f"duplicate id (also on another node; kept node {_node_of(kept, ep)})")
+            )
             continue
         if (ep.address, ep.port) in seen_addrs:
             rejected.append(Rejected(ep.instance_id, f"{ep.address}:{ep.port} already used by another instance"))
@@ -175,8 +178,11 @@ def with_held(snapshot: Snapshot, previous: Snapshot, absent_ids: frozenset[str]
     A held endpoint never displaces a current one (same ID or address:port)."""
     ids = snapshot.ids()
     addrs = {(e.address, e.port) for e in snapshot.endpoints}
-    held = [e for e in previous.endpoints
-            if e.instance_id in absent_ids and e.instance_id not in ids and (e.address, e.port) not in addrs]
+    held = [
+        e
+        for e in previous.endpoints
+        if e.instance_id in absent_ids and e.instance_id not in ids and (e.address, e.port) not in addrs
+    ]
     if not held:
         return snapshot
     merged = sorted(snapshot.endpoints + tuple(held), key=lambda e: e.instance_id)

@@ -55,12 +55,12 @@ class WatchUpdate:
     """What the watch hands its consumer: the catalog content in force and the watch's state."""
 
     entries: tuple[CatalogEntry, ...]
-    seen_at: float                          # monotonic: when the reply carrying `entries` came back
-    changed: bool = True                    # False: the last delivered entries, only the state moved
+    seen_at: float  # monotonic: when the reply carrying `entries` came back
+    changed: bool = True  # False: the last delivered entries, only the state moved
     # When the catalog may have lost state: the index went backwards, or the first success after
     # an outage. The consumer holds absent instances for a grace period after it.
     discontinuity_at: float | None = None
-    failing_since: float | None = None      # monotonic; None while the watch succeeds
+    failing_since: float | None = None  # monotonic; None while the watch succeeds
     last_error: str = ""
 
     @property
@@ -85,16 +85,25 @@ ContentKey = tuple[EntryKey, ...]
 
 def content_key(entries: list[CatalogEntry]) -> ContentKey:
     """What counts as a change: everything a snapshot is built from, in a stable order."""
-    return tuple(sorted(
-        (e.instance_id, e.node, e.address, e.port, e.status.value, e.note, tuple(sorted(e.meta.items())), e.tags)
-        for e in entries
-    ))
+    return tuple(
+        sorted(
+            (e.instance_id, e.node, e.address, e.port, e.status.value, e.note, tuple(sorted(e.meta.items())), e.tags)
+            for e in entries
+        )
+    )
 
 
 class CatalogWatch:
-    def __init__(self, catalog: Reader, service: str, on_update: Callable[[WatchUpdate], None],
-                 settings: WatchSettings = WatchSettings(), metrics: WatchMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        catalog: Reader,
+        service: str,
+        on_update: Callable[[WatchUpdate], None],
+        settings: WatchSettings = WatchSettings(),
+        metrics: WatchMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
         self.catalog = catalog
         self.service = service
         self.on_update = on_update
@@ -162,8 +171,12 @@ class CatalogWatch:
             return None
         if replied < self.index:
             self.discontinuity_at = self.clock()
-            log.warning("catalog watch of %s: index went backwards (%d -> %d): Consul restarted or "
-                        "restored; starting over", self.service, self.index, replied)
+            log.warning(
+                "catalog watch of %s: index went backwards (%d -> %d): Consul restarted or restored; starting over",
+                self.service,
+                self.index,
+                replied,
+            )
         self._succeeded()
         self.index = next_index(self.index, replied)
         return replied, entries
@@ -187,8 +200,14 @@ class CatalogWatch:
         return True
 
     def _update(self, entries: tuple[CatalogEntry, ...], seen_at: float, changed: bool) -> WatchUpdate:
-        return WatchUpdate(entries, seen_at, changed, discontinuity_at=self.discontinuity_at,
-                           failing_since=self.failing_since, last_error=self.last_error)
+        return WatchUpdate(
+            entries,
+            seen_at,
+            changed,
+            discontinuity_at=self.discontinuity_at,
+            failing_since=self.failing_since,
+            last_error=self.last_error,
+        )
 
     def _hand(self, update: WatchUpdate) -> None:
         self.on_update(update)
@@ -203,8 +222,9 @@ class CatalogWatch:
         if last is None or update.state() != last.state():
             self._hand(update)
 
-    def _settle(self, entries: list[CatalogEntry], key: ContentKey,
-                seen_at: float) -> tuple[list[CatalogEntry], ContentKey]:
+    def _settle(
+        self, entries: list[CatalogEntry], key: ContentKey, seen_at: float
+    ) -> tuple[list[CatalogEntry], ContentKey]:
         """Hold a change for settle_s of quiet (at most max_settle_s), taking any later content."""
         if self.last_key is None:
             return entries, key  # the first read is delivered at once
@@ -239,15 +259,19 @@ class CatalogWatch:
             log.warning("catalog watch of %s failing: %s; keeping the last snapshot", self.service, e)
         elif now - self._last_error_log >= ERROR_LOG_EVERY_S:
             self._last_error_log = now
-            log.warning("catalog watch of %s still failing for %.0fs (%d errors): %s; serving the last snapshot",
-                        self.service, now - self.failing_since, self.errors, e)
+            log.warning(
+                "catalog watch of %s still failing for %.0fs (%d errors): %s; serving the last snapshot",
+                self.service,
+                now - self.failing_since,
+                self.errors,
+                e,
+            )
 
     def _succeeded(self) -> None:
         now = self.clock()
         if self.failing_since is not None:
             self.discontinuity_at = now
-            log.info("catalog watch of %s: Consul reachable again after %.1fs", self.service,
-                     now - self.failing_since)
+            log.info("catalog watch of %s: Consul reachable again after %.1fs", self.service, now - self.failing_since)
         self.failing_since = None
         self._backoff_s = self.s.backoff_initial_s
         self.last_success_at = now

@@ -96,8 +96,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> AdsServer:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 2, thread_name_prefix="ads"),
-                             maximum_concurrent_rpcs=MAX_STREAMS)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 2, thread_name_prefix="ads"),
+            maximum_concurrent_rpcs=MAX_STREAMS,
+        )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, server)
         self.port = server.add_insecure_port(self.address)
         if not self.port:
@@ -143,14 +145,15 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     # --- the RPC --------------------------------------------------------------------------------
 
     def StreamAggregatedResources(  # noqa: N802 (gRPC name)
-            self, request_iterator: Iterator[discovery_pb2.DiscoveryRequest],
-            context: grpc.ServicerContext) -> Iterator[discovery_pb2.DiscoveryResponse]:
+        self, request_iterator: Iterator[discovery_pb2.DiscoveryRequest], context: grpc.ServicerContext
+    ) -> Iterator[discovery_pb2.DiscoveryResponse]:
         stream = StreamState(id=next(self._ids), peer=context.peer(), opened_at=time.monotonic())
         with self._lock:
             self._streams[stream.id] = stream
         context.add_callback(lambda: stream.inbox.put(_CLOSED))
-        reader = threading.Thread(target=self._read, args=(request_iterator, stream), daemon=True,
-                                  name=f"ads-read-{stream.id}")
+        reader = threading.Thread(
+            target=self._read, args=(request_iterator, stream), daemon=True, name=f"ads-read-{stream.id}"
+        )
         reader.start()
         log.info("xDS stream %d opened from %s", stream.id, stream.peer)
         try:
@@ -180,13 +183,18 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         finally:
             stream.inbox.put(_CLOSED)
 
-    def _handle(self, stream: StreamState,
-                req: discovery_pb2.DiscoveryRequest) -> discovery_pb2.DiscoveryResponse | None:
+    def _handle(
+        self, stream: StreamState, req: discovery_pb2.DiscoveryRequest
+    ) -> discovery_pb2.DiscoveryResponse | None:
         if req.node.id and not stream.node_id:
             stream.node_id = req.node.id
         if req.type_url != EDS_TYPE_URL:
-            log.warning("xDS stream %d (node %s): unsupported type %s ignored (this server serves EDS only)",
-                        stream.id, stream.node_id, req.type_url)
+            log.warning(
+                "xDS stream %d (node %s): unsupported type %s ignored (this server serves EDS only)",
+                stream.id,
+                stream.node_id,
+                req.type_url,
+            )
             return None
         names = frozenset(req.resource_names)
         resubscribed = not stream.subscribed or names != stream.names
@@ -197,8 +205,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             if req.HasField("error_detail") and (req.error_detail.code or req.error_detail.message):
                 stream.last_nack = req.error_detail.message
                 stream.acked_version = req.version_info  # what Envoy still holds
-                log.error("xDS NACK from %s for version %s: %s (keeping version %s)", stream.node_id,
-                          stream.sent_version, req.error_detail.message, req.version_info or "none")
+                log.error(
+                    "xDS NACK from %s for version %s: %s (keeping version %s)",
+                    stream.node_id,
+                    stream.sent_version,
+                    req.error_detail.message,
+                    req.version_info or "none",
+                )
                 self._callbacks.on_nack(stream.node_id, stream.sent_version, req.error_detail.message)
                 return None
             if req.version_info != stream.acked_version:
@@ -208,8 +221,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 # Only a change seen while this Envoy was connected is a push; the initial sync
                 # of a (re)connecting Envoy is not.
                 latency = None if seen is None or seen < stream.opened_at else time.monotonic() - seen
-                log.debug("envoy %s acked %s (%.1f ms after the change was seen)", stream.node_id,
-                          req.version_info, (latency or 0) * 1000)
+                log.debug(
+                    "envoy %s acked %s (%.1f ms after the change was seen)",
+                    stream.node_id,
+                    req.version_info,
+                    (latency or 0) * 1000,
+                )
                 self._callbacks.on_ack(stream.node_id, req.version_info, latency)
             if not resubscribed:
                 return None
@@ -234,5 +251,6 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         nonce = str(next(self._nonces))
         stream.sent_version, stream.sent_nonce = snap.version, nonce
         self._callbacks.on_push(stream.node_id, snap.version)
-        return discovery_pb2.DiscoveryResponse(version_info=snap.version, resources=[resource],
-                                               type_url=EDS_TYPE_URL, nonce=nonce)
+        return discovery_pb2.DiscoveryResponse(
+            version_info=snap.version, resources=[resource], type_url=EDS_TYPE_URL, nonce=nonce
+        )

@@ -9,5 +9,8 @@ __all__ = ["MissingBinary", "consul_binary", "find_binary"]
 
 
 def consul_binary() -> str:
-    return find_binary("consul", "run `scripts/install.sh core` (or `make test`) or install Consul from "
-                                 "https://developer.hashicorp.com/consul/install")
+    return find_binary(
+        "consul",
+        "run `scripts/install.sh core` (or `make test`) or install Consul from "
+        "https://developer.hashicorp.com/consul/install",
+    )

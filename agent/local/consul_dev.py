@@ -44,14 +44,24 @@ class ConsulDev:
             self.data_dir = tempfile.mkdtemp(prefix="ernie-consul-")
         serf_lan, serf_wan, server = ports[2], ports[3], ports[4]
         hcl = Path(self.data_dir) / "ports.json"
-        hcl.write_text(json.dumps({
-            "ports": {"grpc": -1, "serf_lan": serf_lan, "serf_wan": serf_wan, "server": server},
-            "dns_config": {"only_passing": True},
-            "check_update_interval": "0s",
-        }))
+        hcl.write_text(
+            json.dumps(
+                {
+                    "ports": {"grpc": -1, "serf_lan": serf_lan, "serf_wan": serf_wan, "server": server},
+                    "dns_config": {"only_passing": True},
+                    "check_update_interval": "0s",
+                }
+            )
+        )
         cmd = [
-            consul_binary(), "agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1",
-            f"-http-port={self.http_port}", f"-dns-port={self.dns_port}", f"-node={self.node}",
+            consul_binary(),
+            "agent",
+            "-dev",
+            "-bind=127.0.0.1",
+            "-client=127.0.0.1",
+            f"-http-port={self.http_port}",
+            f"-dns-port={self.dns_port}",
+            f"-node={self.node}",
             f"-config-file={hcl}",
         ]
         if self.config_file:

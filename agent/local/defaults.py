@@ -30,12 +30,29 @@ def cpu_bind_env(cpu_index: int | None, count: int) -> dict[str, str]:
     return {BIND_VAR: core_share(cpu_index, count)}
 
 
-def vllm_engine(port: int, model: str, served_model_name: str, gpu_index: int | None = None,
-                cpu_index: int | None = None, engines: int = 1) -> dict[str, Any]:
+def vllm_engine(
+    port: int,
+    model: str,
+    served_model_name: str,
+    gpu_index: int | None = None,
+    cpu_index: int | None = None,
+    engines: int = 1,
+) -> dict[str, Any]:
     """An [[engines]] table for engine.toml: CPU flags without a GPU (engine `cpu_index` on its own
     core), one GPU per engine with one."""
     if gpu_index is None:
-        return {"kind": "vllm", "port": port, "model": model, "served_model_name": served_model_name,
-                "args": list(CPU_VLLM_ARGS), "env": {**VLLM_CPU_ENV, **cpu_bind_env(cpu_index, engines)}}
-    return {"kind": "vllm", "port": port, "model": model, "served_model_name": served_model_name,
-            "env": {"CUDA_VISIBLE_DEVICES": str(gpu_index)}}
+        return {
+            "kind": "vllm",
+            "port": port,
+            "model": model,
+            "served_model_name": served_model_name,
+            "args": list(CPU_VLLM_ARGS),
+            "env": {**VLLM_CPU_ENV, **cpu_bind_env(cpu_index, engines)},
+        }
+    return {
+        "kind": "vllm",
+        "port": port,
+        "model": model,
+        "served_model_name": served_model_name,
+        "env": {"CUDA_VISIBLE_DEVICES": str(gpu_index)},
+    }

@@ -27,11 +27,17 @@ STOP_ORDER = stop_order(mesh_parts())
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ernie-mesh down", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ernie-mesh down", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run-dir", default=None, help=f"the run directory `up` used (default {default_run_dir()})")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
-                   help=f"kill whatever is left after S seconds (default {DEFAULT_TIMEOUT_S:.0f}; engines drain first)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=f"kill whatever is left after S seconds (default {DEFAULT_TIMEOUT_S:.0f}; engines drain first)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     return p
 
@@ -60,8 +66,11 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     run_dir = os.path.abspath(args.run_dir) if args.run_dir else str(default_run_dir())
     state_path = os.path.join(run_dir, "up.json")
-    say: Callable[[str], None] = (lambda m: print(f"down: {m}", file=sys.stderr, flush=True)) if args.json else \
-        (lambda m: print(f"==> {m}", flush=True))
+    say: Callable[[str], None] = (
+        (lambda m: print(f"down: {m}", file=sys.stderr, flush=True))
+        if args.json
+        else (lambda m: print(f"==> {m}", flush=True))
+    )
     state = read_state(Path(state_path))
     if state is None or (state.phase == "stopped" and not state.owner().alive()):
         say(f"no mesh running (state file {state_path}: {'absent' if state is None else 'stopped'})")
@@ -106,6 +115,14 @@ def main(argv: list[str]) -> int:
     else:
         say(f"mesh stopped in {seconds:.1f}s; no process left behind")
     if args.json:
-        print(json.dumps({"stopped": True, "seconds": round(seconds, 1), "killed": [p.name for p in left],
-                          "survivors": [p.name for p in survivors]}))
+        print(
+            json.dumps(
+                {
+                    "stopped": True,
+                    "seconds": round(seconds, 1),
+                    "killed": [p.name for p in left],
+                    "survivors": [p.name for p in survivors],
+                }
+            )
+        )
     return 1 if survivors else 0

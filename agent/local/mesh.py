@@ -27,8 +27,7 @@ from agent.local.parts import Part, part_of, plan_parts, stop_order
 from agent.local.plan import REPO_DIR, MeshPlan
 from agent.local.ports import port_open
 from agent.local.procs import ManagedProcess, mesh_command
-from agent.local.runstate import (Proc, UpState, descendants, kill, proc_identity, process_name, wait_gone,
-                                  write_state)
+from agent.local.runstate import Proc, UpState, descendants, kill, proc_identity, process_name, wait_gone, write_state
 from agent.net import can_bind
 
 POLL_S = 0.25
@@ -101,8 +100,9 @@ class Mesh:
         self.known: dict[int, Proc] = {}  # every process of the mesh seen so far, children included
         self.catalog = ConsulCatalog(plan.consul_address)
         me = proc_identity("up", os.getpid())
-        self.state = UpState(pid=me.pid, start_ticks=me.start_ticks, run_dir=str(plan.run_dir),
-                             urls=plan.urls(), plan=plan.summary())
+        self.state = UpState(
+            pid=me.pid, start_ticks=me.start_ticks, run_dir=str(plan.run_dir), urls=plan.urls(), plan=plan.summary()
+        )
         self._last_tree_s = 0.0
 
     # --- bookkeeping ---------------------------------------------------------------------------
@@ -129,8 +129,9 @@ class Mesh:
         if changed:
             self.save()
 
-    def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None,
-               cwd: str | None = None) -> ManagedProcess:
+    def _start(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> ManagedProcess:
         """Start one process of a part (its log: <name>.log)."""
         mp = ManagedProcess(name, cmd, self.plan.log_dir / f"{name}.log", env=env, cwd=cwd).start()
         self.procs[name] = mp
@@ -153,11 +154,17 @@ class Mesh:
         for name, mp in self.procs.items():
             if self._part(name).fatal_while_starting and not mp.alive():
                 tail = "\n".join("      " + line for line in mp.log_tail(12).splitlines())
-                raise StartError(f"{name} exited with code {mp.returncode} while the mesh was starting; "
-                                 f"log {mp.log_path}:\n{tail}")
+                raise StartError(
+                    f"{name} exited with code {mp.returncode} while the mesh was starting; log {mp.log_path}:\n{tail}"
+                )
 
-    def _wait(self, predicate: Callable[[], object], timeout_s: float, what: str,
-              on_poll: Callable[[float], None] | None = None) -> object:
+    def _wait(
+        self,
+        predicate: Callable[[], object],
+        timeout_s: float,
+        what: str,
+        on_poll: Callable[[float], None] | None = None,
+    ) -> object:
         """Poll until `predicate` holds; a stop request or a dead child ends the wait early."""
         started = time.monotonic()
         while True:
@@ -185,8 +192,11 @@ class Mesh:
         self.plan.log_dir.mkdir(parents=True, exist_ok=True)
         self.save("starting", "starting Consul")
         starters: dict[str, Callable[[Part], None]] = {
-            "consul": self.start_consul, "engine-agent": self.start_engines, "gateway": self.start_gateway,
-            "ui": self.start_ui, "prometheus": self.start_prometheus,
+            "consul": self.start_consul,
+            "engine-agent": self.start_engines,
+            "gateway": self.start_gateway,
+            "ui": self.start_ui,
+            "prometheus": self.start_prometheus,
         }
         for part in sorted(self.parts, key=lambda part: part.start_order):
             starters[part.name](part)
@@ -205,8 +215,9 @@ class Mesh:
     def prepare_model(self) -> str:
         p = self.plan
         if p.engine_kind == "simulated":
-            self.out.step(f"SIMULATED engines (no vLLM, no model): tokens are placeholders, "
-                          f"model name {p.model_name!r}")
+            self.out.step(
+                f"SIMULATED engines (no vLLM, no model): tokens are placeholders, model name {p.model_name!r}"
+            )
             return ""
         if not p.needs_default_model:
             self.out.step(f"model {p.model} (vLLM loads it; served as {p.model_name!r})")
@@ -225,8 +236,14 @@ class Mesh:
         cmd = [sys.executable, "-m", "agent.model", "prepare", "--json"]
         log_path = self.plan.log_dir / "model-prepare.log"
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=str(REPO_DIR))
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=str(REPO_DIR),
+            )
             stdout, stderr = proc.stdout, proc.stderr
             if stdout is None or stderr is None:  # both are PIPEs: Popen always opens them
                 raise RuntimeError("model preparation started without its output pipes")
@@ -268,22 +285,51 @@ class Mesh:
         for i, name in enumerate(part.process_names()):
             config = p.run_dir / f"engine-{i + 1}.toml"
             config.write_text(p.engine_agent_toml(i, model_path))
-            self._start(name, mesh_command("engine", "--config", str(config), "--consul", p.consul_address,
-                                           "--node", p.node, "--advertise-address", "127.0.0.1"),
-                        env=_child_env())
-            self.out.info(f"{p.instance_id(i)}: engine :{p.engine_port(i)}, agent http://127.0.0.1:{p.agent_port(i)}"
-                          f" (logs {p.log_dir}/{name}.log, {p.log_dir}/{p.instance_id(i)}.log)")
+            self._start(
+                name,
+                mesh_command(
+                    "engine",
+                    "--config",
+                    str(config),
+                    "--consul",
+                    p.consul_address,
+                    "--node",
+                    p.node,
+                    "--advertise-address",
+                    "127.0.0.1",
+                ),
+                env=_child_env(),
+            )
+            self.out.info(
+                f"{p.instance_id(i)}: engine :{p.engine_port(i)}, agent http://127.0.0.1:{p.agent_port(i)}"
+                f" (logs {p.log_dir}/{name}.log, {p.log_dir}/{p.instance_id(i)}.log)"
+            )
 
     def start_gateway(self, part: Part) -> None:
         p = self.plan
         self.out.step(f"gateway agent + Envoy: OpenAI API on {p.api_url}")
         config = p.run_dir / "gateway.toml"
         config.write_text(p.gateway_toml())
-        self._start(part.name, mesh_command("gateway", "--config", str(config), "--consul", p.consul_address,
-                                            "--name", p.node, "--advertise-address", "127.0.0.1"),
-                    env=_child_env())
-        self._wait(lambda: port_open(p.host if p.host not in ("0.0.0.0", "::") else "127.0.0.1", p.gateway_port),
-                   GATEWAY_START_TIMEOUT_S, f"Envoy listening on :{p.gateway_port}")
+        self._start(
+            part.name,
+            mesh_command(
+                "gateway",
+                "--config",
+                str(config),
+                "--consul",
+                p.consul_address,
+                "--name",
+                p.node,
+                "--advertise-address",
+                "127.0.0.1",
+            ),
+            env=_child_env(),
+        )
+        self._wait(
+            lambda: port_open(p.host if p.host not in ("0.0.0.0", "::") else "127.0.0.1", p.gateway_port),
+            GATEWAY_START_TIMEOUT_S,
+            f"Envoy listening on :{p.gateway_port}",
+        )
         envoy_log = p.run_dir / "gateway" / "envoy.log"
         link = p.log_dir / "envoy.log"
         if not link.exists() and not link.is_symlink():
@@ -306,17 +352,25 @@ class Mesh:
             return
         promtool = prom.promtool_beside(binary)
         if promtool is None or not prom.has_consul_sd(promtool):
-            self.out.info(f"Prometheus skipped: {binary} has no Consul service discovery "
-                          "(deploy/prometheus/install.sh installs one that has)")
+            self.out.info(
+                f"Prometheus skipped: {binary} has no Consul service discovery "
+                "(deploy/prometheus/install.sh installs one that has)"
+            )
             return
         if not can_bind("127.0.0.1", p.prometheus_port):
             self.out.info(f"Prometheus skipped: port {p.prometheus_port} is in use")
             return
         self.out.step(f"Prometheus on {p.prometheus_url} (targets from Consul)")
         config = prom.write_config(p.run_dir / "prometheus", p.consul_address)
-        mp = self._start(part.name, [binary, f"--config.file={config}",
-                                     f"--storage.tsdb.path={p.run_dir / 'prometheus' / 'data'}",
-                                     f"--web.listen-address=127.0.0.1:{p.prometheus_port}"])
+        mp = self._start(
+            part.name,
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={p.run_dir / 'prometheus' / 'data'}",
+                f"--web.listen-address=127.0.0.1:{p.prometheus_port}",
+            ],
+        )
 
         def ready() -> bool:
             if not mp.alive():
@@ -336,8 +390,11 @@ class Mesh:
 
     def wait_engines(self, timeout_s: float) -> None:
         p = self.plan
-        what = "vLLM loads the model, then a first canary generation must succeed" if p.engine_kind == "vllm" \
+        what = (
+            "vLLM loads the model, then a first canary generation must succeed"
+            if p.engine_kind == "vllm"
             else "simulated engines start"
+        )
         self.out.step(f"waiting for {p.engines} engine(s) to pass their health checks ({what})")
         self.save(step="engines warming up")
         seen: dict[str, str] = {}
@@ -361,8 +418,9 @@ class Mesh:
                     now = self._instances()
                 except CatalogError:
                     now = {}
-                detail = "; ".join(f"{iid} {e.verdict.state.value}: {e.verdict.reason}"
-                                   for iid, e in sorted(now.items()))
+                detail = "; ".join(
+                    f"{iid} {e.verdict.state.value}: {e.verdict.reason}" for iid, e in sorted(now.items())
+                )
                 self.out.info(f"... {waited:.0f}s: {detail or 'no instance registered yet'}")
 
         self._wait(all_passing, timeout_s, f"{p.engines} engine(s) passing", on_poll=beat)
@@ -370,8 +428,11 @@ class Mesh:
     def wait_route(self) -> None:
         """The gateway routes: /v1/models answers through Envoy (the snapshot reached it)."""
         p = self.plan
-        self._wait(lambda: http_status(f"{p.api_url}/models") == 200, ROUTE_TIMEOUT_S,
-                   f"{p.api_url}/models answering through Envoy")
+        self._wait(
+            lambda: http_status(f"{p.api_url}/models") == 200,
+            ROUTE_TIMEOUT_S,
+            f"{p.api_url}/models answering through Envoy",
+        )
 
     # --- foreground ----------------------------------------------------------------------------
 
@@ -455,8 +516,10 @@ class Mesh:
         survivors = wait_gone(leftovers, KILL_WAIT_S)
         for p in survivors:
             self.out.warn(f"still running after SIGKILL: {p.name} (pid {p.pid})")
-        self.out.step(f"stopped in {time.monotonic() - started:.1f}s" +
-                      ("; no process left behind" if not survivors else f"; {len(survivors)} process(es) survived"))
+        self.out.step(
+            f"stopped in {time.monotonic() - started:.1f}s"
+            + ("; no process left behind" if not survivors else f"; {len(survivors)} process(es) survived")
+        )
         self.save("stopped", "")
         return [p.name for p in leftovers]
 

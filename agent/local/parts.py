@@ -24,22 +24,22 @@ ENGINE_AGENT_STOP_MARGIN_S = 60.0
 class Need(Enum):
     """What a part's death means."""
 
-    VITAL = "vital"        # the mesh cannot work without it: its death, starting or running, stops everything
+    VITAL = "vital"  # the mesh cannot work without it: its death, starting or running, stops everything
     REQUIRED = "required"  # must start with the mesh; once it is up a death is reported, the rest carries on
     OPTIONAL = "optional"  # the mesh runs without it: its death is reported, never fatal, not even at start
 
 
 @dataclass(frozen=True)
 class Part:
-    name: str                  # its process's name (a replicated part's are name-1, name-2, …)
+    name: str  # its process's name (a replicated part's are name-1, name-2, …)
     need: Need
     start_order: int
-    stop_order: int            # ascending; a replicated part's processes stop all at once
-    stop_timeout_s: float      # from SIGTERM until the part's processes are killed
-    title: str                 # how the stop progress names it
+    stop_order: int  # ascending; a replicated part's processes stop all at once
+    stop_timeout_s: float  # from SIGTERM until the part's processes are killed
+    title: str  # how the stop progress names it
     replicas: int | None = None  # None: one process named `name`; N: name-1 … name-N
-    stop_step: str = ""        # the state file's step while it stops (`down` prints it); "" keeps the previous one
-    stop_note: str = ""        # said after the title while it stops; {n} is the number of its processes
+    stop_step: str = ""  # the state file's step while it stops (`down` prints it); "" keeps the previous one
+    stop_note: str = ""  # said after the title while it stops; {n} is the number of its processes
 
     @property
     def fatal_while_starting(self) -> bool:
@@ -59,30 +59,60 @@ class Part:
         if self.replicas is None:
             return process_name == self.name
         prefix = f"{self.name}-"
-        return process_name.startswith(prefix) and process_name[len(prefix):].isdigit()
+        return process_name.startswith(prefix) and process_name[len(prefix) :].isdigit()
 
     def stop_message(self, n: int) -> str:
         return f"{self.title}: {self.stop_note.format(n=n)}" if self.stop_note else self.title
 
 
-def mesh_parts(engines: int = 1, ui: bool = True, prometheus: bool = True,
-               drain_deadline_s: float = DRAIN_DEADLINE_S) -> tuple[Part, ...]:
+def mesh_parts(
+    engines: int = 1, ui: bool = True, prometheus: bool = True, drain_deadline_s: float = DRAIN_DEADLINE_S
+) -> tuple[Part, ...]:
     """The parts of a mesh, in start order (the defaults: every part a mesh can have)."""
     table = [
-        Part("consul", Need.VITAL, start_order=1, stop_order=5, stop_timeout_s=STOP_TIMEOUT_S, title="Consul",
-             stop_step="stopping Consul"),
-        Part("engine-agent", Need.REQUIRED, start_order=2, stop_order=3,
-             stop_timeout_s=drain_deadline_s + ENGINE_AGENT_STOP_MARGIN_S, title="engine agents", replicas=engines,
-             stop_step="draining engines",
-             stop_note="draining {n} engine(s) (requests in flight finish), then stopping them"),
-        Part("gateway", Need.VITAL, start_order=3, stop_order=4, stop_timeout_s=GATEWAY_STOP_TIMEOUT_S,
-             title="gateway agent and Envoy", stop_step="stopping the gateway"),
+        Part(
+            "consul",
+            Need.VITAL,
+            start_order=1,
+            stop_order=5,
+            stop_timeout_s=STOP_TIMEOUT_S,
+            title="Consul",
+            stop_step="stopping Consul",
+        ),
+        Part(
+            "engine-agent",
+            Need.REQUIRED,
+            start_order=2,
+            stop_order=3,
+            stop_timeout_s=drain_deadline_s + ENGINE_AGENT_STOP_MARGIN_S,
+            title="engine agents",
+            replicas=engines,
+            stop_step="draining engines",
+            stop_note="draining {n} engine(s) (requests in flight finish), then stopping them",
+        ),
+        Part(
+            "gateway",
+            Need.VITAL,
+            start_order=3,
+            stop_order=4,
+            stop_timeout_s=GATEWAY_STOP_TIMEOUT_S,
+            title="gateway agent and Envoy",
+            stop_step="stopping the gateway",
+        ),
     ]
     if ui:
         table.append(Part("ui", Need.REQUIRED, start_order=4, stop_order=1, stop_timeout_s=STOP_TIMEOUT_S, title="UI"))
     if prometheus:
-        table.append(Part("prometheus", Need.OPTIONAL, start_order=5, stop_order=2, stop_timeout_s=STOP_TIMEOUT_S,
-                          title="Prometheus"))
+        table.append(
+            Part(
+                "prometheus",
+                Need.OPTIONAL,
+                start_order=5,
+                stop_order=2,
+                stop_timeout_s=STOP_TIMEOUT_S,
+                title="Prometheus",
+            )
+        )
     return tuple(sorted(table, key=lambda p: p.start_order))
 
 

@@ -68,18 +68,18 @@ def local_node_name() -> str:
 class MeshPlan:
     engines: int = 2
     engine_kind: str = "vllm"
-    model: str = ""                # "" = the embedded default model (prepared and cached)
-    served_model_name: str = ""    # "" = derived from the model
+    model: str = ""  # "" = the embedded default model (prepared and cached)
+    served_model_name: str = ""  # "" = derived from the model
     vllm_args: tuple[str, ...] = ()
-    gpus: int = 0                  # CUDA GPUs found; 0 = CPU build flags
+    gpus: int = 0  # CUDA GPUs found; 0 = CPU build flags
     port_offset: int = 0
-    host: str = "127.0.0.1"        # where Envoy (the API) and the UI listen
+    host: str = "127.0.0.1"  # where Envoy (the API) and the UI listen
     node: str = field(default_factory=local_node_name)
     service: str = "ernie"
     run_dir: Path = field(default_factory=default_run_dir)
     ui: bool = True
     ui_venv: Path = field(default_factory=default_ui_venv)
-    prometheus: bool = True        # started only if installed and deploy/prometheus has a config
+    prometheus: bool = True  # started only if installed and deploy/prometheus has a config
     drain_deadline_s: float = DRAIN_DEADLINE_S
 
     def __post_init__(self) -> None:
@@ -209,40 +209,79 @@ class MeshPlan:
 
     def engine_agent_toml(self, i: int, model_path: str) -> str:
         return tomli_w.dumps(
-            {"listen": f"127.0.0.1:{self.agent_port(i)}", "node": self.node, "advertise_address": "127.0.0.1",
-             "zone": "local", "log_dir": str(self.log_dir), "drain_deadline_s": self.drain_deadline_s,
-             "consul": {"address": self.consul_address, "service": self.service},
-             "engines": [self.engine_table(i, model_path)]})
+            {
+                "listen": f"127.0.0.1:{self.agent_port(i)}",
+                "node": self.node,
+                "advertise_address": "127.0.0.1",
+                "zone": "local",
+                "log_dir": str(self.log_dir),
+                "drain_deadline_s": self.drain_deadline_s,
+                "consul": {"address": self.consul_address, "service": self.service},
+                "engines": [self.engine_table(i, model_path)],
+            }
+        )
 
     # --- gateway, Consul -----------------------------------------------------------------------
 
     def gateway_toml(self) -> str:
         return tomli_w.dumps(
-            {"name": self.node, "listen": f"{self.host}:{self.gateway_port}",
-             "envoy_admin": f"127.0.0.1:{self.port(ENVOY_ADMIN_PORT)}", "xds": f"127.0.0.1:{self.port(XDS_PORT)}",
-             "metrics": f"127.0.0.1:{self.port(GATEWAY_METRICS_PORT)}", "advertise_address": "127.0.0.1",
-             "run_dir": str(self.run_dir / "gateway"),
-             "consul": {"address": self.consul_address, "service": self.service}})
+            {
+                "name": self.node,
+                "listen": f"{self.host}:{self.gateway_port}",
+                "envoy_admin": f"127.0.0.1:{self.port(ENVOY_ADMIN_PORT)}",
+                "xds": f"127.0.0.1:{self.port(XDS_PORT)}",
+                "metrics": f"127.0.0.1:{self.port(GATEWAY_METRICS_PORT)}",
+                "advertise_address": "127.0.0.1",
+                "run_dir": str(self.run_dir / "gateway"),
+                "consul": {"address": self.consul_address, "service": self.service},
+            }
+        )
 
     def consul_ports_json(self) -> str:
-        return json.dumps({"ports": {"grpc": -1, "server": self.port(CONSUL_SERVER_PORT),
-                                     "serf_lan": self.port(CONSUL_SERF_LAN_PORT),
-                                     "serf_wan": self.port(CONSUL_SERF_WAN_PORT)}})
+        return json.dumps(
+            {
+                "ports": {
+                    "grpc": -1,
+                    "server": self.port(CONSUL_SERVER_PORT),
+                    "serf_lan": self.port(CONSUL_SERF_LAN_PORT),
+                    "serf_wan": self.port(CONSUL_SERF_WAN_PORT),
+                }
+            }
+        )
 
     def consul_command(self, consul_binary: str) -> list[str]:
-        return [consul_binary, "agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1",
-                f"-http-port={self.consul_http_port}", f"-dns-port={self.port(CONSUL_DNS_PORT)}",
-                f"-node={self.node}", f"-config-file={REPO_DIR / 'consul' / 'dev.hcl'}",
-                f"-config-file={self.run_dir / 'consul-ports.json'}"]
+        return [
+            consul_binary,
+            "agent",
+            "-dev",
+            "-bind=127.0.0.1",
+            "-client=127.0.0.1",
+            f"-http-port={self.consul_http_port}",
+            f"-dns-port={self.port(CONSUL_DNS_PORT)}",
+            f"-node={self.node}",
+            f"-config-file={REPO_DIR / 'consul' / 'dev.hcl'}",
+            f"-config-file={self.run_dir / 'consul-ports.json'}",
+        ]
 
     def ui_command(self) -> list[str]:
-        return [str(self.ui_venv / "bin" / "chainlit"), "run", "app.py", "--headless",
-                "--host", self.host, "--port", str(self.ui_port)]
+        return [
+            str(self.ui_venv / "bin" / "chainlit"),
+            "run",
+            "app.py",
+            "--headless",
+            "--host",
+            self.host,
+            "--port",
+            str(self.ui_port),
+        ]
 
     def ui_env(self) -> dict[str, str]:
-        return {"ERNIE_MESH_API_URL": self.api_url, "ERNIE_MESH_MODEL": self.model_name,
-                "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui"),
-                "ERNIE_MESH_SIMULATED": "1" if self.engine_kind == "simulated" else ""}
+        return {
+            "ERNIE_MESH_API_URL": self.api_url,
+            "ERNIE_MESH_MODEL": self.model_name,
+            "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui"),
+            "ERNIE_MESH_SIMULATED": "1" if self.engine_kind == "simulated" else "",
+        }
 
     def urls(self) -> dict[str, str]:
         out = {"api": self.api_url, "consul_ui": self.consul_ui_url, "consul": f"http://{self.consul_address}"}
@@ -251,6 +290,13 @@ class MeshPlan:
         return out
 
     def summary(self) -> dict[str, Any]:
-        return {"engines": self.engines, "engine_kind": self.engine_kind, "model": self.model_name,
-                "port_offset": self.port_offset, "node": self.node, "service": self.service,
-                "run_dir": str(self.run_dir), "python": sys.executable}
+        return {
+            "engines": self.engines,
+            "engine_kind": self.engine_kind,
+            "model": self.model_name,
+            "port_offset": self.port_offset,
+            "node": self.node,
+            "service": self.service,
+            "run_dir": str(self.run_dir),
+            "python": sys.executable,
+        }

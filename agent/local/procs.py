@@ -12,9 +12,14 @@ STOP_TIMEOUT_S = 60.0
 
 
 class ManagedProcess:
-    def __init__(self, name: str, cmd: list[str], log_path: str | os.PathLike[str],
-                 env: dict[str, str] | None = None,
-                 cwd: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        log_path: str | os.PathLike[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ):
         self.name = name
         self.cmd = cmd
         self.log_path = Path(log_path)
@@ -26,8 +31,13 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(self.env or {})}, cwd=self.cwd, start_new_session=True,
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(self.env or {})},
+                cwd=self.cwd,
+                start_new_session=True,
             )
         return self
 

@@ -68,12 +68,17 @@ def _relabel_from_url(meta_key: str, default_path: str | None) -> list[dict[str,
         {"source_labels": src, "regex": _URL_SCHEME, "target_label": "__scheme__", "replacement": "$1"},
         {"source_labels": src, "regex": _URL_HOSTPORT, "target_label": "__address__", "replacement": "$1"},
         # A server bound to a wildcard address: scrape it on the address registered in Consul.
-        {"source_labels": ["__address__", "__meta_consul_service_address"],
-         "regex": r"(?:0\.0\.0\.0|\[::\]):(\d+);(.+)", "target_label": "__address__", "replacement": "$2:$1"},
+        {
+            "source_labels": ["__address__", "__meta_consul_service_address"],
+            "regex": r"(?:0\.0\.0\.0|\[::\]):(\d+);(.+)",
+            "target_label": "__address__",
+            "replacement": "$2:$1",
+        },
     ]
     if default_path is None:
-        rules.append({"source_labels": src, "regex": _URL_PATH, "target_label": "__metrics_path__",
-                      "replacement": "$1"})
+        rules.append(
+            {"source_labels": src, "regex": _URL_PATH, "target_label": "__metrics_path__", "replacement": "$1"}
+        )
     else:
         rules.append({"target_label": "__metrics_path__", "replacement": default_path})
     return rules
@@ -99,9 +104,13 @@ def _sd(consul_address: str, service: str, refresh_s: float, token: str | None) 
     return [sd]
 
 
-def scrape_configs(consul_address: str, engine_service: str = ENGINE_SERVICE,
-                   gateway_service: str = GATEWAY_SERVICE, sd_refresh_interval_s: float = SD_REFRESH_INTERVAL_S,
-                   consul_token: str | None = None) -> list[dict[str, Any]]:
+def scrape_configs(
+    consul_address: str,
+    engine_service: str = ENGINE_SERVICE,
+    gateway_service: str = GATEWAY_SERVICE,
+    sd_refresh_interval_s: float = SD_REFRESH_INTERVAL_S,
+    consul_token: str | None = None,
+) -> list[dict[str, Any]]:
     def sd(service: str) -> list[dict[str, Any]]:
         return _sd(consul_address, service, sd_refresh_interval_s, consul_token)
 
@@ -146,19 +155,29 @@ def scrape_configs(consul_address: str, engine_service: str = ENGINE_SERVICE,
     envoy = {
         "job_name": JOB_ENVOY,
         "consul_sd_configs": sd(gateway_service),
-        "relabel_configs": [_keep_with("envoy_admin"), *_relabel_from_url("envoy_admin", ENVOY_METRICS_PATH),
-                            *gateway_labels],
+        "relabel_configs": [
+            _keep_with("envoy_admin"),
+            *_relabel_from_url("envoy_admin", ENVOY_METRICS_PATH),
+            *gateway_labels,
+        ],
         # Per-endpoint stats name the endpoint by its EDS hostname, which is the instance ID.
         "metric_relabel_configs": [_copy("envoy_endpoint_hostname", "instance_id")],
     }
     return [engine_agent, vllm, gateway_agent, envoy]
 
 
-def config(consul_address: str = DEFAULT_CONSUL_ADDRESS, *, rule_files: list[str] | None = None,
-           scrape_interval_s: float = SCRAPE_INTERVAL_S, evaluation_interval_s: float | None = None,
-           sd_refresh_interval_s: float = SD_REFRESH_INTERVAL_S, engine_service: str = ENGINE_SERVICE,
-           gateway_service: str = GATEWAY_SERVICE, alertmanager_service: str | None = ALERTMANAGER_SERVICE,
-           consul_token: str | None = None) -> dict[str, Any]:
+def config(
+    consul_address: str = DEFAULT_CONSUL_ADDRESS,
+    *,
+    rule_files: list[str] | None = None,
+    scrape_interval_s: float = SCRAPE_INTERVAL_S,
+    evaluation_interval_s: float | None = None,
+    sd_refresh_interval_s: float = SD_REFRESH_INTERVAL_S,
+    engine_service: str = ENGINE_SERVICE,
+    gateway_service: str = GATEWAY_SERVICE,
+    alertmanager_service: str | None = ALERTMANAGER_SERVICE,
+    consul_token: str | None = None,
+) -> dict[str, Any]:
     """The whole Prometheus config as data."""
     if scrape_interval_s <= 0 or sd_refresh_interval_s <= 0:
         raise ValueError("scrape and discovery intervals must be > 0")
@@ -173,10 +192,14 @@ def config(consul_address: str = DEFAULT_CONSUL_ADDRESS, *, rule_files: list[str
     }
     if alertmanager_service:
         # Alertmanagers registered in Consul as `alertmanager` receive the alerts (none: UI/API only).
-        cfg["alerting"] = {"alertmanagers": [
-            {"consul_sd_configs": _sd(consul_address, alertmanager_service, sd_refresh_interval_s, consul_token)}]}
-    cfg["scrape_configs"] = scrape_configs(consul_address, engine_service, gateway_service, sd_refresh_interval_s,
-                                           consul_token)
+        cfg["alerting"] = {
+            "alertmanagers": [
+                {"consul_sd_configs": _sd(consul_address, alertmanager_service, sd_refresh_interval_s, consul_token)}
+            ]
+        }
+    cfg["scrape_configs"] = scrape_configs(
+        consul_address, engine_service, gateway_service, sd_refresh_interval_s, consul_token
+    )
     return cfg
 
 
@@ -184,10 +207,18 @@ def render_config(consul_address: str = DEFAULT_CONSUL_ADDRESS, **kwargs: Any) -
     return HEADER + to_yaml(config(consul_address, **kwargs))
 
 
-def write_config(directory: str | Path, consul_address: str, *, scrape_interval_s: float = SCRAPE_INTERVAL_S,
-                 evaluation_interval_s: float | None = None, sd_refresh_interval_s: float = SD_REFRESH_INTERVAL_S,
-                 engine_service: str = ENGINE_SERVICE, gateway_service: str = GATEWAY_SERVICE,
-                 consul_token: str | None = None, alert_for_s: float | None = None) -> Path:
+def write_config(
+    directory: str | Path,
+    consul_address: str,
+    *,
+    scrape_interval_s: float = SCRAPE_INTERVAL_S,
+    evaluation_interval_s: float | None = None,
+    sd_refresh_interval_s: float = SD_REFRESH_INTERVAL_S,
+    engine_service: str = ENGINE_SERVICE,
+    gateway_service: str = GATEWAY_SERVICE,
+    consul_token: str | None = None,
+    alert_for_s: float | None = None,
+) -> Path:
     """Write `prometheus.yml` and `rules/ernie-mesh.rules.yml` into `directory`; return the config's path.
 
     `alert_for_s` replaces every alert's `for:` (tests use a few seconds instead of minutes).
@@ -197,10 +228,18 @@ def write_config(directory: str | Path, consul_address: str, *, scrape_interval_
     rules = directory / RULES_DIR_NAME / RULES_FILE_NAME
     rules.write_text(render_rules(for_s=alert_for_s))
     path = directory / CONFIG_FILE_NAME
-    path.write_text(render_config(
-        consul_address, rule_files=[str(rules)], scrape_interval_s=scrape_interval_s,
-        evaluation_interval_s=evaluation_interval_s, sd_refresh_interval_s=sd_refresh_interval_s,
-        engine_service=engine_service, gateway_service=gateway_service, consul_token=consul_token))
+    path.write_text(
+        render_config(
+            consul_address,
+            rule_files=[str(rules)],
+            scrape_interval_s=scrape_interval_s,
+            evaluation_interval_s=evaluation_interval_s,
+            sd_refresh_interval_s=sd_refresh_interval_s,
+            engine_service=engine_service,
+            gateway_service=gateway_service,
+            consul_token=consul_token,
+        )
+    )
     return path
 
 
@@ -218,8 +257,9 @@ def has_consul_sd(promtool: str) -> bool:
         f.write('scrape_configs:\n  - job_name: probe\n    consul_sd_configs: [{server: "127.0.0.1:8500"}]\n')
         f.flush()
         try:
-            return subprocess.run([promtool, "check", "config", f.name], capture_output=True,
-                                  timeout=30).returncode == 0
+            return (
+                subprocess.run([promtool, "check", "config", f.name], capture_output=True, timeout=30).returncode == 0
+            )
         except (OSError, subprocess.TimeoutExpired):
             return False
 
@@ -241,25 +281,42 @@ def find_prometheus() -> tuple[str, str] | None:
     return None
 
 
-def prometheus_command(binary: str, config_path: str | Path, data_dir: str | Path, listen: str,
-                       retention: str = "15d") -> list[str]:
+def prometheus_command(
+    binary: str, config_path: str | Path, data_dir: str | Path, listen: str, retention: str = "15d"
+) -> list[str]:
     """argv for a Prometheus serving on `listen` (host:port) with its own data dir."""
-    return [binary, f"--config.file={config_path}", f"--storage.tsdb.path={data_dir}",
-            f"--storage.tsdb.retention.time={retention}", f"--web.listen-address={listen}",
-            "--web.enable-lifecycle"]
+    return [
+        binary,
+        f"--config.file={config_path}",
+        f"--storage.tsdb.path={data_dir}",
+        f"--storage.tsdb.retention.time={retention}",
+        f"--web.listen-address={listen}",
+        "--web.enable-lifecycle",
+    ]
 
 
-def prepare_local(run_dir: str | Path, consul_address: str, listen: str = "127.0.0.1:9090", *,
-                  engine_service: str = ENGINE_SERVICE, scrape_interval_s: float = 5.0,
-                  sd_refresh_interval_s: float = 5.0) -> list[str] | None:
+def prepare_local(
+    run_dir: str | Path,
+    consul_address: str,
+    listen: str = "127.0.0.1:9090",
+    *,
+    engine_service: str = ENGINE_SERVICE,
+    scrape_interval_s: float = 5.0,
+    sd_refresh_interval_s: float = 5.0,
+) -> list[str] | None:
     """For `ernie-mesh up`: write config and rules under `run_dir` and return the argv of a Prometheus
     that scrapes this mesh; None when no Prometheus with Consul SD is installed (then run without)."""
     found = find_prometheus()
     if found is None:
         return None
     base = Path(run_dir)
-    config_path = write_config(base, consul_address, scrape_interval_s=scrape_interval_s,
-                               sd_refresh_interval_s=sd_refresh_interval_s, engine_service=engine_service)
+    config_path = write_config(
+        base,
+        consul_address,
+        scrape_interval_s=scrape_interval_s,
+        sd_refresh_interval_s=sd_refresh_interval_s,
+        engine_service=engine_service,
+    )
     return prometheus_command(found[0], config_path, base / "data", listen)
 
 

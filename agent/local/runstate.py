@@ -36,12 +36,12 @@ class UpState:
     pid: int
     start_ticks: int
     run_dir: str
-    phase: str = "starting"      # starting, healthy, stopping, stopped, failed
-    step: str = ""               # what is happening now (shown by `down`)
+    phase: str = "starting"  # starting, healthy, stopping, stopped, failed
+    step: str = ""  # what is happening now (shown by `down`)
     started_at: float = field(default_factory=time.time)
     urls: dict[str, str] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
-    processes: list[dict[str, Any]] = field(default_factory=list)   # Proc as dicts, in start order
+    processes: list[dict[str, Any]] = field(default_factory=list)  # Proc as dicts, in start order
     version: int = STATE_VERSION
 
     def procs(self) -> list[Proc]:
@@ -80,7 +80,7 @@ def _stat_fields(pid: int) -> list[str]:
     except OSError:
         return []
     # the command name (field 2) is in parentheses and may contain spaces
-    return raw[raw.rfind(")") + 2:].split()
+    return raw[raw.rfind(")") + 2 :].split()
 
 
 def proc_state(pid: int) -> str:

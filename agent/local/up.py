@@ -45,30 +45,61 @@ stop, 1 if the mesh failed to start or a vital part died, 2 for bad options or a
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ernie-mesh up", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ernie-mesh up", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--engines", type=int, default=2, help="number of engines, one engine agent each (default 2)")
-    p.add_argument("--engine-kind", choices=("vllm", "simulated"), default="vllm",
-                   help="vllm (default) or simulated: a SIMULATED engine (placeholder tokens, no model) "
-                        "for a fast demo of the mesh itself")
-    p.add_argument("--model", default="",
-                   help="model for vLLM (hub name or directory); default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--served-model-name", default="",
-                   help="model name clients use (default: smollm2 for the embedded model, else --model)")
-    p.add_argument("--vllm-args", default="", metavar="'ARGS'",
-                   help="extra vLLM arguments for every engine, e.g. '--max-model-len 4096'")
-    p.add_argument("--port-offset", type=int, default=0, metavar="N",
-                   help=f"add N to every port (0-{MAX_PORT_OFFSET}) to run beside another mesh, e.g. 20000")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address Envoy (the API) and the UI listen on (default 127.0.0.1; 0.0.0.0 for the LAN)")
+    p.add_argument(
+        "--engine-kind",
+        choices=("vllm", "simulated"),
+        default="vllm",
+        help="vllm (default) or simulated: a SIMULATED engine (placeholder tokens, no model) "
+        "for a fast demo of the mesh itself",
+    )
+    p.add_argument(
+        "--model",
+        default="",
+        help="model for vLLM (hub name or directory); default: the embedded SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default="",
+        help="model name clients use (default: smollm2 for the embedded model, else --model)",
+    )
+    p.add_argument(
+        "--vllm-args",
+        default="",
+        metavar="'ARGS'",
+        help="extra vLLM arguments for every engine, e.g. '--max-model-len 4096'",
+    )
+    p.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"add N to every port (0-{MAX_PORT_OFFSET}) to run beside another mesh, e.g. 20000",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address Envoy (the API) and the UI listen on (default 127.0.0.1; 0.0.0.0 for the LAN)",
+    )
     p.add_argument("--no-ui", action="store_true", help="do not start the Chainlit UI")
     p.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus even if installed")
     p.add_argument("--run-dir", default=None, help=f"state file and logs (default {default_run_dir()})")
-    p.add_argument("--timeout", type=float, default=DEFAULT_HEALTHY_TIMEOUT_S, metavar="S",
-                   help=f"give up if the mesh is not healthy after S seconds (default {DEFAULT_HEALTHY_TIMEOUT_S:.0f})")
-    p.add_argument("--json", action="store_true",
-                   help="for scripts: JSON lines on stdout (a 'healthy' event with the URLs, then 'stopped'); "
-                        "progress goes to stderr")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_HEALTHY_TIMEOUT_S,
+        metavar="S",
+        help=f"give up if the mesh is not healthy after S seconds (default {DEFAULT_HEALTHY_TIMEOUT_S:.0f})",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="for scripts: JSON lines on stdout (a 'healthy' event with the URLs, then 'stopped'); "
+        "progress goes to stderr",
+    )
     return p
 
 
@@ -86,15 +117,25 @@ def busy_port(plan: MeshPlan) -> str | None:
     """A one-line message naming the first planned port that something else already uses."""
     for host, what, port in plan.ports():
         if not can_bind(host, port):
-            return (f"port {port} ({what}) is already in use on {host}: stop what uses it "
-                    f"(a mesh already running? `ernie-mesh down`) or move every port with --port-offset N")
+            return (
+                f"port {port} ({what}) is already in use on {host}: stop what uses it "
+                f"(a mesh already running? `ernie-mesh down`) or move every port with --port-offset N"
+            )
     return None
 
 
 def build_plan(args: argparse.Namespace) -> MeshPlan:
-    kw = dict(engines=args.engines, engine_kind=args.engine_kind, model=args.model,
-              served_model_name=args.served_model_name, vllm_args=tuple(shlex.split(args.vllm_args)),
-              port_offset=args.port_offset, host=args.host, ui=not args.no_ui, prometheus=not args.no_prometheus)
+    kw = dict(
+        engines=args.engines,
+        engine_kind=args.engine_kind,
+        model=args.model,
+        served_model_name=args.served_model_name,
+        vllm_args=tuple(shlex.split(args.vllm_args)),
+        port_offset=args.port_offset,
+        host=args.host,
+        ui=not args.no_ui,
+        prometheus=not args.no_prometheus,
+    )
     if args.run_dir:
         kw["run_dir"] = args.run_dir
     if args.engine_kind == "vllm":
@@ -106,15 +147,21 @@ def preflight(plan: MeshPlan, out: Console) -> MeshPlan:
     """Everything that can be known before starting anything; raises ConfigError/MissingBinary."""
     state = read_state(plan.state_path)
     if state is not None and state.owner().alive():
-        raise ConfigError(f"a mesh is already running from {plan.run_dir} (pid {state.pid}, {state.phase}): "
-                          f"stop it with `ernie-mesh down`, or use another --run-dir and --port-offset")
+        raise ConfigError(
+            f"a mesh is already running from {plan.run_dir} (pid {state.pid}, {state.phase}): "
+            f"stop it with `ernie-mesh down`, or use another --run-dir and --port-offset"
+        )
     consul_binary()
     if plan.engine_kind == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise MissingBinary(f"vLLM is not installed in {sys.prefix}: run `make up` (or scripts/install.sh core), "
-                            "or try the mesh with --engine-kind simulated")
+        raise MissingBinary(
+            f"vLLM is not installed in {sys.prefix}: run `make up` (or scripts/install.sh core), "
+            "or try the mesh with --engine-kind simulated"
+        )
     if plan.ui and not (plan.ui_venv / "bin" / "chainlit").exists():
-        out.warn(f"the Chainlit UI is not installed ({plan.ui_venv}): starting without it; "
-                 "`scripts/install.sh ui` installs it")
+        out.warn(
+            f"the Chainlit UI is not installed ({plan.ui_venv}): starting without it; "
+            "`scripts/install.sh ui` installs it"
+        )
         plan = dataclasses.replace(plan, ui=False)
     if plan.engine_kind == "vllm" and plan.gpus and plan.engines > plan.gpus:
         out.warn(f"{plan.engines} engines on {plan.gpus} GPU(s): some engines share a GPU")
@@ -154,10 +201,16 @@ def banner(plan: MeshPlan, mesh: Mesh, seconds: float) -> str:
         lines.append(render(collect(plan.consul_address, plan.service)))
     except Exception as e:  # the table is a courtesy: never fail a healthy mesh over it
         lines.append(f"(health table unavailable: {e})")
-    body = json.dumps({"model": plan.model_name,
-                       "messages": [{"role": "user", "content": "What is the capital of France?"}]})
-    lines += ["", "try it:", f"  curl -s {plan.api_url}/chat/completions -H 'content-type: application/json' \\",
-              f"       -d '{body}'", ""]
+    body = json.dumps(
+        {"model": plan.model_name, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    )
+    lines += [
+        "",
+        "try it:",
+        f"  curl -s {plan.api_url}/chat/completions -H 'content-type: application/json' \\",
+        f"       -d '{body}'",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -193,9 +246,17 @@ def main(argv: list[str]) -> int:
         mesh.start(args.timeout)
         seconds = out.elapsed()
         out.block(banner(plan, mesh, seconds))
-        out.event(event="healthy", seconds=round(seconds, 1), urls=plan.urls(), model=plan.model_name,
-                  engine_kind=plan.engine_kind, instances=[plan.instance_id(i) for i in range(plan.engines)],
-                  consul=plan.consul_address, pid=mesh.state.pid, run_dir=str(plan.run_dir))
+        out.event(
+            event="healthy",
+            seconds=round(seconds, 1),
+            urls=plan.urls(),
+            model=plan.model_name,
+            engine_kind=plan.engine_kind,
+            instances=[plan.instance_id(i) for i in range(plan.engines)],
+            consul=plan.consul_address,
+            pid=mesh.state.pid,
+            run_dir=str(plan.run_dir),
+        )
         code = mesh.monitor()
     except Interrupted:
         out.warn("stopped before the mesh was healthy")

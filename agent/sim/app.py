@@ -152,11 +152,17 @@ class GenerationEndpoint:
             texts.append(token[0])
             token_ids.append(token[1])
         assert req.finish_reason is not None
-        body = _dumps(full_response(req.params, req.request_id, req.created, "".join(texts), token_ids,
-                                    req.finish_reason))
+        body = _dumps(
+            full_response(req.params, req.request_id, req.created, "".join(texts), token_ids, req.finish_reason)
+        )
         if not headers_sent:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())],
+                }
+            )
         self.engine.record_status(200)
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -178,8 +184,16 @@ def build_app(engine: SimEngine, on_crash: Callable[[], None] | None = None) -> 
         return JSONResponse({"version": SIM_ENGINE_VERSION, "engine": "simulated", "name": cfg.name})
 
     async def models(_: Request) -> Response:
-        card = {"id": cfg.model, "object": "model", "created": 0, "owned_by": "simulated", "root": cfg.model,
-                "parent": None, "max_model_len": cfg.max_model_len, "permission": []}
+        card = {
+            "id": cfg.model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "simulated",
+            "root": cfg.model,
+            "parent": None,
+            "max_model_len": cfg.max_model_len,
+            "permission": [],
+        }
         return JSONResponse({"object": "list", "data": [card]})
 
     async def metrics(_: Request) -> Response:
@@ -205,9 +219,12 @@ def build_app(engine: SimEngine, on_crash: Callable[[], None] | None = None) -> 
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 404
-        return _json_error(status, f"{request.method} {request.url.path}: "
-                                   f"{'no such route' if status == 404 else 'method not allowed'} "
-                                   "on this simulated engine")
+        return _json_error(
+            status,
+            f"{request.method} {request.url.path}: "
+            f"{'no such route' if status == 404 else 'method not allowed'} "
+            "on this simulated engine",
+        )
 
     routes = [
         Route("/v1/chat/completions", GenerationEndpoint(engine, "chat"), methods=["POST"]),
@@ -220,5 +237,8 @@ def build_app(engine: SimEngine, on_crash: Callable[[], None] | None = None) -> 
         Route("/sim/fault", post_fault, methods=["POST"]),
         Route("/sim/stats", stats),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(EngineHeaderMiddleware, name=cfg.name)],
-                     exception_handlers={404: not_found, 405: not_found})
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(EngineHeaderMiddleware, name=cfg.name)],
+        exception_handlers={404: not_found, 405: not_found},
+    )

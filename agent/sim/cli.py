@@ -71,30 +71,64 @@ def _non_negative_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ernie-mesh sim-engine", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ernie-mesh sim-engine", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=_port, required=True, help="TCP port to listen on")
     p.add_argument("--model", default=DEFAULT_MODEL, help="served model name (default %(default)s)")
     p.add_argument("--name", default=None, help="instance name, sent in the x-sim-engine header (default sim-<port>)")
-    p.add_argument("--token-delay-ms", type=_non_negative_float, default=DEFAULT_TOKEN_DELAY_MS,
-                   help="delay before each generated token, ms (default %(default)s)")
-    p.add_argument("--crash-on-prompt", default="", metavar="TEXT",
-                   help="a generation request whose body contains TEXT crashes the engine before it answers "
-                        "(a prompt of death; drills and tests)")
-    p.add_argument("--fault", choices=FAULT_MODE_NAMES, default=FaultMode.NONE.value,
-                   help="fault mode at start (default %(default)s)")
-    p.add_argument("--slow-factor", type=float, default=DEFAULT_SLOW_FACTOR,
-                   help="token delay multiplier of fault 'slow' (default %(default)s)")
-    p.add_argument("--error-rate", type=float, default=DEFAULT_ERROR_RATE,
-                   help="fraction of generations failing under fault 'error_rate' (default %(default)s)")
-    p.add_argument("--shutdown-timeout", type=_non_negative_float, default=0.0, metavar="S",
-                   help="on SIGTERM: 0 aborts requests in flight (vLLM's default); N lets them finish "
-                        "for up to N s (default %(default)s)")
-    p.add_argument("--max-model-len", type=_positive_int, default=DEFAULT_MAX_MODEL_LEN,
-                   help="context length: prompt + max_tokens above it is a 400 (default %(default)s)")
-    p.add_argument("--max-num-seqs", type=_positive_int, default=DEFAULT_MAX_NUM_SEQS,
-                   help="requests running at once; the rest wait (default %(default)s)")
+    p.add_argument(
+        "--token-delay-ms",
+        type=_non_negative_float,
+        default=DEFAULT_TOKEN_DELAY_MS,
+        help="delay before each generated token, ms (default %(default)s)",
+    )
+    p.add_argument(
+        "--crash-on-prompt",
+        default="",
+        metavar="TEXT",
+        help="a generation request whose body contains TEXT crashes the engine before it answers "
+        "(a prompt of death; drills and tests)",
+    )
+    p.add_argument(
+        "--fault",
+        choices=FAULT_MODE_NAMES,
+        default=FaultMode.NONE.value,
+        help="fault mode at start (default %(default)s)",
+    )
+    p.add_argument(
+        "--slow-factor",
+        type=float,
+        default=DEFAULT_SLOW_FACTOR,
+        help="token delay multiplier of fault 'slow' (default %(default)s)",
+    )
+    p.add_argument(
+        "--error-rate",
+        type=float,
+        default=DEFAULT_ERROR_RATE,
+        help="fraction of generations failing under fault 'error_rate' (default %(default)s)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="on SIGTERM: 0 aborts requests in flight (vLLM's default); N lets them finish "
+        "for up to N s (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=DEFAULT_MAX_MODEL_LEN,
+        help="context length: prompt + max_tokens above it is a 400 (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        default=DEFAULT_MAX_NUM_SEQS,
+        help="requests running at once; the rest wait (default %(default)s)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="(default %(default)s)")
     return p
 
@@ -111,15 +145,31 @@ def main(argv: list[str]) -> int:
     if fault.mode is FaultMode.CRASH:
         log.error("simulated engine %s: started with fault crash, exiting with code %d", name, CRASH_EXIT_CODE)
         return CRASH_EXIT_CODE
-    engine = SimEngine(EngineConfig(name=name, model=args.model, token_delay_ms=args.token_delay_ms,
-                                    max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                                    crash_marker=args.crash_on_prompt), fault)
-    log.warning("SIMULATED engine %s (not vLLM) serving model %r on http://%s:%d, fault %s, token delay %g ms",
-                name, args.model, args.host, args.port, fault.mode.value, args.token_delay_ms)
+    engine = SimEngine(
+        EngineConfig(
+            name=name,
+            model=args.model,
+            token_delay_ms=args.token_delay_ms,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            crash_marker=args.crash_on_prompt,
+        ),
+        fault,
+    )
+    log.warning(
+        "SIMULATED engine %s (not vLLM) serving model %r on http://%s:%d, fault %s, token delay %g ms",
+        name,
+        args.model,
+        args.host,
+        args.port,
+        fault.mode.value,
+        args.token_delay_ms,
+    )
     from agent.sim.server import ServeOptions, serve  # uvicorn + starlette: not needed for --help or bad args
 
-    options = ServeOptions(host=args.host, port=args.port, shutdown_timeout_s=args.shutdown_timeout,
-                           log_level=args.log_level)
+    options = ServeOptions(
+        host=args.host, port=args.port, shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level
+    )
     code = asyncio.run(serve(engine, options))
     log.warning("simulated engine %s stopped (exit code %d)", name, code)
     return code

@@ -92,8 +92,12 @@ class SimEngine:
         self._completed = 0
         self._aborted = 0
         self._tokens_total = 0
-        self.metrics = SimMetrics(config.model, running=lambda: len(self._running),
-                                  waiting=lambda: len(self._waiting), kv_cache_usage=self._kv_cache_usage)
+        self.metrics = SimMetrics(
+            config.model,
+            running=lambda: len(self._running),
+            waiting=lambda: len(self._waiting),
+            kv_cache_usage=self._kv_cache_usage,
+        )
 
     # --- faults -----------------------------------------------------------------------------
     @property
@@ -103,8 +107,7 @@ class SimEngine:
     def set_fault(self, fault: Fault) -> None:
         """Switch the fault mode. `crash` is not handled here: the caller exits the process."""
         if fault != self._fault:
-            log.warning("simulated engine %s: fault %s -> %s", self.config.name, self._fault.to_json(),
-                        fault.to_json())
+            log.warning("simulated engine %s: fault %s -> %s", self.config.name, self._fault.to_json(), fault.to_json())
         self._fault = fault
         self._errors.reset()
         self._wake_all()
@@ -123,8 +126,9 @@ class SimEngine:
         return not self._shutting_down
 
     def admit(self, params: GenerationParams) -> ActiveRequest:
-        req = ActiveRequest(params, asyncio.get_running_loop().time(),
-                            held=self._fault.mode is FaultMode.HANG_AFTER_HEADERS)
+        req = ActiveRequest(
+            params, asyncio.get_running_loop().time(), held=self._fault.mode is FaultMode.HANG_AFTER_HEADERS
+        )
         self._requests_total += 1
         self._waiting.add(req)
         if self._shutting_down:
@@ -208,8 +212,13 @@ class SimEngine:
         req.finish_reason = reason
         if reason == "abort":
             self._aborted += 1
-            log.info("simulated engine %s: request %s aborted (%s) after %d tokens", self.config.name,
-                     req.request_id, req.abort_reason or "handler gone", req.tokens)
+            log.info(
+                "simulated engine %s: request %s aborted (%s) after %d tokens",
+                self.config.name,
+                req.request_id,
+                req.abort_reason or "handler gone",
+                req.tokens,
+            )
         else:
             self._completed += 1
         self.metrics.request_finished(reason)

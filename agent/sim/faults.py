@@ -60,7 +60,7 @@ def _number(obj: dict[str, Any], key: str, default: float) -> float:
 def parse_fault(obj: object) -> Fault:
     """A full fault description from JSON: parameters left out take their defaults."""
     if not isinstance(obj, dict):
-        raise FaultError("the body must be a JSON object like {\"mode\": \"hang\"}")
+        raise FaultError('the body must be a JSON object like {"mode": "hang"}')
     unknown = sorted(set(obj) - {"mode", "slow_factor", "error_rate"})
     if unknown:
         raise FaultError(f"unknown field(s): {', '.join(unknown)} (allowed: mode, slow_factor, error_rate)")

@@ -28,9 +28,18 @@ class SimEngineError(RuntimeError):
 
 
 class SimEngineProcess:
-    def __init__(self, port: int, name: str | None = None, model: str = "sim-model", token_delay_ms: float = 20,
-                 fault: str = "none", shutdown_timeout_s: float = 0, host: str = "127.0.0.1",
-                 log_path: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        port: int,
+        name: str | None = None,
+        model: str = "sim-model",
+        token_delay_ms: float = 20,
+        fault: str = "none",
+        shutdown_timeout_s: float = 0,
+        host: str = "127.0.0.1",
+        log_path: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.port = port
         self.name = name or f"sim-{port}"
         self.model = model
@@ -58,9 +67,27 @@ class SimEngineProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "agent", "sim-engine", "--host", self.host, "--port", str(self.port),
-                "--model", self.model, "--name", self.name, "--token-delay-ms", str(self.token_delay_ms),
-                "--fault", self.fault, "--shutdown-timeout", str(self.shutdown_timeout_s), *self.extra_args]
+        return [
+            sys.executable,
+            "-m",
+            "agent",
+            "sim-engine",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--model",
+            self.model,
+            "--name",
+            self.name,
+            "--token-delay-ms",
+            str(self.token_delay_ms),
+            "--fault",
+            self.fault,
+            "--shutdown-timeout",
+            str(self.shutdown_timeout_s),
+            *self.extra_args,
+        ]
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> SimEngineProcess:
         """Start the subprocess and wait until /health answers 200."""
@@ -72,15 +99,18 @@ class SimEngineProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
         deadline = time.monotonic() + timeout_s
         with httpx.Client(timeout=1.0) as client:
             while True:
                 code = self.proc.poll()
                 if code is not None:
-                    raise SimEngineError(f"simulated engine {self.name} exited with code {code} during start-up; "
-                                         f"log {self.log_path}:\n{self.log_tail()}")
+                    raise SimEngineError(
+                        f"simulated engine {self.name} exited with code {code} during start-up; "
+                        f"log {self.log_path}:\n{self.log_tail()}"
+                    )
                 try:
                     ready = client.get(f"{self.url}/health").status_code == 200
                 except httpx.TransportError:
@@ -89,8 +119,10 @@ class SimEngineProcess:
                     return self
                 if time.monotonic() >= deadline:
                     self.kill()
-                    raise SimEngineError(f"simulated engine {self.name} did not answer {self.url}/health within "
-                                         f"{timeout_s:g} s; log {self.log_path}:\n{self.log_tail()}")
+                    raise SimEngineError(
+                        f"simulated engine {self.name} did not answer {self.url}/health within "
+                        f"{timeout_s:g} s; log {self.log_path}:\n{self.log_tail()}"
+                    )
                 time.sleep(POLL_INTERVAL_S)
 
     def log_tail(self) -> str:
@@ -163,6 +195,7 @@ class SimEngineProcess:
     def __enter__(self) -> SimEngineProcess:
         return self.start() if self.proc is None else self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

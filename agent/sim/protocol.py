@@ -91,8 +91,9 @@ class GenerationParams:
         if finish == "stop" and i == planned - 1:
             return "", tokens.EOS_TOKEN_ID
         k = self.prompt.first_token_index + i
-        return tokens.generated_text(k, first=i == 0, leading_space=self.prompt.leading_space), \
-            tokens.generated_token_id(k)
+        return tokens.generated_text(
+            k, first=i == 0, leading_space=self.prompt.leading_space
+        ), tokens.generated_token_id(k)
 
 
 def _require(cond: bool, message: str, param: str) -> None:
@@ -128,8 +129,11 @@ def _content_text(content: object, where: str) -> str:
         raise ApiError(400, f"{where}.content must be a string or a list of parts", "messages")
     texts: list[str] = []
     for j, part in enumerate(content):
-        _require(isinstance(part, dict) and isinstance(part.get("type"), str),
-                 f"{where}.content[{j}] must be an object with a `type`", "messages")
+        _require(
+            isinstance(part, dict) and isinstance(part.get("type"), str),
+            f"{where}.content[{j}] must be an object with a `type`",
+            "messages",
+        )
         if part["type"] == "text":
             _require(isinstance(part.get("text"), str), f"{where}.content[{j}].text must be a string", "messages")
             texts.append(part["text"])
@@ -145,15 +149,20 @@ def _chat_prompt(body: dict[str, Any]) -> Prompt:
         where = f"messages[{i}]"
         _require(isinstance(msg, dict), f"{where} must be an object", "messages")
         role = msg.get("role")
-        _require(isinstance(role, str) and role in CHAT_ROLES,
-                 f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}, got {role!r}", "messages")
+        _require(
+            isinstance(role, str) and role in CHAT_ROLES,
+            f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}, got {role!r}",
+            "messages",
+        )
         turns.append((role, _content_text(msg.get("content"), where)))
     continue_final = _opt_bool(body, "continue_final_message", False)
     add_generation_prompt = _opt_bool(body, "add_generation_prompt", True)
     # vLLM refuses the pair (its validator, or the HF chat template for the default add_generation_prompt).
-    _require(not (continue_final and add_generation_prompt),
-             "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
-             "continue_final_message")
+    _require(
+        not (continue_final and add_generation_prompt),
+        "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+        "continue_final_message",
+    )
     ids = tokens.chat_prompt_ids(turns, add_generation_prompt, continue_final)
     return text_prompt(ids, turns[-1][1]) if continue_final else Prompt(tuple(ids), 0, False)
 
@@ -179,8 +188,12 @@ def _completion_prompt(body: dict[str, Any]) -> Prompt:
         return text_prompt(tokens.tokenize(prompt), prompt)
     if isinstance(prompt, list) and all(not isinstance(t, (str, list)) for t in prompt):
         return _token_id_prompt(prompt)
-    raise ApiError(400, "`prompt` must be a non-empty string, a list of one string, a list of token ids or a "
-                   "list of one list of token ids (the simulated engine serves one prompt per request)", "prompt")
+    raise ApiError(
+        400,
+        "`prompt` must be a non-empty string, a list of one string, a list of token ids or a "
+        "list of one list of token ids (the simulated engine serves one prompt per request)",
+        "prompt",
+    )
 
 
 def parse_generation(kind: Kind, body: object, served_model: str, max_model_len: int) -> GenerationParams:
@@ -217,8 +230,11 @@ def parse_generation(kind: Kind, body: object, served_model: str, max_model_len:
     _require(_is_int(max_tokens), f"`{key}` must be an integer, got {max_tokens!r}", key)
     _require(max_tokens >= 1, f"`{key}` must be at least 1, got {max_tokens}", key)
     prompt_tokens = len(prompt.token_ids)
-    _require(prompt_tokens + max_tokens <= max_model_len,
-             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-             f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
-             f"completion). Please reduce the length of the messages or completion.", key)
+    _require(
+        prompt_tokens + max_tokens <= max_model_len,
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+        f"completion). Please reduce the length of the messages or completion.",
+        key,
+    )
     return GenerationParams(kind, model, stream, include_usage, return_token_ids, max_tokens, ignore_eos, prompt)

@@ -62,27 +62,39 @@ class _Shutdown:
             return
         if self.timeout_s <= 0:
             n = self.engine.abort_all("shutdown")
-            log.warning("simulated engine %s: %s, aborted %d request(s) in flight", self.engine.config.name,
-                        sig.name, n)
+            log.warning(
+                "simulated engine %s: %s, aborted %d request(s) in flight", self.engine.config.name, sig.name, n
+            )
         else:
             self.engine.begin_shutdown()
-            log.warning("simulated engine %s: %s, draining %d request(s) for up to %.1f s", self.engine.config.name,
-                        sig.name, self.engine.in_flight, self.timeout_s)
+            log.warning(
+                "simulated engine %s: %s, draining %d request(s) for up to %.1f s",
+                self.engine.config.name,
+                sig.name,
+                self.engine.in_flight,
+                self.timeout_s,
+            )
             asyncio.get_running_loop().call_later(self.timeout_s, self._deadline)
         self.server.should_exit = True
 
     def _deadline(self) -> None:
         n = self.engine.abort_all("shutdown timeout")
         if n:
-            log.warning("simulated engine %s: shutdown timeout reached, aborted %d request(s)",
-                        self.engine.config.name, n)
+            log.warning(
+                "simulated engine %s: shutdown timeout reached, aborted %d request(s)", self.engine.config.name, n
+            )
 
 
 async def serve(engine: SimEngine, options: ServeOptions) -> int:
     """Run until a signal has shut the engine down; returns the process exit code."""
     config = uvicorn.Config(
-        build_app(engine), host=options.host, port=options.port, log_level=options.log_level, lifespan="off",
-        access_log=False, server_header=False,
+        build_app(engine),
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        lifespan="off",
+        access_log=False,
+        server_header=False,
         timeout_graceful_shutdown=int(options.shutdown_timeout_s + GRACE_AFTER_ABORT_S + 1),
     )
     server = _Server(config)

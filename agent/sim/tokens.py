@@ -66,8 +66,9 @@ def tokenize(text: str) -> list[int]:
     return ids
 
 
-def chat_prompt_ids(messages: Iterable[tuple[str, str]], add_generation_prompt: bool,
-                    continue_final_message: bool) -> list[int]:
+def chat_prompt_ids(
+    messages: Iterable[tuple[str, str]], add_generation_prompt: bool, continue_final_message: bool
+) -> list[int]:
     """The fixed chat template over (role, text) messages."""
     turns = list(messages)
     ids: list[int] = []

@@ -24,8 +24,11 @@ SYSTEM_FINGERPRINT = f"simulated-{SIM_ENGINE_VERSION}"  # vLLM's is vllm-<versio
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
-            "completion_tokens": completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
 
 
 def _ids(p: GenerationParams, ids: Sequence[int]) -> list[int] | None:
@@ -36,51 +39,114 @@ def _head(p: GenerationParams, request_id: str, created: int, obj: str) -> dict[
     return {"id": request_id, "object": obj, "created": created, "model": p.model}
 
 
-def full_response(p: GenerationParams, request_id: str, created: int, text: str, token_ids: Sequence[int],
-                  finish_reason: str) -> dict[str, Any]:
+def full_response(
+    p: GenerationParams, request_id: str, created: int, text: str, token_ids: Sequence[int], finish_reason: str
+) -> dict[str, Any]:
     """A non-streaming /v1/chat/completions or /v1/completions answer."""
-    full_usage = {**usage(p.prompt_tokens, len(token_ids)), "prompt_tokens_details": None,
-                  "completion_tokens_details": None}
+    full_usage = {
+        **usage(p.prompt_tokens, len(token_ids)),
+        "prompt_tokens_details": None,
+        "completion_tokens_details": None,
+    }
     prompt_ids = _ids(p, p.prompt.token_ids)
     if p.kind == "chat":
-        message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None,
-                   "function_call": None, "reasoning": None}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason,
-                  "stop_reason": None, "token_ids": _ids(p, token_ids), "routed_experts": None}
-        return {**_head(p, request_id, created, "chat.completion"), "choices": [choice], "service_tier": None,
-                "system_fingerprint": SYSTEM_FINGERPRINT, "usage": full_usage, "prompt_logprobs": None,
-                "prompt_token_ids": prompt_ids, "prompt_text": None, "kv_transfer_params": None,
-                "ec_transfer_params": None, "metrics": None}
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None,
-              "token_ids": _ids(p, token_ids), "prompt_logprobs": None, "prompt_token_ids": prompt_ids,
-              "routed_experts": None}
-    return {**_head(p, request_id, created, TEXT_COMPLETION), "choices": [choice], "service_tier": None,
-            "system_fingerprint": SYSTEM_FINGERPRINT, "usage": full_usage, "kv_transfer_params": None,
-            "ec_transfer_params": None, "metrics": None}
+        message = {
+            "role": "assistant",
+            "content": text,
+            "refusal": None,
+            "annotations": None,
+            "audio": None,
+            "function_call": None,
+            "reasoning": None,
+        }
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": finish_reason,
+            "stop_reason": None,
+            "token_ids": _ids(p, token_ids),
+            "routed_experts": None,
+        }
+        return {
+            **_head(p, request_id, created, "chat.completion"),
+            "choices": [choice],
+            "service_tier": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "usage": full_usage,
+            "prompt_logprobs": None,
+            "prompt_token_ids": prompt_ids,
+            "prompt_text": None,
+            "kv_transfer_params": None,
+            "ec_transfer_params": None,
+            "metrics": None,
+        }
+    choice = {
+        "index": 0,
+        "text": text,
+        "logprobs": None,
+        "finish_reason": finish_reason,
+        "stop_reason": None,
+        "token_ids": _ids(p, token_ids),
+        "prompt_logprobs": None,
+        "prompt_token_ids": prompt_ids,
+        "routed_experts": None,
+    }
+    return {
+        **_head(p, request_id, created, TEXT_COMPLETION),
+        "choices": [choice],
+        "service_tier": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "usage": full_usage,
+        "kv_transfer_params": None,
+        "ec_transfer_params": None,
+        "metrics": None,
+    }
 
 
 def role_chunk(p: GenerationParams, request_id: str, created: int) -> dict[str, Any]:
     """The first chunk of a chat stream: the role, and the prompt's token IDs when asked for."""
     choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-    return {**_head(p, request_id, created, CHAT_CHUNK), "choices": [choice],
-            "prompt_token_ids": _ids(p, p.prompt.token_ids), "prompt_text": None}
+    return {
+        **_head(p, request_id, created, CHAT_CHUNK),
+        "choices": [choice],
+        "prompt_token_ids": _ids(p, p.prompt.token_ids),
+        "prompt_text": None,
+    }
 
 
-def token_chunk(p: GenerationParams, request_id: str, created: int, text: str, token_ids: Sequence[int],
-                finish_reason: str | None, first: bool) -> dict[str, Any]:
+def token_chunk(
+    p: GenerationParams,
+    request_id: str,
+    created: int,
+    text: str,
+    token_ids: Sequence[int],
+    finish_reason: str | None,
+    first: bool,
+) -> dict[str, Any]:
     """A chunk of generated text; with finish_reason set, the last chunk of the choice. `first`: the first
     chunk of a completion stream, which carries the prompt's token IDs when asked for."""
     if p.kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "delta": {"content": text}, "logprobs": None,
-                                  "finish_reason": finish_reason}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "delta": {"content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
         if finish_reason is not None:
             choice["stop_reason"] = None
         choice["token_ids"] = _ids(p, token_ids)
         out = {**_head(p, request_id, created, CHAT_CHUNK), "choices": [choice]}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None,
-                  "prompt_token_ids": _ids(p, p.prompt.token_ids) if first else None,
-                  "token_ids": _ids(p, token_ids)}
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": finish_reason,
+            "stop_reason": None,
+            "prompt_token_ids": _ids(p, p.prompt.token_ids) if first else None,
+            "token_ids": _ids(p, token_ids),
+        }
         out = {**_head(p, request_id, created, TEXT_COMPLETION), "choices": [choice]}
     if finish_reason is not None and not p.include_usage:
         out["system_fingerprint"] = SYSTEM_FINGERPRINT
@@ -89,5 +155,9 @@ def token_chunk(p: GenerationParams, request_id: str, created: int, text: str, t
 
 def usage_chunk(p: GenerationParams, request_id: str, created: int, completion_tokens: int) -> dict[str, Any]:
     obj = CHAT_CHUNK if p.kind == "chat" else TEXT_COMPLETION
-    return {**_head(p, request_id, created, obj), "choices": [], "usage": usage(p.prompt_tokens, completion_tokens),
-            "system_fingerprint": SYSTEM_FINGERPRINT}
+    return {
+        **_head(p, request_id, created, obj),
+        "choices": [],
+        "usage": usage(p.prompt_tokens, completion_tokens),
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }

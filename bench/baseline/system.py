@@ -57,8 +57,11 @@ class Nginx:
 
     def start(self) -> Nginx:
         (self.prefix / "tmp").mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(string.Template(TEMPLATE.read_text()).substitute(
-            prefix=str(self.prefix), listen=f"127.0.0.1:{self.port}", workers=self.workers))
+        self.conf.write_text(
+            string.Template(TEMPLATE.read_text()).substitute(
+                prefix=str(self.prefix), listen=f"127.0.0.1:{self.port}", workers=self.workers
+            )
+        )
         self.upstream.write_text(render_upstream(self.servers))
         self.proc = ManagedProcess("nginx", self.base_cmd(), self.prefix / "nginx.stdout.log").start()
         wait_until(lambda: self._up(), 15, interval_s=0.05, what="nginx listening")
@@ -82,12 +85,19 @@ class Nginx:
 class BaselineSystem(System):
     name = "baseline"
 
-    def __init__(self, settings: EngineSettings, engines: int, workdir: Path, progress: Progress,
-                 health_interval_s: float = HEALTH_INTERVAL_S):
+    def __init__(
+        self,
+        settings: EngineSettings,
+        engines: int,
+        workdir: Path,
+        progress: Progress,
+        health_interval_s: float = HEALTH_INTERVAL_S,
+    ):
         super().__init__(settings, engines, workdir, progress)
         ports = free_ports(engines + 1)
-        self.engines = [PlainEngine(settings, p, self.workdir / "logs", i, engines)
-                        for i, p in enumerate(ports[:engines])]
+        self.engines = [
+            PlainEngine(settings, p, self.workdir / "logs", i, engines) for i, p in enumerate(ports[:engines])
+        ]
         self.servers = [f"127.0.0.1:{e.port}" for e in self.engines]
         self.nginx = Nginx(self.workdir / "nginx", ports[-1], self.servers)
         self.events = self.workdir / "healthcheck-events.jsonl"
@@ -101,8 +111,10 @@ class BaselineSystem(System):
         return self.nginx.url
 
     def describe(self) -> str:
-        return (f"nginx round-robin on :{self.nginx.port} over {self.servers}, healthcheck.py every "
-                f"{self.health_interval_s:g}s")
+        return (
+            f"nginx round-robin on :{self.nginx.port} over {self.servers}, healthcheck.py every "
+            f"{self.health_interval_s:g}s"
+        )
 
     def start(self) -> None:
         self.progress(f"baseline: starting {self.n} {self.settings.kind} engine(s)")
@@ -111,9 +123,21 @@ class BaselineSystem(System):
         for e in self.engines:
             e.wait_ready()
         self.nginx.start()
-        cmd = [sys.executable, "-m", "bench.baseline.healthcheck", "--upstream-file", str(self.nginx.upstream),
-               "--reload", self.nginx.reload_cmd(), "--interval", f"{self.health_interval_s:g}",
-               "--timeout", f"{HEALTH_TIMEOUT_S:g}", "--events", str(self.events)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.baseline.healthcheck",
+            "--upstream-file",
+            str(self.nginx.upstream),
+            "--reload",
+            self.nginx.reload_cmd(),
+            "--interval",
+            f"{self.health_interval_s:g}",
+            "--timeout",
+            f"{HEALTH_TIMEOUT_S:g}",
+            "--events",
+            str(self.events),
+        ]
         for s in self.servers:
             cmd += ["--engine", s]
         self.health = ManagedProcess("healthcheck", cmd, self.workdir / "logs" / "healthcheck.log").start()

@@ -28,117 +28,257 @@ def q(expr: str, legend: str) -> tuple[str, str]:
 
 def quantiles(metric: str, by: str, legend: str, matchers: str = "") -> list[tuple[str, str]]:
     sel = f"{metric}_bucket{{{matchers}}}" if matchers else f"{metric}_bucket"
-    return [q(f"histogram_quantile({p}, sum by (le, {by}) (rate({sel}[{RI}])))", f"{legend} p{pct}")
-            for p, pct in ((0.5, 50), (0.99, 99))]
+    return [
+        q(f"histogram_quantile({p}, sum by (le, {by}) (rate({sel}[{RI}])))", f"{legend} p{pct}")
+        for p, pct in ((0.5, 50), (0.99, 99))
+    ]
 
 
 ROWS: list[tuple[str, list[dict]]] = [
-    ("Instances", [
-        dict(title="Healthy instances", unit="short", description=(
-            "Instances with a passing verdict per model (what Consul and the gateways route to), and the "
-            "healthy endpoints each gateway's Envoy holds."), targets=[
-            q("ernie:instances_passing:count", "{{model}} passing ({{service}})"),
-            q('ernie_gateway_endpoints{state="healthy"}', "gateway {{gateway}} healthy endpoints"),
-        ]),
-        dict(title="Instances by verdict", unit="short", stack=True, description=(
-            "Verdicts of the engine agents: starting, passing, draining, critical."), targets=[
-            q("sum by (state) (ernie_engine_verdict)", "{{state}}"),
-        ]),
-        dict(title="Firing alerts", unit="short", description="ernie-mesh alerts firing now.", targets=[
-            q('count by (alertname) (ALERTS{alertstate="firing", alertname=~"Ernie.*"}) '
-              'or on () vector(0)', "{{alertname}}"),
-        ]),
-        dict(title="Scrape targets up", unit="short", description="Targets found through Consul, by job.", targets=[
-            q('sum by (job) (up{job=~"ernie-.*"})', "{{job}} up"),
-            q('count by (job) (up{job=~"ernie-.*"})', "{{job}} discovered"),
-        ]),
-    ]),
-    ("Traffic", [
-        dict(title="Requests per instance (gateway)", unit="reqps", description=(
-            "Upstream requests Envoy sent to each instance (per-endpoint stats), all gateways."), targets=[
-            q(f"sum by (instance_id) (rate(envoy_cluster_endpoint_rq_total[{RI}]))", "{{instance_id}}"),
-        ]),
-        dict(title="Errors per instance (gateway)", unit="reqps", description=(
-            "Upstream requests to each instance that failed (5xx, reset, connect failure), all gateways."), targets=[
-            q(f"sum by (instance_id) (rate(envoy_cluster_endpoint_rq_error[{RI}]))", "{{instance_id}}"),
-        ]),
-        dict(title="Requests finished per instance (engine)", unit="reqps", description=(
-            "Requests each engine finished, by finish reason (includes the agents' 1-token canaries; "
-            "`abort` = cut short)."), targets=[
-            q(f"sum by (instance_id, finished_reason) (rate(vllm:request_success_total[{RI}]))",
-              "{{instance_id}} {{finished_reason}}"),
-        ]),
-        dict(title="Gateway responses by class", unit="reqps", description=(
-            "What clients got from each gateway (Envoy downstream), by status class; 5 = errors, including "
-            "Envoy's own 503 when no instance is healthy."), targets=[
-            q(f'sum by (gateway, envoy_response_code_class) (rate(envoy_http_downstream_rq_xx'
-              f'{{envoy_http_conn_manager_prefix="openai_api"}}[{RI}]))',
-              "{{gateway}} {{envoy_response_code_class}}xx"),
-        ]),
-    ]),
-    ("Latency", [
-        dict(title="Time to first token", unit="s", description="vLLM's TTFT per instance.",
-             targets=quantiles("vllm:time_to_first_token_seconds", "instance_id", "{{instance_id}}")),
-        dict(title="Inter-token latency", unit="s", description="vLLM's time between tokens per instance.",
-             targets=quantiles("vllm:inter_token_latency_seconds", "instance_id", "{{instance_id}}")),
-        dict(title="End-to-end request latency", unit="s", description="vLLM's request latency per instance.",
-             targets=quantiles("vllm:e2e_request_latency_seconds", "instance_id", "{{instance_id}}")),
-        dict(title="Gateway upstream latency", unit="ms", description=(
-            "Envoy's upstream request time (to the full response), per gateway."),
-             targets=quantiles("envoy_cluster_upstream_rq_time", "gateway", "{{gateway}}", ENGINES)),
-    ]),
-    ("Load", [
-        dict(title="Queue depth per instance", unit="short", description=(
-            "Requests waiting for a slot, and running, per instance (vLLM)."), targets=[
-            q("sum by (instance_id) (vllm:num_requests_waiting)", "{{instance_id}} waiting"),
-            q("sum by (instance_id) (vllm:num_requests_running)", "{{instance_id}} running"),
-        ]),
-        dict(title="KV cache usage per instance", unit="percentunit", description="vLLM's KV-cache usage (1 = full).",
-             targets=[q("max by (instance_id) (vllm:kv_cache_usage_perc)", "{{instance_id}}")]),
-    ]),
-    ("Resilience", [
-        dict(title="Retries", unit="reqps", description=(
-            "Requests Envoy retried on another instance, those retries that succeeded, and the share of "
-            "upstream requests that were retries (alert above 10%)."), targets=[
-            q(f"sum by (gateway) (rate(envoy_cluster_upstream_rq_retry{{{ENGINES}}}[{RI}]))", "{{gateway}} retries"),
-            q(f"sum by (gateway) (rate(envoy_cluster_upstream_rq_retry_success{{{ENGINES}}}[{RI}]))",
-              "{{gateway}} retries that succeeded"),
-            q("ernie:envoy_retry_ratio:rate5m", "{{gateway}} retry ratio (5m)"),
-        ]),
-        dict(title="Outlier ejections", unit="short", description=(
-            "Hosts Envoy has ejected now, and new ejections, per gateway."), targets=[
-            q(f"sum by (gateway) (envoy_cluster_outlier_detection_ejections_active{{{ENGINES}}})",
-              "{{gateway}} ejected now"),
-            q(f"sum by (gateway) (increase(envoy_cluster_outlier_detection_ejections_enforced_total"
-              f"{{{ENGINES}}}[{RI}]))", "{{gateway}} new ejections"),
-        ]),
-        dict(title="Failovers", unit="short", description=(
-            "Instances taken out of rotation (turned critical, by reason), engine restarts by their agent, "
-            "and instances draining."), targets=[
-            q(f"sum by (instance_id, reason) (increase(ernie_engine_critical_total[{RI}]))",
-              "{{instance_id}} critical: {{reason}}"),
-            q(f"sum by (instance_id) (increase(ernie_engine_restarts_total[{RI}]))", "{{instance_id}} restarted"),
-            q('sum by (instance_id) (ernie_engine_verdict{state="draining"})', "{{instance_id}} draining"),
-        ]),
-        dict(title="Health probes and canaries", unit="s", description=(
-            "p99 latency of the engine agents' /health probes and 1-token canary generations."), targets=[
-            q(f"histogram_quantile(0.99, sum by (le, instance_id, probe) "
-              f"(rate(ernie_engine_probe_duration_seconds_bucket[{RI}])))", "{{instance_id}} {{probe}} p99"),
-        ]),
-    ]),
-    ("Control plane", [
-        dict(title="xDS push latency", unit="s", description=(
-            "From a catalog change seen by a gateway's Consul watch to its Envoy's ACK."),
-             targets=quantiles("ernie_gateway_xds_push_latency_seconds", "gateway", "{{gateway}}") + [
-                 q(f"sum by (gateway) (rate(ernie_gateway_xds_pushes_total[{RI}]))", "{{gateway}} pushes/s")]),
-        dict(title="Consul watch", unit="s", description=(
-            "Seconds since each gateway's last successful catalog read (alert above 150 s) and failed reads."),
-             targets=[
-                 q("ernie:gateway_consul_staleness_seconds", "{{gateway}} since last read"),
-                 q(f"sum by (gateway) (rate(ernie_gateway_consul_watch_errors_total[{RI}]))",
-                   "{{gateway}} failed reads/s"),
-             ]),
-    ]),
+    (
+        "Instances",
+        [
+            dict(
+                title="Healthy instances",
+                unit="short",
+                description=(
+                    "Instances with a passing verdict per model (what Consul and the gateways route to), and the "
+                    "healthy endpoints each gateway's Envoy holds."
+                ),
+                targets=[
+                    q("ernie:instances_passing:count", "{{model}} passing ({{service}})"),
+                    q('ernie_gateway_endpoints{state="healthy"}', "gateway {{gateway}} healthy endpoints"),
+                ],
+            ),
+            dict(
+                title="Instances by verdict",
+                unit="short",
+                stack=True,
+                description=("Verdicts of the engine agents: starting, passing, draining, critical."),
+                targets=[
+                    q("sum by (state) (ernie_engine_verdict)", "{{state}}"),
+                ],
+            ),
+            dict(
+                title="Firing alerts",
+                unit="short",
+                description="ernie-mesh alerts firing now.",
+                targets=[
+                    q(
+                        'count by (alertname) (ALERTS{alertstate="firing", alertname=~"Ernie.*"}) or on () vector(0)',
+                        "{{alertname}}",
+                    ),
+                ],
+            ),
+            dict(
+                title="Scrape targets up",
+                unit="short",
+                description="Targets found through Consul, by job.",
+                targets=[
+                    q('sum by (job) (up{job=~"ernie-.*"})', "{{job}} up"),
+                    q('count by (job) (up{job=~"ernie-.*"})', "{{job}} discovered"),
+                ],
+            ),
+        ],
+    ),
+    (
+        "Traffic",
+        [
+            dict(
+                title="Requests per instance (gateway)",
+                unit="reqps",
+                description=("Upstream requests Envoy sent to each instance (per-endpoint stats), all gateways."),
+                targets=[
+                    q(f"sum by (instance_id) (rate(envoy_cluster_endpoint_rq_total[{RI}]))", "{{instance_id}}"),
+                ],
+            ),
+            dict(
+                title="Errors per instance (gateway)",
+                unit="reqps",
+                description=(
+                    "Upstream requests to each instance that failed (5xx, reset, connect failure), all gateways."
+                ),
+                targets=[
+                    q(f"sum by (instance_id) (rate(envoy_cluster_endpoint_rq_error[{RI}]))", "{{instance_id}}"),
+                ],
+            ),
+            dict(
+                title="Requests finished per instance (engine)",
+                unit="reqps",
+                description=(
+                    "Requests each engine finished, by finish reason (includes the agents' 1-token canaries; "
+                    "`abort` = cut short)."
+                ),
+                targets=[
+                    q(
+                        f"sum by (instance_id, finished_reason) (rate(vllm:request_success_total[{RI}]))",
+                        "{{instance_id}} {{finished_reason}}",
+                    ),
+                ],
+            ),
+            dict(
+                title="Gateway responses by class",
+                unit="reqps",
+                description=(
+                    "What clients got from each gateway (Envoy downstream), by status class; 5 = errors, including "
+                    "Envoy's own 503 when no instance is healthy."
+                ),
+                targets=[
+                    q(
+                        f"sum by (gateway, envoy_response_code_class) (rate(envoy_http_downstream_rq_xx"
+                        f'{{envoy_http_conn_manager_prefix="openai_api"}}[{RI}]))',
+                        "{{gateway}} {{envoy_response_code_class}}xx",
+                    ),
+                ],
+            ),
+        ],
+    ),
+    (
+        "Latency",
+        [
+            dict(
+                title="Time to first token",
+                unit="s",
+                description="vLLM's TTFT per instance.",
+                targets=quantiles("vllm:time_to_first_token_seconds", "instance_id", "{{instance_id}}"),
+            ),
+            dict(
+                title="Inter-token latency",
+                unit="s",
+                description="vLLM's time between tokens per instance.",
+                targets=quantiles("vllm:inter_token_latency_seconds", "instance_id", "{{instance_id}}"),
+            ),
+            dict(
+                title="End-to-end request latency",
+                unit="s",
+                description="vLLM's request latency per instance.",
+                targets=quantiles("vllm:e2e_request_latency_seconds", "instance_id", "{{instance_id}}"),
+            ),
+            dict(
+                title="Gateway upstream latency",
+                unit="ms",
+                description=("Envoy's upstream request time (to the full response), per gateway."),
+                targets=quantiles("envoy_cluster_upstream_rq_time", "gateway", "{{gateway}}", ENGINES),
+            ),
+        ],
+    ),
+    (
+        "Load",
+        [
+            dict(
+                title="Queue depth per instance",
+                unit="short",
+                description=("Requests waiting for a slot, and running, per instance (vLLM)."),
+                targets=[
+                    q("sum by (instance_id) (vllm:num_requests_waiting)", "{{instance_id}} waiting"),
+                    q("sum by (instance_id) (vllm:num_requests_running)", "{{instance_id}} running"),
+                ],
+            ),
+            dict(
+                title="KV cache usage per instance",
+                unit="percentunit",
+                description="vLLM's KV-cache usage (1 = full).",
+                targets=[q("max by (instance_id) (vllm:kv_cache_usage_perc)", "{{instance_id}}")],
+            ),
+        ],
+    ),
+    (
+        "Resilience",
+        [
+            dict(
+                title="Retries",
+                unit="reqps",
+                description=(
+                    "Requests Envoy retried on another instance, those retries that succeeded, and the share of "
+                    "upstream requests that were retries (alert above 10%)."
+                ),
+                targets=[
+                    q(
+                        f"sum by (gateway) (rate(envoy_cluster_upstream_rq_retry{{{ENGINES}}}[{RI}]))",
+                        "{{gateway}} retries",
+                    ),
+                    q(
+                        f"sum by (gateway) (rate(envoy_cluster_upstream_rq_retry_success{{{ENGINES}}}[{RI}]))",
+                        "{{gateway}} retries that succeeded",
+                    ),
+                    q("ernie:envoy_retry_ratio:rate5m", "{{gateway}} retry ratio (5m)"),
+                ],
+            ),
+            dict(
+                title="Outlier ejections",
+                unit="short",
+                description=("Hosts Envoy has ejected now, and new ejections, per gateway."),
+                targets=[
+                    q(
+                        f"sum by (gateway) (envoy_cluster_outlier_detection_ejections_active{{{ENGINES}}})",
+                        "{{gateway}} ejected now",
+                    ),
+                    q(
+                        f"sum by (gateway) (increase(envoy_cluster_outlier_detection_ejections_enforced_total"
+                        f"{{{ENGINES}}}[{RI}]))",
+                        "{{gateway}} new ejections",
+                    ),
+                ],
+            ),
+            dict(
+                title="Failovers",
+                unit="short",
+                description=(
+                    "Instances taken out of rotation (turned critical, by reason), engine restarts by their agent, "
+                    "and instances draining."
+                ),
+                targets=[
+                    q(
+                        f"sum by (instance_id, reason) (increase(ernie_engine_critical_total[{RI}]))",
+                        "{{instance_id}} critical: {{reason}}",
+                    ),
+                    q(
+                        f"sum by (instance_id) (increase(ernie_engine_restarts_total[{RI}]))",
+                        "{{instance_id}} restarted",
+                    ),
+                    q('sum by (instance_id) (ernie_engine_verdict{state="draining"})', "{{instance_id}} draining"),
+                ],
+            ),
+            dict(
+                title="Health probes and canaries",
+                unit="s",
+                description=("p99 latency of the engine agents' /health probes and 1-token canary generations."),
+                targets=[
+                    q(
+                        f"histogram_quantile(0.99, sum by (le, instance_id, probe) "
+                        f"(rate(ernie_engine_probe_duration_seconds_bucket[{RI}])))",
+                        "{{instance_id}} {{probe}} p99",
+                    ),
+                ],
+            ),
+        ],
+    ),
+    (
+        "Control plane",
+        [
+            dict(
+                title="xDS push latency",
+                unit="s",
+                description=("From a catalog change seen by a gateway's Consul watch to its Envoy's ACK."),
+                targets=quantiles("ernie_gateway_xds_push_latency_seconds", "gateway", "{{gateway}}")
+                + [q(f"sum by (gateway) (rate(ernie_gateway_xds_pushes_total[{RI}]))", "{{gateway}} pushes/s")],
+            ),
+            dict(
+                title="Consul watch",
+                unit="s",
+                description=(
+                    "Seconds since each gateway's last successful catalog read (alert above 150 s) and failed reads."
+                ),
+                targets=[
+                    q("ernie:gateway_consul_staleness_seconds", "{{gateway}} since last read"),
+                    q(
+                        f"sum by (gateway) (rate(ernie_gateway_consul_watch_errors_total[{RI}]))",
+                        "{{gateway}} failed reads/s",
+                    ),
+                ],
+            ),
+        ],
+    ),
 ]
 
 
@@ -147,34 +287,51 @@ def build() -> dict:
     y = 0
     pid = 1
     for row_title, row_panels in ROWS:
-        panels.append({"type": "row", "title": row_title, "id": pid, "collapsed": False,
-                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+        panels.append(
+            {
+                "type": "row",
+                "title": row_title,
+                "id": pid,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
         pid += 1
         y += 1
         for i, spec in enumerate(row_panels):
             x = 0 if i % 2 == 0 else 12
             if i and i % 2 == 0:
                 y += 8
-            panels.append({
-                "type": "timeseries",
-                "title": spec["title"],
-                "description": spec.get("description", ""),
-                "id": pid,
-                "datasource": DS,
-                "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
-                "fieldConfig": {
-                    "defaults": {
-                        "unit": spec.get("unit", "short"),
-                        "custom": {"stacking": {"mode": "normal" if spec.get("stack") else "none", "group": "A"},
-                                   "fillOpacity": 10, "showPoints": "never"},
+            panels.append(
+                {
+                    "type": "timeseries",
+                    "title": spec["title"],
+                    "description": spec.get("description", ""),
+                    "id": pid,
+                    "datasource": DS,
+                    "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
+                    "fieldConfig": {
+                        "defaults": {
+                            "unit": spec.get("unit", "short"),
+                            "custom": {
+                                "stacking": {"mode": "normal" if spec.get("stack") else "none", "group": "A"},
+                                "fillOpacity": 10,
+                                "showPoints": "never",
+                            },
+                        },
+                        "overrides": [],
                     },
-                    "overrides": [],
-                },
-                "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                            "tooltip": {"mode": "multi", "sort": "desc"}},
-                "targets": [{"datasource": DS, "expr": expr, "legendFormat": legend, "refId": chr(ord("A") + n)}
-                            for n, (expr, legend) in enumerate(spec["targets"])],
-            })
+                    "options": {
+                        "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                        "tooltip": {"mode": "multi", "sort": "desc"},
+                    },
+                    "targets": [
+                        {"datasource": DS, "expr": expr, "legendFormat": legend, "refId": chr(ord("A") + n)}
+                        for n, (expr, legend) in enumerate(spec["targets"])
+                    ],
+                }
+            )
             pid += 1
         y += 8
     return {
@@ -189,14 +346,34 @@ def build() -> dict:
         "version": 1,
         "time": {"from": "now-1h", "to": "now"},
         "timepicker": {},
-        "annotations": {"list": [{
-            "builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True,
-            "hide": True, "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts", "type": "dashboard",
-        }]},
-        "templating": {"list": [{
-            "name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
-            "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [],
-        }]},
+        "annotations": {
+            "list": [
+                {
+                    "builtIn": 1,
+                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                    "enable": True,
+                    "hide": True,
+                    "iconColor": "rgba(0, 211, 255, 1)",
+                    "name": "Annotations & Alerts",
+                    "type": "dashboard",
+                }
+            ]
+        },
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Prometheus",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                    "refresh": 1,
+                    "regex": "",
+                    "options": [],
+                }
+            ]
+        },
         "panels": panels,
     }
 

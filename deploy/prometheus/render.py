@@ -48,9 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         p.error("--out DIR is required with --consul")
     token = os.environ.get(args.token_env) if args.token_env else None
-    path = prometheus.write_config(args.out, args.consul, scrape_interval_s=args.scrape_interval,
-                                   engine_service=args.service, gateway_service=args.gateway_service,
-                                   consul_token=token)
+    path = prometheus.write_config(
+        args.out,
+        args.consul,
+        scrape_interval_s=args.scrape_interval,
+        engine_service=args.service,
+        gateway_service=args.gateway_service,
+        consul_token=token,
+    )
     print(f"wrote {path} and its rules")
     return 0
 

@@ -25,7 +25,7 @@ from agent.local.plan import MeshPlan
 from agent.local.runstate import Proc, descendants, proc_identity, read_state
 from agent.net import can_bind
 
-HEALTHY_TIMEOUT_S = 900.0      # two CPU vLLM engines on a loaded 2-core machine
+HEALTHY_TIMEOUT_S = 900.0  # two CPU vLLM engines on a loaded 2-core machine
 STOP_TIMEOUT_S = 300.0
 # Short answers in the UI: CPU engines on a shared 2-core machine make ~5-20 tokens/s.
 UI_MAX_TOKENS = "48"
@@ -55,16 +55,38 @@ class UpRun:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.plan = plan_for(offset, self.run_dir, engines=engines, engine_kind=kind, ui=ui)
-        cmd = [sys.executable, "-m", "agent", "up", "--json", "--engines", str(engines), "--engine-kind", kind,
-               "--port-offset", str(offset), "--run-dir", str(self.run_dir), "--no-prometheus", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "agent",
+            "up",
+            "--json",
+            "--engines",
+            str(engines),
+            "--engine-kind",
+            kind,
+            "--port-offset",
+            str(offset),
+            "--run-dir",
+            str(self.run_dir),
+            "--no-prometheus",
+            *args,
+        ]
         if not ui:
             cmd.append("--no-ui")
         self.stderr_path = self.run_dir / "up.stderr"
         self._stderr = open(self.stderr_path, "ab")
         self.started_at = time.monotonic()
         env = {**os.environ, "ERNIE_MESH_MAX_TOKENS": UI_MAX_TOKENS}  # up passes it on to the UI
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env=env, cwd=str(Path(__file__).resolve().parents[2]))
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            cwd=str(Path(__file__).resolve().parents[2]),
+        )
         self.events: queue.Queue = queue.Queue()
         self.healthy: dict | None = None
         self.healthy_after_s: float | None = None
@@ -88,8 +110,9 @@ class UpRun:
         try:
             return self.events.get(timeout=timeout_s)
         except queue.Empty:
-            raise AssertionError(f"`up` printed no JSON event within {timeout_s:.0f}s; "
-                                 f"stderr:\n{self.stderr_tail()}") from None
+            raise AssertionError(
+                f"`up` printed no JSON event within {timeout_s:.0f}s; stderr:\n{self.stderr_tail()}"
+            ) from None
 
     def wait_healthy(self, timeout_s: float = HEALTHY_TIMEOUT_S) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -131,8 +154,9 @@ class UpRun:
         try:
             return self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"`up` still running {timeout_s:.0f}s after the stop signal; stderr:\n"
-                                 f"{self.stderr_tail()}") from None
+            raise AssertionError(
+                f"`up` still running {timeout_s:.0f}s after the stop signal; stderr:\n{self.stderr_tail()}"
+            ) from None
 
     def events_until_eof(self, timeout_s: float = 10.0) -> list[dict]:
         out = []

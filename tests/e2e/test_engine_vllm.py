@@ -30,22 +30,31 @@ def test_passing_only_after_a_real_canary(vllm_agent):
 def test_real_chat_completion_is_sensible(vllm_agent):
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{vllm_agent.engine_port}/v1", api_key="none", timeout=120)
     r = client.chat.completions.create(
-        model=DEFAULT_SERVED_MODEL_NAME, temperature=0, max_tokens=24,
-        messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}])
+        model=DEFAULT_SERVED_MODEL_NAME,
+        temperature=0,
+        max_tokens=24,
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+    )
     text = r.choices[0].message.content
     assert "paris" in text.lower(), text
 
 
 def test_drain_during_long_generation_yields_the_full_completion(vllm_agent):
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{vllm_agent.engine_port}/v1", api_key="none", timeout=300,
-                           max_retries=0)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{vllm_agent.engine_port}/v1", api_key="none", timeout=300, max_retries=0
+    )
     result = {}
 
     def generate():
         chunks, finish = [], None
-        for ev in client.completions.create(model=DEFAULT_SERVED_MODEL_NAME, prompt="Once upon a time",
-                                            max_tokens=150, temperature=0, stream=True,
-                                            extra_body={"ignore_eos": True}):
+        for ev in client.completions.create(
+            model=DEFAULT_SERVED_MODEL_NAME,
+            prompt="Once upon a time",
+            max_tokens=150,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        ):
             if ev.choices:
                 chunks.append(ev.choices[0].text)
                 finish = ev.choices[0].finish_reason or finish
@@ -53,8 +62,9 @@ def test_drain_during_long_generation_yields_the_full_completion(vllm_agent):
 
     t = threading.Thread(target=generate)
     t.start()
-    wait_until(lambda: vllm_agent.instances()[vllm_agent.iid]["running"], 60, interval_s=0.1,
-               what="generation running in vLLM")
+    wait_until(
+        lambda: vllm_agent.instances()[vllm_agent.iid]["running"], 60, interval_s=0.1, what="generation running in vLLM"
+    )
     r = httpx.post(f"{vllm_agent.url}/drain/{vllm_agent.iid}", timeout=10)
     assert r.status_code == 202
     t.join(300)

@@ -36,11 +36,27 @@ def stream(mesh, max_tokens: int = N_TOKENS, on_chunk=None) -> dict:
     """A temperature-0 chat stream through the gateway, asking for token IDs (so that the test
     knows the splice); returns what the client saw."""
     client = openai.OpenAI(base_url=mesh.plan.api_url, api_key="none", timeout=300, max_retries=0)
-    seen = {"ids": set(), "text": [], "token_ids": [], "prompt_token_ids": None, "finish": None, "usage": None,
-            "instances": [], "splices": [], "max_gap_s": 0.0, "first_instance": None}
+    seen = {
+        "ids": set(),
+        "text": [],
+        "token_ids": [],
+        "prompt_token_ids": None,
+        "finish": None,
+        "usage": None,
+        "instances": [],
+        "splices": [],
+        "max_gap_s": 0.0,
+        "first_instance": None,
+    }
     raw = client.chat.completions.with_raw_response.create(
-        model="smollm2", temperature=0, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": PROMPT}], extra_body={"ignore_eos": True, "return_token_ids": True})
+        model="smollm2",
+        temperature=0,
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": PROMPT}],
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
     seen["first_instance"] = raw.headers.get("x-ernie-instance")
     last = time.monotonic()
     for chunk in raw.parse():
@@ -70,9 +86,18 @@ def engine_url(mesh, instance_id: str) -> str:
 
 
 def direct_continuation(url: str, token_ids: list[int], max_tokens: int) -> dict:
-    r = httpx.post(f"{url}/v1/completions", timeout=300, json={
-        "model": "smollm2", "prompt": token_ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-        "return_token_ids": True})
+    r = httpx.post(
+        f"{url}/v1/completions",
+        timeout=300,
+        json={
+            "model": "smollm2",
+            "prompt": token_ids,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+    )
     r.raise_for_status()
     choice = r.json()["choices"][0]
     return {"text": choice["text"], "token_ids": choice["token_ids"]}
@@ -108,14 +133,15 @@ def test_killed_engine_stream_continues_token_for_token(vllm_mesh):
     [k] = got["splices"]
     assert k >= killed["after"] - 1  # the relay had at least what the client had when the kill came
     survivor = got["instances"][1]
-    ref = direct_continuation(engine_url(mesh, survivor), got["prompt_token_ids"] + got["token_ids"][:k],
-                              N_TOKENS - k)
+    ref = direct_continuation(engine_url(mesh, survivor), got["prompt_token_ids"] + got["token_ids"][:k], N_TOKENS - k)
     assert got["token_ids"][k:] == ref["token_ids"], "the continuation starts from exactly the relayed tokens"
-    prefix_text = got["text"][:len(got["text"]) - len(ref["text"])]
+    prefix_text = got["text"][: len(got["text"]) - len(ref["text"])]
     assert got["text"].endswith(ref["text"]) and prefix_text, (got["text"], ref["text"])
     same = got["token_ids"] == undisturbed["token_ids"]
-    print(f"\n[relay e2e] killed {killed['instance']} after {killed['after']} tokens seen by the client; "
-          f"splice at {k}; continuation on {survivor}; equal to the undisturbed run: {same}")
+    print(
+        f"\n[relay e2e] killed {killed['instance']} after {killed['after']} tokens seen by the client; "
+        f"splice at {k}; continuation on {survivor}; equal to the undisturbed run: {same}"
+    )
 
 
 def test_stopped_worker_stream_completes_elsewhere(vllm_mesh):
@@ -145,8 +171,10 @@ def test_stopped_worker_stream_completes_elsewhere(vllm_mesh):
     assert got["finish"] == "length" and len(got["token_ids"]) == N_TOKENS and len(got["ids"]) == 1
     assert got["instances"][0] == stopped["instance"] and len(got["instances"]) == 2
     # detection by the engine agent (canary + watchdog) plus the relay's rescue; generous on a loaded CPU
-    print(f"\n[relay e2e] worker of {stopped['instance']} stopped; longest wait between chunks "
-          f"{got['max_gap_s']:.1f}s; finished on {got['instances'][1]}")
+    print(
+        f"\n[relay e2e] worker of {stopped['instance']} stopped; longest wait between chunks "
+        f"{got['max_gap_s']:.1f}s; finished on {got['instances'][1]}"
+    )
     assert got["max_gap_s"] <= 15.0
 
 
@@ -162,13 +190,17 @@ def test_a_long_cold_prefill_is_not_taken_for_a_hang(vllm_mesh):
     done = {}
 
     def ask_long():
-        r = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=4,
-                                           extra_body={"ignore_eos": True},
-                                           messages=[{"role": "system", "content": words},
-                                                     {"role": "user", "content": "Summarize."}])
+        r = client.chat.completions.create(
+            model="smollm2",
+            temperature=0,
+            max_tokens=4,
+            extra_body={"ignore_eos": True},
+            messages=[{"role": "system", "content": words}, {"role": "user", "content": "Summarize."}],
+        )
         done["r"] = r
 
     import threading
+
     t = threading.Thread(target=ask_long, daemon=True)
     started = time.monotonic()
     t.start()

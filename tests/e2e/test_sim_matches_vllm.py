@@ -49,7 +49,7 @@ def sse(text: str) -> list[Any]:
     for block in text.split("\n\n"):
         if block.strip():
             assert block.startswith("data: "), block
-            payload = block[len("data: "):]
+            payload = block[len("data: ") :]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
 
@@ -89,6 +89,7 @@ class Sim:
         async def go() -> httpx.Response:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://sim") as c:
                 return await c.post(path, json=body)
+
         return asyncio.run(go())
 
 
@@ -113,8 +114,10 @@ def test_simulated_engine_wire_shapes_match_real_vllm(vllm_mesh):
             mismatches.append(f"{name}:\n  vLLM: {json.dumps(real_value)}\n  sim:  {json.dumps(sim_value)}")
 
     for rti in (False, True):
-        for kind, path, prompt in (("chat", "/v1/chat/completions", {"messages": MESSAGES}),
-                                   ("completion", "/v1/completions", {"prompt": PROMPT})):
+        for kind, path, prompt in (
+            ("chat", "/v1/chat/completions", {"messages": MESSAGES}),
+            ("completion", "/v1/completions", {"prompt": PROMPT}),
+        ):
             body = {**prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True, "return_token_ids": rti}
             name = f"{kind} return_token_ids={rti}"
             r_full, s_full = both(name, path, body)
@@ -135,14 +138,20 @@ def test_simulated_engine_wire_shapes_match_real_vllm(vllm_mesh):
                     assert token_ids_streamed(events) == MAX_TOKENS, (label, name, events)
 
             if kind == "chat" and rti:  # a prompt of token IDs (what a resuming relay sends) to /v1/completions
-                ids = (r_events[0]["prompt_token_ids"]
-                       + [t for e in r_events[1:3] for t in e["choices"][0]["token_ids"]])
-                sim_ids = (s_events[0]["prompt_token_ids"]
-                           + [t for e in s_events[1:3] for t in e["choices"][0]["token_ids"]])
-                resumed = {"max_tokens": MAX_TOKENS, "ignore_eos": True, "return_token_ids": True, "stream": True,
-                           "stream_options": {"include_usage": True}}
-                r_res = sse(real.post("/v1/completions", json={"model": model, "temperature": 0, "prompt": ids,
-                                                               **resumed}).text)
+                ids = r_events[0]["prompt_token_ids"] + [t for e in r_events[1:3] for t in e["choices"][0]["token_ids"]]
+                sim_ids = s_events[0]["prompt_token_ids"] + [
+                    t for e in s_events[1:3] for t in e["choices"][0]["token_ids"]
+                ]
+                resumed = {
+                    "max_tokens": MAX_TOKENS,
+                    "ignore_eos": True,
+                    "return_token_ids": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                r_res = sse(
+                    real.post("/v1/completions", json={"model": model, "temperature": 0, "prompt": ids, **resumed}).text
+                )
                 s_res = sse(sim.post("/v1/completions", {"model": model, "prompt": sim_ids, **resumed}).text)
                 compare("completion from token ids, stream chunk shapes", shapes_by_type(r_res), shapes_by_type(s_res))
                 assert r_res[0]["choices"][0]["prompt_token_ids"] == ids
@@ -150,12 +159,18 @@ def test_simulated_engine_wire_shapes_match_real_vllm(vllm_mesh):
                 assert r_res[-2]["usage"]["prompt_tokens"] == len(ids)
 
     # A natural stop (EOS): the final chunk has the same keys (stop_reason may be a number in vLLM).
-    stop_body = {"messages": STOP_MESSAGES, "max_tokens": 64, "return_token_ids": True, "stream": True,
-                 "stream_options": {"include_usage": True}}
+    stop_body = {
+        "messages": STOP_MESSAGES,
+        "max_tokens": 64,
+        "return_token_ids": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     r_stop, s_stop = both("chat natural stop", "/v1/chat/completions", stop_body)
     assert r_stop[-3]["choices"][0]["finish_reason"] == "stop" == s_stop[-3]["choices"][0]["finish_reason"]
-    compare("chat natural stop, stream chunk keys", shapes_by_type(r_stop, keys_only),
-            shapes_by_type(s_stop, keys_only))
+    compare(
+        "chat natural stop, stream chunk keys", shapes_by_type(r_stop, keys_only), shapes_by_type(s_stop, keys_only)
+    )
     for label, events in (("vLLM", r_stop), ("sim", s_stop)):  # the EOS token is streamed and counted
         assert token_ids_streamed(events) == events[-2]["usage"]["completion_tokens"], (label, events)
     print("\nreal vLLM natural-stop final chunk:", json.dumps(r_stop[-3]))

@@ -21,8 +21,16 @@ UI_START_TIMEOUT_S = 180.0
 
 def chainlit(tmp_path, api_url: str) -> tuple[ManagedProcess, str]:
     port = free_port()
-    cmd = [str(default_ui_venv() / "bin" / "chainlit"), "run", "app.py", "--headless", "--host", "127.0.0.1",
-           "--port", str(port)]
+    cmd = [
+        str(default_ui_venv() / "bin" / "chainlit"),
+        "run",
+        "app.py",
+        "--headless",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     env = {"ERNIE_MESH_API_URL": api_url, "ERNIE_MESH_MODEL": "smollm2", "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui")}
     ui = ManagedProcess("ui", cmd, tmp_path / "ui.log", env=env, cwd=str(REPO_DIR / "ui")).start()
     url = f"http://127.0.0.1:{port}"
@@ -57,8 +65,12 @@ def test_no_healthy_instance_is_a_clear_message(tmp_path):
         for iid in run.healthy["instances"]:
             port = next(run.plan.agent_port(i) for i in range(2) if run.plan.instance_id(i) == iid)
             assert httpx.post(f"http://127.0.0.1:{port}/drain/{iid}", timeout=10).status_code == 202
-        wait_until(lambda: httpx.get(f"{run.plan.api_url}/models", timeout=5).status_code == 503, 60,
-                   interval_s=0.2, what="the gateway answering 503 (no instance left)")
+        wait_until(
+            lambda: httpx.get(f"{run.plan.api_url}/models", timeout=5).status_code == 503,
+            60,
+            interval_s=0.2,
+            what="the gateway answering 503 (no instance left)",
+        )
         with ChatPage(run.plan.ui_url) as page:
             page.open()
             reply = page.ask("What is the capital of France?", timeout_s=60)

@@ -23,8 +23,12 @@ pytestmark = pytest.mark.timeout(1500)  # the first test pays for starting two C
 
 
 def status(mesh) -> dict:
-    out = subprocess.run([sys.executable, "-m", "agent", "status", "--json", "--consul", mesh.plan.consul_address],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "status", "--json", "--consul", mesh.plan.consul_address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -42,8 +46,12 @@ def test_up_prints_one_healthy_json_line_with_the_urls(vllm_mesh):
 
 def test_status_lists_two_passing_instances(vllm_mesh):
     # The UI tests may have killed an engine: its agent restarts it, and it must come back passing.
-    report = wait_until(lambda: (lambda r: r if r["passing"] == 2 else None)(status(vllm_mesh)), 600, interval_s=1,
-                        what="two passing instances in `ernie-mesh status`")
+    report = wait_until(
+        lambda: (lambda r: r if r["passing"] == 2 else None)(status(vllm_mesh)),
+        600,
+        interval_s=1,
+        what="two passing instances in `ernie-mesh status`",
+    )
     assert len(report["instances"]) == 2
     assert {r["verdict"] for r in report["instances"]} == {"passing"}
     assert {r["model"] for r in report["instances"]} == {"smollm2"}
@@ -53,26 +61,59 @@ def test_status_lists_two_passing_instances(vllm_mesh):
 def test_chat_completion_through_the_gateway_is_sensible(vllm_mesh):
     client = openai.OpenAI(base_url=vllm_mesh.plan.api_url, api_key="none", timeout=180, max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
-        model="smollm2", temperature=0, max_tokens=24,
-        messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}])
+        model="smollm2",
+        temperature=0,
+        max_tokens=24,
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+    )
     text = raw.parse().choices[0].message.content
     assert "paris" in text.lower(), text
     assert raw.headers["x-ernie-instance"] in vllm_mesh.healthy["instances"]
 
 
 def test_a_second_up_on_the_same_ports_fails_with_one_line(vllm_mesh, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "agent", "up", "--engine-kind", "simulated", "--no-prometheus",
-                          "--port-offset", str(vllm_mesh.plan.port_offset), "--run-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "up",
+            "--engine-kind",
+            "simulated",
+            "--no-prometheus",
+            "--port-offset",
+            str(vllm_mesh.plan.port_offset),
+            "--run-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2, out
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "already in use" in lines[0] and "port " in lines[0], out.stderr
 
 
 def test_a_second_up_from_the_same_run_dir_is_refused(vllm_mesh):
-    out = subprocess.run([sys.executable, "-m", "agent", "up", "--engine-kind", "simulated", "--no-prometheus",
-                          "--port-offset", "1", "--run-dir", str(vllm_mesh.run_dir)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "up",
+            "--engine-kind",
+            "simulated",
+            "--no-prometheus",
+            "--port-offset",
+            "1",
+            "--run-dir",
+            str(vllm_mesh.run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2, out
     assert "already running" in out.stderr and "ernie-mesh down" in out.stderr, out.stderr
 
@@ -95,6 +136,10 @@ def test_sigint_drains_and_stops_everything(vllm_mesh):
     assert not left, [(p.name, p.pid) for p in left]
     assert ports_free(vllm_mesh.plan) == []
     log = vllm_mesh.stderr_tail(400)
-    stop = log[log.rindex("stopping the mesh"):]  # the order of the stop: UI, engines, gateway, Consul
-    assert (stop.index("    UI\n") < stop.index("draining") < stop.index("gateway agent and Envoy")
-            < stop.index("    Consul\n"))
+    stop = log[log.rindex("stopping the mesh") :]  # the order of the stop: UI, engines, gateway, Consul
+    assert (
+        stop.index("    UI\n")
+        < stop.index("draining")
+        < stop.index("gateway agent and Envoy")
+        < stop.index("    Consul\n")
+    )

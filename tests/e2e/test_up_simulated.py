@@ -18,16 +18,21 @@ START_TIMEOUT_S = 180.0
 
 
 def down(run: UpRun) -> dict:
-    out = subprocess.run([sys.executable, "-m", "agent", "down", "--json", "--run-dir", str(run.run_dir)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "down", "--json", "--run-dir", str(run.run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture
 def sim_run(tmp_path):
-    run = UpRun(tmp_path / "run", free_offset(tmp_path / "run", engine_kind="simulated", ui=False),
-                kind="simulated", ui=False)
+    run = UpRun(
+        tmp_path / "run", free_offset(tmp_path / "run", engine_kind="simulated", ui=False), kind="simulated", ui=False
+    )
     try:
         run.wait_healthy(START_TIMEOUT_S)
         yield run
@@ -37,8 +42,11 @@ def sim_run(tmp_path):
 
 def test_simulated_mesh_is_labelled_and_answers(sim_run):
     assert sim_run.healthy["engine_kind"] == "simulated" and sim_run.healthy["model"] == "simulated"
-    r = httpx.post(f"{sim_run.plan.api_url}/chat/completions", timeout=30,
-                   json={"model": "simulated", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    r = httpx.post(
+        f"{sim_run.plan.api_url}/chat/completions",
+        timeout=30,
+        json={"model": "simulated", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
     assert r.status_code == 200 and r.headers["x-ernie-instance"] in sim_run.healthy["instances"]
     assert "SIMULATED" in sim_run.stderr_path.read_text()
 
@@ -59,8 +67,12 @@ def test_down_cleans_up_after_a_killed_up(sim_run):
     from agent.local.wait import wait_until
 
     # up records its children's children (the engines) in the state file within a few seconds
-    wait_until(lambda: len(read_state(sim_run.plan.state_path).processes) >= 1 + 2 + 2 + 1, 30, interval_s=0.2,
-               what="engines recorded in the state file")
+    wait_until(
+        lambda: len(read_state(sim_run.plan.state_path).processes) >= 1 + 2 + 2 + 1,
+        30,
+        interval_s=0.2,
+        what="engines recorded in the state file",
+    )
     procs = sim_run.processes()
     sim_run.signal(signal.SIGKILL)  # `up` dies without stopping anything: its parts are orphans
     assert sim_run.wait_exit(10) == -signal.SIGKILL

@@ -9,9 +9,18 @@ from dataclasses import dataclass, field
 
 CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMEDRIVER_PATHS = ("/usr/bin/chromedriver",)
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,1000")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1000",
+)
 SERVED_BY = "served by instance"
 ASSISTANT = '[data-step-type="assistant_message"] .message-content'
 POLL_S = 0.2  # each poll runs JavaScript in the page: keep the browser's CPU use low
@@ -25,7 +34,7 @@ def find_browser() -> tuple[str, str] | None:
 
 @dataclass
 class Reply:
-    text: str                                    # the final text of the assistant message
+    text: str  # the final text of the assistant message
     partials: list[str] = field(default_factory=list)  # distinct texts seen while it streamed
 
     @property
@@ -117,8 +126,10 @@ class ChatPage:
                 if SERVED_BY in current or "⚠" in current:
                     return Reply(current, partials)
             time.sleep(POLL_S)
-        raise AssertionError(f"UI: no complete answer to {question!r} within {timeout_s:.0f}s; "
-                             f"seen {partials[-3:]}; page:\n{self.page_text()[-2000:]}")
+        raise AssertionError(
+            f"UI: no complete answer to {question!r} within {timeout_s:.0f}s; "
+            f"seen {partials[-3:]}; page:\n{self.page_text()[-2000:]}"
+        )
 
     def _type(self, text: str, attempts: int = 10) -> None:
         """Type into the chat input and press Enter (React may re-render the input: find it again)."""

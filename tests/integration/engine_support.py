@@ -18,20 +18,30 @@ from agent.naming import instance_id
 class EngineAgent:
     """`ernie-mesh engine` as a subprocess with a generated engine.toml."""
 
-    def __init__(self, tmp: Path, consul_address: str, service: str, engines: list[dict], node: str = "it",
-                 **settings):
+    def __init__(self, tmp: Path, consul_address: str, service: str, engines: list[dict], node: str = "it", **settings):
         self.tmp = Path(tmp)
         self.service = service
         self.node = node
         self.port = free_port()
         self.catalog = ConsulCatalog(consul_address)
         self.config_path = self.tmp / f"engine-{self.port}.toml"
-        self.config_path.write_text(tomli_w.dumps(
-            {"listen": f"127.0.0.1:{self.port}", "node": node, "log_dir": str(self.tmp / "logs"), **settings,
-             "consul": {"address": consul_address, "service": service}, "engines": engines}))
-        self.proc = ManagedProcess(f"engine-agent-{self.port}",
-                                   mesh_command("engine", "--config", str(self.config_path)),
-                                   self.tmp / f"engine-agent-{self.port}.log")
+        self.config_path.write_text(
+            tomli_w.dumps(
+                {
+                    "listen": f"127.0.0.1:{self.port}",
+                    "node": node,
+                    "log_dir": str(self.tmp / "logs"),
+                    **settings,
+                    "consul": {"address": consul_address, "service": service},
+                    "engines": engines,
+                }
+            )
+        )
+        self.proc = ManagedProcess(
+            f"engine-agent-{self.port}",
+            mesh_command("engine", "--config", str(self.config_path)),
+            self.tmp / f"engine-agent-{self.port}.log",
+        )
 
     @property
     def url(self) -> str:
@@ -56,15 +66,18 @@ class EngineAgent:
 
     def wait_state(self, instance_id: str, state: str, timeout_s: float, cause: str = "") -> CatalogEntry:
         """Poll Consul until the instance's verdict has `state` (and, if given, `cause`)."""
+
         def ok():
             e = self.entries().get(instance_id)
             v = e.verdict if e else None
             return e if v and v.state.value == state and (not cause or (v.cause and v.cause.value == cause)) else None
+
         try:
             return wait_until(ok, timeout_s, what=f"{instance_id} {state} ({cause or 'any cause'}) in Consul")
         except TimeoutError as err:
-            raise AssertionError(f"{err}; now: {self.entries().get(instance_id)}\n--- agent log ---\n"
-                                 f"{self.proc.log_tail()}") from None
+            raise AssertionError(
+                f"{err}; now: {self.entries().get(instance_id)}\n--- agent log ---\n{self.proc.log_tail()}"
+            ) from None
 
     def __enter__(self) -> EngineAgent:
         return self.start()

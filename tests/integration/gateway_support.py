@@ -40,8 +40,10 @@ def wait_until(cond: Callable[[], object], timeout_s: float, what: str, interval
         except Exception as e:  # noqa: BLE001 - the condition may fail until the thing is up
             last_error = e
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}"
-                                 + (f" (last error: {last_error!r})" if last_error else ""))
+            raise AssertionError(
+                f"timed out after {timeout_s:g}s waiting for {what}"
+                + (f" (last error: {last_error!r})" if last_error else "")
+            )
         time.sleep(interval_s)
 
 
@@ -51,8 +53,15 @@ def wait_until(cond: Callable[[], object], timeout_s: float, what: str, interval
 class Engine:
     """A SIMULATED engine registered in Consul the way the engine agent would do it."""
 
-    def __init__(self, catalog: ConsulCatalog, service: str, port: int, log_dir: Path, token_delay_ms: float,
-                 extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        catalog: ConsulCatalog,
+        service: str,
+        port: int,
+        log_dir: Path,
+        token_delay_ms: float,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.extra_args = extra_args
         self.catalog = catalog
         self.service = service
@@ -63,8 +72,13 @@ class Engine:
         self.proc: SimEngineProcess | None = None
 
     def start(self) -> Engine:
-        self.proc = SimEngineProcess(self.port, name=self.id, token_delay_ms=self.token_delay_ms,
-                                     log_path=str(self.log_dir / f"{self.id}.log"), extra_args=self.extra_args).start()
+        self.proc = SimEngineProcess(
+            self.port,
+            name=self.id,
+            token_delay_ms=self.token_delay_ms,
+            log_path=str(self.log_dir / f"{self.id}.log"),
+            extra_args=self.extra_args,
+        ).start()
         return self
 
     @property
@@ -72,9 +86,18 @@ class Engine:
         return self.proc is not None and self.proc.is_running()
 
     def register(self, verdict: Verdict = PASSING) -> None:
-        self.catalog.register(Registration(self.service, self.id, "127.0.0.1", self.port,
-                                           meta={"model": "sim-model", "engine": "simulated"},
-                                           ttl_s=3600, deregister_critical_after_s=3600), verdict)
+        self.catalog.register(
+            Registration(
+                self.service,
+                self.id,
+                "127.0.0.1",
+                self.port,
+                meta={"model": "sim-model", "engine": "simulated"},
+                ttl_s=3600,
+                deregister_critical_after_s=3600,
+            ),
+            verdict,
+        )
 
     def set(self, state: VerdictState, reason: str = "test") -> None:
         self.catalog.set_verdict(self.id, Verdict(state, reason))
@@ -102,8 +125,9 @@ class Engine:
 class Gateway:
     """`ernie-mesh gateway` as a subprocess with its own ports and run dir."""
 
-    def __init__(self, consul_address: str, service: str, run_dir: Path, name: str = "gw-test",
-                 extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self, consul_address: str, service: str, run_dir: Path, name: str = "gw-test", extra_args: tuple[str, ...] = ()
+    ):
         self.listen_port, self.admin_port, self.xds_port, self.metrics_port = free_ports(4)
         self.consul_address = consul_address
         self.service = service
@@ -123,11 +147,31 @@ class Gateway:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "agent", "gateway", "--name", self.name, "--consul", self.consul_address,
-                "--service", self.service, "--listen", f"127.0.0.1:{self.listen_port}",
-                "--envoy-admin", f"127.0.0.1:{self.admin_port}", "--xds", f"127.0.0.1:{self.xds_port}",
-                "--metrics", f"127.0.0.1:{self.metrics_port}", "--run-dir", str(self.run_dir),
-                "--envoy-concurrency", "1", *self.extra_args]
+        return [
+            sys.executable,
+            "-m",
+            "agent",
+            "gateway",
+            "--name",
+            self.name,
+            "--consul",
+            self.consul_address,
+            "--service",
+            self.service,
+            "--listen",
+            f"127.0.0.1:{self.listen_port}",
+            "--envoy-admin",
+            f"127.0.0.1:{self.admin_port}",
+            "--xds",
+            f"127.0.0.1:{self.xds_port}",
+            "--metrics",
+            f"127.0.0.1:{self.metrics_port}",
+            "--run-dir",
+            str(self.run_dir),
+            "--envoy-concurrency",
+            "1",
+            *self.extra_args,
+        ]
 
     def start(self, wait: bool = True) -> Gateway:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,8 +179,9 @@ class Gateway:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         env.pop("CONSUL_HTTP_ADDR", None)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
         if wait:
             self.wait_ready()
         return self
@@ -152,6 +197,7 @@ class Gateway:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
             return self.admin.ready() and self.metric("ernie_gateway_xds_streams") >= 1
+
         wait_until(ready, timeout_s, f"gateway {self.name} ready")
 
     def envoy_pid(self) -> int | None:
@@ -251,8 +297,7 @@ class Load:
         return self.results
 
     def _run(self) -> None:
-        client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="sk-test", max_retries=0,
-                               timeout=self.timeout_s)
+        client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="sk-test", max_retries=0, timeout=self.timeout_s)
         try:
             while not self._stop.is_set():
                 r = self.one(client)
@@ -263,12 +308,17 @@ class Load:
 
     def one(self, client: openai.OpenAI) -> Result:
         started = time.monotonic()
-        kwargs = dict(model="sim-model", messages=[{"role": "user", "content": "hello"}],
-                      max_tokens=self.max_tokens, extra_body={"ignore_eos": True})
+        kwargs = dict(
+            model="sim-model",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=self.max_tokens,
+            extra_body={"ignore_eos": True},
+        )
         try:
             if self.stream:
                 raw = client.chat.completions.with_raw_response.create(
-                    stream=True, stream_options={"include_usage": True}, **kwargs)
+                    stream=True, stream_options={"include_usage": True}, **kwargs
+                )
                 instance = raw.headers.get("x-ernie-instance", "")
                 tokens, finish, usage = 0, None, None
                 for chunk in raw.parse():
@@ -280,18 +330,34 @@ class Load:
                     if chunk.usage is not None:
                         usage = chunk.usage.completion_tokens
                 ok = finish == "length" and tokens == self.max_tokens and usage == self.max_tokens
-                return Result(started, time.monotonic(), ok, 200, instance, "" if ok else "truncated",
-                              tokens, finish, usage)
+                return Result(
+                    started, time.monotonic(), ok, 200, instance, "" if ok else "truncated", tokens, finish, usage
+                )
             raw = client.chat.completions.with_raw_response.create(**kwargs)
             resp = raw.parse()
             finish = resp.choices[0].finish_reason
             usage = resp.usage.completion_tokens if resp.usage else None
             ok = finish == "length" and usage == self.max_tokens
-            return Result(started, time.monotonic(), ok, raw.status_code, raw.headers.get("x-ernie-instance", ""),
-                          "" if ok else "incomplete", usage or 0, finish, usage)
+            return Result(
+                started,
+                time.monotonic(),
+                ok,
+                raw.status_code,
+                raw.headers.get("x-ernie-instance", ""),
+                "" if ok else "incomplete",
+                usage or 0,
+                finish,
+                usage,
+            )
         except openai.APIStatusError as e:
-            return Result(started, time.monotonic(), False, e.status_code,
-                          e.response.headers.get("x-ernie-instance", ""), f"{e.status_code}: {e.message}")
+            return Result(
+                started,
+                time.monotonic(),
+                False,
+                e.status_code,
+                e.response.headers.get("x-ernie-instance", ""),
+                f"{e.status_code}: {e.message}",
+            )
         except openai.APIError as e:  # connection errors, timeouts, broken streams
             return Result(started, time.monotonic(), False, 0, "", f"{type(e).__name__}: {e}")
 

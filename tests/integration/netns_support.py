@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PREFIX = "ernt"                       # every namespace/bridge/veth of these labs starts with it
+PREFIX = "ernt"  # every namespace/bridge/veth of these labs starts with it
 SUBNET_CANDIDATES = [f"10.231.{i}" for i in range(0, 32)]
 KILL_WAIT_S = 10.0
 
@@ -99,11 +99,11 @@ def remove_stale_labs() -> None:
 
 @dataclass(frozen=True)
 class Host:
-    name: str            # inventory name
-    netns: str           # network namespace
-    address: str         # eth0 address inside the namespace
-    veth: str            # the host's veth on the bridge (root namespace): cut it to partition the host
-    root: Path           # the host's own root directory (ernie_root)
+    name: str  # inventory name
+    netns: str  # network namespace
+    address: str  # eth0 address inside the namespace
+    veth: str  # the host's veth on the bridge (root namespace): cut it to partition the host
+    root: Path  # the host's own root directory (ernie_root)
 
 
 class NetnsLab:
@@ -161,8 +161,9 @@ class NetnsLab:
         return self
 
     def run(self, name: str, *cmd: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.hosts[name].netns, *cmd], capture_output=True,
-                              text=True, timeout=timeout_s)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.hosts[name].netns, *cmd], capture_output=True, text=True, timeout=timeout_s
+        )
 
     def cut(self, name: str) -> None:
         """Cut the host's link (its veth on the bridge goes down): a host lost to the network."""

@@ -35,8 +35,10 @@ def prometheus_binaries() -> tuple[str, str]:
         r = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
         found = find_prometheus()
         if found is None:
-            pytest.fail(f"no Prometheus with Consul SD, and {INSTALL_SCRIPT} could not install one "
-                        f"(exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+            pytest.fail(
+                f"no Prometheus with Consul SD, and {INSTALL_SCRIPT} could not install one "
+                f"(exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+            )
     return found
 
 
@@ -51,12 +53,21 @@ class Prometheus:
         self.tmp = Path(tmp)
         self.binary, self.promtool = prometheus_binaries()
         self.port = free_ports(1)[0]
-        self.config_path = write_config(self.tmp / "config", consul_address, scrape_interval_s=interval_s,
-                                        evaluation_interval_s=interval_s, sd_refresh_interval_s=interval_s,
-                                        alert_for_s=alert_for_s)
-        self.proc = ManagedProcess("prometheus", prometheus_command(
-            self.binary, self.config_path, self.tmp / "data", f"127.0.0.1:{self.port}", retention="1h"),
-            self.tmp / "prometheus.log")
+        self.config_path = write_config(
+            self.tmp / "config",
+            consul_address,
+            scrape_interval_s=interval_s,
+            evaluation_interval_s=interval_s,
+            sd_refresh_interval_s=interval_s,
+            alert_for_s=alert_for_s,
+        )
+        self.proc = ManagedProcess(
+            "prometheus",
+            prometheus_command(
+                self.binary, self.config_path, self.tmp / "data", f"127.0.0.1:{self.port}", retention="1h"
+            ),
+            self.tmp / "prometheus.log",
+        )
         self.client = httpx.Client(base_url=self.url, timeout=HTTP_TIMEOUT_S)
 
     @property
@@ -70,6 +81,7 @@ class Prometheus:
             if not self.proc.alive():
                 raise AssertionError(f"prometheus exited:\n{self.proc.log_tail()}")
             return self.client.get("/-/ready").status_code == 200
+
         wait_until(ready, READY_TIMEOUT_S, what="Prometheus ready")
         return self
 
@@ -122,6 +134,7 @@ def dashboard_queries(path: Path = DASHBOARD) -> list[tuple[str, str]]:
                 if t.get("expr"):
                     out.append((p.get("title", ""), t["expr"]))
             walk(p.get("panels", []))
+
     walk(json.loads(path.read_text())["panels"])
     return out
 
@@ -133,12 +146,31 @@ class GatewayAgent:
         self.tmp = Path(tmp)
         self.name = name
         self.listen_port, self.admin_port, self.xds_port, self.metrics_port = free_ports(4)
-        self.proc = ManagedProcess(f"gateway-{name}", mesh_command(
-            "gateway", "--name", name, "--consul", consul_address, "--service", service,
-            "--listen", f"127.0.0.1:{self.listen_port}", "--envoy-admin", f"127.0.0.1:{self.admin_port}",
-            "--xds", f"127.0.0.1:{self.xds_port}", "--metrics", f"127.0.0.1:{self.metrics_port}",
-            "--run-dir", str(self.tmp / f"gateway-{name}"), "--envoy-concurrency", "1"),
-            self.tmp / f"gateway-{name}.log")
+        self.proc = ManagedProcess(
+            f"gateway-{name}",
+            mesh_command(
+                "gateway",
+                "--name",
+                name,
+                "--consul",
+                consul_address,
+                "--service",
+                service,
+                "--listen",
+                f"127.0.0.1:{self.listen_port}",
+                "--envoy-admin",
+                f"127.0.0.1:{self.admin_port}",
+                "--xds",
+                f"127.0.0.1:{self.xds_port}",
+                "--metrics",
+                f"127.0.0.1:{self.metrics_port}",
+                "--run-dir",
+                str(self.tmp / f"gateway-{name}"),
+                "--envoy-concurrency",
+                "1",
+            ),
+            self.tmp / f"gateway-{name}.log",
+        )
 
     @property
     def url(self) -> str:
@@ -158,8 +190,11 @@ class GatewayAgent:
         def ready() -> bool:
             if not self.proc.alive():
                 raise AssertionError(f"gateway exited:\n{self.proc.log_tail()}")
-            return (self.metric("ernie_gateway_xds_streams") >= 1
-                    and self.metric('ernie_gateway_endpoints{state="healthy"}') >= healthy_endpoints)
+            return (
+                self.metric("ernie_gateway_xds_streams") >= 1
+                and self.metric('ernie_gateway_endpoints{state="healthy"}') >= healthy_endpoints
+            )
+
         try:
             wait_until(ready, timeout_s, what=f"gateway {self.name} serving {healthy_endpoints} healthy endpoints")
         except TimeoutError as e:
@@ -172,8 +207,13 @@ class GatewayAgent:
 
 def chat(base_url: str, max_tokens: int = 6) -> httpx.Response:
     """One streamed chat completion read to the end (so TTFT, inter-token and e2e latencies are observed)."""
-    body = {"model": "sim-model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens,
-            "stream": True, "ignore_eos": True}
+    body = {
+        "model": "sim-model",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=30.0) as r:
         r.read()
         return r

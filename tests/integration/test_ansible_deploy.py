@@ -42,15 +42,15 @@ from tests.integration.netns_support import NetnsLab, available
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "deploy" / "ansible"
-BUILD_DIR = REPO / ".cache" / "ansible-build"     # wheel + wheelhouse, kept between runs
+BUILD_DIR = REPO / ".cache" / "ansible-build"  # wheel + wheelhouse, kept between runs
 SERVICE = "ernie"
 MODEL = "sim-model"
 ENGINE_PORTS = (8001, 8002)
 HOSTS = ["consul1", "consul2", "consul3", "engine1", "engine2", "gateway1"]
-PLAYBOOK_TIMEOUT_S = 420          # a generous bound: a quiet machine needs a fraction of it
+PLAYBOOK_TIMEOUT_S = 420  # a generous bound: a quiet machine needs a fraction of it
 DNS_DEADLINE_S = 45.0
 LOAD_CONCURRENCY = 4
-PARTITION_REQUEST_TIMEOUT_S = 15.0   # well above the gateway's dead-peer timeout (5 s)
+PARTITION_REQUEST_TIMEOUT_S = 15.0  # well above the gateway's dead-peer timeout (5 s)
 AFTER_DETECTION_S = 5.0
 RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
@@ -81,44 +81,53 @@ def snapshot_sources(dest: Path) -> Path:
 def inventory(lab: NetnsLab, secrets: dict, src: Path) -> dict:
     def host(name: str, **extra) -> dict:
         h = lab.hosts[name]
-        return {"ansible_connection": "netns", "ansible_netns_name": h.netns, "host_address": h.address,
-                "ernie_root": str(h.root), **extra}
+        return {
+            "ansible_connection": "netns",
+            "ansible_netns_name": h.netns,
+            "host_address": h.address,
+            "ernie_root": str(h.root),
+            **extra,
+        }
 
-    engines = [{"port": p, "kind": "simulated", "served_model_name": MODEL, "args": ["--token-delay-ms", "10"]}
-               for p in ENGINE_PORTS]
-    return {"all": {
-        "vars": {
-            "ansible_python_interpreter": base_python(),   # modules need the stdlib only
-            "ernie_src_dir": str(src),
-            "ansible_become": False,
-            "service_manager": "process",
-            "consul_install_method": "binary",
-            "consul_binary_src": consul_binary(),
-            # The test reads the catalog from the root namespace through the bridge.
-            "consul_client_addresses": "127.0.0.1 {{ ernie_host_address }}",
-            "consul_encrypt_key": secrets["encrypt"],
-            "consul_acl_enabled": True,
-            "consul_acl_management_token": secrets["management"],
-            "consul_acl_agent_token": secrets["agent"],
-            "consul_acl_dns_token": secrets["dns"],
-            "ernie_engine_consul_token": secrets["engine"],
-            "ernie_gateway_consul_token": secrets["gateway"],
-            "ernie_install_source": "wheelhouse",
-            "ernie_build_dir": str(BUILD_DIR),
-            "ernie_python": base_python(),
-            "ernie_pip_extra_args": "--no-compile",
-            "ernie_vllm_flavor": "none",
-            "ernie_engines": engines,
-            "ernie_engine_drain_deadline_s": 30,
-            "ernie_engine_passing_timeout_s": 90,
-            "ernie_gateway_settings": {"envoy_concurrency": 1},
-        },
-        "children": {
-            "consul_servers": {"hosts": {n: host(n) for n in ("consul1", "consul2", "consul3")}},
-            "engines": {"hosts": {n: host(n) for n in ("engine1", "engine2")}},
-            "gateways": {"hosts": {"gateway1": host("gateway1")}},
-        },
-    }}
+    engines = [
+        {"port": p, "kind": "simulated", "served_model_name": MODEL, "args": ["--token-delay-ms", "10"]}
+        for p in ENGINE_PORTS
+    ]
+    return {
+        "all": {
+            "vars": {
+                "ansible_python_interpreter": base_python(),  # modules need the stdlib only
+                "ernie_src_dir": str(src),
+                "ansible_become": False,
+                "service_manager": "process",
+                "consul_install_method": "binary",
+                "consul_binary_src": consul_binary(),
+                # The test reads the catalog from the root namespace through the bridge.
+                "consul_client_addresses": "127.0.0.1 {{ ernie_host_address }}",
+                "consul_encrypt_key": secrets["encrypt"],
+                "consul_acl_enabled": True,
+                "consul_acl_management_token": secrets["management"],
+                "consul_acl_agent_token": secrets["agent"],
+                "consul_acl_dns_token": secrets["dns"],
+                "ernie_engine_consul_token": secrets["engine"],
+                "ernie_gateway_consul_token": secrets["gateway"],
+                "ernie_install_source": "wheelhouse",
+                "ernie_build_dir": str(BUILD_DIR),
+                "ernie_python": base_python(),
+                "ernie_pip_extra_args": "--no-compile",
+                "ernie_vllm_flavor": "none",
+                "ernie_engines": engines,
+                "ernie_engine_drain_deadline_s": 30,
+                "ernie_engine_passing_timeout_s": 90,
+                "ernie_gateway_settings": {"envoy_concurrency": 1},
+            },
+            "children": {
+                "consul_servers": {"hosts": {n: host(n) for n in ("consul1", "consul2", "consul3")}},
+                "engines": {"hosts": {n: host(n) for n in ("engine1", "engine2")}},
+                "gateways": {"hosts": {"gateway1": host("gateway1")}},
+            },
+        }
+    }
 
 
 class Deploy:
@@ -132,22 +141,27 @@ class Deploy:
     def playbook(self, name: str, timeout_s: float = PLAYBOOK_TIMEOUT_S) -> tuple[str, float]:
         self.runs += 1
         log = self.tmp / f"ansible-{self.runs}-{name}.log"
-        env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-               "ANSIBLE_LOCAL_TEMP": str(self.tmp / "ansible-local"),
-               "ANSIBLE_REMOTE_TEMP": str(self.tmp / "ansible-remote"),
-               "ANSIBLE_CALLBACKS_ENABLED": "ernie_task_times",
-               "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        env = {
+            **os.environ,
+            "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_LOCAL_TEMP": str(self.tmp / "ansible-local"),
+            "ANSIBLE_REMOTE_TEMP": str(self.tmp / "ansible-remote"),
+            "ANSIBLE_CALLBACKS_ENABLED": "ernie_task_times",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        }
         for key in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN"):
             env.pop(key, None)
         cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(self.inventory_path), name]
         t0 = time.monotonic()
         with log.open("w") as out:
-            proc = subprocess.Popen(cmd, cwd=ANSIBLE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=ANSIBLE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
             try:
                 rc = proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)   # ansible-playbook and its forked workers
+                os.killpg(proc.pid, signal.SIGKILL)  # ansible-playbook and its forked workers
                 proc.wait()
                 rc = f"killed after {timeout_s}s"
         text = log.read_text(errors="replace")
@@ -158,8 +172,12 @@ class Deploy:
 def recap(text: str) -> dict[str, dict[str, int]]:
     out = {}
     for m in RECAP_RE.finditer(text):
-        out[m.group(1)] = {"ok": int(m.group(2)), "changed": int(m.group(3)), "unreachable": int(m.group(4)),
-                           "failed": int(m.group(5))}
+        out[m.group(1)] = {
+            "ok": int(m.group(2)),
+            "changed": int(m.group(3)),
+            "unreachable": int(m.group(4)),
+            "failed": int(m.group(5)),
+        }
     return out
 
 
@@ -180,15 +198,29 @@ def _srv_target_host(lab: NetnsLab, target: str) -> str:
     """An SRV target -> the lab host: `<node>.node.<dc>.consul.` or `<hex IPv4>.addr.<dc>.consul.`."""
     label, kind = target.split(".")[:2]
     if kind == "addr" and len(label) == 8:
-        address = ".".join(str(int(label[i:i + 2], 16)) for i in range(0, 8, 2))
+        address = ".".join(str(int(label[i : i + 2], 16)) for i in range(0, 8, 2))
         return next((n for n, h in lab.hosts.items() if h.address == address), address)
     return label
 
 
 def dig_srv(lab: NetnsLab, via: str) -> set[tuple[str, int]]:
     """(host, port) of every SRV record for ernie.service.consul, asked of `via`'s Consul DNS."""
-    r = subprocess.run(["dig", f"@{lab.hosts[via].address}", "-p", "8600", f"{SERVICE}.service.consul", "SRV",
-                        "+short", "+time=2", "+tries=1"], capture_output=True, text=True, timeout=10)
+    r = subprocess.run(
+        [
+            "dig",
+            f"@{lab.hosts[via].address}",
+            "-p",
+            "8600",
+            f"{SERVICE}.service.consul",
+            "SRV",
+            "+short",
+            "+time=2",
+            "+tries=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert r.returncode == 0, f"dig failed: {r.stdout}{r.stderr}"
     out = set()
     for line in r.stdout.splitlines():
@@ -231,8 +263,16 @@ def host_logs(lab: NetnsLab) -> str:
 
 class SteadyLoad:
     def __init__(self, base_url: str, request_timeout_s: float = 60.0):
-        self.gen = LoadGenerator(LoadConfig(base_url=base_url, model=MODEL, concurrency=LOAD_CONCURRENCY,
-                                            stream_ratio=0.5, max_tokens=16, request_timeout_s=request_timeout_s))
+        self.gen = LoadGenerator(
+            LoadConfig(
+                base_url=base_url,
+                model=MODEL,
+                concurrency=LOAD_CONCURRENCY,
+                stream_ratio=0.5,
+                max_tokens=16,
+                request_timeout_s=request_timeout_s,
+            )
+        )
         self.t0 = 0.0
 
     def __enter__(self) -> SteadyLoad:
@@ -259,8 +299,9 @@ def lab(tmp_path):
 
 def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Path):
     assert shutil.which("dig"), "dig (Debian dnsutils) is needed: scripts/install.sh system"
-    assert (Path(sys.executable).parent / "ansible-playbook").exists(), \
+    assert (Path(sys.executable).parent / "ansible-playbook").exists(), (
         "ansible-core is needed: pip install -e '.[test]'"
+    )
     t_start = time.monotonic()
     keygen = subprocess.run([consul_binary(), "keygen"], capture_output=True, text=True, check=True).stdout.strip()
     secrets = {"encrypt": keygen, **{k: str(uuid.uuid4()) for k in ("management", "agent", "dns", "engine", "gateway")}}
@@ -279,15 +320,19 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
         peers = consul_get(lab, "consul3", "/v1/status/peers")
         server_addrs = {f"{lab.hosts[n].address}:8300" for n in ("consul1", "consul2", "consul3")}
         assert leader in server_addrs and set(peers) == server_addrs, (leader, peers)
-        members = {m["Name"]: m["Status"] for m in consul_get(lab, "consul1", "/v1/agent/members",
-                                                                secrets["management"])}
-        assert members == {n: 1 for n in HOSTS}, members   # 1 = alive: every host's agent joined
+        members = {
+            m["Name"]: m["Status"] for m in consul_get(lab, "consul1", "/v1/agent/members", secrets["management"])
+        }
+        assert members == {n: 1 for n in HOSTS}, members  # 1 = alive: every host's agent joined
 
         expected = {(e, p) for e in ("engine1", "engine2") for p in ENGINE_PORTS}
         assert passing_instances(lab) == expected
         # ACLs are on: without a token nobody may register in the service.
-        r = httpx.put(f"http://{lab.hosts['consul1'].address}:8500/v1/agent/service/register",
-                      json={"Name": SERVICE, "ID": "intruder", "Port": 1}, timeout=5)
+        r = httpx.put(
+            f"http://{lab.hosts['consul1'].address}:8500/v1/agent/service/register",
+            json={"Name": SERVICE, "ID": "intruder", "Port": 1},
+            timeout=5,
+        )
         assert r.status_code == 403, r.text
 
         gw = f"http://{lab.hosts['gateway1'].address}:8080"
@@ -295,7 +340,8 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
         served = set()
         for _ in range(8):
             raw = client.chat.completions.with_raw_response.create(
-                model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+                model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+            )
             assert raw.parse().choices[0].message.content
             served.add(raw.headers.get("x-ernie-instance", ""))
         assert served <= {f"{SERVICE}-{n}-{p}" for n, p in expected}, served
@@ -330,8 +376,11 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
             time.sleep(2)
             t_cut = time.time()
             lab.cut("engine2")
-            wait_for(lambda: dig_srv(lab, "consul1") == {(n, p) for n, p in expected if n == "engine1"},
-                     DNS_DEADLINE_S, "Consul DNS to drop engine2's instances")
+            wait_for(
+                lambda: dig_srv(lab, "consul1") == {(n, p) for n, p in expected if n == "engine1"},
+                DNS_DEADLINE_S,
+                "Consul DNS to drop engine2's instances",
+            )
             t_detect = time.time()
             timings["partition -> DNS drops engine2 (s)"] = t_detect - t_cut
             assert dig_srv(lab, "engine1") == {("engine1", p) for p in ENGINE_PORTS}

@@ -22,8 +22,15 @@ RESCUE_ALLOWANCE_S = 2.0
 
 
 def drill(tmp_path, scenario: str, system: str = "mesh", **kw) -> list[dict]:
-    opts = DrillOptions(scenario, system=system, engines=3, engine="sim", concurrency=CONCURRENCY,
-                        duration_s=kw.pop("duration_s", 10.0), **kw)
+    opts = DrillOptions(
+        scenario,
+        system=system,
+        engines=3,
+        engine="sim",
+        concurrency=CONCURRENCY,
+        duration_s=kw.pop("duration_s", 10.0),
+        **kw,
+    )
     results = run_drill(opts, workdir=tmp_path)
     assert [r["system"] for r in results] == opts.systems()
     for r in results:

@@ -19,8 +19,12 @@ SERVICE = "ernie-it-engine"
 @pytest.fixture(scope="module")
 def agent(consul_session, tmp_path_factory):
     port = free_port()
-    a = EngineAgent(tmp_path_factory.mktemp("engine-agent"), consul_session.address, SERVICE,
-                    engines=[{"kind": "simulated", "port": port, "served_model_name": "sim-model"}])
+    a = EngineAgent(
+        tmp_path_factory.mktemp("engine-agent"),
+        consul_session.address,
+        SERVICE,
+        engines=[{"kind": "simulated", "port": port, "served_model_name": "sim-model"}],
+    )
     a.engine_port = port
     with a:
         a.wait_state(a.instance_id(port), "passing", timeout_s=60)
@@ -108,8 +112,7 @@ def test_crashed_engine_goes_critical_then_is_restarted_and_passing(agent):
 
 def test_consul_restart_under_the_agent_re_registers_without_duplicates(consul_fresh, tmp_path):
     ports = [free_port(), free_port()]
-    a = EngineAgent(tmp_path, consul_fresh.address, SERVICE,
-                    engines=[{"kind": "simulated", "port": p} for p in ports])
+    a = EngineAgent(tmp_path, consul_fresh.address, SERVICE, engines=[{"kind": "simulated", "port": p} for p in ports])
     with a:
         for p in ports:
             a.wait_state(a.instance_id(p), "passing", timeout_s=60)
@@ -128,8 +131,9 @@ def test_consul_down_then_back_agent_keeps_running_and_registers(consul_fresh, t
     consul_fresh.stop()
     a = EngineAgent(tmp_path, consul_fresh.address, SERVICE, engines=[{"kind": "simulated", "port": port}])
     with a:
-        wait_until(lambda: a.instances()[a.instance_id(port)]["consul_ok"] is False, 30,
-                   what="agent noticing Consul is down")
+        wait_until(
+            lambda: a.instances()[a.instance_id(port)]["consul_ok"] is False, 30, what="agent noticing Consul is down"
+        )
         assert a.proc.alive()
         consul_fresh.start()
         a.wait_state(a.instance_id(port), "passing", timeout_s=30)
@@ -140,8 +144,7 @@ def test_attached_engine_is_registered_and_judged_without_being_supervised(consu
 
     port = free_port()
     with SimEngineProcess(port, model="attached-model") as engine:
-        a = EngineAgent(tmp_path, consul_session.address, SERVICE, node="attach",
-                        engines=[{"url": engine.url}])
+        a = EngineAgent(tmp_path, consul_session.address, SERVICE, node="attach", engines=[{"url": engine.url}])
         iid = a.instance_id(port)
         with a:
             entry = a.wait_state(iid, "passing", timeout_s=30)
@@ -158,8 +161,9 @@ def test_attached_engine_is_registered_and_judged_without_being_supervised(consu
 
 def test_sigterm_drains_stops_engines_and_deregisters(consul_session, tmp_path):
     port = free_port()
-    a = EngineAgent(tmp_path, consul_session.address, SERVICE, node="term",
-                    engines=[{"kind": "simulated", "port": port}])
+    a = EngineAgent(
+        tmp_path, consul_session.address, SERVICE, node="term", engines=[{"kind": "simulated", "port": port}]
+    )
     iid = a.instance_id(port)
     with a:
         a.wait_state(iid, "passing", timeout_s=60)
@@ -168,4 +172,5 @@ def test_sigterm_drains_stops_engines_and_deregisters(consul_session, tmp_path):
     assert iid not in a.entries()
     with pytest.raises(ProcessLookupError):
         import os
+
         os.kill(engine_pid, 0)

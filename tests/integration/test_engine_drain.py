@@ -29,8 +29,9 @@ def one_request(base_url: str, stream: bool) -> tuple[str, int]:
         r = client.chat.completions.create(model="sim-model", messages=messages, max_tokens=TOKENS, extra_body=extra)
         return r.choices[0].finish_reason, r.usage.completion_tokens
     chunks, finish = 0, None
-    for ev in client.chat.completions.create(model="sim-model", messages=messages, max_tokens=TOKENS,
-                                             extra_body=extra, stream=True):
+    for ev in client.chat.completions.create(
+        model="sim-model", messages=messages, max_tokens=TOKENS, extra_body=extra, stream=True
+    ):
         if ev.choices and ev.choices[0].delta.content:
             chunks += 1
         if ev.choices and ev.choices[0].finish_reason:
@@ -40,9 +41,20 @@ def one_request(base_url: str, stream: bool) -> tuple[str, int]:
 
 def test_drain_under_load_completes_every_request_in_full(consul_session, tmp_path):
     port = free_port()
-    agent = EngineAgent(tmp_path, consul_session.address, SERVICE,
-                        engines=[{"kind": "simulated", "port": port, "served_model_name": "sim-model",
-                                  "args": ["--token-delay-ms", "60"], "shutdown_timeout_s": 0}])
+    agent = EngineAgent(
+        tmp_path,
+        consul_session.address,
+        SERVICE,
+        engines=[
+            {
+                "kind": "simulated",
+                "port": port,
+                "served_model_name": "sim-model",
+                "args": ["--token-delay-ms", "60"],
+                "shutdown_timeout_s": 0,
+            }
+        ],
+    )
     iid = agent.instance_id(port)
     engine = f"http://127.0.0.1:{port}"
     with agent:
@@ -67,12 +79,31 @@ def test_drain_under_load_completes_every_request_in_full(consul_session, tmp_pa
         watcher = threading.Thread(target=watch, daemon=True)
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             futures = [pool.submit(one_request, engine, i % 2 == 0) for i in range(CONCURRENCY)]
-            wait_until(lambda: httpx.get(f"{engine}/sim/stats", timeout=2).json()["in_flight"] >= CONCURRENCY, 20,
-                       what="all requests in flight")
+            wait_until(
+                lambda: httpx.get(f"{engine}/sim/stats", timeout=2).json()["in_flight"] >= CONCURRENCY,
+                20,
+                what="all requests in flight",
+            )
             watcher.start()
-            drain = subprocess.run([sys.executable, "-m", "agent", "drain", iid, "--consul", consul_session.address,
-                                    "--service", SERVICE, "--json", "--timeout", "120"],
-                                   capture_output=True, text=True, timeout=150)
+            drain = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "agent",
+                    "drain",
+                    iid,
+                    "--consul",
+                    consul_session.address,
+                    "--service",
+                    SERVICE,
+                    "--json",
+                    "--timeout",
+                    "120",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=150,
+            )
             results = [f.result(timeout=120) for f in futures]
         stop_watch.set()
         watcher.join(5)
@@ -96,8 +127,14 @@ def test_sigterm_before_the_instance_ever_served_does_not_wait_the_drain_deadlin
     slow = tmp_path / "slow-start"
     slow.mkdir()
     (slow / "sitecustomize.py").write_text("import time\ntime.sleep(120)  # a model that takes long to load\n")
-    agent = EngineAgent(tmp_path, consul_session.address, SERVICE, node="early", drain_deadline_s=60.0,
-                        engines=[{"kind": "simulated", "port": port, "env": {"PYTHONPATH": str(slow)}}])
+    agent = EngineAgent(
+        tmp_path,
+        consul_session.address,
+        SERVICE,
+        node="early",
+        drain_deadline_s=60.0,
+        engines=[{"kind": "simulated", "port": port, "env": {"PYTHONPATH": str(slow)}}],
+    )
     iid = agent.instance_id(port)
     with agent:
         agent.wait_state(iid, "starting", timeout_s=30, cause="loading")
@@ -116,8 +153,14 @@ def test_the_agent_api_answers_during_a_sigterm_drain(consul_session, tmp_path):
     import signal
 
     port = free_port()
-    agent = EngineAgent(tmp_path, consul_session.address, SERVICE, node="api-up", drain_settle_s=3.0,
-                        engines=[{"kind": "simulated", "port": port}])
+    agent = EngineAgent(
+        tmp_path,
+        consul_session.address,
+        SERVICE,
+        node="api-up",
+        drain_settle_s=3.0,
+        engines=[{"kind": "simulated", "port": port}],
+    )
     iid = agent.instance_id(port)
     with agent:
         agent.wait_state(iid, "passing", timeout_s=60)

@@ -101,17 +101,22 @@ def test_kill9_engine_under_load_fails_no_request(m):
         load.wait_for_more(100)
         killed_at = time.monotonic()
         victim.proc.kill()
-        ejected = wait_until(lambda: "failed_outlier_check" in m.gateway.endpoints().get(victim.id, ""), 10,
-                             "the killed engine ejected by envoy")
+        ejected = wait_until(
+            lambda: "failed_outlier_check" in m.gateway.endpoints().get(victim.id, ""),
+            10,
+            "the killed engine ejected by envoy",
+        )
         detected_s = time.monotonic() - killed_at
         load.wait_for_more(200)
     results = load.results
     assert not failures(results), describe(results)
     after = [r for r in results if r.started > killed_at + 0.5]
     assert after and all(r.instance != victim.id for r in after)
-    print(f"\nkill -9: ejected after {detected_s * 1000:.0f} ms; "
-          f"retries {envoy_stat(m, 'cluster.ernie.upstream_rq_retry')}"
-          f"; {len(results)} requests, 0 failed")
+    print(
+        f"\nkill -9: ejected after {detected_s * 1000:.0f} ms; "
+        f"retries {envoy_stat(m, 'cluster.ernie.upstream_rq_retry')}"
+        f"; {len(results)} requests, 0 failed"
+    )
     assert ejected
 
 
@@ -124,8 +129,12 @@ def test_critical_instance_gets_no_new_requests_within_1s(m):
         load.wait_for_more(50)
         t0 = time.monotonic()
         victim.set(VerdictState.CRITICAL, "stuck")
-        wait_until(lambda: victim.id not in m.gateway.endpoints(), PROPAGATION_BOUND_S,
-                   "the critical instance gone from envoy /clusters", interval_s=0.005)
+        wait_until(
+            lambda: victim.id not in m.gateway.endpoints(),
+            PROPAGATION_BOUND_S,
+            "the critical instance gone from envoy /clusters",
+            interval_s=0.005,
+        )
         propagation_s = time.monotonic() - t0
         wait_until(lambda: time.monotonic() > t0 + 1.0, 2, "1 s after the change")
         served_at_1s = victim.stats()["requests_total"]
@@ -151,8 +160,12 @@ def test_drain_under_streaming_load_truncates_nothing(m):
     with Load(m.gateway.url, clients=CLIENTS, stream=True, max_tokens=30) as load:
         load.wait_for_more(40)
         victim.set(VerdictState.DRAINING, "rolling upgrade")
-        wait_until(lambda: "draining" in m.gateway.endpoints().get(victim.id, ""), PROPAGATION_BOUND_S,
-                   "the instance draining in envoy", interval_s=0.005)
+        wait_until(
+            lambda: "draining" in m.gateway.endpoints().get(victim.id, ""),
+            PROPAGATION_BOUND_S,
+            "the instance draining in envoy",
+            interval_s=0.005,
+        )
         drained_at = time.monotonic()
         wait_until(lambda: victim.stats()["in_flight"] == 0, 15, "in-flight requests finished on the drained engine")
         wait_s = time.monotonic() - drained_at
@@ -164,8 +177,10 @@ def test_drain_under_streaming_load_truncates_nothing(m):
     assert all(r.tokens == 30 and r.usage_tokens == 30 and r.finish_reason == "length" for r in results)
     served_by_victim = [r for r in results if r.instance == victim.id]
     assert served_by_victim, "the drained engine never served: the test proves nothing"
-    print(f"\ndrain: in-flight streams on the drained engine done {wait_s * 1000:.0f} ms after the change; "
-          f"{len(results)} streams complete, {len(served_by_victim)} of them from the drained engine")
+    print(
+        f"\ndrain: in-flight streams on the drained engine done {wait_s * 1000:.0f} ms after the change; "
+        f"{len(results)} streams complete, {len(served_by_victim)} of them from the drained engine"
+    )
 
 
 # --- 4. the gateway agent killed and restarted ---------------------------------------------------
@@ -184,8 +199,11 @@ def test_gateway_agent_killed_traffic_continues_then_converges(m):
         gw.start(wait=False)
         t0 = time.monotonic()
         # bound: a Python start on a busy 2-core machine (seconds) + Envoy's reconnect backoff (<= 1 s)
-        wait_until(lambda: "draining" in gw.endpoints().get(target.id, ""), 30,
-                   "envoy converged on the change made while the agent was down")
+        wait_until(
+            lambda: "draining" in gw.endpoints().get(target.id, ""),
+            30,
+            "envoy converged on the change made while the agent was down",
+        )
         converged_s = time.monotonic() - t0
         target.set(VerdictState.PASSING, "back")
         wait_until(lambda: gw.endpoints().get(target.id) == "healthy", 5, "a new change propagates")
@@ -207,8 +225,9 @@ def _client(url: str) -> openai.OpenAI:
 def _one_request(client: openai.OpenAI) -> tuple[float, object]:
     t = time.monotonic()
     try:
-        resp = client.chat.completions.create(model="sim-model", messages=[{"role": "user", "content": "hi"}],
-                                              max_tokens=3)
+        resp = client.chat.completions.create(
+            model="sim-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
         return time.monotonic() - t, resp
     except openai.APIStatusError as e:
         return time.monotonic() - t, e
@@ -218,8 +237,9 @@ def _assert_fast_json_503s(clients: list[openai.OpenAI], per_client: int, phase:
     """Each client (one thread each) sends per_client requests back to back; every one must be a
     JSON 503 the OpenAI client can read, answered in under a second."""
     with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
-        outcomes = [o for batch in pool.map(lambda c: [_one_request(c) for _ in range(per_client)], clients)
-                    for o in batch]
+        outcomes = [
+            o for batch in pool.map(lambda c: [_one_request(c) for _ in range(per_client)], clients) for o in batch
+        ]
     worst = 0.0
     for elapsed, outcome in outcomes:
         assert isinstance(outcome, openai.APIStatusError), f"{phase}: {outcome}"
@@ -252,16 +272,19 @@ def test_all_engines_down_gives_fast_json_503_then_recovers(m):
         for e in m.engines:
             e.proc = None
             e.start()
-        wait_until(lambda: not isinstance(_one_request(probe)[1], Exception), 15,
-                   "traffic resumed after the engines restarted")
+        wait_until(
+            lambda: not isinstance(_one_request(probe)[1], Exception), 15, "traffic resumed after the engines restarted"
+        )
     finally:
         for c in clients:
             c.close()
     with Load(m.gateway.url, clients=CLIENTS, max_tokens=5) as load:
         load.wait_for_more(50)
     assert not failures(load.results), describe(load.results)
-    print(f"\nall down: 503 JSON in <= {worst_critical * 1000:.0f} ms (critical), <= {worst_killed * 1000:.0f} ms "
-          f"(killed); traffic resumed {resumed_s * 1000:.0f} ms after the engines passed again")
+    print(
+        f"\nall down: 503 JSON in <= {worst_critical * 1000:.0f} ms (critical), <= {worst_killed * 1000:.0f} ms "
+        f"(killed); traffic resumed {resumed_s * 1000:.0f} ms after the engines passed again"
+    )
 
 
 # --- 6. a 400 storm ejects nobody and retries nothing --------------------------------------------
@@ -275,17 +298,25 @@ BAD_BODIES = [
 
 
 def test_400_storm_passes_through_no_ejection_no_retry(m):
-    before = {k: envoy_stat(m, k) for k in ("cluster.ernie.outlier_detection.ejections_enforced_total",
-                                            "cluster.ernie.outlier_detection.ejections_detected_consecutive_5xx",
-                                            "cluster.ernie.upstream_rq_retry")}
+    before = {
+        k: envoy_stat(m, k)
+        for k in (
+            "cluster.ernie.outlier_detection.ejections_enforced_total",
+            "cluster.ernie.outlier_detection.ejections_detected_consecutive_5xx",
+            "cluster.ernie.upstream_rq_retry",
+        )
+    }
     by_engine_before = {e.id: e.stats()["by_status"].get("400", 0) for e in m.engines}
 
     http = httpx.Client(timeout=10, limits=httpx.Limits(max_connections=CLIENTS))  # thread-safe, one pool
 
     def bad(i: int) -> httpx.Response:
         if i % 5 == 4:
-            return http.post(f"{m.gateway.url}/v1/chat/completions", content=b"{not json",
-                             headers={"content-type": "application/json"})
+            return http.post(
+                f"{m.gateway.url}/v1/chat/completions",
+                content=b"{not json",
+                headers={"content-type": "application/json"},
+            )
         return http.post(f"{m.gateway.url}/v1/chat/completions", json=BAD_BODIES[i % len(BAD_BODIES)])
 
     n = 200
@@ -324,8 +355,10 @@ def test_engine_500s_caused_by_requests_do_not_eject_it(m):
     statuses = []
     with httpx.Client(timeout=10) as http:
         for _ in range(40):
-            r = http.post(f"{m.gateway.url}/v1/chat/completions", json={
-                "model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            r = http.post(
+                f"{m.gateway.url}/v1/chat/completions",
+                json={"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            )
             statuses.append((r.status_code, r.headers.get("x-ernie-instance")))
     served_500 = [s for s in statuses if s == (500, victim.id)]
     assert len(served_500) >= 6, f"the engine should have answered several 500s in a row: {statuses}"
@@ -339,13 +372,16 @@ def test_a_trickled_request_is_cut_and_frees_its_slot(m, tmp_path):
 
     cfg = tmp_path / "gateway.toml"
     cfg.write_text("[policy]\nrequest_receive_timeout_s = 2\nrequest_headers_timeout_s = 1\n")
-    gw = Gateway(m.consul.address, SERVICE, tmp_path / "gw-slow", name="gw-slow",
-                 extra_args=("--config", str(cfg))).start()
+    gw = Gateway(
+        m.consul.address, SERVICE, tmp_path / "gw-slow", name="gw-slow", extra_args=("--config", str(cfg))
+    ).start()
     try:
         wait_until(lambda: len(gw.endpoints()) == 3, 10, "three endpoints in the second gateway")
         slow = socket.create_connection(("127.0.0.1", gw.listen_port), timeout=10)
-        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
-                     b"content-length: 1000\r\n\r\n{")
+        slow.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 1000\r\n\r\n{"
+        )
         t0 = time.monotonic()
         answer = slow.recv(4096)
         waited = time.monotonic() - t0
@@ -359,9 +395,16 @@ def test_a_trickled_request_is_cut_and_frees_its_slot(m, tmp_path):
         assert time.monotonic() - t0 < 4 and (answer == b"" or answer.startswith(b"HTTP/1.1 408")), answer[:200]
         headers_only.close()
         # a long generation is not cut by the receive timeout
-        r = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, json={
-            "model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300,
-            "ignore_eos": True})
+        r = httpx.post(
+            f"{gw.url}/v1/chat/completions",
+            timeout=30,
+            json={
+                "model": "sim-model",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 300,
+                "ignore_eos": True,
+            },
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 300
     finally:
         gw.cleanup()
@@ -372,8 +415,11 @@ def test_second_gateway_side_by_side_and_clean_stop(m, tmp_path):
     try:
         wait_until(lambda: sorted(gw2.endpoints()) == sorted(e.id for e in m.engines), 5, "gw2 endpoints")
         assert gw2.envoy_pid() != m.gateway.envoy_pid()
-        wait_until(lambda: len(httpx.get(f"{m.consul.url}/v1/health/service/ernie-gateway?passing=1",
-                                         timeout=5).json()) == 2, 10, "both gateways passing in Consul")
+        wait_until(
+            lambda: len(httpx.get(f"{m.consul.url}/v1/health/service/ernie-gateway?passing=1", timeout=5).json()) == 2,
+            10,
+            "both gateways passing in Consul",
+        )
         gateways = httpx.get(f"{m.consul.url}/v1/health/service/ernie-gateway", timeout=5).json()
         meta = {g["Service"]["ID"]: g["Service"]["Meta"] for g in gateways}
         assert meta["ernie-gateway-gw-two"]["listen_url"] == gw2.url
@@ -381,17 +427,29 @@ def test_second_gateway_side_by_side_and_clean_stop(m, tmp_path):
         assert meta["ernie-gateway-gw-two"]["envoy_admin"].startswith("http://127.0.0.1:")
         m.engines[0].set(VerdictState.DRAINING, "both gateways see it")
         for gw in (m.gateway, gw2):
-            wait_until(lambda gw=gw: "draining" in gw.endpoints().get(m.engines[0].id, ""), PROPAGATION_BOUND_S,
-                       f"{gw.name} sees the change", interval_s=0.005)
+            wait_until(
+                lambda gw=gw: "draining" in gw.endpoints().get(m.engines[0].id, ""),
+                PROPAGATION_BOUND_S,
+                f"{gw.name} sees the change",
+                interval_s=0.005,
+            )
         with Load(gw2.url, clients=4, max_tokens=3) as load:
             load.wait_for_more(20)
         assert not failures(load.results), describe(load.results)
         envoy2 = gw2.envoy_pid()
         assert gw2.terminate() == 0
         wait_until(lambda: not _alive(envoy2), 10, "gw2's envoy stopped with its agent")
-        wait_until(lambda: [g["Service"]["ID"] for g in httpx.get(
-            f"{m.consul.url}/v1/health/service/ernie-gateway", timeout=5).json()] == ["ernie-gateway-gw-test"],
-            5, "gw2 deregistered")
+        wait_until(
+            lambda: (
+                [
+                    g["Service"]["ID"]
+                    for g in httpx.get(f"{m.consul.url}/v1/health/service/ernie-gateway", timeout=5).json()
+                ]
+                == ["ernie-gateway-gw-test"]
+            ),
+            5,
+            "gw2 deregistered",
+        )
     finally:
         gw2.cleanup()
 
@@ -413,8 +471,11 @@ def test_envoy_killed_is_restarted_by_the_agent(m):
     old = m.gateway.envoy_pid()
     restarts = m.gateway.metric("ernie_gateway_envoy_restarts_total")
     os.kill(old, signal.SIGKILL)
-    wait_until(lambda: m.gateway.envoy_pid() not in (None, old) and m.gateway.admin.ready(), 30,
-               "a new envoy started by the agent")
+    wait_until(
+        lambda: m.gateway.envoy_pid() not in (None, old) and m.gateway.admin.ready(),
+        30,
+        "a new envoy started by the agent",
+    )
     wait_until(m.healthy_in_envoy, 10, "the new envoy got the snapshot")
     assert m.gateway.metric("ernie_gateway_envoy_restarts_total") == restarts + 1
     with Load(m.gateway.url, clients=4, max_tokens=3) as load:

@@ -50,9 +50,9 @@ pytestmark = pytest.mark.timeout(420)
 
 SERVICE = "ernie"
 MODEL = "sim-model"
-ALERT_FOR_S = 2.0          # every alert's `for:` in this test (the real rule says 1m for ErnieInstanceCritical)
-RESTART_BACKOFF_S = 20.0   # the killed engine stays dead this long before its agent restarts it
-RATE_INTERVAL = "2m"       # what Grafana's $__rate_interval becomes here (covers the whole test run)
+ALERT_FOR_S = 2.0  # every alert's `for:` in this test (the real rule says 1m for ErnieInstanceCritical)
+RESTART_BACKOFF_S = 20.0  # the killed engine stays dead this long before its agent restarts it
+RATE_INTERVAL = "2m"  # what Grafana's $__rate_interval becomes here (covers the whole test run)
 DISCOVERY_TIMEOUT_S = 60.0  # Consul SD refresh + Prometheus' 5 s target-update throttling, twice over
 PROM_TIMEOUT_S = 45.0
 
@@ -79,10 +79,15 @@ def mesh(tmp_path_factory):
         for node, zone, engine_ports in layout:
             agent_dir = tmp / node
             agent_dir.mkdir()
-            agent = EngineAgent(agent_dir, consul.address, SERVICE, node=node, zone=zone,
-                                restart_backoff_initial_s=RESTART_BACKOFF_S,
-                                engines=[{"kind": "simulated", "port": p, "served_model_name": MODEL}
-                                         for p in engine_ports])
+            agent = EngineAgent(
+                agent_dir,
+                consul.address,
+                SERVICE,
+                node=node,
+                zone=zone,
+                restart_backoff_initial_s=RESTART_BACKOFF_S,
+                engines=[{"kind": "simulated", "port": p, "served_model_name": MODEL} for p in engine_ports],
+            )
             stack.enter_context(agent)
             agents.append(agent)
             instances.update({agent.instance_id(p): (agent, p) for p in engine_ports})
@@ -91,8 +96,9 @@ def mesh(tmp_path_factory):
         gateway = GatewayAgent(tmp, consul.address, SERVICE, "obs-gw")
         stack.callback(gateway.stop)
         gateway.start(healthy_endpoints=len(instances))
-        prom = stack.enter_context(Prometheus(tmp / "prometheus", consul.address, interval_s=1.0,
-                                              alert_for_s=ALERT_FOR_S))
+        prom = stack.enter_context(
+            Prometheus(tmp / "prometheus", consul.address, interval_s=1.0, alert_for_s=ALERT_FOR_S)
+        )
         yield Mesh(consul, agents, instances, gateway, prom)
 
 
@@ -116,16 +122,26 @@ def test_configs_are_rendered_and_promtool_accepts_them(tmp_path):
     deploy = REPO / "deploy" / "prometheus"
     # The checked-in files are what the renderer produces (edit the Python, re-render).
     assert (deploy / "prometheus.yml").read_text() == render_config(), "re-run deploy/prometheus/render.py"
-    assert (deploy / "rules" / "ernie-mesh.rules.yml").read_text() == render_rules(), \
+    assert (deploy / "rules" / "ernie-mesh.rules.yml").read_text() == render_rules(), (
         "re-run deploy/prometheus/render.py"
-    r = subprocess.run([sys.executable, str(REPO / "deploy" / "grafana" / "dashboard.py"), "--check"],
-                       capture_output=True, text=True, timeout=60)
+    )
+    r = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "grafana" / "dashboard.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     # promtool: the checked-in config (with its rule file) and one rendered for another Consul.
-    for args in (("check", "config", str(deploy / "prometheus.yml")),
-                 ("check", "rules", str(deploy / "rules" / "ernie-mesh.rules.yml")),
-                 ("check", "config", str(write_config(tmp_path, "10.1.2.3:8500", scrape_interval_s=1.0,
-                                                      alert_for_s=ALERT_FOR_S)))):
+    for args in (
+        ("check", "config", str(deploy / "prometheus.yml")),
+        ("check", "rules", str(deploy / "rules" / "ernie-mesh.rules.yml")),
+        (
+            "check",
+            "config",
+            str(write_config(tmp_path, "10.1.2.3:8500", scrape_interval_s=1.0, alert_for_s=ALERT_FOR_S)),
+        ),
+    ):
         r = promtool(tool, *args)
         assert r.returncode == 0, f"promtool {' '.join(args)}:\n{r.stdout}\n{r.stderr}"
     assert f"SUCCESS: {len(RECORDS) + len(ALERTS)} rules found" in r.stdout
@@ -172,8 +188,10 @@ def test_metric_names_follow_conventions_and_are_documented():
     for expr in exprs:
         expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
         expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # label lists
-        used |= {re.sub(r"_(bucket|count|sum)$", "", n)
-                 for n in re.findall(r"\b(?:ernie_|ernie:|vllm:|envoy_)[A-Za-z0-9_:]*", expr)}
+        used |= {
+            re.sub(r"_(bucket|count|sum)$", "", n)
+            for n in re.findall(r"\b(?:ernie_|ernie:|vllm:|envoy_)[A-Za-z0-9_:]*", expr)
+        }
     undocumented = sorted(n for n in used if f"`{n}`" not in docs)
     assert undocumented == [], f"used by the dashboard or rules but not in docs/metrics.md: {undocumented}"
 
@@ -182,8 +200,7 @@ def test_metric_names_follow_conventions_and_are_documented():
 
 
 def test_every_job_discovered_through_consul_is_up(mesh):
-    expected = {JOB_ENGINE_AGENT: len(mesh.agents), JOB_VLLM: len(mesh.instances), JOB_GATEWAY_AGENT: 1,
-                JOB_ENVOY: 1}
+    expected = {JOB_ENGINE_AGENT: len(mesh.agents), JOB_VLLM: len(mesh.instances), JOB_GATEWAY_AGENT: 1, JOB_ENVOY: 1}
 
     def by_job() -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = {}
@@ -197,9 +214,14 @@ def test_every_job_discovered_through_consul_is_up(mesh):
         return jobs if counts == expected else None
 
     t0 = time.monotonic()
-    jobs = _wait("every job discovered via Consul and up", all_up, DISCOVERY_TIMEOUT_S,
-                 lambda: "\n".join(f"{t['labels']} {t['scrapeUrl']} {t['health']} {t['lastError']}"
-                                   for ts in by_job().values() for t in ts))
+    jobs = _wait(
+        "every job discovered via Consul and up",
+        all_up,
+        DISCOVERY_TIMEOUT_S,
+        lambda: "\n".join(
+            f"{t['labels']} {t['scrapeUrl']} {t['health']} {t['lastError']}" for ts in by_job().values() for t in ts
+        ),
+    )
     print(f"all {sum(expected.values())} targets up {time.monotonic() - t0:.1f}s after the first check")
 
     vllm = {t["labels"]["instance_id"]: t for t in jobs[JOB_VLLM]}
@@ -207,8 +229,12 @@ def test_every_job_discovered_through_consul_is_up(mesh):
     for iid, t in vllm.items():
         agent, port = mesh.instances[iid]
         assert t["scrapeUrl"] == f"http://127.0.0.1:{port}/metrics"
-        assert (t["labels"]["node"], t["labels"]["model"], t["labels"]["service"], t["labels"]["engine_kind"]) == \
-            (agent.node, MODEL, SERVICE, "simulated")
+        assert (t["labels"]["node"], t["labels"]["model"], t["labels"]["service"], t["labels"]["engine_kind"]) == (
+            agent.node,
+            MODEL,
+            SERVICE,
+            "simulated",
+        )
         assert t["labels"]["zone"] == {"obs-a": "zone-a", "obs-b": "zone-b"}[agent.node]
     # One target per engine agent, however many instances it registers.
     agents = {t["scrapeUrl"]: t["labels"] for t in jobs[JOB_ENGINE_AGENT]}
@@ -223,9 +249,12 @@ def test_every_job_discovered_through_consul_is_up(mesh):
     def verdicts():
         result = mesh.prom.query('ernie_engine_verdict{state="passing"} == 1')
         return result if len(result) == len(mesh.instances) else None
+
     result = _wait("a passing verdict series per instance", verdicts)
-    _wait("the recorded count of passing instances",
-          lambda: _value(mesh.prom, f'ernie:instances_passing:count{{model="{MODEL}"}}') == len(mesh.instances))
+    _wait(
+        "the recorded count of passing instances",
+        lambda: _value(mesh.prom, f'ernie:instances_passing:count{{model="{MODEL}"}}') == len(mesh.instances),
+    )
     assert sorted(s["metric"]["instance_id"] for s in result) == sorted(mesh.instances)
     assert not any("exported_instance" in s["metric"] for s in result)
 
@@ -234,8 +263,11 @@ def test_every_job_discovered_through_consul_is_up(mesh):
 
 
 def _firing(prom: Prometheus, name: str, iid: str) -> list[dict]:
-    return [a for a in prom.alerts() if a["labels"].get("alertname") == name
-            and a["labels"].get("instance_id") == iid and a["state"] == "firing"]
+    return [
+        a
+        for a in prom.alerts()
+        if a["labels"].get("alertname") == name and a["labels"].get("instance_id") == iid and a["state"] == "firing"
+    ]
 
 
 def run_incident(mesh: Mesh) -> dict:
@@ -246,39 +278,51 @@ def run_incident(mesh: Mesh) -> dict:
     prom = mesh.prom
     iid = sorted(mesh.instances)[0]
     agent, port = mesh.instances[iid]
-    _wait("the victim's target up", lambda: _value(prom, f'up{{job="{JOB_VLLM}",instance_id="{iid}"}}') == 1,
-          DISCOVERY_TIMEOUT_S)
+    _wait(
+        "the victim's target up",
+        lambda: _value(prom, f'up{{job="{JOB_VLLM}",instance_id="{iid}"}}') == 1,
+        DISCOVERY_TIMEOUT_S,
+    )
     pid = agent.instances()[iid]["pid"]
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     agent.wait_state(iid, "critical", timeout_s=15, cause="exited")
     t_critical = time.monotonic() - t0
-    _wait("the killed engine's target down",
-          lambda: _value(prom, f'up{{job="{JOB_VLLM}",instance_id="{iid}"}}') == 0)
+    _wait("the killed engine's target down", lambda: _value(prom, f'up{{job="{JOB_VLLM}",instance_id="{iid}"}}') == 0)
     t_down = time.monotonic() - t0
-    _wait("ErnieInstanceCritical firing", lambda: _firing(prom, "ErnieInstanceCritical", iid),
-          detail=lambda: f"alerts: {prom.alerts()}")
+    _wait(
+        "ErnieInstanceCritical firing",
+        lambda: _firing(prom, "ErnieInstanceCritical", iid),
+        detail=lambda: f"alerts: {prom.alerts()}",
+    )
     t_fire = time.monotonic() - t0
     others_up = _value(prom, f'count(up{{job="{JOB_VLLM}",instance_id!="{iid}"}} == 1)')
     passing = f'ernie:instances_passing:count{{service="{SERVICE}",model="{MODEL}"}}'
-    _wait("the recorded count of passing instances one down",
-          lambda: _value(prom, passing) == len(mesh.instances) - 1)
+    _wait("the recorded count of passing instances one down", lambda: _value(prom, passing) == len(mesh.instances) - 1)
     no_healthy = [a for a in prom.alerts() if a["labels"]["alertname"] == "ErnieNoHealthyInstance"]
     # The agent restarts the engine after its backoff: the target comes back and the alert resolves.
     agent.wait_state(iid, "passing", timeout_s=RESTART_BACKOFF_S + 40)
-    _wait("the restarted engine's target up",
-          lambda: _value(prom, f'up{{job="{JOB_VLLM}",instance_id="{iid}"}}') == 1)
+    _wait("the restarted engine's target up", lambda: _value(prom, f'up{{job="{JOB_VLLM}",instance_id="{iid}"}}') == 1)
     _wait("ErnieInstanceCritical resolved", lambda: not _firing(prom, "ErnieInstanceCritical", iid))
-    mesh.incident = {"instance": iid, "critical_s": t_critical, "down_s": t_down, "fire_s": t_fire,
-                     "recovered_s": time.monotonic() - t0, "others_up": others_up, "no_healthy": no_healthy}
+    mesh.incident = {
+        "instance": iid,
+        "critical_s": t_critical,
+        "down_s": t_down,
+        "fire_s": t_fire,
+        "recovered_s": time.monotonic() - t0,
+        "others_up": others_up,
+        "no_healthy": no_healthy,
+    }
     return mesh.incident
 
 
 def test_killed_engine_target_goes_down_and_instance_critical_alert_fires(mesh):
     inc = run_incident(mesh)
-    print(f"{inc['instance']} SIGKILLed: critical in Consul after {inc['critical_s']:.1f}s, target down after "
-          f"{inc['down_s']:.1f}s, ErnieInstanceCritical firing after {inc['fire_s']:.1f}s (for: {ALERT_FOR_S:g}s), "
-          f"recovered after {inc['recovered_s']:.1f}s")
+    print(
+        f"{inc['instance']} SIGKILLed: critical in Consul after {inc['critical_s']:.1f}s, target down after "
+        f"{inc['down_s']:.1f}s, ErnieInstanceCritical firing after {inc['fire_s']:.1f}s (for: {ALERT_FOR_S:g}s), "
+        f"recovered after {inc['recovered_s']:.1f}s"
+    )
     assert inc["down_s"] <= inc["fire_s"]
     assert inc["others_up"] == len(mesh.instances) - 1, "only the killed engine's target may go down"
     assert inc["no_healthy"] == [], "other instances stayed healthy: ErnieNoHealthyInstance must not fire"
@@ -309,8 +353,9 @@ def with_traffic(mesh: Mesh) -> None:
 
 
 def all_queries() -> list[tuple[str, str]]:
-    queries = [(f"dashboard: {title}", expr.replace("$__rate_interval", RATE_INTERVAL))
-               for title, expr in dashboard_queries()]
+    queries = [
+        (f"dashboard: {title}", expr.replace("$__rate_interval", RATE_INTERVAL)) for title, expr in dashboard_queries()
+    ]
     queries += [(f"record {r.record}", r.expr) for r in RECORDS]
     queries += [(f"alert {a.name} (signal)", a.signal) for a in ALERTS]
     return queries
@@ -327,8 +372,11 @@ def assert_all_return_data(prom: Prometheus, queries: list[tuple[str, str]]) -> 
                 empty[what] = f"{expr}\n    -> {result[:3]}"
         return not empty
 
-    _wait(f"all {len(queries)} queries returning a finite value", all_have_data,
-          detail=lambda: "no data:\n" + "\n".join(f"  {k}: {v}" for k, v in empty.items()))
+    _wait(
+        f"all {len(queries)} queries returning a finite value",
+        all_have_data,
+        detail=lambda: "no data:\n" + "\n".join(f"  {k}: {v}" for k, v in empty.items()),
+    )
 
 
 def test_every_dashboard_and_rule_query_returns_data(mesh):

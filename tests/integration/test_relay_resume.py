@@ -23,8 +23,8 @@ from tests.integration.gateway_support import Engine, Gateway, wait_until
 
 SERVICE = "ernie"
 TOKEN_DELAY_MS = 20
-MAX_TOKENS = 40          # ~0.8 s per request: long enough to be cut mid-stream
-CLIENTS = 20             # half of them streaming
+MAX_TOKENS = 40  # ~0.8 s per request: long enough to be cut mid-stream
+CLIENTS = 20  # half of them streaming
 PROMPT_OF_DEATH = "PROMPT-OF-DEATH"  # the simulated engines crash on it before answering
 pytestmark = pytest.mark.timeout(180)
 
@@ -49,15 +49,19 @@ class Outcome:
 
 
 def ask(client: openai.OpenAI, stream: bool, max_tokens: int = MAX_TOKENS) -> Outcome:
-    kwargs = dict(model="sim-model", messages=[{"role": "user", "content": "hello"}], max_tokens=max_tokens,
-                  temperature=0, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model="sim-model",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     out = Outcome(stream, False, started=time.monotonic())
     try:
         if stream:
             last = time.monotonic()
             parts = []
-            for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True},
-                                                        **kwargs):
+            for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
                 now = time.monotonic()
                 out.max_gap_s, last = max(out.max_gap_s, now - last), now
                 out.ids.add(chunk.id)
@@ -78,8 +82,13 @@ def ask(client: openai.OpenAI, stream: bool, max_tokens: int = MAX_TOKENS) -> Ou
     except openai.APIError as e:
         out.error = f"{type(e).__name__}: {e}"
     out.ended = time.monotonic()
-    out.ok = (not out.error and out.finish == "length" and out.usage == max_tokens
-              and out.text == expected_text(max_tokens) and len(out.ids) == 1)
+    out.ok = (
+        not out.error
+        and out.finish == "length"
+        and out.usage == max_tokens
+        and out.text == expected_text(max_tokens)
+        and len(out.ids) == 1
+    )
     return out
 
 
@@ -128,7 +137,9 @@ def bad(results: list[Outcome]) -> str:
     failed = [r for r in results if not r.ok]
     return f"{len(failed)} of {len(results)} not ok; first: " + "; ".join(
         f"{'stream' if r.stream else 'unary'} finish={r.finish} usage={r.usage} ids={len(r.ids)} "
-        f"err={r.error!r} text={r.text[-40:]!r}" for r in failed[:4])
+        f"err={r.error!r} text={r.text[-40:]!r}"
+        for r in failed[:4]
+    )
 
 
 class Mesh:
@@ -168,8 +179,11 @@ def mesh(tmp_path_factory):
     gateway = None
     try:
         for port in free_ports(3):
-            engines.append(Engine(catalog, SERVICE, port, root, TOKEN_DELAY_MS,
-                                  extra_args=("--crash-on-prompt", PROMPT_OF_DEATH)).start())
+            engines.append(
+                Engine(
+                    catalog, SERVICE, port, root, TOKEN_DELAY_MS, extra_args=("--crash-on-prompt", PROMPT_OF_DEATH)
+                ).start()
+            )
             engines[-1].register()
         gateway = Gateway(consul.address, SERVICE, root / "gw").start()
         m = Mesh(consul, catalog, engines, gateway)
@@ -281,14 +295,23 @@ def test_resume_limit_ends_with_an_error_event_not_a_cut(fresh):
     then the client gets a clear error event."""
     with openai.OpenAI(base_url=f"{fresh.gateway.url}/v1", api_key="sk-test", max_retries=0, timeout=30) as c:
         stream = c.with_options(timeout=30).chat.completions.create(
-            model="sim-model", messages=[{"role": "user", "content": "hello"}], max_tokens=200,
-            extra_body={"ignore_eos": True}, stream=True)
+            model="sim-model",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=200,
+            extra_body={"ignore_eos": True},
+            stream=True,
+        )
         seen_kills = 0
         with pytest.raises(openai.APIError) as err:
             for chunk in stream:
                 busiest = fresh.busiest()
-                if busiest.stats()["in_flight"] >= 1 and seen_kills < 2 and chunk.choices and \
-                        chunk.choices[0].delta.content and chunk.choices[0].delta.content.endswith(("5", "25")):
+                if (
+                    busiest.stats()["in_flight"] >= 1
+                    and seen_kills < 2
+                    and chunk.choices
+                    and chunk.choices[0].delta.content
+                    and chunk.choices[0].delta.content.endswith(("5", "25"))
+                ):
                     os.kill(busiest.proc.pid, signal.SIGKILL)
                     busiest.proc.proc.wait(5)
                     seen_kills += 1
@@ -305,8 +328,13 @@ def test_a_prompt_of_death_takes_at_most_one_more_engine(fresh, stream, resumabl
     extra = {} if resumable else {"logprobs": True}  # not resumable: relayed as it is
     with openai.OpenAI(base_url=f"{fresh.gateway.url}/v1", api_key="sk-test", max_retries=0, timeout=30) as c:
         with pytest.raises(openai.APIError) as err:
-            r = c.chat.completions.create(model="sim-model", messages=[{"role": "user", "content": PROMPT_OF_DEATH}],
-                                          max_tokens=5, stream=stream, extra_body=extra)
+            r = c.chat.completions.create(
+                model="sim-model",
+                messages=[{"role": "user", "content": PROMPT_OF_DEATH}],
+                max_tokens=5,
+                stream=stream,
+                extra_body=extra,
+            )
             if stream:
                 list(r)
     crashed = [e for e in fresh.engines if not e.running]
@@ -317,9 +345,18 @@ def test_a_prompt_of_death_takes_at_most_one_more_engine(fresh, stream, resumabl
 
 
 def test_client_disconnect_cancels_the_engine_request(fresh):
-    with httpx.stream("POST", f"{fresh.gateway.url}/v1/chat/completions", timeout=10, json={
-            "model": "sim-model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 500,
-            "ignore_eos": True, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        f"{fresh.gateway.url}/v1/chat/completions",
+        timeout=10,
+        json={
+            "model": "sim-model",
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 500,
+            "ignore_eos": True,
+            "stream": True,
+        },
+    ) as r:
         served_by = r.headers["x-ernie-instance"]
         for i, _line in enumerate(r.iter_lines()):
             if i >= 5:
@@ -331,10 +368,17 @@ def test_client_disconnect_cancels_the_engine_request(fresh):
 
 def test_bad_input_is_a_4xx_passed_through_and_nothing_is_resumed(fresh):
     before = fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"')
-    r = httpx.post(f"{fresh.gateway.url}/v1/chat/completions", content=b"{not json", timeout=10,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{fresh.gateway.url}/v1/chat/completions",
+        content=b"{not json",
+        timeout=10,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and "error" in r.json()
-    r = httpx.post(f"{fresh.gateway.url}/v1/chat/completions", timeout=10,
-                   json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    r = httpx.post(
+        f"{fresh.gateway.url}/v1/chat/completions",
+        timeout=10,
+        json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    )
     assert r.status_code == 404 and r.json()["error"]["code"] == 404
     assert fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"') == before

@@ -54,7 +54,7 @@ def metric(text: str, name: str) -> float:
 async def sse(response: httpx.Response) -> AsyncIterator[Any]:
     async for line in response.aiter_lines():
         if line.startswith("data: "):
-            payload = line[len("data: "):]
+            payload = line[len("data: ") :]
             yield payload if payload == "[DONE]" else json.loads(payload)
 
 
@@ -77,8 +77,14 @@ def finish_reason(events: list[Any]) -> str | None:
 def test_openai_client_streaming_and_plain(sims):
     sim = sims(token_delay_ms=2, name="sim-a")
     client = openai.OpenAI(base_url=f"{sim.url}/v1", api_key="unused", max_retries=0)
-    stream = client.chat.completions.create(model="sim-model", messages=MESSAGES, max_tokens=37, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model="sim-model",
+        messages=MESSAGES,
+        max_tokens=37,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks, finish, usage = [], None, None
     for event in stream:
         if event.choices:
@@ -139,10 +145,16 @@ def test_signal_with_default_shutdown_timeout_aborts_in_flight(sims, sig):
 
     async def go() -> None:
         async with httpx.AsyncClient(base_url=sim.url, timeout=10) as c:
-            unary = asyncio.create_task(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1000,
-                                                                         "ignore_eos": True}))
-            body = {"messages": MESSAGES, "max_tokens": 1000, "ignore_eos": True, "stream": True,
-                    "stream_options": {"include_usage": True}}
+            unary = asyncio.create_task(
+                c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1000, "ignore_eos": True})
+            )
+            body = {
+                "messages": MESSAGES,
+                "max_tokens": 1000,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             async with c.stream("POST", "/v1/chat/completions", json=body) as r:
                 events = sse(r)
                 seen = [await anext(events) for _ in range(3)]
@@ -234,8 +246,15 @@ def test_cli_help_and_bad_arguments():
         ("--port", "8000", "--error-rate", "2"): 2,
         ("--port", "8000", "--fault", "crash"): 1,
     }
-    procs = {args: subprocess.Popen([sys.executable, "-m", "agent", "sim-engine", *args], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for args in cases}
+    procs = {
+        args: subprocess.Popen(
+            [sys.executable, "-m", "agent", "sim-engine", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in cases
+    }
     out = {args: (p.communicate(timeout=30), p.returncode) for args, p in procs.items()}
     assert {args: code for args, (_, code) in out.items()} == cases
     (help_text, _), _ = out[("--help",)]

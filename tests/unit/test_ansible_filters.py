@@ -27,21 +27,52 @@ def test_cpu_vllm_env_is_the_packages():
     assert ernie.VLLM_CPU_ENV == VLLM_CPU_ENV
     [cpu] = ernie.ernie_engine_tables([{"port": 8001, "model": "/m"}], flavor="cpu", cpu_args=["--enforce-eager"])
     assert cpu["env"] == VLLM_CPU_ENV
-    [own] = ernie.ernie_engine_tables([{"port": 8001, "model": "/m", "env": {"VLLM_CPU_KVCACHE_SPACE": "4"}}],
-                                      flavor="cpu")
+    [own] = ernie.ernie_engine_tables(
+        [{"port": 8001, "model": "/m", "env": {"VLLM_CPU_KVCACHE_SPACE": "4"}}], flavor="cpu"
+    )
     assert own["env"] == {"VLLM_CPU_KVCACHE_SPACE": "4"}
     [gpu] = ernie.ernie_engine_tables([{"port": 8001, "model": "/m"}], flavor="gpu")
     assert "env" not in gpu
 
 
 VALUES = [
-    "", "ernie", "127.0.0.1:8500", "/var/log/ernie-mesh/engines", "a b", 'quote " and \\ backslash',
-    "line\nbreak\ttab\rcr\bbs\fff", "\x01\x1f control", "del \x7f", "ünïcødé ✓ 漢字", "\u2028", "'single'",
-    "#not a comment", "[not an array]", "{ not = a table }",
-    0, 1, -7, 2**63 - 1, -(2**63), 0.0, -0.0, 0.3, 120.0, 1e100, 1e-05, -2.5e-7,
-    True, False,
-    [], ["--enforce-eager", "--gpu-memory-utilization", "0.3"], [1, 2, 3], [[1, 2], ["a"]], [{"a": 1}],
-    {}, {"VLLM_CPU_KVCACHE_SPACE": "1", "CUDA_VISIBLE_DEVICES": "0,1"}, {"a b": 1, "ü": [True], "x.y": {"z": 0.5}},
+    "",
+    "ernie",
+    "127.0.0.1:8500",
+    "/var/log/ernie-mesh/engines",
+    "a b",
+    'quote " and \\ backslash',
+    "line\nbreak\ttab\rcr\bbs\fff",
+    "\x01\x1f control",
+    "del \x7f",
+    "ünïcødé ✓ 漢字",
+    "\u2028",
+    "'single'",
+    "#not a comment",
+    "[not an array]",
+    "{ not = a table }",
+    0,
+    1,
+    -7,
+    2**63 - 1,
+    -(2**63),
+    0.0,
+    -0.0,
+    0.3,
+    120.0,
+    1e100,
+    1e-05,
+    -2.5e-7,
+    True,
+    False,
+    [],
+    ["--enforce-eager", "--gpu-memory-utilization", "0.3"],
+    [1, 2, 3],
+    [[1, 2], ["a"]],
+    [{"a": 1}],
+    {},
+    {"VLLM_CPU_KVCACHE_SPACE": "1", "CUDA_VISIBLE_DEVICES": "0,1"},
+    {"a b": 1, "ü": [True], "x.y": {"z": 0.5}},
 ]
 
 

@@ -22,8 +22,7 @@ def test_registers_once_then_writes_only_changes_and_ttl_refreshes():
     assert k.keep(REG, OK, now=3.1, refresh=False) == UNCHANGED  # the caller does not allow a refresh
     assert k.keep(REG, OK, now=3.1, refresh=True) == "verdict pushed"
     assert k.keep(REG, DRAINING, now=3.2, refresh=False) == "verdict pushed"
-    assert cat.writes == [("register", REG.instance_id), ("verdict", REG.instance_id),
-                          ("verdict", REG.instance_id)]
+    assert cat.writes == [("register", REG.instance_id), ("verdict", REG.instance_id), ("verdict", REG.instance_id)]
     assert cat.verdict(REG.instance_id) == DRAINING
 
 

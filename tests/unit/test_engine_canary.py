@@ -13,14 +13,17 @@ from agent.engine.instance import InstanceController
 from agent.engine.metrics import EngineAgentMetrics
 from agent.engine.probe import EngineProbe
 
-METRICS = ('vllm:num_requests_running{engine="0",model_name="m"} 0.0\n'
-           'vllm:num_requests_waiting{engine="0",model_name="m"} 0.0\n'
-           'vllm:generation_tokens_total{engine="0",model_name="m"} 5.0\n')
+METRICS = (
+    'vllm:num_requests_running{engine="0",model_name="m"} 0.0\n'
+    'vllm:num_requests_waiting{engine="0",model_name="m"} 0.0\n'
+    'vllm:generation_tokens_total{engine="0",model_name="m"} 5.0\n'
+)
 WAIT_S = 5.0  # deadline for the events below (the loop runs every 10 ms)
 
 
 def controller(completions) -> InstanceController:
     """An attached engine whose /v1/completions answers with `completions(request)`."""
+
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/metrics":
             return httpx.Response(200, text=METRICS)
@@ -109,6 +112,7 @@ def test_canary_loop_survives_an_unexpected_error_and_the_result_is_not_frozen()
 def test_a_timed_out_canary_is_still_owed_across_the_retry_until_an_answer():
     """What the CPU-time verdict counts as 'work in flight': from the first unanswered canary on, across
     the immediate retry, until the engine answers one."""
+
     async def scenario():
         owed_at_call, done = [], asyncio.Event()
         holder = {}

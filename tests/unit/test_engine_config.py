@@ -10,21 +10,25 @@ from agent.engine import config as engine_config
 
 
 def run_engine(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "agent", "engine", *args], capture_output=True, text=True,
-                          timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "engine", *args], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
-@pytest.mark.parametrize("toml, expected", [
-    ("ttl_s = 'ten'\n[[engines]]\nkind='simulated'\nport=8001\n", "ttl_s: expected float, got 'ten'"),
-    ("bogus = 1\n[[engines]]\nkind='simulated'\nport=8001\n", "unknown key 'bogus'"),
-    ("zone = 'a'\n", "no [[engines]] configured"),
-    ("[[engines]]\nport = 8001\n", "`model` is required"),
-    ("[[engines]]\nkind='simulated'\nport = 70000\n", "port must be 1-65535"),
-    ("[[engines]]\nkind='tpu'\nport = 1\n", "engine kind must be one of"),
-    ("listen = 'nope'\n[[engines]]\nkind='simulated'\nport=8001\n", "listen: expected host:port"),
-    ("[[engines]\n", "invalid TOML"),
-    ("[consul]\naddress='bad:addr:x'\n[[engines]]\nkind='simulated'\nport=8001\n", "consul.address 'bad:addr:x'"),
-])
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ("ttl_s = 'ten'\n[[engines]]\nkind='simulated'\nport=8001\n", "ttl_s: expected float, got 'ten'"),
+        ("bogus = 1\n[[engines]]\nkind='simulated'\nport=8001\n", "unknown key 'bogus'"),
+        ("zone = 'a'\n", "no [[engines]] configured"),
+        ("[[engines]]\nport = 8001\n", "`model` is required"),
+        ("[[engines]]\nkind='simulated'\nport = 70000\n", "port must be 1-65535"),
+        ("[[engines]]\nkind='tpu'\nport = 1\n", "engine kind must be one of"),
+        ("listen = 'nope'\n[[engines]]\nkind='simulated'\nport=8001\n", "listen: expected host:port"),
+        ("[[engines]\n", "invalid TOML"),
+        ("[consul]\naddress='bad:addr:x'\n[[engines]]\nkind='simulated'\nport=8001\n", "consul.address 'bad:addr:x'"),
+    ],
+)
 def test_bad_config_exits_2_with_one_line(tmp_path, toml, expected):
     f = tmp_path / "engine.toml"
     f.write_text(toml)
@@ -65,8 +69,9 @@ def test_env_and_flags_override_file(tmp_path, monkeypatch):
 
 def test_ttl_must_cover_several_probes():
     with pytest.raises(ConfigError, match="ttl_s"):
-        engine_config.build(engine_config.EngineAgentConfig,
-                            {"ttl_s": 1, "engines": [{"kind": "simulated", "port": 8001}]})
+        engine_config.build(
+            engine_config.EngineAgentConfig, {"ttl_s": 1, "engines": [{"kind": "simulated", "port": 8001}]}
+        )
 
 
 def test_several_cpu_engines_of_one_agent_get_their_own_cores():
@@ -76,7 +81,7 @@ def test_several_cpu_engines_of_one_agent_get_their_own_cores():
     assert [core_share(i, 3, [0, 1]) for i in range(3)] == ["0", "1", "0"]
     envs = spread([{}, {BIND_VAR: "7"}, {"X": "1"}])
     assert envs[1][BIND_VAR] == "7" and envs[0][BIND_VAR] != envs[2][BIND_VAR] and envs[2]["X"] == "1"
-    assert spread([{}]) == [{}]   # a single engine keeps vLLM's default
+    assert spread([{}]) == [{}]  # a single engine keeps vLLM's default
 
 
 def test_the_agent_spreads_its_vllm_engines_over_the_cores(tmp_path):
@@ -84,8 +89,10 @@ def test_the_agent_spreads_its_vllm_engines_over_the_cores(tmp_path):
     from agent.engine.cpu import BIND_VAR
 
     f = tmp_path / "engine.toml"
-    f.write_text("[[engines]]\nport = 8001\nmodel = '/m'\n[[engines]]\nport = 8002\nmodel = '/m'\n"
-                 "[[engines]]\nkind = 'simulated'\nport = 8003\n")
+    f.write_text(
+        "[[engines]]\nport = 8001\nmodel = '/m'\n[[engines]]\nport = 8002\nmodel = '/m'\n"
+        "[[engines]]\nkind = 'simulated'\nport = 8003\n"
+    )
     cfg = load(["--config", str(f)])
     binds = [dict(e.env).get(BIND_VAR) for e in cfg.engines]
     assert binds[0] and binds[1] and binds[0] != binds[1] and binds[2] is None, binds

@@ -6,8 +6,10 @@ import os
 from agent.engine.procfs import CLOCK_TICKS_PER_S, ProcStat, TreeSample, parse_stat, read_tree, tree
 from agent.engine.progress import COMPUTE_BUSY_CPU_S_PER_S, WorkerWatch, observe
 
-TAIL = ("0 -1 4194304 1655 0 0 0 {utime} {stime} 0 0 20 0 1 0 74700 15872000 3013 18446744073709551615 "
-        "94742935212032 94742935212373 140722086342256 0 0 0 0 16781312 2 0 0 0 17 1 0 0 0 0 0")
+TAIL = (
+    "0 -1 4194304 1655 0 0 0 {utime} {stime} 0 0 20 0 1 0 74700 15872000 3013 18446744073709551615 "
+    "94742935212032 94742935212373 140722086342256 0 0 0 0 16781312 2 0 0 0 17 1 0 0 0 0 0"
+)
 
 
 def stat_line(pid, comm, state, ppid, utime=0, stime=0):
@@ -83,6 +85,7 @@ def test_read_tree_reads_a_real_child():
 
 # --- the progress watch ---------------------------------------------------------------------------
 
+
 def sample(cpu_ticks, stopped=False, children=True):
     kids = (ProcStat(103, "VLLM::Worker", "T" if stopped else "S", 100, cpu_ticks),) if children else ()
     return TreeSample(ProcStat(100, "python", "S", 1, 10_000), kids)
@@ -130,8 +133,9 @@ def test_nothing_in_flight_is_never_idle():
 
 def test_work_ending_resets_the_idle_run():
     # a canary in flight from t=0, none at t=3, the next one sent at t=3.5
-    facts = run([(float(t), sample(500)) for t in range(6)],
-                work_since_s=lambda t: 0.0 if t < 3 else None if t == 3 else 3.5)
+    facts = run(
+        [(float(t), sample(500)) for t in range(6)], work_since_s=lambda t: 0.0 if t < 3 else None if t == 3 else 3.5
+    )
     assert [f.idle_for_s for f in facts] == [0.0, 1.0, 2.0, 0.0, 0.5, 1.5]
 
 
@@ -153,7 +157,8 @@ def test_without_children_compute_is_unknown_and_never_idle():
 
 
 def test_watch_facts_are_relative_to_its_own_sample_time():
-    w = WorkerWatch(at_s=20.0, cpu_s=1.0, idle_since_s=17.5, idle_cpu_s=1.0, stopped_since_s=19.0,
-                    stopped=("x (pid 1)",))
+    w = WorkerWatch(
+        at_s=20.0, cpu_s=1.0, idle_since_s=17.5, idle_cpu_s=1.0, stopped_since_s=19.0, stopped=("x (pid 1)",)
+    )
     f = w.facts()
     assert (f.idle_for_s, f.stopped_for_s, f.compute_known) == (2.5, 1.0, True)

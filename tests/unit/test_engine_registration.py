@@ -24,10 +24,12 @@ def make(argv, catalog):
 
 def test_payload_has_stable_id_meta_tags_and_ttl_check():
     cat = MemoryCatalog()
-    c = make(["--node", "gpu7", "--zone", "rack-2", "--listen", "10.0.0.7:9100",
-              "--engine", "vllm:8001:/models/ernie"], cat)
-    c.identity = Identity(served_model_name="/models/ernie", model="/models/ernie", max_model_len=2048,
-                          engine_version="0.32.0")
+    c = make(
+        ["--node", "gpu7", "--zone", "rack-2", "--listen", "10.0.0.7:9100", "--engine", "vllm:8001:/models/ernie"], cat
+    )
+    c.identity = Identity(
+        served_model_name="/models/ernie", model="/models/ernie", max_model_len=2048, engine_version="0.32.0"
+    )
     reg = c.registration()
     assert reg.service == "ernie"
     assert reg.instance_id == "ernie-gpu7-8001"

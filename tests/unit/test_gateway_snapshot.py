@@ -12,21 +12,33 @@ from agent.gateway.eds import cluster_load_assignment
 from agent.gateway.snapshot import Endpoint, EndpointState, Snapshot, SnapshotError, build_snapshot
 
 
-def entry(iid: str, port: int, status: CheckStatus = CheckStatus.PASSING, address: str = "10.0.0.1",
-          node: str = "n1", **meta: str) -> CatalogEntry:
-    return CatalogEntry(instance_id=iid, node=node, address=address, port=port, status=status,
-                        note=status.value, meta=meta)
+def entry(
+    iid: str,
+    port: int,
+    status: CheckStatus = CheckStatus.PASSING,
+    address: str = "10.0.0.1",
+    node: str = "n1",
+    **meta: str,
+) -> CatalogEntry:
+    return CatalogEntry(
+        instance_id=iid, node=node, address=address, port=port, status=status, note=status.value, meta=meta
+    )
 
 
 def test_states_map_to_endpoints_and_critical_is_omitted():
-    result = build_snapshot([
-        entry("a", 8001, CheckStatus.PASSING),
-        entry("b", 8002, CheckStatus.WARNING),
-        entry("c", 8003, CheckStatus.CRITICAL),
-    ], "ernie")
+    result = build_snapshot(
+        [
+            entry("a", 8001, CheckStatus.PASSING),
+            entry("b", 8002, CheckStatus.WARNING),
+            entry("c", 8003, CheckStatus.CRITICAL),
+        ],
+        "ernie",
+    )
     snap = result.snapshot
-    assert [(e.instance_id, e.state) for e in snap.endpoints] == [("a", EndpointState.HEALTHY),
-                                                                   ("b", EndpointState.DRAINING)]
+    assert [(e.instance_id, e.state) for e in snap.endpoints] == [
+        ("a", EndpointState.HEALTHY),
+        ("b", EndpointState.DRAINING),
+    ]
     assert result.omitted == 1 and result.rejected == ()
     assert snap.count(EndpointState.HEALTHY) == 1 and snap.count(EndpointState.DRAINING) == 1
 
@@ -38,8 +50,10 @@ def test_version_is_a_content_hash_independent_of_order():
     c = build_snapshot([entry("a", 8001), entry("b", 8002, CheckStatus.WARNING)], "ernie").snapshot
     assert c.version != a.version
     # a note change (same state) is not an endpoint change
-    d = build_snapshot([entry("a", 8001), CatalogEntry("b", "n1", "10.0.0.1", 8002, CheckStatus.PASSING,
-                                                       note="passing: canary ok")], "ernie").snapshot
+    d = build_snapshot(
+        [entry("a", 8001), CatalogEntry("b", "n1", "10.0.0.1", 8002, CheckStatus.PASSING, note="passing: canary ok")],
+        "ernie",
+    ).snapshot
     assert d.version == a.version
 
 
@@ -49,13 +63,16 @@ def test_empty_catalog_gives_an_empty_snapshot():
     assert len(cluster_load_assignment(snap).endpoints) == 0
 
 
-@pytest.mark.parametrize("bad, reason", [
-    (entry("x", 0), "port 0 out of range"),
-    (entry("x", 70000), "port 70000 out of range"),
-    (entry("x", 8001, address=""), "empty address"),
-    (entry("x", 8001, address="gpu1.example"), "not an IP address"),
-    (entry("", 8001), "empty instance id"),
-])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (entry("x", 0), "port 0 out of range"),
+        (entry("x", 70000), "port 70000 out of range"),
+        (entry("x", 8001, address=""), "empty address"),
+        (entry("x", 8001, address="gpu1.example"), "not an IP address"),
+        (entry("", 8001), "empty instance id"),
+    ],
+)
 def test_unusable_entries_are_rejected_not_fatal(bad, reason):
     result = build_snapshot([entry("a", 8001, address="10.0.0.2"), bad], "ernie")
     assert [e.instance_id for e in result.snapshot.endpoints] == ["a"]
@@ -121,11 +138,15 @@ def test_diff_names_what_changed():
 def test_held_endpoints_fill_in_absent_instances_only():
     from agent.gateway.snapshot import with_held
 
-    previous = build_snapshot([entry("a", 8001), entry("b", 8002, CheckStatus.WARNING), entry("c", 8003)],
-                              "ernie").snapshot
+    previous = build_snapshot(
+        [entry("a", 8001), entry("b", 8002, CheckStatus.WARNING), entry("c", 8003)], "ernie"
+    ).snapshot
     now = build_snapshot([entry("a", 8001, CheckStatus.WARNING), entry("d", 8003)], "ernie").snapshot
     merged = with_held(now, previous, frozenset({"b", "c"}))
     # a: current state wins; b: held as it was; c: its address is now d's, so not held
-    assert [(e.instance_id, e.state.value) for e in merged.endpoints] == \
-        [("a", "draining"), ("b", "draining"), ("d", "healthy")]
+    assert [(e.instance_id, e.state.value) for e in merged.endpoints] == [
+        ("a", "draining"),
+        ("b", "draining"),
+        ("d", "healthy"),
+    ]
     assert with_held(now, previous, frozenset()) is now

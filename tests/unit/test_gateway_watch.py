@@ -9,8 +9,9 @@ from agent.catalog.base import CatalogEntry, CatalogUnavailable, CheckStatus, Re
 from agent.catalog.memory import MemoryCatalog
 from agent.gateway.watch import CatalogWatch, WatchSettings, WatchUpdate, content_key, next_index
 
-FAST = WatchSettings(wait_s=0.2, settle_s=0.02, min_interval_s=0.0, backoff_initial_s=0.01, backoff_max_s=0.04,
-                     max_settle_s=0.1)
+FAST = WatchSettings(
+    wait_s=0.2, settle_s=0.02, min_interval_s=0.0, backoff_initial_s=0.01, backoff_max_s=0.04, max_settle_s=0.1
+)
 PASSING = Verdict(VerdictState.PASSING)
 
 
@@ -102,8 +103,15 @@ def test_index_goes_backwards_resets_to_zero():
 
 
 def test_errors_back_off_and_keep_the_last_content():
-    cat = ScriptedCatalog([(3, [e("a1")]), CatalogUnavailable("down"), CatalogUnavailable("down"),
-                           (3, [e("a1")]), (4, [e("a1"), e("a2")])])
+    cat = ScriptedCatalog(
+        [
+            (3, [e("a1")]),
+            CatalogUnavailable("down"),
+            CatalogUnavailable("down"),
+            (3, [e("a1")]),
+            (4, [e("a1"), e("a2")]),
+        ]
+    )
     rec = Recorder()
     errors = []
 
@@ -146,8 +154,7 @@ def test_settle_window_coalesces_a_burst():
     for port in (8001, 8002, 8003):
         cat.register(reg(port), PASSING)
     rec = Recorder()
-    w = CatalogWatch(cat, "ernie", rec, WatchSettings(wait_s=2.0, settle_s=0.15, min_interval_s=0.0,
-                                                      max_settle_s=1.0))
+    w = CatalogWatch(cat, "ernie", rec, WatchSettings(wait_s=2.0, settle_s=0.15, min_interval_s=0.0, max_settle_s=1.0))
     w.step()
 
     def burst():
@@ -205,8 +212,15 @@ def test_callback_errors_do_not_kill_the_loop():
 
 
 def test_updates_carry_the_watch_state_and_state_changes_are_handed_over():
-    cat = ScriptedCatalog([(3, [e("a1")]), CatalogUnavailable("down"), CatalogUnavailable("down"),
-                           (3, [e("a1")]), (4, [e("a1"), e("a2")])])
+    cat = ScriptedCatalog(
+        [
+            (3, [e("a1")]),
+            CatalogUnavailable("down"),
+            CatalogUnavailable("down"),
+            (3, [e("a1")]),
+            (4, [e("a1"), e("a2")]),
+        ]
+    )
     rec = Recorder()
     w = CatalogWatch(cat, "ernie", rec, FAST)
     w.step()

@@ -19,9 +19,13 @@ TIMEOUT_S = 5.0
 
 
 def snap(*ports: int, draining: tuple[int, ...] = ()) -> Snapshot:
-    return Snapshot("ernie", tuple(
-        Endpoint(f"e{p}", "127.0.0.1", p, EndpointState.DRAINING if p in draining else EndpointState.HEALTHY)
-        for p in sorted(ports)))
+    return Snapshot(
+        "ernie",
+        tuple(
+            Endpoint(f"e{p}", "127.0.0.1", p, EndpointState.DRAINING if p in draining else EndpointState.HEALTHY)
+            for p in sorted(ports)
+        ),
+    )
 
 
 class FakeEnvoy:
@@ -44,8 +48,9 @@ class FakeEnvoy:
             pass
 
     def send(self, version="", nonce="", error="", names=("ernie",), first=False):
-        req = discovery_pb2.DiscoveryRequest(type_url=EDS_TYPE_URL, version_info=version, response_nonce=nonce,
-                                             resource_names=list(names))
+        req = discovery_pb2.DiscoveryRequest(
+            type_url=EDS_TYPE_URL, version_info=version, response_nonce=nonce, resource_names=list(names)
+        )
         if first:
             req.node.id = self.node
         if error:
@@ -81,8 +86,11 @@ def wait_for(cond, timeout_s=TIMEOUT_S) -> bool:
 def ports_of(resp) -> list[tuple[int, int]]:
     cla = endpoint_pb2.ClusterLoadAssignment()
     resp.resources[0].Unpack(cla)
-    return [(lb.endpoint.address.socket_address.port_value, lb.health_status)
-            for loc in cla.endpoints for lb in loc.lb_endpoints]
+    return [
+        (lb.endpoint.address.socket_address.port_value, lb.health_status)
+        for loc in cla.endpoints
+        for lb in loc.lb_endpoints
+    ]
 
 
 class Events:

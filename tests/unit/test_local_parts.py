@@ -27,8 +27,13 @@ def test_parts_start_in_order_and_stop_ui_first_consul_last():
 
 def test_consul_and_gateway_are_vital_engines_and_ui_required_prometheus_optional():
     need = {p.name: p.need for p in mesh_parts()}
-    assert need == {"consul": Need.VITAL, "gateway": Need.VITAL, "engine-agent": Need.REQUIRED, "ui": Need.REQUIRED,
-                    "prometheus": Need.OPTIONAL}
+    assert need == {
+        "consul": Need.VITAL,
+        "gateway": Need.VITAL,
+        "engine-agent": Need.REQUIRED,
+        "ui": Need.REQUIRED,
+        "prometheus": Need.OPTIONAL,
+    }
     starting = {p.name for p in mesh_parts() if p.fatal_while_starting}
     running = {p.name for p in mesh_parts() if p.fatal_while_running}
     assert starting == {"consul", "engine-agent", "gateway", "ui"}
@@ -37,8 +42,13 @@ def test_consul_and_gateway_are_vital_engines_and_ui_required_prometheus_optiona
 
 def test_stop_timeouts():
     timeout = {p.name: p.stop_timeout_s for p in mesh_parts()}
-    assert timeout == {"ui": 10.0, "prometheus": 10.0, "engine-agent": DRAIN_DEADLINE_S + 60.0, "gateway": 30.0,
-                       "consul": 10.0}
+    assert timeout == {
+        "ui": 10.0,
+        "prometheus": 10.0,
+        "engine-agent": DRAIN_DEADLINE_S + 60.0,
+        "gateway": 30.0,
+        "consul": 10.0,
+    }
     agents = next(p for p in mesh_parts(drain_deadline_s=5.0) if p.name == "engine-agent")
     assert agents.stop_timeout_s == 65.0
 
@@ -50,8 +60,12 @@ def test_the_plan_decides_which_parts_run(tmp_path):
     agents = parts[1]
     assert agents.process_names() == ("engine-agent-1", "engine-agent-2", "engine-agent-3")
     assert agents.stop_timeout_s == 67.0
-    assert names(plan_parts(MeshPlan(ui=True, prometheus=False, run_dir=tmp_path))) == \
-        ["consul", "engine-agent", "gateway", "ui"]
+    assert names(plan_parts(MeshPlan(ui=True, prometheus=False, run_dir=tmp_path))) == [
+        "consul",
+        "engine-agent",
+        "gateway",
+        "ui",
+    ]
 
 
 def test_a_part_owns_its_processes_not_their_children():
@@ -59,20 +73,37 @@ def test_a_part_owns_its_processes_not_their_children():
     assert part_of(parts, "consul").name == "consul"
     assert part_of(parts, "engine-agent-2").name == "engine-agent"
     assert part_of(parts, "engine-agent-17").name == "engine-agent"  # whatever the number of replicas
-    for other in ("engine-agent-1/python -m vllm", "engine-agent-", "engine-agent-x", "gateway/envoy", "model-prepare",
-                  "up"):
+    for other in (
+        "engine-agent-1/python -m vllm",
+        "engine-agent-",
+        "engine-agent-x",
+        "gateway/envoy",
+        "model-prepare",
+        "up",
+    ):
         assert part_of(parts, other) is None, other
-    assert [p.process_names() for p in parts if p.name != "engine-agent"] == \
-        [("consul",), ("gateway",), ("ui",), ("prometheus",)]
+    assert [p.process_names() for p in parts if p.name != "engine-agent"] == [
+        ("consul",),
+        ("gateway",),
+        ("ui",),
+        ("prometheus",),
+    ]
 
 
 def test_stop_messages():
     by_name = {p.name: p for p in mesh_parts()}
-    assert by_name["engine-agent"].stop_message(2) == \
-        "engine agents: draining 2 engine(s) (requests in flight finish), then stopping them"
+    assert (
+        by_name["engine-agent"].stop_message(2)
+        == "engine agents: draining 2 engine(s) (requests in flight finish), then stopping them"
+    )
     assert by_name["gateway"].stop_message(1) == "gateway agent and Envoy"
-    assert [p.stop_step for p in stop_order(mesh_parts())] == \
-        ["", "", "draining engines", "stopping the gateway", "stopping Consul"]
+    assert [p.stop_step for p in stop_order(mesh_parts())] == [
+        "",
+        "",
+        "draining engines",
+        "stopping the gateway",
+        "stopping Consul",
+    ]
 
 
 def test_down_stops_in_ups_order_with_ups_timeouts(tmp_path):
@@ -81,15 +112,28 @@ def test_down_stops_in_ups_order_with_ups_timeouts(tmp_path):
 
 
 def test_down_stops_orphaned_parts_in_order_and_leaves_their_children_to_the_sweep():
-    names_ = ["consul", "engine-agent-1", "engine-agent-2", "gateway", "ui", "prometheus", "model-prepare",
-              "engine-agent-1/sleep 60"]
+    names_ = [
+        "consul",
+        "engine-agent-1",
+        "engine-agent-2",
+        "gateway",
+        "ui",
+        "prometheus",
+        "model-prepare",
+        "engine-agent-1/sleep 60",
+    ]
     popens = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in names_]
     try:
         procs = [proc_identity(name, p.pid) for name, p in zip(names_, popens)]
         said: list[str] = []
         down.stop_orphans(procs, said.append)
-        assert said == ["stopping ui", "stopping prometheus", "stopping engine-agent-1, engine-agent-2",
-                        "stopping gateway", "stopping consul"]
+        assert said == [
+            "stopping ui",
+            "stopping prometheus",
+            "stopping engine-agent-1, engine-agent-2",
+            "stopping gateway",
+            "stopping consul",
+        ]
         alive = [p.name for p in procs if p.alive()]
         assert alive == ["model-prepare", "engine-agent-1/sleep 60"]
     finally:
@@ -99,14 +143,17 @@ def test_down_stops_orphaned_parts_in_order_and_leaves_their_children_to_the_swe
             p.wait()
 
 
-@pytest.mark.parametrize("hostname,node", [
-    ("box.example.org", "box"),
-    ("my host!", "my-host-"),
-    ("under_score-dash9", "under_score-dash9"),
-    ("x" * 50, "x" * 40),
-    ("", "local"),
-    (".example.org", "local"),
-])
+@pytest.mark.parametrize(
+    "hostname,node",
+    [
+        ("box.example.org", "box"),
+        ("my host!", "my-host-"),
+        ("under_score-dash9", "under_score-dash9"),
+        ("x" * 50, "x" * 40),
+        ("", "local"),
+        (".example.org", "local"),
+    ],
+)
 def test_local_node_name(monkeypatch, hostname, node):
     monkeypatch.setattr(socket, "gethostname", lambda: hostname)
     assert local_node_name() == node

@@ -12,8 +12,15 @@ from agent import model
 
 
 def test_rewrite_config_makes_a_plain_llama_checkpoint():
-    src = {"architectures": ["LlamaModel"], "model_type": "llama", "quantization_config": {"quant_method": "gguf"},
-           "_name_or_path": "/tmp/x", "torch_dtype": "float32", "dtype": "float32", "hidden_size": 576}
+    src = {
+        "architectures": ["LlamaModel"],
+        "model_type": "llama",
+        "quantization_config": {"quant_method": "gguf"},
+        "_name_or_path": "/tmp/x",
+        "torch_dtype": "float32",
+        "dtype": "float32",
+        "hidden_size": 576,
+    }
     out = model.rewrite_config(src)
     assert out["architectures"] == ["LlamaForCausalLM"]
     assert "quantization_config" not in out and "_name_or_path" not in out and "torch_dtype" not in out

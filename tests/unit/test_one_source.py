@@ -14,9 +14,10 @@ from agent.local.plan import MeshPlan
 
 def test_instance_id_is_service_node_port():
     assert naming.instance_id("ernie", "gpu-7", 8001) == "ernie-gpu-7-8001"
-    cfg = engine_config.build(engine_config.EngineAgentConfig,
-                              {"node": "n1", "consul": {"service": "svc"},
-                               "engines": [{"kind": "simulated", "port": 8001}]})
+    cfg = engine_config.build(
+        engine_config.EngineAgentConfig,
+        {"node": "n1", "consul": {"service": "svc"}, "engines": [{"kind": "simulated", "port": 8001}]},
+    )
     assert cfg.instance_id(cfg.engines[0]) == naming.instance_id("svc", "n1", 8001)
     plan = MeshPlan(engines=2, engine_kind="simulated", node="box", port_offset=10)
     assert plan.instance_id(1) == naming.instance_id("ernie", "box", plan.engine_port(1))
@@ -37,8 +38,11 @@ def test_the_local_mesh_and_the_engine_agent_give_cpu_vllm_one_env():
     assert VLLM_CPU_ENV.items() <= supervisor.engine_env(spec).items()
     # No other copy in agent/ (deploy/ansible/filter_plugins/ernie.py keeps one: tests/unit/test_ansible_filters.py).
     agent_dir = Path(supervisor.__file__).parent.parent
-    spelled = {p.relative_to(agent_dir).as_posix() for p in agent_dir.rglob("*.py")
-               if any(name in p.read_text() for name in VLLM_CPU_ENV)}
+    spelled = {
+        p.relative_to(agent_dir).as_posix()
+        for p in agent_dir.rglob("*.py")
+        if any(name in p.read_text() for name in VLLM_CPU_ENV)
+    }
     assert spelled == {"engine/cpu.py"}
 
 
@@ -46,12 +50,26 @@ def test_durations_in_go_and_protobuf_spelling():
     from agent.durations import go_duration, proto_duration
 
     # Consul and Prometheus (what the three helpers before wrote for these values)
-    assert [go_duration(s) for s in (0.25, 1.0, 1.5, 15.0, 60.0, 90.0, 300.0)] == \
-        ["250ms", "1s", "1500ms", "15s", "1m", "90s", "5m"]
+    assert [go_duration(s) for s in (0.25, 1.0, 1.5, 15.0, 60.0, 90.0, 300.0)] == [
+        "250ms",
+        "1s",
+        "1500ms",
+        "15s",
+        "1m",
+        "90s",
+        "5m",
+    ]
     assert go_duration(0.0, min_ms=1) == "1ms"
     # Envoy
-    assert [proto_duration(s) for s in (0.0, 0.025, 0.25, 1.0, 1.5, 60.0, 300.0)] == \
-        ["0s", "0.025s", "0.25s", "1s", "1.5s", "60s", "300s"]
+    assert [proto_duration(s) for s in (0.0, 0.025, 0.25, 1.0, 1.5, 60.0, 300.0)] == [
+        "0s",
+        "0.025s",
+        "0.25s",
+        "1s",
+        "1.5s",
+        "60s",
+        "300s",
+    ]
 
 
 def test_one_bind_check_for_every_part():
@@ -68,7 +86,9 @@ def test_one_bind_check_for_every_part():
         busy.listen()
         port = busy.getsockname()[1]
         assert bind_error("127.0.0.1", port) and not can_bind("127.0.0.1", port)
-        cfg = engine_config.build(engine_config.EngineAgentConfig,
-                                  {"listen": f"127.0.0.1:{port}", "engines": [{"kind": "simulated", "port": 8001}]})
+        cfg = engine_config.build(
+            engine_config.EngineAgentConfig,
+            {"listen": f"127.0.0.1:{port}", "engines": [{"kind": "simulated", "port": 8001}]},
+        )
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: "):
             check_listen(cfg)

@@ -35,9 +35,11 @@ OPTIONAL = {"torch", "transformers", "safetensors", "gguf", "uvloop"}
 
 
 def loaded_modules(modules: list[str]) -> set[str]:
-    code = ("import importlib, json, sys\n"
-            f"for m in {modules!r}: importlib.import_module(m)\n"
-            "print(json.dumps(sorted(sys.modules)))")
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return set(json.loads(out.stdout))
@@ -50,8 +52,7 @@ def is_harness(module: str) -> bool:
 @pytest.mark.parametrize("command", sorted(PRODUCTION))
 def test_production_commands_import_no_harness_module(command):
     harness = {m for m in loaded_modules(PRODUCTION[command]) if is_harness(m)}
-    assert harness == set(), \
-        f"`ernie-mesh {command}` imports test/local-mesh support: {sorted(harness)}"
+    assert harness == set(), f"`ernie-mesh {command}` imports test/local-mesh support: {sorted(harness)}"
 
 
 def normalized(name: str) -> str:
@@ -97,6 +98,9 @@ def module_paths(module: str) -> set[str]:
 
 def test_every_third_party_import_is_a_declared_dependency():
     provided = set().union(*(installed_files(d) for d in declared()))
-    missing = {module: sorted(files) for module, files in sorted(third_party_imports().items())
-               if not module_paths(module) & provided}
+    missing = {
+        module: sorted(files)
+        for module, files in sorted(third_party_imports().items())
+        if not module_paths(module) & provided
+    }
     assert not missing, f"imported but provided by no dependency in pyproject.toml: {missing}"

@@ -25,64 +25,78 @@ _CHAT_HEAD = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","create
 # /v1/chat/completions with return_token_ids: role chunk (+ prompt ids), two tokens, the finish chunk (EOS)
 CHAT_IDS = [
     _CHAT_HEAD + b'[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],'
-                 b'"prompt_token_ids":[1,2,3],"prompt_text":null}',
+    b'"prompt_token_ids":[1,2,3],"prompt_text":null}',
     _CHAT_HEAD + b'[{"index":0,"delta":{"content":" tok1"},"logprobs":null,"finish_reason":null,"token_ids":[11]}]}',
     _CHAT_HEAD + b'[{"index":0,"delta":{"content":" tok2"},"logprobs":null,"finish_reason":null,"token_ids":[12]}]}',
     _CHAT_HEAD + b'[{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":"stop","stop_reason":null,'
-                 b'"token_ids":[2]}]}',
+    b'"token_ids":[2]}]}',
 ]
 # the same stream as vLLM writes it without return_token_ids
 CHAT_PLAIN = [
     _CHAT_HEAD + b'[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],'
-                 b'"prompt_token_ids":null,"prompt_text":null}',
+    b'"prompt_token_ids":null,"prompt_text":null}',
     _CHAT_HEAD + b'[{"index":0,"delta":{"content":" tok1"},"logprobs":null,"finish_reason":null,"token_ids":null}]}',
     _CHAT_HEAD + b'[{"index":0,"delta":{"content":" tok2"},"logprobs":null,"finish_reason":null,"token_ids":null}]}',
     _CHAT_HEAD + b'[{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":"stop","stop_reason":null,'
-                 b'"token_ids":null}]}',
+    b'"token_ids":null}]}',
 ]
 CHAT_USAGE = _CHAT_HEAD + b'[],"usage":{"prompt_tokens":3,"total_tokens":6,"completion_tokens":3}}'
-CHAT_ABORT = _CHAT_HEAD + (b'[{"index":0,"delta":{"content":" tok2"},"logprobs":null,"finish_reason":"abort",'
-                           b'"stop_reason":null,"token_ids":[12]}]}')
-CHAT_ABORT_EMPTY = _CHAT_HEAD + (b'[{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":"abort",'
-                                 b'"stop_reason":null}]}')
+CHAT_ABORT = _CHAT_HEAD + (
+    b'[{"index":0,"delta":{"content":" tok2"},"logprobs":null,"finish_reason":"abort",'
+    b'"stop_reason":null,"token_ids":[12]}]}'
+)
+CHAT_ABORT_EMPTY = _CHAT_HEAD + (
+    b'[{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":"abort","stop_reason":null}]}'
+)
 
 _CMPL_HEAD = b'data: {"id":"cmpl-1","object":"text_completion","created":5,"model":"m","choices":'
 
 # /v1/completions with return_token_ids: prompt ids inside the first chunk's choice
 CMPL_IDS = [
     _CMPL_HEAD + b'[{"index":0,"text":" a","logprobs":null,"finish_reason":null,"stop_reason":null,'
-                 b'"prompt_token_ids":[1,2],"token_ids":[20]}]}',
+    b'"prompt_token_ids":[1,2],"token_ids":[20]}]}',
     _CMPL_HEAD + b'[{"index":0,"text":" b","logprobs":null,"finish_reason":null,"stop_reason":null,'
-                 b'"prompt_token_ids":null,"token_ids":[21]}]}',
+    b'"prompt_token_ids":null,"token_ids":[21]}]}',
     _CMPL_HEAD + b'[{"index":0,"text":"","logprobs":null,"finish_reason":"length","stop_reason":null,'
-                 b'"prompt_token_ids":null,"token_ids":[22]}]}',
+    b'"prompt_token_ids":null,"token_ids":[22]}]}',
 ]
 CMPL_PLAIN = [
     _CMPL_HEAD + b'[{"index":0,"text":" a","logprobs":null,"finish_reason":null,"stop_reason":null,'
-                 b'"prompt_token_ids":null,"token_ids":null}]}',
+    b'"prompt_token_ids":null,"token_ids":null}]}',
     _CMPL_HEAD + b'[{"index":0,"text":" b","logprobs":null,"finish_reason":null,"stop_reason":null,'
-                 b'"prompt_token_ids":null,"token_ids":null}]}',
+    b'"prompt_token_ids":null,"token_ids":null}]}',
     _CMPL_HEAD + b'[{"index":0,"text":"","logprobs":null,"finish_reason":"length","stop_reason":null,'
-                 b'"prompt_token_ids":null,"token_ids":null}]}',
+    b'"prompt_token_ids":null,"token_ids":null}]}',
 ]
 CMPL_USAGE = _CMPL_HEAD + b'[],"usage":{"prompt_tokens":2,"total_tokens":5,"completion_tokens":3}}'
 
 # vLLM's mid-stream error event (json.dumps of ErrorResponse.model_dump(): default separators)
-ERROR_EVENT = (b'data: {"error": {"message": "Internal server error", "type": "InternalServerError", '
-               b'"param": null, "code": 500}}')
+ERROR_EVENT = (
+    b'data: {"error": {"message": "Internal server error", "type": "InternalServerError", "param": null, "code": 500}}'
+)
 
 
-def continuation_chunk(text: str, ids: list[int], finish: str | None = None, prompt: list[int] | None = None,
-                       stop_reason=None) -> bytes:
+def continuation_chunk(
+    text: str, ids: list[int], finish: str | None = None, prompt: list[int] | None = None, stop_reason=None
+) -> bytes:
     """A chunk of the relay's /v1/completions continuation, as vLLM writes it (its own id/created)."""
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": stop_reason,
-              "prompt_token_ids": prompt, "token_ids": ids}
+    choice = {
+        "index": 0,
+        "text": text,
+        "logprobs": None,
+        "finish_reason": finish,
+        "stop_reason": stop_reason,
+        "prompt_token_ids": prompt,
+        "token_ids": ids,
+    }
     obj = {"id": "cmpl-other", "object": "text_completion", "created": 99, "model": "m", "choices": [choice]}
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode()
 
 
-CONT_USAGE = (b'data: {"id":"cmpl-other","object":"text_completion","created":99,"model":"m","choices":[],'
-              b'"usage":{"prompt_tokens":4,"total_tokens":6,"completion_tokens":2}}')
+CONT_USAGE = (
+    b'data: {"id":"cmpl-other","object":"text_completion","created":99,"model":"m","choices":[],'
+    b'"usage":{"prompt_tokens":4,"total_tokens":6,"completion_tokens":2}}'
+)
 
 
 def chat_req(**kw):
@@ -101,7 +115,7 @@ def cmpl_req(**kw):
 
 def payload(ev: bytes) -> dict:
     assert ev.startswith(b"data: ")
-    return json.loads(ev[len(b"data: "):])
+    return json.loads(ev[len(b"data: ") :])
 
 
 def with_instances(ev: bytes, instances: list[str]) -> bytes:
@@ -113,8 +127,9 @@ def with_instances(ev: bytes, instances: list[str]) -> bytes:
 # sse
 # ================================================================================================
 
+
 def _stream(events: list[bytes]) -> bytes:
-    return b"".join(sse.event(ev[len(b"data: "):]) for ev in events) + b"data: [DONE]\n\n"
+    return b"".join(sse.event(ev[len(b"data: ") :]) for ev in events) + b"data: [DONE]\n\n"
 
 
 def test_event_builds_a_data_line_with_its_terminator():
@@ -132,7 +147,7 @@ def test_splitter_one_byte_at_a_time_gives_the_same_events():
     s = sse.EventSplitter()
     got = []
     for i in range(len(raw)):
-        got.extend(s.feed(raw[i:i + 1]))
+        got.extend(s.feed(raw[i : i + 1]))
     assert got == [*CHAT_IDS, *CMPL_IDS, b"data: [DONE]"]
     assert s.pending == b""
 
@@ -143,7 +158,7 @@ def test_splitter_any_chunking_gives_the_same_events(cut):
     s = sse.EventSplitter()
     got = []
     for i in range(0, len(raw), cut):
-        got.extend(s.feed(raw[i:i + cut]))
+        got.extend(s.feed(raw[i : i + cut]))
     assert got == [*CHAT_IDS, b"data: [DONE]"]
 
 
@@ -151,7 +166,7 @@ def test_splitter_boundary_inside_the_terminator_and_pending_of_a_cut_event():
     s = sse.EventSplitter()
     assert s.feed(b"data: {}\n") == []
     assert s.pending == b"data: {}\n"
-    assert s.feed(b"\ndata: {\"x\"") == [b"data: {}"]
+    assert s.feed(b'\ndata: {"x"') == [b"data: {}"]
     assert s.pending == b'data: {"x"'  # what a stream broken here leaves behind
     assert s.feed(b"") == []
 
@@ -195,8 +210,12 @@ def test_take_token_ids_does_not_confuse_one_key_for_the_other():
 
 def test_take_token_ids_leaves_text_that_looks_like_a_token_field():
     content = 'say "token_ids":[5] and "finish_reason":"stop"'
-    obj = {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": content}, "logprobs": None,
-                                            "finish_reason": None, "token_ids": [7]}]}
+    obj = {
+        "id": "chatcmpl-1",
+        "choices": [
+            {"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": None, "token_ids": [7]}
+        ],
+    }
     ev = b"data: " + json.dumps(obj, separators=(",", ":")).encode()
     stripped, ids = sse.take_token_ids(ev)
     assert ids.generated == b"7" and ids.prompt is None
@@ -244,70 +263,85 @@ def test_count_ids_and_parse_ids(raw, ids):
 # request
 # ================================================================================================
 
-@pytest.mark.parametrize("kw,why", [
-    ({"n": 2}, "n > 1"),
-    ({"best_of": 2}, "n > 1"),
-    ({"use_beam_search": True}, "beam search"),
-    ({"logprobs": True}, "logprobs"),
-    ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool calls"),
-    ({"tool_choice": "auto"}, "tool calls"),
-    ({"response_format": {"type": "json_object"}}, "response_format (guided decoding)"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format (guided decoding)"),
-    ({"guided_json": {"type": "object"}}, "guided decoding"),
-    ({"guided_regex": "a+"}, "guided decoding"),
-    ({"guided_choice": ["a", "b"]}, "guided decoding"),
-    ({"guided_grammar": "root ::= x"}, "guided decoding"),
-    ({"structured_outputs": {"regex": "a+"}}, "guided decoding"),
-    ({"presence_penalty": 0.5}, "presence penalty"),
-    ({"frequency_penalty": 0.1}, "frequency penalty"),
-    ({"stop": ["\n"]}, "stop strings"),
-    ({"stop": "END"}, "stop strings"),
-    ({"echo": True}, "echo"),
-])
+
+@pytest.mark.parametrize(
+    "kw,why",
+    [
+        ({"n": 2}, "n > 1"),
+        ({"best_of": 2}, "n > 1"),
+        ({"use_beam_search": True}, "beam search"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool calls"),
+        ({"tool_choice": "auto"}, "tool calls"),
+        ({"response_format": {"type": "json_object"}}, "response_format (guided decoding)"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+            "response_format (guided decoding)",
+        ),
+        ({"guided_json": {"type": "object"}}, "guided decoding"),
+        ({"guided_regex": "a+"}, "guided decoding"),
+        ({"guided_choice": ["a", "b"]}, "guided decoding"),
+        ({"guided_grammar": "root ::= x"}, "guided decoding"),
+        ({"structured_outputs": {"regex": "a+"}}, "guided decoding"),
+        ({"presence_penalty": 0.5}, "presence penalty"),
+        ({"frequency_penalty": 0.1}, "frequency penalty"),
+        ({"stop": ["\n"]}, "stop strings"),
+        ({"stop": "END"}, "stop strings"),
+        ({"echo": True}, "echo"),
+    ],
+)
 def test_chat_features_that_prevent_an_exact_continuation(kw, why):
     req = chat_req(stream=True, **kw)
     assert not req.resumable and req.why_not == why
 
 
-@pytest.mark.parametrize("kw,why", [
-    ({"n": 3}, "n > 1"),
-    ({"logprobs": 0}, "logprobs"),
-    ({"logprobs": 5}, "logprobs"),
-    ({"echo": True}, "echo"),
-    ({"suffix": "x"}, "suffix"),
-    ({"prompt": ["a", "b"]}, "a batch of prompts"),
-    ({"prompt": [[1, 2], [3]]}, "a batch of prompts"),
-    ({"response_format": {"type": "json_object"}}, "response_format (guided decoding)"),
-    ({"guided_json": {}}, "guided decoding"),
-    ({"presence_penalty": 1.0}, "presence penalty"),
-    ({"frequency_penalty": -0.5}, "frequency penalty"),
-    ({"stop": ["."]}, "stop strings"),
-    ({"prompt_logprobs": 0}, "prompt_logprobs"),
-])
+@pytest.mark.parametrize(
+    "kw,why",
+    [
+        ({"n": 3}, "n > 1"),
+        ({"logprobs": 0}, "logprobs"),
+        ({"logprobs": 5}, "logprobs"),
+        ({"echo": True}, "echo"),
+        ({"suffix": "x"}, "suffix"),
+        ({"prompt": ["a", "b"]}, "a batch of prompts"),
+        ({"prompt": [[1, 2], [3]]}, "a batch of prompts"),
+        ({"response_format": {"type": "json_object"}}, "response_format (guided decoding)"),
+        ({"guided_json": {}}, "guided decoding"),
+        ({"presence_penalty": 1.0}, "presence penalty"),
+        ({"frequency_penalty": -0.5}, "frequency penalty"),
+        ({"stop": ["."]}, "stop strings"),
+        ({"prompt_logprobs": 0}, "prompt_logprobs"),
+    ],
+)
 def test_completion_features_that_prevent_an_exact_continuation(kw, why):
     req = cmpl_req(**kw)
     assert not req.resumable and req.why_not == why
 
 
-@pytest.mark.parametrize("kw", [
-    {},
-    {"stream": True, "max_tokens": 100, "temperature": 0.7, "top_p": 0.9, "seed": 1},
-    {"n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "stop": [], "logprobs": False},
-    {"response_format": {"type": "text"}, "tool_choice": "none", "repetition_penalty": 1.1},
-    {"stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"stream": True, "max_tokens": 100, "temperature": 0.7, "top_p": 0.9, "seed": 1},
+        {"n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "stop": [], "logprobs": False},
+        {"response_format": {"type": "text"}, "tool_choice": "none", "repetition_penalty": 1.1},
+        {"stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True},
+    ],
+)
 def test_plain_chat_requests_are_resumable(kw):
     req = chat_req(**kw)
     assert req.resumable and req.why_not == ""
 
 
-@pytest.mark.parametrize("kw", [
-    {},
-    {"prompt": [1, 2, 3], "max_tokens": 8, "stream": True},
-    {"temperature": 0, "top_k": 5, "min_tokens": 2, "stop_token_ids": [7], "logprobs": None, "stop": None},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"prompt": [1, 2, 3], "max_tokens": 8, "stream": True},
+        {"temperature": 0, "top_k": 5, "min_tokens": 2, "stop_token_ids": [7], "logprobs": None, "stop": None},
+    ],
+)
 def test_plain_completion_requests_are_resumable(kw):
     req = cmpl_req(**kw)
     assert req.resumable and req.why_not == ""
@@ -327,8 +361,9 @@ def test_parse_does_not_fail_on_a_malformed_field():
 
 
 def test_parse_reads_stream_usage_token_ids_and_limits():
-    req = chat_req(stream=True, stream_options={"include_usage": True}, return_token_ids=True,
-                   max_tokens=50, min_tokens=3)
+    req = chat_req(
+        stream=True, stream_options={"include_usage": True}, return_token_ids=True, max_tokens=50, min_tokens=3
+    )
     assert (req.kind, req.stream, req.include_usage, req.client_wants_token_ids) == ("chat", True, True, True)
     assert (req.max_tokens, req.min_tokens, req.model) == (50, 3, "m")
     assert chat_req(max_tokens=50, max_completion_tokens=20).max_tokens == 20  # as vLLM: the newer name wins
@@ -399,9 +434,19 @@ def test_continuation_reduces_min_tokens():
 
 
 def test_continuation_carries_sampling_params():
-    params = {"temperature": 0.3, "top_p": 0.8, "top_k": 20, "min_p": 0.05, "seed": 42,
-              "repetition_penalty": 1.2, "stop_token_ids": [9], "ignore_eos": True, "skip_special_tokens": False,
-              "logit_bias": {"5": -100}, "user": "u"}
+    params = {
+        "temperature": 0.3,
+        "top_p": 0.8,
+        "top_k": 20,
+        "min_p": 0.05,
+        "seed": 42,
+        "repetition_penalty": 1.2,
+        "stop_token_ids": [9],
+        "ignore_eos": True,
+        "skip_special_tokens": False,
+        "logit_bias": {"5": -100},
+        "user": "u",
+    }
     body = json.loads(chat_req(stream=True, **params).continuation_body([1], [2]))
     assert {k: body[k] for k in params} == params
     # what the continuation must not take from the client's request
@@ -427,6 +472,7 @@ def test_continuation_asks_for_usage_only_for_a_streaming_client_that_asked():
 # ================================================================================================
 # transcript
 # ================================================================================================
+
 
 def run_native(t: Transcript, events: list[bytes]) -> list[tuple[bytes | None, str]]:
     return [t.native(ev) for ev in events]
@@ -502,9 +548,15 @@ def resumed_chat(**kw) -> tuple[Transcript, list[tuple[bytes | None, str]]]:
     run_native(t, CHAT_IDS[:2])
     t.resumes += 1
     t.served_by("e2")
-    out = [t.continued(ev) for ev in (continuation_chunk(" tok2", [12], prompt=[1, 2, 3, 11]),
-                                      continuation_chunk("", [2], finish="stop"),
-                                      CONT_USAGE, b"data: [DONE]")]
+    out = [
+        t.continued(ev)
+        for ev in (
+            continuation_chunk(" tok2", [12], prompt=[1, 2, 3, 11]),
+            continuation_chunk("", [2], finish="stop"),
+            CONT_USAGE,
+            b"data: [DONE]",
+        )
+    ]
     return t, out
 
 
@@ -523,8 +575,16 @@ def test_continuation_chunks_come_out_in_the_clients_chat_shape():
     assert sig == Signal.FINISH
     obj = payload(ev)
     assert (obj["id"], obj["object"], obj["created"], obj["model"]) == ("chatcmpl-1", "chat.completion.chunk", 5, "m")
-    assert obj["choices"] == [{"index": 0, "delta": {"content": ""}, "logprobs": None, "finish_reason": "stop",
-                               "token_ids": None, "stop_reason": None}]
+    assert obj["choices"] == [
+        {
+            "index": 0,
+            "delta": {"content": ""},
+            "logprobs": None,
+            "finish_reason": "stop",
+            "token_ids": None,
+            "stop_reason": None,
+        }
+    ]
     assert obj[INSTANCES_FIELD] == ["e1", "e2"]
     assert out[2] == (None, Signal.NONE)  # the continuation's own usage chunk is not forwarded
     assert out[3] == (None, Signal.DONE)
@@ -545,9 +605,13 @@ def test_continuation_chunks_in_completion_shape():
     assert json.loads(t.continuation())["prompt"] == [1, 2, 20]
     ev, sig = t.continued(continuation_chunk(" b", [21], prompt=[1, 2, 20]))
     assert sig == Signal.NONE
-    assert payload(ev) == {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "m",
-                           "choices": [{"index": 0, "text": " b", "logprobs": None, "finish_reason": None,
-                                        "token_ids": None}]}
+    assert payload(ev) == {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 5,
+        "model": "m",
+        "choices": [{"index": 0, "text": " b", "logprobs": None, "finish_reason": None, "token_ids": None}],
+    }
     ev, sig = t.continued(continuation_chunk("", [22], finish="length"))
     assert sig == Signal.FINISH
     obj = payload(ev)
@@ -612,8 +676,12 @@ def test_non_streaming_chat_response_without_a_resume():
     assert choice["message"]["role"] == "assistant" and choice["message"]["content"] == " tok1 tok2"
     assert choice["finish_reason"] == "stop" and choice["stop_reason"] is None
     assert "token_ids" not in choice and "prompt_token_ids" not in obj
-    assert obj["usage"] == {"prompt_tokens": 3, "total_tokens": 6, "completion_tokens": 3,
-                            "prompt_tokens_details": None}
+    assert obj["usage"] == {
+        "prompt_tokens": 3,
+        "total_tokens": 6,
+        "completion_tokens": 3,
+        "prompt_tokens_details": None,
+    }
     assert obj[INSTANCES_FIELD] == ["e1"]
 
 
@@ -675,6 +743,7 @@ def test_generated_count_equals_the_number_of_ids():
 # ================================================================================================
 # membership
 # ================================================================================================
+
 
 class FakeClock:
     def __init__(self, t: float = 0.0):

@@ -50,7 +50,7 @@ def sse_events(text: str) -> list[Any]:
         if not block:
             continue
         assert block.startswith("data: "), block
-        payload = block[len("data: "):]
+        payload = block[len("data: ") :]
         events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
 
@@ -72,10 +72,20 @@ class AsgiCall:
         self._body = json.dumps(body).encode() if body is not None else b""
         self._body_given = False
         self._gone = asyncio.Event()
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-                 "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
-                 "query_string": b"", "headers": [(b"host", b"sim"), (b"content-type", b"application/json")],
-                 "client": ("127.0.0.1", 50000), "server": ("sim", 80)}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"sim"), (b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("sim", 80),
+        }
         self.task = asyncio.create_task(app(scope, self._receive, self._send))
 
     async def _receive(self) -> dict[str, Any]:
@@ -127,6 +137,7 @@ def content_chunks(events: list[Any]) -> list[str]:
 
 # --- shapes and token counts ------------------------------------------------------------------------
 
+
 def test_chat_non_streaming_shape_and_usage():
     _, app, _ = make()
 
@@ -143,18 +154,26 @@ def test_chat_non_streaming_shape_and_usage():
     assert choice["message"]["role"] == "assistant" and choice["message"]["content"] == "tok0 tok1 tok2 tok3 tok4"
     assert choice["finish_reason"] == "length" and choice["token_ids"] is None
     # <user> say something please <end_of_turn> <assistant>
-    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11,
-                             "prompt_tokens_details": None, "completion_tokens_details": None}
+    assert body["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 5,
+        "total_tokens": 11,
+        "prompt_tokens_details": None,
+        "completion_tokens_details": None,
+    }
 
 
-@pytest.mark.parametrize("max_tokens, ignore_eos, tokens, finish", [
-    (None, False, 16, "length"),  # default max_tokens 16 = the natural length: EOS never reached
-    (5, False, 5, "length"),
-    (16, False, 16, "length"),
-    (17, False, 16, "stop"),  # 16 tokens of text, then EOS (the 17th token, no text)
-    (100, False, 16, "stop"),
-    (40, True, 40, "length"),
-])
+@pytest.mark.parametrize(
+    "max_tokens, ignore_eos, tokens, finish",
+    [
+        (None, False, 16, "length"),  # default max_tokens 16 = the natural length: EOS never reached
+        (5, False, 5, "length"),
+        (16, False, 16, "length"),
+        (17, False, 16, "stop"),  # 16 tokens of text, then EOS (the 17th token, no text)
+        (100, False, 16, "stop"),
+        (40, True, 40, "length"),
+    ],
+)
 def test_completion_lengths_and_finish_reasons(max_tokens, ignore_eos, tokens, finish):
     _, app, _ = make()
     payload: dict[str, Any] = {"model": MODEL, "prompt": "once upon", "ignore_eos": ignore_eos}
@@ -177,8 +196,13 @@ def test_completion_lengths_and_finish_reasons(max_tokens, ignore_eos, tokens, f
 @pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
 def test_streaming_chunks_equal_usage(path):
     _, app, _ = make()
-    payload: dict[str, Any] = {"model": MODEL, "max_tokens": 23, "ignore_eos": True, "stream": True,
-                               "stream_options": {"include_usage": True}}
+    payload: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": 23,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     payload.update({"messages": MESSAGES} if path == CHAT else {"prompt": "hello"})
 
     async def go():
@@ -225,11 +249,18 @@ def test_resumed_answer_continues_where_it_stopped():
         async with client(app) as c:
             full = await c.post(COMPLETIONS, json={"prompt": "Q: hi\nA:", "max_tokens": 100})
             part = await c.post(COMPLETIONS, json={"prompt": "Q: hi\nA: tok0 tok1 tok2", "max_tokens": 100})
-            chat = await c.post(CHAT, json={"messages": [*MESSAGES, {"role": "assistant", "content": "tok0 tok1"}],
-                                            "max_tokens": 3, "continue_final_message": True,
-                                            "add_generation_prompt": False})
-            fresh = await c.post(CHAT, json={"messages": [*MESSAGES, {"role": "assistant", "content": "tok0 tok1"}],
-                                             "max_tokens": 3})
+            chat = await c.post(
+                CHAT,
+                json={
+                    "messages": [*MESSAGES, {"role": "assistant", "content": "tok0 tok1"}],
+                    "max_tokens": 3,
+                    "continue_final_message": True,
+                    "add_generation_prompt": False,
+                },
+            )
+            fresh = await c.post(
+                CHAT, json={"messages": [*MESSAGES, {"role": "assistant", "content": "tok0 tok1"}], "max_tokens": 3}
+            )
             return full.json(), part.json(), chat.json(), fresh.json()
 
     full, part, chat, fresh = run(go)
@@ -243,31 +274,39 @@ def test_resumed_answer_continues_where_it_stopped():
 
 # --- bad input ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path, raw, status, needle", [
-    (CHAT, b"{not json", 400, "invalid JSON"),
-    (CHAT, b"", 400, "empty request body"),
-    (CHAT, b"[1, 2]", 400, "JSON object"),
-    (CHAT, b'{"model": "sim-model"}', 400, "messages"),
-    (CHAT, b'{"messages": "hi"}', 400, "messages"),
-    (CHAT, b'{"messages": []}', 400, "messages"),
-    (CHAT, b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
-    (CHAT, b'{"messages": [{"role": "user", "content": 5}]}', 400, "content"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "max_tokens"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}', 400, "max_tokens"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000000000}', 400, "context length"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}}', 400,
-     "stream=True"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', 400, "`n`"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "temperature"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "model": 7}', 400, "model"),
-    (COMPLETIONS, b'{"model": "sim-model"}', 400, "prompt"),
-    (COMPLETIONS, b'{"prompt": 42}', 400, "prompt"),
-    (COMPLETIONS, b'{"prompt": ["a", "b"]}', 400, "prompt"),
-    (COMPLETIONS, b'{"prompt": "x", "ignore_eos": 1}', 400, "ignore_eos"),
-    (COMPLETIONS, b'{"prompt": "x", "model": "other-model"}', 404, "other-model"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}', 404, "gpt-4"),
-])
+
+@pytest.mark.parametrize(
+    "path, raw, status, needle",
+    [
+        (CHAT, b"{not json", 400, "invalid JSON"),
+        (CHAT, b"", 400, "empty request body"),
+        (CHAT, b"[1, 2]", 400, "JSON object"),
+        (CHAT, b'{"model": "sim-model"}', 400, "messages"),
+        (CHAT, b'{"messages": "hi"}', 400, "messages"),
+        (CHAT, b'{"messages": []}', 400, "messages"),
+        (CHAT, b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
+        (CHAT, b'{"messages": [{"role": "user", "content": 5}]}', 400, "content"),
+        (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "max_tokens"),
+        (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}', 400, "max_tokens"),
+        (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000000000}', 400, "context length"),
+        (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream"),
+        (
+            CHAT,
+            b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}}',
+            400,
+            "stream=True",
+        ),
+        (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', 400, "`n`"),
+        (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "temperature"),
+        (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "model": 7}', 400, "model"),
+        (COMPLETIONS, b'{"model": "sim-model"}', 400, "prompt"),
+        (COMPLETIONS, b'{"prompt": 42}', 400, "prompt"),
+        (COMPLETIONS, b'{"prompt": ["a", "b"]}', 400, "prompt"),
+        (COMPLETIONS, b'{"prompt": "x", "ignore_eos": 1}', 400, "ignore_eos"),
+        (COMPLETIONS, b'{"prompt": "x", "model": "other-model"}', 404, "other-model"),
+        (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}', 404, "gpt-4"),
+    ],
+)
 def test_bad_input_is_an_openai_shaped_4xx(path, raw, status, needle):
     engine, app, _ = make()
 
@@ -289,13 +328,13 @@ def test_bad_input_is_an_openai_shaped_4xx(path, raw, status, needle):
 
 # --- other endpoints ------------------------------------------------------------------------------------
 
+
 def test_models_health_version_and_unknown_route():
     _, app, _ = make()
 
     async def go():
         async with client(app) as c:
-            return [await c.get(p) for p in ("/v1/models", "/health", "/version", "/no/such")] + \
-                   [await c.get(CHAT)]
+            return [await c.get(p) for p in ("/v1/models", "/health", "/version", "/no/such")] + [await c.get(CHAT)]
 
     models, health, version, missing, wrong_method = run(go)
     card = models.json()["data"][0]
@@ -335,13 +374,18 @@ def test_metrics_have_vllm_names_and_count_tokens():
 
 # --- faults -----------------------------------------------------------------------------------------------
 
+
 def test_parse_fault_validates():
     assert parse_fault({"mode": "slow", "slow_factor": 3}) == Fault(FaultMode.SLOW, slow_factor=3.0)
-    for bad, needle in [({"mode": "melt"}, "mode must be one of"), ({}, "missing field: mode"),
-                        ({"mode": "error_rate", "error_rate": 1.5}, "error_rate"),
-                        ({"mode": "slow", "slow_factor": 0}, "slow_factor"),
-                        ({"mode": "slow", "slow_factor": "x"}, "slow_factor"),
-                        ({"mode": "none", "speed": 1}, "unknown field"), ("hang", "JSON object")]:
+    for bad, needle in [
+        ({"mode": "melt"}, "mode must be one of"),
+        ({}, "missing field: mode"),
+        ({"mode": "error_rate", "error_rate": 1.5}, "error_rate"),
+        ({"mode": "slow", "slow_factor": 0}, "slow_factor"),
+        ({"mode": "slow", "slow_factor": "x"}, "slow_factor"),
+        ({"mode": "none", "speed": 1}, "unknown field"),
+        ("hang", "JSON object"),
+    ]:
         with pytest.raises(FaultError, match=needle):
             parse_fault(bad)
 
@@ -418,8 +462,11 @@ def test_hang_stalls_streams_in_flight_and_new_requests_while_health_and_metrics
         assert health.status_code == 200
         lbl = "{model_name=sim-model}"
         assert after["vllm:num_requests_running" + lbl] == 2
-        assert after["vllm:generation_tokens_total" + lbl] == before["vllm:generation_tokens_total" + lbl] \
+        assert (
+            after["vllm:generation_tokens_total" + lbl]
+            == before["vllm:generation_tokens_total" + lbl]
             == tokens_at_hang
+        )
         engine.set_fault(Fault(FaultMode.NONE))  # recovery: both continue
         events = sse_events(body_text(seen + await stream.rest()))
         unary_msgs = await unary.rest()
@@ -461,8 +508,17 @@ def test_abort_all_ends_streams_and_unary_with_finish_reason_abort():
     engine, app, _ = make(token_delay_ms=10)
 
     async def go():
-        stream = AsgiCall(app, CHAT, {"messages": MESSAGES, "max_tokens": 500, "ignore_eos": True, "stream": True,
-                                      "stream_options": {"include_usage": True}})
+        stream = AsgiCall(
+            app,
+            CHAT,
+            {
+                "messages": MESSAGES,
+                "max_tokens": 500,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
         unary = AsgiCall(app, COMPLETIONS, {"prompt": "x", "max_tokens": 500, "ignore_eos": True})
         first = [await stream.next() for _ in range(4)]  # headers, role, tok0, tok1
         assert engine.abort_all("shutdown") == 2
@@ -568,7 +624,7 @@ async def post(app: Any, path: str, body: dict[str, Any]) -> httpx.Response:
 def test_tokenizer_is_deterministic_and_knows_its_own_tokens():
     assert tokens.tokenize("the cat  sat") == tokens.tokenize(" the cat sat ")
     assert len(set(tokens.tokenize("the cat sat"))) == 3
-    assert tokens.tokenize("A: tok0 tok1") [1:] == gen_ids(0, 2)
+    assert tokens.tokenize("A: tok0 tok1")[1:] == gen_ids(0, 2)
     hi, tok0 = tokens.tokenize("Hi!tok0")  # an answer appended without a space: two tokens
     assert hi == tokens.tokenize("Hi!")[0] and tok0 == tokens.generated_token_id(0)
     assert all(0 <= t < tokens.VOCAB_SIZE_TOKENS for t in tokens.tokenize("x tok5 tokens 123"))
@@ -577,8 +633,13 @@ def test_tokenizer_is_deterministic_and_knows_its_own_tokens():
     asst = tokens.ROLE_TOKEN_IDS["assistant"]
     eot = tokens.END_OF_TURN_TOKEN_ID
     assert tokens.chat_prompt_ids([("user", "hi")], True, False) == [user, *tokens.tokenize("hi"), eot, asst]
-    assert tokens.chat_prompt_ids([("user", "hi"), ("assistant", "tok0")], False, True) == \
-        [user, *tokens.tokenize("hi"), eot, asst, tokens.generated_token_id(0)]
+    assert tokens.chat_prompt_ids([("user", "hi"), ("assistant", "tok0")], False, True) == [
+        user,
+        *tokens.tokenize("hi"),
+        eot,
+        asst,
+        tokens.generated_token_id(0),
+    ]
     assert tokens.continuation_index([user, *gen_ids(0, 4)]) == 4
     assert tokens.continuation_index(gen_ids(2, 5)) == 0  # not a whole answer
     assert tokens.continuation_index([*gen_ids(0, 3), *gen_ids(0, 2)]) == 2
@@ -588,8 +649,13 @@ def test_tokenizer_is_deterministic_and_knows_its_own_tokens():
 @pytest.mark.parametrize("return_token_ids", [False, True])
 def test_chat_stream_shape_with_and_without_token_ids(return_token_ids):
     _, app, _ = make()
-    body = {"messages": MESSAGES, "max_tokens": 20, "stream": True, "stream_options": {"include_usage": True},
-            "return_token_ids": return_token_ids}
+    body = {
+        "messages": MESSAGES,
+        "max_tokens": 20,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "return_token_ids": return_token_ids,
+    }
     r = run(lambda: post(app, CHAT, body))
     events = sse_events(r.text)
     first, *content, final, usage_event, done = events
@@ -615,8 +681,13 @@ def test_chat_stream_shape_with_and_without_token_ids(return_token_ids):
 @pytest.mark.parametrize("return_token_ids", [False, True])
 def test_completion_stream_shape_with_and_without_token_ids(return_token_ids):
     _, app, _ = make()
-    body = {"prompt": "once upon a time", "max_tokens": 5, "stream": True, "return_token_ids": return_token_ids,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": "once upon a time",
+        "max_tokens": 5,
+        "stream": True,
+        "return_token_ids": return_token_ids,
+        "stream_options": {"include_usage": True},
+    }
     r = run(lambda: post(app, COMPLETIONS, body))
     *chunks, usage_event, done = sse_events(r.text)
     assert done == "[DONE]" and len(chunks) == 5  # the last token rides with finish_reason "length"
@@ -685,8 +756,14 @@ def test_a_cut_stream_continued_by_token_ids_is_the_undisturbed_run(kind, ignore
     max_tokens = 20
     start: dict[str, Any] = {"messages": MESSAGES} if kind == "chat" else {"prompt": "Q: what next?\nA:"}
     path = CHAT if kind == "chat" else COMPLETIONS
-    body = {**start, "max_tokens": max_tokens, "ignore_eos": ignore_eos, "stream": True, "return_token_ids": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        **start,
+        "max_tokens": max_tokens,
+        "ignore_eos": ignore_eos,
+        "stream": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+    }
 
     async def go():
         full = sse_events((await post(app, path, body)).text)
@@ -700,8 +777,14 @@ def test_a_cut_stream_continued_by_token_ids_is_the_undisturbed_run(kind, ignore
     assert got == whole[:keep]  # the cut stream was the same run up to the cut
     generated = [t for _, ids, _ in got for t in ids]
 
-    resumed = {"prompt": prompt_ids + generated, "max_tokens": max_tokens - keep, "ignore_eos": ignore_eos,
-               "stream": True, "return_token_ids": True, "stream_options": {"include_usage": True}}
+    resumed = {
+        "prompt": prompt_ids + generated,
+        "max_tokens": max_tokens - keep,
+        "ignore_eos": ignore_eos,
+        "stream": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+    }
     rest_events = sse_events(run(lambda: post(app, COMPLETIONS, resumed)).text)
     rest = token_chunks(rest_events)
     assert [(t, ids) for t, ids, _ in rest] == [(t, ids) for t, ids, _ in whole[keep:]]
@@ -721,8 +804,13 @@ def test_a_cut_chat_continued_as_its_final_message_is_the_undisturbed_run(keep):
     body = {"messages": MESSAGES, "max_tokens": 30, "return_token_ids": True}
     full = run(lambda: post(app, CHAT, body)).json()["choices"][0]
     partial = gen_text(0, keep)
-    resumed = {"messages": [*MESSAGES, {"role": "assistant", "content": partial}], "continue_final_message": True,
-               "add_generation_prompt": False, "max_tokens": 30 - keep, "return_token_ids": True}
+    resumed = {
+        "messages": [*MESSAGES, {"role": "assistant", "content": partial}],
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+        "max_tokens": 30 - keep,
+        "return_token_ids": True,
+    }
     rest = run(lambda: post(app, CHAT, resumed)).json()
     assert partial + rest["choices"][0]["message"]["content"] == full["message"]["content"]
     assert full["token_ids"][:keep] + rest["choices"][0]["token_ids"] == full["token_ids"]
@@ -741,17 +829,20 @@ def test_token_id_prompts_are_accepted_as_a_list_or_a_batch_of_one():
     assert resumed["choices"][0]["text"] == " tok3 tok4"
 
 
-@pytest.mark.parametrize("prompt, needle", [
-    ([], "The decoder prompt cannot be empty"),
-    ([[]], "The decoder prompt cannot be empty"),
-    ([1, -1], "Token id -1 is out of vocabulary"),
-    ([1, tokens.VOCAB_SIZE_TOKENS], f"Token id {tokens.VOCAB_SIZE_TOKENS} is out of vocabulary"),
-    ([1, 2.5], "token ids must be integers"),
-    ([True, 2], "token ids must be integers"),
-    ([[1, 2], [3]], "one prompt per request"),
-    ([1, "a"], "one prompt per request"),
-    ([1] * 4096, "maximum context length"),
-])
+@pytest.mark.parametrize(
+    "prompt, needle",
+    [
+        ([], "The decoder prompt cannot be empty"),
+        ([[]], "The decoder prompt cannot be empty"),
+        ([1, -1], "Token id -1 is out of vocabulary"),
+        ([1, tokens.VOCAB_SIZE_TOKENS], f"Token id {tokens.VOCAB_SIZE_TOKENS} is out of vocabulary"),
+        ([1, 2.5], "token ids must be integers"),
+        ([True, 2], "token ids must be integers"),
+        ([[1, 2], [3]], "one prompt per request"),
+        ([1, "a"], "one prompt per request"),
+        ([1] * 4096, "maximum context length"),
+    ],
+)
 def test_bad_token_id_prompts_are_openai_shaped_400s(prompt, needle):
     engine, app, _ = make()
     r = run(lambda: post(app, COMPLETIONS, {"prompt": prompt, "max_tokens": 1}))
@@ -769,16 +860,27 @@ def test_continue_final_message_with_a_generation_prompt_is_a_400(extra):
     body = {"messages": [*MESSAGES, {"role": "assistant", "content": "tok0"}], "continue_final_message": True, **extra}
     r = run(lambda: post(app, CHAT, body))
     assert r.status_code == 400
-    assert r.json()["error"]["message"] == \
-        "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+    assert (
+        r.json()["error"]["message"] == "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+    )
 
 
 def test_an_aborted_stream_ends_with_a_chunk_without_tokens():
     engine, app, _ = make(token_delay_ms=10)
 
     async def go():
-        call = AsgiCall(app, COMPLETIONS, {"prompt": "x", "max_tokens": 500, "ignore_eos": True, "stream": True,
-                                           "return_token_ids": True, "stream_options": {"include_usage": True}})
+        call = AsgiCall(
+            app,
+            COMPLETIONS,
+            {
+                "prompt": "x",
+                "max_tokens": 500,
+                "ignore_eos": True,
+                "stream": True,
+                "return_token_ids": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
         first = [await call.next() for _ in range(3)]  # headers, tok0, tok1
         assert engine.abort_all("shutdown") == 1
         return sse_events(body_text(first + await call.rest()))

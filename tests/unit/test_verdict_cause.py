@@ -31,8 +31,9 @@ def test_every_cause_round_trips_through_the_note(cause):
 
 def test_notes_without_a_cause_still_read():
     # the gateway's own checks, an older agent's notes, Consul's node checks
-    assert Verdict.from_note("critical", "critical: no relay process running") == \
-        Verdict(VerdictState.CRITICAL, "no relay process running", None)
+    assert Verdict.from_note("critical", "critical: no relay process running") == Verdict(
+        VerdictState.CRITICAL, "no relay process running", None
+    )
     assert Verdict.from_note("warning", "draining (some_future_cause): x") == Verdict(VerdictState.DRAINING, "x", None)
     serf = Verdict.from_note("critical", "Serf Health Status: Agent not live or unreachable")
     assert serf.state is VerdictState.CRITICAL and serf.cause is None
@@ -42,29 +43,51 @@ def test_notes_without_a_cause_still_read():
 FAILED = CanaryFacts(ever_succeeded=True, last_ok=False, last_error="no token within 3s", timed_out=True)
 
 
-@pytest.mark.parametrize("facts, state, cause", [
-    (HEALTHY, VerdictState.PASSING, C.OK),
-    (replace(HEALTHY, draining=True), VerdictState.DRAINING, C.DRAINING),
-    (replace(HEALTHY, process=ProcessFacts(running=False, exit_code=1, restarts=5, crash_loop=True)),
-     VerdictState.CRITICAL, C.CRASH_LOOP),
-    (replace(HEALTHY, process=ProcessFacts(running=False, exit_code=1)), VerdictState.CRITICAL, C.EXITED),
-    (replace(HEALTHY, process=ProcessFacts(running=False, stopped_on_purpose=True)), VerdictState.CRITICAL, C.STOPPED),
-    (replace(HEALTHY, process=ProcessFacts(running=False, ever_started=False), canary=CanaryFacts()),
-     VerdictState.STARTING, C.SPAWNING),
-    (replace(HEALTHY, health_ok=False, canary=CanaryFacts()), VerdictState.STARTING, C.LOADING),
-    (replace(HEALTHY, canary=CanaryFacts()), VerdictState.STARTING, C.CANARY_PENDING),
-    (replace(HEALTHY, now_s=5000.0, canary=CanaryFacts()), VerdictState.CRITICAL, C.STARTUP_TIMEOUT),
-    (replace(HEALTHY, health_ok=False, health_error="HTTP 500", health_failures=2), VerdictState.CRITICAL,
-     C.HEALTH_FAILED),
-    (replace(HEALTHY, stalled_for_s=9.0), VerdictState.CRITICAL, C.STUCK),
-    (replace(HEALTHY, running=0, canary=FAILED), VerdictState.CRITICAL, C.HUNG),
-    (replace(HEALTHY, worker=WorkerFacts(stopped=("VLLM::Worker (pid 7)",), stopped_for_s=3.0)),
-     VerdictState.CRITICAL, C.HUNG),
-    (replace(HEALTHY, worker=WorkerFacts(compute_known=True, idle_for_s=3.0)), VerdictState.CRITICAL, C.HUNG),
-    (replace(HEALTHY, canary=replace(FAILED, progress_during_failure=True)), VerdictState.PASSING, C.BUSY),
-    (replace(HEALTHY, running=0, canary=replace(FAILED, metrics_read=False, consecutive_failures=1)),
-     VerdictState.PASSING, C.CONFIRMING),
-])
+@pytest.mark.parametrize(
+    "facts, state, cause",
+    [
+        (HEALTHY, VerdictState.PASSING, C.OK),
+        (replace(HEALTHY, draining=True), VerdictState.DRAINING, C.DRAINING),
+        (
+            replace(HEALTHY, process=ProcessFacts(running=False, exit_code=1, restarts=5, crash_loop=True)),
+            VerdictState.CRITICAL,
+            C.CRASH_LOOP,
+        ),
+        (replace(HEALTHY, process=ProcessFacts(running=False, exit_code=1)), VerdictState.CRITICAL, C.EXITED),
+        (
+            replace(HEALTHY, process=ProcessFacts(running=False, stopped_on_purpose=True)),
+            VerdictState.CRITICAL,
+            C.STOPPED,
+        ),
+        (
+            replace(HEALTHY, process=ProcessFacts(running=False, ever_started=False), canary=CanaryFacts()),
+            VerdictState.STARTING,
+            C.SPAWNING,
+        ),
+        (replace(HEALTHY, health_ok=False, canary=CanaryFacts()), VerdictState.STARTING, C.LOADING),
+        (replace(HEALTHY, canary=CanaryFacts()), VerdictState.STARTING, C.CANARY_PENDING),
+        (replace(HEALTHY, now_s=5000.0, canary=CanaryFacts()), VerdictState.CRITICAL, C.STARTUP_TIMEOUT),
+        (
+            replace(HEALTHY, health_ok=False, health_error="HTTP 500", health_failures=2),
+            VerdictState.CRITICAL,
+            C.HEALTH_FAILED,
+        ),
+        (replace(HEALTHY, stalled_for_s=9.0), VerdictState.CRITICAL, C.STUCK),
+        (replace(HEALTHY, running=0, canary=FAILED), VerdictState.CRITICAL, C.HUNG),
+        (
+            replace(HEALTHY, worker=WorkerFacts(stopped=("VLLM::Worker (pid 7)",), stopped_for_s=3.0)),
+            VerdictState.CRITICAL,
+            C.HUNG,
+        ),
+        (replace(HEALTHY, worker=WorkerFacts(compute_known=True, idle_for_s=3.0)), VerdictState.CRITICAL, C.HUNG),
+        (replace(HEALTHY, canary=replace(FAILED, progress_during_failure=True)), VerdictState.PASSING, C.BUSY),
+        (
+            replace(HEALTHY, running=0, canary=replace(FAILED, metrics_read=False, consecutive_failures=1)),
+            VerdictState.PASSING,
+            C.CONFIRMING,
+        ),
+    ],
+)
 def test_every_rule_of_decide_names_its_cause(facts, state, cause):
     v = decide(facts, POLICY)
     assert (v.state, v.cause) == (state, cause), v
@@ -83,8 +106,12 @@ def _mesh_with(tmp_path, verdict: Verdict):
     from agent.local.mesh import Console, Mesh
     from agent.local.plan import MeshPlan
 
-    mesh = Mesh(MeshPlan(engines=1, ui=False, prometheus=False, run_dir=tmp_path), Console(json_mode=True),
-                threading.Event(), threading.Event())
+    mesh = Mesh(
+        MeshPlan(engines=1, ui=False, prometheus=False, run_dir=tmp_path),
+        Console(json_mode=True),
+        threading.Event(),
+        threading.Event(),
+    )
     cat = MemoryCatalog()
     cat.register(Registration(mesh.plan.service, "ernie-x-8001", "127.0.0.1", 8001), verdict)
     mesh.catalog = cat

@@ -31,13 +31,15 @@ def members_of(cla: endpoint_pb2.ClusterLoadAssignment) -> list[Member]:
                 continue
             sa = lb.endpoint.address.socket_address
             host = f"[{sa.address}]" if ":" in sa.address else sa.address
-            out.append(Member(lb.endpoint.hostname, f"{host}:{sa.port_value}",
-                              lb.health_status == health_check_pb2.HEALTHY))
+            out.append(
+                Member(lb.endpoint.hostname, f"{host}:{sa.port_value}", lb.health_status == health_check_pb2.HEALTHY)
+            )
     return out
 
 
-async def follow(xds_address: str, cluster: str, node_id: str, on_members: Callable[[list[Member], str], None],
-                 stop: asyncio.Event) -> None:
+async def follow(
+    xds_address: str, cluster: str, node_id: str, on_members: Callable[[list[Member], str], None], stop: asyncio.Event
+) -> None:
     """Subscribe to the cluster's endpoints until `stop`; reconnect with a short capped backoff."""
     backoff = RECONNECT_INITIAL_S
     while not stop.is_set():
@@ -49,8 +51,9 @@ async def follow(xds_address: str, cluster: str, node_id: str, on_members: Calla
                 first.node.id, first.node.cluster = node_id, "ernie-gateway-relay"
                 await requests.put(first)
 
-                async def outgoing(queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = requests,
-                                   ) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+                async def outgoing(
+                    queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = requests,
+                ) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
                     while True:
                         yield await queue.get()
 
@@ -64,9 +67,14 @@ async def follow(xds_address: str, cluster: str, node_id: str, on_members: Calla
                         if cla.cluster_name == cluster:
                             members = members_of(cla)
                     on_members(members, resp.version_info)
-                    await requests.put(discovery_pb2.DiscoveryRequest(
-                        type_url=EDS_TYPE_URL, resource_names=[cluster], version_info=resp.version_info,
-                        response_nonce=resp.nonce))
+                    await requests.put(
+                        discovery_pb2.DiscoveryRequest(
+                            type_url=EDS_TYPE_URL,
+                            resource_names=[cluster],
+                            version_info=resp.version_info,
+                            response_nonce=resp.nonce,
+                        )
+                    )
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as e:

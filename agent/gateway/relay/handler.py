@@ -1,8 +1,8 @@
 """One client request through the relay: attempts, resumes, the client's stream.
 
-    attempt 0: the client's request, balanced by Envoy (retries before the first byte are Envoy's)
-    attempt k: a continuation, sent by Envoy's stateful-session header to an instance the relay
-               picked (healthy in the snapshot, not tried by this request); no Envoy retries
+attempt 0: the client's request, balanced by Envoy (retries before the first byte are Envoy's)
+attempt k: a continuation, sent by Envoy's stateful-session header to an instance the relay
+           picked (healthy in the snapshot, not tried by this request); no Envoy retries
 """
 
 from __future__ import annotations
@@ -23,38 +23,64 @@ from agent.gateway.relay.transcript import Signal, Transcript, error_body, error
 
 log = logging.getLogger("agent.gateway.relay")
 
-HOST_OVERRIDE_HEADER = "x-ernie-host"      # Envoy's stateful session (header based, strict)
-ATTEMPT_HEADER = "x-ernie-attempt"         # "resume": the hop's route without retries
+HOST_OVERRIDE_HEADER = "x-ernie-host"  # Envoy's stateful session (header based, strict)
+ATTEMPT_HEADER = "x-ernie-attempt"  # "resume": the hop's route without retries
 INSTANCE_HEADER = "x-ernie-instance"
 # Request headers that belong to one hop, not to the request.
-_HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "expect",
-                          "accept-encoding", "te", "trailer", "upgrade", "proxy-connection",
-                          HOST_OVERRIDE_HEADER, ATTEMPT_HEADER})
+_HOP_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "expect",
+        "accept-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        HOST_OVERRIDE_HEADER,
+        ATTEMPT_HEADER,
+    }
+)
 # Response headers the relay does not pass on (its own framing, or the engine hop's session header).
-_DROPPED_RESPONSE_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "date",
-                                       "server", "content-encoding", HOST_OVERRIDE_HEADER})
+_DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "date",
+        "server",
+        "content-encoding",
+        HOST_OVERRIDE_HEADER,
+    }
+)
 
 
 def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     """The engine's response headers as the client should get them (x-ernie-instance among them)."""
     return {k: v for k, v in upstream.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
+
+
 SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
 
 # Why an attempt ended.
 DONE = "done"
-ENGINE_LOST = "engine_lost"    # connection reset / EOF before the final chunk (killed engine, lost host)
-ERROR_EVENT = "error_event"    # the engine reported a mid-stream error
-ABORT = "abort"                # vLLM aborted it (SIGTERM without drain, drain deadline)
-RESCUED = "rescued"            # its instance left the snapshot and it made no progress (hung)
+ENGINE_LOST = "engine_lost"  # connection reset / EOF before the final chunk (killed engine, lost host)
+ERROR_EVENT = "error_event"  # the engine reported a mid-stream error
+ABORT = "abort"  # vLLM aborted it (SIGTERM without drain, drain deadline)
+RESCUED = "rescued"  # its instance left the snapshot and it made no progress (hung)
 CRASH_LIKE = frozenset({ENGINE_LOST, ERROR_EVENT})
 MAX_REFUSALS = 5  # continuations refused (instance gone between pick and send) before giving up
 
 
 @dataclass(frozen=True)
 class ResumePolicy:
-    limit: int = 3             # continuations per request, whatever the cause
+    limit: int = 3  # continuations per request, whatever the cause
     limit_after_crash: int = 1  # ... of which after the engine died or errored under it (a prompt of death)
-    wait_s: float = 10.0        # how long a continuation waits for a healthy instance to appear
+    wait_s: float = 10.0  # how long a continuation waits for a healthy instance to appear
 
 
 def dropped_before_answering(status: int, headers: Mapping[str, str], body: bytes) -> str:
@@ -104,8 +130,14 @@ class ClientStream:
 
 
 class Relay:
-    def __init__(self, session: aiohttp.ClientSession, membership: Membership, metrics: RelayMetrics,
-                 policy: ResumePolicy, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        membership: Membership,
+        metrics: RelayMetrics,
+        policy: ResumePolicy,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.session = session
         self.membership = membership
         self.metrics = metrics
@@ -174,8 +206,9 @@ class Relay:
                 else:
                     path, body = request.path_qs, req.upstream_body()
                 attempt = Attempt(self.clock)
-                outcome, early = await self._attempt(request, req, t, client, attempt, path, body, member,
-                                                     continuing=t.started and t.resumes > 0)
+                outcome, early = await self._attempt(
+                    request, req, t, client, attempt, path, body, member, continuing=t.started and t.resumes > 0
+                )
                 if failed_at is not None and outcome != "refused":
                     self.metrics.resume_latency.observe(max(attempt.last_event_at - failed_at, 0.0))
                     self.metrics.resumes.labels(last_reason, "ok" if outcome == DONE else "failed").inc()
@@ -192,16 +225,22 @@ class Relay:
                 if outcome == "refused":
                     refusals += 1
                     if refusals > MAX_REFUSALS:
-                        return await self._give_up(request, req, t, client,
-                                                   "no instance accepted the request (engine hop unreachable?)")
+                        return await self._give_up(
+                            request, req, t, client, "no instance accepted the request (engine hop unreachable?)"
+                        )
                 else:
                     last_reason, failed_at = outcome, self.clock()
                     if outcome in CRASH_LIKE:
                         crash_resumes += 1
                     t.resumes += 1
-                log.info("request %s on %s ended (%s) after %d tokens; resume %d", t.id or "-",
-                         attempt.instance or (member.instance_id if member else "?"), outcome,
-                         t.generated_count(), t.resumes)
+                log.info(
+                    "request %s on %s ended (%s) after %d tokens; resume %d",
+                    t.id or "-",
+                    attempt.instance or (member.instance_id if member else "?"),
+                    outcome,
+                    t.generated_count(),
+                    t.resumes,
+                )
                 why = self._why_not_resume(req, t, client, crash_resumes)
                 if why:
                     self.metrics.resumes.labels(last_reason or outcome, why[0]).inc()
@@ -219,21 +258,34 @@ class Relay:
             self.metrics.requests.labels(request.path, "client_gone").inc()
             return client.resp or web.Response(status=499)
 
-    def _why_not_resume(self, req: RelayRequest, t: Transcript, client: ClientStream,
-                        crash_resumes: int) -> tuple[str, str] | None:
+    def _why_not_resume(
+        self, req: RelayRequest, t: Transcript, client: ClientStream, crash_resumes: int
+    ) -> tuple[str, str] | None:
         if not req.resumable and (t.started or client.events_sent):
-            return "not_resumable", (f"the instance serving this request failed, and a request with {req.why_not} "
-                                     "cannot be continued exactly on another instance")
+            return "not_resumable", (
+                f"the instance serving this request failed, and a request with {req.why_not} "
+                "cannot be continued exactly on another instance"
+            )
         if crash_resumes > self.policy.limit_after_crash:
-            return "limit", (f"this request was cut on {crash_resumes} instances (engine died or errored): "
-                             "not trying another")
+            return "limit", (
+                f"this request was cut on {crash_resumes} instances (engine died or errored): not trying another"
+            )
         if t.resumes > self.policy.limit:
             return "limit", f"this request failed on {t.resumes} instances: not trying another"
         return None
 
-    async def _attempt(self, request: web.Request, req: RelayRequest, t: Transcript, client: ClientStream,
-                       attempt: Attempt, path: str, body: bytes, member: Member | None,
-                       continuing: bool) -> tuple[str, web.StreamResponse | None]:
+    async def _attempt(
+        self,
+        request: web.Request,
+        req: RelayRequest,
+        t: Transcript,
+        client: ClientStream,
+        attempt: Attempt,
+        path: str,
+        body: bytes,
+        member: Member | None,
+        continuing: bool,
+    ) -> tuple[str, web.StreamResponse | None]:
         """Run one upstream attempt; returns (why it ended, a response to return as it is or None)."""
         try:
             ctx = self.session.post(path, data=body, headers=self._headers(request, member))
@@ -267,8 +319,15 @@ class Relay:
         finally:
             resp.close()
 
-    async def _read(self, resp: aiohttp.ClientResponse, req: RelayRequest, t: Transcript, client: ClientStream,
-                    attempt: Attempt, continuing: bool) -> str:
+    async def _read(
+        self,
+        resp: aiohttp.ClientResponse,
+        req: RelayRequest,
+        t: Transcript,
+        client: ClientStream,
+        attempt: Attempt,
+        continuing: bool,
+    ) -> str:
         splitter = sse.EventSplitter()
         on_event = t.continued if continuing else t.native
         finished = False
@@ -304,8 +363,14 @@ class Relay:
 
     # --- endings ----------------------------------------------------------------------------
 
-    async def _finish(self, request: web.Request, req: RelayRequest, t: Transcript, client: ClientStream,
-                      synthesize_final: bool = False) -> web.StreamResponse:
+    async def _finish(
+        self,
+        request: web.Request,
+        req: RelayRequest,
+        t: Transcript,
+        client: ClientStream,
+        synthesize_final: bool = False,
+    ) -> web.StreamResponse:
         self.metrics.requests.labels(request.path, "resumed" if t.resumes else "ok").inc()
         if not req.stream:
             headers = {**t.first_headers, "content-type": "application/json"}
@@ -322,8 +387,9 @@ class Relay:
         await resp.write_eof()
         return resp
 
-    async def _give_up(self, request: web.Request, req: RelayRequest, t: Transcript, client: ClientStream,
-                       message: str) -> web.StreamResponse:
+    async def _give_up(
+        self, request: web.Request, req: RelayRequest, t: Transcript, client: ClientStream, message: str
+    ) -> web.StreamResponse:
         self.metrics.requests.labels(request.path, "failed").inc()
         log.warning("request %s failed: %s", t.id or "-", message)
         if not client.started:

@@ -18,9 +18,21 @@ CONTINUATION_PATH = "/v1/completions"
 
 # Sampling parameters a continuation carries unchanged (vLLM's completion request accepts each).
 CARRIED_PARAMS = (
-    "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "stop_token_ids",
-    "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
-    "allowed_token_ids", "bad_words", "priority", "user",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "repetition_penalty",
+    "stop_token_ids",
+    "ignore_eos",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "logit_bias",
+    "allowed_token_ids",
+    "bad_words",
+    "priority",
+    "user",
 )
 # Not `truncate_prompt_tokens`: the relayed prompt IDs are already truncated, and truncating them
 # with the generated IDs again would drop the start of the context the continuation runs from.
@@ -56,8 +68,7 @@ class RelayRequest:
     def continuation_body(self, prompt_ids: list[int], generated_ids: list[int]) -> bytes:
         """A /v1/completions request that continues from exactly these tokens."""
         body: dict[str, Any] = {k: self.body[k] for k in CARRIED_PARAMS if k in self.body}
-        body.update(model=self.body.get("model"), prompt=prompt_ids + generated_ids, stream=True,
-                    return_token_ids=True)
+        body.update(model=self.body.get("model"), prompt=prompt_ids + generated_ids, stream=True, return_token_ids=True)
         if self.max_tokens is not None:
             body["max_tokens"] = max(self.max_tokens - len(generated_ids), 0)
         else:
@@ -141,13 +152,21 @@ def parse(kind: Kind, raw: bytes) -> RelayRequest | None:
     else:
         max_tokens = body.get("max_tokens", 16)
     min_tokens = body.get("min_tokens") or 0
-    if (max_tokens is not None and not isinstance(max_tokens, int)) or not isinstance(min_tokens, int) \
-            or isinstance(max_tokens, bool):
+    if (
+        (max_tokens is not None and not isinstance(max_tokens, int))
+        or not isinstance(min_tokens, int)
+        or isinstance(max_tokens, bool)
+    ):
         why = why or "unusual max_tokens"  # the engine will say what is wrong with it
         max_tokens, min_tokens = None, 0
     return RelayRequest(
-        kind=kind, body=body, stream=bool(body.get("stream")), resumable=not why, why_not=why,
+        kind=kind,
+        body=body,
+        stream=bool(body.get("stream")),
+        resumable=not why,
+        why_not=why,
         include_usage=bool(isinstance(opts, dict) and opts.get("include_usage")),
         client_wants_token_ids=bool(body.get("return_token_ids")),
-        max_tokens=max_tokens, min_tokens=min_tokens,
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
     )

@@ -32,10 +32,10 @@ UNIX_PATH_MAX = 107
 
 @dataclass(frozen=True)
 class RelayConfig:
-    socket: str             # where Envoy's edge reaches this relay
-    hop_socket: str         # Envoy's engine hop
-    xds: str                # the gateway agent's ADS server
-    cluster: str            # the engines' Envoy cluster (EDS resource name)
+    socket: str  # where Envoy's edge reaches this relay
+    hop_socket: str  # Envoy's engine hop
+    xds: str  # the gateway agent's ADS server
+    cluster: str  # the engines' Envoy cluster (EDS resource name)
     node_id: str
     stall_s: float = 1.0
     resume_limit: int = 3
@@ -47,8 +47,9 @@ class RelayConfig:
     def __post_init__(self) -> None:
         for key in ("socket", "hop_socket"):
             if len(getattr(self, key)) > UNIX_PATH_MAX:
-                raise ConfigError(f"{key} path is longer than {UNIX_PATH_MAX} bytes (a unix socket limit): "
-                                  f"{getattr(self, key)}")
+                raise ConfigError(
+                    f"{key} path is longer than {UNIX_PATH_MAX} bytes (a unix socket limit): {getattr(self, key)}"
+                )
         check_host_port(self.xds, "xds")
         if self.stall_s <= 0 or self.resume_wait_s < 0 or self.drain_s < 0:
             raise ConfigError("stall_s must be > 0, resume_wait_s and drain_s >= 0")
@@ -57,34 +58,64 @@ class RelayConfig:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ernie-mesh relay", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ernie-mesh relay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--socket", required=True, help="unix socket to listen on (Envoy's edge connects here)")
     p.add_argument("--hop-socket", required=True, help="unix socket of Envoy's engine hop")
     p.add_argument("--xds", required=True, help="host:port of the gateway agent's ADS server")
     p.add_argument("--cluster", default="ernie", help="Envoy cluster of the engines (default ernie)")
     p.add_argument("--node-id", default="", help="xDS node id (default: relay-<pid>)")
-    p.add_argument("--stall-s", type=float, default=RelayConfig.stall_s,
-                   help="a request on an instance that left the snapshot is rescued after this long "
-                        "without a chunk (default %(default)s)")
-    p.add_argument("--resume-limit", type=int, default=RelayConfig.resume_limit,
-                   help="continuations per request (default %(default)s)")
-    p.add_argument("--resume-limit-after-crash", type=int, default=RelayConfig.resume_limit_after_crash,
-                   help="continuations after the engine died or errored under the request (default %(default)s)")
-    p.add_argument("--resume-wait-s", type=float, default=RelayConfig.resume_wait_s,
-                   help="how long a continuation waits for a healthy instance (default %(default)s)")
+    p.add_argument(
+        "--stall-s",
+        type=float,
+        default=RelayConfig.stall_s,
+        help="a request on an instance that left the snapshot is rescued after this long "
+        "without a chunk (default %(default)s)",
+    )
+    p.add_argument(
+        "--resume-limit",
+        type=int,
+        default=RelayConfig.resume_limit,
+        help="continuations per request (default %(default)s)",
+    )
+    p.add_argument(
+        "--resume-limit-after-crash",
+        type=int,
+        default=RelayConfig.resume_limit_after_crash,
+        help="continuations after the engine died or errored under the request (default %(default)s)",
+    )
+    p.add_argument(
+        "--resume-wait-s",
+        type=float,
+        default=RelayConfig.resume_wait_s,
+        help="how long a continuation waits for a healthy instance (default %(default)s)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=RelayConfig.max_body_bytes)
-    p.add_argument("--drain-s", type=float, default=RelayConfig.drain_s,
-                   help="on SIGTERM, requests in flight get this long (default %(default)s)")
+    p.add_argument(
+        "--drain-s",
+        type=float,
+        default=RelayConfig.drain_s,
+        help="on SIGTERM, requests in flight get this long (default %(default)s)",
+    )
     return p
 
 
 def load(argv: list[str]) -> RelayConfig:
     a = parser().parse_args(argv)
-    return RelayConfig(socket=a.socket, hop_socket=a.hop_socket, xds=a.xds, cluster=a.cluster,
-                       node_id=a.node_id or f"relay-{os.getpid()}", stall_s=a.stall_s,
-                       resume_limit=a.resume_limit, resume_limit_after_crash=a.resume_limit_after_crash,
-                       resume_wait_s=a.resume_wait_s, max_body_bytes=a.max_body_bytes, drain_s=a.drain_s)
+    return RelayConfig(
+        socket=a.socket,
+        hop_socket=a.hop_socket,
+        xds=a.xds,
+        cluster=a.cluster,
+        node_id=a.node_id or f"relay-{os.getpid()}",
+        stall_s=a.stall_s,
+        resume_limit=a.resume_limit,
+        resume_limit_after_crash=a.resume_limit_after_crash,
+        resume_wait_s=a.resume_wait_s,
+        max_body_bytes=a.max_body_bytes,
+        drain_s=a.drain_s,
+    )
 
 
 async def serve(cfg: RelayConfig) -> int:
@@ -109,8 +140,11 @@ async def serve(cfg: RelayConfig) -> int:
     def on_members(members: list[Member], version: str) -> None:
         rescued = membership.update(members, version)
         if rescued:
-            log.warning("snapshot %s: rescuing %d stalled request(s) from instance(s) no longer routable",
-                        version[:8], len(rescued))
+            log.warning(
+                "snapshot %s: rescuing %d stalled request(s) from instance(s) no longer routable",
+                version[:8],
+                len(rescued),
+            )
 
     async def sweep() -> None:
         while not stop.is_set():
@@ -127,17 +161,20 @@ async def serve(cfg: RelayConfig) -> int:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0),
         auto_decompress=False,
     )
-    relay = Relay(session, membership, metrics,
-                  ResumePolicy(cfg.resume_limit, cfg.resume_limit_after_crash, cfg.resume_wait_s))
+    relay = Relay(
+        session, membership, metrics, ResumePolicy(cfg.resume_limit, cfg.resume_limit_after_crash, cfg.resume_wait_s)
+    )
 
     @web.middleware
     async def too_large(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
-            return web.Response(status=413, content_type="application/json",
-                                body=error_body(f"request body over {cfg.max_body_bytes} bytes", 413,
-                                                "invalid_request_error"))
+            return web.Response(
+                status=413,
+                content_type="application/json",
+                body=error_body(f"request body over {cfg.max_body_bytes} bytes", 413, "invalid_request_error"),
+            )
 
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[too_large])
     for path in ROUTES:
@@ -148,10 +185,13 @@ async def serve(cfg: RelayConfig) -> int:
     site = web.UnixSite(runner, cfg.socket)
     await site.start()
     os.chmod(cfg.socket, 0o600)
-    tasks = [asyncio.create_task(ads_client.follow(cfg.xds, cfg.cluster, cfg.node_id, on_members, stop)),
-             asyncio.create_task(sweep())]
-    log.info("relay %s: listening on %s, engine hop %s, snapshot from %s", cfg.node_id, cfg.socket,
-             cfg.hop_socket, cfg.xds)
+    tasks = [
+        asyncio.create_task(ads_client.follow(cfg.xds, cfg.cluster, cfg.node_id, on_members, stop)),
+        asyncio.create_task(sweep()),
+    ]
+    log.info(
+        "relay %s: listening on %s, engine hop %s, snapshot from %s", cfg.node_id, cfg.socket, cfg.hop_socket, cfg.xds
+    )
     await stop.wait()
     log.info("relay %s: stopping (requests in flight get up to %.0fs)", cfg.node_id, cfg.drain_s)
     await site.stop()

@@ -63,7 +63,7 @@ def _cut(event: bytes, key: bytes) -> tuple[bytes, bytes | None]:
     end = event.find(b"]", start)
     if end < 0:
         return event, None
-    return event[:i] + key[:-1] + b"null" + event[end + 1:], event[start:end]
+    return event[:i] + key[:-1] + b"null" + event[end + 1 :], event[start:end]
 
 
 def take_token_ids(event: bytes) -> tuple[bytes, TokenFields]:

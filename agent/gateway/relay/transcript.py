@@ -28,10 +28,10 @@ SPLICES_FIELD = "ernie_splices"  # for each continuation: how many completion to
 
 class Signal:
     NONE = ""
-    FINISH = "finish"   # the chunk with the finish reason was seen
-    DONE = "done"       # data: [DONE]
-    ABORT = "abort"     # vLLM's finish_reason "abort" (SIGTERM, drain deadline)
-    ERROR = "error"     # a mid-stream error event
+    FINISH = "finish"  # the chunk with the finish reason was seen
+    DONE = "done"  # data: [DONE]
+    ABORT = "abort"  # vLLM's finish_reason "abort" (SIGTERM, drain deadline)
+    ERROR = "error"  # a mid-stream error event
 
 
 def _dumps(obj: Any) -> bytes:
@@ -118,7 +118,7 @@ class Transcript:
 
     def _learn_identity(self, ev: bytes) -> None:
         try:
-            obj = json.loads(ev[len(sse.DATA_PREFIX):])
+            obj = json.loads(ev[len(sse.DATA_PREFIX) :])
         except ValueError:
             return
         self.id, self.created, self.model = obj.get("id", ""), obj.get("created", 0), obj.get("model", "")
@@ -142,7 +142,7 @@ class Transcript:
         if sse.is_error(ev):
             return None, Signal.ERROR
         try:
-            obj = json.loads(ev[len(sse.DATA_PREFIX):])
+            obj = json.loads(ev[len(sse.DATA_PREFIX) :])
         except ValueError:
             return None, Signal.ERROR
         choices = obj.get("choices") or []
@@ -170,14 +170,29 @@ class Transcript:
     def _client_chunk(self, text: str, ids: list[int], reason: str | None, stop_reason: Any) -> bytes:
         token_ids = ids if self.req.client_wants_token_ids else None
         if self.req.kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "delta": {"content": text}, "logprobs": None,
-                                      "finish_reason": reason, "token_ids": token_ids}
-            obj: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                   "model": self.model, "choices": [choice]}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": {"content": text},
+                "logprobs": None,
+                "finish_reason": reason,
+                "token_ids": token_ids,
+            }
+            obj: dict[str, Any] = {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [choice],
+            }
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason, "token_ids": token_ids}
-            obj = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                   "choices": [choice]}
+            obj = {
+                "id": self.id,
+                "object": "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [choice],
+            }
         if reason:
             choice["stop_reason"] = stop_reason
             self._provenance(obj)
@@ -197,16 +212,21 @@ class Transcript:
             if self.resumes == 0 and self.upstream_usage is not None:
                 out.append(self.upstream_usage)
             else:
-                obj: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.req.kind == "chat" else
-                       "text_completion", "created": self.created, "model": self.model, "choices": [],
-                       "usage": self.usage()}
+                obj: dict[str, Any] = {
+                    "id": self.id,
+                    "object": "chat.completion.chunk" if self.req.kind == "chat" else "text_completion",
+                    "created": self.created,
+                    "model": self.model,
+                    "choices": [],
+                    "usage": self.usage(),
+                }
                 out.append(sse.DATA_PREFIX + _dumps(obj))
         out.append(sse.DONE)
         return out
 
     def _collect(self, ev: bytes, native: bool) -> None:
         try:
-            obj = json.loads(ev[len(sse.DATA_PREFIX):])
+            obj = json.loads(ev[len(sse.DATA_PREFIX) :])
         except ValueError:
             return
         for choice in obj.get("choices") or []:
@@ -222,18 +242,49 @@ class Transcript:
         reason = self.finish_reason or "stop"
         choice: dict[str, Any]
         if self.req.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
-                                              "annotations": None, "audio": None, "function_call": None,
-                                              "tool_calls": [], "reasoning_content": None},
-                      "logprobs": None, "finish_reason": reason, "stop_reason": self.stop_reason}
-            obj: dict[str, Any] = {"id": self.id, "object": "chat.completion", "created": self.created,
-                                   "model": self.model, "choices": [choice], "service_tier": None,
-                                   "system_fingerprint": None}
+            choice = {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": text,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "tool_calls": [],
+                    "reasoning_content": None,
+                },
+                "logprobs": None,
+                "finish_reason": reason,
+                "stop_reason": self.stop_reason,
+            }
+            obj: dict[str, Any] = {
+                "id": self.id,
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [choice],
+                "service_tier": None,
+                "system_fingerprint": None,
+            }
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason,
-                      "stop_reason": self.stop_reason, "prompt_logprobs": None}
-            obj = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                   "choices": [choice], "service_tier": None, "system_fingerprint": None}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": reason,
+                "stop_reason": self.stop_reason,
+                "prompt_logprobs": None,
+            }
+            obj = {
+                "id": self.id,
+                "object": "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [choice],
+                "service_tier": None,
+                "system_fingerprint": None,
+            }
         if self.req.client_wants_token_ids:
             choice["token_ids"] = self.generated_ids()
             if self.req.kind == "chat":

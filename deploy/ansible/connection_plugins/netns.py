@@ -74,8 +74,15 @@ class Connection(LocalConnection):
     def exec_command(self, cmd, in_data=None, sudoable=True):
         if not isinstance(cmd, str):
             cmd = " ".join(shlex.quote(to_text(c)) for c in cmd)
-        wrapped = " ".join([
-            shlex.quote(self.get_option("ip_command")), "netns", "exec", shlex.quote(self._namespace()),
-            "/bin/sh", "-c", shlex.quote(to_text(cmd)),
-        ])
+        wrapped = " ".join(
+            [
+                shlex.quote(self.get_option("ip_command")),
+                "netns",
+                "exec",
+                shlex.quote(self._namespace()),
+                "/bin/sh",
+                "-c",
+                shlex.quote(to_text(cmd)),
+            ]
+        )
         return super().exec_command(wrapped, in_data=in_data, sudoable=sudoable)

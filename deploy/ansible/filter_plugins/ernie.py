@@ -12,8 +12,19 @@ from __future__ import annotations
 
 from ansible.errors import AnsibleFilterError
 
-KEYS = ("port", "kind", "url", "model", "served_model_name", "max_model_len", "host", "args", "env",
-        "shutdown_timeout_s", "log_file")
+KEYS = (
+    "port",
+    "kind",
+    "url",
+    "model",
+    "served_model_name",
+    "max_model_len",
+    "host",
+    "args",
+    "env",
+    "shutdown_timeout_s",
+    "log_file",
+)
 # A copy of agent.engine.cpu.VLLM_CPU_ENV: the filter runs on the Ansible controller and imports
 # nothing from the package (tests/unit/test_ansible_filters.py checks the two are equal).
 VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}

@@ -40,8 +40,12 @@ class ConsulAPI:
 
     def call(self, method: str, path: str, body=None):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.address + path, data=data, method=method,
-                                     headers={"X-Consul-Token": self.token, "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.address + path,
+            data=data,
+            method=method,
+            headers={"X-Consul-Token": self.token, "Content-Type": "application/json"},
+        )
         try:
             with self.opener.open(req, timeout=10) as r:
                 text = r.read().decode() or "null"
@@ -61,8 +65,10 @@ def ensure_policy(module: AnsibleModule, api: ConsulAPI) -> None:
         status, current = api.call("GET", f"/v1/acl/policy/{found['ID']}")
         if status != 200:
             module.fail_json(msg=f"read ACL policy {p['name']}: HTTP {status}: {current}")
-        if (current.get("Rules", "").strip() == p["rules"].strip()
-                and current.get("Description", "") == p["description"]):
+        if (
+            current.get("Rules", "").strip() == p["rules"].strip()
+            and current.get("Description", "") == p["description"]
+        ):
             module.exit_json(changed=False, id=found["ID"])
         if module.check_mode:
             module.exit_json(changed=True)
@@ -82,13 +88,21 @@ def ensure_token(module: AnsibleModule, api: ConsulAPI) -> None:
     p = module.params
     if not p["accessor_id"] or not p["secret_id"]:
         module.fail_json(msg=f"token {p['name']}: accessor_id and secret_id are required")
-    want = {"AccessorID": p["accessor_id"], "SecretID": p["secret_id"], "Description": p["description"],
-            "Policies": [{"Name": n} for n in p["policies"]], "Local": False}
+    want = {
+        "AccessorID": p["accessor_id"],
+        "SecretID": p["secret_id"],
+        "Description": p["description"],
+        "Policies": [{"Name": n} for n in p["policies"]],
+        "Local": False,
+    }
     status, current = api.call("GET", f"/v1/acl/token/{p['accessor_id']}")
     if status == 200:
         have_policies = sorted(x.get("Name", "") for x in current.get("Policies") or [])
-        same = (current.get("SecretID") == p["secret_id"] and current.get("Description", "") == p["description"]
-                and have_policies == sorted(p["policies"]))
+        same = (
+            current.get("SecretID") == p["secret_id"]
+            and current.get("Description", "") == p["description"]
+            and have_policies == sorted(p["policies"])
+        )
         if same:
             module.exit_json(changed=False, accessor_id=p["accessor_id"])
         if module.check_mode:

@@ -123,16 +123,32 @@ def _start(module: AnsibleModule) -> dict:
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
     os.makedirs(os.path.dirname(p["pid_file"]), exist_ok=True)
     with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:
-        proc = subprocess.Popen(p["command"], stdin=devnull, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=p["cwd"], start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            p["command"],
+            stdin=devnull,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=p["cwd"],
+            start_new_session=True,
+            close_fds=True,
+        )
     deadline = time.monotonic() + p["start_grace"]
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            module.fail_json(msg=f"{p['name']}: exited with code {proc.returncode} right after start",
-                             log_tail=_log_tail(log_path), command=p["command"])
+            module.fail_json(
+                msg=f"{p['name']}: exited with code {proc.returncode} right after start",
+                log_tail=_log_tail(log_path),
+                command=p["command"],
+            )
         time.sleep(0.05)
-    data = {"pid": proc.pid, "start_time": _start_time(proc.pid), "fingerprint": p["fingerprint"],
-            "command": p["command"], "started_at": time.time()}
+    data = {
+        "pid": proc.pid,
+        "start_time": _start_time(proc.pid),
+        "fingerprint": p["fingerprint"],
+        "command": p["command"],
+        "started_at": time.time(),
+    }
     tmp = p["pid_file"] + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f)

@@ -40,8 +40,12 @@ def sha256(path: Path) -> str:
 
 
 def pip(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True,
-                          env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "pip", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", **(env or {})},
+    )
 
 
 def build_wheel(src: Path, out: Path) -> Path:
@@ -56,8 +60,16 @@ def build_wheel(src: Path, out: Path) -> Path:
             elif p.is_file():
                 shutil.copy2(p, stage / name)
         dist = Path(tmp) / "dist"
-        r = pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(stage),
-                env={"SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH})
+        r = pip(
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(dist),
+            str(stage),
+            env={"SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH},
+        )
         wheels = sorted(dist.glob("ernie_mesh-*.whl"))
         if r.returncode != 0 or not wheels:
             sys.exit(f"build_wheel: pip wheel failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
@@ -73,8 +85,9 @@ def requirements_key(wheel: Path) -> str:
 
     with zipfile.ZipFile(wheel) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        lines = [line for line in z.read(meta).decode().splitlines()
-                 if line.startswith(("Requires-", "Provides-Extra"))]
+        lines = [
+            line for line in z.read(meta).decode().splitlines() if line.startswith(("Requires-", "Provides-Extra"))
+        ]
     lines.append(f"{sys.implementation.cache_tag} {sys.platform}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -128,8 +141,14 @@ def main() -> None:
     if not (src / "pyproject.toml").is_file():
         sys.exit(f"build_wheel: {src} is not an ernie-mesh checkout (no pyproject.toml)")
     wheel = build_wheel(src, Path(args.out))
-    out = {"wheel": str(wheel), "version": wheel.name.split("-")[1], "sha256": sha256(wheel),
-           "wheelhouse": "", "wheelhouse_tar": "", "wheelhouse_sha256": ""}
+    out = {
+        "wheel": str(wheel),
+        "version": wheel.name.split("-")[1],
+        "sha256": sha256(wheel),
+        "wheelhouse": "",
+        "wheelhouse_tar": "",
+        "wheelhouse_sha256": "",
+    }
     if args.wheelhouse:
         wh = Path(args.wheelhouse).resolve()
         fill_wheelhouse(wheel, wh)
