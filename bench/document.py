@@ -26,16 +26,20 @@ the counts (failed, truncated) as exact and the times as medians of a noisy mach
 matter more than the absolute milliseconds.
 
 Reproduce: `python -m bench` (drills with simulated engines for both systems, proxy overhead,
-propagation, scale; about 40 minutes), `python -m bench --only vllm` (kill and rolling with real
+propagation, scale; about 40 minutes), `python -m bench --only vllm` (kill, hang and rolling with real
 vLLM engines), or a single drill: `ernie-mesh drill kill --system both --duration 60 --json`.
 
 ## What is compared
 
 - **ernie-mesh**: a Consul dev agent; one engine agent per engine (`ernie-mesh engine`, default
-  policy: probe every 1 s, a 1-token canary every 2 s with a 3 s deadline, stall watchdog 8 s, TTL
-  10 s; drains before stopping); one gateway agent (`ernie-mesh gateway`) with its Envoy (policy
-  in `envoy/bootstrap.yaml`, see docs/gateway.md: least-request, retries of connect-failure /
-  reset / 503 on other hosts, outlier ejection, no route timeout).
+  policy: probe every 1 s, a 1-token canary every 1 s with a 3 s deadline; a vLLM engine whose
+  model processes are stopped, or do not compute for 2 s while work is in flight, is hung —
+  facts from /proc; without them (simulated engines) a stall watchdog of 8 s; TTL 10 s; drains
+  before stopping); one gateway agent (`ernie-mesh gateway`) with its Envoy (policy in
+  `envoy/bootstrap.yaml`, see docs/gateway.md: least-request, retries of connect-failure / 503 on
+  other hosts, outlier ejection on local-origin failures, no route timeout) and its **resuming
+  relay** (2 processes: a stream whose engine dies, hangs or aborts continues on another instance
+  from the relayed token IDs).
 - **baseline** (`bench/baseline/`): Debian's nginx with a round-robin `upstream` over the engine
   ports, `proxy_read_timeout 300s`, and `healthcheck.py`, which polls every engine's `/health`
   every 10 s (5 s timeout), rewrites the upstream list to the engines that answered 200 and runs
