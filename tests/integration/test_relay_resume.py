@@ -381,4 +381,6 @@ def test_bad_input_is_a_4xx_passed_through_and_nothing_is_resumed(fresh):
         json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}], "stream": True},
     )
     assert r.status_code == 404 and r.json()["error"]["code"] == 404
+    r = httpx.get(f"{fresh.gateway.url}/v1/chat/completions", timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
     assert fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"') == before

@@ -148,6 +148,15 @@ class Relay:
     # --- entry ------------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method != "POST":
+            return web.Response(
+                status=405,
+                headers={"allow": "POST"},
+                content_type="application/json",
+                body=error_body(
+                    f"{request.method} is not allowed on {request.path}: use POST", 405, "invalid_request_error"
+                ),
+            )
         kind = ROUTES[request.path]
         raw = await request.read()
         req = parse(kind, raw)

@@ -178,7 +178,7 @@ async def serve(cfg: RelayConfig) -> int:
 
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[too_large])
     for path in ROUTES:
-        app.router.add_post(path, relay.handle)
+        app.router.add_route("*", path, relay.handle)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     Path(cfg.socket).unlink(missing_ok=True)
