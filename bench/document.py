@@ -200,13 +200,15 @@ def shortfalls(results: Figures) -> list[str]:
         )
         out.append(SHORTFALL_KILL.format(counts=counts))
     others = [
-        r for r in rows + vrows if r["system"] == "mesh" and (r["failed"] or r["truncated"]) and r["scenario"] != "kill"
+        r
+        for r in rows + vrows
+        if r["system"] == "mesh" and (r["failed"] or (r["truncated"] and r["scenario"] != "kill"))
     ]
     for r in others:
         errs = "; ".join(f"{n} × {e}" for e, n in r["errors"].items())
         out.append(
             f"### {r['scenario']} ({r['engine']}): {r['failed']} failed, {r['truncated']} truncated\n\n"
-            f"Errors: {errs}. See the note below the table.\n"
+            f"Errors: {errs}. What happened and what is left: docs/gateway.md, Known limits.\n"
         )
     if not out:
         return []
