@@ -3,6 +3,7 @@ load, polling with deadlines. Real Consul, real Envoy, SIMULATED engines."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,16 +11,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 
 import httpx
 import openai
 
-from agent.catalog.base import Registration, Verdict, VerdictState
+from agent.catalog.base import NotRegistered, Registration, Verdict, VerdictState
 from agent.catalog.consul import ConsulCatalog
 from agent.gateway.envoy import EnvoyAdmin
+from agent.local.consul_dev import ConsulDev
 from agent.local.ports import free_ports
 from agent.sim.process import SimEngineProcess
 
@@ -248,6 +250,63 @@ class Gateway:
             except ProcessLookupError:
                 pass  # already gone: the agent stopped it
         self.admin.close()
+
+
+# --- a whole mesh of simulated engines ----------------------------------------------------------
+
+
+class Mesh:
+    """A real Consul dev agent, SIMULATED engines registered as passing, one gateway (+ Envoy, relays)."""
+
+    def __init__(self, consul: ConsulDev, catalog: ConsulCatalog, engines: list[Engine], gateway: Gateway):
+        self.consul, self.catalog, self.engines, self.gateway = consul, catalog, engines, gateway
+
+    def healthy_in_envoy(self) -> bool:
+        eps = self.gateway.endpoints()
+        return sorted(eps) == sorted(e.id for e in self.engines) and all(v == "healthy" for v in eps.values())
+
+    def reset(self) -> None:
+        """Every engine running, passing, fault-free, healthy in Envoy. An engine that was killed is
+        first removed (as its engine agent would) so that Envoy forgets its ejection."""
+        for e in self.engines:
+            if not e.running:
+                try:
+                    e.set(VerdictState.CRITICAL, "process exited")
+                except NotRegistered:
+                    pass  # deregistered by the test (drain): already out of envoy
+                wait_until(lambda e=e: e.id not in self.gateway.endpoints(), 5, f"{e.id} removed from envoy")
+            e.ensure_healthy()
+        wait_until(self.healthy_in_envoy, 10, f"{len(self.engines)} healthy endpoints in envoy")
+
+    def busiest(self) -> Engine:
+        """The engine with the most requests in flight now (where a kill hurts most)."""
+        return max((e for e in self.engines if e.running), key=lambda e: e.stats()["in_flight"])
+
+
+@contextlib.contextmanager
+def sim_mesh(
+    root: Path, node: str, service: str, token_delay_ms: float, engines: int = 3, engine_args: tuple[str, ...] = ()
+) -> Iterator[Mesh]:
+    """A Mesh for a test module, stopped (gateway, engines, Consul) whatever happens."""
+    (root / "consul").mkdir()
+    consul = ConsulDev(node=node, data_dir=str(root / "consul")).start()
+    catalog = ConsulCatalog(consul.address)
+    started: list[Engine] = []
+    gateway = None
+    try:
+        for port in free_ports(engines):
+            started.append(Engine(catalog, service, port, root, token_delay_ms, extra_args=engine_args).start())
+            started[-1].register()
+        gateway = Gateway(consul.address, service, root / "gw").start()
+        m = Mesh(consul, catalog, started, gateway)
+        wait_until(m.healthy_in_envoy, 10, f"{engines} healthy endpoints in envoy")
+        yield m
+    finally:
+        if gateway is not None:
+            gateway.cleanup()
+        for e in started:
+            e.stop()
+        consul.stop()
 
 
 # --- load ----------------------------------------------------------------------------------------

@@ -13,16 +13,14 @@ import httpx
 import openai
 import pytest
 
-from agent.catalog.base import NotRegistered, VerdictState
-from agent.catalog.consul import ConsulCatalog
-from agent.local.consul_dev import ConsulDev
-from agent.local.ports import free_ports
+from agent.catalog.base import VerdictState
 from tests.integration.gateway_support import (
-    Engine,
     Gateway,
     Load,
+    Mesh,
     describe,
     failures,
+    sim_mesh,
     wait_until,
 )
 
@@ -34,50 +32,10 @@ CLIENTS = 10
 pytestmark = pytest.mark.timeout(120)
 
 
-class Mesh:
-    def __init__(self, consul: ConsulDev, catalog: ConsulCatalog, engines: list[Engine], gateway: Gateway):
-        self.consul, self.catalog, self.engines, self.gateway = consul, catalog, engines, gateway
-
-    def healthy_in_envoy(self) -> bool:
-        eps = self.gateway.endpoints()
-        return sorted(eps) == sorted(e.id for e in self.engines) and all(v == "healthy" for v in eps.values())
-
-    def reset(self) -> None:
-        """Three running, passing, fault-free engines, all healthy in Envoy. An engine that was
-        killed is first removed (as its engine agent would) so that Envoy forgets its ejection."""
-        for e in self.engines:
-            if not e.running:
-                try:
-                    e.set(VerdictState.CRITICAL, "process exited")
-                except NotRegistered:
-                    pass  # deregistered by the test (drain): already out of envoy
-                wait_until(lambda e=e: e.id not in self.gateway.endpoints(), 5, f"{e.id} removed from envoy")
-            e.ensure_healthy()
-        wait_until(self.healthy_in_envoy, 10, "three healthy endpoints in envoy")
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gateway")
-    (root / "consul").mkdir()
-    consul = ConsulDev(node="ernie-gw-test", data_dir=str(root / "consul")).start()
-    catalog = ConsulCatalog(consul.address)
-    engines: list[Engine] = []
-    gateway = None
-    try:
-        for port in free_ports(3):
-            engines.append(Engine(catalog, SERVICE, port, root, TOKEN_DELAY_MS).start())
-            engines[-1].register()
-        gateway = Gateway(consul.address, SERVICE, root / "gw").start()
-        m = Mesh(consul, catalog, engines, gateway)
-        wait_until(m.healthy_in_envoy, 10, "three healthy endpoints in envoy")
+    with sim_mesh(tmp_path_factory.mktemp("gateway"), "ernie-gw-test", SERVICE, TOKEN_DELAY_MS) as m:
         yield m
-    finally:
-        if gateway is not None:
-            gateway.cleanup()
-        for e in engines:
-            e.stop()
-        consul.stop()
 
 
 @pytest.fixture

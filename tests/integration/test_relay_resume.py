@@ -15,11 +15,8 @@ import httpx
 import openai
 import pytest
 
-from agent.catalog.base import NotRegistered, VerdictState
-from agent.catalog.consul import ConsulCatalog
-from agent.local.consul_dev import ConsulDev
-from agent.local.ports import free_ports
-from tests.integration.gateway_support import Engine, Gateway, wait_until
+from agent.catalog.base import VerdictState
+from tests.integration.gateway_support import sim_mesh, wait_until
 
 SERVICE = "ernie"
 TOKEN_DELAY_MS = 20
@@ -142,60 +139,14 @@ def bad(results: list[Outcome]) -> str:
     )
 
 
-class Mesh:
-    def __init__(self, consul, catalog, engines: list[Engine], gateway: Gateway):
-        self.consul, self.catalog, self.engines, self.gateway = consul, catalog, engines, gateway
-
-    def healthy_in_envoy(self) -> bool:
-        eps = self.gateway.endpoints()
-        return sorted(eps) == sorted(e.id for e in self.engines) and all(v == "healthy" for v in eps.values())
-
-    def reset(self) -> None:
-        for e in self.engines:
-            if not e.running:
-                try:
-                    e.set(VerdictState.CRITICAL, "process exited")
-                except NotRegistered:
-                    pass  # deregistered already
-                wait_until(lambda e=e: e.id not in self.gateway.endpoints(), 5, f"{e.id} removed from envoy")
-            e.ensure_healthy()
-        wait_until(self.healthy_in_envoy, 10, "three healthy endpoints in envoy")
-
-    def busiest(self) -> Engine:
-        """The engine with the most requests in flight now (where a kill hurts most)."""
-        return max((e for e in self.engines if e.running), key=lambda e: e.stats()["in_flight"])
-
-    def relay_metric(self, name: str, labels: str = "") -> float:
-        return self.gateway.metric(name, labels)
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     root = tmp_path_factory.mktemp("relay")
-    (root / "consul").mkdir()
-    consul = ConsulDev(node="ernie-relay-test", data_dir=str(root / "consul")).start()
-    catalog = ConsulCatalog(consul.address)
-    engines: list[Engine] = []
-    gateway = None
-    try:
-        for port in free_ports(3):
-            engines.append(
-                Engine(
-                    catalog, SERVICE, port, root, TOKEN_DELAY_MS, extra_args=("--crash-on-prompt", PROMPT_OF_DEATH)
-                ).start()
-            )
-            engines[-1].register()
-        gateway = Gateway(consul.address, SERVICE, root / "gw").start()
-        m = Mesh(consul, catalog, engines, gateway)
-        wait_until(m.healthy_in_envoy, 10, "three healthy endpoints in envoy")
-        wait_until(lambda: gateway.metric("ernie_gateway_xds_streams") >= 3, 10, "envoy and two relays on xDS")
+    with sim_mesh(
+        root, "ernie-relay-test", SERVICE, TOKEN_DELAY_MS, engine_args=("--crash-on-prompt", PROMPT_OF_DEATH)
+    ) as m:
+        wait_until(lambda: m.gateway.metric("ernie_gateway_xds_streams") >= 3, 10, "envoy and two relays on xDS")
         yield m
-    finally:
-        if gateway is not None:
-            gateway.cleanup()
-        for e in engines:
-            e.stop()
-        consul.stop()
 
 
 @pytest.fixture
@@ -218,7 +169,9 @@ def test_kill_mid_stream_loses_nothing(fresh):
     assert resumed, "some requests were on the killed engine and must have been continued elsewhere"
     assert all(r.instances[0] == victim.id and victim.id not in r.instances[1:] for r in resumed)
     assert {r.stream for r in resumed} == {True, False}, "streaming and non-streaming requests both resume"
-    assert fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"') >= len(resumed)
+    assert fresh.gateway.metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"') >= len(
+        resumed
+    )
 
 
 def test_hung_engine_gives_its_requests_back(fresh):
@@ -267,7 +220,7 @@ def test_sigterm_without_drain_abort_chunks_are_resumed(fresh):
         victim.proc.proc.wait(10)
         load.wait_for_more(3 * CLIENTS)
     assert all(r.ok for r in load.results), bad(load.results)
-    assert fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="abort"') >= 1
+    assert fresh.gateway.metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="abort"') >= 1
 
 
 def test_a_killed_relay_is_restarted_and_new_requests_flow(fresh):
@@ -317,7 +270,7 @@ def test_resume_limit_ends_with_an_error_event_not_a_cut(fresh):
                     seen_kills += 1
     assert seen_kills == 2
     assert "cut on 2 instances" in str(err.value)
-    assert fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="limit",reason="engine_lost"') >= 1
+    assert fresh.gateway.metric("ernie_gateway_relay_resumes_total", 'outcome="limit",reason="engine_lost"') >= 1
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -367,7 +320,7 @@ def test_client_disconnect_cancels_the_engine_request(fresh):
 
 
 def test_bad_input_is_a_4xx_passed_through_and_nothing_is_resumed(fresh):
-    before = fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"')
+    before = fresh.gateway.metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"')
     r = httpx.post(
         f"{fresh.gateway.url}/v1/chat/completions",
         content=b"{not json",
@@ -383,4 +336,4 @@ def test_bad_input_is_a_4xx_passed_through_and_nothing_is_resumed(fresh):
     assert r.status_code == 404 and r.json()["error"]["code"] == 404
     r = httpx.get(f"{fresh.gateway.url}/v1/chat/completions", timeout=10)
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
-    assert fresh.relay_metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"') == before
+    assert fresh.gateway.metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"') == before
