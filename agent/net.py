@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import socket
 
+UNIX_PATH_MAX = 107  # bytes in a unix socket path (sun_path, less the terminating NUL)
+
 
 def bind_error(host: str, port: int) -> str | None:
     """None when a TCP server could bind host:port now (with SO_REUSEADDR, as servers bind), else

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from agent.net import UNIX_PATH_MAX
 from agent.config import (
     ConfigError,
     ConsulConfig,
@@ -33,7 +34,6 @@ from agent.naming import gateway_instance_id
 _WATCH_DEFAULTS = WatchSettings()
 REPO_ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
 DEFAULT_BOOTSTRAP_TEMPLATE = REPO_ENVOY_DIR / "bootstrap.yaml"
-UNIX_PATH_MAX = 107
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 

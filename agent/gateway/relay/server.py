@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from agent.config import ConfigError, check_host_port
+from agent.net import UNIX_PATH_MAX
 
 if TYPE_CHECKING:  # aiohttp and the relay's modules are imported when it serves, not to parse flags
     from aiohttp.typedefs import Handler
@@ -27,7 +28,6 @@ if TYPE_CHECKING:  # aiohttp and the relay's modules are imported when it serves
 log = logging.getLogger("agent.gateway.relay")
 
 SWEEP_INTERVAL_S = 0.25
-UNIX_PATH_MAX = 107
 
 
 @dataclass(frozen=True)

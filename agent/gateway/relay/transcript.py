@@ -52,7 +52,6 @@ class Transcript:
     stop_reason: Any = None
     text: list[str] = field(default_factory=list)  # non-streaming clients only
     resumes: int = 0
-    sent_events: int = 0
     upstream_usage: bytes | None = None  # the engine's usage chunk (used as is when nothing was resumed)
     first_headers: dict[str, str] = field(default_factory=dict)  # the first engine's response headers
 
@@ -105,7 +104,7 @@ class Transcript:
             return None, Signal.NONE
         reason = sse.finish_reason(ev)
         if not self.req.stream:
-            self._collect(ev, native=True)
+            self._collect(ev)
         if reason == "abort":
             if not ids.generated:
                 return None, Signal.ABORT
@@ -224,7 +223,7 @@ class Transcript:
         out.append(sse.DONE)
         return out
 
-    def _collect(self, ev: bytes, native: bool) -> None:
+    def _collect(self, ev: bytes) -> None:
         try:
             obj = json.loads(ev[len(sse.DATA_PREFIX) :])
         except ValueError:
