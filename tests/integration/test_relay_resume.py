@@ -292,6 +292,10 @@ def test_a_prompt_of_death_takes_at_most_one_more_engine(fresh, stream, resumabl
                 list(r)
     crashed = [e for e in fresh.engines if not e.running]
     assert 1 <= len(crashed) <= 2, f"{len(crashed)} engines crashed on one request ({err.value})"
+    # Their engine agents would report them at once (process exited); these engines have none.
+    for e in crashed:
+        e.set(VerdictState.CRITICAL, "process exited")
+        wait_until(lambda e=e: e.id not in fresh.gateway.endpoints(), 5, f"{e.id} removed from envoy")
     with openai.OpenAI(base_url=f"{fresh.gateway.url}/v1", api_key="sk-test", max_retries=0, timeout=30) as c:
         ok = ask(c, stream=True, max_tokens=5)
     assert ok.ok, ok.error  # the surviving engine(s) serve on
