@@ -50,6 +50,7 @@ class EngineAgentProc:
                 {
                     "listen": f"127.0.0.1:{self.port}",
                     "node": NODE,
+                    "advertise_address": "127.0.0.1",  # a one-host mesh: loopback registered on purpose
                     "log_dir": str(workdir / "logs"),
                     **agent_settings,
                     "consul": {"address": consul_address, "service": SERVICE},

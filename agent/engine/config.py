@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,26 @@ from agent.naming import instance_id
 
 ENGINE_KINDS = ("vllm", "simulated", "attach")
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, `localhost` and `*.localhost` (RFC 6761), without a DNS lookup."""
+    h = host.strip("[]").lower().rstrip(".")
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def url_host(url: str) -> str:
+    """The host of `scheme://host[:port][/path]`, without IPv6 brackets."""
+    hostport = url.split("://", 1)[-1].split("/", 1)[0]
+    if hostport.startswith("["):
+        return hostport[1:].split("]", 1)[0]
+    return hostport.rpartition(":")[0] if ":" in hostport else hostport
 
 
 @dataclass(frozen=True)
@@ -142,8 +163,43 @@ class EngineAgentConfig:
             host = self.advertise_address
         return f"http://{host}:{port}"
 
+    def engine_address(self, engine: EngineSpec) -> str:
+        """The address registered for `engine`, what gateways dial: its host (an attached engine: its
+        URL's); listening everywhere, this host's advertise_address."""
+        address = engine.host if engine.supervised else url_host(engine.url)
+        return self.advertise_address if address in WILDCARDS else address
+
     def instance_id(self, engine: EngineSpec) -> str:
         return instance_id(self.consul.service, self.node, engine.port)
+
+
+def check_no_loopback(cfg: EngineAgentConfig, loopback_configured: bool) -> None:
+    """Refuse to register a loopback address (gateways on other hosts would dial their own) unless
+    advertise_address was set to one explicitly: a one-host mesh, as `ernie-mesh up` writes it."""
+    if loopback_configured:
+        return
+    one_host = 'or advertise_address = "127.0.0.1" if every gateway runs on this host'
+    for e in cfg.engines:
+        address = cfg.engine_address(e)
+        if not is_loopback(address):
+            continue
+        if not e.supervised and url_host(e.url) not in WILDCARDS:
+            raise ConfigError(
+                f"attached engine {e.url} is on {address}, a loopback address: gateways on other hosts would "
+                f"dial their own; give its url with an address other hosts reach, {one_host}"
+            )
+        if e.supervised and e.host not in WILDCARDS:
+            raise ConfigError(
+                f"engine on port {e.port} listens on {address}, a loopback address: gateways on other hosts "
+                f'would dial their own; set host = "<an address other hosts reach>" (or "0.0.0.0": registered '
+                f"as advertise_address) in its [[engines]] table, {one_host}"
+            )
+        raise ConfigError(
+            f"engine on port {e.port} would be registered at advertise_address {address} (derived from the "
+            f"route to Consul at {cfg.consul.address}), a loopback address: gateways on other hosts would dial "
+            "their own; set advertise_address (or --advertise-address, ERNIE_MESH_ADVERTISE_ADDRESS) to the "
+            f"address other hosts reach this one on, {one_host}"
+        )
 
 
 HELP = """\
@@ -153,17 +209,24 @@ Consul as service `ernie` with a TTL check carrying its health verdict, and drai
 Config file (TOML), e.g.:
 
   listen = "127.0.0.1:9100"        # agent API: /live /ready/<id> /metrics /instances /drain/<id>
+  advertise_address = "10.0.0.7"   # other hosts reach this one there (default: the route to Consul)
   zone = "rack-1"
   [consul]
   address = "127.0.0.1:8500"       # or CONSUL_HTTP_ADDR; token: CONSUL_HTTP_TOKEN
   [[engines]]
   port = 8001
+  host = "0.0.0.0"                 # vLLM listens everywhere, registered as advertise_address
   model = "baidu/ERNIE-4.5-0.3B-PT"
   served_model_name = "ernie"
   args = ["--max-model-len", "4096"]
   env = { CUDA_VISIBLE_DEVICES = "0" }
   [[engines]]
-  url = "http://127.0.0.1:8002"    # attach to a server the agent did not start
+  url = "http://10.0.0.7:8002"     # attach to a server the agent did not start
+
+Each engine is registered at the address gateways dial: its `host` (default 127.0.0.1) or an
+attached engine's URL host; "0.0.0.0" or "::" means advertise_address. A loopback address is
+refused (gateways on other hosts would dial their own) unless advertise_address is set to one
+explicitly, for a mesh on one host (what `ernie-mesh up` writes).
 
 Precedence: file, then environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, ERNIE_MESH_NODE,
 ERNIE_MESH_ADVERTISE_ADDRESS, ERNIE_MESH_ZONE), then flags.
@@ -229,6 +292,7 @@ def load(argv: list[str]) -> EngineAgentConfig:
     if not isinstance(engines, list):
         raise ConfigError("engines must be an array of tables ([[engines]])")
     cfg: EngineAgentConfig = build(EngineAgentConfig, data, where="")
+    loopback_configured = bool(cfg.advertise_address) and is_loopback(cfg.advertise_address)
     vllm = [e for e in cfg.engines if e.kind == "vllm"]
     bound = dict(zip((e.port for e in vllm), spread([dict(e.env) for e in vllm])))
     cfg = replace(
@@ -237,6 +301,7 @@ def load(argv: list[str]) -> EngineAgentConfig:
         advertise_address=cfg.advertise_address or route_address(cfg.consul.address),
         engines=tuple(replace(e, env=bound[e.port]) if e.port in bound else e for e in cfg.engines),
     )
+    check_no_loopback(cfg, loopback_configured)
     if cfg.log_dir:
         Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
     return cfg

@@ -225,13 +225,10 @@ class InstanceController:
             "agent_url": self.cfg.agent_url,
         }
         tags = (f"model={served}", f"zone={self.cfg.zone}", *self.cfg.tags)
-        address = self.spec.host if self.spec.supervised else _host_of(self.spec.url)
-        if address in ("0.0.0.0", "::", ""):  # listening everywhere: other hosts reach it on our address
-            address = self.cfg.advertise_address
         return Registration(
             service=self.cfg.consul.service,
             instance_id=self.id,
-            address=address,
+            address=self.cfg.engine_address(self.spec),
             port=self.spec.port,
             meta={k: v for k, v in meta.items() if v != ""},
             tags=tuple(dict.fromkeys(tags)),
@@ -472,9 +469,3 @@ class InstanceController:
             "pid": self.process.pid if self.process else None,
             "consul_ok": self.consul_ok,
         }
-
-
-def _host_of(url: str) -> str:
-    rest = url.split("://", 1)[-1]
-    hostport = rest.split("/", 1)[0]
-    return hostport.rpartition(":")[0].strip("[]") or hostport

@@ -30,6 +30,7 @@ class EngineAgent:
                 {
                     "listen": f"127.0.0.1:{self.port}",
                     "node": node,
+                    "advertise_address": "127.0.0.1",  # a one-host mesh: loopback registered on purpose
                     "log_dir": str(self.tmp / "logs"),
                     **settings,
                     "consul": {"address": consul_address, "service": service},

@@ -31,7 +31,9 @@ def controller(completions) -> InstanceController:
             return completions(request)
         return httpx.Response(404)
 
-    cfg = engine_config.load(["--node", "n1", "--engine", "attach:http://127.0.0.1:8001"])
+    cfg = engine_config.load(
+        ["--node", "n1", "--advertise-address", "127.0.0.1", "--engine", "attach:http://127.0.0.1:8001"]
+    )
     cfg = dataclasses.replace(cfg, canary_interval_s=0.01)
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     c = InstanceController(cfg, cfg.engines[0], MemoryCatalog(), client, EngineAgentMetrics())

@@ -17,7 +17,7 @@ PASS = Verdict(VerdictState.PASSING, "canary generation ok")
 
 
 def make(argv, catalog):
-    cfg = engine_config.load(argv)
+    cfg = engine_config.load(["--advertise-address", "127.0.0.1", *argv])
     client = httpx.AsyncClient()
     return InstanceController(cfg, cfg.engines[0], catalog, client, EngineAgentMetrics())
 
@@ -47,9 +47,15 @@ def test_payload_has_stable_id_meta_tags_and_ttl_check():
 
 def test_engine_listening_everywhere_is_registered_on_the_advertised_address():
     cat = MemoryCatalog()
-    cfg = engine_config.load(["--node", "n1", "--advertise-address", "192.0.2.10", "--engine", "simulated:8001"])
-    spec = cfg.engines[0].__class__(**{**cfg.engines[0].__dict__, "host": "0.0.0.0"})
-    c = InstanceController(cfg, spec, cat, httpx.AsyncClient(), EngineAgentMetrics())
+    cfg = engine_config.build(
+        engine_config.EngineAgentConfig,
+        {
+            "node": "n1",
+            "advertise_address": "192.0.2.10",
+            "engines": [{"kind": "simulated", "port": 8001, "host": "0.0.0.0"}],
+        },
+    )
+    c = InstanceController(cfg, cfg.engines[0], cat, httpx.AsyncClient(), EngineAgentMetrics())
     assert c.registration().address == "192.0.2.10"
 
 
@@ -113,7 +119,9 @@ def test_a_verdict_in_flight_during_the_drain_does_not_resurrect_the_instance():
     """Before: _drain deregistered while a set_verdict was still in flight on another thread; it
     landed afterwards, got NotRegistered and re-registered the instance (a ghost)."""
     cat = SlowCatalog(delay_s=1.0)
-    cfg = engine_config.load(["--node", "n1", "--engine", "attach:http://127.0.0.1:9"])
+    cfg = engine_config.load(
+        ["--node", "n1", "--advertise-address", "127.0.0.1", "--engine", "attach:http://127.0.0.1:9"]
+    )
     cfg = dataclasses.replace(cfg, drain_settle_s=0.01, drain_deadline_s=0.2)
     c = InstanceController(cfg, cfg.engines[0], cat, httpx.AsyncClient(), EngineAgentMetrics())
 

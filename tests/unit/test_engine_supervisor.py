@@ -15,7 +15,7 @@ from agent.engine.verdict import CanaryFacts, Facts, Policy, decide
 
 def process(monkeypatch, code: str, **settings) -> EngineProcess:
     monkeypatch.setattr(supervisor, "engine_command", lambda spec: [sys.executable, "-c", code])
-    cfg = engine_config.load(["--node", "n1", "--engine", "simulated:8001"])
+    cfg = engine_config.load(["--node", "n1", "--advertise-address", "127.0.0.1", "--engine", "simulated:8001"])
     cfg = dataclasses.replace(cfg, **settings)
     return EngineProcess(cfg.engines[0], cfg, "test-engine")
 

@@ -53,7 +53,9 @@ def test_the_ttl_is_refreshed_while_the_probe_cycle_hangs():
     """A probe cycle that takes longer than the TTL (probe timeouts + a slow Consul) must not expire a
     healthy instance's check."""
     cat = MemoryCatalog()
-    cfg = engine_config.load(["--node", "n1", "--engine", "attach:http://127.0.0.1:9"])
+    cfg = engine_config.load(
+        ["--node", "n1", "--advertise-address", "127.0.0.1", "--engine", "attach:http://127.0.0.1:9"]
+    )
     cfg = dataclasses.replace(cfg, probe_interval_s=0.1, ttl_s=0.45)
     c = InstanceController(cfg, cfg.engines[0], cat, httpx.AsyncClient(), EngineAgentMetrics())
     real_collect = c.collect
@@ -82,7 +84,9 @@ def test_the_ttl_is_refreshed_while_the_probe_cycle_hangs():
 
 def test_a_steady_starting_instance_writes_nothing_after_registering():
     cat = MemoryCatalog()
-    cfg = engine_config.load(["--node", "n1", "--engine", "attach:http://127.0.0.1:9"])
+    cfg = engine_config.load(
+        ["--node", "n1", "--advertise-address", "127.0.0.1", "--engine", "attach:http://127.0.0.1:9"]
+    )
     cfg = dataclasses.replace(cfg, probe_interval_s=0.05)
     c = InstanceController(cfg, cfg.engines[0], cat, httpx.AsyncClient(), EngineAgentMetrics())
 
