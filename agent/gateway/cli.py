@@ -1,8 +1,14 @@
-"""`ernie-mesh gateway`: build the config and the parts, run until SIGTERM/SIGINT, stop cleanly."""
+"""`ernie-mesh gateway`: build the config and the parts, run until a signal.
+
+SIGTERM/SIGINT stop the gateway: deregister, drain Envoy (requests in flight get up to
+`drain_deadline_s`), stop Envoy and the relays. SIGHUP reloads: the agent re-executes itself
+(new code, config re-read) and leaves Envoy and the relays serving; the new agent adopts them, or
+hot-restarts Envoy when the rendered bootstrap changed (systemd: `systemctl reload`)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -48,6 +54,8 @@ def prepare(argv: list[str]) -> tuple[gateway_config.GatewayConfig, str, str]:
 
 
 def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
+    """Run until a signal. Returns the exit code, or RELOAD after SIGHUP (everything but Envoy
+    and the relays stopped, ready for the exec)."""
     catalog = ConsulCatalog(cfg.consul.address, cfg.consul.token)
     metrics = GatewayMetrics()
     envoy = EnvoySupervisor(cfg, binary, template, on_restart=metrics.envoy_restarts.inc)
@@ -57,12 +65,16 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     agent = GatewayAgent(cfg, catalog, metrics, ads, envoy, relays)
     watch = CatalogWatch(catalog, cfg.consul.service, agent.on_watch, cfg.watch, metrics=metrics)
 
+    reload = False
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: stopping", signal.Signals(signum).name)
+        nonlocal reload
+        reload = signum == signal.SIGHUP
+        log.info("%s: %s", signal.Signals(signum).name, "reloading (envoy keeps serving)" if reload else "stopping")
         agent.stop_event.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
 
     host, port = cfg.host_port("metrics")
     metrics_server, _thread = metrics.serve(host, port)
@@ -86,15 +98,27 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     try:
         agent.run()
     finally:
-        log.info("shutting down: deregistering, draining envoy (up to %.0fs)", cfg.envoy_drain_s)
-        agent.deregister()
-        envoy.stop()
-        relays.stop()
+        if not reload:
+            log.info("shutting down: deregistering, draining envoy (up to %.0fs)", cfg.drain_deadline_s)
+            agent.deregister()
+            envoy.stop()
+            relays.stop()
         watch.stop(timeout_s=0.2)  # a daemon thread, maybe inside a blocking query
         ads.stop()
         metrics_server.shutdown()
-        log.info("gateway %s stopped", cfg.name)
-    return 0
+        metrics_server.server_close()
+        log.info("gateway %s %s", cfg.name, "re-executing" if reload else "stopped")
+    return RELOAD if reload else 0
+
+
+RELOAD = -1
+
+
+def reexec() -> None:
+    """Replace this process with a fresh agent: same command line, same pid (systemd's MainPID;
+    Envoy and the relays stay its children). Its sockets are closed on exec (Python's default)."""
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def main(argv: list[str]) -> int:
@@ -103,4 +127,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, MissingBinary) as e:
         print(f"ernie-mesh gateway: {e}", file=sys.stderr)
         return 2
-    return serve(cfg, binary, template)
+    code = serve(cfg, binary, template)
+    if code == RELOAD:
+        reexec()
+    return code

@@ -154,7 +154,9 @@ class GatewayConfig:
     deregister_critical_after_s: float = 120.0
     envoy_restart_backoff_initial_s: float = 0.5
     envoy_restart_backoff_max_s: float = 30.0
-    envoy_drain_s: float = 5.0  # on shutdown: let in-flight requests finish up to this long
+    # On stop, and when a policy change hot-restarts Envoy: requests in flight get up to this long
+    # (a stop ends sooner once none is left). Match systemd's TimeoutStopSec to it.
+    drain_deadline_s: float = 300.0
     envoy_concurrency: int = 0  # Envoy worker threads; 0 = one per core
     envoy_log_level: str = "warning"
     run_dir: str = ""  # bootstrap, Envoy log, adoption state; default under $TMPDIR
@@ -188,9 +190,10 @@ class GatewayConfig:
             "envoy_restart_backoff_initial_s",
             "envoy_restart_backoff_max_s",
         )
-        if min(self.watch_min_interval_s, self.envoy_drain_s, self.envoy_concurrency, self.catalog_reset_grace_s) < 0:
+        nonneg = (self.watch_min_interval_s, self.drain_deadline_s, self.envoy_concurrency, self.catalog_reset_grace_s)
+        if min(nonneg) < 0:
             raise ConfigError(
-                "watch_min_interval_s, envoy_drain_s, envoy_concurrency and catalog_reset_grace_s must be >= 0"
+                "watch_min_interval_s, drain_deadline_s, envoy_concurrency and catalog_reset_grace_s must be >= 0"
             )
         if self.settle_s > 1.0:
             raise ConfigError(f"settle_s is a short window (<= 1 s) to coalesce bursts, got {self.settle_s}")
@@ -312,6 +315,10 @@ Config file (TOML), every key optional:
 Precedence: file, then environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, ERNIE_MESH_GATEWAY_NAME,
 ERNIE_MESH_ADVERTISE_ADDRESS), then flags. If the agent dies, Envoy keeps serving its last
 endpoints; a restarted agent adopts the running Envoy (state in run_dir) and converges.
+
+Signals: SIGTERM/SIGINT stop (drain Envoy up to drain_deadline_s = 300, then stop it); SIGHUP
+reloads: the agent re-executes itself, re-reads this file and keeps Envoy serving — adopted, or
+hot-restarted into the new policy without cutting a request.
 """
 
 

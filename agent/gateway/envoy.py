@@ -1,10 +1,19 @@
-"""Start, supervise, adopt and stop the gateway's Envoy; a small client for its admin API.
+"""Start, supervise, adopt, replace and stop the gateway's Envoy; a small client for its admin API.
 
-Envoy runs in its own session, so it outlives the agent: if the agent is killed, Envoy keeps
-serving its last endpoints. A restarted agent adopts it (pid and bootstrap digest in
-run_dir/envoy.json) instead of starting a second one; Envoy's ADS client reconnects within a
-second (bootstrap retry_policy) and receives the current snapshot. A running Envoy whose
-bootstrap differs from the newly rendered one is replaced (drained, then stopped).
+Envoy runs in its own session under a keeper process (envoy_keeper.py: Envoy asks for SIGTERM
+when its parent dies), so it outlives the agent: if the agent dies or is re-executed (SIGHUP),
+Envoy keeps serving its last endpoints. A restarted agent adopts it (pid, bootstrap
+digest and hot-restart base ID in run_dir/envoy.json) instead of starting a second one; Envoy's
+ADS client reconnects within a second (bootstrap retry_policy) and receives the current snapshot.
+
+A running Envoy whose bootstrap differs from the newly rendered one (a policy change, an upgrade)
+is replaced by Envoy's hot restart: the new process takes over the listening sockets (no client
+is refused), the old one stops accepting and finishes what it carries until the new one shuts it
+down at the drain deadline (`drain_deadline_s`, Envoy's --parent-shutdown-time-s). Envoy keeps two
+generations at most (a third start ends the first at once, measured on 1.40), and the old one
+must not be stopped by anyone else (its successor aborts when it loses it): a second change
+while one drains waits until the first has finished. A graceful stop drains the same way:
+in-flight requests get up to the drain deadline.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from agent import pids
 from agent.gateway import bootstrap
 from agent.gateway.config import GatewayConfig
 
@@ -29,8 +40,12 @@ log = logging.getLogger(__name__)
 
 ADMIN_TIMEOUT_S = 1.0
 STOP_TIMEOUT_S = 10.0
+# Envoy's --drain-time-s: how long a draining Envoy asks clients to go elsewhere (HTTP/1
+# `Connection: close`, HTTP/2 GOAWAY) before it closes idle connections at the deadline.
+DRAIN_ANNOUNCE_S = 5
 STABLE_AFTER_S = 60.0  # an Envoy up this long resets the restart backoff
 LOG_TAIL_LINES = 8
+KEEPER = Path(__file__).with_name("envoy_keeper.py")
 
 
 class EnvoyAdmin:
@@ -100,27 +115,16 @@ class EnvoyRecord:
     bootstrap_digest: str
     admin_url: str
     started_unix: float
-
-
-def _proc_state(pid: int) -> str:
-    """'' if no such process, else its state letter (Z = zombie, i.e. gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[-1].split()[0]
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
+    base_id_path: str = ""  # where Envoy wrote its hot-restart base ID ("" = hot restart disabled)
+    restart_epoch: int = 0
+    predecessor_pid: int = 0  # the Envoy this one replaced by hot restart (it drains until it exits)
+    keeper_pid: int = 0  # Envoy's parent (envoy_keeper.py)
 
 
 class EnvoySupervisor:
     """Keeps one Envoy running. `ensure()` is called by the agent's control loop and never blocks
-    for long: a dead Envoy is restarted after a capped exponential backoff."""
+    for long: a dead Envoy is restarted after a capped exponential backoff, and the predecessor
+    of a hot restart is stopped once it carries nothing."""
 
     def __init__(
         self,
@@ -138,20 +142,27 @@ class EnvoySupervisor:
         self.bootstrap_path = self.run_dir / "bootstrap.yaml"
         self.state_path = self.run_dir / "envoy.json"
         self.log_path = self.run_dir / "envoy.log"
+        self.base_id_path = self.run_dir / "envoy.base-id"
         self.bootstrap_text = bootstrap.render(template_text, cfg)
         self.digest = bootstrap.digest(self.bootstrap_text)
         self.admin = EnvoyAdmin(cfg.admin_url)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.pid: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None  # the keeper, Envoy's parent
+        self.pid: int | None = None  # Envoy's
+        self.keeper_pid = 0
+        self.epoch = 0
         self.adopted = False
         self.started_at: float | None = None
         self.starts = 0
         self.next_start_at: float | None = None
         self.last_exit = ""
+        # the Envoy a hot restart replaced: still finishing its requests
+        self.predecessor: int | None = None
+        # a new bootstrap waiting for the predecessor to exit before its hot restart
+        self.hot_restart_pending = False
         self._backoff_s = cfg.envoy_restart_backoff_initial_s
         self._stopping = False
 
-    # --- start / adopt ------------------------------------------------------------------------
+    # --- start / adopt / replace ----------------------------------------------------------------
 
     def prepare(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,48 +171,70 @@ class EnvoySupervisor:
         tmp.write_text(self.bootstrap_text)
         os.replace(tmp, self.bootstrap_path)
 
-    def command(self) -> list[str]:
-        # --disable-hot-restart (measured on 1.40): with hot restart enabled Envoy exits when its
-        # parent process dies, so it could not outlive a killed agent; and without the hot-restart
-        # shared memory nothing is keyed by --base-id, so gateways run side by side without one.
+    def command(self, epoch: int = 0, base_id: int | None = None) -> list[str]:
+        """Envoy's command line. Epoch 0 picks a free hot-restart base ID (gateways side by side do
+        not collide) and writes it to run_dir; a hot restart passes it on with the next epoch."""
         cmd = [
             self.binary,
             "-c",
             str(self.bootstrap_path),
-            "--disable-hot-restart",
             "-l",
             self.cfg.envoy_log_level,
             "--log-path",
             str(self.log_path),
             "--drain-time-s",
-            str(max(int(self.cfg.envoy_drain_s), 1)),
+            str(DRAIN_ANNOUNCE_S),
+            # a hot restart's predecessor exits at this deadline at the latest
+            "--parent-shutdown-time-s",
+            str(max(int(self.cfg.drain_deadline_s), DRAIN_ANNOUNCE_S + 1)),
         ]
+        if epoch == 0:
+            cmd += ["--use-dynamic-base-id", "--base-id-path", str(self.base_id_path)]
+        else:
+            cmd += ["--base-id", str(base_id), "--restart-epoch", str(epoch)]
         if self.cfg.envoy_concurrency:
             cmd += ["--concurrency", str(self.cfg.envoy_concurrency)]
         return cmd
 
-    def _spawn(self) -> None:
+    def _spawn(self, epoch: int = 0, base_id: int | None = None) -> None:
+        if epoch == 0:
+            self.base_id_path.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            self.command(),
+            [sys.executable, "-I", "-S", str(KEEPER), *self.command(epoch, base_id)],
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.pid, self.adopted = self.proc.pid, False
+        assert self.proc.stdout is not None
+        with self.proc.stdout:
+            line = self.proc.stdout.readline()  # the keeper writes Envoy's pid right after the fork
+        self.pid, self.keeper_pid = int(line), self.proc.pid
+        self.epoch, self.adopted = epoch, False
         self.started_at = self.clock()
         self.starts += 1
         self._write_record()
         log.info(
-            "envoy started: pid %d, listen %s, admin %s, log %s",
+            "envoy started: pid %d (hot-restart epoch %d), listen %s, admin %s, log %s",
             self.pid,
+            epoch,
             self.cfg.listen,
             self.cfg.admin_url,
             self.log_path,
         )
 
     def _write_record(self) -> None:
-        rec = EnvoyRecord(self.pid or 0, str(self.bootstrap_path), self.digest, self.cfg.admin_url, time.time())
+        rec = EnvoyRecord(
+            self.pid or 0,
+            str(self.bootstrap_path),
+            self.digest,
+            self.cfg.admin_url,
+            time.time(),
+            str(self.base_id_path),
+            self.epoch,
+            self.predecessor or 0,
+            self.keeper_pid,
+        )
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec.__dict__))
         os.replace(tmp, self.state_path)
@@ -213,35 +246,71 @@ class EnvoySupervisor:
             return None
 
     def _is_our_envoy(self, rec: EnvoyRecord) -> bool:
-        state = _proc_state(rec.pid)
-        return state not in ("", "Z") and rec.bootstrap_path in _cmdline(rec.pid)
+        return pids.alive(rec.pid) and rec.bootstrap_path in pids.cmdline(rec.pid)
 
     def adopt_or_start(self) -> str:
-        """At agent start: adopt the Envoy a previous agent left running, or start one."""
+        """At agent start: adopt the Envoy a previous agent left running, hot-restart it into the
+        new bootstrap, or start one. Returns 'adopted', 'hot-restarted' or 'started'."""
         self.prepare()
         rec = self._read_record()
         if rec is not None and self._is_our_envoy(rec):
-            if (
-                rec.bootstrap_digest == self.digest
-                and rec.admin_url == self.cfg.admin_url
-                and self.admin.server_info() is not None
-            ):
-                self.pid, self.adopted, self.started_at = rec.pid, True, self.clock()
-                log.info("adopted the running envoy (pid %d) left by a previous agent", rec.pid)
+            same = rec.bootstrap_digest == self.digest and rec.admin_url == self.cfg.admin_url
+            if same and self.admin.server_info() is None:
+                log.warning("the running envoy (pid %d) does not answer on its admin API: replacing it", rec.pid)
+            elif same or (rec.predecessor_pid and pids.alive(rec.predecessor_pid)):
+                self._adopt(rec)
+                if not same:
+                    self.hot_restart_pending = True
+                    log.warning(
+                        "the running envoy (pid %d) has another bootstrap, and the one it replaced (pid %d) is "
+                        "still finishing its requests: hot restart once it has exited (at most %.0fs)",
+                        rec.pid,
+                        rec.predecessor_pid,
+                        self.cfg.drain_deadline_s,
+                    )
                 return "adopted"
-            log.warning("a running envoy (pid %d) has another bootstrap: replacing it (drain, stop, start)", rec.pid)
+            elif self._hot_restart(rec):
+                return "hot-restarted"
+            else:
+                log.warning(
+                    "a running envoy (pid %d) has another bootstrap: replacing it (drain, stop, start)", rec.pid
+                )
             self._terminate(rec.pid, EnvoyAdmin(rec.admin_url))
         self._spawn()
         return "started"
 
+    def _adopt(self, rec: EnvoyRecord) -> None:
+        self.pid, self.epoch, self.adopted, self.started_at = rec.pid, rec.restart_epoch, True, self.clock()
+        self.proc, self.keeper_pid = None, rec.keeper_pid
+        self.predecessor = rec.predecessor_pid if rec.predecessor_pid and pids.alive(rec.predecessor_pid) else None
+        log.info("adopted the running envoy (pid %d) left by a previous agent", rec.pid)
+
+    def _hot_restart(self, rec: EnvoyRecord) -> bool:
+        """Start the next epoch beside the running Envoy; False if that Envoy cannot hot restart."""
+        base_id = _read_base_id(rec.base_id_path)
+        if base_id is None:
+            return False
+        log.warning(
+            "the running envoy (pid %d) has another bootstrap: hot restart (it finishes its requests, up to %.0fs)",
+            rec.pid,
+            self.cfg.drain_deadline_s,
+        )
+        self.predecessor, self.hot_restart_pending = rec.pid, False
+        self._spawn(rec.restart_epoch + 1, base_id)
+        return True
+
     # --- supervision --------------------------------------------------------------------------
 
     def alive(self) -> bool:
-        if self.pid is None:
-            return False
-        if self.proc is not None:
+        return self.pid is not None and self._running(self.pid)
+
+    def _running(self, pid: int) -> bool:
+        """Whether this Envoy runs (its keeper exits with it: reaped here, whoever started it)."""
+        if self.proc is not None and pid == self.pid:
             return self.proc.poll() is None
-        return _proc_state(self.pid) not in ("", "Z")
+        if pid == self.pid and self.keeper_pid:
+            pids.alive(self.keeper_pid)  # reaps the keeper of an adopted Envoy that has exited
+        return pids.alive(pid)
 
     def ensure(self) -> str:
         """One supervision step: 'running', 'restarting in Ns', 'restarted'."""
@@ -249,9 +318,24 @@ class EnvoySupervisor:
         if self.alive():
             if self.started_at is not None and now - self.started_at > STABLE_AFTER_S:
                 self._backoff_s = self.cfg.envoy_restart_backoff_initial_s
+            self._follow_predecessor()
             return "running"
         if self._stopping:
             return "stopped"
+        if self.predecessor is not None and pids.alive(self.predecessor):
+            # the hot restart failed (e.g. an Envoy upgrade whose hot-restart version differs):
+            # the predecessor still serves; replace it the slow way
+            log.error(
+                "the hot-restarted envoy (pid %s) exited; replacing envoy pid %d the slow way (drain, stop, start). "
+                "Last log lines:\n%s",
+                self.pid,
+                self.predecessor,
+                self.log_tail(),
+            )
+            self._terminate(self.predecessor, self.admin)
+            self.predecessor = None
+            self._spawn()
+            return "restarted"
         if self.next_start_at is None:
             code = self.proc.returncode if self.proc is not None else None
             self.last_exit = f"exit code {code}" if code is not None else "gone"
@@ -273,6 +357,20 @@ class EnvoySupervisor:
             self.on_restart()
         return "restarted"
 
+    def _follow_predecessor(self) -> None:
+        """Notice when the Envoy a hot restart replaced has exited; then a hot restart that waited
+        for it runs."""
+        if self.predecessor is None or pids.alive(self.predecessor):
+            return
+        log.info("the replaced envoy (pid %d) has exited", self.predecessor)
+        self.predecessor = None
+        if self.hot_restart_pending:
+            rec = self._read_record()
+            if rec is not None and rec.pid == self.pid:
+                self.prepare()
+                if not self._hot_restart(rec):
+                    self.hot_restart_pending = False
+
     def log_tail(self) -> str:
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
@@ -283,18 +381,34 @@ class EnvoySupervisor:
     # --- stop -----------------------------------------------------------------------------------
 
     def stop(self, drain_s: float | None = None) -> None:
-        """Drain (stop taking connections, let in-flight requests finish up to drain_s), then stop."""
+        """Drain (stop taking connections, let in-flight requests finish up to the drain deadline),
+        then stop — and a hot restart's predecessor, once it has finished or at the same deadline."""
         self._stopping = True
+        deadline = self.clock() + (self.cfg.drain_deadline_s if drain_s is None else drain_s)
         if self.pid is not None and self.alive():
-            self._terminate(self.pid, self.admin, drain_s)
+            self._terminate(self.pid, self.admin, drain_s, then=self._await_predecessor(deadline))
+        if self.predecessor is not None and pids.alive(self.predecessor):
+            self._terminate(self.predecessor, self.admin, 0)
         try:
             self.state_path.unlink()
         except FileNotFoundError:
             pass  # never started, or already cleaned up
         self.admin.close()
 
-    def _terminate(self, pid: int, admin: EnvoyAdmin, drain_s: float | None = None) -> None:
-        drain_s = self.cfg.envoy_drain_s if drain_s is None else drain_s
+    def _await_predecessor(self, deadline: float) -> Callable[[], None]:
+        """Before the current Envoy stops: let the predecessor finish (its successor ends it at
+        its own deadline; once the successor is gone nothing would)."""
+
+        def wait() -> None:
+            while self.predecessor is not None and pids.alive(self.predecessor) and self.clock() < deadline:
+                time.sleep(0.1)
+
+        return wait
+
+    def _terminate(
+        self, pid: int, admin: EnvoyAdmin, drain_s: float | None = None, then: Callable[[], None] | None = None
+    ) -> None:
+        drain_s = self.cfg.drain_deadline_s if drain_s is None else drain_s
         if drain_s > 0 and admin.post("/drain_listeners?graceful&inboundonly") == 200:
             deadline = self.clock() + drain_s
             while self.clock() < deadline:
@@ -305,16 +419,17 @@ class EnvoySupervisor:
                 if active == 0:
                     break
                 time.sleep(0.1)
+            else:
+                log.warning("envoy pid %d: drain deadline (%.0fs) reached with requests in flight", pid, drain_s)
+        if then is not None:
+            then()
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
         deadline = self.clock() + STOP_TIMEOUT_S
         while self.clock() < deadline:
-            if self.proc is not None and self.proc.pid == pid:
-                if self.proc.poll() is not None:
-                    return
-            elif _proc_state(pid) in ("", "Z"):
+            if not self._running(pid):
                 return
             time.sleep(0.05)
         log.warning("envoy pid %d ignored SIGTERM for %.0fs: killing it", pid, STOP_TIMEOUT_S)
@@ -322,5 +437,16 @@ class EnvoySupervisor:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass  # exited just now
-        if self.proc is not None and self.proc.pid == pid:
+        if self.proc is not None and pid == self.pid:
             self.proc.wait(5)
+
+
+def _read_base_id(path: str) -> int | None:
+    """The hot-restart base ID an Envoy of epoch 0 wrote (--base-id-path); None if hot restart is
+    not possible (an Envoy started with it disabled, or the file is gone)."""
+    if not path:
+        return None
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None

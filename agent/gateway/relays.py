@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent import pids
 from agent.gateway.config import GatewayConfig
-from agent.gateway.envoy import _cmdline, _proc_state
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +124,16 @@ class RelaySupervisor:
             rec = self._read(slot.index)
             if (
                 rec
-                and self._alive_pid(rec.get("pid", 0))
+                and pids.alive(rec.get("pid", 0))
                 and rec.get("digest") == self._digest(slot.index)
-                and cfg_socket_in(_cmdline(rec["pid"]), self.cfg.relay_socket(slot.index))
+                and cfg_socket_in(pids.cmdline(rec["pid"]), self.cfg.relay_socket(slot.index))
             ):
                 slot.pid, slot.started_at = rec["pid"], self.clock()
                 adopted += 1
             elif (
                 rec
-                and self._alive_pid(rec.get("pid", 0))
-                and cfg_socket_in(_cmdline(rec["pid"]), self.cfg.relay_socket(slot.index))
+                and pids.alive(rec.get("pid", 0))
+                and cfg_socket_in(pids.cmdline(rec["pid"]), self.cfg.relay_socket(slot.index))
             ):
                 log.warning("relay %d (pid %d) runs another configuration: replacing it", slot.index, rec["pid"])
                 self._terminate(rec["pid"], None)
@@ -150,10 +151,6 @@ class RelaySupervisor:
             return rec
         except (OSError, ValueError):
             return None
-
-    @staticmethod
-    def _alive_pid(pid: int) -> bool:
-        return bool(pid) and _proc_state(pid) not in ("", "Z")
 
     def _spawn(self, slot: _Slot) -> None:
         with open(self._log_path(slot.index), "ab") as logf:
@@ -178,15 +175,25 @@ class RelaySupervisor:
             return False
         if slot.proc is not None and slot.proc.pid == slot.pid:
             return slot.proc.poll() is None
-        return self._alive_pid(slot.pid)
+        return pids.alive(slot.pid)
+
+    def _listening(self, slot: _Slot) -> bool:
+        """Whether the relay accepts on its socket (a started relay needs a moment to import)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(0.2)
+            try:
+                s.connect(self.cfg.relay_socket(slot.index))
+            except OSError:
+                return False
+        return True
 
     def ensure(self) -> int:
-        """One supervision step; returns how many relays are running."""
+        """One supervision step; returns how many relays are running and accepting."""
         now = self.clock()
         running = 0
         for slot in self.slots:
             if self._slot_alive(slot):
-                running += 1
+                running += self._listening(slot)
                 if now - slot.started_at > STABLE_AFTER_S:
                     slot.backoff_s = RESTART_BACKOFF_INITIAL_S
                 continue
@@ -206,7 +213,6 @@ class RelaySupervisor:
             if now >= slot.next_start_at:
                 slot.next_start_at = None
                 self._spawn(slot)
-                running += 1
                 if self.on_restart:
                     self.on_restart()
         return running
@@ -249,7 +255,7 @@ class RelaySupervisor:
             if proc is not None and proc.pid == pid:
                 if proc.poll() is not None:
                     return
-            elif not self._alive_pid(pid):
+            elif not pids.alive(pid):
                 return
             time.sleep(0.05)
         log.warning("relay pid %d did not stop in time: killing it", pid)

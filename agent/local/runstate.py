@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import pids
+
 STATE_VERSION = 1
 
 
@@ -28,7 +30,7 @@ class Proc:
     start_ticks: int
 
     def alive(self) -> bool:
-        return proc_start_ticks(self.pid) == self.start_ticks and proc_state(self.pid) not in ("Z", "X", "")
+        return pids.start_ticks(self.pid) == self.start_ticks and pids.state(self.pid) not in ("Z", "X", "")
 
 
 @dataclass
@@ -74,34 +76,15 @@ def read_state(path: Path) -> UpState | None:
 # --- /proc ------------------------------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return []
-    # the command name (field 2) is in parentheses and may contain spaces
-    return raw[raw.rfind(")") + 2 :].split()
-
-
-def proc_state(pid: int) -> str:
-    f = _stat_fields(pid)
-    return f[0] if f else ""
-
-
-def proc_start_ticks(pid: int) -> int:
-    f = _stat_fields(pid)
-    return int(f[19]) if len(f) > 19 else -1
-
-
 def proc_identity(name: str, pid: int) -> Proc:
-    return Proc(name, pid, proc_start_ticks(pid))
+    return Proc(name, pid, pids.start_ticks(pid))
 
 
 def children_map() -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            f = _stat_fields(int(entry))
+            f = pids.stat_fields(int(entry))
             if len(f) > 1:
                 out.setdefault(int(f[1]), []).append(int(entry))
     return out

@@ -198,7 +198,12 @@ class Gateway:
         def ready():
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
-            return self.admin.ready() and self.metric("ernie_gateway_xds_streams") >= 1
+            # Envoy ready with endpoints, and both relays (the default) accepting
+            return (
+                self.admin.ready()
+                and self.metric("ernie_gateway_xds_streams") >= 1
+                and self.metric("ernie_gateway_relays_up") >= 2
+            )
 
         wait_until(ready, timeout_s, f"gateway {self.name} ready")
 

@@ -5,8 +5,10 @@ test starts from three running, passing engines. The Consul-outage test stops Co
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -14,6 +16,7 @@ import openai
 import pytest
 
 from agent.catalog.base import VerdictState
+from agent import pids
 from tests.integration.gateway_support import (
     Gateway,
     Load,
@@ -396,7 +399,7 @@ def test_second_gateway_side_by_side_and_clean_stop(m, tmp_path):
         assert not failures(load.results), describe(load.results)
         envoy2 = gw2.envoy_pid()
         assert gw2.terminate() == 0
-        wait_until(lambda: not _alive(envoy2), 10, "gw2's envoy stopped with its agent")
+        wait_until(lambda: envoy2 is None or not pids.alive(envoy2), 10, "gw2's envoy stopped with its agent")
         wait_until(
             lambda: (
                 [
@@ -410,16 +413,6 @@ def test_second_gateway_side_by_side_and_clean_stop(m, tmp_path):
         )
     finally:
         gw2.cleanup()
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 # --- Envoy dies -> the agent restarts it -----------------------------------------------------------
@@ -440,6 +433,109 @@ def test_envoy_killed_is_restarted_by_the_agent(m):
         load.wait_for_more(20)
     assert not failures(load.results), describe(load.results)
     assert f"envoy (pid {old}) died" in m.gateway.log_tail(50000)
+
+
+# --- a reload (SIGHUP): Envoy adopted, or hot-restarted on a policy change; nothing cut -----------
+
+
+def _envoy_record(gw: Gateway) -> dict:
+    return json.loads((gw.run_dir / "envoy.json").read_text())
+
+
+def _reload(gw: Gateway) -> None:
+    """SIGHUP, then wait until the re-executed agent serves xDS again (its log says so)."""
+    marker = gw.log_tail(10**7).count("gateway gw-test: OpenAI API")
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: gw.log_tail(10**7).count("gateway gw-test: OpenAI API") > marker, 30, "the re-executed agent started"
+    )
+
+
+def test_reload_adopts_envoy_and_a_policy_change_hot_restarts_it_cutting_nothing(m, tmp_path):
+    gw = m.gateway
+    conf = tmp_path / "gateway.toml"
+    same = "drain_deadline_s = 10\n"  # a replaced Envoy finishes its requests for 10 s at most
+    conf.write_text(same)
+    original_args = gw.extra_args
+    gw.kill()
+    gw.extra_args = (*original_args, "--config", str(conf))
+    gw.start()
+    agent_pid, first_envoy = gw.proc.pid, gw.envoy_pid()
+    try:
+        # streams of ~3 s (300 tokens at 10 ms) in flight through every replacement
+        with Load(gw.url, clients=6, stream=True, max_tokens=300) as load:
+            load.wait_for_more(6)
+            _reload(gw)  # nothing changed: the same Envoy keeps serving
+            assert gw.envoy_pid() == first_envoy
+            load.wait_for_more(6)
+            conf.write_text(same + "[policy]\nnum_retries = 2\n")  # another bootstrap
+            _reload(gw)
+            wait_until(lambda: gw.envoy_pid() != first_envoy and gw.admin.ready(), 30, "the hot-restarted envoy")
+            second_envoy = gw.envoy_pid()
+            wait_until(m.healthy_in_envoy, 10, "the new envoy got the snapshot")
+            load.wait_for_more(12)
+            # and back, while the first replaced Envoy still drains: the second hot restart (epoch 2)
+            # waits until it has exited (Envoy keeps two generations at most)
+            conf.write_text(same)
+            _reload(gw)
+            assert gw.envoy_pid() == second_envoy and pids.alive(first_envoy)
+            wait_until(lambda: gw.envoy_pid() != second_envoy and gw.admin.ready(), 30, "the second hot restart")
+            assert not pids.alive(first_envoy)
+            wait_until(m.healthy_in_envoy, 10, "the newest envoy got the snapshot")
+            load.wait_for_more(12)
+        # the replaced Envoys finish their streams and are stopped (no connection left)
+        for old in (first_envoy, second_envoy):
+            wait_until(lambda old=old: not pids.alive(old), 60, f"the replaced envoy {old} exited")
+        results = load.results
+        assert not failures(results), describe(results)
+        assert gw.proc.pid == agent_pid and gw.proc.poll() is None, "a reload keeps the agent's pid"
+        assert _envoy_record(gw)["restart_epoch"] == 2
+        log = gw.log_tail(10**7)
+        assert log.count("hot restart (it finishes its requests") == 2, log[-3000:]
+        assert "hot restart once it has exited" in log
+        assert "adopted the running envoy" in log
+        print(f"\nreload: {len(results)} streams, 0 failed across 2 hot restarts of envoy")
+    finally:
+        gw.kill()
+        gw.extra_args = original_args
+        gw.start()
+
+
+def test_stop_lets_a_stream_longer_than_the_old_5s_drain_finish(m):
+    gw = m.gateway
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="sk-test", max_retries=0, timeout=60)
+    tokens: list[str] = []
+    finish: list[str] = []
+    first_token = threading.Event()
+
+    def stream() -> None:
+        chunks = client.chat.completions.create(
+            model="sim-model",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=800,  # 8 s at 10 ms per token
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        for chunk in chunks:
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    tokens.append(choice.delta.content)
+                    first_token.set()
+                if choice.finish_reason:
+                    finish.append(choice.finish_reason)
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    assert first_token.wait(10), "the stream started"
+    stopping_at = time.monotonic()
+    code = gw.terminate(timeout_s=60)
+    stopped_s = time.monotonic() - stopping_at
+    t.join(10)
+    client.close()
+    assert code == 0
+    assert finish == ["length"] and len(tokens) == 800, f"{len(tokens)} tokens, finish {finish}: the stop cut it"
+    assert stopped_s > 5.0, f"the agent stopped {stopped_s:.1f}s after SIGTERM: before the stream ended?"
+    print(f"\nstop: the 8 s stream finished; the agent exited {stopped_s:.1f}s after SIGTERM")
 
 
 # --- last: Consul stopped -> traffic continues on the last snapshot ------------------------------
