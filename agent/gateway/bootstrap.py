@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import string
 
 from agent.durations import proto_duration as _duration  # Envoy reads protobuf JSON durations
@@ -57,6 +58,9 @@ def template_values(cfg: GatewayConfig) -> dict[str, str]:
         "hop_socket": cfg.hop_socket,
         "relay_retries": cfg.relay_processes + 1,
         "relay_percent": 100 if cfg.relay.enabled else 0,
+        # RE2, anchored: exactly the allowed paths (a query string is not part of :path matching)
+        "edge_paths_regex": "^(" + "|".join(re.escape(p) for p in cfg.edge.paths) + ")$",
+        "edge_unknown_path_message": f"Unknown path. This gateway serves {', '.join(cfg.edge.paths)} (and /health).",
     }
     # Quote every value as a JSON string (valid YAML scalars; no injection through a name).
     out = {k: json.dumps(str(v)) if isinstance(v, str) else str(v) for k, v in values.items()}

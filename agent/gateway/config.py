@@ -129,6 +129,30 @@ class RelaySettings:
             raise ConfigError("relay.resume_limit, resume_limit_after_crash, resume_wait_s and drain_s must be >= 0")
 
 
+# The OpenAI routes the edge serves; edge.extra_paths adds others vLLM has.
+EDGE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+_PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]{1,200}$")
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    """What the edge (Envoy's OpenAI listener) answers: the allow-list. docs/security.md."""
+
+    # Other paths the engines serve to route too, exact: "/v1/embeddings", "/v1/responses", "/tokenize".
+    extra_paths: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for path in self.extra_paths:
+            if not _PATH_RE.match(path) or "//" in path or "/../" in path or path.endswith("/.."):
+                raise ConfigError(f"edge.extra_paths: {path!r} is not a plain absolute path like /v1/embeddings")
+            if path == "/health":
+                raise ConfigError("edge.extra_paths: /health is the gateway's own (load balancers' health check)")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return EDGE_PATHS + tuple(p for p in self.extra_paths if p not in EDGE_PATHS)
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     consul: ConsulConfig = field(default_factory=ConsulConfig)
@@ -163,6 +187,7 @@ class GatewayConfig:
     bootstrap_template: str = str(DEFAULT_BOOTSTRAP_TEMPLATE)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     relay: RelaySettings = field(default_factory=RelaySettings)
+    edge: EdgeSettings = field(default_factory=EdgeSettings)
 
     def __post_init__(self) -> None:
         for key in ("listen", "envoy_admin", "xds", "metrics"):
@@ -307,6 +332,8 @@ Config file (TOML), every key optional:
   processes = 2
   stall_s = 1.0                     # rescue a request silent this long on an instance that left
   resume_limit = 3                  # continuations per request (1 after an engine crash)
+  [edge]
+  extra_paths = ["/v1/embeddings"]  # served besides /v1/chat/completions, /v1/completions, /v1/models
   [policy]
   num_retries = 3
   outlier_max_ejection_percent = 50

@@ -435,6 +435,53 @@ def test_envoy_killed_is_restarted_by_the_agent(m):
     assert f"envoy (pid {old}) died" in m.gateway.log_tail(50000)
 
 
+# --- the edge's allow-list: only the OpenAI routes reach an engine ---------------------------------
+
+
+def test_paths_off_the_allow_list_get_an_openai_404_and_reach_no_engine(m):
+    url = m.gateway.url
+    before = [e.stats()["requests_total"] for e in m.engines]
+    # the simulated engine's fault switch, vLLM's other routes, tricks with the path
+    for method, path in [
+        ("POST", "/sim/fault"),
+        ("GET", "/sim/stats"),
+        ("GET", "/metrics"),
+        ("GET", "/version"),
+        ("POST", "/v1/embeddings"),
+        ("GET", "/"),
+        ("POST", "/v1/chat/completions/../../sim/fault"),
+        ("POST", "/v1/chat/completionsX"),
+    ]:
+        r = httpx.request(method, f"{url}{path}", json={"mode": "hang"}, timeout=5)
+        assert r.status_code == 404, (method, path, r.status_code, r.text[:200])
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and "/v1/chat/completions" in err["message"], err
+    for e in m.engines:
+        assert e.proc.get_fault()["mode"] == "none", f"{e.id}: a fault was set through the gateway"
+    assert [e.stats()["requests_total"] for e in m.engines] == before, "a request reached an engine"
+    # the allowed ones still work, with a query string too
+    assert httpx.get(f"{url}/v1/models?x=1", timeout=5).status_code == 200
+    ok = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        timeout=10,
+    )
+    assert ok.status_code == 200, ok.text
+
+
+def test_health_answers_200_while_an_instance_is_routable_then_503(m):
+    url = m.gateway.url
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    for e in m.engines[1:]:
+        e.set(VerdictState.CRITICAL, "test: one left")
+    wait_until(lambda: len(m.gateway.endpoints()) == 1, 5, "one endpoint left")
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    m.engines[0].set(VerdictState.DRAINING, "test: none routable")
+    wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 503, 5, "/health 503")
+    r = httpx.get(f"{url}/health", timeout=5)
+    assert r.json()["error"]["type"] == "service_unavailable", r.text
+
+
 # --- a reload (SIGHUP): Envoy adopted, or hot-restarted on a policy change; nothing cut -----------
 
 

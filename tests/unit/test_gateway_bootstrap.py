@@ -47,8 +47,8 @@ def routes(doc: dict, listener: str = "openai_api") -> list[dict]:
 
 
 def route(doc: dict) -> dict:
-    """The edge's route straight to the engines (everything but the generation routes)."""
-    return next(r for r in routes(doc) if r["match"] == {"prefix": "/"})
+    """The edge's route straight to the engines (the allow-list but the generation routes)."""
+    return next(r for r in routes(doc) if "safe_regex" in r["match"])
 
 
 def edge_headers(doc: dict) -> dict:
@@ -116,7 +116,7 @@ def test_generation_routes_go_through_the_relay_processes():
     from agent.gateway.config import RelaySettings
 
     doc = rendered(cfg(relay=RelaySettings(processes=3)))
-    by_path = {r["match"].get("path"): r for r in routes(doc) if "path" in r["match"]}
+    by_path = {r["match"].get("path"): r for r in routes(doc) if r["match"].get("path", "").startswith("/v1/")}
     assert set(by_path) == {"/v1/chat/completions", "/v1/completions"}
     for r in by_path.values():
         assert r["route"]["cluster"] == "ernie_relay" and r["route"]["timeout"] == "0s"
@@ -136,7 +136,8 @@ def test_the_engine_hop_is_a_private_socket_with_host_override_for_continuations
     assert filters[0]["name"] == "envoy.filters.http.stateful_session"
     assert filters[0]["typed_config"]["strict"] is True  # a continuation goes where the relay said, or 503
     assert filters[0]["typed_config"]["session_state"]["typed_config"]["name"] == "x-ernie-host"
-    resume, fresh = routes(doc, "engine_hop")
+    resume, fresh, unknown = routes(doc, "engine_hop")
+    assert unknown["direct_response"]["status"] == 404
     assert resume["match"]["headers"][0]["name"] == "x-ernie-attempt"
     assert "retry_policy" not in resume["route"]  # Envoy's retries must not multiply with resumes
     edge_policy, hop_policy = route(doc)["route"]["retry_policy"], fresh["route"]["retry_policy"]
@@ -213,7 +214,9 @@ def test_the_relay_can_be_turned_off_and_its_share_changed_at_runtime():
     from agent.gateway.config import RelaySettings
 
     def share(doc):
-        return {r["match"]["path"]: r["match"]["runtime_fraction"] for r in routes(doc) if "path" in r["match"]}
+        return {
+            r["match"]["path"]: r["match"]["runtime_fraction"] for r in routes(doc) if "runtime_fraction" in r["match"]
+        }
 
     on, off = rendered(), rendered(cfg(relay=RelaySettings(enabled=False)))
     for doc, percent in ((on, 100), (off, 0)):
@@ -234,3 +237,34 @@ def test_sockets_move_to_a_short_directory_when_run_dir_is_too_long():
     assert len(c.hop_socket.encode()) <= 107 and not c.hop_socket.startswith(long_dir)
     assert c.socket_dir == cfg(run_dir=long_dir).socket_dir  # the same run_dir, the same sockets (adoption)
     assert cfg().hop_socket == "/tmp/unused/engine-hop.sock"
+
+
+def test_only_the_allow_list_is_routed_and_the_rest_is_an_openai_404():
+    import re
+
+    from agent.gateway.config import EdgeSettings
+
+    doc = rendered(cfg(edge=EdgeSettings(extra_paths=("/v1/embeddings", "/tokenize"))))
+    allowed = re.compile(route(doc)["match"]["safe_regex"]["regex"])
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings", "/tokenize"):
+        assert allowed.fullmatch(path), path
+    for path in ("/sim/fault", "/metrics", "/v1/models/x", "/v1/embeddingsX", "/", "/v1/chat/completions/../x"):
+        assert not allowed.fullmatch(path), path
+    last = routes(doc)[-1]
+    assert last["match"] == {"prefix": "/"} and last["direct_response"]["status"] == 404
+    assert "/v1/embeddings" in last["direct_response"]["body"]["inline_string"]
+    health = next(r for r in routes(doc) if r["match"] == {"path": "/health"})
+    assert health["route"]["cluster"] == "ernie"  # 200 from a routable instance, else Envoy's 503
+    # the relay's hop serves the two generation routes only
+    hop = routes(doc, "engine_hop")
+    assert [r["match"].get("safe_regex", {}).get("regex") for r in hop[:2]] == ["^/v1/(chat/)?completions$"] * 2
+    assert hop[-1]["match"] == {"prefix": "/"} and hop[-1]["direct_response"]["status"] == 404
+
+
+@pytest.mark.parametrize("bad", ["v1/x", "/a b", "/x/../y", "//x", "/health", "/x?y=1"])
+def test_extra_paths_must_be_plain_paths(bad):
+    from agent.config import ConfigError
+    from agent.gateway.config import EdgeSettings
+
+    with pytest.raises(ConfigError, match="edge.extra_paths"):
+        EdgeSettings(extra_paths=(bad,))
