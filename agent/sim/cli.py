@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 
 from agent.sim.engine import (
     CRASH_EXIT_CODE,
@@ -37,6 +38,7 @@ Fault modes (--fault at start; at run time POST /sim/fault {"mode": ..., "slow_f
   slow                per-token delay multiplied by slow_factor
   error_rate          a fraction error_rate of generation requests answered 500
   crash               the process exits at once with code 1
+(--crash-on-prompt TEXT and --crash-at-start-if-exists PATH: a prompt of death, a crash loop.)
 
 SIGTERM/SIGINT as vLLM: with --shutdown-timeout 0 requests in flight are aborted
 (finish_reason "abort"); with --shutdown-timeout N they may finish for up to N s. Exit code 0.
@@ -92,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(a prompt of death; drills and tests)",
     )
     p.add_argument(
+        "--crash-at-start-if-exists",
+        default="",
+        metavar="PATH",
+        help="exit with code 1 at start, before listening, while PATH exists (an engine that fails at "
+        "boot: its supervisor's crash loop; drills remove the file to let it recover)",
+    )
+    p.add_argument(
         "--fault",
         choices=FAULT_MODE_NAMES,
         default=FaultMode.NONE.value,
@@ -144,6 +153,14 @@ def main(argv: list[str]) -> int:
     logging.getLogger().setLevel(args.log_level.upper())
     if fault.mode is FaultMode.CRASH:
         log.error("simulated engine %s: started with fault crash, exiting with code %d", name, CRASH_EXIT_CODE)
+        return CRASH_EXIT_CODE
+    if args.crash_at_start_if_exists and os.path.exists(args.crash_at_start_if_exists):
+        log.error(
+            "simulated engine %s: %s exists (--crash-at-start-if-exists): failing at start with code %d",
+            name,
+            args.crash_at_start_if_exists,
+            CRASH_EXIT_CODE,
+        )
         return CRASH_EXIT_CODE
     engine = SimEngine(
         EngineConfig(

@@ -891,3 +891,23 @@ def test_an_aborted_stream_ends_with_a_chunk_without_tokens():
     streamed = [t for _, ids, _ in chunks for t in ids]
     assert len(streamed) >= 2 and streamed == gen_ids(0, len(streamed))
     assert events[-2]["usage"]["completion_tokens"] == len(streamed)
+
+
+def test_crash_at_start_while_the_file_exists(tmp_path, monkeypatch):
+    """--crash-at-start-if-exists: exit code 1 before serving while the file is there (a crash loop);
+    once it is gone the engine starts (serve() is replaced here: we only check it is reached)."""
+    from agent.sim import cli, server
+
+    flag = tmp_path / "crash"
+    flag.write_text("")
+    served: list[int] = []
+
+    async def fake_serve(engine: SimEngine, options: Any) -> int:
+        served.append(options.port)
+        return 0
+
+    monkeypatch.setattr(server, "serve", fake_serve)
+    argv = ["--port", "8123", "--crash-at-start-if-exists", str(flag)]
+    assert cli.main(argv) == 1 and served == []
+    flag.unlink()
+    assert cli.main(argv) == 0 and served == [8123]
