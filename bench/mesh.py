@@ -43,7 +43,7 @@ class EngineAgentProc:
     ):
         self.engine_port = engine_port
         self.port = free_port()
-        self.instance_id = instance_id(SERVICE, NODE, engine_port)
+        self.instance_id = instance_id(SERVICE, NODE, "127.0.0.1", engine_port)  # engines on loopback here
         self.config_path = workdir / f"engine-agent-{engine_port}.toml"
         self.config_path.write_text(
             tomli_w.dumps(

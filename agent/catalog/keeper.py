@@ -6,17 +6,53 @@ Writes only what is needed: register when Consul does not hold the desired regis
 do not know that it does), push the verdict when it changed or the last write failed, refresh it
 when the TTL wants it (every ttl/3, if the caller allows), and register again when Consul lost
 the instance (NotRegistered: Consul restarted). Not thread-safe: one writer calls it (the engine's
-Publisher thread, the gateway's control loop)."""
+Publisher thread, the gateway's control loop).
+
+A registration whose meta names its owner (`OWNER_META`, the engine agent's identity) is never
+written over a live registration of the same ID that another owner holds: before registering an
+instance it does not hold yet (the first time, and again when Consul lost it) the keeper reads
+the service's instances and raises OwnedElsewhere instead. Live = anything but a TTL check Consul
+expired (the owner's agent is gone): passing, warning, and critical as its agent writes it
+(starting, hung, ...). The owner's own earlier registration (a restarted agent) is taken back at
+once."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
-from agent.catalog.base import Catalog, NotRegistered, Registration, Verdict
+from agent.catalog.base import Catalog, CatalogEntry, CatalogError, CheckStatus, NotRegistered, Registration, Verdict
 
 log = logging.getLogger(__name__)
 
 UNCHANGED = "unchanged"
+OWNER_META = "agent_id"
+TTL_EXPIRED = "TTL expired"  # the head of the output Consul gives a TTL check that expired
+
+
+class OwnedElsewhere(CatalogError):
+    """A live registration with this ID belongs to another agent: not ours to overwrite."""
+
+
+def foreign_owner(entries: Iterable[CatalogEntry], instance_id: str, owner: str) -> CatalogEntry | None:
+    """The live registration of `instance_id` that another owner holds, if any (any node)."""
+    for e in entries:
+        if e.instance_id != instance_id or e.meta.get(OWNER_META, "") == owner:
+            continue
+        if e.status is CheckStatus.CRITICAL and e.note.startswith(TTL_EXPIRED):
+            continue  # its agent stopped refreshing it
+        return e
+    return None
+
+
+def taken_message(instance_id: str, other: CatalogEntry) -> str:
+    """One line: whose registration it is and what to do."""
+    return (
+        f"instance {instance_id} is registered in Consul by another engine agent "
+        f"({other.meta.get(OWNER_META) or 'owner unknown'}, agent {other.meta.get('agent_url') or '?'}, "
+        f"node {other.node or '?'}, {other.verdict.state.value}): refusing to take it over; stop that agent, "
+        "or give this engine an address or port of its own"
+    )
 
 
 class RegistrationKeeper:
@@ -37,6 +73,8 @@ class RegistrationKeeper:
         (the caller decides how to report it); the next call then writes again."""
         try:
             if self.registered != desired:
+                if self.registered is None:
+                    self._claim(desired)
                 self.catalog.register(desired, verdict)
                 self.registered = desired
                 action = "registered"
@@ -46,6 +84,7 @@ class RegistrationKeeper:
                     action = "verdict pushed"
                 except NotRegistered:
                     log.warning("%s: Consul no longer knows this instance (restarted?); registering again", self.id)
+                    self._claim(desired)
                     self.catalog.register(desired, verdict)
                     action = "re-registered"
             else:
@@ -55,6 +94,16 @@ class RegistrationKeeper:
             raise
         self.ok, self.pushed, self.pushed_at_s = True, verdict, now
         return action
+
+    def _claim(self, desired: Registration) -> None:
+        """Raise OwnedElsewhere if another owner holds a live registration of this ID."""
+        owner = desired.meta.get(OWNER_META)
+        if owner is None:
+            return
+        _index, entries = self.catalog.instances(desired.service)
+        other = foreign_owner(entries, desired.instance_id, owner)
+        if other is not None:
+            raise OwnedElsewhere(taken_message(desired.instance_id, other))
 
     def forget(self) -> None:
         """The instance was deregistered: the next keep registers it afresh."""

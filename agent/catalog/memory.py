@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 
-from agent.catalog.base import CatalogEntry, CatalogUnavailable, NotRegistered, Registration, Verdict
+from agent.catalog.base import CatalogEntry, CatalogUnavailable, CheckStatus, NotRegistered, Registration, Verdict
 
 
 class MemoryCatalog:
@@ -15,6 +15,7 @@ class MemoryCatalog:
         self.available = True
         self._regs: dict[str, Registration] = {}
         self._verdicts: dict[str, Verdict] = {}
+        self._expired: set[str] = set()  # TTL checks Consul would show as expired
         self._index = 1
         self._changed = threading.Condition()
         self.writes: list[tuple[str, str]] = []  # (operation, instance_id) for assertions
@@ -32,6 +33,7 @@ class MemoryCatalog:
         self._check()
         self._regs[reg.instance_id] = reg
         self._verdicts[reg.instance_id] = verdict
+        self._expired.discard(reg.instance_id)
         self.writes.append(("register", reg.instance_id))
         self._bump()
 
@@ -40,6 +42,7 @@ class MemoryCatalog:
         if instance_id not in self._regs:
             raise NotRegistered(f"check service:{instance_id} unknown")
         self.writes.append(("verdict", instance_id))
+        self._expired.discard(instance_id)
         if self._verdicts.get(instance_id) != verdict:
             self._verdicts[instance_id] = verdict
             self._bump()
@@ -76,8 +79,10 @@ class MemoryCatalog:
                 node=self.node,
                 address=r.address,
                 port=r.port,
-                status=self._verdicts[r.instance_id].check_status,
-                note=self._verdicts[r.instance_id].note,
+                status=CheckStatus.CRITICAL
+                if r.instance_id in self._expired
+                else self._verdicts[r.instance_id].check_status,
+                note="TTL expired" if r.instance_id in self._expired else self._verdicts[r.instance_id].note,
                 meta=dict(r.meta),
                 tags=r.tags,
             )
@@ -85,6 +90,11 @@ class MemoryCatalog:
             if r.service == service
         ]
         return current, entries
+
+    def expire_ttl(self, instance_id: str) -> None:
+        """Test helper: the instance's agent stopped refreshing it and its TTL ran out."""
+        self._expired.add(instance_id)
+        self._bump()
 
     def set_entry_verdict(self, instance_id: str, verdict: Verdict) -> None:
         """Test helper: change a verdict as if another agent did it."""

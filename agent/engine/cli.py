@@ -14,7 +14,9 @@ import httpx
 import uvicorn
 
 from agent.binaries import MissingBinary
+from agent.catalog.base import Catalog, CatalogError
 from agent.catalog.consul import ConsulCatalog
+from agent.catalog.keeper import foreign_owner, taken_message
 from agent.config import ConfigError
 from agent.engine import config as engine_config
 from agent.engine.api import create_app
@@ -94,11 +96,25 @@ def check_listen(cfg: engine_config.EngineAgentConfig) -> None:
         raise ConfigError(f"cannot listen on {cfg.listen}: {reason}")
 
 
+def check_not_taken(cfg: engine_config.EngineAgentConfig, catalog: Catalog) -> None:
+    """Refuse at start if another engine agent holds a live registration of one of our IDs (the
+    registration path checks again: Consul may be unreachable now)."""
+    try:
+        _index, entries = catalog.instances(cfg.consul.service)
+    except CatalogError:
+        return
+    for spec in cfg.engines:
+        other = foreign_owner(entries, cfg.instance_id(spec), cfg.agent_id)
+        if other is not None:
+            raise ConfigError(taken_message(cfg.instance_id(spec), other))
+
+
 def main(argv: list[str]) -> int:
     try:
         cfg = engine_config.load(argv)
         check_runnable(cfg)
         check_listen(cfg)
+        check_not_taken(cfg, ConsulCatalog(cfg.consul.address, cfg.consul.token))
     except (ConfigError, MissingBinary) as e:
         print(f"ernie-mesh engine: {e}", file=sys.stderr)
         return 2

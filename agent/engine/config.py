@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import ipaddress
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -170,7 +173,29 @@ class EngineAgentConfig:
         return self.advertise_address if address in WILDCARDS else address
 
     def instance_id(self, engine: EngineSpec) -> str:
-        return instance_id(self.consul.service, self.node, engine.port)
+        return instance_id(self.consul.service, self.node, self.engine_address(engine), engine.port)
+
+    @property
+    def agent_id(self) -> str:
+        """Who owns this agent's registrations (meta `agent_id`): the host and the agent's listen
+        address. The same after a restart (it takes back what it registered before); another agent
+        differs (on another host, or on this one: it cannot listen on the same address)."""
+        return f"{host_identity()}/{self.listen}"
+
+
+@functools.cache
+def host_identity() -> str:
+    """This host: its hostname and a digest of its machine-id (machine-id(5): kept confidential, so
+    an application-specific hash of it), which tells apart hosts that share a name."""
+    name = socket.gethostname() or "host"
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            machine = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if machine:
+            return f"{name}/{hashlib.sha256(f'ernie-mesh:{machine}'.encode()).hexdigest()[:12]}"
+    return name
 
 
 def check_no_loopback(cfg: EngineAgentConfig, loopback_configured: bool) -> None:

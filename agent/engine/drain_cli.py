@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
         description="Drain one instance: it turns 'draining' in Consul (gateways stop sending it new requests), "
         "requests in flight finish, then its engine agent stops the engine and deregisters it.",
     )
-    p.add_argument("instance_id", help="instance ID as shown by `ernie-mesh status` (e.g. ernie-host1-8001)")
+    p.add_argument("instance_id", help="instance ID as shown by `ernie-mesh status` (e.g. ernie-host1-10.0.0.7-8001)")
     p.add_argument(
         "--consul",
         default=os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),

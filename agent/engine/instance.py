@@ -21,6 +21,7 @@ from agent.catalog.base import (
     VerdictCause,
     VerdictState,
 )
+from agent.catalog.keeper import OWNER_META
 from agent.engine.config import EngineAgentConfig, EngineSpec
 from agent.engine.metrics import EngineAgentMetrics, cause_label
 from agent.engine.probe import EngineLoad, EngineProbe, Identity, ProbeResult
@@ -223,6 +224,7 @@ class InstanceController:
             "zone": self.cfg.zone,
             "node": self.cfg.node,
             "agent_url": self.cfg.agent_url,
+            OWNER_META: self.cfg.agent_id,
         }
         tags = (f"model={served}", f"zone={self.cfg.zone}", *self.cfg.tags)
         return Registration(

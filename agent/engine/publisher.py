@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from agent.catalog.base import Catalog, CatalogError, Registration, Verdict
-from agent.catalog.keeper import UNCHANGED, RegistrationKeeper
+from agent.catalog.keeper import UNCHANGED, OwnedElsewhere, RegistrationKeeper
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class Publisher:
         self.keeper = RegistrationKeeper(catalog, instance_id, ttl_s)
         self.retired = False
         self._wanted: tuple[Registration, Verdict] | None = None  # the latest asked for
+        self.refused = ""  # why the registration is refused (another agent owns the ID), "" if it is not
 
     async def _on_writer(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
@@ -83,10 +84,20 @@ class Publisher:
             if refresh and self.keeper.registered is None:
                 return UNCHANGED  # not registered yet: the run loop's next publish registers
             try:
-                return self.keeper.keep(desired, verdict, now, refresh=refresh)
+                action = self.keeper.keep(desired, verdict, now, refresh=refresh)
+            except OwnedElsewhere as e:
+                if str(e) != self.refused:  # once, not every cycle
+                    log.error("%s: %s", self.id, e)
+                self.refused = str(e)
+                self._on_error()
+                return f"refused ({e})"
             except CatalogError as e:
                 self._on_error()
                 return f"Consul write failed ({e})"
+            if self.refused:
+                log.info("%s: registered (the other agent's registration had expired)", self.id)
+                self.refused = ""
+            return action
 
     def _deregister(self) -> None:
         with self._lock:

@@ -193,7 +193,8 @@ class MeshPlan:
         return self.engine_kind == "vllm" and not self.model
 
     def instance_id(self, i: int) -> str:
-        return instance_id(self.service, self.node, self.engine_port(i))
+        # the engines listen on 127.0.0.1 (their default host), advertise_address 127.0.0.1
+        return instance_id(self.service, self.node, "127.0.0.1", self.engine_port(i))
 
     def engine_table(self, i: int, model_path: str) -> dict[str, Any]:
         port = self.engine_port(i)

@@ -49,7 +49,7 @@ class EngineAgent:
         return f"http://127.0.0.1:{self.port}"
 
     def instance_id(self, engine_port: int) -> str:
-        return instance_id(self.service, self.node, engine_port)
+        return instance_id(self.service, self.node, "127.0.0.1", engine_port)  # engines on loopback here
 
     def start(self) -> EngineAgent:
         self.proc.start()

@@ -38,6 +38,7 @@ import pytest
 
 from agent.local.binaries import consul_binary
 from bench.load import LoadConfig, LoadGenerator, summarize
+from agent.naming import instance_id
 from tests.integration.netns_support import NetnsLab, available
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,6 +187,11 @@ def consul_get(lab: NetnsLab, host: str, path: str, token: str = "") -> object:
     r = httpx.get(f"http://{lab.hosts[host].address}:8500{path}", headers=headers, timeout=5)
     r.raise_for_status()
     return r.json()
+
+
+def engine_id(lab: NetnsLab, host: str, port: int) -> str:
+    """The ID the engine agent of `host` registers for its engine on `port` (on the host's address)."""
+    return instance_id(SERVICE, host, lab.hosts[host].address, port)
 
 
 def passing_instances(lab: NetnsLab, via: str = "consul1") -> set[tuple[str, int]]:
@@ -344,7 +350,7 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
             )
             assert raw.parse().choices[0].message.content
             served.add(raw.headers.get("x-ernie-instance", ""))
-        assert served <= {f"{SERVICE}-{n}-{p}" for n, p in expected}, served
+        assert served <= {engine_id(lab, n, p) for n, p in expected}, served
 
         # --- 2. Consul DNS: exactly the passing instances --------------------------------------
         for via in ("engine1", "consul2", "gateway1"):
@@ -360,7 +366,7 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
         pids_after = {n: agent_pid(lab, n, "ernie-engine") for n in ("engine1", "engine2")}
         assert all(pids_before[n] != pids_after[n] for n in pids_before), (pids_before, pids_after)
         for n, p in expected:
-            assert f"item={SERVICE}-{n}-{p})" in out, f"{SERVICE}-{n}-{p} was not drained"
+            assert f"item={engine_id(lab, n, p)})" in out, f"{engine_id(lab, n, p)} was not drained"
         assert s.requests >= 50 and s.failed == 0 and s.truncated == 0, s
         timings["rolling-upgrade load"] = s.requests
         assert passing_instances(lab) == expected

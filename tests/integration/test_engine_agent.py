@@ -33,11 +33,11 @@ def agent(consul_session, tmp_path_factory):
 
 def test_instance_registered_passing_with_id_meta_and_ttl_check(agent, consul_session):
     iid = agent.instance_id(agent.engine_port)
-    assert iid == f"{SERVICE}-it-{agent.engine_port}"
+    assert iid == f"{SERVICE}-it-127.0.0.1-{agent.engine_port}"
     entry = agent.entries()[iid]
     assert entry.status.value == "passing"
     assert entry.address == "127.0.0.1" and entry.port == agent.engine_port
-    for key in ("model", "served_model_name", "engine", "engine_version", "zone", "agent_url"):
+    for key in ("model", "served_model_name", "engine", "engine_version", "zone", "agent_url", "agent_id"):
         assert entry.meta.get(key), f"meta {key} missing: {entry.meta}"
     assert entry.meta["engine"] == "simulated"
     assert entry.meta["served_model_name"] == "sim-model"

@@ -35,6 +35,27 @@ def test_cpu_vllm_env_is_the_packages():
     assert "env" not in gpu
 
 
+def test_instance_ids_are_the_engine_agents(tmp_path):
+    """roles/ernie_engine waits for each instance by the ID its engine agent registers."""
+    from agent.engine import config as engine_config
+
+    ernie, toml = load("ernie"), load("toml")
+    engines = [
+        {"port": 8001, "model": "/m"},  # listens on the host's address
+        {"port": 8002, "kind": "simulated", "host": "0.0.0.0"},  # everywhere: the advertised address
+        {"url": "http://192.0.2.9:8003"},
+        {"kind": "attach", "url": "http://[2001:db8::9]:8004/v1", "port": 8004},
+    ]
+    tables = ernie.ernie_engine_tables(engines, flavor="gpu", host_address="192.0.2.5")
+    f = tmp_path / "engine.toml"
+    f.write_text(
+        "node = 'engine1'\nadvertise_address = '192.0.2.5'\n[consul]\nservice = 'svc'\n"
+        + "".join("[[engines]]\n" + "".join(f"{k} = {toml.to_toml(v)}\n" for k, v in t.items()) for t in tables)
+    )
+    cfg = engine_config.load(["--config", str(f)])
+    assert ernie.ernie_instance_ids(tables, "svc", "engine1", "192.0.2.5") == [cfg.instance_id(e) for e in cfg.engines]
+
+
 VALUES = [
     "",
     "ernie",

@@ -32,7 +32,7 @@ def test_payload_has_stable_id_meta_tags_and_ttl_check():
     )
     reg = c.registration()
     assert reg.service == "ernie"
-    assert reg.instance_id == "ernie-gpu7-8001"
+    assert reg.instance_id == "ernie-gpu7-127.0.0.1-8001"
     assert reg.port == 8001
     assert reg.meta["model"] == "/models/ernie"
     assert reg.meta["served_model_name"] == "/models/ernie"
@@ -80,8 +80,8 @@ def test_publish_is_idempotent_and_survives_consul_losing_everything():
         assert await c.publish(PASS, now=20.5) == "verdict pushed"
 
     asyncio.run(scenario())
-    assert list(cat.local_instances("ernie")) == ["ernie-n1-8001"]  # never a duplicate
-    assert cat.verdict("ernie-n1-8001") == PASS
+    assert list(cat.local_instances("ernie")) == ["ernie-n1-127.0.0.1-8001"]  # never a duplicate
+    assert cat.verdict("ernie-n1-127.0.0.1-8001") == PASS
     assert [op for op, _ in cat.writes].count("register") == 2
 
 
@@ -95,7 +95,7 @@ def test_changed_data_re_registers():
         assert await c.publish(PASS, now=0.5) == "registered"
 
     asyncio.run(scenario())
-    assert cat.local_instances("ernie")["ernie-n1-8001"].meta["max_model_len"] == "4096"
+    assert cat.local_instances("ernie")["ernie-n1-127.0.0.1-8001"].meta["max_model_len"] == "4096"
 
 
 def test_catalog_unavailable_is_a_catalog_error():

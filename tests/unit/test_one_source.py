@@ -3,6 +3,7 @@ strings (agent/durations.py), the can-I-listen check (agent/net.py)."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 from agent import naming
@@ -12,15 +13,25 @@ from agent.gateway import config as gateway_config
 from agent.local.plan import MeshPlan
 
 
-def test_instance_id_is_service_node_port():
-    assert naming.instance_id("ernie", "gpu-7", 8001) == "ernie-gpu-7-8001"
+def test_instance_id_is_service_node_address_port():
+    assert naming.instance_id("ernie", "gpu-7", "10.0.0.7", 8001) == "ernie-gpu-7-10.0.0.7-8001"
+    assert naming.instance_id("ernie", "gpu-7", "[2001:db8::7]", 8001) == "ernie-gpu-7-2001:db8::7-8001"
     cfg = engine_config.build(
         engine_config.EngineAgentConfig,
-        {"node": "n1", "consul": {"service": "svc"}, "engines": [{"kind": "simulated", "port": 8001}]},
+        {
+            "node": "n1",
+            "advertise_address": "192.0.2.1",
+            "consul": {"service": "svc"},
+            "engines": [{"kind": "simulated", "port": 8001, "host": "0.0.0.0"}, {"url": "http://192.0.2.9:8002"}],
+        },
     )
-    assert cfg.instance_id(cfg.engines[0]) == naming.instance_id("svc", "n1", 8001)
+    assert cfg.instance_id(cfg.engines[0]) == naming.instance_id("svc", "n1", "192.0.2.1", 8001)
+    assert cfg.instance_id(cfg.engines[1]) == naming.instance_id("svc", "n1", "192.0.2.9", 8002)
     plan = MeshPlan(engines=2, engine_kind="simulated", node="box", port_offset=10)
-    assert plan.instance_id(1) == naming.instance_id("ernie", "box", plan.engine_port(1))
+    assert plan.instance_id(1) == naming.instance_id("ernie", "box", "127.0.0.1", plan.engine_port(1))
+    # what the plan computes is what its engine agent registers
+    agent_cfg = engine_config.build(engine_config.EngineAgentConfig, tomllib.loads(plan.engine_agent_toml(1, "/m")))
+    assert agent_cfg.instance_id(agent_cfg.engines[0]) == plan.instance_id(1)
 
 
 def test_gateways_register_under_one_service_name():

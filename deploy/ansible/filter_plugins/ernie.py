@@ -1,5 +1,6 @@
 # ernie-mesh: turn the inventory's engine list into engine.toml [[engines]] tables.
-"""Filter `ernie_engine_tables(engines, flavor, host_address, cpu_args)`.
+"""Filters `ernie_engine_tables(engines, flavor, host_address, cpu_args)` and
+`ernie_instance_ids(tables, service, node, host_address)`.
 
 An inventory engine item: {port, kind (vllm|simulated|attach), model, served_model_name,
 max_model_len, host, gpus: [0, 1], args: [...], env: {...}, shutdown_timeout_s, url}.
@@ -75,6 +76,27 @@ def ernie_engine_tables(engines, flavor="gpu", host_address="0.0.0.0", cpu_args=
     return out
 
 
+def _url_host(url):
+    hostport = str(url).split("://", 1)[-1].split("/", 1)[0]
+    if hostport.startswith("["):
+        return hostport[1:].split("]", 1)[0]
+    return hostport.rpartition(":")[0] if ":" in hostport else hostport
+
+
+def ernie_instance_ids(tables, service, node, host_address):
+    """The Consul service ID the engine agent registers for each [[engines]] table (engine.toml has
+    advertise_address = host_address). A copy of agent.naming.instance_id with the registered
+    address of agent.engine.config.EngineAgentConfig.engine_address: the filter imports nothing from
+    the package (tests/unit/test_ansible_filters.py checks they agree)."""
+    out = []
+    for e in tables:
+        address = _url_host(e["url"]) if e.get("kind") == "attach" else e.get("host", "127.0.0.1")
+        if address in ("0.0.0.0", "::", ""):
+            address = host_address
+        out.append(f"{service}-{node}-{str(address).strip('[]')}-{e['port']}")
+    return out
+
+
 class FilterModule:
     def filters(self):
-        return {"ernie_engine_tables": ernie_engine_tables}
+        return {"ernie_engine_tables": ernie_engine_tables, "ernie_instance_ids": ernie_instance_ids}
