@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,19 @@ class DrillOptions:
     max_tokens: int = 32
     token_delay_ms: float = 20.0
     request_timeout_s: float = 60.0
-    hold_s: float | None = None  # fault length; default scenarios.HOLD x duration
+    hold_s: float | None = None  # fault length; default scenarios.NOMINAL_HOLD_S, else HOLD x duration
     health_interval_s: float = 10.0  # the baseline's health-check period
+    # engine agent settings for this drill (e.g. a shorter restart backoff in CI's crash-loop drill)
+    agent_settings: dict[str, Any] = field(default_factory=dict)
+    slow_connections: int = sc.SLOWLORIS_CONNECTIONS
+    # how long after a fault's end the drill waits for recovery (default 60 s, 300 s with vLLM)
+    recover_wait_s: float | None = None
 
     @property
     def hold(self) -> float:
-        return self.hold_s if self.hold_s is not None else round(sc.HOLD * self.duration_s, 1)
+        if self.hold_s is not None:
+            return self.hold_s
+        return sc.NOMINAL_HOLD_S.get(self.scenario, round(sc.HOLD * self.duration_s, 1))
 
     def systems(self) -> list[str]:
         names = ["mesh", "baseline"] if self.system == "both" else [self.system]
@@ -72,6 +79,7 @@ def build_system(name: str, opts: DrillOptions, settings: EngineSettings, workdi
         if opts.scenario == "kill":
             # "restart it later": the agent restarts the engine itself, at the fault's end like the baseline
             agent_settings = {"restart_backoff_initial_s": opts.hold, "restart_backoff_max_s": max(30.0, opts.hold)}
+        agent_settings.update(opts.agent_settings)
         return MeshSystem(settings, opts.engines, workdir / "mesh", progress, agent_settings)
     from bench.baseline.system import BaselineSystem
 
@@ -111,7 +119,21 @@ def run_one(
         started_at = load.started_at
         if started_at is None:  # start() sets it
             raise RuntimeError("the load generator did not start")
-        tl = sc.Timeline(system, monitor, started_at, opts.duration_s, opts.hold, stop, progress, ready_timeout)
+        cap = opts.recover_wait_s or (RECOVERY_WAIT_VLLM_S if settings.kind == "vllm" else RECOVERY_WAIT_SIM_S)
+        tl = sc.Timeline(
+            system,
+            monitor,
+            started_at,
+            opts.duration_s,
+            opts.hold,
+            stop,
+            progress,
+            ready_timeout,
+            model=settings.served_model_name,
+            workdir=system.workdir,
+            slow_connections=opts.slow_connections,
+            recover_wait_s=cap,
+        )
 
         def scenario_thread() -> None:
             try:
@@ -128,10 +150,10 @@ def run_one(
             f"{opts.stream_ratio:.0%} streaming, {opts.max_tokens} tokens) for {opts.duration_s:g}s"
         )
         last = 0.0
-        cap = RECOVERY_WAIT_VLLM_S if settings.kind == "vllm" else RECOVERY_WAIT_SIM_S
         scen_done_at = None
         # The load runs for the duration, until the scenario is done, and on until every fault has been
-        # recovered from (the "serving again" check needs traffic), at most `cap` s after the scenario.
+        # recovered from (the "serving again" check needs traffic), at most `cap` s after the last fault
+        # ended (a scenario that watches for recovery itself may have spent that already).
         while not stop.is_set() and not failure:
             now = time.time()
             if not scen.is_alive() and scen_done_at is None:
@@ -139,7 +161,7 @@ def run_one(
             if (
                 now - started_at >= opts.duration_s
                 and scen_done_at is not None
-                and (monitor.all_recovered() or now - scen_done_at > cap)
+                and (monitor.all_recovered() or now - max(monitor.fault_ends(), default=scen_done_at) > cap)
             ):
                 break
             if now - last >= PROGRESS_EVERY_S:
@@ -157,7 +179,7 @@ def run_one(
         if failure:
             raise RuntimeError(f"{name}: scenario {opts.scenario} failed: {failure[0]}") from failure[0]
         monitor.stop()
-        return result_of(name, opts, load, monitor, elapsed)
+        return result_of(name, opts, load, monitor, elapsed) | tl.extra
     except KeyboardInterrupt:
         stop.set()
         raise
@@ -213,7 +235,7 @@ def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monit
         "concurrency": opts.concurrency,
         "stream_ratio": opts.stream_ratio,
         "duration_s": round(elapsed, 1),
-        "hold_s": opts.hold if opts.scenario != "rolling" else None,
+        "hold_s": opts.hold if opts.scenario in sc.HELD else None,
         "errors": s.errors,
         "engine_fault": bool(detects),
         "events": [
@@ -224,6 +246,9 @@ def result_of(name: str, opts: DrillOptions, load: LoadGenerator, monitor: Monit
                 "end_s": None if e.t_end is None else round(e.t_end - t0, 2),
                 "detect_s": e.detect_s,
                 "recover_s": e.recover_s,
+                # requests under way when the fault struck that did not complete in full
+                "lost_in_flight": sum(1 for r in results if r.outcome != "ok" and r.started <= e.t_fault < r.ended),
+                **({"notes": e.notes} if e.notes else {}),
             }
             for e in monitor.events
         ],

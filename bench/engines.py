@@ -27,6 +27,9 @@ SIM_MODEL = "sim-model"
 VLLM_START_TIMEOUT_S = 600.0
 SIM_START_TIMEOUT_S = 30.0
 ENGINE_CORE_TITLE = "EngineCore"
+# Simulated engines in the drills crash on a request that contains this (the prompt-of-death drill);
+# the load's own prompt never does.
+PROMPT_OF_DEATH = "ERNIE-DRILL-PROMPT-OF-DEATH"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class EngineSettings:
                 f"{self.token_delay_ms:g}",
                 "--shutdown-timeout",
                 f"{self.shutdown_timeout_s:g}",
+                "--crash-on-prompt",
+                PROMPT_OF_DEATH,
             )
         return [
             sys.executable,
@@ -93,7 +98,7 @@ class EngineSettings:
                 "kind": "simulated",
                 "port": port,
                 "served_model_name": self.served_model_name,
-                "args": ["--token-delay-ms", f"{self.token_delay_ms:g}"],
+                "args": ["--token-delay-ms", f"{self.token_delay_ms:g}", "--crash-on-prompt", PROMPT_OF_DEATH],
                 "shutdown_timeout_s": self.shutdown_timeout_s,
             }
         return {
@@ -179,6 +184,16 @@ def speed_up(settings: EngineSettings, url: str) -> None:
     set_sim_fault(url, "none")
 
 
+def kill_worker(settings: EngineSettings, url: str, pid: int | None) -> None:
+    """An OOM kill: SIGKILL of the process that runs the model, alone (vLLM: its EngineCore; the
+    simulated engine is a single process: that one), not its parent, group or supervisor."""
+    pid = _running_pid(url, pid)
+    if settings.kind == "vllm":
+        engine_core(pid).kill()
+    else:
+        os.kill(pid, signal.SIGKILL)
+
+
 def kill_group(pid: int | None) -> None:
     """kill -9 of the engine and its children (vLLM's engine core dies with it, as in an OOM kill)."""
     if pid is None:
@@ -190,6 +205,17 @@ def kill_group(pid: int | None) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def listening_pid(port: int) -> int | None:
+    """The process listening on TCP `port` (one of this user's), or None."""
+    try:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+                return c.pid
+    except psutil.Error:
+        return None
+    return None
 
 
 _COUNTER_RE = re.compile(r"^vllm:request_success_total(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)

@@ -4,7 +4,9 @@ restarted on its own in a rolling drill), one gateway agent with its Envoy."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,6 @@ from agent.local.consul_dev import ConsulDev
 from agent.local.ports import free_port, free_ports
 from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.wait import wait_until
-from agent.naming import instance_id
 from bench.engines import EngineSettings, kill_group
 from bench.system import Progress, System
 
@@ -40,11 +41,14 @@ class EngineAgentProc:
         index: int,
         count: int,
         agent_settings: dict[str, Any],
+        engine_args: tuple[str, ...] = (),
     ):
         self.engine_port = engine_port
         self.port = free_port()
-        self.instance_id = instance_id(SERVICE, NODE, "127.0.0.1", engine_port)  # engines on loopback here
+        self.instance_id = ""  # the agent's name for it (agent/naming.py), learnt from its /instances
         self.config_path = workdir / f"engine-agent-{engine_port}.toml"
+        engine = settings.agent_engine(engine_port, index, count)
+        engine["args"] = [*engine.get("args", ()), *engine_args]
         self.config_path.write_text(
             tomli_w.dumps(
                 {
@@ -54,7 +58,7 @@ class EngineAgentProc:
                     "log_dir": str(workdir / "logs"),
                     **agent_settings,
                     "consul": {"address": consul_address, "service": SERVICE},
-                    "engines": [settings.agent_engine(engine_port, index, count)],
+                    "engines": [engine],
                 }
             )
         )
@@ -73,10 +77,12 @@ class EngineAgentProc:
         return self
 
     def instance(self) -> dict[str, Any] | None:
+        """The agent's view of its engine (found by port: the agent runs this one engine)."""
         try:
             instances: list[dict[str, Any]] = self._http.get(f"{self.url}/instances").json()["instances"]
             for i in instances:
-                if i["id"] == self.instance_id:
+                if str(i["url"]).rstrip("/").endswith(f":{self.engine_port}"):
+                    self.instance_id = str(i["id"])
                     return i
         except (httpx.HTTPError, ValueError, KeyError):
             return None
@@ -87,6 +93,8 @@ class EngineAgentProc:
         return inst.get("pid") if inst else None
 
     def drain(self) -> None:
+        if not self.instance_id and self.instance() is None:
+            raise RuntimeError(f"engine agent {self.url} does not list the engine on :{self.engine_port}")
         r = self._http.post(f"{self.url}/drain/{self.instance_id}")
         r.raise_for_status()
 
@@ -124,6 +132,8 @@ class MeshSystem(System):
         self.gw_config = self.workdir / "gateway.toml"
         self._admin = httpx.Client(timeout=1.0)
         self._catalog: ConsulCatalog | None = None
+        self._consul_frozen = False
+        self._orphans: list[tuple[int, int]] = []  # (pid, port) of engines whose agent was killed
 
     @property
     def base_url(self) -> str:  # type: ignore[override]
@@ -148,9 +158,10 @@ class MeshSystem(System):
             f"({self.settings.kind} engines) and the gateway"
         )
         for i, port in enumerate(self.engine_ports):
+            extra = ("--crash-at-start-if-exists", str(self.crash_flag(i))) if self.settings.kind == "sim" else ()
             self.agents.append(
                 EngineAgentProc(
-                    self.workdir, self.consul.address, self.settings, port, i, self.n, self.agent_settings
+                    self.workdir, self.consul.address, self.settings, port, i, self.n, self.agent_settings, extra
                 ).start()
             )
         self.gw_config.write_text(
@@ -160,6 +171,7 @@ class MeshSystem(System):
                     "run_dir": str(self.gw_run_dir),
                     **{k: f"127.0.0.1:{p}" for k, p in self.gw_ports.items()},
                     "consul": {"address": self.consul.address, "service": SERVICE},
+                    **_no_api_keys(),
                 }
             )
         )
@@ -173,15 +185,34 @@ class MeshSystem(System):
             self.workdir / "logs" / "gateway-agent.log",
         ).start()
 
+    def crash_flag(self, i: int) -> Path:
+        """While this file exists, engine i's simulated engine fails at start (a crash loop)."""
+        return self.workdir / f"crash-at-start-{self.engine_ports[i]}"
+
     def stop(self) -> None:
         """SIGTERM to the gateway and every engine agent at once (each drains on its own), then wait."""
+        if self._consul_frozen:
+            self.control_plane_start("consul-freeze")
         procs = [p for p in [self.gateway, *(a.proc for a in self.agents)] if p is not None]
         for p in procs:
             p.signal(signal.SIGTERM)
         for p in procs:
             p.stop(60.0)
         self._kill_envoy()
+        self._kill_orphans()
         self.consul.stop()
+
+    def _kill_orphans(self) -> None:
+        """Engines left running by a killed engine agent (the drill's, recognised by their port)."""
+        for pid, port in self._orphans:
+            try:
+                p = psutil.Process(pid)
+                if "--port" in (cmd := p.cmdline()) and str(port) in cmd:
+                    self.progress(f"mesh: engine pid {pid} (:{port}) outlived its killed agent: stopping it")
+                    p.kill()
+                    p.wait(5)
+            except psutil.Error:
+                pass
 
     def _kill_envoy(self) -> None:
         """Envoy runs in its own session (it outlives its agent by design): stop ours if it lingers."""
@@ -197,6 +228,25 @@ class MeshSystem(System):
                 p.wait(5)
         except psutil.Error:
             pass
+
+    def wait_all_in_rotation(self, timeout_s: float) -> None:
+        try:
+            super().wait_all_in_rotation(timeout_s)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\n{self.log_tails()}") from None
+
+    def log_tails(self, lines: int = 12) -> str:
+        """The last lines of the gateway agent's, Envoy's and each engine agent's log (for a failure)."""
+        logs = [self.workdir / "logs" / "gateway-agent.log", self.gw_run_dir / "envoy.log"]
+        logs += [a.log_path for a in self.agents]
+        out = []
+        for path in logs:
+            try:
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                tail = ["(no log)"]
+            out.append(f"--- {path}:\n" + "\n".join(tail))
+        return "\n".join(out)
 
     # --- observation --------------------------------------------------------------------------
     def in_rotation(self) -> frozenset[int]:
@@ -217,16 +267,55 @@ class MeshSystem(System):
         return frozenset(i for i, p in enumerate(self.engine_ports) if flags.get(p) == "healthy")
 
     def control_plane_ok(self) -> bool:
-        """Consul answers with every instance passing and the gateway agent serves its metrics."""
+        """Consul answers with every instance passing, the gateway agent serves its metrics and
+        every relay process runs and accepts connections."""
         if self._catalog is None:  # not started
             return False
         try:
             _idx, entries = self._catalog.instances(SERVICE)
             passing = sum(1 for e in entries if e.status.value == "passing")
             metrics = httpx.get(f"http://127.0.0.1:{self.gw_ports['metrics']}/metrics", timeout=1)
-            return passing == self.n and metrics.status_code == 200
+            return passing == self.n and metrics.status_code == 200 and self.relays_ok()
         except Exception:  # noqa: BLE001 - Consul down or the gateway restarting: simply "not ok"
             return False
+
+    def relay_pids(self) -> list[int]:
+        """The relay processes the gateway agent started (its records in run_dir), alive or not."""
+        pids = []
+        for record in sorted(self.gw_run_dir.glob("relay-*.json")):
+            try:
+                pids.append(int(json.loads(record.read_text())["pid"]))
+            except (OSError, ValueError, KeyError):
+                continue
+        return pids
+
+    def relays_ok(self) -> bool:
+        pids = self.relay_pids()
+        if not pids:
+            return False
+        for pid in pids:
+            try:
+                p = psutil.Process(pid)
+                cmd = p.cmdline()
+                if p.status() == psutil.STATUS_ZOMBIE or "--socket" not in cmd:
+                    return False
+                sock = cmd[cmd.index("--socket") + 1]
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(1.0)
+                    s.connect(sock)
+            except (psutil.Error, OSError, IndexError):
+                return False
+        return True
+
+    def envoy_pid(self) -> int | None:
+        try:
+            pid = int(json.loads((self.gw_run_dir / "envoy.json").read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            return None
+        return pid if psutil.pid_exists(pid) else None
+
+    def agent_view(self, i: int) -> dict[str, Any] | None:
+        return self.agents[i].instance()
 
     def engine_url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.engine_ports[i]}"
@@ -240,6 +329,44 @@ class MeshSystem(System):
 
     def after_kill(self, i: int) -> None:
         """Nothing to do: the engine agent restarts its engine (after restart_backoff_initial_s)."""
+
+    def restart_crashed(self, i: int, died_at: float) -> None:
+        """Nothing to do: the engine agent restarts its engine (after restart_backoff_initial_s)."""
+
+    def crash_at_start(self, i: int, on: bool) -> None:
+        if self.settings.kind != "sim":
+            raise NotImplementedError("the crash-loop drill needs the simulated engine")
+        flag = self.crash_flag(i)
+        if on:
+            flag.write_text("the drill makes this engine fail at start while this file exists\n")
+            kill_group(self.engine_pid(i))
+        else:
+            flag.unlink(missing_ok=True)
+
+    def kill_part(self, what: str) -> int:
+        """SIGKILL of the process alone (its children, if any, live on as after a crash)."""
+        if what == "envoy":
+            pid = self.envoy_pid()
+        elif what == "relay":
+            pid = next(iter(self.relay_pids()), None)
+        elif what.startswith("engine-agent-"):
+            agent = self.agents[int(what.rpartition("-")[2])]
+            engine = agent.engine_pid()
+            if engine is not None:
+                self._orphans.append((engine, agent.engine_port))
+            pid = agent.proc.pid if agent.proc is not None and agent.proc.alive() else None
+            if pid is not None and agent.proc is not None:
+                agent.proc.kill()
+                return pid
+        else:
+            raise ValueError(what)
+        if pid is None:
+            raise RuntimeError(f"mesh: no running {what} to kill")
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def start_engine_agent(self, i: int) -> None:
+        self.agents[i].start()
 
     def roll_stop(self, i: int) -> None:
         """Drain through the engine agent, then stop the agent (nothing left to drain)."""
@@ -263,6 +390,11 @@ class MeshSystem(System):
     def control_plane_stop(self, what: str) -> None:
         if what == "consul":
             self.consul.stop()
+        elif what == "consul-freeze":
+            if self.consul.proc is None:
+                raise RuntimeError("mesh: Consul is not running")
+            self.consul.proc.send_signal(signal.SIGSTOP)
+            self._consul_frozen = True
         elif what == "gateway":
             if self.gateway is None:
                 raise RuntimeError("mesh: the gateway agent was not started")
@@ -273,10 +405,26 @@ class MeshSystem(System):
     def control_plane_start(self, what: str) -> None:
         if what == "consul":
             self.consul.start()
+        elif what == "consul-freeze":
+            if self.consul.proc is not None:
+                self.consul.proc.send_signal(signal.SIGCONT)
+            self._consul_frozen = False
         elif what == "gateway":
             self.start_gateway()
         else:
             raise ValueError(what)
+
+
+def _no_api_keys() -> dict[str, Any]:
+    """The drills' clients send no API key (nor does the baseline need one): a gateway that
+    checks keys is told not to, where it has that setting."""
+    import dataclasses
+
+    from agent.gateway.config import EdgeSettings
+
+    if "api_keys" in {f.name for f in dataclasses.fields(EdgeSettings)}:
+        return {"edge": {"api_keys": "off"}}
+    return {}
 
 
 def wait_gateway_ready(system: MeshSystem, timeout_s: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench.system import System
 
@@ -24,6 +24,9 @@ class FaultEvent:
     detected_at: float | None = None
     recovered_at: float | None = None
     served_before: float | None = None  # the engine's completed-requests counter just after t_end
+    # the scenario itself sets recovered_at (e.g. "a request through the gateway answered again")
+    scenario_recovers: bool = False
+    notes: dict[str, object] = field(default_factory=dict)  # what the scenario saw (reported as is)
 
     @property
     def detect_s(self) -> float | None:
@@ -54,13 +57,22 @@ class Monitor:
         self._thread.join(5)
 
     def add(self, event: FaultEvent) -> FaultEvent:
+        """Watch `event` from now on. An event added after its fault (the engine a prompt of death
+        took is known only once it crashed) is first judged on the samples taken since the fault."""
         with self._lock:
+            for t, rot in list(self.samples):
+                if t >= event.t_fault and event.detected_at is None:
+                    self._detect(event, t, rot)
             self.events.append(event)
         return event
 
     @property
     def rotation(self) -> frozenset[int]:
         return self.samples[-1][1] if self.samples else frozenset()
+
+    def fault_ends(self) -> list[float]:
+        with self._lock:
+            return [e.t_end for e in self.events if e.t_end is not None]
 
     def all_recovered(self) -> bool:
         with self._lock:
@@ -78,11 +90,15 @@ class Monitor:
                 self._update(e, t, rot, everyone)
             self._stop.wait(SAMPLE_INTERVAL_S)
 
-    def _update(self, e: FaultEvent, t: float, rot: frozenset[int], everyone: frozenset[int]) -> None:
+    @staticmethod
+    def _detect(e: FaultEvent, t: float, rot: frozenset[int]) -> None:
         if e.index is not None and e.detected_at is None and e.index not in rot:
             if e.t_end is None or t <= e.t_end + DETECT_GRACE_S:
                 e.detected_at = t
-        if e.t_end is None or e.recovered_at is not None or t < e.t_end:
+
+    def _update(self, e: FaultEvent, t: float, rot: frozenset[int], everyone: frozenset[int]) -> None:
+        self._detect(e, t, rot)
+        if e.t_end is None or e.recovered_at is not None or t < e.t_end or e.scenario_recovers:
             return
         if e.index is None:
             # the control plane: every engine routable again and every part answering

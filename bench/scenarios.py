@@ -7,11 +7,19 @@ monitor; the load runs until the duration has passed and the scenario is done.
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import httpx
+
+from agent.local.procs import ManagedProcess
+from bench.engines import PROMPT_OF_DEATH, listening_pid
 from bench.monitor import FaultEvent, Monitor
 from bench.system import Progress, System
 
@@ -19,6 +27,15 @@ FAULT_AT = 0.25
 HOLD = 0.35
 ROLLING_AT = 0.15
 ROLLING_PAUSE_S = 1.0
+# Faults with a length of their own (the default elsewhere: HOLD x the drill's duration).
+# slowloris: longer than both systems' 60 s client timeouts, to show what each does at their end.
+NOMINAL_HOLD_S = {"consul-slow": 20.0, "slowloris": 65.0}
+CRASH_SETTLE_S = 2.0  # after the prompt of death's answer: how long engines get to show they died
+POISON_TIMEOUT_S = 60.0
+PROBE_EVERY_S = 0.05
+PROBE_TIMEOUT_S = 2.0
+SLOWLORIS_CONNECTIONS = 1000
+SLOWLORIS_INTERVAL_S = 1.0
 
 
 class Aborted(Exception):
@@ -35,6 +52,11 @@ class Timeline:
     stop: threading.Event
     progress: Progress
     ready_timeout_s: float
+    model: str = ""
+    workdir: Path = Path(".")
+    slow_connections: int = SLOWLORIS_CONNECTIONS
+    recover_wait_s: float = 60.0  # how long after a fault's end recovery is waited for
+    extra: dict[str, Any] = field(default_factory=dict)  # a scenario's own figures for the result
 
     def at(self, rel_s: float) -> float:
         """Sleep until t0 + rel_s; returns the wall time."""
@@ -121,6 +143,228 @@ def gateway_restart(tl: Timeline) -> None:
     )
 
 
+def consul_slow(tl: Timeline) -> None:
+    _fault_then_end(
+        tl,
+        "Consul SIGSTOPped",
+        None,
+        lambda: tl.system.control_plane_stop("consul-freeze"),
+        lambda: tl.system.control_plane_start("consul-freeze"),
+    )
+
+
+def engine_agent_kill(tl: Timeline) -> None:
+    """The agent alone is killed; whether its engine lives on (it runs in its own session) or dies
+    with it (PR_SET_PDEATHSIG), the load counts what users see. The agent is started again (as
+    systemd would) at the fault's end. Recovered once the instance is routed again with the agent
+    passing it and the engine it supervises being the one that listens on the port (an engine the
+    killed agent left running would answer the new agent's probes while the new agent's own engine
+    cannot bind the port)."""
+    i = tl.victim
+    tl.at(tl.fault_at)
+    ev = tl.monitor.add(FaultEvent(f"engine agent {i} killed -9", i, time.time(), scenario_recovers=True))
+    engine_pid = tl.system.engine_pid(i)
+    ev.notes["agent_pid"] = tl.system.kill_part(f"engine-agent-{i}")
+    tl.say(f"engine agent {i} killed (its engine: pid {engine_pid})")
+    tl.stop.wait(1.0)
+    ev.notes["engine_outlived_agent"] = _alive(engine_pid)
+    tl.at(tl.fault_at + tl.hold_s)
+    ev.notes["engine_alive_at_fault_end"] = _alive(engine_pid)
+    ev.t_end = time.time()
+    tl.system.start_engine_agent(i)
+    tl.say(f"engine agent {i} started again")
+    port = int(tl.system.engine_url(i).rpartition(":")[2])
+    while time.time() < ev.t_end + tl.recover_wait_s:
+        view = tl.system.agent_view(i) or {}
+        pid = view.get("pid")
+        if view.get("state") == "passing" and pid is not None and i in tl.monitor.rotation:
+            if listening_pid(port) == pid:
+                ev.recovered_at = time.time()
+                break
+        tl.at(time.time() - tl.t0 + 0.2)
+    ev.notes["old_engine_alive_at_the_end"] = _alive(engine_pid)
+    ev.notes["listening_pid"] = listening_pid(port)
+    last = tl.system.agent_view(i) or {}
+    ev.notes["agent_view"] = {k: last.get(k) for k in ("state", "cause", "pid")}
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def crash_loop(tl: Timeline) -> None:
+    """Engine i killed, and every start fails until the fault ends; its agent keeps retrying."""
+    i = tl.victim
+    tl.at(tl.fault_at)
+    ev = tl.monitor.add(FaultEvent(f"engine {i} fails at every start", i, time.time(), served_before=0.0))
+    first = tl.system.agent_view(i) or {}
+    tl.system.crash_at_start(i, True)
+    tl.say(f"engine {i} killed; it fails at start from now on")
+    causes: list[str] = []
+    while time.time() < tl.t0 + tl.fault_at + tl.hold_s:
+        view = tl.system.agent_view(i) or {}
+        cause = view.get("cause")
+        if isinstance(cause, str) and (not causes or causes[-1] != cause):
+            causes.append(cause)
+        tl.at(min(time.time() - tl.t0 + 0.2, tl.fault_at + tl.hold_s))
+    last = tl.system.agent_view(i) or {}
+    ev.t_end = time.time()
+    tl.system.crash_at_start(i, False)
+    ev.notes.update(
+        {
+            "failed_starts": _int(last.get("restarts")) - _int(first.get("restarts")),
+            "causes": causes,
+            "crash_loop_reported": "crash_loop" in causes,
+            "next_retry_in_s": last.get("next_restart_in_s"),
+        }
+    )
+    tl.say(f"engine {i} may start again ({ev.notes})")
+
+
+def _int(v: object) -> int:
+    return v if isinstance(v, int) else 0
+
+
+def prompt_of_death(tl: Timeline) -> None:
+    """One request (not part of the load) whose prompt crashes every engine it reaches. Its client
+    must get a clear error once it took at most one more engine; the load must see nothing."""
+    tl.at(tl.fault_at)
+    pids = [tl.system.engine_pid(i) for i in range(tl.system.n)]
+    t = time.time()
+    answer = poison_request(tl.system.base_url, tl.model)
+    tl.stop.wait(CRASH_SETTLE_S)
+    crashed = [i for i in range(tl.system.n) if tl.system.engine_pid(i) != pids[i]]
+    tl.extra["poison"] = {**answer, "engines_taken": len(crashed)}
+    tl.say(f"prompt of death: {answer}; engines taken: {crashed}")
+    for i in crashed:
+        ev = tl.monitor.add(FaultEvent(f"engine {i} crashed on the prompt of death", i, t, served_before=0.0))
+        ev.t_end = t  # the system brings it back on its own: recovery counts from the crash
+    for i in crashed:
+        tl.system.restart_crashed(i, t)
+
+
+def poison_request(base_url: str, model: str) -> dict[str, Any]:
+    """A streaming chat completion whose prompt is the prompt of death: what its client saw."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"{PROMPT_OF_DEATH}: this prompt crashes the engine"}],
+        "max_tokens": 8,
+        "stream": True,
+    }
+    t0 = time.perf_counter()
+    try:
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=POISON_TIMEOUT_S) as r:
+            text = r.read().decode(errors="replace")
+            status = r.status_code
+    except httpx.HTTPError as e:
+        return {"status": None, "error": f"{type(e).__name__}: {e}"[:300], "seconds": _since(t0)}
+    message = text
+    try:
+        message = json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        pass  # not the OpenAI error shape: the raw body is the message
+    return {"status": status, "error": message[:300], "seconds": _since(t0)}
+
+
+def _since(t0: float) -> float:
+    return round(time.perf_counter() - t0, 2)
+
+
+def oom_kill(tl: Timeline) -> None:
+    """The engine's model process alone SIGKILLed, as the kernel's OOM killer does; both systems
+    start a crashed engine again after the same delay (bench.system.CRASH_RESTART_S)."""
+    i = tl.victim
+    tl.at(tl.fault_at)
+    t = time.time()
+    ev = tl.monitor.add(FaultEvent(f"engine {i} OOM-killed", i, t, served_before=0.0))
+    tl.system.kill_worker(i)
+    ev.t_end = t
+    tl.say(f"engine {i}'s worker killed -9")
+    tl.system.restart_crashed(i, t)
+
+
+def slowloris(tl: Timeline) -> None:
+    """Slow clients (bench/slowloris.py) on the system's URL for the fault's length."""
+    out = tl.workdir / f"slowloris-{tl.system.name}.json"
+    host_port = tl.system.base_url.split("://", 1)[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.slowloris",
+        "--address",
+        host_port,
+        "--connections",
+        str(tl.slow_connections),
+        "--interval",
+        f"{SLOWLORIS_INTERVAL_S:g}",
+        "--out",
+        str(out),
+    ]
+    proc = ManagedProcess("slowloris", cmd, tl.workdir / f"slowloris-{tl.system.name}.log")
+
+    def start() -> None:
+        proc.start()
+
+    def end() -> None:
+        proc.stop(30.0)
+        try:
+            tl.extra["slowloris"] = json.loads(out.read_text())
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"slowloris wrote no result ({e}): {proc.log_tail(10)}") from e
+
+    try:
+        _fault_then_end(tl, f"{tl.slow_connections} slow connections", None, start, end)
+    finally:
+        if proc.alive():
+            proc.stop(5.0)
+
+
+def relay_kill(tl: Timeline) -> None:
+    """One of the gateway's relay processes SIGKILLed; the gateway agent starts another."""
+    tl.at(tl.fault_at)
+    ev = tl.monitor.add(FaultEvent("a relay process killed -9", None, time.time()))
+    ev.notes["pid"] = tl.system.kill_part("relay")
+    ev.t_end = ev.t_fault
+    tl.say(f"relay pid {ev.notes['pid']} killed")
+
+
+def envoy_kill(tl: Timeline) -> None:
+    """Envoy SIGKILLed: every client connection to it ends. Recovered when a request through the
+    gateway's listener is answered again (probed every PROBE_EVERY_S)."""
+    tl.at(tl.fault_at)
+    ev = tl.monitor.add(FaultEvent("Envoy killed -9", None, time.time(), scenario_recovers=True))
+    ev.notes["pid"] = tl.system.kill_part("envoy")
+    ev.t_end = ev.t_fault
+    tl.say(f"envoy pid {ev.notes['pid']} killed")
+    probes = 0
+    with httpx.Client(timeout=PROBE_TIMEOUT_S) as http:
+        while time.time() < ev.t_fault + tl.recover_wait_s:
+            if tl.stop.is_set():
+                raise Aborted()
+            probes += 1
+            if _probe(http, tl.system.base_url, tl.model):
+                ev.recovered_at = time.time()
+                break
+            tl.stop.wait(PROBE_EVERY_S)
+    ev.notes["probes"] = probes
+    tl.say(f"gateway serving again after {ev.recover_s}s")
+
+
+def _probe(http: httpx.Client, base_url: str, model: str) -> bool:
+    body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+    try:
+        return http.post(f"{base_url}/v1/chat/completions", json=body).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 SCENARIOS: dict[str, Callable[[Timeline], None]] = {
     "kill": kill,
     "hang": hang,
@@ -128,8 +372,25 @@ SCENARIOS: dict[str, Callable[[Timeline], None]] = {
     "rolling": rolling,
     "consul-restart": consul_restart,
     "gateway-restart": gateway_restart,
+    "consul-slow": consul_slow,
+    "engine-agent-kill": engine_agent_kill,
+    "crash-loop": crash_loop,
+    "prompt-of-death": prompt_of_death,
+    "oom-kill": oom_kill,
+    "slowloris": slowloris,
+    "relay-kill": relay_kill,
+    "envoy-kill": envoy_kill,
 }
-MESH_ONLY = frozenset({"consul-restart", "gateway-restart"})
+# Scenarios whose fault lasts hold_s (the others are one event: a crash, a kill, a rolling restart).
+HELD = frozenset(
+    {"kill", "hang", "slow", "consul-restart", "gateway-restart", "consul-slow", "engine-agent-kill"}
+    | {"crash-loop", "slowloris"}
+)
+# The baseline has no control plane, no engine agents and no supervisor of its own: those faults
+# have no counterpart there.
+MESH_ONLY = frozenset(
+    {"consul-restart", "gateway-restart", "consul-slow", "engine-agent-kill", "crash-loop", "relay-kill", "envoy-kill"}
+)
 VLLM_OK = frozenset({"kill", "hang", "rolling", "consul-restart", "gateway-restart"})
 DESCRIPTIONS = {
     "kill": "kill -9 of one engine mid-load; it is started again when the fault ends",
@@ -138,4 +399,12 @@ DESCRIPTIONS = {
     "rolling": "every engine restarted one after another (mesh: drain via its agent; baseline: plain restart)",
     "consul-restart": "Consul stopped under load, started again (a -dev agent: it comes back empty)",
     "gateway-restart": "the gateway agent killed -9 under load (its Envoy keeps running), started again",
+    "consul-slow": "the Consul agent SIGSTOPped under load (20 s by default), then SIGCONT",
+    "engine-agent-kill": "one engine's agent killed -9 under load (the TTL path), started again at the fault's end",
+    "crash-loop": "one engine killed, then failing at every start until the fault ends (simulated engine only)",
+    "prompt-of-death": "one request whose prompt crashes every engine it reaches (simulated engine only)",
+    "oom-kill": "one engine's model process alone killed -9 (vLLM: its EngineCore), restarted 1 s later",
+    "slowloris": "1,000 connections trickling request headers or bodies while normal clients run",
+    "relay-kill": "one of the gateway's resuming relay processes killed -9 under load",
+    "envoy-kill": "the gateway's Envoy killed -9 under load: requests lost in flight, seconds until it serves again",
 }

@@ -6,10 +6,14 @@ import time
 from pathlib import Path
 from collections.abc import Callable
 
-from bench.engines import EngineSettings, completed_requests, freeze, slow_down, speed_up, thaw
+from bench.engines import EngineSettings, completed_requests, freeze, kill_worker, slow_down, speed_up, thaw
 
 Progress = Callable[[str], None]
 SLOW_FACTOR = 10.0
+# A crashed engine is started again this long after it died, by both systems: the engine agent's
+# first restart backoff (restart_backoff_initial_s), and systemd's Restart=on-failure RestartSec=1
+# for the baseline (a careful naive setup runs its engines under systemd).
+CRASH_RESTART_S = 1.0
 
 
 class System:
@@ -84,6 +88,15 @@ class System:
     def unslow(self, i: int) -> None:
         speed_up(self.settings, self.engine_url(i))
 
+    def kill_worker(self, i: int) -> None:
+        """An OOM kill of engine i's model process alone (see bench.engines.kill_worker)."""
+        kill_worker(self.settings, self.engine_url(i), self.engine_pid(i))
+
+    def restart_crashed(self, i: int, died_at: float) -> None:
+        """Engine i died on its own at `died_at` (wall clock): bring it back as its supervisor would,
+        CRASH_RESTART_S later. Returns once it was started again (not once it is ready)."""
+        raise NotImplementedError
+
     def roll_stop(self, i: int) -> None:
         """First half of a rolling restart of engine i (returns when the engine is down)."""
         raise NotImplementedError
@@ -97,7 +110,25 @@ class System:
         raise NotImplementedError
 
     def control_plane_stop(self, what: str) -> None:
-        raise NotImplementedError(f"{self.name} has no {what} to restart")
+        """Stop a part of the control plane: consul (a -dev agent: it comes back empty), consul-freeze
+        (SIGSTOP: a Consul that stops answering), gateway (the gateway agent, SIGKILL)."""
+        raise NotImplementedError(f"{self.name} has no {what} to stop")
 
     def control_plane_start(self, what: str) -> None:
-        raise NotImplementedError(f"{self.name} has no {what} to restart")
+        raise NotImplementedError(f"{self.name} has no {what} to start")
+
+    def kill_part(self, what: str) -> int:
+        """SIGKILL of one process of the serving path that its supervisor restarts: envoy, relay
+        (one relay process), engine-agent-<i> (engine i's agent alone). Returns the pid killed."""
+        raise NotImplementedError(f"{self.name} has no {what}")
+
+    def start_engine_agent(self, i: int) -> None:
+        raise NotImplementedError(f"{self.name} has no engine agents")
+
+    def crash_at_start(self, i: int, on: bool) -> None:
+        """From now on (on) engine i fails at start, until switched off; `on` also kills it once."""
+        raise NotImplementedError(f"{self.name} does not supervise its engines")
+
+    def agent_view(self, i: int) -> dict[str, object] | None:
+        """What engine i's agent says about its instance (None: no agent, or it does not answer)."""
+        return None

@@ -7,7 +7,9 @@ import json
 import shlex
 import shutil
 import string
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from agent.local.ports import free_ports, port_open
@@ -15,7 +17,7 @@ from agent.local.procs import ManagedProcess
 from agent.local.wait import wait_until
 from bench.baseline.healthcheck import render_upstream
 from bench.engines import EngineSettings, PlainEngine, wait_port_free
-from bench.system import Progress, System
+from bench.system import CRASH_RESTART_S, Progress, System
 
 TEMPLATE = Path(__file__).with_name("nginx.conf.template")
 HEALTH_INTERVAL_S = 10.0
@@ -178,6 +180,19 @@ class BaselineSystem(System):
     def after_kill(self, i: int) -> None:
         wait_port_free(self.engines[i].port)
         self.engines[i].start()
+
+    def restart_crashed(self, i: int, died_at: float) -> None:
+        """As systemd's Restart=on-failure with RestartSec=1 would: once the process is gone (an
+        API server left without its worker is stopped), CRASH_RESTART_S after it died."""
+        e = self.engines[i]
+        if e.proc is not None and e.proc.alive():
+            try:
+                e.proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                e.proc.stop(10.0)
+        wait_port_free(e.port)
+        time.sleep(max(0.0, died_at + CRASH_RESTART_S - time.time()))
+        e.start()
 
     def roll_stop(self, i: int) -> None:
         """`systemctl restart`: SIGTERM with the engine's default shutdown (requests in flight abort)."""
