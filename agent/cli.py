@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "engine": ("agent.engine.cli", "engine agent: supervise vLLM, register in Consul, report health"),
     "drain": ("agent.engine.drain_cli", "drain one instance through its engine agent"),
     "gateway": ("agent.gateway.cli", "gateway agent: Consul catalog -> Envoy over xDS"),
+    "keys": ("agent.gateway.keys_cli", "API keys the gateways accept: add, list, revoke"),
     "relay": ("agent.gateway.relay.server", "resuming relay process of the gateway (started by the gateway agent)"),
     "sim-engine": ("agent.sim.cli", "SIMULATED OpenAI-compatible engine with fault modes (tests, drills)"),
     "drill": ("bench.drill", "failure drills under load, side by side with the nginx baseline"),

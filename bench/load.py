@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
+from bench.keys import BENCH_API_KEY
 
 PROMPT = "Count slowly from one to one hundred."
 STALLED_FACTOR = 5.0
@@ -38,6 +39,7 @@ class LoadConfig:
     max_tokens: int = 32
     request_timeout_s: float = 60.0
     prompt: str = PROMPT
+    api_key: str = BENCH_API_KEY  # the benchmark gateways' (the baseline and engines ignore it)
 
 
 @dataclass
@@ -182,7 +184,7 @@ class LoadGenerator:
         )
         client = openai.OpenAI(
             base_url=f"{self.cfg.base_url}/v1",
-            api_key="none",
+            api_key=self.cfg.api_key,
             max_retries=0,
             timeout=self.cfg.request_timeout_s,
             # openai types this as httpx2.Client, but accepts (and checks for) an httpx.Client

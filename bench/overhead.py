@@ -41,6 +41,7 @@ from agent.local.wait import wait_until
 from bench.baseline.system import Nginx
 from bench.engines import PlainEngine, sim_settings
 from bench.load import percentile
+from bench.keys import AUTH, keys_file
 
 SERVICE = "ernie"
 ENGINES = 3
@@ -73,7 +74,7 @@ async def measure(
     counter = 0
     events = 0
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=30, headers=AUTH) as client:
 
         async def one() -> None:
             nonlocal counter, errors, events
@@ -214,6 +215,8 @@ class Rig:
                 f"127.0.0.1:{metrics}",
                 "--run-dir",
                 str(self.workdir / "gateway"),
+                "--api-keys",
+                keys_file(self.workdir),
             ),
             self.workdir / "logs" / "gateway.log",
         ).start()

@@ -31,6 +31,7 @@ from agent.catalog.consul import ConsulCatalog
 from agent.gateway.envoy import EnvoyAdmin
 from agent.local.consul_dev import ConsulDev
 from agent.local.ports import free_ports
+from bench.keys import keys_file
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICE = "ernie"
@@ -146,6 +147,8 @@ def run(changes: int, instances: int, workdir: Path) -> dict[str, Any]:
                 f"127.0.0.1:{metrics_port}",
                 "--run-dir",
                 str(workdir / "gw"),
+                "--api-keys",
+                keys_file(workdir),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

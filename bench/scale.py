@@ -38,6 +38,7 @@ from agent.local.ports import free_ports
 from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.wait import wait_until
 from bench.load import percentile
+from bench.keys import keys_file
 
 SERVICE = "ernie"
 CLUSTER = "ernie"
@@ -165,6 +166,8 @@ def live(n: int, changes: int, workdir: Path) -> dict[str, Any]:
                 f"127.0.0.1:{metrics_port}",
                 "--run-dir",
                 str(workdir / "gateway"),
+                "--api-keys",
+                keys_file(workdir),
             ),
             workdir / "gateway.log",
         ).start()

@@ -8,7 +8,8 @@
 
 Settings (environment): ERNIE_MESH_API_URL (default http://127.0.0.1:8080/v1), ERNIE_MESH_MODEL
 (default: the first model of /v1/models), ERNIE_MESH_MAX_TOKENS (512), ERNIE_MESH_TEMPERATURE
-(0.7), ERNIE_MESH_SYSTEM_PROMPT (none), OPENAI_API_KEY (sent as is; the local mesh needs none).
+(0.7), ERNIE_MESH_SYSTEM_PROMPT (none), ERNIE_MESH_API_KEY or OPENAI_API_KEY (the gateway's API key;
+`ernie-mesh up` passes the one it created).
 Run: chainlit run ui/app.py (ernie-mesh up does it with .venv-ui).
 """
 
@@ -43,7 +44,7 @@ log = logging.getLogger("ernie-mesh-ui")
 
 client = openai.AsyncOpenAI(
     base_url=API_URL,
-    api_key=os.environ.get("OPENAI_API_KEY") or "none",
+    api_key=os.environ.get("ERNIE_MESH_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none",
     timeout=openai.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
     max_retries=0,  # retries are ours: only before the first token, with a message the user can read
 )

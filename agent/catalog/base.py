@@ -175,3 +175,16 @@ class Catalog(Protocol):
 
     def instances(self, service: str, index: int = 0, wait_s: float = 0.0) -> tuple[int, list[CatalogEntry]]:
         """All instances of `service` with their health; blocks up to wait_s while index is current."""
+
+
+class KeyValueStore(Protocol):
+    """Consul's KV store, as the API-key commands and the gateway's key watch use it."""
+
+    def kv_tree(self, prefix: str, index: int = 0, wait_s: float = 0.0) -> tuple[int, dict[str, str]]:
+        """Every key under `prefix` with its value; blocks up to wait_s while index is current."""
+
+    def kv_put(self, key: str, value: str, only_if_absent: bool = False) -> bool:
+        """Write `key`; with only_if_absent, False (nothing written) if it exists."""
+
+    def kv_delete(self, key: str) -> None:
+        """Remove `key` (absent is not an error)."""

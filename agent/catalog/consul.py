@@ -177,6 +177,27 @@ class ConsulCatalog:
     def leader(self) -> str:
         return self._call("status leader", self._client.status.leader) or ""
 
+    # --- KV (API keys) -----------------------------------------------------------------------
+
+    def kv_tree(self, prefix: str, index: int = 0, wait_s: float = 0.0) -> tuple[int, dict[str, str]]:
+        client = self._blocking_client(wait_s) if wait_s > 0 and index > 0 else self._client
+        kwargs: dict[str, Any] = {"recurse": True}
+        if wait_s > 0 and index > 0:
+            kwargs.update(index=index, wait=go_duration(wait_s, min_ms=1))
+        new_index, items = self._call(f"read {prefix}", client.kv.get, prefix, **kwargs)
+        out = {}
+        for item in items or ():
+            raw = item.get("Value")
+            out[item["Key"]] = raw.decode(errors="replace") if isinstance(raw, bytes) else (raw or "")
+        return int(new_index or 0), out
+
+    def kv_put(self, key: str, value: str, only_if_absent: bool = False) -> bool:
+        cas = 0 if only_if_absent else None
+        return bool(self._call(f"write {key}", self._client.kv.put, key, value, cas=cas))
+
+    def kv_delete(self, key: str) -> None:
+        self._call(f"delete {key}", self._client.kv.delete, key)
+
 
 def _entry(node: dict[str, Any]) -> CatalogEntry:
     svc = node.get("Service") or {}

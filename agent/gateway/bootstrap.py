@@ -7,8 +7,11 @@ import hashlib
 import json
 import re
 import string
+from pathlib import Path
+from typing import Any
 
 from agent.durations import proto_duration as _duration  # Envoy reads protobuf JSON durations
+from agent.gateway import keys
 from agent.gateway.config import GatewayConfig
 
 
@@ -60,15 +63,44 @@ def template_values(cfg: GatewayConfig) -> dict[str, str]:
         "relay_percent": 100 if cfg.relay.enabled else 0,
         # RE2, anchored: exactly the allowed paths (a query string is not part of :path matching)
         "edge_paths_regex": "^(" + "|".join(re.escape(p) for p in cfg.edge.paths) + ")$",
+        "api_keys_file": str(Path(cfg.keys_dir) / keys.ENVOY_FILE),
+        "api_keys_dir": cfg.keys_dir,
         "edge_unknown_path_message": f"Unknown path. This gateway serves {', '.join(cfg.edge.paths)} (and /health).",
     }
     # Quote every value as a JSON string (valid YAML scalars; no injection through a name).
     out = {k: json.dumps(str(v)) if isinstance(v, str) else str(v) for k, v in values.items()}
+    # The API key check (an ECDS filter fed from the watched key file), or nothing with api_keys off.
+    out["edge_auth_filter"] = "- " + json.dumps(_auth_filter(out)) if cfg.edge.keys_required else ""
+    out["health_filter_config"] = (
+        json.dumps(
+            {keys.FILTER_NAME: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
+        )
+        if cfg.edge.keys_required
+        else "{}"
+    )
     # JSON is YAML: the relay processes' unix sockets as a flow list of endpoints.
     out["relay_endpoints"] = json.dumps(
         [{"endpoint": {"address": {"pipe": {"path": cfg.relay_socket(i)}}}} for i in range(cfg.relay_processes)]
     )
     return out
+
+
+def _auth_filter(values: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": keys.FILTER_NAME,
+        "config_discovery": {
+            "config_source": {
+                "path_config_source": {
+                    "path": json.loads(values["api_keys_file"]),
+                    "watched_directory": {"path": json.loads(values["api_keys_dir"])},
+                },
+                "resource_api_version": "V3",
+            },
+            # until the file is read: no key is valid
+            "default_config": keys.auth_config([]),
+            "type_urls": [keys.API_KEY_AUTH_TYPE],
+        },
+    }
 
 
 def render(template_text: str, cfg: GatewayConfig) -> str:

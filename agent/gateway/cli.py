@@ -21,6 +21,7 @@ from agent.gateway import bootstrap
 from agent.gateway import config as gateway_config
 from agent.gateway.agent import GatewayAgent
 from agent.gateway.envoy import EnvoySupervisor
+from agent.gateway.keys_watch import KeysWatch
 from agent.gateway.metrics import GatewayMetrics
 from agent.gateway.relays import RelaySupervisor
 from agent.gateway.watch import CatalogWatch
@@ -62,6 +63,16 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     # Wiring runs one way: metrics <- ADS server <- agent <- watch; nothing points back.
     ads = AdsServer(cfg.xds, callbacks=metrics)
     relays = RelaySupervisor(cfg, on_restart=metrics.relay_restarts.inc)
+    keys_watch = (
+        KeysWatch(
+            Path(cfg.keys_dir),
+            store=None if cfg.edge.api_keys_file else catalog,
+            file=cfg.edge.api_keys_file,
+            on_load=metrics.api_keys.set,
+        )
+        if cfg.edge.keys_required
+        else None
+    )
     agent = GatewayAgent(cfg, catalog, metrics, ads, envoy, relays)
     watch = CatalogWatch(catalog, cfg.consul.service, agent.on_watch, cfg.watch, metrics=metrics)
 
@@ -80,6 +91,11 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     metrics_server, _thread = metrics.serve(host, port)
     ads.start()
     watch.start()  # publishes the first snapshot as soon as Consul answers
+    if keys_watch is not None:
+        keys_watch.prepare()  # the key file Envoy reads must exist when it starts
+        keys_watch.start()
+    else:
+        log.warning("edge.api_keys = off: the OpenAI API on %s answers without a key", cfg.listen)
     relays_how = relays.adopt_or_start()
     metrics.include_relays(cfg.relay_metrics_dir)
     how = envoy.adopt_or_start()
@@ -104,6 +120,8 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
             envoy.stop()
             relays.stop()
         watch.stop(timeout_s=0.2)  # a daemon thread, maybe inside a blocking query
+        if keys_watch is not None:
+            keys_watch.stop()
         ads.stop()
         metrics_server.shutdown()
         metrics_server.server_close()

@@ -140,8 +140,21 @@ class EdgeSettings:
 
     # Other paths the engines serve to route too, exact: "/v1/embeddings", "/v1/responses", "/tokenize".
     extra_paths: tuple[str, ...] = ()
+    # Where the API keys are kept: "consul" (KV ernie-mesh/api-keys/, `ernie-mesh keys`), the
+    # path of a TOML file ([keys.<name>] key = "..."), or "off": no key needed (an explicit opt-out).
+    api_keys: str = "consul"
+
+    @property
+    def keys_required(self) -> bool:
+        return self.api_keys != "off"
+
+    @property
+    def api_keys_file(self) -> str:
+        return self.api_keys if self.api_keys not in ("consul", "off") else ""
 
     def __post_init__(self) -> None:
+        if self.api_keys not in ("consul", "off") and not self.api_keys.startswith("/"):
+            raise ConfigError(f'edge.api_keys: "consul", "off" or an absolute file path, got {self.api_keys!r}')
         for path in self.extra_paths:
             if not _PATH_RE.match(path) or "//" in path or "/../" in path or path.endswith("/.."):
                 raise ConfigError(f"edge.extra_paths: {path!r} is not a plain absolute path like /v1/embeddings")
@@ -270,6 +283,11 @@ class GatewayConfig:
         return self.relay.processes if self.relay.enabled else 0
 
     @property
+    def keys_dir(self) -> str:
+        """The API keys as Envoy and the relay read them (0700; rendered by the agent)."""
+        return str(Path(self.run_dir) / "keys")
+
+    @property
     def relay_metrics_dir(self) -> str:
         return str(Path(self.run_dir) / "relay-metrics")
 
@@ -334,6 +352,7 @@ Config file (TOML), every key optional:
   resume_limit = 3                  # continuations per request (1 after an engine crash)
   [edge]
   extra_paths = ["/v1/embeddings"]  # served besides /v1/chat/completions, /v1/completions, /v1/models
+  api_keys = "consul"               # or "/etc/ernie-mesh/api-keys.toml", or "off" (no key needed)
   [policy]
   num_retries = 3
   outlier_max_ejection_percent = 50
@@ -365,6 +384,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="directory for the rendered bootstrap, Envoy log and state")
     p.add_argument("--envoy-log-level", help="Envoy log level (default warning)")
     p.add_argument("--envoy-concurrency", type=int, help="Envoy worker threads (default: one per core)")
+    p.add_argument(
+        "--api-keys", help='where API keys are kept: "consul" (default, `ernie-mesh keys`), a TOML file, or "off"'
+    )
     return p
 
 
@@ -388,6 +410,7 @@ def load(argv: list[str]) -> GatewayConfig:
             "run_dir": args.run_dir,
             "envoy_log_level": args.envoy_log_level,
             "envoy_concurrency": args.envoy_concurrency,
+            "edge": {"api_keys": args.api_keys},
         },
     )
     return finish(build(GatewayConfig, data, where=""))

@@ -54,6 +54,7 @@ class GatewayMetrics:
         )
         self.envoy_restarts = Counter("ernie_gateway_envoy_restarts_total", "Envoy restarts by the agent", registry=r)
         self.envoy_up = Gauge("ernie_gateway_envoy_up", "1 while the supervised Envoy is live and ready", registry=r)
+        self.api_keys = Gauge("ernie_gateway_api_keys", "API keys the edge accepts (last read)", registry=r)
         self.relays_up = Gauge("ernie_gateway_relays_up", "Relay processes accepting on their socket", registry=r)
         self.relay_restarts = Counter(
             "ernie_gateway_relay_restarts_total", "Relay process restarts by the agent", registry=r

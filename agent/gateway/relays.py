@@ -66,6 +66,7 @@ def relay_command(cfg: GatewayConfig, index: int) -> list[str]:
         str(cfg.policy.request_buffer_limit_bytes),
         "--drain-s",
         str(r.drain_s),
+        *(("--keys-dir", cfg.keys_dir) if cfg.edge.keys_required else ()),
     ]
 
 

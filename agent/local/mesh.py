@@ -22,9 +22,10 @@ import httpx
 
 from agent.catalog.base import CatalogError, CatalogEntry, VerdictCause
 from agent.catalog.consul import ConsulCatalog
+from agent.gateway import keys
 from agent.local.binaries import MissingBinary, consul_binary, find_binary
 from agent.local.parts import Part, part_of, plan_parts, stop_order
-from agent.local.plan import REPO_DIR, MeshPlan
+from agent.local.plan import LOCAL_KEY_NAME, REPO_DIR, MeshPlan
 from agent.local.ports import port_open
 from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.runstate import Proc, UpState, descendants, kill, proc_identity, process_name, wait_gone, write_state
@@ -82,9 +83,9 @@ class Console:
         return time.monotonic() - self.t0
 
 
-def http_status(url: str) -> int | None:
+def http_status(url: str, headers: dict[str, str] | None = None) -> int | None:
     try:
-        return httpx.get(url, timeout=HTTP_TIMEOUT_S).status_code
+        return httpx.get(url, timeout=HTTP_TIMEOUT_S, headers=headers).status_code
     except httpx.HTTPError:
         return None
 
@@ -211,6 +212,10 @@ class Mesh:
         self._start(part.name, p.consul_command(consul_binary()))
         self._wait(lambda: self.catalog.leader(), CONSUL_START_TIMEOUT_S, "Consul leader elected")
         self.out.info(f"Consul UI: {p.consul_ui_url}")
+        keys.ensure_key(self.catalog, LOCAL_KEY_NAME, p.api_key_path)
+        self.out.info(
+            f"API key {LOCAL_KEY_NAME!r} in {p.api_key_path} (ernie-mesh keys --consul {p.consul_address} ...)"
+        )
 
     def prepare_model(self) -> str:
         p = self.plan
@@ -429,7 +434,7 @@ class Mesh:
         """The gateway routes: /v1/models answers through Envoy (the snapshot reached it)."""
         p = self.plan
         self._wait(
-            lambda: http_status(f"{p.api_url}/models") == 200,
+            lambda: http_status(f"{p.api_url}/models", {"Authorization": f"Bearer {p.api_key()}"}) == 200,
             ROUTE_TIMEOUT_S,
             f"{p.api_url}/models answering through Envoy",
         )

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from agent.local.plan import DRAIN_DEADLINE_S, MeshPlan
+from agent.local.plan import DRAIN_DEADLINE_S, GATEWAY_DRAIN_DEADLINE_S, MeshPlan
 
 STOP_TIMEOUT_S = 10.0
-GATEWAY_STOP_TIMEOUT_S = 30.0
+GATEWAY_STOP_TIMEOUT_S = GATEWAY_DRAIN_DEADLINE_S + 10.0
 # An engine agent drains its engine (up to the drain deadline), then stops vLLM and deregisters.
 ENGINE_AGENT_STOP_MARGIN_S = 60.0
 

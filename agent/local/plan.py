@@ -42,6 +42,10 @@ MAX_PORT_OFFSET = 65535 - XDS_PORT
 
 # Local mesh timings: a drain on this machine never needs the production deadline.
 DRAIN_DEADLINE_S = 120.0
+# The API key `up` creates (Consul KV) and keeps in run_dir/api-key; the UI uses it.
+LOCAL_KEY_NAME = "local"
+# The gateway stops after the engines have drained: its Envoy has little left to finish.
+GATEWAY_DRAIN_DEADLINE_S = 20.0
 # vLLM's --shutdown-timeout: the agent stops an engine only once it is drained to zero, so this is a
 # safety net for stragglers; vLLM waits about this long even when idle (docs/vllm-cpu.md Q5).
 ENGINE_SHUTDOWN_TIMEOUT_S = 5.0
@@ -156,6 +160,17 @@ class MeshPlan:
         return self._url(self.gateway_port) + "/v1"
 
     @property
+    def api_key_path(self) -> Path:
+        return self.run_dir / "api-key"
+
+    def api_key(self) -> str:
+        """The key `up` created (empty before it has)."""
+        try:
+            return self.api_key_path.read_text().strip()
+        except OSError:
+            return ""
+
+    @property
     def ui_url(self) -> str:
         return self._url(self.ui_port)
 
@@ -234,6 +249,7 @@ class MeshPlan:
                 "metrics": f"127.0.0.1:{self.port(GATEWAY_METRICS_PORT)}",
                 "advertise_address": "127.0.0.1",
                 "run_dir": str(self.run_dir / "gateway"),
+                "drain_deadline_s": GATEWAY_DRAIN_DEADLINE_S,
                 "consul": {"address": self.consul_address, "service": self.service},
             }
         )
@@ -279,13 +295,19 @@ class MeshPlan:
     def ui_env(self) -> dict[str, str]:
         return {
             "ERNIE_MESH_API_URL": self.api_url,
+            "ERNIE_MESH_API_KEY": self.api_key(),
             "ERNIE_MESH_MODEL": self.model_name,
             "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui"),
             "ERNIE_MESH_SIMULATED": "1" if self.engine_kind == "simulated" else "",
         }
 
     def urls(self) -> dict[str, str]:
-        out = {"api": self.api_url, "consul_ui": self.consul_ui_url, "consul": f"http://{self.consul_address}"}
+        out = {
+            "api": self.api_url,
+            "api_key_file": str(self.api_key_path),
+            "consul_ui": self.consul_ui_url,
+            "consul": f"http://{self.consul_address}",
+        }
         if self.ui:
             out["ui"] = self.ui_url
         return out

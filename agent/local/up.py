@@ -185,6 +185,7 @@ def banner(plan: MeshPlan, mesh: Mesh, seconds: float) -> str:
         f"healthy after {seconds:.0f}s",
         "",
         f"  OpenAI API   {plan.api_url}",
+        f"  API key      {plan.api_key()}   (also in {plan.api_key_path}; more: ernie-mesh keys add <name>{offset})",
     ]
     if plan.ui:
         lines.append(f"  Chat UI      {plan.ui_url}")
@@ -208,6 +209,7 @@ def banner(plan: MeshPlan, mesh: Mesh, seconds: float) -> str:
         "",
         "try it:",
         f"  curl -s {plan.api_url}/chat/completions -H 'content-type: application/json' \\",
+        f"       -H 'Authorization: Bearer {plan.api_key()}' \\",
         f"       -d '{body}'",
         "",
     ]

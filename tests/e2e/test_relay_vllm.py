@@ -35,7 +35,7 @@ def both_passing(mesh) -> bool:
 def stream(mesh, max_tokens: int = N_TOKENS, on_chunk=None) -> dict:
     """A temperature-0 chat stream through the gateway, asking for token IDs (so that the test
     knows the splice); returns what the client saw."""
-    client = openai.OpenAI(base_url=mesh.plan.api_url, api_key="none", timeout=300, max_retries=0)
+    client = openai.OpenAI(base_url=mesh.plan.api_url, api_key=mesh.plan.api_key(), timeout=300, max_retries=0)
     seen = {
         "ids": set(),
         "text": [],
@@ -187,7 +187,7 @@ def test_a_long_cold_prefill_is_not_taken_for_a_hang(vllm_mesh):
     # ~1,340 tokens (the embedded model's context is 2,048); the unique first words defeat the prefix cache
     body = " ".join(f"The keeper of lighthouse number {i} logged the weather." for i in range(110))
     words = f"Session {time.time_ns()}. {body}"
-    client = openai.OpenAI(base_url=mesh.plan.api_url, api_key="none", timeout=600, max_retries=0)
+    client = openai.OpenAI(base_url=mesh.plan.api_url, api_key=mesh.plan.api_key(), timeout=600, max_retries=0)
     states: list[dict[str, str]] = []
     done = {}
 

@@ -66,7 +66,12 @@ def test_no_healthy_instance_is_a_clear_message(tmp_path):
             port = next(run.plan.agent_port(i) for i in range(2) if run.plan.instance_id(i) == iid)
             assert httpx.post(f"http://127.0.0.1:{port}/drain/{iid}", timeout=10).status_code == 202
         wait_until(
-            lambda: httpx.get(f"{run.plan.api_url}/models", timeout=5).status_code == 503,
+            lambda: (
+                httpx.get(
+                    f"{run.plan.api_url}/models", timeout=5, headers={"Authorization": f"Bearer {run.plan.api_key()}"}
+                ).status_code
+                == 503
+            ),
             60,
             interval_s=0.2,
             what="the gateway answering 503 (no instance left)",

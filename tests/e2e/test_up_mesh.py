@@ -59,7 +59,9 @@ def test_status_lists_two_passing_instances(vllm_mesh):
 
 
 def test_chat_completion_through_the_gateway_is_sensible(vllm_mesh):
-    client = openai.OpenAI(base_url=vllm_mesh.plan.api_url, api_key="none", timeout=180, max_retries=0)
+    client = openai.OpenAI(
+        base_url=vllm_mesh.plan.api_url, api_key=vllm_mesh.plan.api_key(), timeout=180, max_retries=0
+    )
     raw = client.chat.completions.with_raw_response.create(
         model="smollm2",
         temperature=0,

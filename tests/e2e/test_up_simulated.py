@@ -45,6 +45,7 @@ def test_simulated_mesh_is_labelled_and_answers(sim_run):
     r = httpx.post(
         f"{sim_run.plan.api_url}/chat/completions",
         timeout=30,
+        headers={"Authorization": f"Bearer {sim_run.plan.api_key()}"},
         json={"model": "simulated", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
     )
     assert r.status_code == 200 and r.headers["x-ernie-instance"] in sim_run.healthy["instances"]

@@ -124,8 +124,14 @@ class Engine:
 # --- the gateway agent ---------------------------------------------------------------------------
 
 
+# The key every test gateway accepts (a keys file, [edge] api_keys = <file>), and its header.
+TEST_API_KEY = "sk-ernie-test-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
+
+
 class Gateway:
-    """`ernie-mesh gateway` as a subprocess with its own ports and run dir."""
+    """`ernie-mesh gateway` as a subprocess with its own ports and run dir. It accepts
+    TEST_API_KEY (named "test") unless extra_args choose other API keys."""
 
     def __init__(
         self, consul_address: str, service: str, run_dir: Path, name: str = "gw-test", extra_args: tuple[str, ...] = ()
@@ -138,6 +144,7 @@ class Gateway:
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
         self.log_path = run_dir / "agent.log"
+        self.keys_file = run_dir.parent / f"{name}-api-keys.toml"
         self.admin = EnvoyAdmin(f"http://127.0.0.1:{self.admin_port}", timeout_s=2.0)
 
     @property
@@ -172,11 +179,14 @@ class Gateway:
             str(self.run_dir),
             "--envoy-concurrency",
             "1",
+            *(() if "--api-keys" in self.extra_args else ("--api-keys", str(self.keys_file))),
             *self.extra_args,
         ]
 
     def start(self, wait: bool = True) -> Gateway:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.keys_file.exists():
+            self.keys_file.write_text(f'[keys.test]\nkey = "{TEST_API_KEY}"\n')
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         env.pop("CONSUL_HTTP_ADDR", None)
@@ -361,7 +371,9 @@ class Load:
         return self.results
 
     def _run(self) -> None:
-        client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="sk-test", max_retries=0, timeout=self.timeout_s)
+        client = openai.OpenAI(
+            base_url=f"{self.base_url}/v1", api_key=TEST_API_KEY, max_retries=0, timeout=self.timeout_s
+        )
         try:
             while not self._stop.is_set():
                 r = self.one(client)

@@ -18,6 +18,7 @@ from agent.local.ports import free_ports
 from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.prometheus import find_prometheus, prometheus_command, write_config
 from agent.local.wait import wait_until
+from tests.integration.gateway_support import AUTH, TEST_API_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO / "deploy" / "prometheus" / "install.sh"
@@ -146,6 +147,8 @@ class GatewayAgent:
         self.tmp = Path(tmp)
         self.name = name
         self.listen_port, self.admin_port, self.xds_port, self.metrics_port = free_ports(4)
+        keys_file = self.tmp / f"gateway-{name}-api-keys.toml"
+        keys_file.write_text(f'[keys.test]\nkey = "{TEST_API_KEY}"\n')
         self.proc = ManagedProcess(
             f"gateway-{name}",
             mesh_command(
@@ -168,6 +171,8 @@ class GatewayAgent:
                 str(self.tmp / f"gateway-{name}"),
                 "--envoy-concurrency",
                 "1",
+                "--api-keys",
+                str(keys_file),
             ),
             self.tmp / f"gateway-{name}.log",
         )
@@ -214,6 +219,6 @@ def chat(base_url: str, max_tokens: int = 6) -> httpx.Response:
         "stream": True,
         "ignore_eos": True,
     }
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=30.0) as r:
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=30.0, headers=AUTH) as r:
         r.read()
         return r

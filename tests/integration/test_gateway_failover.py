@@ -8,6 +8,8 @@ import concurrent.futures
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,6 +20,9 @@ import pytest
 from agent.catalog.base import VerdictState
 from agent import pids
 from tests.integration.gateway_support import (
+    REPO,
+    AUTH,
+    TEST_API_KEY,
     Gateway,
     Load,
     Mesh,
@@ -180,7 +185,7 @@ def test_gateway_agent_killed_traffic_continues_then_converges(m):
 
 
 def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0, timeout=10)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=TEST_API_KEY, max_retries=0, timeout=10)
 
 
 def _one_request(client: openai.OpenAI) -> tuple[float, object]:
@@ -269,7 +274,7 @@ def test_400_storm_passes_through_no_ejection_no_retry(m):
     }
     by_engine_before = {e.id: e.stats()["by_status"].get("400", 0) for e in m.engines}
 
-    http = httpx.Client(timeout=10, limits=httpx.Limits(max_connections=CLIENTS))  # thread-safe, one pool
+    http = httpx.Client(timeout=10, headers=AUTH, limits=httpx.Limits(max_connections=CLIENTS))  # one pool
 
     def bad(i: int) -> httpx.Response:
         if i % 5 == 4:
@@ -296,7 +301,7 @@ def test_400_storm_passes_through_no_ejection_no_retry(m):
     served = sum(e.stats()["by_status"].get("400", 0) - by_engine_before[e.id] for e in m.engines)
     assert served == n  # each malformed request reached exactly one engine, once
     # the official client shows the engine's message
-    client = openai.OpenAI(base_url=f"{m.gateway.url}/v1", api_key="sk-test", max_retries=0)
+    client = openai.OpenAI(base_url=f"{m.gateway.url}/v1", api_key=TEST_API_KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="sim-model", messages=[{"role": "wizard", "content": "x"}])
     assert "role" in e.value.message
@@ -314,7 +319,7 @@ def test_engine_500s_caused_by_requests_do_not_eject_it(m):
     victim.proc.set_fault("error_rate", error_rate=1.0)
     before = envoy_stat(m, "cluster.ernie.outlier_detection.ejections_enforced_total")
     statuses = []
-    with httpx.Client(timeout=10) as http:
+    with httpx.Client(timeout=10, headers=AUTH) as http:
         for _ in range(40):
             r = http.post(
                 f"{m.gateway.url}/v1/chat/completions",
@@ -341,6 +346,7 @@ def test_a_trickled_request_is_cut_and_frees_its_slot(m, tmp_path):
         slow = socket.create_connection(("127.0.0.1", gw.listen_port), timeout=10)
         slow.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"authorization: Bearer " + TEST_API_KEY.encode() + b"\r\n"
             b"content-length: 1000\r\n\r\n{"
         )
         t0 = time.monotonic()
@@ -350,7 +356,9 @@ def test_a_trickled_request_is_cut_and_frees_its_slot(m, tmp_path):
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert waited < 5, f"the trickled request held its slot {waited:.1f}s"
         headers_only = socket.create_connection(("127.0.0.1", gw.listen_port), timeout=10)
-        headers_only.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        headers_only.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nauthorization: Bearer " + TEST_API_KEY.encode() + b"\r\n"
+        )
         t0 = time.monotonic()
         answer = headers_only.recv(4096)
         assert time.monotonic() - t0 < 4 and (answer == b"" or answer.startswith(b"HTTP/1.1 408")), answer[:200]
@@ -359,6 +367,7 @@ def test_a_trickled_request_is_cut_and_frees_its_slot(m, tmp_path):
         r = httpx.post(
             f"{gw.url}/v1/chat/completions",
             timeout=30,
+            headers=AUTH,
             json={
                 "model": "sim-model",
                 "messages": [{"role": "user", "content": "hi"}],
@@ -452,7 +461,7 @@ def test_paths_off_the_allow_list_get_an_openai_404_and_reach_no_engine(m):
         ("POST", "/v1/chat/completions/../../sim/fault"),
         ("POST", "/v1/chat/completionsX"),
     ]:
-        r = httpx.request(method, f"{url}{path}", json={"mode": "hang"}, timeout=5)
+        r = httpx.request(method, f"{url}{path}", json={"mode": "hang"}, timeout=5, headers=AUTH)
         assert r.status_code == 404, (method, path, r.status_code, r.text[:200])
         err = r.json()["error"]
         assert err["type"] == "invalid_request_error" and "/v1/chat/completions" in err["message"], err
@@ -460,11 +469,12 @@ def test_paths_off_the_allow_list_get_an_openai_404_and_reach_no_engine(m):
         assert e.proc.get_fault()["mode"] == "none", f"{e.id}: a fault was set through the gateway"
     assert [e.stats()["requests_total"] for e in m.engines] == before, "a request reached an engine"
     # the allowed ones still work, with a query string too
-    assert httpx.get(f"{url}/v1/models?x=1", timeout=5).status_code == 200
+    assert httpx.get(f"{url}/v1/models?x=1", timeout=5, headers=AUTH).status_code == 200
     ok = httpx.post(
         f"{url}/v1/chat/completions",
         json={"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
         timeout=10,
+        headers=AUTH,
     )
     assert ok.status_code == 200, ok.text
 
@@ -480,6 +490,120 @@ def test_health_answers_200_while_an_instance_is_routable_then_503(m):
     wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 503, 5, "/health 503")
     r = httpx.get(f"{url}/health", timeout=5)
     assert r.json()["error"]["type"] == "service_unavailable", r.text
+
+
+# --- API keys ---------------------------------------------------------------------------------------
+
+
+def test_no_key_or_a_wrong_key_is_a_401_the_openai_sdk_reads_and_no_engine_sees_it(m):
+    before = [e.stats()["requests_total"] for e in m.engines]
+    for key in ("", "sk-ernie-wrong-0123456789abcdef"):
+        client = openai.OpenAI(base_url=f"{m.gateway.url}/v1", api_key=key or "x", max_retries=0, timeout=10)
+        if not key:
+            client = client.with_options(default_headers={"Authorization": ""})
+        with pytest.raises(openai.AuthenticationError) as caught:
+            client.chat.completions.create(model="sim-model", messages=[{"role": "user", "content": "hi"}])
+        err = caught.value.response.json()["error"]
+        assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error", err
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+    assert httpx.get(f"{m.gateway.url}/health", timeout=5).status_code == 200  # for load balancers: no key
+    assert [e.stats()["requests_total"] for e in m.engines] == before
+    # the engines never see the client's key; they see the key's name
+    ok = httpx.post(
+        f"{m.gateway.url}/v1/chat/completions",
+        json={"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        headers={**AUTH, "x-ernie-key-name": "forged"},
+        timeout=10,
+    )
+    assert ok.status_code == 200, ok.text
+
+
+def test_keys_added_and_revoked_in_consul_take_effect_within_seconds(m, tmp_path):
+    """A second gateway with the default key store (Consul KV), driven by `ernie-mesh keys`."""
+    gw = Gateway(m.consul.address, SERVICE, tmp_path / "gw-kv", name="gw-kv", extra_args=("--api-keys", "consul"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def keys(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", "keys", "--consul", m.consul.address, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
+
+    def status(key: str) -> int:
+        return httpx.get(f"{gw.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).status_code
+
+    try:
+        added = keys("add", "alice", "--rpm", "600")
+        assert added.returncode == 0, added.stderr
+        key = added.stdout.strip()
+        assert key.startswith("sk-ernie-")
+        gw.start(wait=False)
+        wait_until(lambda: gw.admin.ready(), 30, "gw-kv envoy ready")
+        wait_until(lambda: status(key) == 200, 10, "alice's key accepted")
+        assert status(TEST_API_KEY) == 401  # that one lives in the other gateways' file only
+        listed = json.loads(keys("--json", "list").stdout)["keys"]
+        assert [(k["name"], k["requests_per_minute"]) for k in listed] == [("alice", 600)]
+        assert key not in json.dumps(listed)  # list shows fingerprints only
+        assert keys("add", "alice").returncode == 1  # no silent overwrite
+        second = keys("add", "bob").stdout.strip()
+        wait_until(lambda: status(second) == 200, 5, "bob's key accepted within 5 s")
+        revoked_at = time.monotonic()
+        assert keys("revoke", "alice").returncode == 0
+        wait_until(lambda: status(key) == 401, 5, "alice's key refused within 5 s")
+        took = time.monotonic() - revoked_at
+        assert status(second) == 200
+        assert gw.metric("ernie_gateway_api_keys") == 1
+        print(f"\nrevoked key refused {took * 1000:.0f} ms after `ernie-mesh keys revoke`")
+    finally:
+        gw.cleanup()
+
+
+def test_rate_limits_and_model_allow_lists_per_key_answer_in_the_openai_shape(m):
+    limited, thrifty, narrow = (f"sk-ernie-{n}-0123456789abcdef" for n in ("limited", "thrifty", "narrow"))
+    m.gateway.keys_file.write_text(
+        f'[keys.test]\nkey = "{TEST_API_KEY}"\n'
+        f'[keys.limited]\nkey = "{limited}"\nrequests_per_minute = 3\n'
+        f'[keys.thrifty]\nkey = "{thrifty}"\ntokens_per_minute = 10\n'
+        f'[keys.narrow]\nkey = "{narrow}"\nmodels = ["another-model"]\n'
+    )
+
+    def client(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{m.gateway.url}/v1", api_key=key, max_retries=0, timeout=10)
+
+    def ask(c: openai.OpenAI, max_tokens: int = 2, stream: bool = False):
+        kwargs = dict(model="sim-model", messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens)
+        if stream:
+            return list(c.chat.completions.create(stream=True, **kwargs))
+        return c.chat.completions.with_raw_response.create(**kwargs)
+
+    wait_until(lambda: m.gateway.metric("ernie_gateway_api_keys") == 4, 10, "the four keys loaded")
+    # three requests a minute, over both relay processes (each request on its own connection)
+    first = ask(client(limited))
+    assert first.headers["x-ratelimit-limit-requests"] == "3"
+    assert first.headers["x-ratelimit-remaining-requests"] == "2"
+    ask(client(limited), stream=True)
+    ask(client(limited))
+    with pytest.raises(openai.RateLimitError) as caught:
+        ask(client(limited))
+    r = caught.value.response
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    err = r.json()["error"]
+    assert err["code"] == "rate_limit_exceeded" and err["type"] == "requests" and "limited" in err["message"]
+    ask(client(TEST_API_KEY))  # other keys are not affected
+    # tokens per minute, counted from usage: the first request may take the key over, the next waits
+    ask(client(thrifty), max_tokens=40, stream=True)
+    with pytest.raises(openai.RateLimitError) as caught:
+        ask(client(thrifty))
+    assert caught.value.response.json()["error"]["type"] == "tokens"
+    # a model the key may not use
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        ask(client(narrow))
+    assert denied.value.response.json()["error"]["code"] == "model_not_allowed"
 
 
 # --- a reload (SIGHUP): Envoy adopted, or hot-restarted on a policy change; nothing cut -----------
@@ -550,7 +674,7 @@ def test_reload_adopts_envoy_and_a_policy_change_hot_restarts_it_cutting_nothing
 
 def test_stop_lets_a_stream_longer_than_the_old_5s_drain_finish(m):
     gw = m.gateway
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="sk-test", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=TEST_API_KEY, max_retries=0, timeout=60)
     tokens: list[str] = []
     finish: list[str] = []
     first_token = threading.Event()

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from agent.catalog.base import VerdictState
-from tests.integration.gateway_support import sim_mesh, wait_until
+from tests.integration.gateway_support import AUTH, TEST_API_KEY, sim_mesh, wait_until
 
 SERVICE = "ernie"
 TOKEN_DELAY_MS = 20
@@ -115,7 +115,7 @@ class Load:
         return self.results
 
     def _run(self, stream: bool) -> None:
-        with openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="sk-test", max_retries=0, timeout=60) as c:
+        with openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=TEST_API_KEY, max_retries=0, timeout=60) as c:
             while not self.stop_event.is_set():
                 r = ask(c, stream)
                 with self.lock:
@@ -246,7 +246,7 @@ def test_a_killed_relay_is_restarted_and_new_requests_flow(fresh):
 def test_resume_limit_ends_with_an_error_event_not_a_cut(fresh):
     """A request whose engines keep dying under it (a prompt of death) takes at most one more engine,
     then the client gets a clear error event."""
-    with openai.OpenAI(base_url=f"{fresh.gateway.url}/v1", api_key="sk-test", max_retries=0, timeout=30) as c:
+    with openai.OpenAI(base_url=f"{fresh.gateway.url}/v1", api_key=TEST_API_KEY, max_retries=0, timeout=30) as c:
         stream = c.with_options(timeout=30).chat.completions.create(
             model="sim-model",
             messages=[{"role": "user", "content": "hello"}],
@@ -279,7 +279,7 @@ def test_a_prompt_of_death_takes_at_most_one_more_engine(fresh, stream, resumabl
     """A request that crashes every engine it reaches (before it answers) must not take the fleet
     down: Envoy's retries and the relay's resumes together try it on at most one more engine."""
     extra = {} if resumable else {"logprobs": True}  # not resumable: relayed as it is
-    with openai.OpenAI(base_url=f"{fresh.gateway.url}/v1", api_key="sk-test", max_retries=0, timeout=30) as c:
+    with openai.OpenAI(base_url=f"{fresh.gateway.url}/v1", api_key=TEST_API_KEY, max_retries=0, timeout=30) as c:
         with pytest.raises(openai.APIError) as err:
             r = c.chat.completions.create(
                 model="sim-model",
@@ -296,7 +296,7 @@ def test_a_prompt_of_death_takes_at_most_one_more_engine(fresh, stream, resumabl
     for e in crashed:
         e.set(VerdictState.CRITICAL, "process exited")
         wait_until(lambda e=e: e.id not in fresh.gateway.endpoints(), 5, f"{e.id} removed from envoy")
-    with openai.OpenAI(base_url=f"{fresh.gateway.url}/v1", api_key="sk-test", max_retries=0, timeout=30) as c:
+    with openai.OpenAI(base_url=f"{fresh.gateway.url}/v1", api_key=TEST_API_KEY, max_retries=0, timeout=30) as c:
         ok = ask(c, stream=True, max_tokens=5)
     assert ok.ok, ok.error  # the surviving engine(s) serve on
 
@@ -306,6 +306,7 @@ def test_client_disconnect_cancels_the_engine_request(fresh):
         "POST",
         f"{fresh.gateway.url}/v1/chat/completions",
         timeout=10,
+        headers=AUTH,
         json={
             "model": "sim-model",
             "messages": [{"role": "user", "content": "hello"}],
@@ -329,15 +330,16 @@ def test_bad_input_is_a_4xx_passed_through_and_nothing_is_resumed(fresh):
         f"{fresh.gateway.url}/v1/chat/completions",
         content=b"{not json",
         timeout=10,
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **AUTH},
     )
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.post(
         f"{fresh.gateway.url}/v1/chat/completions",
         timeout=10,
+        headers=AUTH,
         json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}], "stream": True},
     )
     assert r.status_code == 404 and r.json()["error"]["code"] == 404
-    r = httpx.get(f"{fresh.gateway.url}/v1/chat/completions", timeout=10)
+    r = httpx.get(f"{fresh.gateway.url}/v1/chat/completions", timeout=10, headers=AUTH)
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
     assert fresh.gateway.metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"') == before

@@ -109,7 +109,7 @@ def test_design_traps_are_avoided():
     assert rp["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
     assert "per_try_timeout" not in rp  # only bounds time to headers; vLLM streams send them first
     filters = [f["name"] for f in hcm(doc)["http_filters"]]
-    assert filters == ["envoy.filters.http.router"]  # nothing buffers a stream
+    assert filters == ["ernie.api_keys", "envoy.filters.http.router"]  # nothing buffers a stream
 
 
 def test_generation_routes_go_through_the_relay_processes():
@@ -156,10 +156,12 @@ def test_instance_header_and_json_local_replies():
     assert headers["x-ernie-instance"] == "%UPSTREAM_HOST_NAME%"
     assert headers["x-ernie-gateway"] == "gw-test"
     lr = hcm(doc)["local_reply_config"]
-    first = lr["mappers"][0]
-    assert first["filter"]["status_code_filter"]["comparison"]["value"]["default_value"] == 503
-    err = first["body_format_override"]["json_format"]["error"]
+    by_status = {m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]: m for m in lr["mappers"]}
+    err = by_status[503]["body_format_override"]["json_format"]["error"]
     assert err["type"] == "service_unavailable" and err["code"] == "%RESPONSE_CODE%"
+    # what the OpenAI SDK raises AuthenticationError on
+    err = by_status[401]["body_format_override"]["json_format"]["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_api_key"
 
 
 def test_policy_knobs_are_rendered():
@@ -186,18 +188,26 @@ def test_unknown_placeholder_is_an_error():
         bootstrap.render("x: ${nope}\n", cfg())
 
 
-def test_envoy_accepts_the_rendered_bootstrap(tmp_path: Path):
+@pytest.mark.parametrize("api_keys", ["consul", "off"])
+def test_envoy_accepts_the_rendered_bootstrap(tmp_path: Path, api_keys: str):
+    from agent.gateway import keys
+    from agent.gateway.config import EdgeSettings
+
     try:
         binary = envoy_binary()
     except MissingBinary as e:
         pytest.fail(f"{e} (make test installs it)")
+    c = cfg(run_dir=str(tmp_path), edge=EdgeSettings(api_keys=api_keys))
+    keys.write_files(Path(c.keys_dir), keys.KeySet((keys.ApiKey("alice", keys.new_key()),)))
     path = tmp_path / "bootstrap.yaml"
-    path.write_text(bootstrap.render(DEFAULT_BOOTSTRAP_TEMPLATE.read_text(), cfg()))
+    path.write_text(bootstrap.render(DEFAULT_BOOTSTRAP_TEMPLATE.read_text(), c))
     out = subprocess.run(
         [binary, "--mode", "validate", "-c", str(path), "-l", "warning"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "deprecated" not in (out.stdout + out.stderr).lower()
+    filters = [f["name"] for f in hcm(yaml.safe_load(path.read_text()))["http_filters"]]
+    assert ("ernie.api_keys" in filters) == (api_keys != "off")
 
 
 def test_a_vanished_host_s_connections_are_reset_by_the_kernel():

@@ -7,6 +7,7 @@ attempt k: a continuation, sent by Envoy's stateful-session header to an instanc
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from agent.gateway.relay import sse
+from agent.gateway.relay.limits import NO_POLICY, KeyLimits
 from agent.gateway.relay.membership import Attempt, Member, Membership
 from agent.gateway.relay.metrics import RelayMetrics
 from agent.gateway.relay.request import CONTINUATION_PATH, ROUTES, RelayRequest, parse
@@ -26,6 +28,10 @@ log = logging.getLogger("agent.gateway.relay")
 HOST_OVERRIDE_HEADER = "x-ernie-host"  # Envoy's stateful session (header based, strict)
 ATTEMPT_HEADER = "x-ernie-attempt"  # "resume": the hop's route without retries
 INSTANCE_HEADER = "x-ernie-instance"
+KEY_NAME_HEADER = "x-ernie-key-name"  # Envoy's: the name of the API key that matched
+# Per request (aiohttp's request mapping): headers for the response (rate limits), tokens used.
+EXTRA_HEADERS = "ernie_extra_headers"
+TOKENS_USED = "ernie_tokens_used"
 # Request headers that belong to one hop, not to the request.
 _HOP_HEADERS = frozenset(
     {
@@ -137,7 +143,9 @@ class Relay:
         metrics: RelayMetrics,
         policy: ResumePolicy,
         clock: Callable[[], float] = time.monotonic,
+        limits: KeyLimits | None = None,
     ):
+        self.limits = limits
         self.session = session
         self.membership = membership
         self.metrics = metrics
@@ -160,6 +168,33 @@ class Relay:
         kind = ROUTES[request.path]
         raw = await request.read()
         req = parse(kind, raw)
+        key_name = request.headers.get(KEY_NAME_HEADER, "")
+        policy = self.limits.policy(key_name) if self.limits is not None else NO_POLICY
+        if policy.models and req is not None and req.model not in policy.models:
+            self.metrics.requests.labels(request.path, "refused").inc()
+            return _refusal(
+                403,
+                f"the API key {key_name!r} may not use model {req.model!r} (allowed: {', '.join(policy.models)})",
+                "invalid_request_error",
+                "model_not_allowed",
+            )
+        if policy.limited and self.limits is not None:
+            decision = self.limits.windows.admit(key_name, policy)
+            request[EXTRA_HEADERS] = decision.headers
+            if not decision.allowed:
+                self.metrics.requests.labels(request.path, "rate_limited").inc()
+                return _refusal(
+                    429,
+                    f"rate limit reached for API key {key_name!r}: "
+                    + (
+                        f"{policy.requests_per_minute} requests per minute"
+                        if decision.kind == "requests"
+                        else f"{policy.tokens_per_minute} tokens per minute"
+                    )
+                    + f"; retry in {decision.retry_after_s}s",
+                    decision.kind,
+                    "rate_limit_exceeded",
+                )
         self.metrics.in_flight.inc()
         self.active += 1
         try:
@@ -169,6 +204,8 @@ class Relay:
         finally:
             self.active -= 1
             self.metrics.in_flight.dec()
+            if policy.tokens_per_minute and self.limits is not None:
+                self.limits.windows.record_tokens(key_name, int(request.get(TOKENS_USED, 0)))
 
     def _headers(self, request: web.Request, member: Member | None) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
@@ -196,6 +233,8 @@ class Relay:
             if member is None:
                 break
         self.metrics.requests.labels(request.path, "ok" if resp.status < 400 else "rejected").inc()
+        if resp.status == 200:
+            request[TOKENS_USED] = _total_tokens(body)
         return web.Response(status=resp.status, body=body, headers=headers)
 
     # --- the relay loop ---------------------------------------------------------------------
@@ -381,6 +420,7 @@ class Relay:
         synthesize_final: bool = False,
     ) -> web.StreamResponse:
         self.metrics.requests.labels(request.path, "resumed" if t.resumes else "ok").inc()
+        request[TOKENS_USED] = t.usage()["total_tokens"]
         if not req.stream:
             headers = {**t.first_headers, "content-type": "application/json"}
             if t.instances:
@@ -400,6 +440,7 @@ class Relay:
         self, request: web.Request, req: RelayRequest, t: Transcript, client: ClientStream, message: str
     ) -> web.StreamResponse:
         self.metrics.requests.labels(request.path, "failed").inc()
+        request[TOKENS_USED] = t.usage()["total_tokens"]
         log.warning("request %s failed: %s", t.id or "-", message)
         if not client.started:
             return web.Response(status=503, body=error_body(message), content_type="application/json")
@@ -408,3 +449,23 @@ class Relay:
         assert resp is not None  # started: write() above needs it
         await resp.write_eof()
         return resp
+
+
+def _refusal(status: int, message: str, err_type: str, code: str) -> web.Response:
+    """A request the relay refuses before any engine sees it, in the OpenAI error shape."""
+    body = json.dumps({"error": {"message": message, "type": err_type, "param": None, "code": code}})
+    return web.Response(status=status, body=body.encode(), content_type="application/json")
+
+
+def _total_tokens(body: bytes) -> int:
+    try:
+        usage = json.loads(body).get("usage") or {}
+        return int(usage.get("total_tokens") or 0)
+    except (ValueError, TypeError, AttributeError):
+        return 0
+
+
+async def add_extra_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp on_response_prepare: the rate-limit headers decided for this request."""
+    for name, value in request.get(EXTRA_HEADERS, ()):
+        response.headers[name] = value

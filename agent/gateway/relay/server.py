@@ -43,6 +43,7 @@ class RelayConfig:
     resume_wait_s: float = 10.0
     max_body_bytes: int = 8 * 1024 * 1024
     drain_s: float = 30.0
+    keys_dir: str = ""  # the key policies (rate limits, models) the gateway renders; "" = none
 
     def __post_init__(self) -> None:
         for key in ("socket", "hop_socket"):
@@ -98,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
         default=RelayConfig.drain_s,
         help="on SIGTERM, requests in flight get this long (default %(default)s)",
     )
+    p.add_argument("--keys-dir", default="", help="the gateway's rendered key policies (rate limits, models)")
     return p
 
 
@@ -115,6 +117,7 @@ def load(argv: list[str]) -> RelayConfig:
         resume_wait_s=a.resume_wait_s,
         max_body_bytes=a.max_body_bytes,
         drain_s=a.drain_s,
+        keys_dir=a.keys_dir,
     )
 
 
@@ -123,7 +126,8 @@ async def serve(cfg: RelayConfig) -> int:
     from aiohttp import web
 
     from agent.gateway.relay import ads_client
-    from agent.gateway.relay.handler import ResumePolicy, Relay
+    from agent.gateway.relay.handler import Relay, ResumePolicy, add_extra_headers
+    from agent.gateway.relay.limits import KeyLimits
     from agent.gateway.relay.membership import Membership
     from agent.gateway.relay.metrics import RelayMetrics
     from agent.gateway.relay.request import ROUTES
@@ -162,7 +166,11 @@ async def serve(cfg: RelayConfig) -> int:
         auto_decompress=False,
     )
     relay = Relay(
-        session, membership, metrics, ResumePolicy(cfg.resume_limit, cfg.resume_limit_after_crash, cfg.resume_wait_s)
+        session,
+        membership,
+        metrics,
+        ResumePolicy(cfg.resume_limit, cfg.resume_limit_after_crash, cfg.resume_wait_s),
+        limits=KeyLimits(cfg.keys_dir) if cfg.keys_dir else None,
     )
 
     @web.middleware
@@ -177,6 +185,7 @@ async def serve(cfg: RelayConfig) -> int:
             )
 
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[too_large])
+    app.on_response_prepare.append(add_extra_headers)
     for path in ROUTES:
         app.router.add_route("*", path, relay.handle)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
