@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +23,46 @@ from agent.engine.verdict import ProcessFacts
 log = logging.getLogger(__name__)
 
 KILL_GRACE_S = 10.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+ENGINE_DEATH_SIGNAL = signal.SIGKILL  # what the engine gets when its agent dies
+
+# Resolved here, in the agent, so that the forked child only calls it (no dlopen between fork and exec).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+# One per engine start, in a session of its own: blocks reading a pipe only the agent writes to.
+# When the agent dies, however it dies, the kernel closes its end: the read ends without a line and
+# the reaper SIGKILLs the engine's process group ($1, the engine's pid: it leads its group), vLLM's
+# EngineCore and workers included. Once the agent has stopped the engine itself it writes `done`
+# and the reaper exits without a signal. A shell (dash, bash, ash alike; `kill --` is not
+# portable): no Python start-up, ~1 MB. The guard keeps a bad argument from meaning "-1" (every
+# process).
+REAPER = 'read line; [ "$line" = done ] || { [ "$1" -gt 1 ] && kill -KILL "-$1"; }; exit 0'
+
+
+def bind_to_agent(agent_pid: int) -> Callable[[], None]:
+    """A preexec_fn: the engine dies with its agent, under systemd as under `ernie-mesh up`.
+
+    PR_SET_PDEATHSIG: the kernel sends ENGINE_DEATH_SIGNAL to the engine when the thread that forked
+    it exits (it survives execve). The agent forks on its event loop's thread, which lives as long
+    as the agent (asyncio's subprocess transport runs Popen there; `ernie-mesh engine` runs the loop
+    on the main thread): a SIGKILLed or crashed agent leaves no engine holding the port with nobody
+    reporting its health, and its successor can bind. vLLM's EngineCore children notice that the API
+    server died and exit (docs/deploy.md); the process group is signalled as before when the agent
+    stops the engine itself. If the agent died between fork and prctl, the child exits at once.
+
+    Only the engine's own process gets the signal: PDEATHSIG reaches direct children, and vLLM's
+    EngineCore does not notice that its API server died (vLLM 0.32: no parent-death check in
+    v1/engine/core.py; measured, it ran on 56 s later holding its memory, its worker with it).
+    The reaper (REAPER) takes the rest of the engine's process group."""
+
+    def preexec() -> None:
+        if _prctl is not None and _prctl(PR_SET_PDEATHSIG, int(ENGINE_DEATH_SIGNAL), 0, 0, 0) != 0:
+            os._exit(126)  # cannot bind the engine's life to ours: do not start an engine we could orphan
+        if os.getppid() != agent_pid:
+            os._exit(126)
+
+    return preexec
 
 
 def engine_command(spec: EngineSpec) -> list[str]:
@@ -88,6 +131,8 @@ class EngineProcess:
         self._resume = asyncio.Event()
         self._not_spawning = asyncio.Event()  # cleared while a spawn is under way
         self._not_spawning.set()
+        self.spawn_thread: threading.Thread | None = None
+        self.reaper: asyncio.subprocess.Process | None = None
 
     @property
     def pid(self) -> int | None:
@@ -120,6 +165,7 @@ class EngineProcess:
         cmd = engine_command(self.spec)
         out = self._log_target()
         self._not_spawning.clear()
+        self.spawn_thread = threading.current_thread()  # PR_SET_PDEATHSIG follows this thread (bind_to_agent)
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd,
@@ -128,16 +174,51 @@ class EngineProcess:
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT if out else None,
                 start_new_session=True,  # own process group: Ctrl-C reaches the agent, which drains first
+                preexec_fn=bind_to_agent(os.getpid()),  # and it dies with the agent, however the agent ends
             )
         finally:
             self._not_spawning.set()
             if out:
                 out.close()
+        await self._start_reaper(self.proc.pid)
         self.generation += 1
         self.started_at_s = time.monotonic()
         self.exit_code = None
         self.next_restart_at_s = None
         log.info("%s: started pid %d: %s", self.name, self.proc.pid, " ".join(cmd))
+
+    async def _start_reaper(self, pgid: int) -> None:
+        if pgid <= 1:
+            return
+        try:
+            self.reaper = await asyncio.create_subprocess_exec(
+                shutil.which("sh") or "/bin/sh",
+                "-c",
+                REAPER,
+                "ernie-engine-reaper",
+                str(pgid),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # a kill of the agent's process group must not take it along
+            )
+        except OSError as e:  # the engine runs on; its API server still dies with us (PDEATHSIG)
+            log.warning("%s: no reaper for the engine's process group (%s)", self.name, e)
+            self.reaper = None
+
+    async def _retire_reaper(self) -> None:
+        """The engine's group is gone: let its reaper go (it finds nothing left to kill)."""
+        reaper, self.reaper = self.reaper, None
+        if reaper is None:
+            return
+        if reaper.stdin is not None:
+            reaper.stdin.write(b"done\n")
+            reaper.stdin.close()
+        try:
+            await asyncio.wait_for(reaper.wait(), timeout=5.0)
+        except TimeoutError:
+            reaper.kill()
+            await reaper.wait()
 
     async def run(self) -> None:
         """Keep the engine running until stop() is called."""
@@ -154,6 +235,7 @@ class EngineProcess:
                 up_since = time.monotonic()
                 self.exit_code = await self._wait_exit(proc)
                 _signal_group(proc.pid, signal.SIGKILL)  # no orphaned engine-core left holding the port
+                await self._retire_reaper()
                 if self._stop.is_set() or self.stopped_on_purpose:
                     break
                 log.warning("%s: engine exited with code %s", self.name, self.exit_code)
