@@ -117,7 +117,7 @@ class EngineAgentConfig:
     ttl_s: float = 10.0
     deregister_critical_after_s: float = 1800.0
     drain_deadline_s: float = 300.0
-    drain_settle_s: float = 1.0
+    drain_quiet_s: float = 3.0  # drained = nothing in flight and no new request for this long
     restart_backoff_initial_s: float = 1.0
     restart_backoff_max_s: float = 30.0
     crash_loop_restarts: int = 5
@@ -139,6 +139,7 @@ class EngineAgentConfig:
             "ttl_s",
             "deregister_critical_after_s",
             "drain_deadline_s",
+            "drain_quiet_s",
             "restart_backoff_initial_s",
             "restart_backoff_max_s",
             "crash_loop_restarts",

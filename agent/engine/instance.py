@@ -23,6 +23,7 @@ from agent.catalog.base import (
 )
 from agent.catalog.keeper import OWNER_META
 from agent.engine.config import EngineAgentConfig, EngineSpec
+from agent.engine.drain import DrainWatch
 from agent.engine.metrics import EngineAgentMetrics, cause_label
 from agent.engine.probe import EngineLoad, EngineProbe, Identity, ProbeResult
 from agent.engine.procfs import TreeSample, read_tree
@@ -34,7 +35,7 @@ from agent.engine.verdict import CanaryFacts, Facts, Policy, decide
 log = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.2
-DRAIN_IDLE_POLLS = 2  # consecutive idle readings before the engine counts as drained
+DRAIN_REPORT_S = 30.0  # while requests still arrive during a drain, say so this often
 
 
 @dataclasses.dataclass
@@ -406,31 +407,49 @@ class InstanceController:
         t0 = time.monotonic()
         self.draining = True
         self.metrics.draining.labels(self.id).set(1)
-        log.info("%s: draining (deadline %.0fs)", self.id, self.cfg.drain_deadline_s)
-        await self.reconcile_once()  # draining visible in Consul before anything else happens
+        log.info(
+            "%s: draining (stops once nothing is in flight and no request arrived for %gs; deadline %.0fs)",
+            self.id,
+            self.cfg.drain_quiet_s,
+            self.cfg.drain_deadline_s,
+        )
         # An engine (start) that never had a passing verdict was never routed to: nothing to wait for
         # (while it loads, /metrics does not even answer, and the wait below would last the deadline).
         served = self._served_generation is not None and self._served_generation == self._engine_generation()
-        if served:
-            # Gateways need a moment to take the instance out of rotation; requests they had already
-            # routed show up in the engine's counters and are waited for below.
-            await asyncio.sleep(self.cfg.drain_settle_s)
+        watch = DrainWatch(self.cfg.drain_quiet_s, t0)
+        if served:  # the count of requests so far, before the gateways take the instance out of rotation
+            watch.observe(await self.probe.load(self.cfg.health_timeout_s), time.monotonic())
+        await self.reconcile_once()  # draining visible in Consul before anything else happens
         deadline = t0 + self.cfg.drain_deadline_s
-        idle_polls = 0
-        outcome = "idle" if served else "never served"
-        while served and idle_polls < DRAIN_IDLE_POLLS:
-            if time.monotonic() > deadline:
-                outcome = "deadline passed"
-                log.warning("%s: drain deadline passed with requests still running", self.id)
+        outcome = "quiet" if served else "never served"
+        next_report = t0 + DRAIN_REPORT_S
+        while served:
+            now = time.monotonic()
+            if watch.drained(now):
                 break
             if self.process and not self.process.running:
                 outcome = "engine exited"
                 break
+            if now > deadline:
+                outcome = self._deadline_passed(watch, now - t0)
+                break
+            if watch.arrived and now >= next_report:  # gateways still route here (Consul without a leader?)
+                log.warning(
+                    "%s: draining for %.0fs and requests still arrive (%d since the drain began, %g in flight): "
+                    "the gateways have not seen the draining state (Consul without a leader?); waiting for "
+                    "%gs without a new request, at most until the deadline",
+                    self.id,
+                    now - t0,
+                    watch.arrived,
+                    watch.in_flight,
+                    self.cfg.drain_quiet_s,
+                )
+                next_report = now + DRAIN_REPORT_S
             load = await self.probe.load(self.cfg.health_timeout_s)
             if load is not None:
                 self.metrics.requests_running.labels(self.id).set(load.running)
                 self.metrics.requests_waiting.labels(self.id).set(load.waiting)
-            idle_polls = idle_polls + 1 if load is not None and load.running + load.waiting == 0 else 0
+            watch.observe(load, time.monotonic())
             await asyncio.sleep(DRAIN_POLL_S)
         if self.process:
             await self.process.stop()
@@ -441,8 +460,38 @@ class InstanceController:
         elapsed = time.monotonic() - t0
         self.metrics.drain_duration.labels(self.id).observe(elapsed)
         self.metrics.draining.labels(self.id).set(0)
-        log.info("%s: drained in %.1fs (%s), stopped and deregistered", self.id, elapsed, outcome)
+        log.info(
+            "%s: drained in %.1fs (%s; %d request(s) arrived during the drain), stopped and deregistered",
+            self.id,
+            elapsed,
+            outcome,
+            watch.arrived,
+        )
         return outcome
+
+    def _deadline_passed(self, watch: DrainWatch, elapsed_s: float) -> str:
+        """The deadline bounds the drain: say clearly what stopping now cuts."""
+        if watch.in_flight > 0:
+            log.error(
+                "%s: drain deadline (%.0fs) passed with %g request(s) in flight: stopping the engine cuts them "
+                "(%d arrived during the drain, the last %.1fs ago: the gateways kept routing here)",
+                self.id,
+                elapsed_s,
+                watch.in_flight,
+                watch.arrived,
+                watch.quiet_for(time.monotonic()),
+            )
+            return "deadline passed, work cut"
+        log.warning(
+            "%s: drain deadline (%.0fs) passed with nothing in flight but requests still arriving (%d during "
+            "the drain, the last %.1fs ago; %s): stopping the engine; the next ones find it gone",
+            self.id,
+            elapsed_s,
+            watch.arrived,
+            watch.quiet_for(time.monotonic()),
+            "/metrics unreadable" if watch.seen is None else "the gateways kept routing here",
+        )
+        return "deadline passed"
 
     def describe(self) -> dict[str, Any]:
         """What the agent API and `ernie-mesh status` show for this instance."""

@@ -13,6 +13,7 @@ WAITING = "vllm:num_requests_waiting"
 GENERATION_TOKENS = "vllm:generation_tokens_total"
 PROMPT_TOKENS = "vllm:prompt_tokens_total"
 KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+REQUESTS_FINISHED = "vllm:request_success_total"  # every finish reason (stop, length, abort, ...)
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,12 @@ class EngineLoad:
     generation_tokens: float
     kv_cache_usage: float | None = None
     prompt_tokens: float = 0.0
+    requests_finished: float = 0.0
+
+    @property
+    def requests_seen(self) -> float:
+        """Requests that reached the engine so far: each is waiting, running or finished."""
+        return self.requests_finished + self.running + self.waiting
 
     @property
     def tokens_processed(self) -> float:
@@ -129,7 +136,7 @@ def parse_load(text: str) -> EngineLoad | None:
     try:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name in (RUNNING, WAITING, GENERATION_TOKENS, PROMPT_TOKENS, KV_CACHE_USAGE):
+                if s.name in (RUNNING, WAITING, GENERATION_TOKENS, PROMPT_TOKENS, KV_CACHE_USAGE, REQUESTS_FINISHED):
                     sums[s.name] = sums.get(s.name, 0.0) + float(s.value)
                     seen.add(s.name)
     except ValueError:
@@ -142,4 +149,5 @@ def parse_load(text: str) -> EngineLoad | None:
         generation_tokens=sums[GENERATION_TOKENS],
         kv_cache_usage=sums.get(KV_CACHE_USAGE),
         prompt_tokens=sums.get(PROMPT_TOKENS, 0.0),
+        requests_finished=sums.get(REQUESTS_FINISHED, 0.0),
     )

@@ -158,7 +158,7 @@ def test_the_agent_api_answers_during_a_sigterm_drain(consul_session, tmp_path):
         consul_session.address,
         SERVICE,
         node="api-up",
-        drain_settle_s=3.0,
+        drain_quiet_s=3.0,
         engines=[{"kind": "simulated", "port": port}],
     )
     iid = agent.instance_id(port)
@@ -170,3 +170,72 @@ def test_the_agent_api_answers_during_a_sigterm_drain(consul_session, tmp_path):
         assert agent.instances()[iid]["state"] == "draining"
         assert agent.proc.wait(30) == 0
     assert iid not in agent.entries()
+
+
+QUIET_S = 3.0  # EngineAgentConfig.drain_quiet_s's default (tests/unit/test_engine_drain_quiet.py)
+
+
+def test_a_drain_waits_while_requests_keep_arriving_and_stops_a_quiet_period_after_the_last(consul_session, tmp_path):
+    """Consul without a leader: the local agent accepts `draining` but the gateways never see it and
+    keep routing here (here: requests sent straight to the engine). Before: the drain stopped the
+    engine at the first idle moment between two requests (two idle /metrics readings 0.2 s apart),
+    and the next request found it gone."""
+    from agent import pids
+
+    port = free_port()
+    agent = EngineAgent(
+        tmp_path,
+        consul_session.address,
+        SERVICE,
+        node="quiet",
+        drain_deadline_s=120.0,
+        engines=[
+            {
+                "kind": "simulated",
+                "port": port,
+                "served_model_name": "sim-model",
+                "args": ["--token-delay-ms", "10"],
+                "shutdown_timeout_s": 0,
+            }
+        ],
+    )
+    iid = agent.instance_id(port)
+    engine_url = f"http://127.0.0.1:{port}"
+    body = {"model": "sim-model", "prompt": "Hello", "max_tokens": 3}
+    answers: list[tuple[object, float]] = []  # (status or error, when it ended)
+    stop = threading.Event()
+
+    def keep_sending() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    status: object = client.post(f"{engine_url}/v1/completions", json=body).status_code
+                except httpx.HTTPError as e:
+                    status = f"{type(e).__name__}: {e}"
+                answers.append((status, time.monotonic()))
+                stop.wait(0.7)  # idle gaps longer than the old drain's two readings
+
+    with agent:
+        agent.wait_state(iid, "passing", timeout_s=60)
+        engine = agent.instances()[iid]["pid"]
+        sender = threading.Thread(target=keep_sending, daemon=True)
+        sender.start()
+        wait_until(lambda: len(answers) >= 2, 10, what="requests answered before the drain")
+        httpx.post(f"{agent.url}/drain/{iid}", timeout=5).raise_for_status()
+        agent.wait_state(iid, "draining", timeout_s=10)
+        # requests keep arriving for a while: the engine must stay
+        arriving_until = time.monotonic() + 3 * QUIET_S
+        while time.monotonic() < arriving_until:
+            assert pids.alive(engine), f"engine stopped while requests kept arriving: {answers[-3:]}"
+            time.sleep(0.1)
+        stop.set()
+        sender.join(timeout=15)
+        last_s = answers[-1][1]
+        wait_until(lambda: not pids.alive(engine), QUIET_S + 10, what="the drained engine stopped")
+        stopped_after_s = time.monotonic() - last_s
+        wait_until(lambda: iid not in agent.entries(), 10, what=f"{iid} deregistered")
+    print(f"engine stopped {stopped_after_s:.2f}s after the last of {len(answers)} requests")
+    assert [a for a, _ in answers if a != 200] == [], answers
+    assert len(answers) >= 3 * QUIET_S / 0.8
+    # it stopped a quiet period after the last request (polls every 0.2 s; the stop itself is quick)
+    assert QUIET_S - 0.3 <= stopped_after_s <= QUIET_S + 2.0, stopped_after_s

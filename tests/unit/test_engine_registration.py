@@ -122,7 +122,7 @@ def test_a_verdict_in_flight_during_the_drain_does_not_resurrect_the_instance():
     cfg = engine_config.load(
         ["--node", "n1", "--advertise-address", "127.0.0.1", "--engine", "attach:http://127.0.0.1:9"]
     )
-    cfg = dataclasses.replace(cfg, drain_settle_s=0.01, drain_deadline_s=0.2)
+    cfg = dataclasses.replace(cfg, drain_quiet_s=0.01, drain_deadline_s=0.2)
     c = InstanceController(cfg, cfg.engines[0], cat, httpx.AsyncClient(), EngineAgentMetrics())
 
     async def scenario():
