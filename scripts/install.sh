@@ -62,7 +62,7 @@ install_consul() {
   step "Consul (Debian $CONSUL_SUITE package, unpacked into $VENV/bin; system apt state untouched)"
   fetch_debian_binaries "$CONSUL_SUITE" consul "$CACHE/consul-apt" "$VENV/bin" consul \
     || die "install Consul from https://developer.hashicorp.com/consul/install"
-  "$VENV/bin/consul" version | head -n1 >&2
+  "$VENV/bin/consul" version | sed -n 1p >&2  # sed reads it all: head could SIGPIPE consul under pipefail
 }
 
 install_prometheus() {

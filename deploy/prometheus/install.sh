@@ -41,4 +41,4 @@ say "Prometheus with Consul SD (Debian $SUITE package, unpacked into $BIN_DIR; s
 fetch_debian_binaries "$SUITE" prometheus "$CACHE/prometheus-apt" "$BIN_DIR" prometheus promtool \
   || die "install Prometheus (with Consul SD) from https://prometheus.io/download/ into $BIN_DIR"
 has_consul_sd "$BIN_DIR/promtool" || die "the $SUITE prometheus package has no Consul SD either"
-"$BIN_DIR/prometheus" --version 2>&1 | head -n1 >&2
+"$BIN_DIR/prometheus" --version 2>&1 | sed -n 1p >&2

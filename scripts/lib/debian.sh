@@ -4,9 +4,9 @@
 debian_mirror() {
   # The Debian mirror this machine already uses (deb822 or one-line sources), not a hard-coded one.
   local uri
-  uri=$(grep -hsE '^URIs:.*debian' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1 | awk '{print $2}')
+  uri=$(grep -hsE '^URIs:.*debian' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | awk 'NR == 1 {print $2}')
   [ -n "$uri" ] || uri=$(grep -hsE '^deb .*debian' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-    | grep -v security | head -n1 | awk '{print $2}')
+    | grep -v security | awk 'NR == 1 {print $2}')
   [ -n "$uri" ] || uri=http://deb.debian.org/debian
   echo "$uri"
 }
