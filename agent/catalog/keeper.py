@@ -4,9 +4,9 @@ for itself).
 
 Writes only what is needed: register when Consul does not hold the desired registration (or we
 do not know that it does), push the verdict when it changed or the last write failed, refresh it
-when the TTL wants it (every ttl/3, if the caller allows), and register again when Consul lost
-the instance (NotRegistered: Consul restarted). Not thread-safe: one writer calls it (the engine's
-Publisher thread, the gateway's control loop).
+when the TTL wants it (refresh_s after the last write, default ttl/3, if the caller allows), and
+register again when Consul lost the instance (NotRegistered: Consul restarted). Not thread-safe:
+one writer calls it (the engine's Publisher thread, the gateway's control loop).
 
 A registration whose meta names its owner (`OWNER_META`, the engine agent's identity) is never
 written over a live registration of the same ID that another owner holds: before registering an
@@ -56,17 +56,18 @@ def taken_message(instance_id: str, other: CatalogEntry) -> str:
 
 
 class RegistrationKeeper:
-    def __init__(self, catalog: Catalog, instance_id: str, ttl_s: float):
+    def __init__(self, catalog: Catalog, instance_id: str, ttl_s: float, refresh_s: float | None = None):
         self.catalog = catalog
         self.id = instance_id
         self.ttl_s = ttl_s
+        self.refresh_s = ttl_s / 3 if refresh_s is None else refresh_s  # refresh the TTL this long after a write
         self.registered: Registration | None = None  # what Consul holds, as far as we know
         self.pushed: Verdict | None = None
         self.pushed_at_s = 0.0
         self.ok: bool | None = None  # the last write succeeded (None: none yet)
 
     def refresh_due(self, now: float) -> bool:
-        return now - self.pushed_at_s >= self.ttl_s / 3
+        return now - self.pushed_at_s >= self.refresh_s
 
     def keep(self, desired: Registration, verdict: Verdict, now: float, refresh: bool = True) -> str:
         """Make Consul hold `desired` with `verdict`; returns what was done. CatalogError propagates

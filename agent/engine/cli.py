@@ -26,6 +26,9 @@ from agent.net import bind_error
 
 log = logging.getLogger("agent.engine")
 
+LAG_PERIOD_S = 0.5
+LAG_WARN_S = 1.0  # a timer this late: every probe, canary and TTL refresh on the loop waited as long
+
 
 class _AgentServer(uvicorn.Server):
     """uvicorn without its own signal handling: we own SIGTERM/SIGINT and drain first, the API staying
@@ -35,6 +38,19 @@ class _AgentServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+async def watch_loop_lag(metrics: EngineAgentMetrics) -> None:
+    """Measure how late the event loop runs a timer, and say so in the log when it is late by
+    seconds (a call blocking the loop, or a host starved of CPU): what delays a TTL refresh."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(LAG_PERIOD_S)
+        lag = max(loop.time() - t0 - LAG_PERIOD_S, 0.0)
+        metrics.loop_lag.observe(lag)
+        if lag > LAG_WARN_S:
+            log.warning("the agent's event loop ran %.1fs late (blocked, or the host is starved of CPU)", lag)
 
 
 def check_runnable(cfg: engine_config.EngineAgentConfig) -> None:
@@ -72,6 +88,7 @@ async def serve(cfg: engine_config.EngineAgentConfig) -> int:
             loop.add_signal_handler(sig, shutdown.set)
         runs = [asyncio.create_task(c.run(), name=f"instance {c.id}") for c in controllers.values()]
         api = asyncio.create_task(server.serve(), name="agent api")
+        lag = asyncio.create_task(watch_loop_lag(metrics), name="loop lag")
         log.info(
             "engine agent on %s: %d engine(s), Consul %s, node %s",
             cfg.agent_url,
@@ -87,6 +104,7 @@ async def serve(cfg: engine_config.EngineAgentConfig) -> int:
         await asyncio.gather(*runs, return_exceptions=True)
         server.should_exit = True
         await api
+        lag.cancel()
     return 0
 
 

@@ -114,7 +114,14 @@ class EngineAgentConfig:
     stall_after_s: float = 8.0  # without process facts (attached engines): no token this long = stuck
     hang_after_s: float = 2.0  # an engine process stopped, or work in flight and no computing, this long = hung
     startup_timeout_s: float = 900.0
-    ttl_s: float = 10.0
+    # The TTL check: refreshed every ttl_refresh_s, expired (critical) after ttl_s without one. The
+    # TTL bounds only what nothing else detects (an agent frozen while its engine runs): a dead
+    # agent takes its engine down with it (refused connections: Envoy retries elsewhere, the relay
+    # resumes), a dead host fails Consul's node check within seconds, and hung or dead engines are
+    # the verdict's. So the margin is wide: a refresh may be 28 s late (a slow Consul, a starved
+    # host; 10.7 s measured under heavy CPU load) before a healthy instance leaves the snapshot.
+    ttl_s: float = 30.0
+    ttl_refresh_s: float = 2.0
     deregister_critical_after_s: float = 1800.0
     drain_deadline_s: float = 300.0
     drain_quiet_s: float = 3.0  # drained = nothing in flight and no new request for this long
@@ -137,6 +144,7 @@ class EngineAgentConfig:
             "hang_after_s",
             "startup_timeout_s",
             "ttl_s",
+            "ttl_refresh_s",
             "deregister_critical_after_s",
             "drain_deadline_s",
             "drain_quiet_s",
@@ -145,8 +153,8 @@ class EngineAgentConfig:
             "crash_loop_restarts",
             "crash_loop_window_s",
         )
-        if self.ttl_s < 3 * self.probe_interval_s:
-            raise ConfigError(f"ttl_s ({self.ttl_s}) must be at least 3x probe_interval_s ({self.probe_interval_s})")
+        if self.ttl_s < 3 * self.ttl_refresh_s:
+            raise ConfigError(f"ttl_s ({self.ttl_s}) must be at least 3x ttl_refresh_s ({self.ttl_refresh_s})")
         if self.deregister_critical_after_s < 60:
             # Consul's minimum reap interval is one minute.
             raise ConfigError("deregister_critical_after_s must be >= 60 (Consul reaps at most once a minute)")

@@ -105,7 +105,11 @@ class InstanceController:
         self.verdict = Verdict(VerdictState.STARTING, "agent starting", VerdictCause.SPAWNING)
         # The one writer of this instance's Consul state (run loop, canary via the run loop, drain).
         self.publisher = Publisher(
-            catalog, self.id, cfg.ttl_s, on_error=lambda: self.metrics.consul_errors.labels(self.id).inc()
+            catalog,
+            self.id,
+            cfg.ttl_s,
+            on_error=lambda: self.metrics.consul_errors.labels(self.id).inc(),
+            refresh_s=cfg.ttl_refresh_s,
         )
         self.draining = False
         self.drained = False
@@ -274,15 +278,18 @@ class InstanceController:
 
     async def _ttl_loop(self) -> None:
         """Keep the TTL check fresh from its own task: a slow probe cycle (probe timeouts of seconds,
-        a Consul write timing out) must not let a healthy instance's check expire."""
+        a Consul write timing out) must not let a healthy instance's check expire. A refresh every
+        ttl_refresh_s after the last write (one that took long is followed by the next at once);
+        after a failed write, or before the run loop registered, again in ttl_refresh_s."""
         while not self._stopping.is_set() and not self.drained:
             try:
                 await self.publisher.refresh(time.monotonic())
             except Exception:  # the loop must survive anything
                 log.exception("%s: TTL refresh failed", self.id)
-            pause = self.publisher.refresh_due_in(time.monotonic())
-            if self.publisher.ok is False or pause <= 0:
-                pause = self.cfg.probe_interval_s  # the last write failed: retry soon, not in a busy loop
+            if self.publisher.ok is False or not self.publisher.registered:
+                pause = self.cfg.ttl_refresh_s  # retry soon, not in a busy loop
+            else:
+                pause = self.publisher.refresh_due_in(time.monotonic())
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=pause)
             except TimeoutError:

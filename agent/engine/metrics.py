@@ -8,6 +8,7 @@ from agent.catalog.base import Verdict, VerdictState
 
 PROBE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 DRAIN_BUCKETS_S = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+LAG_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class EngineAgentMetrics:
@@ -56,6 +57,12 @@ class EngineAgentMetrics:
         )
         self.consul_errors = Counter(
             "ernie_engine_consul_errors_total", "Failed writes to Consul", ["instance_id"], registry=r
+        )
+        self.loop_lag = Histogram(
+            "ernie_engine_agent_loop_lag_seconds",
+            "How late the agent's event loop ran a timer (probes, canaries and TTL refreshes wait as long)",
+            buckets=LAG_BUCKETS_S,
+            registry=r,
         )
 
     def set_verdict(self, instance: str, state: VerdictState) -> None:

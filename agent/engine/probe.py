@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
@@ -129,19 +128,63 @@ class EngineProbe:
         )
 
 
-def parse_load(text: str) -> EngineLoad | None:
-    """Sum vLLM's load gauges/counters over their labels (one engine may report several label sets)."""
-    sums: dict[str, float] = {}
-    seen: set[str] = set()
+LOAD_SAMPLES = frozenset((RUNNING, WAITING, GENERATION_TOKENS, PROMPT_TOKENS, KV_CACHE_USAGE, REQUESTS_FINISHED))
+
+
+def _sample_value(line: str, name_end: int) -> float | None:
+    """The value of a sample line `name{labels} value [timestamp]` whose name ends at `name_end`;
+    None if it is not one (another metric sharing the prefix, or malformed)."""
+    rest = line[name_end:]
+    if rest.startswith("{"):
+        # The labels end at the first `}` outside a quoted value (values may hold `}`, `\"`, spaces).
+        quoted = escaped = False
+        for i, ch in enumerate(rest):
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = quoted
+            elif ch == '"':
+                quoted = not quoted
+            elif ch == "}" and not quoted:
+                rest = rest[i + 1 :]
+                break
+        else:
+            return None
+    elif not rest[:1].isspace():
+        return None
+    fields = rest.split()
+    if not fields:
+        return None
     try:
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name in (RUNNING, WAITING, GENERATION_TOKENS, PROMPT_TOKENS, KV_CACHE_USAGE, REQUESTS_FINISHED):
-                    sums[s.name] = sums.get(s.name, 0.0) + float(s.value)
-                    seen.add(s.name)
+        return float(fields[0])
     except ValueError:
         return None
-    if RUNNING not in seen or GENERATION_TOKENS not in seen:
+
+
+def parse_load(text: str) -> EngineLoad | None:
+    """Sum vLLM's load gauges/counters over their labels (one engine may report several label sets).
+
+    Reads only the six samples it needs, line by line: a full Prometheus parse of vLLM's /metrics
+    (about 500 lines of histograms) held the agent's event loop for 110 ms per page at load average
+    22 on 2 cores (this: 2 ms), several times a second, delaying every task on the loop (the TTL
+    refresh among them) and starving its Consul writer thread of the GIL."""
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue  # comments (# HELP, # TYPE), other metrics
+        end = len(line)
+        for sep in ("{", " ", "\t"):
+            i = line.find(sep)
+            if 0 < i < end:
+                end = i
+        name = line[:end]
+        if name not in LOAD_SAMPLES:
+            continue
+        value = _sample_value(line, end)
+        if value is None:
+            return None  # a sample we need is malformed: this reading proves nothing
+        sums[name] = sums.get(name, 0.0) + value
+    if RUNNING not in sums or GENERATION_TOKENS not in sums:
         return None
     return EngineLoad(
         running=sums[RUNNING],

@@ -7,13 +7,16 @@ after the deregistration that was asked for later. Once retired (deregistered) t
 writes nothing more: no late verdict, no NotRegistered re-registration of a ghost instance.
 
 Writes happen only when something changed (publish: the registration or the verdict) or the TTL
-needs refreshing (refresh, called from the instance's own TTL task, not from the probe loop)."""
+needs refreshing (refresh, called from the instance's own TTL task, not from the probe loop,
+`refresh_s` after the last write). A write that takes longer than SLOW_WRITE_S is logged: a
+refresh queued behind it waits for it (one writer), which the TTL's margin over refresh_s covers."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -26,17 +29,26 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETIRED = "deregistered"
+SLOW_WRITE_S = 1.0  # a local Consul agent answers in ~5 ms; a write this slow is worth a line in the log
 
 
 class Publisher:
-    def __init__(self, catalog: Catalog, instance_id: str, ttl_s: float, on_error: Callable[[], None]):
+    def __init__(
+        self,
+        catalog: Catalog,
+        instance_id: str,
+        ttl_s: float,
+        on_error: Callable[[], None],
+        refresh_s: float | None = None,
+    ):
         self.catalog = catalog
         self.id = instance_id
         self.ttl_s = ttl_s
+        self.refresh_s = ttl_s / 3 if refresh_s is None else refresh_s
         self._on_error = on_error
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"consul {instance_id}")
         self._lock = threading.Lock()  # held by the writer thread around each write and the retired flag
-        self.keeper = RegistrationKeeper(catalog, instance_id, ttl_s)
+        self.keeper = RegistrationKeeper(catalog, instance_id, ttl_s, self.refresh_s)
         self.retired = False
         self._wanted: tuple[Registration, Verdict] | None = None  # the latest asked for
         self.refused = ""  # why the registration is refused (another agent owns the ID), "" if it is not
@@ -52,7 +64,7 @@ class Publisher:
         return await self._on_writer(self._publish, desired, verdict, now, False)
 
     async def refresh(self, now: float) -> str:
-        """Refresh the TTL check with the latest verdict if ttl_s / 3 passed since the last write."""
+        """Refresh the TTL check with the latest verdict if refresh_s passed since the last write."""
         wanted = self._wanted
         if self.retired or wanted is None:
             return UNCHANGED
@@ -60,7 +72,12 @@ class Publisher:
 
     def refresh_due_in(self, now: float) -> float:
         """Seconds until the TTL wants refreshing (0: now)."""
-        return max(self.keeper.pushed_at_s + self.ttl_s / 3 - now, 0.0)
+        return max(self.keeper.pushed_at_s + self.refresh_s - now, 0.0)
+
+    @property
+    def registered(self) -> bool:
+        """Consul holds the registration, as far as the last writes tell."""
+        return self.keeper.registered is not None
 
     @property
     def ok(self) -> bool | None:
@@ -83,6 +100,7 @@ class Publisher:
                 return RETIRED
             if refresh and self.keeper.registered is None:
                 return UNCHANGED  # not registered yet: the run loop's next publish registers
+            started = time.monotonic()
             try:
                 action = self.keeper.keep(desired, verdict, now, refresh=refresh)
             except OwnedElsewhere as e:
@@ -94,6 +112,12 @@ class Publisher:
             except CatalogError as e:
                 self._on_error()
                 return f"Consul write failed ({e})"
+            finally:
+                took = time.monotonic() - started
+                if took > SLOW_WRITE_S:
+                    log.warning(
+                        "%s: a Consul write (%s) took %.1fs", self.id, "TTL refresh" if refresh else "publish", took
+                    )
             if self.refused:
                 log.info("%s: registered (the other agent's registration had expired)", self.id)
                 self.refused = ""

@@ -85,7 +85,9 @@ def test_baseline_drill_runs(tmp_path):
 
 # --- issue 12's drills: each once, mesh only (the baseline has no such part, or adds nothing here) ---
 
-ENGINE_TTL_S = 10.0  # the engine agent's default TTL check
+# The engine agents' TTL check in the two TTL drills: shorter than the default (30 s) to keep them short.
+ENGINE_TTL_S = 10.0
+TTL_SETTINGS = {"ttl_s": ENGINE_TTL_S}
 # Restarts scaled down for CI: the crash loop (3 exits) is reached within seconds, retries capped at 1 s.
 FAST_RESTARTS = {"restart_backoff_initial_s": 0.2, "restart_backoff_max_s": 1.0, "crash_loop_restarts": 3}
 SERVE_AGAIN_BOUND_S = 5.0  # Envoy killed: serving again within this (goal 1 s: docs/reliability.md)
@@ -93,7 +95,7 @@ SERVE_AGAIN_BOUND_S = 5.0  # Envoy killed: serving again within this (goal 1 s: 
 
 def test_consul_frozen_longer_than_the_ttl_loses_nothing(tmp_path):
     # SIGSTOP longer than the engines' TTL (20 s in the benchmark): on SIGCONT no check may expire
-    r = only_mesh(drill(tmp_path, "consul-slow", duration_s=6.0, hold_s=ENGINE_TTL_S + 2))
+    r = only_mesh(drill(tmp_path, "consul-slow", duration_s=6.0, hold_s=ENGINE_TTL_S + 2, agent_settings=TTL_SETTINGS))
     no_loss(r)
     [ev] = r["events"]
     assert ev["recover_s"] is not None, ev
@@ -101,7 +103,16 @@ def test_consul_frozen_longer_than_the_ttl_loses_nothing(tmp_path):
 
 def test_engine_agent_kill_loses_nothing_and_the_ttl_takes_the_instance_out(tmp_path):
     # recovery takes seconds when the engine died with its agent; a left-over engine never lets it happen
-    r = only_mesh(drill(tmp_path, "engine-agent-kill", duration_s=6.0, hold_s=ENGINE_TTL_S + 3, recover_wait_s=20.0))
+    r = only_mesh(
+        drill(
+            tmp_path,
+            "engine-agent-kill",
+            duration_s=6.0,
+            hold_s=ENGINE_TTL_S + 3,
+            recover_wait_s=20.0,
+            agent_settings=TTL_SETTINGS,
+        )
+    )
     no_loss(r)
     [ev] = r["events"]
     # the dead agent stops refreshing its TTL check: Consul, then Envoy, drop the instance (unless its

@@ -42,7 +42,7 @@ def test_payload_has_stable_id_meta_tags_and_ttl_check():
     assert reg.meta["zone"] == "rack-2"
     assert reg.meta["agent_url"] == "http://10.0.0.7:9100"
     assert "zone=rack-2" in reg.tags and "model=/models/ernie" in reg.tags
-    assert reg.ttl_s == 10.0 and reg.deregister_critical_after_s == 1800.0
+    assert reg.ttl_s == 30.0 and reg.deregister_critical_after_s == 1800.0
 
 
 def test_engine_listening_everywhere_is_registered_on_the_advertised_address():
@@ -67,8 +67,8 @@ def test_publish_is_idempotent_and_survives_consul_losing_everything():
         assert await c.publish(PASS, now=0.0) == "registered"
         assert await c.publish(PASS, now=1.0) == "unchanged"  # same verdict
         assert await c.publish(PASS, now=4.0) == "unchanged"  # the TTL is the TTL task's business
-        assert await c.publisher.refresh(now=3.0) == "unchanged"  # not due
-        assert await c.publisher.refresh(now=4.0) == "verdict pushed"  # TTL refresh (ttl/3)
+        assert await c.publisher.refresh(now=1.5) == "unchanged"  # not due
+        assert await c.publisher.refresh(now=4.0) == "verdict pushed"  # TTL refresh (every ttl_refresh_s)
         crit = Verdict(VerdictState.CRITICAL, "hung: x")
         assert await c.publish(crit, now=4.1) == "verdict pushed"  # a change goes out at once
         cat.forget_everything()  # Consul restarted (-dev keeps nothing)
