@@ -6,6 +6,8 @@ developer's running mesh) can run beside the first with one flag.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import sys
@@ -163,6 +165,11 @@ class MeshPlan:
     def api_key_path(self) -> Path:
         return self.run_dir / "api-key"
 
+    @property
+    def control_token_path(self) -> Path:
+        """The engine agents' control token (POST /drain; `ernie-mesh drain --token-file`), 0600."""
+        return self.run_dir / "control-token"
+
     def api_key(self) -> str:
         """The key `up` created (empty before it has)."""
         try:
@@ -232,6 +239,7 @@ class MeshPlan:
                 "zone": "local",
                 "log_dir": str(self.log_dir),
                 "drain_deadline_s": self.drain_deadline_s,
+                "control_token_file": str(self.control_token_path),
                 "consul": {"address": self.consul_address, "service": self.service},
                 "engines": [self.engine_table(i, model_path)],
             }
@@ -293,13 +301,24 @@ class MeshPlan:
         ]
 
     def ui_env(self) -> dict[str, str]:
-        return {
+        """The UI's environment, over `up`'s own (which passes ERNIE_MESH_UI_ORIGINS etc. through).
+        Login is on when ERNIE_MESH_UI_USERS names a users file (made absolute: the UI runs in ui/);
+        Chainlit then needs CHAINLIT_AUTH_SECRET: the environment's, else one derived from the API key
+        (HMAC: stable across `up` runs like the key, and it does not reveal the key)."""
+        env = {
             "ERNIE_MESH_API_URL": self.api_url,
             "ERNIE_MESH_API_KEY": self.api_key(),
             "ERNIE_MESH_MODEL": self.model_name,
             "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui"),
             "ERNIE_MESH_SIMULATED": "1" if self.engine_kind == "simulated" else "",
         }
+        users = os.environ.get("ERNIE_MESH_UI_USERS", "")
+        if users:
+            env["ERNIE_MESH_UI_USERS"] = str(Path(users).expanduser().resolve())
+            if not os.environ.get("CHAINLIT_AUTH_SECRET") and self.api_key():
+                digest = hmac.new(self.api_key().encode(), b"ernie-mesh ui auth secret v1", hashlib.sha256)
+                env["CHAINLIT_AUTH_SECRET"] = digest.hexdigest()
+        return env
 
     def urls(self) -> dict[str, str]:
         out = {

@@ -1,51 +1,24 @@
 """The UI's messages when nothing can answer, read in headless Chromium: a clear sentence, never a
 stack trace. The gateway unreachable (the UI alone), and no healthy instance (a SIMULATED mesh,
-both instances drained: Envoy answers 503 with a JSON error)."""
+both instances drained: Envoy answers 503 with a JSON error). The gateway refusing the UI's API key
+(its 401): tests/e2e/test_ui_security.py, behind the UI's login."""
 
 from __future__ import annotations
-
 
 import httpx
 import pytest
 
-from agent.local.plan import REPO_DIR, default_ui_venv
-from agent.local.ports import free_port, free_ports
-from agent.local.procs import ManagedProcess
+from agent.local.ports import free_ports
 from agent.local.wait import wait_until
 from tests.e2e.conftest_up import UpRun, free_offset
-from tests.e2e.ui_support import ChatPage
+from tests.e2e.ui_support import ChatPage, start_chainlit
 
 pytestmark = pytest.mark.timeout(600)
-UI_START_TIMEOUT_S = 180.0
-
-
-def chainlit(tmp_path, api_url: str) -> tuple[ManagedProcess, str]:
-    port = free_port()
-    cmd = [
-        str(default_ui_venv() / "bin" / "chainlit"),
-        "run",
-        "app.py",
-        "--headless",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    env = {"ERNIE_MESH_API_URL": api_url, "ERNIE_MESH_MODEL": "smollm2", "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui")}
-    ui = ManagedProcess("ui", cmd, tmp_path / "ui.log", env=env, cwd=str(REPO_DIR / "ui")).start()
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert ui.alive(), ui.log_tail()
-        return httpx.get(url, timeout=2).status_code == 200
-
-    wait_until(up, UI_START_TIMEOUT_S, interval_s=0.25, what="Chainlit answering")
-    return ui, url
 
 
 def test_gateway_unreachable_is_a_clear_message(tmp_path):
     closed = free_ports(1)[0]  # nothing listens there
-    ui, url = chainlit(tmp_path, f"http://127.0.0.1:{closed}/v1")
+    ui, url = start_chainlit(tmp_path / "ui.log", f"http://127.0.0.1:{closed}/v1")
     try:
         with ChatPage(url) as page:
             page.open()
@@ -64,7 +37,8 @@ def test_no_healthy_instance_is_a_clear_message(tmp_path):
         run.wait_healthy(timeout_s=180)
         for iid in run.healthy["instances"]:
             port = next(run.plan.agent_port(i) for i in range(2) if run.plan.instance_id(i) == iid)
-            assert httpx.post(f"http://127.0.0.1:{port}/drain/{iid}", timeout=10).status_code == 202
+            token = {"Authorization": f"Bearer {run.plan.control_token_path.read_text().strip()}"}
+            assert httpx.post(f"http://127.0.0.1:{port}/drain/{iid}", headers=token, timeout=10).status_code == 202
         wait_until(
             lambda: (
                 httpx.get(

@@ -1,11 +1,25 @@
-"""Drive the Chainlit UI in Debian's headless Chromium (selenium + chromium-driver; no browser download)."""
+"""Drive the Chainlit UI in Debian's headless Chromium (selenium + chromium-driver; no browser download);
+start it alone (`start_chainlit`); speak its socket.io protocol (`socketio_connect`); a stub gateway
+that refuses as the real one does (`StubGateway`: 401, 429, 403)."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import tempfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+
+from agent.local.plan import REPO_DIR, default_ui_venv
+from agent.local.ports import free_port
+from agent.local.procs import ManagedProcess
 
 CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMEDRIVER_PATHS = ("/usr/bin/chromedriver",)
@@ -24,6 +38,127 @@ CHROMIUM_FLAGS = (
 SERVED_BY = "served by instance"
 ASSISTANT = '[data-step-type="assistant_message"] .message-content'
 POLL_S = 0.2  # each poll runs JavaScript in the page: keep the browser's CPU use low
+UI_START_TIMEOUT_S = 180.0
+LOGIN_FAILED = ("Unable to sign in", "Sign in failed")  # Chainlit's messages (translations/en-US.json)
+
+
+def chainlit_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    chainlit = str(default_ui_venv() / "bin" / "chainlit")
+    return [chainlit, "run", "app.py", "--headless", "--host", host, "--port", str(port)]
+
+
+def ui_base_env(api_url: str) -> dict[str, str]:
+    return {"ERNIE_MESH_API_URL": api_url, "ERNIE_MESH_MODEL": "smollm2", "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui")}
+
+
+def start_chainlit(
+    log_path: Path, api_url: str, env: dict[str, str] | None = None, host: str = "127.0.0.1"
+) -> tuple[ManagedProcess, str]:
+    """The UI alone (from .venv-ui, as `up` runs it), answering on http://127.0.0.1:<port>."""
+    port = free_port()
+    ui = ManagedProcess(
+        "ui",
+        chainlit_command(port, host),
+        log_path,
+        env={**ui_base_env(api_url), **(env or {})},
+        cwd=str(REPO_DIR / "ui"),
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + UI_START_TIMEOUT_S
+    while True:
+        if not ui.alive():
+            raise AssertionError(f"Chainlit exited ({ui.returncode}):\n{ui.log_tail()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return ui, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            ui.stop(10)
+            raise AssertionError(f"Chainlit not answering on {url} within {UI_START_TIMEOUT_S:.0f}s")
+        time.sleep(0.25)
+
+
+def socketio_connect(url: str, origin: str | None = None, cookie: str | None = None) -> str:
+    """Open Chainlit's socket.io websocket as its page does and ask for a new chat session (the
+    socket.io CONNECT packet with Chainlit's auth fields). Returns the server's answer: `40{...}`
+    accepted, `44{...}` refused. A refused handshake raises websocket.WebSocketBadStatusException."""
+    import websocket  # websocket-client, a dependency of selenium
+
+    ws_url = "ws" + url.removeprefix("http") + "/ws/socket.io/?EIO=4&transport=websocket"
+    ws = websocket.create_connection(ws_url, timeout=15, origin=origin, suppress_origin=origin is None, cookie=cookie)
+    try:
+        opening = ws.recv()
+        assert str(opening).startswith("0{"), f"no engine.io OPEN packet: {opening!r}"
+        auth = {"sessionId": str(uuid.uuid4()), "clientType": "webapp", "userEnv": "{}", "threadId": None}
+        ws.send("40" + json.dumps(auth))
+        while True:
+            packet = str(ws.recv())
+            if packet == "2":  # engine.io ping
+                ws.send("3")
+                continue
+            return packet
+    finally:
+        ws.close()
+
+
+def gateway_401_error() -> dict:
+    """The error the real gateway answers without a valid key (Envoy's local reply in the bootstrap)."""
+    text = (REPO_DIR / "envoy" / "bootstrap.yaml").read_text()
+    m = re.search(r'message: "([^"]+)"\s+type: (\w+)\s+code: invalid_api_key', text)
+    assert m, "the 401 local reply (code invalid_api_key) is not in envoy/bootstrap.yaml any more"
+    return {"error": {"message": m.group(1), "type": m.group(2), "code": "invalid_api_key", "param": None}}
+
+
+def relay_refusal(message: str, err_type: str, code: str) -> dict:
+    """A refusal of the gateway's relay (rate limit 429, model not allowed 403), as it writes them."""
+    return {"error": {"message": message, "type": err_type, "param": None, "code": code}}
+
+
+class StubGateway:
+    """Refuses as the gateway does. By default every request gets its 401 (no valid key: Envoy
+    answers before any route); `refuse_chat(...)` makes it list the model and refuse only chat
+    completions, as the relay does (429, 403). Records the Authorization headers it gets."""
+
+    def __init__(self, model: str = "smollm2") -> None:
+        self.authorizations: list[str | None] = []
+        self.chat: tuple[int, dict] | None = None
+        stub = self
+        models = json.dumps({"object": "list", "data": [{"id": model, "object": "model", "max_model_len": 2048}]})
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                stub.authorizations.append(self.headers.get("Authorization"))
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if stub.chat is None:
+                    status, body = 401, json.dumps(gateway_401_error())
+                elif self.path.endswith("/models"):
+                    status, body = 200, models
+                else:
+                    status, body = stub.chat[0], json.dumps(stub.chat[1])
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def refuse_chat(self, status: int, error: dict) -> None:
+        self.chat = (status, error)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def find_browser() -> tuple[str, str] | None:
@@ -73,6 +208,37 @@ class ChatPage:
     def open(self, timeout_s: float = 60.0) -> None:
         self.driver.get(self.url)
         self._until(lambda: self._input() is not None, timeout_s, "the chat input")
+
+    def log_in(self, name: str, password: str, timeout_s: float = 60.0) -> bool:
+        """Fill Chainlit's login form (where the page sends a visitor without a session) and submit it:
+        True once the chat input shows, False on Chainlit's 'Sign in failed'."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        self.driver.get(self.url)  # a fresh page: no error left from an earlier attempt
+        self._until(
+            lambda: self.driver.find_elements(By.ID, "password") and not self._login_failed(),
+            timeout_s,
+            "the login form",
+        )
+        for field_id, value in (("email", name), ("password", password)):
+            box = self.driver.find_element(By.ID, field_id)
+            box.clear()
+            box.send_keys(value)
+        self.driver.find_element(By.ID, "password").send_keys(Keys.ENTER)
+        outcome = self._until(
+            lambda: "in" if self._input() is not None else ("failed" if self._login_failed() else ""),
+            timeout_s,
+            "the chat input or a login error",
+        )
+        return outcome == "in"
+
+    def _login_failed(self) -> bool:
+        text = self.page_text()
+        return any(m in text for m in LOGIN_FAILED)
+
+    def chat_input_shown(self) -> bool:
+        return self._input() is not None
 
     def _input(self):
         from selenium.common.exceptions import StaleElementReferenceException
