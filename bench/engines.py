@@ -67,6 +67,7 @@ class EngineSettings:
                 f"{self.shutdown_timeout_s:g}",
                 "--crash-on-prompt",
                 PROMPT_OF_DEATH,
+                "--allow-faults",  # the drills freeze and slow engines through /sim/fault
             )
         return [
             sys.executable,
@@ -98,7 +99,13 @@ class EngineSettings:
                 "kind": "simulated",
                 "port": port,
                 "served_model_name": self.served_model_name,
-                "args": ["--token-delay-ms", f"{self.token_delay_ms:g}", "--crash-on-prompt", PROMPT_OF_DEATH],
+                "args": [
+                    "--token-delay-ms",
+                    f"{self.token_delay_ms:g}",
+                    "--crash-on-prompt",
+                    PROMPT_OF_DEATH,
+                    "--allow-faults",
+                ],
                 "shutdown_timeout_s": self.shutdown_timeout_s,
             }
         return {

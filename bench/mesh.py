@@ -20,6 +20,7 @@ from agent.local.consul_dev import ConsulDev
 from agent.local.ports import free_port, free_ports
 from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.wait import wait_until
+from agent.secret_files import ensure_secret
 from bench.engines import EngineSettings, kill_group
 from bench.system import Progress, System
 
@@ -47,6 +48,8 @@ class EngineAgentProc:
         self.port = free_port()
         self.instance_id = ""  # the agent's name for it (agent/naming.py), learnt from its /instances
         self.config_path = workdir / f"engine-agent-{engine_port}.toml"
+        token_file = workdir / f"control-token-{engine_port}"  # POST /drain needs it
+        self._token = ensure_secret(token_file)
         engine = settings.agent_engine(engine_port, index, count)
         engine["args"] = [*engine.get("args", ()), *engine_args]
         self.config_path.write_text(
@@ -56,6 +59,7 @@ class EngineAgentProc:
                     "node": NODE,
                     "advertise_address": "127.0.0.1",  # a one-host mesh: loopback registered on purpose
                     "log_dir": str(workdir / "logs"),
+                    "control_token_file": str(token_file),
                     **agent_settings,
                     "consul": {"address": consul_address, "service": SERVICE},
                     "engines": [engine],
@@ -95,7 +99,7 @@ class EngineAgentProc:
     def drain(self) -> None:
         if not self.instance_id and self.instance() is None:
             raise RuntimeError(f"engine agent {self.url} does not list the engine on :{self.engine_port}")
-        r = self._http.post(f"{self.url}/drain/{self.instance_id}")
+        r = self._http.post(f"{self.url}/drain/{self.instance_id}", headers={"Authorization": f"Bearer {self._token}"})
         r.raise_for_status()
 
     def stop(self, timeout_s: float = 60.0) -> None:

@@ -1,20 +1,61 @@
-"""The engine agent's HTTP API: /live, /ready[/<id>], /instances, /metrics, POST /drain/<id>."""
+"""The engine agent's HTTP API: /live, /ready[/<id>], /instances, /metrics, POST /drain/<id>.
+
+The reads are open (nothing secret in them); POST /drain/<id> needs `Authorization: Bearer
+<token>`, the first line of control_token_file, read at each request (a new token works at once).
+Without a token file configured, it is refused: the agent's SIGTERM drains every instance."""
 
 from __future__ import annotations
 
+import hmac
+import logging
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.catalog.base import VerdictState
+from agent.config import ConfigError
 from agent.engine.instance import InstanceController
 from agent.engine.metrics import EngineAgentMetrics
+from agent.secret_files import read_secret
+
+log = logging.getLogger(__name__)
+
+NO_TOKEN = (
+    "POST /drain is off on this agent: no control_token_file is configured (set one, 0600, and send its "
+    "token as Authorization: Bearer; stopping the agent with SIGTERM drains every instance)"
+)
+BAD_TOKEN = "POST /drain needs the agent's control token: Authorization: Bearer <token> (ernie-mesh drain --token-file)"
 
 
-def create_app(controllers: dict[str, InstanceController], metrics: EngineAgentMetrics, node: str) -> FastAPI:
+def bearer(request: Request) -> str:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def create_app(
+    controllers: dict[str, InstanceController],
+    metrics: EngineAgentMetrics,
+    node: str,
+    control_token_file: str = "",
+) -> FastAPI:
     app = FastAPI(title="ernie-mesh engine agent", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def refused(request: Request) -> JSONResponse | None:
+        """None if the request carries the control token, else the answer to give."""
+        if not control_token_file:
+            return JSONResponse({"error": NO_TOKEN}, status_code=403)
+        try:
+            token = read_secret(control_token_file, "control_token_file")
+        except ConfigError as e:
+            log.error("POST %s refused: %s", request.url.path, e)
+            return JSONResponse({"error": f"the agent cannot read its control token: {e}"}, status_code=503)
+        if not hmac.compare_digest(bearer(request).encode(), token.encode()):
+            client = request.client.host if request.client else "?"
+            log.warning("POST %s from %s refused: missing or wrong control token", request.url.path, client)
+            return JSONResponse({"error": BAD_TOKEN}, status_code=401, headers={"www-authenticate": "Bearer"})
+        return None
 
     def unknown(instance_id: str) -> JSONResponse:
         return JSONResponse(
@@ -44,7 +85,10 @@ def create_app(controllers: dict[str, InstanceController], metrics: EngineAgentM
         return {"node": node, "instances": [c.describe() for c in controllers.values()]}
 
     @app.post("/drain/{instance_id}")
-    async def drain(instance_id: str) -> JSONResponse:
+    async def drain(instance_id: str, request: Request) -> JSONResponse:
+        answer = refused(request)
+        if answer is not None:
+            return answer
         c = controllers.get(instance_id)
         if c is None:
             return unknown(instance_id)

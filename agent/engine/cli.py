@@ -23,6 +23,7 @@ from agent.engine.api import create_app
 from agent.engine.instance import InstanceController
 from agent.engine.metrics import EngineAgentMetrics
 from agent.net import bind_error
+from agent.secret_files import read_secret
 
 log = logging.getLogger("agent.engine")
 
@@ -79,7 +80,11 @@ async def serve(cfg: engine_config.EngineAgentConfig) -> int:
         host, port = cfg.listen_host_port
         server = _AgentServer(
             uvicorn.Config(
-                create_app(controllers, metrics, cfg.node), host=host, port=port, log_level="warning", lifespan="off"
+                create_app(controllers, metrics, cfg.node, cfg.control_token_file),
+                host=host,
+                port=port,
+                log_level="warning",
+                lifespan="off",
             )
         )
         shutdown = asyncio.Event()
@@ -96,6 +101,7 @@ async def serve(cfg: engine_config.EngineAgentConfig) -> int:
             cfg.consul.address,
             cfg.node,
         )
+        warn_exposure(cfg)
         await shutdown.wait()
         log.info("shutting down: draining %d instance(s)", len(controllers))
         await asyncio.gather(*(c.start_drain() for c in controllers.values()), return_exceptions=True)
@@ -106,6 +112,27 @@ async def serve(cfg: engine_config.EngineAgentConfig) -> int:
         await api
         lag.cancel()
     return 0
+
+
+def warn_exposure(cfg: engine_config.EngineAgentConfig) -> None:
+    """Say so when the agent API is reachable from other hosts, or POST /drain is off."""
+    if cfg.listens_beyond_loopback:
+        where = "every interface" if cfg.listen_host_port[0] in engine_config.WILDCARDS else "a routable address"
+        log.warning(
+            "the agent API listens on %s (listen = %r): other hosts can read /instances and /metrics%s; "
+            "listen on 127.0.0.1 unless they must reach it",
+            where,
+            cfg.listen,
+            ", and POST /drain with the control token" if cfg.control_token_file else "",
+        )
+    if not cfg.control_token_file:
+        log.info("POST /drain is off (no control_token_file); SIGTERM drains every instance")
+
+
+def check_secrets(cfg: engine_config.EngineAgentConfig) -> None:
+    """The secret files the agent reads exist, are private and not empty (one line and exit 2)."""
+    if cfg.control_token_file:
+        read_secret(cfg.control_token_file, "control_token_file")
 
 
 def check_listen(cfg: engine_config.EngineAgentConfig) -> None:
@@ -131,6 +158,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = engine_config.load(argv)
         check_runnable(cfg)
+        check_secrets(cfg)
         check_listen(cfg)
         check_not_taken(cfg, ConsulCatalog(cfg.consul.address, cfg.consul.token))
     except (ConfigError, MissingBinary) as e:

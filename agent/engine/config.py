@@ -130,6 +130,9 @@ class EngineAgentConfig:
     crash_loop_restarts: int = 5
     crash_loop_window_s: float = 300.0
     log_dir: str = ""
+    # The token POST /drain/<id> requires (Authorization: Bearer <token>), in a file (0600) re-read
+    # at each request; unset: POST /drain is refused (SIGTERM still drains every instance).
+    control_token_file: str = ""
     engines: tuple[EngineSpec, ...] = ()
 
     def __post_init__(self) -> None:
@@ -163,6 +166,12 @@ class EngineAgentConfig:
         ports = [(e.host if e.supervised else e.url, e.port) for e in self.engines]
         if len(set(ports)) != len(ports):
             raise ConfigError("two engines share the same port")
+
+    @property
+    def listens_beyond_loopback(self) -> bool:
+        """The agent API is reachable from other hosts (a wildcard or a routable address)."""
+        host, _port = self.listen_host_port
+        return not is_loopback(host)
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -243,6 +252,7 @@ Consul as service `ernie` with a TTL check carrying its health verdict, and drai
 Config file (TOML), e.g.:
 
   listen = "127.0.0.1:9100"        # agent API: /live /ready/<id> /metrics /instances /drain/<id>
+  control_token_file = "/etc/ernie-mesh/control-token"   # POST /drain needs it (0600; `ernie-mesh drain` sends it)
   advertise_address = "10.0.0.7"   # other hosts reach this one there (default: the route to Consul)
   zone = "rack-1"
   [consul]
@@ -262,8 +272,12 @@ attached engine's URL host; "0.0.0.0" or "::" means advertise_address. A loopbac
 refused (gateways on other hosts would dial their own) unless advertise_address is set to one
 explicitly, for a mesh on one host (what `ernie-mesh up` writes).
 
+The agent API listens on loopback unless `listen` says otherwise (a warning is logged then).
+POST /drain/<id> needs `Authorization: Bearer <token>`, the first line of control_token_file;
+without one configured it is refused (SIGTERM still drains every instance).
+
 Precedence: file, then environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, ERNIE_MESH_NODE,
-ERNIE_MESH_ADVERTISE_ADDRESS, ERNIE_MESH_ZONE), then flags.
+ERNIE_MESH_ADVERTISE_ADDRESS, ERNIE_MESH_ZONE, ERNIE_MESH_CONTROL_TOKEN_FILE), then flags.
 """
 
 
@@ -279,6 +293,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="agent API host:port (default 127.0.0.1:9100)")
     p.add_argument("--zone", help="zone meta/tag")
     p.add_argument("--log-dir", help="directory for engine logs (default: inherit stderr)")
+    p.add_argument("--control-token-file", help="file (0600) with the token POST /drain/<id> requires")
     p.add_argument(
         "--engine",
         action="append",
@@ -310,6 +325,7 @@ def load(argv: list[str]) -> EngineAgentConfig:
             "node": os.environ.get("ERNIE_MESH_NODE"),
             "advertise_address": os.environ.get("ERNIE_MESH_ADVERTISE_ADDRESS"),
             "zone": os.environ.get("ERNIE_MESH_ZONE"),
+            "control_token_file": os.environ.get("ERNIE_MESH_CONTROL_TOKEN_FILE"),
         },
         {
             "consul": {"address": args.consul, "service": args.service},
@@ -318,6 +334,7 @@ def load(argv: list[str]) -> EngineAgentConfig:
             "listen": args.listen,
             "zone": args.zone,
             "log_dir": args.log_dir,
+            "control_token_file": args.control_token_file,
         },
     )
     if args.engine:

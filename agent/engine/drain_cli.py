@@ -12,9 +12,12 @@ import httpx
 
 from agent.catalog.base import CatalogEntry, CatalogError
 from agent.catalog.consul import ConsulCatalog
-from agent.config import check_consul_address
+from agent.config import ConfigError, check_consul_address
+from agent.secret_files import read_secret
 
 POLL_S = 0.25
+TOKEN_FILE_ENV = "ERNIE_MESH_CONTROL_TOKEN_FILE"
+DEFAULT_TOKEN_FILE = "/etc/ernie-mesh/control-token"  # where the Ansible role puts it
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,15 +33,33 @@ def parser() -> argparse.ArgumentParser:
         help="Consul HTTP address (default: $CONSUL_HTTP_ADDR or 127.0.0.1:8500)",
     )
     p.add_argument("--service", default="ernie", help="Consul service name (default ernie)")
+    p.add_argument(
+        "--token-file",
+        default=os.environ.get(TOKEN_FILE_ENV, ""),
+        help=f"file with the engine agent's control token (default: ${TOKEN_FILE_ENV}, else {DEFAULT_TOKEN_FILE} "
+        "if it exists; `ernie-mesh up`: .run/control-token)",
+    )
     p.add_argument("--no-wait", action="store_true", help="return once the drain started")
     p.add_argument("--timeout", type=float, default=900.0, help="give up waiting after this many seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object with the outcome")
     return p
 
 
+def control_token(path: str) -> str:
+    """The token to send; "" when none is configured (the agent then says what it needs)."""
+    if not path and os.path.exists(DEFAULT_TOKEN_FILE):
+        path = DEFAULT_TOKEN_FILE
+    return read_secret(path, "--token-file") if path else ""
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     check_consul_address(args.consul)  # a bad address: one line and exit 2 (agent.cli)
+    try:
+        token = control_token(args.token_file)
+    except ConfigError as e:
+        print(f"ernie-mesh drain: {e}", file=sys.stderr)
+        return 2
     catalog = ConsulCatalog(args.consul, os.environ.get("CONSUL_HTTP_TOKEN"))
 
     def find() -> CatalogEntry | None:
@@ -66,12 +87,22 @@ def main(argv: list[str]) -> int:
         )
         return 2
     t0 = time.monotonic()
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
-        r = httpx.post(f"{agent_url}/drain/{args.instance_id}", timeout=10)
-        r.raise_for_status()
+        r = httpx.post(f"{agent_url}/drain/{args.instance_id}", headers=headers, timeout=10)
     except httpx.HTTPError as e:
         print(f"ernie-mesh drain: engine agent at {agent_url} did not accept the drain: {e}", file=sys.stderr)
         return 1
+    if r.status_code >= 300:
+        try:
+            reason = str(r.json().get("error", r.text))
+        except ValueError:
+            reason = r.text[:200]
+        print(
+            f"ernie-mesh drain: engine agent at {agent_url} refused the drain (HTTP {r.status_code}): {reason}",
+            file=sys.stderr,
+        )
+        return 2 if r.status_code in (401, 403) else 1
     say(f"draining {args.instance_id} (agent {agent_url})")
     outcome = {"instance": args.instance_id, "agent_url": agent_url, "drained": False, "seconds": None}
     if not args.no_wait:

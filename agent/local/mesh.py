@@ -30,6 +30,7 @@ from agent.local.ports import port_open
 from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.runstate import Proc, UpState, descendants, kill, proc_identity, process_name, wait_gone, write_state
 from agent.net import can_bind
+from agent.secret_files import ensure_secret
 
 POLL_S = 0.25
 HEARTBEAT_S = 15.0
@@ -287,6 +288,7 @@ class Mesh:
         where = "CPU build" if not p.gpus else f"{p.gpus} GPU(s), one per engine"
         kind = "SIMULATED engine" if p.engine_kind == "simulated" else f"vLLM engine ({where})"
         self.out.step(f"{p.engines} engine agent(s), each supervising one {kind}")
+        ensure_secret(p.control_token_path)  # their POST /drain needs it: `ernie-mesh drain --token-file`
         for i, name in enumerate(part.process_names()):
             config = p.run_dir / f"engine-{i + 1}.toml"
             config.write_text(p.engine_agent_toml(i, model_path))

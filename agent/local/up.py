@@ -194,6 +194,7 @@ def banner(plan: MeshPlan, mesh: Mesh, seconds: float) -> str:
         lines.append(f"  Prometheus   {plan.prometheus_url}")
     lines += [
         f"  health       ernie-mesh status{offset}",
+        f"  drain        ernie-mesh drain <instance>{offset} --token-file {plan.control_token_path}",
         f"  logs         {plan.log_dir}/",
         f"  stop         Ctrl-C here, or `{down}` from another terminal",
         "",

@@ -1,5 +1,6 @@
 """The SIMULATED engine's HTTP surface (Starlette, pure ASGI): vLLM's OpenAI-compatible routes plus
-admin routes under /sim/ to switch faults and read counters.
+admin routes under /sim/ to read counters and, only when started with --allow-faults (tests and
+drills), to switch faults (/sim/fault).
 
 Generation routes are raw ASGI handlers so they control exactly when headers and each SSE chunk go
 out (what the hang modes are about) and notice a client that went away.
@@ -171,9 +172,10 @@ def _json_error(status: int, message: str, param: str | None = None) -> JSONResp
     return JSONResponse(error_body(status, message, param), status_code=status)
 
 
-def build_app(engine: SimEngine, on_crash: Callable[[], None] | None = None) -> Starlette:
-    """The ASGI app around `engine`. `on_crash` runs after answering POST /sim/fault {"mode": "crash"}
-    (default: exit the process at once, like a crashed engine)."""
+def build_app(engine: SimEngine, on_crash: Callable[[], None] | None = None, allow_faults: bool = False) -> Starlette:
+    """The ASGI app around `engine`. /sim/fault exists only with `allow_faults` (anyone who reaches
+    it can crash or hang the engine). `on_crash` runs after answering POST /sim/fault {"mode":
+    "crash"} (default: exit the process at once, like a crashed engine)."""
     crash = on_crash or engine.crash
     cfg = engine.config
 
@@ -233,10 +235,10 @@ def build_app(engine: SimEngine, on_crash: Callable[[], None] | None = None) -> 
         Route("/health", health),
         Route("/version", version),
         Route("/metrics", metrics),
-        Route("/sim/fault", get_fault, methods=["GET"]),
-        Route("/sim/fault", post_fault, methods=["POST"]),
         Route("/sim/stats", stats),
     ]
+    if allow_faults:
+        routes += [Route("/sim/fault", get_fault, methods=["GET"]), Route("/sim/fault", post_fault, methods=["POST"])]
     return Starlette(
         routes=routes,
         middleware=[Middleware(EngineHeaderMiddleware, name=cfg.name)],

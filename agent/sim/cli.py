@@ -30,8 +30,8 @@ Run a SIMULATED inference engine: a small OpenAI-compatible server that mimics v
 metric names) and its failure behaviours, but generates no real text (tokens are tok0 tok1 ...).
 It is NOT vLLM: it exists so tests, drills and benchmarks can drive failures deterministically.
 
-Fault modes (--fault at start; at run time POST /sim/fault {"mode": ..., "slow_factor": 10,
-"error_rate": 0.5}; GET /sim/fault; counters at GET /sim/stats):
+Fault modes (--fault at start; at run time, only with --allow-faults, POST /sim/fault {"mode": ...,
+"slow_factor": 10, "error_rate": 0.5} and GET /sim/fault; counters at GET /sim/stats):
   none                nothing wrong
   hang                gray failure: /health 200 and /metrics served, but every generation stalls
   hang_after_headers  new requests get response headers, then nothing
@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="exit with code 1 at start, before listening, while PATH exists (an engine that fails at "
         "boot: its supervisor's crash loop; drills remove the file to let it recover)",
+    )
+    p.add_argument(
+        "--allow-faults",
+        action="store_true",
+        help="serve POST/GET /sim/fault (tests and drills: anyone who reaches it can crash or hang the engine)",
     )
     p.add_argument(
         "--fault",
@@ -185,7 +190,11 @@ def main(argv: list[str]) -> int:
     from agent.sim.server import ServeOptions, serve  # uvicorn + starlette: not needed for --help or bad args
 
     options = ServeOptions(
-        host=args.host, port=args.port, shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level
+        host=args.host,
+        port=args.port,
+        shutdown_timeout_s=args.shutdown_timeout,
+        log_level=args.log_level,
+        allow_faults=args.allow_faults,
     )
     code = asyncio.run(serve(engine, options))
     log.warning("simulated engine %s stopped (exit code %d)", name, code)

@@ -39,6 +39,7 @@ class SimEngineProcess:
         host: str = "127.0.0.1",
         log_path: str | None = None,
         extra_args: tuple[str, ...] = (),
+        allow_faults: bool = False,
     ) -> None:
         self.port = port
         self.name = name or f"sim-{port}"
@@ -49,6 +50,7 @@ class SimEngineProcess:
         self.host = host
         self.log_path = log_path
         self.extra_args = tuple(extra_args)
+        self.allow_faults = allow_faults  # serve /sim/fault (set_fault, get_fault)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -86,6 +88,7 @@ class SimEngineProcess:
             self.fault,
             "--shutdown-timeout",
             str(self.shutdown_timeout_s),
+            *(["--allow-faults"] if self.allow_faults else []),
             *self.extra_args,
         ]
 
@@ -132,6 +135,7 @@ class SimEngineProcess:
 
     def set_fault(self, mode: str, **params: float) -> dict[str, Any]:
         """Switch the fault mode (POST /sim/fault). For "crash", also waits until the process is gone."""
+        self._faults_allowed()
         body = {"mode": mode, **params}
         try:
             r = httpx.post(f"{self.url}/sim/fault", json=body, timeout=ADMIN_TIMEOUT_S)
@@ -147,7 +151,12 @@ class SimEngineProcess:
         state: dict[str, Any] = r.json()
         return state
 
+    def _faults_allowed(self) -> None:
+        if not self.allow_faults:
+            raise SimEngineError(f"simulated engine {self.name} was started without allow_faults: no /sim/fault")
+
     def get_fault(self) -> dict[str, Any]:
+        self._faults_allowed()
         fault: dict[str, Any] = httpx.get(f"{self.url}/sim/fault", timeout=ADMIN_TIMEOUT_S).json()
         return fault
 

@@ -34,6 +34,7 @@ class ServeOptions:
     port: int
     shutdown_timeout_s: float = 0.0
     log_level: str = "warning"
+    allow_faults: bool = False
 
 
 class _Server(uvicorn.Server):
@@ -88,7 +89,7 @@ class _Shutdown:
 async def serve(engine: SimEngine, options: ServeOptions) -> int:
     """Run until a signal has shut the engine down; returns the process exit code."""
     config = uvicorn.Config(
-        build_app(engine),
+        build_app(engine, allow_faults=options.allow_faults),
         host=options.host,
         port=options.port,
         log_level=options.log_level,

@@ -65,7 +65,7 @@ def test_drain_during_long_generation_yields_the_full_completion(vllm_agent):
     wait_until(
         lambda: vllm_agent.instances()[vllm_agent.iid]["running"], 60, interval_s=0.1, what="generation running in vLLM"
     )
-    r = httpx.post(f"{vllm_agent.url}/drain/{vllm_agent.iid}", timeout=10)
+    r = vllm_agent.drain(vllm_agent.iid)
     assert r.status_code == 202
     t.join(300)
     assert result["finish"] == "length", result  # never "abort"

@@ -13,6 +13,7 @@ from agent.local.ports import free_port
 from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.wait import wait_until
 from agent.naming import instance_id
+from agent.secret_files import ensure_secret
 
 
 class EngineAgent:
@@ -25,6 +26,10 @@ class EngineAgent:
         self.port = free_port()
         self.catalog = ConsulCatalog(consul_address)
         self.config_path = self.tmp / f"engine-{self.port}.toml"
+        # POST /drain needs the control token (settings may name another file, or "" for none)
+        self.token_file = str(self.tmp / f"control-token-{self.port}")
+        self.token = ensure_secret(Path(self.token_file))
+        settings.setdefault("control_token_file", self.token_file)
         self.config_path.write_text(
             tomli_w.dumps(
                 {
@@ -57,6 +62,11 @@ class EngineAgent:
 
     def stop(self, timeout_s: float = 60.0) -> int | None:
         return self.proc.stop(timeout_s)
+
+    def drain(self, instance_id: str, token: str | None = None) -> httpx.Response:
+        """POST /drain/<id> with the control token (or `token`)."""
+        headers = {"Authorization": f"Bearer {self.token if token is None else token}"}
+        return httpx.post(f"{self.url}/drain/{instance_id}", headers=headers, timeout=10)
 
     def instances(self) -> dict:
         return {i["id"]: i for i in httpx.get(f"{self.url}/instances", timeout=5).json()["instances"]}

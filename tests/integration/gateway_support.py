@@ -80,6 +80,7 @@ class Engine:
             token_delay_ms=self.token_delay_ms,
             log_path=str(self.log_dir / f"{self.id}.log"),
             extra_args=self.extra_args,
+            allow_faults=True,  # the tests switch faults; the edge must keep /sim/fault out of reach
         ).start()
         return self
 

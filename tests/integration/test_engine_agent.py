@@ -23,7 +23,7 @@ def agent(consul_session, tmp_path_factory):
         tmp_path_factory.mktemp("engine-agent"),
         consul_session.address,
         SERVICE,
-        engines=[{"kind": "simulated", "port": port, "served_model_name": "sim-model"}],
+        engines=[{"kind": "simulated", "port": port, "served_model_name": "sim-model", "args": ["--allow-faults"]}],
     )
     a.engine_port = port
     with a:
@@ -143,7 +143,7 @@ def test_attached_engine_is_registered_and_judged_without_being_supervised(consu
     from agent.sim.process import SimEngineProcess
 
     port = free_port()
-    with SimEngineProcess(port, model="attached-model") as engine:
+    with SimEngineProcess(port, model="attached-model", allow_faults=True) as engine:
         a = EngineAgent(tmp_path, consul_session.address, SERVICE, node="attach", engines=[{"url": engine.url}])
         iid = a.instance_id(port)
         with a:

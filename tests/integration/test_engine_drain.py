@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -99,6 +100,8 @@ def test_drain_under_load_completes_every_request_in_full(consul_session, tmp_pa
                     "--json",
                     "--timeout",
                     "120",
+                    "--token-file",
+                    agent.token_file,
                 ],
                 capture_output=True,
                 text=True,
@@ -221,7 +224,7 @@ def test_a_drain_waits_while_requests_keep_arriving_and_stops_a_quiet_period_aft
         sender = threading.Thread(target=keep_sending, daemon=True)
         sender.start()
         wait_until(lambda: len(answers) >= 2, 10, what="requests answered before the drain")
-        httpx.post(f"{agent.url}/drain/{iid}", timeout=5).raise_for_status()
+        agent.drain(iid).raise_for_status()
         agent.wait_state(iid, "draining", timeout_s=10)
         # requests keep arriving for a while: the engine must stay
         arriving_until = time.monotonic() + 3 * QUIET_S
@@ -239,3 +242,32 @@ def test_a_drain_waits_while_requests_keep_arriving_and_stops_a_quiet_period_aft
     assert len(answers) >= 3 * QUIET_S / 0.8
     # it stopped a quiet period after the last request (polls every 0.2 s; the stop itself is quick)
     assert QUIET_S - 0.3 <= stopped_after_s <= QUIET_S + 2.0, stopped_after_s
+
+
+def test_ernie_mesh_drain_without_the_control_token_is_refused_and_nothing_drains(consul_session, tmp_path):
+    """Issue 11 item 6. Failed before: the agent drained for anyone who could reach it."""
+    port = free_port()
+    agent = EngineAgent(tmp_path, consul_session.address, SERVICE, engines=[{"kind": "simulated", "port": port}])
+    iid = agent.instance_id(port)
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token\n")
+    wrong.chmod(0o600)
+
+    def drain(*extra: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ERNIE_MESH_CONTROL_TOKEN")}
+        cmd = [sys.executable, "-m", "agent", "drain", iid, "--consul", consul_session.address, "--service", SERVICE]
+        return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=60, env=env)
+
+    with agent:
+        agent.wait_state(iid, "passing", timeout_s=60)
+        for extra in ((), ("--token-file", str(wrong))):
+            out = drain(*extra)
+            assert out.returncode == 2, out
+            assert "refused the drain (HTTP 401)" in out.stderr and "control token" in out.stderr, out.stderr
+        assert agent.drain(iid, token="guess").status_code == 401
+        assert agent.entries()[iid].verdict.state.value == "passing"  # nothing drained
+        assert "missing or wrong control token" in agent.proc.log_tail()
+        out = drain("--token-file", agent.token_file, "--no-wait")
+        assert out.returncode == 0, out.stderr
+        agent.wait_state(iid, "draining", timeout_s=10)
+        wait_until(lambda: iid not in agent.entries(), 60, what=f"{iid} drained and deregistered")

@@ -110,7 +110,7 @@ def test_openai_client_streaming_and_plain(sims):
 
 
 def test_hang_is_a_gray_failure_then_recovers(sims):
-    sim = sims(token_delay_ms=20)
+    sim = sims(token_delay_ms=20, allow_faults=True)
 
     async def go() -> None:
         async with httpx.AsyncClient(base_url=sim.url, timeout=10) as c:
@@ -222,7 +222,7 @@ def test_kill_takes_the_process_and_its_streams_away(sims):
 
 
 def test_crash_fault_exits_with_code_1(sims):
-    sim = sims()
+    sim = sims(allow_faults=True)
     sim.set_fault("crash")
     assert sim.returncode == 1
     assert "crash" in sim.log_tail()
@@ -261,3 +261,13 @@ def test_cli_help_and_bad_arguments():
     assert "SIMULATED" in help_text and "--shutdown-timeout" in help_text and "hang_after_headers" in help_text
     assert "melt" in out[("--port", "8000", "--fault", "melt")][0][1]
     assert "error_rate" in out[("--port", "8000", "--error-rate", "2")][0][1]
+
+
+def test_the_fault_endpoint_needs_allow_faults(sims):
+    """Issue 11 item 6: without --allow-faults nobody can crash or hang the engine over HTTP."""
+    sim = sims()
+    assert httpx.post(f"{sim.url}/sim/fault", json={"mode": "crash"}, timeout=5).status_code == 404
+    assert httpx.get(f"{sim.url}/sim/fault", timeout=5).status_code == 404
+    assert sim.is_running() and httpx.get(f"{sim.url}/health", timeout=5).status_code == 200
+    with pytest.raises(SimEngineError, match="allow_faults"):
+        sim.set_fault("hang")

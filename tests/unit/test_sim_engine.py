@@ -30,10 +30,10 @@ MESSAGES = [{"role": "user", "content": "say something please"}]
 NOTHING_S = 0.3  # how long we watch for a message that must not come
 
 
-def make(token_delay_ms: float = 0.0, **kw: Any) -> tuple[SimEngine, Any, list[str]]:
+def make(token_delay_ms: float = 0.0, allow_faults: bool = True, **kw: Any) -> tuple[SimEngine, Any, list[str]]:
     crashes: list[str] = []
     engine = SimEngine(EngineConfig(name="sim-test", model=MODEL, token_delay_ms=token_delay_ms, **kw))
-    return engine, build_app(engine, on_crash=lambda: crashes.append("crash")), crashes
+    return engine, build_app(engine, on_crash=lambda: crashes.append("crash"), allow_faults=allow_faults), crashes
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -388,6 +388,31 @@ def test_parse_fault_validates():
     ]:
         with pytest.raises(FaultError, match=needle):
             parse_fault(bad)
+
+
+def test_the_fault_endpoint_exists_only_with_allow_faults():
+    """Issue 11 item 6: anyone who reaches /sim/fault can crash or hang the engine. Failed before
+    (/sim/fault was always served: POST crash answered 200 and crashed the engine)."""
+    engine, app, crashes = make(allow_faults=False)
+
+    async def go():
+        async with client(app) as c:
+            return (
+                await c.post("/sim/fault", json={"mode": "crash"}),
+                await c.post("/sim/fault", json={"mode": "hang"}),
+                await c.get("/sim/fault"),
+                await c.get("/sim/stats"),
+            )
+
+    crash, hang, get, stats = run(go)
+    assert (crash.status_code, hang.status_code, get.status_code) == (404, 404, 404)
+    assert "no such route" in crash.json()["error"]["message"]
+    assert crashes == [] and engine.fault.mode is FaultMode.NONE
+    assert stats.status_code == 200  # the counters stay readable
+    from agent.sim.cli import build_parser
+
+    assert build_parser().parse_args(["--port", "1"]).allow_faults is False
+    assert build_parser().parse_args(["--port", "1", "--allow-faults"]).allow_faults is True
 
 
 def test_fault_admin_endpoints_and_crash_callback():
