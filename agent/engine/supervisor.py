@@ -97,8 +97,41 @@ def engine_command(spec: EngineSpec) -> list[str]:
     return cmd + list(spec.args)
 
 
+# The agent's own credentials, never inherited by the engine (a model's code, its plugins, a shell
+# opened from it would hold them): Consul's (CONSUL_HTTP_TOKEN and its file, the basic-auth pair,
+# the client TLS key) and the agent's control token.
+AGENT_ONLY_ENV = (
+    "CONSUL_HTTP_TOKEN",
+    "CONSUL_HTTP_TOKEN_FILE",
+    "CONSUL_HTTP_AUTH",
+    "CONSUL_CLIENT_KEY",
+    "CONSUL_CLIENT_CERT",
+    "ERNIE_MESH_CONTROL_TOKEN_FILE",
+)
+# Flags whose value is a secret: shown as *** when the agent logs an engine's command line.
+SECRET_FLAGS = ("--api-key", "--hf-token")
+
+
+def redacted(cmd: list[str]) -> str:
+    """The command line as the log shows it: values of SECRET_FLAGS replaced by ***."""
+    out: list[str] = []
+    hide = False
+    for arg in cmd:
+        flag, eq, _value = arg.partition("=")
+        if hide:
+            out.append("***")
+        elif eq and flag in SECRET_FLAGS:
+            out.append(f"{flag}=***")
+        else:
+            out.append(arg)
+        hide = not hide and arg in SECRET_FLAGS
+    return " ".join(out)
+
+
 def engine_env(spec: EngineSpec) -> dict[str, str]:
-    env = dict(os.environ)
+    """The engine's environment: the agent's, without the agent's credentials (AGENT_ONLY_ENV), with
+    vLLM's CPU settings; the [[engines]] env table wins over both."""
+    env = {k: v for k, v in os.environ.items() if k not in AGENT_ONLY_ENV}
     if spec.kind == "vllm":  # CPU builds need it (docs/architecture.md §5.4); a user's env in the config wins
         env.update(VLLM_CPU_ENV)
     env.update(spec.env)
@@ -185,7 +218,7 @@ class EngineProcess:
         self.started_at_s = time.monotonic()
         self.exit_code = None
         self.next_restart_at_s = None
-        log.info("%s: started pid %d: %s", self.name, self.proc.pid, " ".join(cmd))
+        log.info("%s: started pid %d: %s", self.name, self.proc.pid, redacted(cmd))
 
     async def _start_reaper(self, pgid: int) -> None:
         if pgid <= 1:

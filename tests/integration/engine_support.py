@@ -19,7 +19,16 @@ from agent.secret_files import ensure_secret
 class EngineAgent:
     """`ernie-mesh engine` as a subprocess with a generated engine.toml."""
 
-    def __init__(self, tmp: Path, consul_address: str, service: str, engines: list[dict], node: str = "it", **settings):
+    def __init__(
+        self,
+        tmp: Path,
+        consul_address: str,
+        service: str,
+        engines: list[dict],
+        node: str = "it",
+        env: dict[str, str] | None = None,
+        **settings,
+    ):
         self.tmp = Path(tmp)
         self.service = service
         self.node = node
@@ -47,6 +56,7 @@ class EngineAgent:
             f"engine-agent-{self.port}",
             mesh_command("engine", "--config", str(self.config_path)),
             self.tmp / f"engine-agent-{self.port}.log",
+            env=env,
         )
 
     @property
