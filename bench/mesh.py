@@ -22,6 +22,7 @@ from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.wait import wait_until
 from agent.secret_files import ensure_secret
 from bench.engines import EngineSettings, kill_group
+from bench.keys import keys_file
 from bench.system import Progress, System
 
 SERVICE = "ernie"
@@ -175,7 +176,8 @@ class MeshSystem(System):
                     "run_dir": str(self.gw_run_dir),
                     **{k: f"127.0.0.1:{p}" for k, p in self.gw_ports.items()},
                     "consul": {"address": self.consul.address, "service": SERVICE},
-                    **_no_api_keys(),
+                    # keys on, as users run it: the load, probes and slow clients send bench.keys' key
+                    "edge": {"api_keys": keys_file(self.workdir / "keys")},
                 }
             )
         )
@@ -417,18 +419,6 @@ class MeshSystem(System):
             self.start_gateway()
         else:
             raise ValueError(what)
-
-
-def _no_api_keys() -> dict[str, Any]:
-    """The drills' clients send no API key (nor does the baseline need one): a gateway that
-    checks keys is told not to, where it has that setting."""
-    import dataclasses
-
-    from agent.gateway.config import EdgeSettings
-
-    if "api_keys" in {f.name for f in dataclasses.fields(EdgeSettings)}:
-        return {"edge": {"api_keys": "off"}}
-    return {}
 
 
 def wait_gateway_ready(system: MeshSystem, timeout_s: float) -> None:

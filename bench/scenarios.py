@@ -20,6 +20,7 @@ import httpx
 
 from agent.local.procs import ManagedProcess
 from bench.engines import PROMPT_OF_DEATH, listening_pid
+from bench.keys import AUTH
 from bench.monitor import FaultEvent, Monitor
 from bench.system import Progress, System
 
@@ -29,7 +30,8 @@ ROLLING_AT = 0.15
 ROLLING_PAUSE_S = 1.0
 # Faults with a length of their own (the default elsewhere: HOLD x the drill's duration).
 # slowloris: longer than both systems' 60 s client timeouts, to show what each does at their end.
-NOMINAL_HOLD_S = {"consul-slow": 20.0, "slowloris": 65.0}
+# crash-loop: long enough for 5 failed starts at the default backoff (1, 2, 4, 8 s) to be a crash loop.
+NOMINAL_HOLD_S = {"consul-slow": 20.0, "slowloris": 65.0, "crash-loop": 40.0}
 CRASH_SETTLE_S = 2.0  # after the prompt of death's answer: how long engines get to show they died
 POISON_TIMEOUT_S = 60.0
 PROBE_EVERY_S = 0.05
@@ -260,7 +262,9 @@ def poison_request(base_url: str, model: str) -> dict[str, Any]:
     }
     t0 = time.perf_counter()
     try:
-        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=POISON_TIMEOUT_S) as r:
+        with httpx.stream(
+            "POST", f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=POISON_TIMEOUT_S
+        ) as r:
             text = r.read().decode(errors="replace")
             status = r.status_code
     except httpx.HTTPError as e:
@@ -344,7 +348,7 @@ def envoy_kill(tl: Timeline) -> None:
     ev.t_end = ev.t_fault
     tl.say(f"envoy pid {ev.notes['pid']} killed")
     probes = 0
-    with httpx.Client(timeout=PROBE_TIMEOUT_S) as http:
+    with httpx.Client(timeout=PROBE_TIMEOUT_S, headers=AUTH) as http:
         while time.time() < ev.t_fault + tl.recover_wait_s:
             if tl.stop.is_set():
                 raise Aborted()

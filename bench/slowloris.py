@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.keys import AUTH
+
 KINDS = ("headers", "body")
 PATH = "/v1/chat/completions"
 BODY_BYTES = 1_000_000  # announced, never sent
@@ -55,7 +57,11 @@ class KindStats:
 
 
 def _start(kind: str, host: str) -> bytes:
-    head = f"POST {PATH} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: slowloris-drill\r\n"
+    # with the benchmarks' API key: a client the gateway admits, only slow (bench/keys.py)
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: slowloris-drill\r\n"
+        f"Authorization: {AUTH['Authorization']}\r\n"
+    )
     if kind == "headers":
         return head.encode()
     return (head + f"Content-Type: application/json\r\nContent-Length: {BODY_BYTES}\r\n\r\n{{").encode()
