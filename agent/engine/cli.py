@@ -23,7 +23,7 @@ from agent.engine.api import create_app
 from agent.engine.instance import InstanceController
 from agent.engine.metrics import EngineAgentMetrics
 from agent.net import bind_error
-from agent.secret_files import read_secret
+from agent.secret_files import read_secret, read_secrets
 
 log = logging.getLogger("agent.engine")
 
@@ -133,6 +133,14 @@ def check_secrets(cfg: engine_config.EngineAgentConfig) -> None:
     """The secret files the agent reads exist, are private and not empty (one line and exit 2)."""
     if cfg.control_token_file:
         read_secret(cfg.control_token_file, "control_token_file")
+    if cfg.engine_api_key_file:
+        keys = read_secrets(cfg.engine_api_key_file, "engine_api_key_file")
+        for spec in cfg.engines:
+            if len(keys) > 1 and spec.kind == "vllm" and "--config" in spec.args:
+                raise ConfigError(
+                    f"engine on port {spec.port}: engine_api_key_file holds {len(keys)} keys, which vLLM takes "
+                    "through --config only, and its args use --config already: give it one key during the rotation"
+                )
 
 
 def check_listen(cfg: engine_config.EngineAgentConfig) -> None:

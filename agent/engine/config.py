@@ -133,6 +133,10 @@ class EngineAgentConfig:
     # The token POST /drain/<id> requires (Authorization: Bearer <token>), in a file (0600) re-read
     # at each request; unset: POST /drain is refused (SIGTERM still drains every instance).
     control_token_file: str = ""
+    # The engines' own API key (vLLM --api-key), in a file (0600): one key a line, every line a key
+    # the engines accept, the first the one the agent's probes and the gateways send (a rotation
+    # lists the new key second, then first, then alone). Read when an engine starts.
+    engine_api_key_file: str = ""
     engines: tuple[EngineSpec, ...] = ()
 
     def __post_init__(self) -> None:
@@ -166,6 +170,12 @@ class EngineAgentConfig:
         ports = [(e.host if e.supervised else e.url, e.port) for e in self.engines]
         if len(set(ports)) != len(ports):
             raise ConfigError("two engines share the same port")
+        for e in self.engines:
+            if any(a == "--api-key" or a.startswith("--api-key=") for a in e.args) or "VLLM_API_KEY" in e.env:
+                raise ConfigError(
+                    f"engine on port {e.port}: give the engines' API key in engine_api_key_file, not in its args or "
+                    "env (argv is readable by every user of the host, and the agent's probes must send it)"
+                )
 
     @property
     def listens_beyond_loopback(self) -> bool:
@@ -253,6 +263,7 @@ Config file (TOML), e.g.:
 
   listen = "127.0.0.1:9100"        # agent API: /live /ready/<id> /metrics /instances /drain/<id>
   control_token_file = "/etc/ernie-mesh/control-token"   # POST /drain needs it (0600; `ernie-mesh drain` sends it)
+  engine_api_key_file = "/etc/ernie-mesh/engine-api-key" # vLLM --api-key (0600); the gateways send the same
   advertise_address = "10.0.0.7"   # other hosts reach this one there (default: the route to Consul)
   zone = "rack-1"
   [consul]
@@ -274,10 +285,13 @@ explicitly, for a mesh on one host (what `ernie-mesh up` writes).
 
 The agent API listens on loopback unless `listen` says otherwise (a warning is logged then).
 POST /drain/<id> needs `Authorization: Bearer <token>`, the first line of control_token_file;
-without one configured it is refused (SIGTERM still drains every instance).
+without one configured it is refused (SIGTERM still drains every instance). With
+engine_api_key_file the engines require that key (vLLM: VLLM_API_KEY, never argv) and every probe
+and canary sends it; the gateways inject the same key (their engine_api_key_file).
 
 Precedence: file, then environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, ERNIE_MESH_NODE,
-ERNIE_MESH_ADVERTISE_ADDRESS, ERNIE_MESH_ZONE, ERNIE_MESH_CONTROL_TOKEN_FILE), then flags.
+ERNIE_MESH_ADVERTISE_ADDRESS, ERNIE_MESH_ZONE, ERNIE_MESH_CONTROL_TOKEN_FILE,
+ERNIE_MESH_ENGINE_API_KEY_FILE), then flags.
 """
 
 
@@ -294,6 +308,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--zone", help="zone meta/tag")
     p.add_argument("--log-dir", help="directory for engine logs (default: inherit stderr)")
     p.add_argument("--control-token-file", help="file (0600) with the token POST /drain/<id> requires")
+    p.add_argument("--engine-api-key-file", help="file (0600) with the engines' API key (vLLM --api-key)")
     p.add_argument(
         "--engine",
         action="append",
@@ -326,6 +341,7 @@ def load(argv: list[str]) -> EngineAgentConfig:
             "advertise_address": os.environ.get("ERNIE_MESH_ADVERTISE_ADDRESS"),
             "zone": os.environ.get("ERNIE_MESH_ZONE"),
             "control_token_file": os.environ.get("ERNIE_MESH_CONTROL_TOKEN_FILE"),
+            "engine_api_key_file": os.environ.get("ERNIE_MESH_ENGINE_API_KEY_FILE"),
         },
         {
             "consul": {"address": args.consul, "service": args.service},
@@ -335,6 +351,7 @@ def load(argv: list[str]) -> EngineAgentConfig:
             "zone": args.zone,
             "log_dir": args.log_dir,
             "control_token_file": args.control_token_file,
+            "engine_api_key_file": args.engine_api_key_file,
         },
     )
     if args.engine:

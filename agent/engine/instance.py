@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from agent.catalog.base import (
     VerdictState,
 )
 from agent.catalog.keeper import OWNER_META
+from agent.config import ConfigError
 from agent.engine.config import EngineAgentConfig, EngineSpec
 from agent.engine.drain import DrainWatch
 from agent.engine.metrics import EngineAgentMetrics, cause_label
@@ -31,8 +33,34 @@ from agent.engine.progress import WorkerWatch, observe
 from agent.engine.publisher import Publisher
 from agent.engine.supervisor import EngineProcess
 from agent.engine.verdict import CanaryFacts, Facts, Policy, decide
+from agent.secret_files import read_secret
 
 log = logging.getLogger(__name__)
+
+
+class KeyFile:
+    """The first key of engine_api_key_file, re-read when the file changes ("" without a file, or
+    while it cannot be read: said once in the log)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._stamp: float | None = None
+        self._key = ""
+        self._error = ""
+
+    def first(self) -> str:
+        if not self.path:
+            return ""
+        try:
+            stamp = os.stat(self.path).st_mtime
+            if stamp != self._stamp:
+                self._key, self._stamp, self._error = read_secret(self.path, "engine_api_key_file"), stamp, ""
+        except (OSError, ConfigError) as e:
+            if str(e) != self._error:
+                log.error("%s; the probes keep the last key read", e)
+            self._error = str(e)
+        return self._key
+
 
 DRAIN_POLL_S = 0.2
 DRAIN_REPORT_S = 30.0  # while requests still arrive during a drain, say so this often
@@ -79,12 +107,15 @@ class InstanceController:
         self.catalog = catalog
         self.metrics = metrics
         self.id = cfg.instance_id(spec)
-        self.probe = EngineProbe(spec.base_url, client)
         self.process = (
             EngineProcess(spec, cfg, self.id, on_restart=lambda: self.metrics.restarts.labels(self.id).inc())
             if spec.supervised
             else None
         )
+        # The engine's API key: the one a supervised engine was started with; an attached engine's is
+        # the file's first key (its operator gave the engine the same file).
+        self._key_file = KeyFile(cfg.engine_api_key_file)
+        self.probe = EngineProbe(spec.base_url, client, api_key=self._api_key)
         self.policy = Policy(
             cfg.stall_after_s, cfg.startup_timeout_s, cfg.canary_timeout_s, hang_after_s=cfg.hang_after_s
         )
@@ -118,6 +149,9 @@ class InstanceController:
         self._abandoned_canaries = 0
         self.wake = asyncio.Event()
         self._stopping = asyncio.Event()
+
+    def _api_key(self) -> str:
+        return self.process.api_key if self.process else self._key_file.first()
 
     # --- facts ------------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -60,14 +61,21 @@ def _describe(e: Exception) -> str:
 
 
 class EngineProbe:
-    def __init__(self, base_url: str, client: httpx.AsyncClient):
+    """`api_key` gives the key the engine requires now ("" for none): every probe sends it."""
+
+    def __init__(self, base_url: str, client: httpx.AsyncClient, api_key: Callable[[], str] = lambda: ""):
         self.base_url = base_url.rstrip("/")
         self.client = client
+        self.api_key = api_key
+
+    def _headers(self) -> dict[str, str]:
+        key = self.api_key()
+        return {"authorization": f"Bearer {key}"} if key else {}
 
     async def health(self, timeout_s: float) -> ProbeResult:
         t0 = time.monotonic()
         try:
-            r = await self.client.get(f"{self.base_url}/health", timeout=timeout_s)
+            r = await self.client.get(f"{self.base_url}/health", headers=self._headers(), timeout=timeout_s)
         except httpx.HTTPError as e:
             return ProbeResult(False, time.monotonic() - t0, _describe(e))
         dt = time.monotonic() - t0
@@ -77,7 +85,7 @@ class EngineProbe:
 
     async def load(self, timeout_s: float) -> EngineLoad | None:
         try:
-            r = await self.client.get(f"{self.base_url}/metrics", timeout=timeout_s)
+            r = await self.client.get(f"{self.base_url}/metrics", headers=self._headers(), timeout=timeout_s)
             r.raise_for_status()
         except httpx.HTTPError:
             return None
@@ -88,12 +96,16 @@ class EngineProbe:
         body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
         t0 = time.monotonic()
         try:
-            r = await self.client.post(f"{self.base_url}/v1/completions", json=body, timeout=timeout_s)
+            r = await self.client.post(
+                f"{self.base_url}/v1/completions", json=body, headers=self._headers(), timeout=timeout_s
+            )
         except httpx.HTTPError as e:
             if isinstance(e, httpx.TimeoutException):
                 return ProbeResult(False, time.monotonic() - t0, f"no token within {timeout_s:g}s", timed_out=True)
             return ProbeResult(False, time.monotonic() - t0, _describe(e))
         dt = time.monotonic() - t0
+        if r.status_code == 401:
+            return ProbeResult(False, dt, "HTTP 401: the engine refused the agent's API key (engine_api_key_file)")
         if r.status_code != 200:
             return ProbeResult(False, dt, f"HTTP {r.status_code}: {r.text[:120]}")
         try:
@@ -109,13 +121,16 @@ class EngineProbe:
 
     async def identity(self, timeout_s: float) -> Identity | None:
         try:
-            models = (await self.client.get(f"{self.base_url}/v1/models", timeout=timeout_s)).json()
+            r = await self.client.get(f"{self.base_url}/v1/models", headers=self._headers(), timeout=timeout_s)
+            if r.status_code != 200:
+                return None  # not ready, or the key refused: asked again next cycle
+            models = r.json()
             first = (models.get("data") or [{}])[0]
         except (httpx.HTTPError, ValueError):
             return None
         version = ""
         try:
-            v = await self.client.get(f"{self.base_url}/version", timeout=timeout_s)
+            v = await self.client.get(f"{self.base_url}/version", headers=self._headers(), timeout=timeout_s)
             if v.status_code == 200:
                 version = str(v.json().get("version", ""))
         except (httpx.HTTPError, ValueError):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import logging
 import os
 import shutil
+import tempfile
 import signal
 import sys
 import threading
@@ -16,9 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from agent.config import ConfigError
 from agent.engine.config import VLLM_MODULE, EngineAgentConfig, EngineSpec
 from agent.engine.cpu import VLLM_CPU_ENV
 from agent.engine.verdict import ProcessFacts
+from agent.secret_files import read_secrets
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +103,8 @@ def engine_command(spec: EngineSpec) -> list[str]:
 
 # The agent's own credentials, never inherited by the engine (a model's code, its plugins, a shell
 # opened from it would hold them): Consul's (CONSUL_HTTP_TOKEN and its file, the basic-auth pair,
-# the client TLS key) and the agent's control token.
+# the client TLS key) and the agent's control token. And VLLM_API_KEY: the engine's key is the one
+# engine_api_key_file gives (the agent's probes must know it), or none.
 AGENT_ONLY_ENV = (
     "CONSUL_HTTP_TOKEN",
     "CONSUL_HTTP_TOKEN_FILE",
@@ -107,7 +112,10 @@ AGENT_ONLY_ENV = (
     "CONSUL_CLIENT_KEY",
     "CONSUL_CLIENT_CERT",
     "ERNIE_MESH_CONTROL_TOKEN_FILE",
+    "ERNIE_MESH_ENGINE_API_KEY_FILE",
+    "VLLM_API_KEY",
 )
+KEYS_CONFIG = "api-keys.yaml"  # several keys (a rotation): vLLM's --config file, in a 0700 directory
 # Flags whose value is a secret: shown as *** when the agent logs an engine's command line.
 SECRET_FLAGS = ("--api-key", "--hf-token")
 
@@ -128,14 +136,30 @@ def redacted(cmd: list[str]) -> str:
     return " ".join(out)
 
 
-def engine_env(spec: EngineSpec) -> dict[str, str]:
+def engine_env(spec: EngineSpec, api_keys: tuple[str, ...] = ()) -> dict[str, str]:
     """The engine's environment: the agent's, without the agent's credentials (AGENT_ONLY_ENV), with
-    vLLM's CPU settings; the [[engines]] env table wins over both."""
+    vLLM's CPU settings; the [[engines]] env table wins over both. One API key goes in VLLM_API_KEY
+    (vLLM and the simulated engine read it; never argv, which every user of the host can read)."""
     env = {k: v for k, v in os.environ.items() if k not in AGENT_ONLY_ENV}
     if spec.kind == "vllm":  # CPU builds need it (docs/architecture.md §5.4); a user's env in the config wins
         env.update(VLLM_CPU_ENV)
     env.update(spec.env)
+    if len(api_keys) == 1:
+        env["VLLM_API_KEY"] = api_keys[0]
     return env
+
+
+def write_keys_config(directory: Path, api_keys: tuple[str, ...]) -> Path:
+    """Several keys (a rotation: vLLM's VLLM_API_KEY takes one): vLLM's --config file holding them
+    (`api-key: [...]`, JSON being YAML), 0600 in a 0700 directory. The simulated engine reads it too."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / KEYS_CONFIG
+    tmp = directory / f".{KEYS_CONFIG}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"api-key": list(api_keys)}, f)
+    os.replace(tmp, path)
+    return path
 
 
 class EngineProcess:
@@ -166,6 +190,8 @@ class EngineProcess:
         self._not_spawning.set()
         self.spawn_thread: threading.Thread | None = None
         self.reaper: asyncio.subprocess.Process | None = None
+        self.api_key = ""  # the key the running engine was started with (the probes send it), "" for none
+        self._keys_dir: Path | None = None  # 0700, for a --config with several keys
 
     @property
     def pid(self) -> int | None:
@@ -194,15 +220,29 @@ class EngineProcess:
         path.parent.mkdir(parents=True, exist_ok=True)
         return open(path, "ab")
 
+    def _api_keys(self) -> tuple[str, ...]:
+        """The keys the engine must accept, read now (a rotation takes effect at the next start)."""
+        if not self.cfg.engine_api_key_file:
+            return ()
+        try:
+            return tuple(read_secrets(self.cfg.engine_api_key_file, "engine_api_key_file"))
+        except ConfigError as e:  # never start an engine without the key it should require
+            raise OSError(str(e)) from None
+
     async def _spawn(self) -> None:
+        keys = self._api_keys()
         cmd = engine_command(self.spec)
+        if len(keys) > 1:
+            if self._keys_dir is None:
+                self._keys_dir = Path(tempfile.mkdtemp(prefix="ernie-engine-keys-"))
+            cmd += ["--config", str(write_keys_config(self._keys_dir, keys))]
         out = self._log_target()
         self._not_spawning.clear()
         self.spawn_thread = threading.current_thread()  # PR_SET_PDEATHSIG follows this thread (bind_to_agent)
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd,
-                env=engine_env(self.spec),
+                env=engine_env(self.spec, keys),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT if out else None,
@@ -214,6 +254,7 @@ class EngineProcess:
             if out:
                 out.close()
         await self._start_reaper(self.proc.pid)
+        self.api_key = keys[0] if keys else ""
         self.generation += 1
         self.started_at_s = time.monotonic()
         self.exit_code = None
@@ -319,6 +360,8 @@ class EngineProcess:
         # A spawn under way finishes first: the process it starts a moment later must not escape the stop
         # (run() would wait on it forever).
         await self._not_spawning.wait()
+        if self._keys_dir is not None:  # read by the engine when it started; nothing starts any more
+            shutil.rmtree(self._keys_dir, ignore_errors=True)
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return None if proc is None else proc.returncode

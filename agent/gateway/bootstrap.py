@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.durations import proto_duration as _duration  # Envoy reads protobuf JSON durations
-from agent.gateway import keys
+from agent.gateway import engine_credential, keys
 from agent.gateway.config import GatewayConfig
 
 
@@ -77,6 +77,12 @@ def template_values(cfg: GatewayConfig) -> dict[str, str]:
         )
         if cfg.edge.keys_required
         else "{}"
+    )
+    # The engines' own key, injected upstream (the engines cluster's filters), or nothing.
+    out["engine_upstream_filters"] = (
+        json.dumps(engine_credential.upstream_filters(cfg.engine_credential_dir))[1:-1]  # `http_filters: [...]`
+        if cfg.engine_api_key_file
+        else ""
     )
     # JSON is YAML: the relay processes' unix sockets as a flow list of endpoints.
     out["relay_endpoints"] = json.dumps(

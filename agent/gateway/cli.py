@@ -20,6 +20,7 @@ from agent.config import ConfigError
 from agent.gateway import bootstrap
 from agent.gateway import config as gateway_config
 from agent.gateway.agent import GatewayAgent
+from agent.gateway.engine_credential import EngineCredential
 from agent.gateway.envoy import EnvoySupervisor
 from agent.gateway.keys_watch import KeysWatch
 from agent.gateway.metrics import GatewayMetrics
@@ -51,6 +52,8 @@ def prepare(argv: list[str]) -> tuple[gateway_config.GatewayConfig, str, str]:
     except (KeyError, ValueError) as e:
         raise ConfigError(f"bootstrap_template {cfg.bootstrap_template}: bad or unknown placeholder {e}") from None
     check_bindable(cfg, "xds", "metrics")
+    if cfg.engine_api_key_file:  # unreadable, public or empty: exit 2; rendered before Envoy starts
+        EngineCredential(cfg.engine_api_key_file, cfg.engine_credential_dir).prepare()
     return cfg, binary, template
 
 
@@ -91,6 +94,11 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     metrics_server, _thread = metrics.serve(host, port)
     ads.start()
     watch.start()  # publishes the first snapshot as soon as Consul answers
+    engine_key = (
+        EngineCredential(cfg.engine_api_key_file, cfg.engine_credential_dir).start()
+        if cfg.engine_api_key_file
+        else None
+    )
     if keys_watch is not None:
         keys_watch.prepare()  # the key file Envoy reads must exist when it starts
         keys_watch.start()
@@ -122,6 +130,8 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
         watch.stop(timeout_s=0.2)  # a daemon thread, maybe inside a blocking query
         if keys_watch is not None:
             keys_watch.stop()
+        if engine_key is not None:
+            engine_key.stop()
         ads.stop()
         metrics_server.shutdown()
         metrics_server.server_close()

@@ -198,6 +198,9 @@ class GatewayConfig:
     envoy_log_level: str = "warning"
     run_dir: str = ""  # bootstrap, Envoy log, adoption state; default under $TMPDIR
     bootstrap_template: str = str(DEFAULT_BOOTSTRAP_TEMPLATE)
+    # The engines' own API key (they run with vLLM's --api-key): the file the engine agents read
+    # (its first line), injected by Envoy into every request to the engines; re-read on change.
+    engine_api_key_file: str = ""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     relay: RelaySettings = field(default_factory=RelaySettings)
     edge: EdgeSettings = field(default_factory=EdgeSettings)
@@ -233,6 +236,8 @@ class GatewayConfig:
             raise ConfigError(
                 "watch_min_interval_s, drain_deadline_s, envoy_concurrency and catalog_reset_grace_s must be >= 0"
             )
+        if self.engine_api_key_file and not self.engine_api_key_file.startswith("/"):
+            raise ConfigError(f"engine_api_key_file must be an absolute path, got {self.engine_api_key_file!r}")
         if self.settle_s > 1.0:
             raise ConfigError(f"settle_s is a short window (<= 1 s) to coalesce bursts, got {self.settle_s}")
         if self.ttl_s < 3 * self.reconcile_interval_s:
@@ -281,6 +286,11 @@ class GatewayConfig:
     @property
     def relay_processes(self) -> int:
         return self.relay.processes if self.relay.enabled else 0
+
+    @property
+    def engine_credential_dir(self) -> str:
+        """The engines' key as Envoy reads it (an SDS file the agent renders; 0700)."""
+        return str(Path(self.run_dir) / "engine-credential")
 
     @property
     def keys_dir(self) -> str:
@@ -342,6 +352,7 @@ Config file (TOML), every key optional:
   xds = "127.0.0.1:18000"           # ADS server (this agent), loopback only
   metrics = "127.0.0.1:9102"        # agent /metrics (Prometheus)
   run_dir = "/var/lib/ernie-mesh/gateway-gw1"
+  engine_api_key_file = "/etc/ernie-mesh/engine-api-key"  # the engines' --api-key (0600), sent to them
   [consul]
   address = "127.0.0.1:8500"        # or CONSUL_HTTP_ADDR; token: CONSUL_HTTP_TOKEN
   service = "ernie"

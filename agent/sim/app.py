@@ -9,12 +9,15 @@ out (what the hang modes are about) and notice a client that went away.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 from typing import Any
 from collections.abc import Callable
 
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -168,14 +171,53 @@ class GenerationEndpoint:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+# vLLM's --api-key guards these path prefixes only (vllm/entrypoints/serve/middleware/authenticate.py)
+GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
+
+
+class ApiKeyMiddleware:
+    """vLLM's --api-key check: a request to a guarded path without `Authorization: Bearer <one of
+    the keys>` gets 401 {"error": "Unauthorized"}, as vLLM answers it; OPTIONS and other paths
+    (/health, /metrics, /version, /sim/...) pass."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def _authorized(self, scope: Scope) -> bool:
+        value = Headers(scope=scope).get("authorization", "")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = hashlib.sha256(token.encode()).digest()
+        return any([hmac.compare_digest(digest, d) for d in self.digests])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope.get("method") != "OPTIONS"
+            and str(scope["path"]).startswith(GUARDED_PREFIXES)
+            and not self._authorized(scope)
+        ):
+            await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def _json_error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, param), status_code=status)
 
 
-def build_app(engine: SimEngine, on_crash: Callable[[], None] | None = None, allow_faults: bool = False) -> Starlette:
+def build_app(
+    engine: SimEngine,
+    on_crash: Callable[[], None] | None = None,
+    allow_faults: bool = False,
+    api_keys: tuple[str, ...] = (),
+) -> Starlette:
     """The ASGI app around `engine`. /sim/fault exists only with `allow_faults` (anyone who reaches
-    it can crash or hang the engine). `on_crash` runs after answering POST /sim/fault {"mode":
-    "crash"} (default: exit the process at once, like a crashed engine)."""
+    it can crash or hang the engine). With `api_keys`, vLLM's --api-key check (ApiKeyMiddleware).
+    `on_crash` runs after answering POST /sim/fault {"mode": "crash"} (default: exit the process at
+    once, like a crashed engine)."""
     crash = on_crash or engine.crash
     cfg = engine.config
 
@@ -241,6 +283,7 @@ def build_app(engine: SimEngine, on_crash: Callable[[], None] | None = None, all
         routes += [Route("/sim/fault", get_fault, methods=["GET"]), Route("/sim/fault", post_fault, methods=["POST"])]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(EngineHeaderMiddleware, name=cfg.name)],
+        middleware=[Middleware(EngineHeaderMiddleware, name=cfg.name)]
+        + ([Middleware(ApiKeyMiddleware, keys=tuple(api_keys))] if api_keys else []),
         exception_handlers={404: not_found, 405: not_found},
     )

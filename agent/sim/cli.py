@@ -40,6 +40,10 @@ Fault modes (--fault at start; at run time, only with --allow-faults, POST /sim/
   crash               the process exits at once with code 1
 (--crash-on-prompt TEXT and --crash-at-start-if-exists PATH: a prompt of death, a crash loop.)
 
+API keys as vLLM: --api-key KEY (repeatable), else the environment's VLLM_API_KEY; then /v1/...
+needs Authorization: Bearer <key> (401 {"error": "Unauthorized"} without). --config FILE reads
+flags from a YAML mapping as vLLM does ({"api-key": ["k1", "k2"], "max-num-seqs": 8}).
+
 SIGTERM/SIGINT as vLLM: with --shutdown-timeout 0 requests in flight are aborted
 (finish_reason "abort"); with --shutdown-timeout N they may finish for up to N s. Exit code 0.
 """
@@ -143,13 +147,58 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_NUM_SEQS,
         help="requests running at once; the rest wait (default %(default)s)",
     )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="require Authorization: Bearer KEY on /v1/... (repeatable; default: $VLLM_API_KEY, else none)",
+    )
+    p.add_argument("--config", metavar="FILE", help="flags from a YAML mapping, as vLLM's --config")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="(default %(default)s)")
     return p
 
 
+def config_flags(path: str) -> list[str]:
+    """vLLM's --config: a YAML mapping of flag names to values, as command-line flags (a list value
+    is one flag followed by its items: how --api-key takes several keys)."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a YAML mapping of flags")
+    out: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, bool):
+            out += [f"--{key}"] if value else []
+        elif isinstance(value, list):
+            for item in value:  # argparse's append: one flag per item
+                out += [f"--{key}", str(item)]
+        else:
+            out += [f"--{key}", str(value)]
+    return out
+
+
+def expand_config(argv: list[str]) -> list[str]:
+    """Flags from --config FILE first, the command line's after them (they win)."""
+    if "--config" not in argv:
+        return argv
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise ValueError("--config needs a file")
+    return config_flags(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+
+
 def main(argv: list[str]) -> int:
     parser = build_parser()
+    try:
+        argv = expand_config(argv)
+    except Exception as e:  # unreadable, not YAML, not a mapping: a usage error (exit 2)
+        parser.error(f"--config: {e}")
     args = parser.parse_args(argv)
+    # as vLLM: --api-key wins over VLLM_API_KEY
+    api_keys = tuple(k for k in (args.api_key or [os.environ.get("VLLM_API_KEY", "")]) if k)
     try:
         fault = Fault(mode=FaultMode(args.fault), slow_factor=args.slow_factor, error_rate=args.error_rate)
     except FaultError as e:
@@ -179,13 +228,14 @@ def main(argv: list[str]) -> int:
         fault,
     )
     log.warning(
-        "SIMULATED engine %s (not vLLM) serving model %r on http://%s:%d, fault %s, token delay %g ms",
+        "SIMULATED engine %s (not vLLM) serving model %r on http://%s:%d, fault %s, token delay %g ms, %s",
         name,
         args.model,
         args.host,
         args.port,
         fault.mode.value,
         args.token_delay_ms,
+        f"{len(api_keys)} API key(s) required on /v1" if api_keys else "no API key",
     )
     from agent.sim.server import ServeOptions, serve  # uvicorn + starlette: not needed for --help or bad args
 
@@ -195,6 +245,7 @@ def main(argv: list[str]) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
         log_level=args.log_level,
         allow_faults=args.allow_faults,
+        api_keys=api_keys,
     )
     code = asyncio.run(serve(engine, options))
     log.warning("simulated engine %s stopped (exit code %d)", name, code)

@@ -35,6 +35,7 @@ class ServeOptions:
     shutdown_timeout_s: float = 0.0
     log_level: str = "warning"
     allow_faults: bool = False
+    api_keys: tuple[str, ...] = ()
 
 
 class _Server(uvicorn.Server):
@@ -89,7 +90,7 @@ class _Shutdown:
 async def serve(engine: SimEngine, options: ServeOptions) -> int:
     """Run until a signal has shut the engine down; returns the process exit code."""
     config = uvicorn.Config(
-        build_app(engine, allow_faults=options.allow_faults),
+        build_app(engine, allow_faults=options.allow_faults, api_keys=options.api_keys),
         host=options.host,
         port=options.port,
         log_level=options.log_level,

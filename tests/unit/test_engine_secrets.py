@@ -60,12 +60,13 @@ def test_the_engine_role_keeps_its_config_and_secrets_private():
         "{{ ernie_config_dir }}/engine.toml",
         "{{ ernie_config_dir }}/engine.env",
         "{{ ernie_config_dir }}/control-token",
+        "{{ ernie_config_dir }}/engine-api-key",
     ):
         args, task = by_dest[dest]
         assert args.get("mode") == "0600", (dest, args)
-        if dest.endswith("engine.env"):
-            assert task.get("no_log") is True  # its content is the Consul token
-        else:
+        if dest.endswith(("engine.env", "engine-api-key")):
+            assert task.get("no_log") is True  # its content is a secret (the Consul token, the engines' key)
+        if not dest.endswith("engine.env"):  # read by systemd (root) for the unit
             assert args.get("owner") == "{{ ernie_user }}", (dest, args)  # the agent reads it as its user
 
 
