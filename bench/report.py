@@ -1,4 +1,5 @@
-"""Render bench/results/latest.json into docs/benchmarks.md (tables, machine, date, notes)."""
+"""Render bench/results/latest.json into docs/benchmarks.md and docs/reliability.md (tables,
+machine, date, notes)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ Figures = dict[str, Any]
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
+RELIABILITY_DOC = REPO / "docs" / "reliability.md"
 
 
 def machine() -> Figures:
@@ -36,6 +38,19 @@ def machine() -> Figures:
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         commit = "?"
+    try:
+        # tracked files changed but not committed (others' work in a shared checkout, or ours)
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        dirty = False
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,
@@ -43,6 +58,7 @@ def machine() -> Figures:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "commit": commit,
+        "dirty": dirty,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "loadavg": os.getloadavg(),
     }
@@ -64,7 +80,7 @@ def _ratio(b: float | None, m: float | None, digits: int = 1) -> str:
     return f"×{b / m:.{digits}f}"
 
 
-def _detect(r: Figures) -> str:
+def detect_cell(r: Figures) -> str:
     if not r.get("engine_fault"):
         return "n/a"
     return "never" if r["detect_s"] is None else f"{r['detect_s']:.1f}"
@@ -89,7 +105,7 @@ def drill_table(rows: list[Figures]) -> list[str]:
                 f"| {scenario} | {name} | {r['requests']} | {r['failed']} | {r['truncated']} | "
                 f"{r.get('stalled', '—')} | {_f(r.get('longest_wait_s'), 1)} | {_f(r['p50_ms'])} | "
                 f"{_f(r['p99_ms'])} | {_f(r['ttft_p50_ms'])} | "
-                f"{_f(r['ttft_p99_ms'])} | {_detect(r)} | {_f(r['recover_s'], 1)} |"
+                f"{_f(r['ttft_p99_ms'])} | {detect_cell(r)} | {_f(r['recover_s'], 1)} |"
             )
         m, b = systems.get("mesh"), systems.get("baseline")
         if m and b:
@@ -189,8 +205,10 @@ def scale_table(s: Figures) -> list[str]:
 
 def settings_line(rows: list[Figures]) -> str:
     r = rows[0]
+    holds = {x.get("hold_s") for x in rows if x.get("hold_s")}
+    held = f"fault held {holds.pop():g} s" if len(holds) == 1 else "fault lengths as in the chaos matrix"
     return (
         f"{r['engines']} {'simulated' if r['engine'] == 'sim' else 'vLLM (CPU build)'} engines per system, "
         f"{r['concurrency']} concurrent clients, {r['stream_ratio']:.0%} streaming, "
-        f"about {r['duration_s']:.0f} s of load per run, fault held {r.get('hold_s') or '—'} s."
+        f"about {r['duration_s']:.0f} s of load per run, {held}."
     )

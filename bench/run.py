@@ -1,10 +1,11 @@
 """`python -m bench`: run the drills and benchmarks, keep the figures in bench/results/latest.json
-and rewrite docs/benchmarks.md from them.
+and rewrite docs/reliability.md (the drills, the chaos matrix) and docs/benchmarks.md (overhead,
+propagation, scale) from them.
 
     python -m bench                       # drills (simulated engines, both systems), overhead,
                                           # propagation, scale
     python -m bench --only vllm           # the kill, hang and rolling drills with real vLLM engines
-    python -m bench --only drills --duration 30
+    python -m bench --only drills --duration 30  # every drill with simulated engines
 
 Parts not run keep their last figures (each part records its own date), so a long vLLM run and
 the simulated-engine runs can be done separately and still land in one document.
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-engines", type=int, default=2, help="vLLM engines per system (default 2: 2 cores)")
     p.add_argument("--vllm-concurrency", type=int, default=4)
     p.add_argument("--vllm-duration", type=float, default=120.0)
-    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md and docs/reliability.md")
     args = p.parse_args(argv)
     parts = tuple(x.strip() for x in args.only.split(",")) if args.only else DEFAULT_PARTS
     unknown = set(parts) - set(PARTS)
@@ -144,5 +145,5 @@ def main(argv: list[str] | None = None) -> int:
         from bench.document import write
 
         write(results)
-        progress(f"wrote {report.DOC}")
+        progress(f"wrote {report.RELIABILITY_DOC} and {report.DOC}")
     return 0
