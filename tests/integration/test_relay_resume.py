@@ -158,7 +158,14 @@ def fresh(mesh):
 def test_kill_mid_stream_loses_nothing(fresh):
     with Load(fresh.gateway.url) as load:
         load.wait_for_more(CLIENTS)
-        victim = fresh.busiest()
+        # a moment when one engine carries at least two streams (on a loaded machine the load may
+        # be thin at any one sample): the kill must hit requests in flight
+        victim = wait_until(
+            lambda: next((e for e in [fresh.busiest()] if e.stats()["in_flight"] >= 2), None),
+            20,
+            "an engine with two requests in flight",
+            interval_s=0.01,
+        )
         in_flight = victim.stats()["in_flight"]
         os.kill(victim.proc.pid, signal.SIGKILL)
         load.wait_for_more(3 * CLIENTS)
