@@ -4,6 +4,9 @@ drill's figures), benchmarks.md the proxy overhead, propagation and scale."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from collections.abc import Callable
 
 from bench import report
@@ -439,9 +442,35 @@ NOT_YET = """## Not measured yet
 - Consul leader loss in a 3-server cluster, and the loss of a whole gateway host with two gateways
   behind one name (both need network namespaces), and `site.yml` re-run after a code change under
   load: no drill yet.
-- A 30-minute soak under steady load (RSS of every process and Consul's write rate, sampled;
-  goal: growth ≤ 10 % after warm-up): not run yet.
 """
+SOAK_RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
+
+
+def soak_section() -> list[str]:
+    """bench/results/soak.json (`python -m bench.soak`, a separate 30-minute run) as a table."""
+    try:
+        r = json.loads(SOAK_RESULTS.read_text())
+    except (OSError, ValueError):
+        return ["## Soak", "", "Not run yet (`python -m bench.soak`, 30 min).", ""]
+    load = r["load"]
+    out = [
+        f"## Soak — {r['minutes']:.0f} min under steady load (simulated engines)",
+        "",
+        f"`python -m bench.soak`: {load['requests']:,} requests, {load['failed']} failed, "
+        f"{load['truncated']} truncated; RSS sampled every {r['sample_s']:.0f} s, growth from the end of a "
+        f"{r['warmup_minutes']:.0f}-min warm-up to the end (medians of three samples each; goal ≤ "
+        f"{r['growth_goal'] * 100:.0f} %). Consul writes (its raft index): "
+        f"{r['consul_writes_per_min']:.1f} per minute.",
+        "",
+        "| process | RSS after warm-up MiB | at the end MiB | max MiB | growth |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for name, m in r["processes"].items():
+        out.append(
+            f"| {name} | {m['rss_start_mib']:.1f} | {m['rss_end_mib']:.1f} | {m['rss_max_mib']:.1f} | "
+            f"{m['growth'] * 100:+.1f} % |"
+        )
+    return [*out, ""]
 
 
 def reliability_doc(results: Figures) -> str:
@@ -479,6 +508,7 @@ def reliability_doc(results: Figures) -> str:
             ),
         )
     out += shortfalls(results)
+    out += soak_section()
     out += [NOT_YET]
     return "\n".join(out).rstrip() + "\n"
 
