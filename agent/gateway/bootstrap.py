@@ -84,11 +84,45 @@ def template_values(cfg: GatewayConfig) -> dict[str, str]:
         if cfg.engine_api_key_file
         else ""
     )
+    out["stats_config"] = json.dumps(stats_config(cfg))
     # JSON is YAML: the relay processes' unix sockets as a flow list of endpoints.
     out["relay_endpoints"] = json.dumps(
         [{"endpoint": {"address": {"pipe": {"path": cfg.relay_socket(i)}}}} for i in range(cfg.relay_processes)]
     )
     return out
+
+
+# What reads Envoy's stats, and which: the dashboard and the alerts (deploy/grafana/dashboard.py,
+# agent/local/prometheus_rules.py: requests, retries, upstream time, ejections, responses by class),
+# the agent (downstream_rq_active while draining), bench/scale.py (membership), the tests
+# (outlier_detection.*). Per-endpoint stats (track_cluster_stats) are not subject to the matcher.
+USED_STATS_RELAY_CLUSTER = "ernie_relay"
+
+
+def stats_config(cfg: GatewayConfig) -> dict[str, Any]:
+    """Envoy's stats_config: only the stats that are read (policy.envoy_stats = "used"), or Envoy's
+    whole tree ("all"). A stat left out is never created: nothing counts it per request, flushes it
+    or exports it."""
+    if cfg.policy.envoy_stats == "all":
+        return {}
+    clusters = "|".join(re.escape(c) for c in (cfg.cluster, USED_STATS_RELAY_CLUSTER))
+    return {
+        "stats_matcher": {
+            "inclusion_list": {
+                "patterns": [
+                    {
+                        "safe_regex": {
+                            "regex": rf"^cluster\.({clusters})\."
+                            r"(upstream_rq_(total|retry|retry_success|time)|outlier_detection\..+|membership_.+)$"
+                        }
+                    },
+                    {"safe_regex": {"regex": r"^http\.openai_api\.downstream_rq_([1-5]xx|active)$"}},
+                    {"prefix": "server."},
+                    {"prefix": "control_plane."},
+                ]
+            }
+        }
+    }
 
 
 def _auth_filter(values: dict[str, str]) -> dict[str, Any]:

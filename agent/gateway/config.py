@@ -74,6 +74,9 @@ class PolicyConfig:
     request_headers_timeout_s: float = 10.0
     request_receive_timeout_s: float = 60.0
     eds_initial_fetch_timeout_s: float = 5.0
+    # Envoy's stats: "used" keeps those the dashboard, the alerts, the agent and the tests read
+    # (docs/metrics.md; per-endpoint stats included); "all" keeps Envoy's whole tree (debugging).
+    envoy_stats: str = "used"
 
     def __post_init__(self) -> None:
         check_positive(
@@ -107,6 +110,8 @@ class PolicyConfig:
             raise ConfigError("policy.outlier_max_ejection_percent must be 0-100")
         if self.retry_back_off_max_s < self.retry_back_off_base_s:
             raise ConfigError("policy.retry_back_off_max_s must be >= retry_back_off_base_s")
+        if self.envoy_stats not in ("used", "all"):
+            raise ConfigError(f'policy.envoy_stats: "used" or "all", got {self.envoy_stats!r}')
 
 
 @dataclass(frozen=True)
