@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.durations import proto_duration as _duration  # Envoy reads protobuf JSON durations
-from agent.gateway import engine_credential, keys
+from agent.gateway import edge_tls, engine_credential, keys
 from agent.gateway.config import GatewayConfig
 
 
@@ -77,6 +77,10 @@ def template_values(cfg: GatewayConfig) -> dict[str, str]:
         )
         if cfg.edge.keys_required
         else "{}"
+    )
+    # TLS for clients (a key of the edge's filter chain), or nothing.
+    out["edge_transport_socket"] = (
+        "transport_socket: " + json.dumps(edge_tls.transport_socket(cfg.tls_dir)) if cfg.edge.tls else ""
     )
     # The engines' own key, injected upstream (the engines cluster's filters), or nothing.
     out["engine_upstream_filters"] = (

@@ -20,6 +20,7 @@ from agent.config import ConfigError
 from agent.gateway import bootstrap
 from agent.gateway import config as gateway_config
 from agent.gateway.agent import GatewayAgent
+from agent.gateway.edge_tls import EdgeCertificate
 from agent.gateway.engine_credential import EngineCredential
 from agent.gateway.envoy import EnvoySupervisor
 from agent.gateway.keys_watch import KeysWatch
@@ -54,6 +55,8 @@ def prepare(argv: list[str]) -> tuple[gateway_config.GatewayConfig, str, str]:
     check_bindable(cfg, "xds", "metrics")
     if cfg.engine_api_key_file:  # unreadable, public or empty: exit 2; rendered before Envoy starts
         EngineCredential(cfg.engine_api_key_file, cfg.engine_credential_dir).prepare()
+    if cfg.edge.tls:
+        EdgeCertificate(cfg.edge.tls_cert, cfg.edge.tls_key, cfg.tls_dir).prepare()  # a bad pair: exit 2
     return cfg, binary, template
 
 
@@ -99,6 +102,9 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
         if cfg.engine_api_key_file
         else None
     )
+    edge_cert = EdgeCertificate(cfg.edge.tls_cert, cfg.edge.tls_key, cfg.tls_dir) if cfg.edge.tls else None
+    if edge_cert is not None:
+        edge_cert.start()
     if keys_watch is not None:
         keys_watch.prepare()  # the key file Envoy reads must exist when it starts
         keys_watch.start()
@@ -130,6 +136,8 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
         watch.stop(timeout_s=0.2)  # a daemon thread, maybe inside a blocking query
         if keys_watch is not None:
             keys_watch.stop()
+        if edge_cert is not None:
+            edge_cert.stop()
         if engine_key is not None:
             engine_key.stop()
         ads.stop()

@@ -148,6 +148,13 @@ class EdgeSettings:
     # Where the API keys are kept: "consul" (KV ernie-mesh/api-keys/, `ernie-mesh keys`), the
     # path of a TOML file ([keys.<name>] key = "..."), or "off": no key needed (an explicit opt-out).
     api_keys: str = "consul"
+    # TLS for clients: PEM certificate (chain) and private key; both or neither. Re-read on change.
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     @property
     def keys_required(self) -> bool:
@@ -158,6 +165,12 @@ class EdgeSettings:
         return self.api_keys if self.api_keys not in ("consul", "off") else ""
 
     def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("edge.tls_cert and edge.tls_key go together: set both (PEM files) or neither")
+        for key in ("tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"edge.{key} {path}: not a readable file")
         if self.api_keys not in ("consul", "off") and not self.api_keys.startswith("/"):
             raise ConfigError(f'edge.api_keys: "consul", "off" or an absolute file path, got {self.api_keys!r}')
         for path in self.extra_paths:
@@ -293,6 +306,11 @@ class GatewayConfig:
         return self.relay.processes if self.relay.enabled else 0
 
     @property
+    def tls_dir(self) -> str:
+        """The edge certificate as Envoy reads it (an SDS file the agent renders; 0700)."""
+        return str(Path(self.run_dir) / "tls")
+
+    @property
     def engine_credential_dir(self) -> str:
         """The engines' key as Envoy reads it (an SDS file the agent renders; 0700)."""
         return str(Path(self.run_dir) / "engine-credential")
@@ -310,15 +328,15 @@ class GatewayConfig:
     def instance_id(self) -> str:
         return gateway_instance_id(self.name)
 
-    def public_url(self, key: str) -> str:
+    def public_url(self, key: str, scheme: str = "http") -> str:
         host, port = self.host_port(key)
         if host in ("0.0.0.0", "::", ""):
             host = self.advertise_address
-        return f"http://{_bracket(host)}:{port}"
+        return f"{scheme}://{_bracket(host)}:{port}"
 
     @property
     def listen_url(self) -> str:
-        return self.public_url("listen")
+        return self.public_url("listen", "https" if self.edge.tls else "http")
 
     @property
     def metrics_url(self) -> str:
@@ -369,6 +387,8 @@ Config file (TOML), every key optional:
   [edge]
   extra_paths = ["/v1/embeddings"]  # served besides /v1/chat/completions, /v1/completions, /v1/models
   api_keys = "consul"               # or "/etc/ernie-mesh/api-keys.toml", or "off" (no key needed)
+  tls_cert = "/etc/ernie-mesh/tls/edge.crt"   # TLS (and HTTP/2) for clients; re-read on change
+  tls_key = "/etc/ernie-mesh/tls/edge.key"
   [policy]
   num_retries = 3
   outlier_max_ejection_percent = 50

@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -604,6 +605,61 @@ def test_rate_limits_and_model_allow_lists_per_key_answer_in_the_openai_shape(m)
     with pytest.raises(openai.PermissionDeniedError) as denied:
         ask(client(narrow))
     assert denied.value.response.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_tls_at_the_edge_with_a_custom_ca_http2_and_a_renewed_certificate_without_a_restart(m, tmp_path):
+    import ssl
+
+    from tests.integration.tls_support import TestCA
+
+    ca = TestCA(tmp_path / "pki")
+    cert, key, first_serial = ca.issue("edge")
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(f'[edge]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    gw = Gateway(m.consul.address, SERVICE, tmp_path / "gw-tls", name="gw-tls", extra_args=("--config", str(conf)))
+
+    def served_serial() -> int:
+        ctx = ssl.create_default_context(cafile=str(ca.path))
+        with socket.create_connection(("127.0.0.1", gw.listen_port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                der = tls.getpeercert(binary_form=True)
+        from cryptography import x509
+
+        return x509.load_der_x509_certificate(der).serial_number
+
+    try:
+        gw.start()
+        url = f"https://localhost:{gw.listen_port}"
+        trust = ssl.create_default_context(cafile=str(ca.path))
+        with httpx.Client(verify=trust, http2=True, timeout=10) as http:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=TEST_API_KEY, max_retries=0, http_client=http)
+            wait_until(lambda: len(gw.endpoints()) == 3, 10, "endpoints in gw-tls")
+            raw = client.chat.completions.with_raw_response.create(
+                model="sim-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+            )
+            assert raw.http_response.http_version == "HTTP/2"
+            assert raw.parse().choices[0].message.content
+            chunks = list(
+                client.chat.completions.create(
+                    model="sim-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
+                )
+            )
+            assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+        # plaintext to a TLS listener, and a client that does not trust the CA, are refused
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{gw.listen_port}/v1/models", headers=AUTH, timeout=5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/v1/models", headers=AUTH, timeout=5)
+        assert served_serial() == first_serial
+        # renewal: the operator writes a new pair in place; new handshakes get it, no restart
+        envoy_pid = gw.envoy_pid()
+        new_cert, new_key, new_serial = ca.issue("edge-renewed")
+        key.write_bytes(new_key.read_bytes())
+        cert.write_bytes(new_cert.read_bytes())
+        wait_until(lambda: served_serial() == new_serial, 10, "the renewed certificate served")
+        assert gw.envoy_pid() == envoy_pid
+    finally:
+        gw.cleanup()
 
 
 # --- a reload (SIGHUP): Envoy adopted, or hot-restarted on a policy change; nothing cut -----------

@@ -278,3 +278,37 @@ def test_extra_paths_must_be_plain_paths(bad):
 
     with pytest.raises(ConfigError, match="edge.extra_paths"):
         EdgeSettings(extra_paths=(bad,))
+
+
+def test_edge_tls_is_rendered_and_envoy_accepts_it(tmp_path: Path):
+    from agent.gateway.config import EdgeSettings
+    from agent.gateway.edge_tls import EdgeCertificate
+    from tests.integration.tls_support import TestCA
+
+    ca = TestCA(tmp_path / "pki")
+    cert, key, _serial = ca.issue("edge")
+    c = cfg(run_dir=str(tmp_path / "run"), edge=EdgeSettings(api_keys="off", tls_cert=str(cert), tls_key=str(key)))
+    EdgeCertificate(str(cert), str(key), c.tls_dir).prepare()
+    assert c.listen_url.startswith("https://")
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(bootstrap.render(DEFAULT_BOOTSTRAP_TEMPLATE.read_text(), c))
+    chain = yaml.safe_load(path.read_text())["static_resources"]["listeners"][0]["filter_chains"][0]
+    tls = chain["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls["alpn_protocols"] == ["h2", "http/1.1"]
+    out = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "warning"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_edge_tls_needs_both_files_readable(tmp_path: Path):
+    from agent.config import ConfigError
+    from agent.gateway.config import EdgeSettings
+
+    with pytest.raises(ConfigError, match="go together"):
+        EdgeSettings(tls_cert=str(tmp_path / "a.crt"))
+    with pytest.raises(ConfigError, match="not a readable file"):
+        EdgeSettings(tls_cert=str(tmp_path / "a.crt"), tls_key=str(tmp_path / "a.key"))
