@@ -13,7 +13,8 @@ from agent.sim.process import SimEngineProcess
 from tests.integration.engine_support import EngineAgent
 
 SERVICE = "ernie-it-identity"
-TTL_S = 3.0  # the least the agent allows with a 1 s probe interval
+TTL_S = 3.0  # short, to see it expire: the least the agent allows with refreshes every second
+TTL_REFRESH_S = 1.0
 
 
 def test_a_second_agent_refuses_to_take_over_a_live_registration(consul_session, tmp_path):
@@ -22,7 +23,13 @@ def test_a_second_agent_refuses_to_take_over_a_live_registration(consul_session,
 
         def agent() -> EngineAgent:
             return EngineAgent(
-                tmp_path, consul_session.address, SERVICE, node="same", engines=[{"url": engine.url}], ttl_s=TTL_S
+                tmp_path,
+                consul_session.address,
+                SERVICE,
+                node="same",
+                engines=[{"url": engine.url}],
+                ttl_s=TTL_S,
+                ttl_refresh_s=TTL_REFRESH_S,
             )
 
         first, second = agent(), agent()
