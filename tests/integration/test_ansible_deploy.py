@@ -11,7 +11,11 @@ here and passed as vars). Then, as a user would check:
      the gateway answers chat completions (official openai client);
   2. `dig @<host> -p 8600 ernie.service.consul SRV` lists exactly the passing instances;
   3. `ansible-playbook rolling-upgrade.yml` under steady load: zero failed, zero truncated;
-  4. a second `site.yml` reports changed=0 on every host;
+  4. `site.yml` re-run after a code change (a new wheel for every agent), under steady load: the
+     engine hosts are drained and restarted one at a time (Consul sampled throughout never shows
+     every instance out at once), the gateway agent reloads in place (same pid); zero failed, zero
+     truncated;
+     then a second `site.yml` reports changed=0 on every host;
   5. one engine host's link cut: DNS stops listing its instances within Consul's failure
      detection, and the gateway keeps answering under steady load with zero failed requests and
      zero streams lost (those answering from the cut host are resumed by the relay).
@@ -28,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -51,11 +56,12 @@ HOSTS = ["consul1", "consul2", "consul3", "engine1", "engine2", "gateway1"]
 PLAYBOOK_TIMEOUT_S = 420  # a generous bound: a quiet machine needs a fraction of it
 DNS_DEADLINE_S = 45.0
 LOAD_CONCURRENCY = 4
+HEALTH_SAMPLE_S = 0.1
 PARTITION_REQUEST_TIMEOUT_S = 15.0  # well above the gateway's dead-peer timeout (5 s)
 AFTER_DETECTION_S = 5.0
 RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 
 def base_python() -> str:
@@ -294,6 +300,56 @@ class SteadyLoad:
         return summarize(self.gen.snapshot(), time.monotonic() - self.t0)
 
 
+class HealthSampler:
+    """Samples every instance's check status from Consul, in a thread, until stopped."""
+
+    def __init__(self, lab: NetnsLab, via: str = "consul1"):
+        self.url = f"http://{lab.hosts[via].address}:8500/v1/health/service/{SERVICE}"
+        self.samples: list[tuple[float, dict[str, str]]] = []  # (time, {instance id: status})
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="health-sampler", daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=2) as client:
+            while not self._stop.is_set():
+                t = time.monotonic()
+                try:
+                    entries = client.get(self.url).raise_for_status().json()
+                except httpx.HTTPError:
+                    self.errors += 1
+                else:
+                    status = {}
+                    for e in entries:
+                        checks = [c["Status"] for c in e["Checks"] if c.get("ServiceID") == e["Service"]["ID"]]
+                        status[e["Service"]["ID"]] = (
+                            "passing" if checks and set(checks) == {"passing"} else "/".join(checks)
+                        )
+                    self.samples.append((t, status))
+                self._stop.wait(HEALTH_SAMPLE_S)
+
+    def __enter__(self) -> HealthSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def none_passing(self) -> list[tuple[float, dict[str, str]]]:
+        """Samples in which no instance at all was passing."""
+        return [(t, st) for t, st in self.samples if "passing" not in st.values()]
+
+    def hosts_out(self, hosts: tuple[str, ...]) -> dict[str, int]:
+        """How many samples saw each host with no passing instance (it was drained or restarting)."""
+        out = {h: 0 for h in hosts}
+        for _t, st in self.samples:
+            for h in hosts:
+                if not any(iid.startswith(f"{SERVICE}-{h}-") and v == "passing" for iid, v in st.items()):
+                    out[h] += 1
+        return out
+
+
 @pytest.fixture
 def lab(tmp_path):
     why = available()
@@ -371,13 +427,51 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
         timings["rolling-upgrade load"] = s.requests
         assert passing_instances(lab) == expected
 
-        # --- 4. idempotent: a second site.yml changes nothing ------------------------------------
+        # --- 4. site.yml after a code change, under steady load -----------------------------------
+        # A new checkout: a new wheel, so every engine and gateway agent must take it. The engine
+        # hosts go one at a time, drained first, each back to passing before the next; the gateway
+        # reloads in place (same pid, Envoy adopted): nothing is cut.
+        with (src / "agent" / "__init__.py").open("a") as f:
+            f.write("# a new checkout (test_ansible_deploy step 4)\n")
+        gw_log = lab.hosts["gateway1"].root / "var" / "log" / "ernie-mesh" / "ernie-gateway.log"
+        reexecs_before = gw_log.read_text(errors="replace").count("re-executing")
+        pids_before = {n: agent_pid(lab, n, "ernie-engine") for n in ("engine1", "engine2")}
+        pids_before["gateway1"] = agent_pid(lab, "gateway1", "ernie-gateway")
+        with HealthSampler(lab) as health, SteadyLoad(gw) as load:
+            time.sleep(2)
+            out, timings["site.yml (code changed)"] = deploy.playbook("site.yml")
+            time.sleep(2)
+            s = load.summary()
+        pids_after = {n: agent_pid(lab, n, "ernie-engine") for n in ("engine1", "engine2")}
+        pids_after["gateway1"] = agent_pid(lab, "gateway1", "ernie-gateway")
+        timings["site.yml (code changed) load"] = s.requests
+        rc = recap(out)
+        assert set(rc) == set(HOSTS) and all(v["failed"] == 0 for v in rc.values()), rc
+        out_counts = health.hosts_out(("engine1", "engine2"))
+        all_out = health.none_passing()
+        print(f"site.yml under load: {s}; samples {len(health.samples)}, per host out {out_counts}")
+        assert len(health.samples) >= 50 and health.errors == 0, (len(health.samples), health.errors)
+        assert not all_out, (
+            f"{len(all_out)} of {len(health.samples)} Consul samples had no passing instance at all "
+            f"(every engine out at once), from {all_out[0][1]}; load {s}"
+        )
+        assert all(out_counts.values()), f"the sampler never saw a host restart: {out_counts}"
+        assert all(pids_before[n] != pids_after[n] for n in ("engine1", "engine2")), (pids_before, pids_after)
+        gw_text = gw_log.read_text(errors="replace")
+        assert pids_before["gateway1"] == pids_after["gateway1"], "the gateway agent was restarted, not reloaded"
+        assert gw_text.count("re-executing") == reexecs_before + 1, gw_text[-3000:]
+        for n, p in expected:
+            assert f"item={engine_id(lab, n, p)})" in out, f"{engine_id(lab, n, p)} was not drained before its restart"
+        assert s.requests >= 50 and s.failed == 0 and s.truncated == 0, s
+        assert passing_instances(lab) == expected
+
+        # --- 5. idempotent: a second site.yml changes nothing ------------------------------------
         out, timings["site.yml (second)"] = deploy.playbook("site.yml")
         rc = recap(out)
         changed = [line for line in out.splitlines() if line.startswith("changed:")]
         assert set(rc) == set(HOSTS) and all(v["changed"] == 0 for v in rc.values()), (rc, changed)
 
-        # --- 5. cut one engine host's link under steady load --------------------------------------
+        # --- 6. cut one engine host's link under steady load --------------------------------------
         with SteadyLoad(gw, request_timeout_s=PARTITION_REQUEST_TIMEOUT_S) as load:
             time.sleep(2)
             t_cut = time.time()

@@ -7,7 +7,11 @@ test's network-namespace hosts, containers), `service_manager: process` uses thi
 it starts the command detached (own session, stdin from /dev/null, output to a log file), records
 pid + process start time + a fingerprint of the configuration in a JSON pid file, and is
 idempotent: `started` changes nothing while the recorded process is alive and its fingerprint is
-unchanged; a different fingerprint (new config, new version) restarts it. Stopping sends SIGTERM
+unchanged; a different fingerprint (new config, new version) restarts it. A process that can reload
+in place (the gateway agent re-executes itself on SIGHUP, keeping its pid) gets a second
+fingerprint, `reload_fingerprint`: when only that one changed, `started` sends it SIGHUP instead of
+restarting it. In check mode it reports what it would do: `action` none, start, restart, reload or
+stop. Stopping sends SIGTERM
 (the ernie-mesh agents drain on SIGTERM), waits up to `stop_timeout`, then SIGKILLs the process
 group. There is no automatic restart on crash: that is systemd's job on real hosts.
 """
@@ -27,6 +31,10 @@ options:
   env_file: {description: KEY=VALUE file read at start (like systemd EnvironmentFile)., type: path}
   cwd: {description: Working directory., type: path, default: /}
   fingerprint: {description: Changes when the process must be restarted (config/version hash)., type: str, default: ''}
+  reload_fingerprint: {description: Changes when a reload (reload_signal) is enough; '' = the process cannot reload.,
+                       type: str, default: ''}
+  reload_signal: {description: The signal that reloads the process in place (it keeps its pid).,
+                  type: str, default: SIGHUP}
   stop_timeout: {description: Seconds between SIGTERM and SIGKILL., type: float, default: 90}
   start_grace: {description: Seconds the process must stay alive after start to count as started.,
                 type: float, default: 1}
@@ -146,14 +154,40 @@ def _start(module: AnsibleModule) -> dict:
         "pid": proc.pid,
         "start_time": _start_time(proc.pid),
         "fingerprint": p["fingerprint"],
+        "reload_fingerprint": p["reload_fingerprint"],
         "command": p["command"],
         "started_at": time.time(),
     }
-    tmp = p["pid_file"] + ".tmp"
+    _write_pid_file(p["pid_file"], data)
+    return data
+
+
+def _write_pid_file(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f)
-    os.replace(tmp, p["pid_file"])
-    return data
+    os.replace(tmp, path)
+
+
+def _reload(module: AnsibleModule, running: dict) -> None:
+    """Signal the process to reload in place; it must still be the same process after start_grace."""
+    p = module.params
+    pid = int(running["pid"])
+    try:
+        sig = signal.Signals[p["reload_signal"]]
+    except KeyError:
+        module.fail_json(msg=f"{p['name']}: unknown reload_signal {p['reload_signal']!r}")
+    os.kill(pid, sig)
+    deadline = time.monotonic() + p["start_grace"]
+    while time.monotonic() < deadline:
+        if _start_time(pid) != running.get("start_time"):
+            module.fail_json(
+                msg=f"{p['name']}: exited on {sig.name} (reload)", log_tail=_log_tail(p["log_file"] or os.devnull)
+            )
+        time.sleep(0.05)
+    _write_pid_file(
+        p["pid_file"], {**running, "reload_fingerprint": p["reload_fingerprint"], "reloaded_at": time.time()}
+    )
 
 
 def main() -> None:
@@ -168,6 +202,8 @@ def main() -> None:
             env_file=dict(type="path"),
             cwd=dict(type="path", default="/"),
             fingerprint=dict(type="str", default="", no_log=False),
+            reload_fingerprint=dict(type="str", default="", no_log=False),
+            reload_signal=dict(type="str", default="SIGHUP"),
             stop_timeout=dict(type="float", default=90.0),
             start_grace=dict(type="float", default=1.0),
         ),
@@ -178,11 +214,18 @@ def main() -> None:
     running = _read_pid_file(p["pid_file"])
     state = p["state"]
     if state == "started" and running and running.get("fingerprint") == p["fingerprint"]:
-        module.exit_json(changed=False, pid=running["pid"], state="running")
+        if running.get("reload_fingerprint", "") == p["reload_fingerprint"]:
+            module.exit_json(changed=False, pid=running["pid"], state="running", action="none")
+        if module.check_mode:
+            module.exit_json(changed=True, action="reload")
+        _reload(module, running)
+        module.exit_json(changed=True, pid=running["pid"], state="running", action="reload")
     if state == "stopped" and not running:
-        module.exit_json(changed=False, state="stopped")
+        module.exit_json(changed=False, state="stopped", action="none")
     if module.check_mode:
-        module.exit_json(changed=True)
+        # `action`: "start" (nothing runs: nothing to drain), "restart" (a live process would be
+        # stopped first) or "stop", for roles/ernie_common/tasks/service.yml's probe.
+        module.exit_json(changed=True, action="stop" if state == "stopped" else "restart" if running else "start")
     killed = False
     if running:
         killed = _stop(running, p["stop_timeout"])
@@ -193,10 +236,9 @@ def main() -> None:
             pass
         module.exit_json(changed=True, state="stopped", killed=killed)
     data = _start(module)
-    why = "restarted" if running else "started"
-    if running and state == "started":
-        why = "restarted (fingerprint changed)"
-    module.exit_json(changed=True, pid=data["pid"], state="running", action=why, killed=killed)
+    module.exit_json(
+        changed=True, pid=data["pid"], state="running", action="restart" if running else "start", killed=killed
+    )
 
 
 if __name__ == "__main__":
