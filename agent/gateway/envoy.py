@@ -46,6 +46,8 @@ DRAIN_ANNOUNCE_S = 5
 STABLE_AFTER_S = 60.0  # an Envoy up this long resets the restart backoff
 LOG_TAIL_LINES = 8
 KEEPER = Path(__file__).with_name("envoy_keeper.py")
+# Never inherited by Envoy (nor by the relays, agent/gateway/relays.py): it needs no Consul access.
+SECRET_ENV = frozenset({"CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE", "CONSUL_HTTP_AUTH"})
 
 
 class EnvoyAdmin:
@@ -205,6 +207,7 @@ class EnvoySupervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            env={k: v for k, v in os.environ.items() if k not in SECRET_ENV},  # Envoy needs no Consul access
         )
         assert self.proc.stdout is not None
         with self.proc.stdout:

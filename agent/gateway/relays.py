@@ -26,6 +26,7 @@ from typing import Any
 
 from agent import pids
 from agent.gateway.config import GatewayConfig
+from agent.gateway.envoy import SECRET_ENV
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,6 @@ RESTART_BACKOFF_INITIAL_S = 0.2
 RESTART_BACKOFF_MAX_S = 5.0
 STABLE_AFTER_S = 30.0
 STOP_GRACE_S = 5.0
-# Never inherited by a relay: it needs no Consul access.
-_SECRET_ENV = ("CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE")
 
 
 def relay_command(cfg: GatewayConfig, index: int) -> list[str]:
@@ -107,7 +106,7 @@ class RelaySupervisor:
         return hashlib.sha256(json.dumps(relay_command(self.cfg, i)[3:]).encode()).hexdigest()[:16]
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         repo = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)

@@ -788,3 +788,16 @@ def test_zz_consul_stopped_traffic_continues_and_an_empty_restart_drops_nothing(
     assert m.healthy_in_envoy()
     log = m.gateway.log_tail(50000)
     assert "keeping the last snapshot" in log and "keeping 3 absent instance(s)" in log
+
+
+def test_envoy_and_the_relays_do_not_inherit_the_consul_token(m, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "secret-consul-token-for-the-agent-only")
+    gw = Gateway(m.consul.address, SERVICE, tmp_path / "gw-env", name="gw-env").start()
+    try:
+        relay_pids = [json.loads(p.read_text())["pid"] for p in sorted(gw.run_dir.glob("relay-*.json"))]
+        for pid in [gw.envoy_pid(), *relay_pids]:
+            environ = open(f"/proc/{pid}/environ", "rb").read()
+            assert b"secret-consul-token" not in environ, f"pid {pid} inherited CONSUL_HTTP_TOKEN"
+        assert b"secret-consul-token" in open(f"/proc/{gw.proc.pid}/environ", "rb").read()  # the agent has it
+    finally:
+        gw.cleanup()
