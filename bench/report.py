@@ -133,40 +133,142 @@ def error_notes(rows: list[Figures]) -> list[str]:
     return out
 
 
-def overhead_table(o: Figures) -> list[str]:
-    out = [
+OVERHEAD_PATHS = ("direct", "nginx", "bare", "edge", "edge+relay", "edge+relay+limits", "stock envoy", "minimal")
+OVERHEAD_MODES = ("non-streaming", "streaming")
+PATH_NOTES = {
+    "direct": "the client spreads requests over the engines itself",
+    "nginx": "the naive design's nginx",
+    "bare": "**the bare routing hop**: our Envoy, API keys and relay off",
+    "edge": "**the edge as users run it** (API keys on), generation routes straight to the engines",
+    "edge+relay": "**the whole gateway**: Envoy (edge + engine hop) and the resuming relay",
+    "edge+relay+limits": "the same, a key with request and token limits (the relay's rate-limit check)",
+    "stock envoy": "not our config: Envoy's getting-started shape (listener, router, static cluster)",
+    "minimal": "our config with every policy part off",
+}
+
+
+# variants that replace a part we keep (rather than take it out): the part
+KEPT_PART = {"bare round robin": "least-request balancing", "bare plain routes": "the allow-list and relay routes"}
+
+
+def _x(v: float | None) -> str:
+    return "—" if v is None else f"×{v:.2f}"
+
+
+def overhead_settings(o: Figures) -> str:
+    return (
         f"Concurrency {o['concurrency']}, {o['engines']} zero-delay simulated engines, {o['max_tokens']} tokens "
-        f"per answer, {o['seconds']:g} s per path and round, medians of {o['rounds']} rounds "
-        "(paths in rotating order).",
-        "",
-        "| mode | path | req/s | p50 ms | p99 ms | proxy CPU ms/request | added p50 ms | added p99 ms | "
-        "throughput vs direct |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        f"per answer, {o['seconds']:g} s per path and round after a 1 s warm-up, medians of {o['rounds']} rounds "
+        f"(paths in rotating order), {o.get('cpus', '?')} cores. Proxy CPU: the proxy's processes' scheduler "
+        "run time (`/proc/<pid>/task/*/schedstat`) per completed request."
+    )
+
+
+def overhead_table(o: Figures) -> list[str]:
+    """The paths: references, the gateway as users run it, the bare hop."""
+    out = [
+        "| mode | path | | req/s | × direct | × nginx | proxy CPU ms/request | × nginx | p50 ms | p99 ms |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    paths = [p for p in ("direct", "envoy", "envoy+relay", "nginx") if p in o["streaming"]]
-    for mode in ("non-streaming", "streaming"):
-        for path in paths:
-            m = o[mode][path]
-            extra = (
-                "| | |"
-                if path == "direct"
-                else (f"| {m['added_p50_ms']:+.2f} | {m['added_p99_ms']:+.2f} | ×{m['throughput_ratio']:.2f} |")
+    for mode in OVERHEAD_MODES:
+        for path in OVERHEAD_PATHS:
+            m = o[mode].get(path)
+            if m is None:
+                continue
+            if path == "direct":
+                cells = f"{m['rps']:.0f} | | | — | | {m['p50_ms']:.1f} | {m['p99_ms']:.0f}"
+            else:
+                cells = (
+                    f"{m['rps']:.0f} | {_x(m['throughput_ratio'])} | {_x(m['rps_vs_nginx'])} | "
+                    f"{m['proxy_cpu_ms_per_req']:.3f} | {_x(m['cpu_vs_nginx'])} | {m['p50_ms']:.1f} | {m['p99_ms']:.0f}"
+                )
+            out.append(f"| {mode} | {path} | {PATH_NOTES[path]} | {cells} |")
+    return out
+
+
+def overhead_variants_table(o: Figures) -> list[str]:
+    """What each part of the policy costs: the bare hop with that part changed, Envoy's CPU per
+    request, and the paired (same round) difference from the bare hop."""
+    out = [
+        "| variant | what changes from the bare hop | non-streaming CPU ms/request | vs bare µs | "
+        "streaming CPU ms/request | vs bare µs | throughput × direct (non-streaming / streaming) |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for name, what in o.get("variants", {}).items():
+        a, b = o["non-streaming"][name], o["streaming"][name]
+        if name == "bare":
+            d_a = d_b = "—"
+        else:
+            d_a, d_b = (f"{m['cpu_delta_vs_bare_ms'] * 1000:+.0f}" for m in (a, b))
+        out.append(
+            f"| {name} | {what} | {a['envoy_cpu_ms_per_req']:.3f} | {d_a} | {b['envoy_cpu_ms_per_req']:.3f} | {d_b} | "
+            f"{_x(a['throughput_ratio'])} / {_x(b['throughput_ratio'])} |"
+        )
+    return out
+
+
+def overhead_relay_table(o: Figures) -> list[str]:
+    r = o.get("relay") or {}
+    a, b = o["non-streaming"].get("edge+relay"), o["streaming"].get("edge+relay")
+    if not r or a is None or b is None:
+        return []
+    out = [
+        "| the relay path | non-streaming | streaming |",
+        "|---|--:|--:|",
+        f"| relay CPU ms/request | {a['relay_cpu_ms_per_req']:.3f} | {b['relay_cpu_ms_per_req']:.3f} |",
+        f"| Envoy CPU ms/request (the edge and the engine hop) | {a['envoy_cpu_ms_per_req']:.3f} | "
+        f"{b['envoy_cpu_ms_per_req']:.3f} |",
+        f"| SSE events per request | 1 | {b['events_per_req']:.1f} |",
+        f"| relay CPU µs per event (all of it / events) | — | {r['cpu_us_per_event']:.0f} |",
+    ]
+    if "cpu_us_per_extra_event" in r:
+        out.append(
+            f"| relay CPU µs per extra event ((streaming − non-streaming) / (events − 1)) | — | "
+            f"{r['cpu_us_per_extra_event']:.0f} |"
+        )
+    if "rate_limit_check_ms" in r:
+        out.append(
+            f"| the rate-limit check (edge+relay+limits − edge+relay), relay CPU ms/request | "
+            f"{r['rate_limit_check_ms']:+.3f} | {r['rate_limit_check_stream_ms']:+.3f} |"
+        )
+    return out
+
+
+def overhead_findings(o: Figures) -> list[str]:
+    """The goals of issue 17, stated from the figures (so the sentence cannot go stale)."""
+    out = []
+    for mode in OVERHEAD_MODES:
+        m = o[mode]
+        bare, nginx = m["bare"], m["nginx"]
+        cpu = bare["cpu_vs_nginx"]
+        cpu_goal = "met" if cpu <= 1.0 else "within 1.2×" if cpu <= 1.2 else "missed"
+        line = (
+            f"- {mode}: the bare hop costs {bare['proxy_cpu_ms_per_req']:.3f} ms of CPU per request, "
+            f"{_x(bare['cpu_vs_nginx'])} nginx's {nginx['proxy_cpu_ms_per_req']:.3f} "
+            f"({cpu_goal}); "
+            f"throughput {_x(bare['throughput_ratio'])} direct against nginx's {_x(nginx['throughput_ratio'])} "
+            f"({'met' if bare['throughput_ratio'] >= nginx['throughput_ratio'] else 'missed'})."
+        )
+        if "stock envoy" in m:
+            stock = m["stock envoy"]
+            vs_stock = bare["proxy_cpu_ms_per_req"] / stock["proxy_cpu_ms_per_req"]
+            line += (
+                f" Stock Envoy, in the same run: {stock['proxy_cpu_ms_per_req']:.3f} ms ({_x(stock['cpu_vs_nginx'])} "
+                f"nginx); the bare hop is {_x(vs_stock)} stock Envoy."
             )
-            cpu = "—" if path == "direct" else f"{m.get('proxy_cpu_ms_per_req', 0):.3f}"
-            out.append(f"| {mode} | {path} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {cpu} {extra}")
-    if "envoy+relay" in o["streaming"]:
-        out += [
-            "",
-            "The resuming relay's own cost (its processes' CPU, measured in a separate run of the same "
-            "load; an event is one SSE `data:` line):",
-            "",
-            "| mode | envoy+relay vs envoy alone (throughput) | relay CPU ms/request | relay CPU µs/event |",
-            "|---|--:|--:|--:|",
-        ]
-        for mode in ("non-streaming", "streaming"):
-            m = o[mode]["envoy+relay"]
-            per_event = f"{m['relay_cpu_us_per_event']:.1f}" if mode == "streaming" else "—"
-            out.append(f"| {mode} | ×{m['vs_envoy_ratio']:.2f} | {m['relay_cpu_ms_per_req']:.3f} | {per_event} |")
+        for path in ("edge", "edge+relay"):
+            if path in m:
+                line += f" {path}: {m[path]['proxy_cpu_ms_per_req']:.3f} ms ({_x(m[path]['cpu_vs_nginx'])} nginx)."
+        # the parts of the policy the gateway keeps: a variant that takes one out
+        kept = [v for v in o.get("variants", {}) if v.startswith("bare -") or v in KEPT_PART]
+        if kept:
+            dearest = min(kept, key=lambda v: m[v]["cpu_delta_vs_bare_ms"])
+            part = KEPT_PART.get(dearest, dearest.removeprefix("bare -"))
+            line += (
+                f" The dearest part we keep, by its paired difference: {part} "
+                f"({-m[dearest]['cpu_delta_vs_bare_ms'] * 1000:.0f} µs per request)."
+            )
+        out.append(line)
     return out
 
 
