@@ -8,20 +8,14 @@ refused at start (one line, exit 2) and, later, logged while the last good one s
 from __future__ import annotations
 
 import json
-import logging
-import os
-import threading
 from pathlib import Path
 
 from agent.config import ConfigError
-from agent.gateway.keys import write_private
-
-log = logging.getLogger(__name__)
+from agent.gateway.rendered import FollowedFiles
 
 SECRET_NAME = "edge_cert"
 SDS_FILE = "edge-cert.yaml"
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-POLL_S = 1.0
 
 
 def _pem(path: str, what: str) -> str:
@@ -74,47 +68,12 @@ def transport_socket(directory: str) -> dict[str, object]:
     }
 
 
-class EdgeCertificate:
+class EdgeCertificate(FollowedFiles):
     def __init__(self, cert_path: str, key_path: str, directory: str):
-        self.cert_path, self.key_path, self.directory = cert_path, key_path, Path(directory)
-        self._stamp: tuple[float, ...] | None = None
-        self.stop_event = threading.Event()
-        self.last_error = ""
-
-    def sync(self) -> bool:
-        """Render the pair if it changed; True if it did. Raises ConfigError if it is unusable."""
-        stamp = tuple(os.stat(p).st_mtime for p in (self.cert_path, self.key_path))
-        if stamp == self._stamp:
-            return False
-        text = json.dumps(sds_resource(self.cert_path, self.key_path))
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.directory, 0o700)
-        changed = write_private(self.directory / SDS_FILE, text)
-        self._stamp = stamp
-        if changed:
-            log.info("edge TLS certificate %s loaded", self.cert_path)
-        return changed
-
-    def prepare(self) -> None:
-        """Before Envoy starts (a bad pair: ConfigError, the agent exits 2)."""
-        try:
-            self.sync()
-        except OSError as e:
-            raise ConfigError(f"edge.tls_cert/tls_key: {e}") from None
-
-    def start(self) -> EdgeCertificate:
-        threading.Thread(target=self._run, name="edge-tls", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.stop_event.set()
-
-    def _run(self) -> None:
-        while not self.stop_event.wait(POLL_S):
-            try:
-                self.sync()
-                self.last_error = ""
-            except (OSError, ConfigError) as e:
-                if str(e) != self.last_error:
-                    log.error("edge TLS: %s; keeping the certificate in use", e)
-                self.last_error = str(e)
+        super().__init__(
+            "edge TLS certificate",
+            "edge.tls_cert/tls_key",
+            (cert_path, key_path),
+            Path(directory) / SDS_FILE,
+            lambda: json.dumps(sds_resource(cert_path, key_path)),
+        )

@@ -13,17 +13,11 @@ stops the agent at start (one line, exit 2); later, it is logged and the last ke
 from __future__ import annotations
 
 import json
-import logging
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
-from agent.config import ConfigError
-from agent.gateway.keys import write_private
+from agent.gateway.rendered import FollowedFiles
 from agent.secret_files import read_secret
-
-log = logging.getLogger(__name__)
 
 SECRET_NAME = "engine_credential"
 SDS_FILE = "engine-credential.yaml"
@@ -32,7 +26,6 @@ _EXT = "type.googleapis.com/envoy.extensions"
 INJECTOR_TYPE = f"{_EXT}.filters.http.credential_injector.v3.CredentialInjector"
 GENERIC_TYPE = f"{_EXT}.http.injected_credentials.generic.v3.Generic"
 CODEC_TYPE = f"{_EXT}.filters.http.upstream_codec.v3.UpstreamCodec"
-POLL_S = 1.0
 
 
 def sds_resource(key: str) -> dict[str, Any]:
@@ -84,47 +77,12 @@ def upstream_filters(directory: str) -> dict[str, Any]:
     }
 
 
-class EngineCredential:
+class EngineCredential(FollowedFiles):
     def __init__(self, key_file: str, directory: str):
-        self.key_file, self.directory = key_file, Path(directory)
-        self._stamp: float | None = None
-        self.stop_event = threading.Event()
-        self.last_error = ""
-
-    def sync(self) -> bool:
-        """Render the key if the file changed; True if the rendered file did. ConfigError if unusable."""
-        stamp = os.stat(self.key_file).st_mtime
-        if stamp == self._stamp:
-            return False
-        text = json.dumps(sds_resource(read_secret(self.key_file, "engine_api_key_file")))
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.directory, 0o700)
-        changed = write_private(self.directory / SDS_FILE, text)
-        self._stamp = stamp
-        if changed:
-            log.info("engines' API key from %s loaded", self.key_file)
-        return changed
-
-    def prepare(self) -> None:
-        """Before Envoy starts (an unusable file: ConfigError, the agent exits 2)."""
-        try:
-            self.sync()
-        except OSError as e:
-            raise ConfigError(f"engine_api_key_file {self.key_file}: {e.strerror or e}") from None
-
-    def start(self) -> EngineCredential:
-        threading.Thread(target=self._run, name="engine-credential", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.stop_event.set()
-
-    def _run(self) -> None:
-        while not self.stop_event.wait(POLL_S):
-            try:
-                self.sync()
-                self.last_error = ""
-            except (OSError, ConfigError) as e:
-                if str(e) != self.last_error:
-                    log.error("engines' API key: %s; keeping the key in use", e)
-                self.last_error = str(e)
+        super().__init__(
+            "engines' API key",
+            f"engine_api_key_file {key_file}",
+            (key_file,),
+            Path(directory) / SDS_FILE,
+            lambda: json.dumps(sds_resource(read_secret(key_file, "engine_api_key_file"))),
+        )

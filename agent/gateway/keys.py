@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import secrets
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import ConfigError
+from agent.gateway.rendered import private_dir, write_private
 
 KV_PREFIX = "ernie-mesh/api-keys/"
 KEY_PREFIX = "sk-ernie-"
@@ -161,26 +161,9 @@ def auth_config(credentials: list[tuple[str, str]]) -> dict[str, Any]:
     }
 
 
-def write_private(path: Path, text: str) -> bool:
-    """Atomically replace `path` (0600) with `text`; False if it already holds it. Envoy watches
-    the directory for the rename."""
-    try:
-        if path.read_text() == text:
-            return False
-    except OSError:
-        pass
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return True
-
-
 def write_files(directory: Path, keyset: KeySet) -> bool:
     """Render the key set for Envoy and the relay; True if anything changed."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(directory, 0o700)
+    private_dir(directory)
     changed = write_private(directory / POLICIES_FILE, json.dumps(keyset.policies(), sort_keys=True))
     # JSON is YAML; the policies first, so the relay never lacks the policy of a key Envoy accepts
     return write_private(directory / ENVOY_FILE, json.dumps(keyset.envoy_resource(), sort_keys=True)) or changed

@@ -17,11 +17,11 @@ from pathlib import Path
 from agent.catalog.base import CatalogError, KeyValueStore
 from agent.config import ConfigError
 from agent.gateway import keys
+from agent.gateway.rendered import POLL_S
 
 log = logging.getLogger(__name__)
 
 WAIT_S = 55.0
-POLL_S = 1.0
 BACKOFF_S = (0.5, 5.0)
 
 

@@ -3,7 +3,6 @@ accepts it."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import yaml
 
 from agent.gateway import bootstrap
 from agent.gateway.config import DEFAULT_BOOTSTRAP_TEMPLATE, GatewayConfig, PolicyConfig, finish
-from agent.binaries import MissingBinary, envoy_binary
+from tests.unit.envoy_support import envoy_validate
 
 
 def cfg(**kw) -> GatewayConfig:
@@ -193,17 +192,11 @@ def test_envoy_accepts_the_rendered_bootstrap(tmp_path: Path, api_keys: str):
     from agent.gateway import keys
     from agent.gateway.config import EdgeSettings
 
-    try:
-        binary = envoy_binary()
-    except MissingBinary as e:
-        pytest.fail(f"{e} (make test installs it)")
     c = cfg(run_dir=str(tmp_path), edge=EdgeSettings(api_keys=api_keys))
     keys.write_files(Path(c.keys_dir), keys.KeySet((keys.ApiKey("alice", keys.new_key()),)))
     path = tmp_path / "bootstrap.yaml"
     path.write_text(bootstrap.render(DEFAULT_BOOTSTRAP_TEMPLATE.read_text(), c))
-    out = subprocess.run(
-        [binary, "--mode", "validate", "-c", str(path), "-l", "warning"], capture_output=True, text=True, timeout=60
-    )
+    out = envoy_validate(path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "deprecated" not in (out.stdout + out.stderr).lower()
     filters = [f["name"] for f in hcm(yaml.safe_load(path.read_text()))["http_filters"]]
@@ -295,12 +288,7 @@ def test_edge_tls_is_rendered_and_envoy_accepts_it(tmp_path: Path):
     chain = yaml.safe_load(path.read_text())["static_resources"]["listeners"][0]["filter_chains"][0]
     tls = chain["transport_socket"]["typed_config"]["common_tls_context"]
     assert tls["alpn_protocols"] == ["h2", "http/1.1"]
-    out = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "warning"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = envoy_validate(path)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.binaries import envoy_binary
+from tests.unit.envoy_support import envoy_validate
 from agent.config import ConfigError
 from agent.gateway import bootstrap, engine_credential
 from agent.gateway.config import DEFAULT_BOOTSTRAP_TEMPLATE, EdgeSettings, GatewayConfig, finish
@@ -74,12 +74,7 @@ def test_the_key_is_injected_on_the_engines_cluster_only_and_envoy_accepts_it(tm
     assert KEY not in text  # the bootstrap names the SDS file; the key is in that file alone
     path = tmp_path / "bootstrap.yaml"
     path.write_text(text)
-    out = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "warning"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = envoy_validate(path)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
