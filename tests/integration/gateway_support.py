@@ -128,6 +128,7 @@ class Engine:
 # The key every test gateway accepts (a keys file, [edge] api_keys = <file>), and its header.
 TEST_API_KEY = "sk-ernie-test-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
+TEST_KEYS_FILE_TEXT = f'[keys.test]\nkey = "{TEST_API_KEY}"\n'  # an [edge] api_keys file accepting it
 
 
 class Gateway:
@@ -187,7 +188,7 @@ class Gateway:
     def start(self, wait: bool = True) -> Gateway:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.keys_file.exists():
-            self.keys_file.write_text(f'[keys.test]\nkey = "{TEST_API_KEY}"\n')
+            self.keys_file.write_text(TEST_KEYS_FILE_TEXT)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         env.pop("CONSUL_HTTP_ADDR", None)

@@ -18,7 +18,7 @@ from agent.local.ports import free_ports
 from agent.local.procs import ManagedProcess, mesh_command
 from agent.local.prometheus import find_prometheus, prometheus_command, write_config
 from agent.local.wait import wait_until
-from tests.integration.gateway_support import AUTH, TEST_API_KEY
+from tests.integration.gateway_support import AUTH, TEST_KEYS_FILE_TEXT
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO / "deploy" / "prometheus" / "install.sh"
@@ -148,7 +148,7 @@ class GatewayAgent:
         self.name = name
         self.listen_port, self.admin_port, self.xds_port, self.metrics_port = free_ports(4)
         keys_file = self.tmp / f"gateway-{name}-api-keys.toml"
-        keys_file.write_text(f'[keys.test]\nkey = "{TEST_API_KEY}"\n')
+        keys_file.write_text(TEST_KEYS_FILE_TEXT)
         self.proc = ManagedProcess(
             f"gateway-{name}",
             mesh_command(

@@ -52,9 +52,8 @@ class Decision:
 class Policies:
     """keys_dir/key-policies.json, re-read when it changes (its mtime and size, looked at on every request)."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, path: Path):
         self.path = path
-        self.clock = clock
         self._by_name: dict[str, Policy] = {}
         self._stamp: tuple[float, int] | None = None
 
