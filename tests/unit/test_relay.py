@@ -14,6 +14,7 @@ import time
 import pytest
 
 from agent.gateway.relay import sse
+from agent.gateway.relay.handler import INSTANCE_HEADER, unanswered
 from agent.gateway.relay.membership import Attempt, Member, Membership
 from agent.gateway.relay.request import parse
 from agent.gateway.relay.transcript import INSTANCES_FIELD, Signal, Transcript, error_event
@@ -914,3 +915,43 @@ def test_wait_pick_with_no_time_left_does_not_wait():
 
     got, took = asyncio.run(main())
     assert got is None and took < 0.5
+
+
+# --- an attempt the engine hop could not deliver ---------------------------------------------
+
+
+def _envoy_503(details: str) -> bytes:
+    return json.dumps(
+        {"error": {"message": "upstream connect error", "type": "service_unavailable", "details": details}}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        "upstream_reset_before_response_started{remote_connection_failure,delayed_connect_error:_Connection_refused}",
+        "upstream_reset_before_response_started{local_connection_failure}",
+        "upstream_reset_before_response_started{connection_timeout}",
+    ],
+)
+def test_a_connection_that_never_opened_is_not_a_crash(details):
+    """A cut host or a dead port: the request never reached the engine, so it cannot be a prompt of
+    death (the partition drill gave up on a healthy fleet when two such attempts counted as crashes)."""
+    lost = unanswered(503, {INSTANCE_HEADER: "e1"}, _envoy_503(details))
+    assert lost == ("e1", False)
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        "upstream_reset_before_response_started{connection_termination}",
+        "upstream_reset_before_response_started{remote_reset}",
+    ],
+)
+def test_a_reset_after_the_request_reached_the_engine_is_a_crash(details):
+    assert unanswered(503, {INSTANCE_HEADER: "e1"}, _envoy_503(details)) == ("e1", True)
+
+
+def test_other_replies_are_not_unanswered_requests():
+    assert unanswered(503, {INSTANCE_HEADER: "e1"}, _envoy_503("no_healthy_upstream")) is None
+    assert unanswered(400, {}, b'{"error": {}}') is None

@@ -89,14 +89,23 @@ class ResumePolicy:
     wait_s: float = 10.0  # how long a continuation waits for a healthy instance to appear
 
 
-def dropped_before_answering(status: int, headers: Mapping[str, str], body: bytes) -> str:
-    """The instance that dropped a request before answering it ('' if that is not what happened).
+# Envoy's reset reasons (in RESPONSE_CODE_DETAILS) for a connection that never opened: the request
+# did not reach the engine (its host is cut off, its port closed), so it proves nothing about the request.
+_NEVER_CONNECTED = (b"connection_failure", b"connection_timeout")
+
+
+def unanswered(status: int, headers: Mapping[str, str], body: bytes) -> tuple[str, bool] | None:
+    """(instance, reached) for a request an instance dropped before answering it, None otherwise.
 
     The engine hop does not retry resets (a request that crashes engines must not walk the fleet):
-    Envoy answers 503 with the reset as the reply's details, and names the instance it tried."""
-    if status == 503 and b"upstream_reset_before_response_started" in body:
-        return headers.get(INSTANCE_HEADER, "")
-    return ""
+    Envoy answers 503 with the reset as the reply's details, and names the instance it tried.
+    `reached` is False when the connection never opened: the engine never saw the request."""
+    marker = b"upstream_reset_before_response_started"
+    if status != 503 or marker not in body:
+        return None
+    reason = body[body.index(marker) + len(marker) :]
+    reached = not any(r in reason for r in _NEVER_CONNECTED)
+    return headers.get(INSTANCE_HEADER, ""), reached
 
 
 class ClientGone(Exception):
@@ -218,17 +227,27 @@ class Relay:
     async def _pass_through(self, request: web.Request, raw: bytes) -> web.Response:
         """Requests that cannot be resumed and wait for a whole body anyway: sent as they are. One that
         an engine dropped before answering (reset before headers: it died, or its host vanished) is
-        sent once more, to another instance: a prompt of death takes at most one more engine."""
+        sent once more, to another instance: a prompt of death takes at most one more engine. One
+        that never reached its instance (connection failed) is sent to another, and counts no crash."""
         member: Member | None = None
         excluded: set[str] = set()
-        for crashes in range(self.policy.limit_after_crash + 1):
+        crashes = unreachable = 0
+        while True:
             async with self.session.post(request.path_qs, data=raw, headers=self._headers(request, member)) as resp:
                 body = await resp.read()
                 headers = response_headers(resp.headers)
-            lost_on = dropped_before_answering(resp.status, headers, body)
-            if not lost_on or crashes == self.policy.limit_after_crash:
+            lost = unanswered(resp.status, headers, body)
+            if lost is None:
                 break
-            excluded.add(lost_on)
+            instance, reached = lost
+            if reached:
+                crashes += 1
+            else:  # never reached the engine: no crash, but not without end either
+                unreachable += 1
+                self.metrics.unreachable.inc()
+            if crashes > self.policy.limit_after_crash or unreachable > MAX_REFUSALS:
+                break
+            excluded.add(instance)
             member = await self.membership.wait_pick(excluded, self.policy.wait_s)
             if member is None:
                 break
@@ -346,10 +365,13 @@ class Relay:
             if resp.status != 200:
                 payload = await resp.read()
                 headers = response_headers(resp.headers)
-                lost_on = dropped_before_answering(resp.status, headers, payload)
-                if lost_on:  # the engine died (or its host vanished) before answering
-                    attempt.instance = lost_on
-                    return ENGINE_LOST, None
+                lost = unanswered(resp.status, headers, payload)
+                if lost is not None:
+                    attempt.instance, reached = lost
+                    if not reached:  # its host is cut off or its port closed: not this request's doing
+                        self.metrics.unreachable.inc()
+                        return "refused", None
+                    return ENGINE_LOST, None  # the engine died (or its host vanished) before answering
                 if client.started or member is not None and t.resumes > 0:
                     return "refused", None  # the chosen instance is gone: the caller picks another
                 return "rejected", web.Response(status=resp.status, body=payload, headers=headers)

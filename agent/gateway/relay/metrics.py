@@ -32,6 +32,12 @@ class RelayMetrics:
             buckets=RESUME_BUCKETS_S,
             registry=r,
         )
+        self.unreachable = Counter(
+            "ernie_gateway_relay_unreachable_attempts_total",
+            "Continuations that never reached their instance (connection failed or timed out: host "
+            "cut off, port closed); sent to another instance, not counted as a crash",
+            registry=r,
+        )
         self.tokens_replayed = Counter(
             "ernie_gateway_relay_tokens_replayed_total",
             "Generated tokens sent again as prompt of a continuation",
