@@ -188,7 +188,14 @@ def check_consul_address(address: str) -> None:
 
 def consul_env() -> dict[str, Any]:
     """The standard Consul variables, as a [consul] table override."""
-    return {"consul": {"address": os.environ.get("CONSUL_HTTP_ADDR"), "token": os.environ.get("CONSUL_HTTP_TOKEN")}}
+    return {
+        "consul": {
+            "address": os.environ.get("CONSUL_HTTP_ADDR"),
+            "token": os.environ.get("CONSUL_HTTP_TOKEN"),
+            "token_file": os.environ.get("CONSUL_HTTP_TOKEN_FILE"),
+            "ca_file": os.environ.get("CONSUL_CACERT"),
+        }
+    }
 
 
 def check_host_port(value: str, where: str) -> tuple[str, int]:
@@ -209,10 +216,21 @@ def check_positive(obj: Any, *names: str) -> None:
 class ConsulConfig:
     address: str = "127.0.0.1:8500"
     token: str = ""
+    # The token's file (0600, first line; CONSUL_HTTP_TOKEN_FILE), re-read when it changes: a
+    # rotated token is used without a restart. `token` (CONSUL_HTTP_TOKEN) wins, as with Consul's CLI.
+    token_file: str = ""
+    # CA bundle that verifies an https:// address (CONSUL_CACERT); "" = the system's.
+    ca_file: str = ""
     service: str = "ernie"
     datacenter: str = ""
 
     def __post_init__(self) -> None:
         check_consul_address(self.address)
+        if self.token_file and not self.token:
+            from agent.secret_files import read_secret
+
+            read_secret(self.token_file, "consul.token_file")  # unreadable, public or empty: exit 2
+        if self.ca_file and not os.access(self.ca_file, os.R_OK):
+            raise ConfigError(f"consul.ca_file {self.ca_file}: cannot read it")
         if not self.service or not self.service.replace("-", "").isalnum():
             raise ConfigError(f"consul.service must be a DNS label (letters, digits, '-'), got {self.service!r}")

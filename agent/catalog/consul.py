@@ -10,7 +10,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import consul
 import requests
@@ -25,6 +25,9 @@ from agent.catalog.base import (
     Verdict,
 )
 from agent.durations import go_duration
+
+if TYPE_CHECKING:
+    from agent.config import ConsulConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,27 +75,125 @@ def _consul_client(**kwargs: Any) -> consul.Consul:
 
 
 class ConsulCatalog:
-    """Catalog on top of the Consul HTTP API (agent/service, agent/check, health)."""
+    """Catalog on top of the Consul HTTP API (agent/service, agent/check, health).
 
-    def __init__(self, address: str = "127.0.0.1:8500", token: str | None = None):
+    The ACL token is `token`, or the first line of `token_file` (CONSUL_HTTP_TOKEN_FILE), which
+    is re-read whenever it changes (one stat before each call): a rotated token is used from the
+    next call on, without a restart. `token_generation` counts the tokens read; the registration
+    keeper re-registers what it wrote with an older one, so the local Consul agent's anti-entropy
+    uses the new token too (it keeps the token each service was registered with)."""
+
+    def __init__(
+        self, address: str = "127.0.0.1:8500", token: str | None = None, token_file: str = "", ca_file: str = ""
+    ):
         scheme, host, port = split_address(address)
         self.address = f"{scheme}://{host}:{port}"
         self._token = token or None
-        self._client = _consul_client(host=host, port=port, scheme=scheme, token=self._token, timeout=HTTP_TIMEOUT_S)
+        self._token_file = "" if self._token else token_file
+        self._token_stamp: tuple[int, int, int] | None = None
+        self._token_lock = threading.Lock()
+        self._generation = 0
+        self._accessor: tuple[int, str] | None = None  # (generation, AccessorID) of the token in use
+        self._verify: bool | str = ca_file or True
+        if self._token_file:
+            self._reload_token(initial=True)
+        self._client = self._new_client(HTTP_TIMEOUT_S)
         self._clients_by_timeout: dict[float, consul.Consul] = {}
-        self._host, self._port, self._scheme = host, port, scheme
+
+    @classmethod
+    def for_config(cls, c: ConsulConfig) -> ConsulCatalog:
+        return cls(c.address, c.token, token_file=c.token_file, ca_file=c.ca_file)
+
+    @classmethod
+    def from_env(cls, address: str) -> ConsulCatalog:
+        """The CLI commands' catalog: the token from CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE."""
+        return cls(
+            address,
+            os.environ.get("CONSUL_HTTP_TOKEN"),
+            token_file=os.environ.get("CONSUL_HTTP_TOKEN_FILE", ""),
+            ca_file=os.environ.get("CONSUL_CACERT", ""),
+        )
+
+    def _new_client(self, timeout: float) -> consul.Consul:
+        scheme, host, port = split_address(self.address)
+        client = _consul_client(
+            host=host, port=port, scheme=scheme, token=self._token, timeout=timeout, verify=self._verify
+        )
+        client.token = self._token  # python-consul2 lets CONSUL_HTTP_TOKEN win over the one it is given
+        return client
+
+    # --- the token -----------------------------------------------------------------------------
+
+    @property
+    def token_generation(self) -> int:
+        """How many tokens this catalog has used (0: one, never changed); re-reads token_file."""
+        self._refresh_token()
+        return self._generation
+
+    @property
+    def token_accessor(self) -> str:
+        """The AccessorID of the token in use (what `consul acl token list` shows; not a secret), or
+        "" when Consul cannot say (no token, ACLs disabled, unreachable: asked again next time)."""
+        generation = self.token_generation
+        if self._accessor is not None and self._accessor[0] == generation:
+            return self._accessor[1]
+        if not self._token:
+            return ""
+        try:
+            info = self._client.acl.self()
+        except (consul.ConsulException, requests.RequestException):
+            return ""
+        accessor = str((info or {}).get("AccessorID", ""))
+        self._accessor = (generation, accessor)
+        return accessor
+
+    def _refresh_token(self) -> None:
+        if not self._token_file:
+            return
+        try:
+            st = os.stat(self._token_file)
+        except OSError:
+            return  # kept: the last token read (a file being replaced, or gone: logged on read)
+        if (st.st_mtime_ns, st.st_size, st.st_ino) != self._token_stamp:
+            self._reload_token()
+
+    def _reload_token(self, initial: bool = False) -> None:
+        from agent.config import ConfigError
+        from agent.secret_files import read_secret
+
+        with self._token_lock:
+            try:
+                st = os.stat(self._token_file)
+                token = read_secret(self._token_file, "consul.token_file")
+            except ConfigError as e:
+                if initial:
+                    raise
+                log.warning("%s; still using the token read before", e)
+                return
+            except OSError:
+                return
+            self._token_stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if token == self._token:
+                return
+            changed = self._token is not None
+            self._token = token
+            if changed:
+                self._generation += 1
+                for client in (getattr(self, "_client", None), *getattr(self, "_clients_by_timeout", {}).values()):
+                    if client is not None:
+                        client.token = token
+                log.info("Consul token changed (%s re-read): using the new one from now on", self._token_file)
 
     def _blocking_client(self, wait_s: float) -> consul.Consul:
         timeout = round(wait_s + wait_s / 16 + BLOCKING_SLACK_S, 1)
         client = self._clients_by_timeout.get(timeout)
         if client is None:
-            client = _consul_client(
-                host=self._host, port=self._port, scheme=self._scheme, token=self._token, timeout=timeout
-            )
+            client = self._new_client(timeout)
             self._clients_by_timeout[timeout] = client
         return client
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self._refresh_token()
         try:
             return fn(*args, **kwargs)
         except consul.NotFound as e:

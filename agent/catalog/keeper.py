@@ -5,7 +5,10 @@ for itself).
 Writes only what is needed: register when Consul does not hold the desired registration (or we
 do not know that it does), push the verdict when it changed or the last write failed, refresh it
 when the TTL wants it (refresh_s after the last write, default ttl/3, if the caller allows), and
-register again when Consul lost the instance (NotRegistered: Consul restarted). Not thread-safe:
+register again when Consul lost the instance (NotRegistered: Consul restarted) or when the catalog
+uses a new ACL token (`token_generation`: a rotation; the local Consul agent keeps the token each
+service was registered with for its anti-entropy, so the old token must not stay behind, or
+verdicts stop reaching the catalog once it is deleted). Not thread-safe:
 one writer calls it (the engine's Publisher thread, the gateway's control loop).
 
 A registration whose meta names its owner (`OWNER_META`, the engine agent's identity) is never
@@ -28,6 +31,12 @@ log = logging.getLogger(__name__)
 UNCHANGED = "unchanged"
 OWNER_META = "agent_id"
 TTL_EXPIRED = "TTL expired"  # the head of the output Consul gives a TTL check that expired
+
+
+def catalog_token_generation(catalog: Catalog) -> int:
+    """The catalog's ACL token generation (ConsulCatalog re-reads its token file); 0 for catalogs
+    without one."""
+    return int(getattr(catalog, "token_generation", 0))
 
 
 class OwnedElsewhere(CatalogError):
@@ -65,6 +74,7 @@ class RegistrationKeeper:
         self.pushed: Verdict | None = None
         self.pushed_at_s = 0.0
         self.ok: bool | None = None  # the last write succeeded (None: none yet)
+        self.token_generation = 0  # the catalog's token generation the registration was written with
 
     def refresh_due(self, now: float) -> bool:
         return now - self.pushed_at_s >= self.refresh_s
@@ -72,13 +82,15 @@ class RegistrationKeeper:
     def keep(self, desired: Registration, verdict: Verdict, now: float, refresh: bool = True) -> str:
         """Make Consul hold `desired` with `verdict`; returns what was done. CatalogError propagates
         (the caller decides how to report it); the next call then writes again."""
+        generation = catalog_token_generation(self.catalog)
         try:
-            if self.registered != desired:
+            new_token = self.registered is not None and generation != self.token_generation
+            if self.registered != desired or new_token:
                 if self.registered is None:
                     self._claim(desired)
+                action = "registered" if self.registered != desired else "registered with the new Consul token"
                 self.catalog.register(desired, verdict)
                 self.registered = desired
-                action = "registered"
             elif verdict != self.pushed or self.ok is False or (refresh and self.refresh_due(now)):
                 try:
                     self.catalog.set_verdict(self.id, verdict)
@@ -94,6 +106,7 @@ class RegistrationKeeper:
             self.ok = False
             raise
         self.ok, self.pushed, self.pushed_at_s = True, verdict, now
+        self.token_generation = generation
         return action
 
     def _claim(self, desired: Registration) -> None:

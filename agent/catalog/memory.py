@@ -19,6 +19,8 @@ class MemoryCatalog:
         self._index = 1
         self._changed = threading.Condition()
         self.writes: list[tuple[str, str]] = []  # (operation, instance_id) for assertions
+        self.token_generation = 0  # what ConsulCatalog counts when its token file changes
+        self.token_accessor = ""
 
     def _check(self) -> None:
         if not self.available:

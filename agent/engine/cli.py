@@ -16,6 +16,7 @@ import uvicorn
 from agent.binaries import MissingBinary
 from agent.catalog.base import Catalog, CatalogError
 from agent.catalog.consul import ConsulCatalog
+from agent.catalog.token_use import TokenUseCollector
 from agent.catalog.keeper import foreign_owner, taken_message
 from agent.config import ConfigError
 from agent.engine import config as engine_config
@@ -72,11 +73,14 @@ def check_runnable(cfg: engine_config.EngineAgentConfig) -> None:
 
 
 async def serve(cfg: engine_config.EngineAgentConfig) -> int:
-    catalog = ConsulCatalog(cfg.consul.address, cfg.consul.token)
+    catalog = ConsulCatalog.for_config(cfg.consul)
     metrics = EngineAgentMetrics()
     limits = httpx.Limits(max_connections=32, max_keepalive_connections=8)
     async with httpx.AsyncClient(limits=limits) as client:
         controllers = {c.id: c for c in (InstanceController(cfg, s, catalog, client, metrics) for s in cfg.engines)}
+        metrics.registry.register(
+            TokenUseCollector(catalog, lambda: [c.publisher.keeper for c in controllers.values()])
+        )
         host, port = cfg.listen_host_port
         server = _AgentServer(
             uvicorn.Config(
@@ -168,7 +172,7 @@ def main(argv: list[str]) -> int:
         check_runnable(cfg)
         check_secrets(cfg)
         check_listen(cfg)
-        check_not_taken(cfg, ConsulCatalog(cfg.consul.address, cfg.consul.token))
+        check_not_taken(cfg, ConsulCatalog.for_config(cfg.consul))
     except (ConfigError, MissingBinary) as e:
         print(f"ernie-mesh engine: {e}", file=sys.stderr)
         return 2

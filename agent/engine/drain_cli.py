@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"ernie-mesh drain: {e}", file=sys.stderr)
         return 2
-    catalog = ConsulCatalog(args.consul, os.environ.get("CONSUL_HTTP_TOKEN"))
+    catalog = ConsulCatalog.from_env(args.consul)
 
     def find() -> CatalogEntry | None:
         _idx, entries = catalog.instances(args.service)

@@ -78,6 +78,7 @@ class GatewayAgent:
         envoy: EnvoySupervisor,
         relays: RelaySupervisor | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wake: threading.Event | None = None,
     ):
         self.cfg = cfg
         self.relays = relays
@@ -87,6 +88,8 @@ class GatewayAgent:
         self.envoy = envoy
         self.clock = clock
         self.stop_event = threading.Event()
+        # set when a supervised process exits (and on stop): the loop runs at once, not on its tick
+        self.wake = wake or threading.Event()
         self.snapshot: Snapshot | None = None
         self._watch: WatchUpdate | None = None  # the watch's last update: its state, for grace and summary
         self._lock = threading.Lock()
@@ -94,7 +97,7 @@ class GatewayAgent:
         self._last_entries: tuple[CatalogEntry, ...] = ()
         self._held: frozenset[str] = frozenset()
         self._registration = registration_of(cfg)
-        self._keeper = RegistrationKeeper(catalog, self._registration.instance_id, cfg.ttl_s)
+        self.keeper = RegistrationKeeper(catalog, self._registration.instance_id, cfg.ttl_s)
         self._last_registration_error_log = 0.0
 
     # --- catalog -> snapshot -> ADS (watch thread) --------------------------------------------
@@ -193,7 +196,7 @@ class GatewayAgent:
     def _keep_registered(self, verdict: Verdict) -> str:
         now = self.clock()
         try:
-            self._keeper.keep(self._registration, verdict, now)
+            self.keeper.keep(self._registration, verdict, now)
         except CatalogError as e:
             if now - self._last_registration_error_log >= REGISTRATION_ERROR_LOG_EVERY_S:
                 self._last_registration_error_log = now
@@ -212,7 +215,8 @@ class GatewayAgent:
             if summary and summary != last:
                 log.info("%s", summary)
                 last = summary
-            self.stop_event.wait(self.cfg.reconcile_interval_s)
+            self.wake.wait(self.cfg.reconcile_interval_s)
+            self.wake.clear()
 
     def deregister(self) -> None:
         try:

@@ -11,11 +11,13 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 
 from agent.binaries import MissingBinary, envoy_binary
 from agent.catalog.consul import ConsulCatalog
+from agent.catalog.token_use import TokenUseCollector
 from agent.config import ConfigError
 from agent.gateway import bootstrap
 from agent.gateway import config as gateway_config
@@ -63,12 +65,13 @@ def prepare(argv: list[str]) -> tuple[gateway_config.GatewayConfig, str, str]:
 def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     """Run until a signal. Returns the exit code, or RELOAD after SIGHUP (everything but Envoy
     and the relays stopped, ready for the exec)."""
-    catalog = ConsulCatalog(cfg.consul.address, cfg.consul.token)
+    catalog = ConsulCatalog.for_config(cfg.consul)
     metrics = GatewayMetrics()
-    envoy = EnvoySupervisor(cfg, binary, template, on_restart=metrics.envoy_restarts.inc)
+    wake = threading.Event()  # a supervised process exited: the agent's loop runs at once
+    envoy = EnvoySupervisor(cfg, binary, template, on_restart=metrics.envoy_restarts.inc, on_exit=wake.set)
     # Wiring runs one way: metrics <- ADS server <- agent <- watch; nothing points back.
     ads = AdsServer(cfg.xds, callbacks=metrics)
-    relays = RelaySupervisor(cfg, on_restart=metrics.relay_restarts.inc)
+    relays = RelaySupervisor(cfg, on_restart=metrics.relay_restarts.inc, on_exit=wake.set)
     keys_watch = (
         KeysWatch(
             Path(cfg.keys_dir),
@@ -79,7 +82,8 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
         if cfg.edge.keys_required
         else None
     )
-    agent = GatewayAgent(cfg, catalog, metrics, ads, envoy, relays)
+    agent = GatewayAgent(cfg, catalog, metrics, ads, envoy, relays, wake=wake)
+    metrics.registry.register(TokenUseCollector(catalog, lambda: [agent.keeper]))
     watch = CatalogWatch(catalog, cfg.consul.service, agent.on_watch, cfg.watch, metrics=metrics)
 
     reload = False
@@ -89,6 +93,7 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
         reload = signum == signal.SIGHUP
         log.info("%s: %s", signal.Signals(signum).name, "reloading (envoy keeps serving)" if reload else "stopping")
         agent.stop_event.set()
+        wake.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)

@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     check_consul_address(args.consul)
-    store = ConsulCatalog(args.consul, os.environ.get("CONSUL_HTTP_TOKEN"))
+    store = ConsulCatalog.from_env(args.consul)
     try:
         if args.command == "add":
             return _add(store, args)

@@ -64,3 +64,23 @@ def test_after_forget_the_next_keep_registers_afresh():
     cat.deregister(REG.instance_id)
     k.forget()
     assert k.keep(REG, OK, now=1) == "registered"
+
+
+def test_a_new_consul_token_re_registers_with_it_and_the_use_is_counted():
+    """Token rotation: the local Consul agent keeps the token each service was registered with for
+    its anti-entropy, so a new token must be registered with again (same ID: no catalog gap)."""
+    from agent.catalog.token_use import token_use
+
+    cat = MemoryCatalog()
+    cat.token_accessor = "old-accessor"
+    k = RegistrationKeeper(cat, REG.instance_id, ttl_s=9)
+    assert token_use(cat, [k]) == {}  # nothing written yet
+    k.keep(REG, OK, now=0)
+    assert token_use(cat, [k]) == {"old-accessor": 1}
+    cat.token_generation, cat.token_accessor = 1, "new-accessor"
+    assert token_use(cat, [k]) == {"stale": 1}  # written with the old token, not yet again
+    assert k.keep(REG, OK, now=0.5, refresh=False) == "registered with the new Consul token"
+    assert cat.writes[-1] == ("register", REG.instance_id)
+    assert cat.verdict(REG.instance_id) == OK
+    assert token_use(cat, [k]) == {"new-accessor": 1}
+    assert k.keep(REG, OK, now=0.6, refresh=False) == UNCHANGED
