@@ -5,6 +5,8 @@ supervisors all ask here."""
 from __future__ import annotations
 
 import os
+import select
+import time
 from pathlib import Path
 
 
@@ -49,3 +51,23 @@ def alive(pid: int) -> bool:
     except ChildProcessError:
         pass  # not our child
     return state(pid) not in ("", "Z", "X")
+
+
+def wait_exit(pid: int) -> None:
+    """Block until pid has exited (any process, not only a child: a pidfd). Returns at once if it is
+    gone. Where pidfds are missing (Linux < 5.3) it polls."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except OSError:
+        while alive(pid):
+            time.sleep(0.05)
+        return
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll(1000):
+            pass
+    finally:
+        os.close(fd)

@@ -33,8 +33,9 @@ from typing import Any
 import httpx
 
 from agent import pids
-from agent.gateway import bootstrap
+from agent.gateway import bootstrap, restarts
 from agent.gateway.config import GatewayConfig
+from agent.gateway.restarts import RestartBackoff
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ STOP_TIMEOUT_S = 10.0
 # `Connection: close`, HTTP/2 GOAWAY) before it closes idle connections at the deadline.
 DRAIN_ANNOUNCE_S = 5
 STABLE_AFTER_S = 60.0  # an Envoy up this long resets the restart backoff
+KEEPER_EXIT_WAIT_S = 1.0
 LOG_TAIL_LINES = 8
 KEEPER = Path(__file__).with_name("envoy_keeper.py")
 # Never inherited by Envoy (nor by the relays, agent/gateway/relays.py): it needs no Consul access.
@@ -134,11 +136,13 @@ class EnvoySupervisor:
         binary: str,
         template_text: str,
         on_restart: Callable[[], None] | None = None,
+        on_exit: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.cfg = cfg
         self.binary = binary
         self.on_restart = on_restart
+        self.on_exit = on_exit  # called from a thread the moment the running Envoy exits
         self.clock = clock
         self.run_dir = Path(cfg.run_dir)
         self.bootstrap_path = self.run_dir / "bootstrap.yaml"
@@ -161,7 +165,9 @@ class EnvoySupervisor:
         self.predecessor: int | None = None
         # a new bootstrap waiting for the predecessor to exit before its hot restart
         self.hot_restart_pending = False
-        self._backoff_s = cfg.envoy_restart_backoff_initial_s
+        self.backoff = RestartBackoff(
+            cfg.envoy_restart_backoff_initial_s, cfg.envoy_restart_backoff_max_s, STABLE_AFTER_S
+        )
         self._stopping = False
 
     # --- start / adopt / replace ----------------------------------------------------------------
@@ -217,6 +223,7 @@ class EnvoySupervisor:
         self.started_at = self.clock()
         self.starts += 1
         self._write_record()
+        self._watch_exit()
         log.info(
             "envoy started: pid %d (hot-restart epoch %d), listen %s, admin %s, log %s",
             self.pid,
@@ -287,6 +294,11 @@ class EnvoySupervisor:
         self.proc, self.keeper_pid = None, rec.keeper_pid
         self.predecessor = rec.predecessor_pid if rec.predecessor_pid and pids.alive(rec.predecessor_pid) else None
         log.info("adopted the running envoy (pid %d) left by a previous agent", rec.pid)
+        self._watch_exit()
+
+    def _watch_exit(self) -> None:
+        if self.on_exit is not None and self.pid is not None:
+            restarts.on_exit(self.pid, self.on_exit, "envoy")
 
     def _hot_restart(self, rec: EnvoyRecord) -> bool:
         """Start the next epoch beside the running Envoy; False if that Envoy cannot hot restart."""
@@ -310,7 +322,7 @@ class EnvoySupervisor:
     def _running(self, pid: int) -> bool:
         """Whether this Envoy runs (its keeper exits with it: reaped here, whoever started it)."""
         if self.proc is not None and pid == self.pid:
-            return self.proc.poll() is None
+            return self.proc.poll() is None and pids.alive(pid)  # Envoy first: its keeper follows
         if pid == self.pid and self.keeper_pid:
             pids.alive(self.keeper_pid)  # reaps the keeper of an adopted Envoy that has exited
         return pids.alive(pid)
@@ -319,8 +331,8 @@ class EnvoySupervisor:
         """One supervision step: 'running', 'restarting in Ns', 'restarted'."""
         now = self.clock()
         if self.alive():
-            if self.started_at is not None and now - self.started_at > STABLE_AFTER_S:
-                self._backoff_s = self.cfg.envoy_restart_backoff_initial_s
+            if self.started_at is not None:
+                self.backoff.ran_for(now - self.started_at)
             self._follow_predecessor()
             return "running"
         if self._stopping:
@@ -340,17 +352,16 @@ class EnvoySupervisor:
             self._spawn()
             return "restarted"
         if self.next_start_at is None:
-            code = self.proc.returncode if self.proc is not None else None
-            self.last_exit = f"exit code {code}" if code is not None else "gone"
+            self.last_exit = restarts.describe_exit(self._keeper_exit())
+            delay = self.backoff.next_delay()
             log.error(
-                "envoy (pid %s) died (%s); restarting in %.1fs. Last log lines:\n%s",
+                "envoy (pid %s) died (%s); %s. Last log lines:\n%s",
                 self.pid,
                 self.last_exit,
-                self._backoff_s,
+                f"restarting in {delay:.1f}s" if delay else "restarting now",
                 self.log_tail(),
             )
-            self.next_start_at = now + self._backoff_s
-            self._backoff_s = min(self._backoff_s * 2, self.cfg.envoy_restart_backoff_max_s)
+            self.next_start_at = now + delay
         if now < self.next_start_at:
             return f"restarting in {self.next_start_at - now:.1f}s"
         self.next_start_at = None
@@ -359,6 +370,15 @@ class EnvoySupervisor:
         if self.on_restart:
             self.on_restart()
         return "restarted"
+
+    def _keeper_exit(self) -> int | None:
+        """Envoy's exit as its keeper reports it (the keeper exits right after Envoy, by its signal)."""
+        if self.proc is None:
+            return None  # adopted: not our child
+        try:
+            return self.proc.wait(KEEPER_EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _follow_predecessor(self) -> None:
         """Notice when the Envoy a hot restart replaced has exited; then a hot restart that waited

@@ -26,7 +26,9 @@ from typing import Any
 
 from agent import pids
 from agent.gateway.config import GatewayConfig
+from agent.gateway import restarts
 from agent.gateway.envoy import SECRET_ENV
+from agent.gateway.restarts import RestartBackoff
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class _Slot:
         self.pid: int | None = None
         self.started_at = 0.0
         self.next_start_at: float | None = None
-        self.backoff_s = RESTART_BACKOFF_INITIAL_S
+        self.backoff = RestartBackoff(RESTART_BACKOFF_INITIAL_S, RESTART_BACKOFF_MAX_S, STABLE_AFTER_S)
 
 
 class RelaySupervisor:
@@ -84,10 +86,12 @@ class RelaySupervisor:
         self,
         cfg: GatewayConfig,
         on_restart: Callable[[], None] | None = None,
+        on_exit: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.cfg = cfg
         self.on_restart = on_restart
+        self.on_exit = on_exit  # called from a thread the moment a relay exits
         self.clock = clock
         self.run_dir = Path(cfg.run_dir)
         self.metrics_dir = Path(cfg.relay_metrics_dir)
@@ -129,6 +133,7 @@ class RelaySupervisor:
                 and cfg_socket_in(pids.cmdline(rec["pid"]), self.cfg.relay_socket(slot.index))
             ):
                 slot.pid, slot.started_at = rec["pid"], self.clock()
+                self._watch_exit(slot)
                 adopted += 1
             elif (
                 rec
@@ -167,6 +172,11 @@ class RelaySupervisor:
         tmp.write_text(json.dumps({"pid": slot.pid, "digest": self._digest(slot.index)}))
         os.replace(tmp, self._record_path(slot.index))
         log.info("relay %d started: pid %d, socket %s", slot.index, slot.pid, self.cfg.relay_socket(slot.index))
+        self._watch_exit(slot)
+
+    def _watch_exit(self, slot: _Slot) -> None:
+        if self.on_exit is not None and slot.pid is not None:
+            restarts.on_exit(slot.pid, self.on_exit, f"relay-{slot.index}")
 
     # --- supervision ----------------------------------------------------------------------------
 
@@ -194,22 +204,23 @@ class RelaySupervisor:
         for slot in self.slots:
             if self._slot_alive(slot):
                 running += self._listening(slot)
-                if now - slot.started_at > STABLE_AFTER_S:
-                    slot.backoff_s = RESTART_BACKOFF_INITIAL_S
+                slot.backoff.ran_for(now - slot.started_at)
                 continue
             if self._stopping:
                 continue
             if slot.next_start_at is None:
+                delay = slot.backoff.next_delay()
+                code = slot.proc.returncode if slot.proc is not None and slot.proc.pid == slot.pid else None
                 log.error(
-                    "relay %d (pid %s) died; restarting in %.1fs (log %s)",
+                    "relay %d (pid %s) died (%s); %s (log %s)",
                     slot.index,
                     slot.pid,
-                    slot.backoff_s,
+                    restarts.describe_exit(code),
+                    f"restarting in {delay:.1f}s" if delay else "restarting now",
                     self._log_path(slot.index),
                 )
                 self._forget(slot.pid)
-                slot.next_start_at = now + slot.backoff_s
-                slot.backoff_s = min(slot.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+                slot.next_start_at = now + delay
             if now >= slot.next_start_at:
                 slot.next_start_at = None
                 self._spawn(slot)
