@@ -33,6 +33,8 @@ CHAOS_ORDER = (
     "relay-kill",
     "envoy-kill",
     "slowloris",
+    "consul-leader-loss",
+    "gateway-host-loss",
 )
 FAULTS = {
     "kill": "engine killed -9 (with its children), back at the fault's end",
@@ -49,6 +51,11 @@ FAULTS = {
     "relay-kill": "one resuming relay process killed -9",
     "envoy-kill": "Envoy killed -9",
     "slowloris": "slow connections trickling headers or bodies",
+    "consul-leader-loss": "leader of a 3-server Consul cluster killed -9, hosts in network namespaces "
+    "(baseline: none — it has no Consul)",
+    "gateway-host-loss": "one of two gateway hosts behind one Consul DNS name cut off the network, hosts in "
+    "network namespaces (baseline: not run — one nginx host; with two behind a static name, nothing would "
+    "take the lost one out of the name)",
 }
 
 
@@ -119,8 +126,10 @@ same time: read the counts (failed, truncated) as exact and the times as those o
 
 Reproduce: `python -m bench --only drills` (every drill with simulated engines, both systems
 where the baseline has the part; about 40 minutes), `python -m bench --only vllm` (kill, hang and
-rolling with real vLLM engines), or a single drill: `ernie-mesh drill prompt-of-death --system both
---duration 60 --json`. Proxy overhead, propagation and scale are in [benchmarks.md](benchmarks.md).
+rolling with real vLLM engines), some drills alone with the other rows kept (`python -m bench --drills
+consul-leader-loss,gateway-host-loss`, the two drills on network namespaces: root only), or a single
+drill: `ernie-mesh drill prompt-of-death --system both --duration 60 --json`. Proxy overhead,
+propagation and scale are in [benchmarks.md](benchmarks.md).
 
 """
     + SYSTEMS
@@ -180,7 +189,26 @@ resuming relay processes killed -9; the gateway agent starts another. `envoy-kil
 gateway's Envoy killed -9; the gateway agent starts another; recovered when a request through the
 gateway is answered again (probed every 50 ms). `slowloris` — 1,000 connections
 (`bench/slowloris.py`) that never finish their request, half trickling header lines, half a
-body, one piece a second, for 65 s, while the normal clients run. The baseline has no Consul,
+body, one piece a second, for 65 s, while the normal clients run.
+`consul-leader-loss` and `gateway-host-loss` run on hosts made of Linux network namespaces
+(`bench/netns_mesh.py`, needs root): real `consul agent` servers and clients with the Ansible
+role's settings (without ACLs and gossip encryption), every agent talking to its host's local
+Consul client, the engine agents on one host, each gateway (agent, Envoy, relays) on a host of
+its own. `consul-leader-loss` — three Consul servers; the leader killed -9 under load, started
+again 20 s later or once the two others elected a new leader, whichever comes later (the clients
+run in the drill's own namespace and reach the gateway host's address); *detect s* is the seconds
+until a new leader. `gateway-host-loss` — two gateway hosts registered as `ernie-gateway`, one
+Consul server answering DNS; the clients run on a host of their own and resolve
+`ernie-gateway.service.consul` (port 8080 on every gateway) through Consul's DNS — chosen over a
+list of addresses in the client because the name follows the catalog: a lost or drained gateway
+leaves the answer without any client changing its configuration. They are the official `openai`
+SDK as an application would set it up: its default 2 retries (connection errors, timeouts, 5xx),
+a 2 s connect timeout and a 5 s read timeout (a lost host sends no RST: without a read timeout a
+request waits for the whole client timeout), one connection per client. The gateway host most
+clients are on is cut off the network (its link down); *detect s* is the seconds until Consul's
+DNS no longer names it, *recover s* until every client has had an answer from the other gateway;
+its goal: nothing fails but the requests in flight on the lost gateway (no client connection
+outlives its host). The baseline has no Consul,
 engine agents, relay or supervising gateway: """
     + ", ".join(f"`{s}`" for s in sorted(MESH_ONLY))
     + """ run for the mesh only.
@@ -215,7 +243,17 @@ started on the killed engine was cut: Envoy cannot retry a response that has sta
 
 def _section(title: str, part: Figures, body: list[str], note: str = "") -> list[str]:
     """One part of the document: title, the machine it ran on, its table, what to read in it."""
-    return [title, "", f"Machine: {_machine(part['machine'])}.", "", *body, "", *([note, ""] if note else [])]
+    own = [r for r in part.get("rows", []) if r.get("machine")]  # rows run on their own (--drills)
+    machines = [f"`{r['scenario']}` ran on its own: {_machine(r['machine'])}." for r in own]
+    return [
+        title,
+        "",
+        f"Machine: {_machine(part['machine'])}." + (" " + " ".join(machines) if machines else ""),
+        "",
+        *body,
+        "",
+        *([note, ""] if note else []),
+    ]
 
 
 def _drill_body(rows: list[Figures], settings_note: str = "") -> list[str]:
@@ -239,6 +277,9 @@ def goal_met(r: Figures) -> bool:
         return serves_again
     if r["scenario"] == "relay-kill":
         return serves_again and int(r["failed"]) == 0 and int(r["truncated"]) <= _lost(r)
+    if r["scenario"] == "gateway-host-loss":
+        g = r.get("gateway_loss") or {}
+        return g.get("other_not_ok") == 0 and g.get("not_ok_on_survivor_only") == 0
     return int(r["failed"]) == 0 and int(r["truncated"]) == 0
 
 
@@ -249,6 +290,8 @@ def _goal(r: Figures | None) -> str:
         wanted = f"serves again ≤ {SERVE_AGAIN_GOAL_S:g} s"
     elif r["scenario"] == "relay-kill":
         wanted = f"0 failed, only its own streams cut, replaced ≤ {SERVE_AGAIN_GOAL_S:g} s"
+    elif r["scenario"] == "gateway-host-loss":
+        wanted = "only what was in flight on the lost gateway fails"
     else:
         wanted = "0 failed, 0 truncated"
     return f"{wanted}: met" if goal_met(r) else f"{wanted}: **missed**"
@@ -373,7 +416,41 @@ def drill_notes(rows: list[Figures]) -> list[str]:
         elif s == "slowloris":
             for r in both:
                 out.append(f"- `slowloris` / {_slowloris(r)}.")
+        elif s == "consul-leader-loss" and m:
+            out.append(_leader_loss_note(m))
+        elif s == "gateway-host-loss" and m:
+            out.append(_gateway_loss_note(m))
     return out
+
+
+def _leader_loss_note(m: Figures) -> str:
+    ll = m.get("leader_loss") or {}
+    left = ", ".join(ll.get("left_the_catalog") or []) or "none"
+    samples = ll.get("gateway_samples", 0)
+    routed = samples - ll.get("gateway_samples_not_routing_every_engine", 0)
+    return (
+        f"- `consul-leader-loss` / mesh: leader {ll.get('killed')} killed -9; {ll.get('new_leader')} elected "
+        f"after {ll.get('new_leader_s')} s (Consul's default Raft timing, as the Ansible role leaves it); "
+        f"instances that left the catalog (read from a follower): {left}, fewest passing "
+        f"{ll.get('fewest_passing_in_catalog')} of {m['engines']}; the gateway's catalog reads failed "
+        f"{ll.get('gateway_watch_errors')} times meanwhile (it keeps its last snapshot), and its Envoy routed "
+        f"to every engine in {routed} of {samples} samples (every 0.1 s) until the killed server started again."
+    )
+
+
+def _gateway_loss_note(m: Figures) -> str:
+    g = m.get("gateway_loss") or {}
+    fl, ac = g.get("in_flight_on_lost") or {}, g.get("after_cut") or {}
+    return (
+        f"- `gateway-host-loss` / mesh: {g.get('clients_on_lost_at_cut')} of {g.get('clients')} clients were on "
+        f"the lost gateway at the cut. In flight on it: {fl.get('requests')} requests ({fl.get('streams')} "
+        f"streaming) — {fl.get('truncated')} truncated, {fl.get('failed')} failed (a stream that has started "
+        f"cannot be retried by any client), {fl.get('ok')} completed after the SDK's retry on the other gateway. "
+        f"Started after the cut: {ac.get('requests')}, {ac.get('failed')} failed, {ac.get('truncated')} "
+        f"truncated. Not ok on the surviving gateway: {g.get('not_ok_on_survivor_only')}; not ok otherwise: "
+        f"{g.get('other_not_ok')}. Consul's DNS stopped naming the lost gateway {report.detect_cell(m)} s after "
+        f"the cut; every client had been served by the other {_recover(m)} s after it."
+    )
 
 
 def _settings(rows: list[Figures]) -> str:
@@ -455,9 +532,7 @@ def shortfalls(results: Figures) -> list[str]:
 
 NOT_YET = """## Not measured yet
 
-- Consul leader loss in a 3-server cluster, and the loss of a whole gateway host with two gateways
-  behind one name (both need network namespaces), and `site.yml` re-run after a code change under
-  load: no drill yet.
+- `site.yml` re-run after a code change under load: no drill yet.
 """
 SOAK_RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 

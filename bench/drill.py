@@ -72,6 +72,20 @@ def progress(msg: str) -> None:
 
 
 def build_system(name: str, opts: DrillOptions, settings: EngineSettings, workdir: Path) -> System:
+    if name == "mesh" and opts.scenario in sc.NETNS:
+        from bench.netns_mesh import NetnsMeshSystem
+
+        host_loss = opts.scenario == "gateway-host-loss"
+        return NetnsMeshSystem(
+            settings,
+            opts.engines,
+            workdir / "mesh-netns",
+            progress,
+            servers=1 if host_loss else 3,
+            gateways=2 if host_loss else 1,
+            dns_clients=host_loss,
+            agent_settings=opts.agent_settings,
+        )
     if name == "mesh":
         from bench.mesh import MeshSystem
 
@@ -106,7 +120,7 @@ def run_one(
         system.start()
         system.wait_all_in_rotation(ready_timeout)
         monitor = Monitor(system).start()
-        load = LoadGenerator(
+        load = system.load_generator(
             LoadConfig(
                 system.base_url,
                 settings.served_model_name,
@@ -179,7 +193,10 @@ def run_one(
         if failure:
             raise RuntimeError(f"{name}: scenario {opts.scenario} failed: {failure[0]}") from failure[0]
         monitor.stop()
-        return result_of(name, opts, load, monitor, elapsed) | tl.extra
+        result = result_of(name, opts, load, monitor, elapsed) | tl.extra
+        for finish in tl.finish:  # a scenario's figures from every request's outcome
+            result |= finish(load.snapshot())
+        return result
     except KeyboardInterrupt:
         stop.set()
         raise

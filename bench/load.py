@@ -11,15 +11,27 @@ detectable) and records what a user would see:
   ok         everything else
 
 The client is created with max_retries=0: the drill measures the serving system, not the client's
-retry loop (which would hide failures of either system).
+retry loop (which would hide failures of either system) - except where the client's own behaviour
+is the point (the loss of a gateway host: LoadConfig.max_retries, and a read timeout that notices
+a host that went silent). Each result records the gateway address its last attempt was sent to
+(`server`) and how many attempts it took.
+
+`python -m bench.load --base-url URL --out results.jsonl ...` runs the same load as a process of its
+own (in another network namespace, with that namespace's resolver), one JSON line per request.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import signal
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import httpx
 import openai
@@ -40,6 +52,10 @@ class LoadConfig:
     request_timeout_s: float = 60.0
     prompt: str = PROMPT
     api_key: str = BENCH_API_KEY  # the benchmark gateways' (the baseline and engines ignore it)
+    max_retries: int = 0  # the openai client's own retries (connection errors, timeouts, 5xx)
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float | None = None  # between two reads; None: request_timeout_s
+    max_connections: int = 4  # per client (1: every attempt's gateway is the one its connection goes to)
 
 
 @dataclass
@@ -54,6 +70,9 @@ class Result:
     error: str = ""
     kind: str = ""  # short category of a not-ok outcome (for counting)
     max_gap_s: float = 0.0  # a stream's longest silence (from the request to its first event included)
+    # "ip:port" each attempt's request was sent to, in order (the client's retries included)
+    servers: list[str] = field(default_factory=list)
+    worker: int = -1  # which client (LoadGenerator thread) sent it
 
     @property
     def ended(self) -> float:
@@ -160,8 +179,9 @@ def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
 class LoadGenerator:
     """`concurrency` threads, each with its own client and connection pool, until stop()."""
 
-    def __init__(self, cfg: LoadConfig):
+    def __init__(self, cfg: LoadConfig, on_result: Callable[[Result], None] | None = None):
         self.cfg = cfg
+        self.on_result = on_result
         self.results: list[Result] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -178,15 +198,25 @@ class LoadGenerator:
         return self
 
     def _worker(self, index: int) -> None:
+        tracer = _Tracer()
+        timeout = (
+            httpx.Timeout(self.cfg.request_timeout_s, connect=self.cfg.connect_timeout_s, read=self.cfg.read_timeout_s)
+            if self.cfg.read_timeout_s is not None
+            else httpx.Timeout(self.cfg.request_timeout_s, connect=self.cfg.connect_timeout_s)
+        )
         http = httpx.Client(
-            limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
-            timeout=httpx.Timeout(self.cfg.request_timeout_s, connect=5.0),
+            limits=httpx.Limits(
+                max_connections=self.cfg.max_connections,
+                max_keepalive_connections=min(2, self.cfg.max_connections),
+            ),
+            timeout=timeout,
+            event_hooks={"request": [tracer.install]},
         )
         client = openai.OpenAI(
             base_url=f"{self.cfg.base_url}/v1",
             api_key=self.cfg.api_key,
-            max_retries=0,
-            timeout=self.cfg.request_timeout_s,
+            max_retries=self.cfg.max_retries,
+            timeout=timeout,  # type: ignore[arg-type]  # openai's httpx2 alias of httpx.Timeout
             # openai types this as httpx2.Client, but accepts (and checks for) an httpx.Client
             http_client=http,  # type: ignore[arg-type]
         )
@@ -196,9 +226,13 @@ class LoadGenerator:
         while not self._stop.is_set():
             k = n * self.cfg.concurrency + index
             stream = math.floor((k + 1) * self.cfg.stream_ratio) > math.floor(k * self.cfg.stream_ratio)
+            tracer.sent.clear()
             res = one_request(client, self.cfg, stream)
+            res.worker, res.servers = index, list(tracer.sent)
             with self._lock:
                 self.results.append(res)
+            if self.on_result is not None:
+                self.on_result(res)
             n += 1
             if res.outcome == "failed" and res.latency_s < 0.05:
                 self._stop.wait(0.05)  # an instant error (nothing listening): do not spin the CPU
@@ -219,6 +253,25 @@ class LoadGenerator:
     def snapshot(self) -> list[Result]:
         with self._lock:
             return list(self.results)
+
+
+class _Tracer:
+    """httpcore's trace hook on every request of one client: which address each attempt went to.
+    With max_connections=1 the attempt goes over the client's one connection, the last one made."""
+
+    def __init__(self) -> None:
+        self.peer = ""
+        self.sent: list[str] = []
+
+    def install(self, request: httpx.Request) -> None:
+        request.extensions["trace"] = self.trace
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.complete":
+            addr = info["return_value"].get_extra_info("server_addr")
+            self.peer = f"{addr[0]}:{addr[1]}" if addr else ""
+        elif event.endswith("send_request_headers.started"):
+            self.sent.append(self.peer)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -280,3 +333,64 @@ def summarize(results: list[Result], seconds: float) -> LoadSummary:
         longest_wait_s=round(max(waits), 2) if waits else None,
         errors=dict(sorted(errors.items(), key=lambda kv: -kv[1])),
     )
+
+
+# --- as a process of its own ------------------------------------------------------------------
+
+
+def _stop(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.load", description="steady load; one JSON line per request")
+    p.add_argument("--base-url", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="JSON lines: first {'started_at': t}, then one per request")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--stream-ratio", type=float, default=0.5)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--request-timeout", type=float, default=60.0)
+    p.add_argument("--max-retries", type=int, default=0)
+    p.add_argument("--connect-timeout", type=float, default=5.0)
+    p.add_argument("--read-timeout", type=float)
+    p.add_argument("--max-connections", type=int, default=4)
+    a = p.parse_args(argv)
+    cfg = LoadConfig(
+        a.base_url,
+        a.model,
+        a.concurrency,
+        a.stream_ratio,
+        a.max_tokens,
+        a.request_timeout,
+        max_retries=a.max_retries,
+        connect_timeout_s=a.connect_timeout,
+        read_timeout_s=a.read_timeout,
+        max_connections=a.max_connections,
+    )
+    out = open(a.out, "a", buffering=1)  # line-buffered: the drill reads it while the load runs
+    lock = threading.Lock()
+
+    def write(res: Result) -> None:
+        with lock:
+            if not out.closed:
+                out.write(json.dumps(asdict(res)) + "\n")
+
+    signal.signal(signal.SIGTERM, _stop)
+    load = LoadGenerator(cfg, on_result=write)
+    try:
+        load.start()
+        with lock:
+            out.write(json.dumps({"started_at": load.started_at}) + "\n")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        load.stop(wait_s=a.request_timeout + 5)
+    with lock:
+        out.write(json.dumps({"stopped_at": load.stopped_at}) + "\n")
+        out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

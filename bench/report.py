@@ -81,6 +81,8 @@ def _ratio(b: float | None, m: float | None, digits: int = 1) -> str:
 
 
 def detect_cell(r: Figures) -> str:
+    if r.get("detect_of"):  # a drill whose detection is of something else than an engine (its row says what)
+        return "never" if r["detect_s"] is None else f"{r['detect_s']:.1f}"
     if not r.get("engine_fault"):
         return "n/a"
     return "never" if r["detect_s"] is None else f"{r['detect_s']:.1f}"

@@ -6,6 +6,8 @@ propagation, scale) from them.
                                           # propagation, scale
     python -m bench --only vllm           # the kill, hang and rolling drills with real vLLM engines
     python -m bench --only drills --duration 30  # every drill with simulated engines
+    python -m bench --drills consul-leader-loss,gateway-host-loss  # these drills only; the other
+                                          # rows of the chaos matrix keep their figures
 
 Parts not run keep their last figures (each part records its own date), so a long vLLM run and
 the simulated-engine runs can be done separately and still land in one document.
@@ -54,10 +56,11 @@ def stamp(part: Figures) -> Figures:
     return {"machine": report.machine(), **part}
 
 
-def run_drills(args: argparse.Namespace, engine: str) -> Figures:
+def run_drills(args: argparse.Namespace, engine: str, names: tuple[str, ...] | None = None) -> Figures:
     rows = []
     stop = threading.Event()
-    names = VLLM_SCENARIOS if engine == "vllm" else tuple(SCENARIOS)
+    if names is None:
+        names = VLLM_SCENARIOS if engine == "vllm" else tuple(SCENARIOS)
     for name in names:
         if engine == "vllm":
             opts = DrillOptions(
@@ -80,6 +83,17 @@ def run_drills(args: argparse.Namespace, engine: str) -> Figures:
             )
             rows.append(r)
     return {"rows": rows}
+
+
+def merge_rows(part: Figures | None, new_rows: list[Figures]) -> Figures:
+    """The drills part with `new_rows` in place of the rows of the same scenarios (or added); each
+    new row keeps the machine it ran on (the part's own line stays that of the last full run)."""
+    part = dict(part) if part else stamp({"rows": []})
+    machine = report.machine()
+    replaced = {r["scenario"] for r in new_rows}
+    kept = [r for r in part.get("rows", []) if r["scenario"] not in replaced]
+    part["rows"] = kept + [{**r, "machine": machine} for r in new_rows]
+    return part
 
 
 def run_propagation(workdir: Path) -> Figures:
@@ -110,12 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-engines", type=int, default=2, help="vLLM engines per system (default 2: 2 cores)")
     p.add_argument("--vllm-concurrency", type=int, default=4)
     p.add_argument("--vllm-duration", type=float, default=120.0)
+    p.add_argument(
+        "--drills",
+        help="comma-separated drills (simulated engines) to run alone: their rows replace those of the "
+        "last run, each row stamped with its own machine line; no other part runs unless --only says so",
+    )
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md and docs/reliability.md")
     args = p.parse_args(argv)
     parts = tuple(x.strip() for x in args.only.split(",")) if args.only else DEFAULT_PARTS
+    drills = tuple(x.strip() for x in args.drills.split(",")) if args.drills else ()
+    if drills and not args.only:
+        parts = ()
     unknown = set(parts) - set(PARTS)
     if unknown:
         p.error(f"unknown part(s): {', '.join(sorted(unknown))}")
+    if set(drills) - set(SCENARIOS):
+        p.error(f"unknown drill(s): {', '.join(sorted(set(drills) - set(SCENARIOS)))}")
+    if drills and "drills" in parts:
+        p.error("--drills runs some drills, --only drills all of them: choose one")
     stop_on_sigterm()
     results = load_results()
     workdir = Path(tempfile.mkdtemp(prefix="ernie-bench-"))
@@ -136,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import scale
 
                 results["scale"] = stamp({"sizes": scale.run(workdir=workdir / "scale")})
+            save_results(results)
+        if drills:
+            progress(f"--- drills {', '.join(drills)} ---")
+            results["drills"] = merge_rows(results.get("drills"), run_drills(args, "sim", drills)["rows"])
             save_results(results)
     except KeyboardInterrupt:
         progress("interrupted: figures of the parts that finished are kept")

@@ -21,6 +21,7 @@ import httpx
 from agent.local.procs import ManagedProcess
 from bench.engines import PROMPT_OF_DEATH, listening_pid
 from bench.keys import AUTH
+from bench.load import Result
 from bench.monitor import FaultEvent, Monitor
 from bench.system import Progress, System
 
@@ -31,7 +32,9 @@ ROLLING_PAUSE_S = 1.0
 # Faults with a length of their own (the default elsewhere: HOLD x the drill's duration).
 # slowloris: longer than both systems' 60 s client timeouts, to show what each does at their end.
 # crash-loop: long enough for 5 failed starts at the default backoff (1, 2, 4, 8 s) to be a crash loop.
-NOMINAL_HOLD_S = {"consul-slow": 20.0, "slowloris": 65.0, "crash-loop": 40.0}
+# consul-leader-loss: the dead leader stays down 20 s (an election takes seconds; what matters is
+# the mesh serving through it), then starts again as systemd's Restart=on-failure would bring it.
+NOMINAL_HOLD_S = {"consul-slow": 20.0, "slowloris": 65.0, "crash-loop": 40.0, "consul-leader-loss": 20.0}
 CRASH_SETTLE_S = 2.0  # after the prompt of death's answer: how long engines get to show they died
 POISON_TIMEOUT_S = 60.0
 PROBE_EVERY_S = 0.05
@@ -59,6 +62,8 @@ class Timeline:
     slow_connections: int = SLOWLORIS_CONNECTIONS
     recover_wait_s: float = 60.0  # how long after a fault's end recovery is waited for
     extra: dict[str, Any] = field(default_factory=dict)  # a scenario's own figures for the result
+    # called with every request's outcome once the load stopped; what they return joins the result
+    finish: list[Callable[[list[Result]], dict[str, Any]]] = field(default_factory=list)
 
     def at(self, rel_s: float) -> float:
         """Sleep until t0 + rel_s; returns the wall time."""
@@ -369,6 +374,172 @@ def _probe(http: httpx.Client, base_url: str, model: str) -> bool:
         return False
 
 
+# --- netns drills (bench/netns_mesh.py: hosts as network namespaces) ------------------------------
+
+
+def _netns(tl: Timeline) -> Any:
+    from bench.netns_mesh import NetnsMeshSystem
+
+    if not isinstance(tl.system, NetnsMeshSystem):
+        raise TypeError(f"this drill needs the netns mesh, not {tl.system.name}")
+    return tl.system
+
+
+def consul_leader_loss(tl: Timeline) -> None:
+    """The Consul leader of a 3-server cluster SIGKILLed; started again at the fault's end. Seen on
+    the way: seconds until the two others elect a new leader, whether an instance left the catalog
+    (read `stale` from a follower) or the gateway's Envoy stopped routing to one (the monitor)."""
+    system = _netns(tl)
+    tl.at(tl.fault_at)
+    old = system.leader_host()
+    if old is None:
+        raise RuntimeError("no Consul leader before the fault")
+    gw = system.gateway_hosts[0]
+    watch_errors = system.gateway_metric(gw, "ernie_gateway_consul_watch_errors_total") or 0.0
+    ev = tl.monitor.add(FaultEvent(f"Consul leader {old} killed -9", None, time.time()))
+    ev.notes["killed"] = old
+    ev.notes["pid"] = system.kill_consul(old)
+    tl.say(f"Consul leader {old} (pid {ev.notes['pid']}) killed -9")
+    new = None
+    leader_at = None
+    fewest_passing = system.n
+    absent: set[str] = set()
+    every: set[str] | None = None
+    while time.time() < ev.t_fault + tl.hold_s or (new is None and time.time() < ev.t_fault + tl.recover_wait_s):
+        if new is None:
+            seen = system.leader_host()
+            if seen is not None and seen != old:
+                new, leader_at = seen, time.time()
+                tl.say(f"new Consul leader: {new} after {leader_at - ev.t_fault:.1f}s")
+        p = system.passing()
+        if p is not None:
+            every = set(p) if every is None else every
+            absent |= every - set(p)
+            fewest_passing = min(fewest_passing, sum(1 for v in p.values() if v == "passing"))
+        tl.at(time.time() - tl.t0 + 0.1)
+    ev.t_end = time.time()
+    system.start_consul(old)
+    tl.say(f"Consul server {old} started again")
+    ev.notes.update(
+        {
+            "new_leader": new,
+            "new_leader_s": None if leader_at is None else round(leader_at - ev.t_fault, 2),
+            "fewest_passing_in_catalog": fewest_passing,
+            "left_the_catalog": sorted(absent),
+        }
+    )
+    tl.extra["detect_s"] = ev.notes["new_leader_s"]
+    tl.extra["detect_of"] = "a new Consul leader"
+
+    def finish(_results: list[Result]) -> dict[str, Any]:
+        # the gateway's view from the kill to the fault's end (the monitor samples Envoy's /clusters)
+        t_end = ev.t_end if ev.t_end is not None else ev.t_fault
+        during = [rot for t, rot in tl.monitor.samples if ev.t_fault <= t <= t_end]
+        errors = system.gateway_metric(gw, "ernie_gateway_consul_watch_errors_total")
+        return {
+            "leader_loss": {
+                **ev.notes,
+                "gateway_samples": len(during),
+                "gateway_samples_not_routing_every_engine": sum(1 for rot in during if len(rot) < system.n),
+                "gateway_watch_errors": None if errors is None else int(errors - watch_errors),
+            }
+        }
+
+    tl.finish.append(finish)
+
+
+def gateway_host_loss(tl: Timeline) -> None:
+    """Two gateway hosts behind one name (Consul DNS); the one most clients are on is cut off the
+    network (its link down: no RST, its connections go silent). The clients (bench.load in a host
+    of their own, the openai SDK with its retries) must move to the other; only what was in flight
+    on the lost one may fail. Recovered when every client had an answer from the survivor after the
+    cut."""
+    system = _netns(tl)
+    load = system.load
+    if load is None:
+        raise RuntimeError("the drill's clients are not running")
+    tl.at(tl.fault_at)
+    # The gateway the clients are on is the one lost (with both addresses in the answer, every client
+    # here connects to the same one: see gateway_loss_figures' "clients_on_lost_at_cut").
+    at = {h: f"{system.address(h)}:{system.gateway_port}" for h in system.gateway_hosts}
+    last: dict[int, str] = {}
+    for r in sorted(load.snapshot(), key=lambda r: r.started):
+        if r.servers:
+            last[r.worker] = r.servers[-1]
+    lost = max(system.gateway_hosts, key=lambda h: sum(1 for s in last.values() if s == at[h]))
+    survivor = next(h for h in system.gateway_hosts if h != lost)
+    lost_at, survivor_at = at[lost], at[survivor]
+    ev = tl.monitor.add(FaultEvent(f"gateway host {lost} cut off", None, time.time(), scenario_recovers=True))
+    ev.t_end = ev.t_fault
+    system.cut(lost)
+    t_cut = ev.t_fault
+    tl.say(f"gateway host {lost} ({lost_at}) cut off; {survivor} ({survivor_at}) remains")
+    dns_gone_at = None
+    while time.time() < t_cut + tl.recover_wait_s:
+        if dns_gone_at is None:
+            names = system.resolve()
+            if names and system.address(lost) not in names:
+                dns_gone_at = time.time()
+                tl.say(f"Consul's DNS names {names} only, {dns_gone_at - t_cut:.1f}s after the cut")
+        served_at = all_served_by(load.snapshot(), survivor_at, t_cut, load.cfg.concurrency)
+        if served_at is not None and dns_gone_at is not None:
+            ev.recovered_at = served_at
+            break
+        tl.at(time.time() - tl.t0 + 0.2)
+    tl.say(f"every client served by {survivor} {ev.recover_s}s after the cut")
+    tl.extra["detect_s"] = None if dns_gone_at is None else round(dns_gone_at - t_cut, 2)
+    tl.extra["detect_of"] = "Consul's DNS no longer naming the lost gateway"
+    tl.finish.append(lambda results: {"gateway_loss": gateway_loss_figures(results, t_cut, lost_at, survivor_at)})
+
+
+def all_served_by(results: list[Result], server: str, since: float, workers: int) -> float | None:
+    """When every client (worker) had completed a request started after `since` on `server`: the
+    latest of each client's first such answer; None while a client has had none."""
+    first: dict[int, float] = {}
+    for r in results:
+        if r.outcome == "ok" and r.started >= since and r.servers and r.servers[-1] == server:
+            first[r.worker] = min(first.get(r.worker, r.ended), r.ended)
+    if len(first) < workers:
+        return None
+    return max(first.values())
+
+
+def gateway_loss_figures(results: list[Result], t_cut: float, lost: str, survivor: str) -> dict[str, Any]:
+    """What the clients saw: requests in flight on the lost gateway at the cut, those started after
+    it, and every other request that did not complete (the goal: none)."""
+
+    def outcomes(rs: list[Result]) -> dict[str, int]:
+        return {k: sum(1 for r in rs if r.outcome == k) for k in ("ok", "failed", "truncated")}
+
+    before = [r for r in results if r.started < t_cut]
+    last_server: dict[int, str] = {}  # each client's gateway at the cut (that of its attempt under way)
+    for r in sorted(before, key=lambda r: r.started):
+        if r.servers:
+            last_server[r.worker] = r.servers[0] if r.ended > t_cut else r.servers[-1]
+    in_flight = [r for r in before if r.ended > t_cut]
+    on_lost = [r for r in in_flight if r.servers and r.servers[0] == lost]
+    after = [r for r in results if r.started >= t_cut]
+    not_ok = [r for r in results if r.outcome != "ok"]
+    others = [r for r in not_ok if r not in on_lost]
+    return {
+        "lost": lost,
+        "survivor": survivor,
+        "clients_on_lost_at_cut": sum(1 for s in last_server.values() if s == lost),
+        "clients": len({r.worker for r in results}),
+        "in_flight_on_lost": {"requests": len(on_lost), **outcomes(on_lost), "streams": sum(r.stream for r in on_lost)},
+        "after_cut": {
+            "requests": len(after),
+            **outcomes(after),
+            "first_sent_to_lost": sum(1 for r in after if r.servers and r.servers[0] == lost),
+            "retried": sum(1 for r in after if len(r.servers) > 1),
+        },
+        # not ok, and not in flight on the lost gateway at the cut: the goal is none
+        "other_not_ok": len(others),
+        "not_ok_on_survivor_only": sum(1 for r in not_ok if r.servers and set(r.servers) == {survivor}),
+        "other_not_ok_errors": sorted({r.error[:120] for r in others})[:5],
+    }
+
+
 SCENARIOS: dict[str, Callable[[Timeline], None]] = {
     "kill": kill,
     "hang": hang,
@@ -384,16 +555,21 @@ SCENARIOS: dict[str, Callable[[Timeline], None]] = {
     "slowloris": slowloris,
     "relay-kill": relay_kill,
     "envoy-kill": envoy_kill,
+    "consul-leader-loss": consul_leader_loss,
+    "gateway-host-loss": gateway_host_loss,
 }
+# Drills on hosts made of network namespaces (bench/netns_mesh.py; they need root).
+NETNS = frozenset({"consul-leader-loss", "gateway-host-loss"})
 # Scenarios whose fault lasts hold_s (the others are one event: a crash, a kill, a rolling restart).
 HELD = frozenset(
     {"kill", "hang", "slow", "consul-restart", "gateway-restart", "consul-slow", "engine-agent-kill"}
-    | {"crash-loop", "slowloris"}
+    | {"crash-loop", "slowloris", "consul-leader-loss"}
 )
 # The baseline has no control plane, no engine agents and no supervisor of its own: those faults
 # have no counterpart there.
 MESH_ONLY = frozenset(
     {"consul-restart", "gateway-restart", "consul-slow", "engine-agent-kill", "crash-loop", "relay-kill", "envoy-kill"}
+    | NETNS
 )
 VLLM_OK = frozenset({"kill", "hang", "rolling", "consul-restart", "gateway-restart"})
 DESCRIPTIONS = {
@@ -411,4 +587,6 @@ DESCRIPTIONS = {
     "slowloris": "1,000 connections trickling request headers or bodies while normal clients run",
     "relay-kill": "one of the gateway's resuming relay processes killed -9 under load",
     "envoy-kill": "the gateway's Envoy killed -9 under load: requests lost in flight, seconds until it serves again",
+    "consul-leader-loss": "the leader of a 3-server Consul cluster killed -9 under load (hosts in network namespaces)",
+    "gateway-host-loss": "one of two gateway hosts behind one DNS name cut off the network (network namespaces)",
 }

@@ -7,6 +7,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 from bench.engines import EngineSettings, completed_requests, freeze, kill_worker, slow_down, speed_up, thaw
+from bench.load import LoadConfig, LoadGenerator
 
 Progress = Callable[[str], None]
 SLOW_FACTOR = 10.0
@@ -36,6 +37,11 @@ class System:
 
     def stop(self) -> None:
         raise NotImplementedError
+
+    def load_generator(self, cfg: LoadConfig) -> LoadGenerator:
+        """The drill's clients (a system whose clients live elsewhere, e.g. in a network namespace of
+        their own, runs them there)."""
+        return LoadGenerator(cfg)
 
     def wait_all_in_rotation(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
