@@ -12,11 +12,13 @@ from agent.sim.engine import (
     CRASH_EXIT_CODE,
     DEFAULT_MAX_MODEL_LEN,
     DEFAULT_MAX_NUM_SEQS,
+    DEFAULT_PREFILL_MS_PER_TOKEN,
     DEFAULT_TOKEN_DELAY_MS,
     EngineConfig,
     SimEngine,
 )
 from agent.sim.faults import DEFAULT_ERROR_RATE, DEFAULT_SLOW_FACTOR, FAULT_MODE_NAMES, Fault, FaultError, FaultMode
+from agent.sim.prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_CAPACITY_BLOCKS
 
 log = logging.getLogger("agent.sim")
 
@@ -35,10 +37,17 @@ Fault modes (--fault at start; at run time, only with --allow-faults, POST /sim/
   none                nothing wrong
   hang                gray failure: /health 200 and /metrics served, but every generation stalls
   hang_after_headers  new requests get response headers, then nothing
-  slow                per-token delay multiplied by slow_factor
+  slow                per-token delay (and prefill) multiplied by slow_factor
   error_rate          a fraction error_rate of generation requests answered 500
   crash               the process exits at once with code 1
 (--crash-on-prompt TEXT and --crash-at-start-if-exists PATH: a prompt of death, a crash loop.)
+
+Timing and the prefix cache: each token comes --token-delay-ms after the one before; the first one
+also waits --prefill-ms-per-token for every prompt token not in the prefix cache. The prefix cache
+works like vLLM's automatic prefix caching: an LRU of --prefix-cache-blocks blocks of --block-size
+tokens, a block a hit only when everything before it matches too (a chat prompt starts with its
+system message: requests with the same long system prompt share its blocks). Counted in tokens on
+/metrics (vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total) and in /sim/stats.
 
 API keys as vLLM: --api-key KEY (repeatable), else the environment's VLLM_API_KEY; then /v1/...
 needs Authorization: Bearer <key> (401 {"error": "Unauthorized"} without). --config FILE reads
@@ -56,6 +65,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -91,6 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="delay before each generated token, ms (default %(default)s)",
     )
     p.add_argument(
+        "--prefill-ms-per-token",
+        type=_non_negative_float,
+        default=DEFAULT_PREFILL_MS_PER_TOKEN,
+        metavar="MS",
+        help="extra delay of the first token per prompt token not found in the prefix cache, ms (default %(default)s)",
+    )
+    p.add_argument(
+        "--prefix-cache-blocks",
+        type=_non_negative_int,
+        default=DEFAULT_CAPACITY_BLOCKS,
+        metavar="N",
+        help="prefix cache capacity in blocks, least recently used evicted; 0 turns it off (default %(default)s)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=DEFAULT_BLOCK_SIZE,
+        help="tokens per prefix cache block, as vLLM's --block-size (default %(default)s)",
+    )
+    p.add_argument(
         "--crash-on-prompt",
         default="",
         metavar="TEXT",
@@ -119,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--slow-factor",
         type=float,
         default=DEFAULT_SLOW_FACTOR,
-        help="token delay multiplier of fault 'slow' (default %(default)s)",
+        help="token delay and prefill multiplier of fault 'slow' (default %(default)s)",
     )
     p.add_argument(
         "--error-rate",
@@ -224,17 +263,23 @@ def main(argv: list[str]) -> int:
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             crash_marker=args.crash_on_prompt,
+            prefix_cache_blocks=args.prefix_cache_blocks,
+            block_size=args.block_size,
+            prefill_ms_per_token=args.prefill_ms_per_token,
         ),
         fault,
     )
     log.warning(
-        "SIMULATED engine %s (not vLLM) serving model %r on http://%s:%d, fault %s, token delay %g ms, %s",
+        "SIMULATED engine %s (not vLLM) serving model %r on http://%s:%d, fault %s, token delay %g ms, "
+        "prefill %g ms per uncached token, prefix cache %s, %s",
         name,
         args.model,
         args.host,
         args.port,
         fault.mode.value,
         args.token_delay_ms,
+        args.prefill_ms_per_token,
+        f"{args.prefix_cache_blocks} blocks of {args.block_size} tokens" if args.prefix_cache_blocks else "off",
         f"{len(api_keys)} API key(s) required on /v1" if api_keys else "no API key",
     )
     from agent.sim.server import ServeOptions, serve  # uvicorn + starlette: not needed for --help or bad args

@@ -17,11 +17,16 @@ from typing import Any
 
 from agent.sim.faults import ErrorDraw, Fault, FaultMode
 from agent.sim.metrics import SimMetrics
+from agent.sim.prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_CAPACITY_BLOCKS, Lookup, PrefixCache
 from agent.sim.protocol import GenerationParams
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_DELAY_MS = 20.0
+# Prefill time per prompt token not found in the prefix cache, on top of the first token's token
+# delay: a 10-token prompt's first token comes 1 ms later than the others' delay, a cold 1,300-token
+# system prompt's 130 ms later (cached, ~0).
+DEFAULT_PREFILL_MS_PER_TOKEN = 0.1
 DEFAULT_MAX_MODEL_LEN = 4096
 DEFAULT_MAX_NUM_SEQS = 256
 KV_CACHE_CAPACITY_TOKENS = 16_384
@@ -37,6 +42,9 @@ class EngineConfig:
     max_model_len: int = DEFAULT_MAX_MODEL_LEN
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     crash_marker: str = ""  # a request whose body contains it crashes the engine (a prompt of death)
+    prefix_cache_blocks: int = DEFAULT_CAPACITY_BLOCKS  # 0: no prefix caching
+    block_size: int = DEFAULT_BLOCK_SIZE
+    prefill_ms_per_token: float = DEFAULT_PREFILL_MS_PER_TOKEN
 
 
 class ActiveRequest:
@@ -54,6 +62,7 @@ class ActiveRequest:
         self.tokens = 0
         self.finish_reason: str | None = None
         self.abort_reason: str | None = None
+        self.lookup: Lookup | None = None  # the prefix cache's answer, once admitted to run
         self._wakeup: asyncio.Future[None] | None = None
 
     async def sleep(self, delay_s: float | None) -> None:
@@ -92,6 +101,7 @@ class SimEngine:
         self._completed = 0
         self._aborted = 0
         self._tokens_total = 0
+        self.prefix_cache = PrefixCache(config.prefix_cache_blocks, config.block_size)
         self.metrics = SimMetrics(
             config.model,
             running=lambda: len(self._running),
@@ -160,16 +170,17 @@ class SimEngine:
             if len(self._running) < self.config.max_num_seqs:
                 self._waiting.discard(req)
                 self._running.add(req)
+                self._look_up_prefix(req)
                 break
             await req.sleep(None)
-        deadline_s = loop.time() + self._token_delay_s()
+        deadline_s = loop.time() + self._token_delay_s(req)
         while True:
             if req.abort_reason is not None:
                 self._finish(req, "abort")
                 return None
             if self._stalled(req):
                 await req.sleep(None)
-                deadline_s = loop.time() + self._token_delay_s()
+                deadline_s = loop.time() + self._token_delay_s(req)
                 continue
             remaining_s = deadline_s - loop.time()
             if remaining_s <= 0:
@@ -181,6 +192,7 @@ class SimEngine:
             # so a hung engine shows no progress at all.
             self.metrics.prompt_tokens.inc(req.params.prompt_tokens)
             self.metrics.ttft_s.observe(now_s - req.started_s)
+            self.prefix_cache.insert(req.params.prompt.token_ids)
         else:
             self.metrics.itl_s.observe(now_s - req.last_token_s)
         req.last_token_s = now_s
@@ -201,6 +213,8 @@ class SimEngine:
         """The handler is done with `req` (finished, failed or its client gone)."""
         if req.finish_reason is None:
             self._finish(req, "abort")
+        if req.last_token_s is not None and req in self._running:
+            self.prefix_cache.insert(self._computed_ids(req))
         freed = req in self._running
         self._waiting.discard(req)
         self._running.discard(req)
@@ -228,9 +242,29 @@ class SimEngine:
         mode = self._fault.mode
         return mode is FaultMode.HANG or (req.held and mode is FaultMode.HANG_AFTER_HEADERS)
 
-    def _token_delay_s(self) -> float:
+    def _token_delay_s(self, req: ActiveRequest) -> float:
+        """The wait for `req`'s next token: the token delay, and for its first token also the prefill
+        of the prompt tokens the prefix cache did not have; all of it times the slow factor."""
         factor = self._fault.slow_factor if self._fault.mode is FaultMode.SLOW else 1.0
-        return self.config.token_delay_ms * factor / 1000.0
+        delay_ms = self.config.token_delay_ms
+        if req.last_token_s is None and req.lookup is not None:
+            delay_ms += req.lookup.uncached_tokens * self.config.prefill_ms_per_token
+        return delay_ms * factor / 1000.0
+
+    def _look_up_prefix(self, req: ActiveRequest) -> None:
+        """At admission to run, as vLLM's scheduler: find the cached prefix, count the lookup."""
+        cache = self.prefix_cache
+        req.lookup = cache.lookup(req.params.prompt.token_ids)
+        if cache.enabled:
+            self.metrics.prefix_cache_queries.inc(req.lookup.prompt_tokens)
+            self.metrics.prefix_cache_hits.inc(req.lookup.cached_tokens)
+
+    @staticmethod
+    def _computed_ids(req: ActiveRequest) -> list[int]:
+        """The tokens whose KV `req` has computed: its prompt and every generated token but the last
+        (sampled, never fed back), as the blocks vLLM keeps cached after a request."""
+        generated = [req.params.token(i)[1] for i in range(req.tokens - 1)]
+        return [*req.params.prompt.token_ids, *generated]
 
     def _kv_cache_usage(self) -> float:
         used = sum(r.params.prompt_tokens + r.tokens for r in self._running)
@@ -271,5 +305,6 @@ class SimEngine:
             "aborted": self._aborted,
             "by_status": dict(sorted(self._status.items())),
             "generation_tokens_total": self._tokens_total,
+            "prefix_cache": self.prefix_cache.stats(),
             "shutting_down": self._shutting_down,
         }

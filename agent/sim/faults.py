@@ -16,7 +16,7 @@ class FaultMode(str, enum.Enum):
     NONE = "none"
     HANG = "hang"  # gray failure: /health 200, every generation stalls (new and in flight)
     HANG_AFTER_HEADERS = "hang_after_headers"  # new requests get headers, then nothing
-    SLOW = "slow"  # per-token delay multiplied by slow_factor
+    SLOW = "slow"  # per-token delay and prefill multiplied by slow_factor
     ERROR_RATE = "error_rate"  # a fraction error_rate of generations answered 500
     CRASH = "crash"  # the process exits at once (exit code 1)
 

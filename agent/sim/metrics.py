@@ -108,6 +108,17 @@ class SimMetrics:
         self.prompt_tokens = Counter(
             "vllm:prompt_tokens", "Number of prefill tokens processed.", label, registry=r
         ).labels(model_name)
+        # In tokens, as vLLM 0.32 counts them (vllm/v1/metrics/loggers.py): every prompt token looked
+        # up, and of those the ones found cached.
+        self.prefix_cache_queries = Counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            label,
+            registry=r,
+        ).labels(model_name)
+        self.prefix_cache_hits = Counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", label, registry=r
+        ).labels(model_name)
         self._success = Counter(
             "vllm:request_success",
             "Count of successfully processed requests.",

@@ -271,3 +271,41 @@ def test_the_fault_endpoint_needs_allow_faults(sims):
     assert sim.is_running() and httpx.get(f"{sim.url}/health", timeout=5).status_code == 200
     with pytest.raises(SimEngineError, match="allow_faults"):
         sim.set_fault("hang")
+
+
+def test_prefix_cache_counters_after_two_chats_with_the_same_long_system_prompt(sims):
+    """Through the real process and its flags: the second chat hits the system prompt's whole blocks
+    (of --block-size 32), on /metrics under vLLM's names and in /sim/stats; its first token comes
+    sooner (--prefill-ms-per-token 2: the cold 400-token system prompt costs >= 0.8 s). With
+    --prefix-cache-blocks 0 nothing is counted."""
+    system = " ".join(f"rule{i}" for i in range(400))  # 400 tokens; with the template 403 shared
+    flags = ("--block-size", "32", "--prefill-ms-per-token", "2")
+    on = sims(token_delay_ms=1, extra_args=flags)
+    off = sims(token_delay_ms=1, extra_args=(*flags, "--prefix-cache-blocks", "0"))
+
+    def two_chats(sim: SimEngineProcess) -> tuple[list[float], list[int]]:
+        elapsed, prompt_tokens = [], []
+        with httpx.Client(base_url=sim.url, timeout=30) as c:
+            for user in ("hello there", "what now then"):
+                messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+                r = c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+                assert r.status_code == 200, r.text
+                elapsed.append(r.elapsed.total_seconds())
+                prompt_tokens.append(r.json()["usage"]["prompt_tokens"])
+        return elapsed, prompt_tokens
+
+    (cold_s, hot_s), prompts = two_chats(on)
+    text = httpx.get(f"{on.url}/metrics", timeout=5).text
+    queries, hits = sum(prompts), 403 // 32 * 32  # 12 whole blocks of 32: 384 tokens
+    assert metric(text, "vllm:prefix_cache_queries_total") == queries
+    assert metric(text, "vllm:prefix_cache_hits_total") == hits
+    assert metric(text, "vllm:prompt_tokens_total") == queries
+    stats = on.stats()["prefix_cache"]
+    assert (stats["queries"], stats["hits"], stats["block_size"], stats["enabled"]) == (queries, hits, 32, True)
+    assert cold_s >= 0.8 and hot_s < cold_s / 2
+
+    (cold_off_s, again_off_s), _ = two_chats(off)
+    text = httpx.get(f"{off.url}/metrics", timeout=5).text
+    assert metric(text, "vllm:prefix_cache_queries_total") == 0 == metric(text, "vllm:prefix_cache_hits_total")
+    assert off.stats()["prefix_cache"]["enabled"] is False
+    assert cold_off_s >= 0.8 and again_off_s >= 0.8
