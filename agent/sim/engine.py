@@ -192,7 +192,7 @@ class SimEngine:
             # so a hung engine shows no progress at all.
             self.metrics.prompt_tokens.inc(req.params.prompt_tokens)
             self.metrics.ttft_s.observe(now_s - req.started_s)
-            self.prefix_cache.insert(req.params.prompt.token_ids)
+            self.prefix_cache.insert(req.params.prompt.token_ids, self._prompt_hashes(req))
         else:
             self.metrics.itl_s.observe(now_s - req.last_token_s)
         req.last_token_s = now_s
@@ -214,7 +214,7 @@ class SimEngine:
         if req.finish_reason is None:
             self._finish(req, "abort")
         if req.last_token_s is not None and req in self._running:
-            self.prefix_cache.insert(self._computed_ids(req))
+            self.prefix_cache.insert(self._computed_ids(req), self._prompt_hashes(req))
         freed = req in self._running
         self._waiting.discard(req)
         self._running.discard(req)
@@ -258,6 +258,10 @@ class SimEngine:
         if cache.enabled:
             self.metrics.prefix_cache_queries.inc(req.lookup.prompt_tokens)
             self.metrics.prefix_cache_hits.inc(req.lookup.cached_tokens)
+
+    @staticmethod
+    def _prompt_hashes(req: ActiveRequest) -> tuple[bytes, ...]:
+        return req.lookup.block_hashes if req.lookup is not None else ()
 
     @staticmethod
     def _computed_ids(req: ActiveRequest) -> list[int]:

@@ -43,6 +43,7 @@ class Lookup:
 
     prompt_tokens: int
     cached_tokens: int
+    block_hashes: tuple[bytes, ...] = ()  # of the prompt's full blocks, to extend instead of redo
 
     @property
     def uncached_tokens(self) -> int:
@@ -70,12 +71,13 @@ class PrefixCache:
     def cached_blocks(self) -> int:
         return len(self._blocks)
 
-    def block_hashes(self, token_ids: Sequence[int]) -> list[bytes]:
-        """The chained hash of every full block of `token_ids`, in order."""
+    def block_hashes(self, token_ids: Sequence[int], known: Sequence[bytes] = ()) -> list[bytes]:
+        """The chained hash of every full block of `token_ids`, in order; `known` are the hashes of
+        its first blocks, already computed (only the blocks after them are hashed)."""
         size = self.block_size
-        out: list[bytes] = []
-        parent = _ROOT
-        for start in range(0, len(token_ids) - size + 1, size):
+        out = list(known)
+        parent = out[-1] if out else _ROOT
+        for start in range(len(out) * size, len(token_ids) - size + 1, size):
             block = token_ids[start : start + size]
             parent = hashlib.blake2b(parent + struct.pack(f"<{size}I", *block), digest_size=16).digest()
             out.append(parent)
@@ -86,8 +88,9 @@ class PrefixCache:
         n = len(token_ids)
         if not self.enabled:
             return Lookup(n, 0)
+        hashes = self.block_hashes(token_ids)
         hit: list[bytes] = []
-        for block_hash in self.block_hashes(token_ids)[: max(0, n - 1) // self.block_size]:
+        for block_hash in hashes[: max(0, n - 1) // self.block_size]:
             if block_hash not in self._blocks:
                 break
             hit.append(block_hash)
@@ -95,13 +98,13 @@ class PrefixCache:
         cached = len(hit) * self.block_size
         self.queries += n
         self.hits += cached
-        return Lookup(n, cached)
+        return Lookup(n, cached, tuple(hashes))
 
-    def insert(self, token_ids: Sequence[int]) -> None:
+    def insert(self, token_ids: Sequence[int], known: Sequence[bytes] = ()) -> None:
         """Cache the full blocks of `token_ids` (tokens whose KV has been computed), evicting the least
-        recently used blocks beyond the capacity."""
+        recently used blocks beyond the capacity. `known`: the hashes of its first blocks."""
         if self.enabled:
-            self._touch(self.block_hashes(token_ids))
+            self._touch(self.block_hashes(token_ids, known))
 
     def _touch(self, hashes: list[bytes]) -> None:
         for block_hash in reversed(hashes):  # tail first: the first block ends up most recent

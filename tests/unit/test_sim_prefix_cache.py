@@ -63,6 +63,17 @@ def test_a_block_hits_only_when_the_whole_prefix_before_it_matches():
     assert cache.lookup([*seq(7000, 20), *seq(1, 20)]).cached_tokens == 16
 
 
+def test_block_hashes_extend_a_known_prefix_to_the_same_chain():
+    """What the engine does when a request ends: the prompt's hashes, extended over the tokens generated."""
+    cache = PrefixCache(capacity_blocks=100, block_size=16)
+    ids = seq(0, 100)
+    full = cache.block_hashes(ids)
+    assert len(full) == 6 and len(set(full)) == 6
+    assert cache.block_hashes(ids, known=cache.block_hashes(ids[:40])) == full
+    assert cache.block_hashes(ids, known=full) == full
+    assert cache.lookup(ids).block_hashes == tuple(full)
+
+
 def test_the_last_prompt_token_is_never_a_hit():
     """As vLLM: the last prompt token is recomputed for its logits, so an n-token prompt hits at most
     (n - 1) // block_size blocks; a block-aligned prompt seen before hits all blocks but its last."""
