@@ -243,8 +243,14 @@ started on the killed engine was cut: Envoy cannot retry a response that has sta
 
 def _section(title: str, part: Figures, body: list[str], note: str = "") -> list[str]:
     """One part of the document: title, the machine it ran on, its table, what to read in it."""
-    own = [r for r in part.get("rows", []) if r.get("machine")]  # rows run on their own (--drills)
-    machines = [f"`{r['scenario']}` ran on its own: {_machine(r['machine'])}." for r in own]
+    by_machine: dict[str, list[str]] = {}  # rows run on their own (--drills), by the machine line
+    for r in part.get("rows", []):
+        if r.get("machine"):
+            by_machine.setdefault(_machine(r["machine"]), []).append(f"`{r['scenario']}`")
+    machines = [
+        f"{' and '.join(dict.fromkeys(names))} ran on {'its' if len(set(names)) == 1 else 'their'} own: {m}."
+        for m, names in by_machine.items()
+    ]
     return [
         title,
         "",
@@ -443,7 +449,15 @@ def _gateway_loss_note(m: Figures) -> str:
     fl, ac = g.get("in_flight_on_lost") or {}, g.get("after_cut") or {}
     return (
         f"- `gateway-host-loss` / mesh: {g.get('clients_on_lost_at_cut')} of {g.get('clients')} clients were on "
-        f"the lost gateway at the cut. In flight on it: {fl.get('requests')} requests ({fl.get('streams')} "
+        f"the lost gateway at the cut"
+        + (
+            " (with both addresses in the answer, every client connected to the same one: glibc's getaddrinfo "
+            "orders the addresses by RFC 6724's rules, the longest matching prefix among them, so clients on "
+            "one subnet all try the same gateway first — one name spreads clients across subnets, not within one)"
+            if g.get("clients") and g.get("clients_on_lost_at_cut") == g.get("clients")
+            else ""
+        )
+        + f". In flight on it: {fl.get('requests')} requests ({fl.get('streams')} "
         f"streaming) — {fl.get('truncated')} truncated, {fl.get('failed')} failed (a stream that has started "
         f"cannot be retried by any client), {fl.get('ok')} completed after the SDK's retry on the other gateway. "
         f"Started after the cut: {ac.get('requests')}, {ac.get('failed')} failed, {ac.get('truncated')} "
