@@ -113,3 +113,61 @@ def test_to_toml_refuses_what_toml_cannot_say(value):
 
     with pytest.raises(AnsibleFilterError):
         load("toml").to_toml(value)
+
+
+def test_only_secrets_no_host_supplies_are_generated():
+    ernie = load("ernie")
+    hostvars = {"a": {"consul_encrypt_key": "k", "x": ""}, "b": {"y": "from vault"}}
+    names = ["consul_encrypt_key", "x", "y", "z"]
+    assert ernie.ernie_unsupplied(names, hostvars, ["a", "b"]) == ["x", "z"]
+    assert ernie.ernie_unsupplied(names, hostvars, ["a"]) == ["x", "y", "z"]
+
+
+def test_token_accessors_are_stable_per_role_and_secret_and_hide_it():
+    ernie = load("ernie")
+    a = ernie.ernie_token_accessor("engine", "11111111-2222-3333-4444-555555555555")
+    assert a == ernie.ernie_token_accessor("engine", "11111111-2222-3333-4444-555555555555")  # a re-run finds it
+    assert a != ernie.ernie_token_accessor("engine", "66666666-2222-3333-4444-555555555555")  # a rotation: a new one
+    assert a != ernie.ernie_token_accessor("gateway", "11111111-2222-3333-4444-555555555555")
+    assert "1111" not in a and len(a) == 36
+
+
+def test_the_secrets_script_generates_once_keeps_and_rotates(tmp_path):
+    import json
+    import stat
+    import subprocess
+    import sys
+
+    script = FILTERS.parent / "files" / "ernie_secrets.py"
+    f = tmp_path / "ernie-secrets" / "secrets.yml"
+
+    def run(*args):
+        out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    first = run("secrets", "--file", str(f), "--need", "consul_encrypt_key", "t1", "t2")
+    assert first["changed"] and stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert stat.S_IMODE(f.parent.stat().st_mode) == 0o700
+    import base64
+    import uuid
+
+    assert len(base64.b64decode(first["secrets"]["consul_encrypt_key"])) == 32  # `consul keygen`
+    uuid.UUID(first["secrets"]["t1"])
+    again = run("secrets", "--file", str(f), "--need", "consul_encrypt_key", "t1", "t2")
+    assert not again["changed"] and again["secrets"] == first["secrets"]
+    rotated = run("secrets", "--file", str(f), "--need", "consul_encrypt_key", "t1", "t2", "--rotate", "t2")
+    assert rotated["changed"] and rotated["secrets"]["t2"] != first["secrets"]["t2"]
+    assert rotated["secrets"]["t1"] == first["secrets"]["t1"]
+
+    tls = tmp_path / "ernie-secrets" / "tls"
+    made = run("tls", "--dir", str(tls), "--datacenter", "dc1", "--server", "c1=10.0.0.1")
+    assert made["changed"] and stat.S_IMODE((tls / "ca-key.pem").stat().st_mode) == 0o600
+    assert not run("tls", "--dir", str(tls), "--datacenter", "dc1", "--server", "c1=10.0.0.1")["changed"]
+    moved = run("tls", "--dir", str(tls), "--datacenter", "dc1", "--server", "c1=10.0.0.2")  # new address
+    assert moved["changed"]
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((tls / "server-c1.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "server.dc1.consul" in san.get_values_for_type(x509.DNSName)
+    assert {str(i) for i in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.0.0.2"}

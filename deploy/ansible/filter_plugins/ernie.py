@@ -1,5 +1,6 @@
 # ernie-mesh: turn the inventory's engine list into engine.toml [[engines]] tables.
-"""Filters `ernie_engine_tables(engines, flavor, host_address, cpu_args)` and
+"""Filters `ernie_engine_tables(engines, flavor, host_address, cpu_args)`, `ernie_unsupplied(names,
+hostvars, hosts)`, `ernie_server_spec(host, hostvars)` and
 `ernie_instance_ids(tables, service, node, host_address)`.
 
 An inventory engine item: {port, kind (vllm|simulated|attach), model, served_model_name,
@@ -97,6 +98,47 @@ def ernie_instance_ids(tables, service, node, host_address):
     return out
 
 
+def ernie_unsupplied(names, hostvars, hosts):
+    """The variables in `names` that no host in `hosts` has a non-empty value for (inventory,
+    group_vars, Vault, -e): the secrets facts.yml generates. A value the inventory gives wins."""
+    out = []
+    for name in names:
+        supplied = False
+        for h in hosts:
+            hv = hostvars[h]
+            if name in hv and str(hv[name] or "").strip():
+                supplied = True
+                break
+        if not supplied:
+            out.append(name)
+    return out
+
+
+def ernie_server_spec(host, hostvars):
+    """`node=address` of a Consul server for files/ernie_secrets.py tls (its certificate's names)."""
+    hv = hostvars[host]
+    node = hv["consul_node_name"] if "consul_node_name" in hv else host
+    return f"{node}={hv['ernie_host_address']}"
+
+
+def ernie_token_accessor(role, secret):
+    """The AccessorID of the ernie-mesh ACL token of `role` with `secret`: derived, so a re-run
+    finds the token it made (changed=0) and two secrets of one role (a rotation) are two tokens.
+    uuid5 of a SHA-256 of the secret: the accessor (visible to acl:read) reveals nothing of it.
+    The agents' ernie_consul_token_registrations{accessor} shows the same value."""
+    import hashlib
+    import uuid
+
+    digest = hashlib.sha256(str(secret).encode()).hexdigest()
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"ernie-mesh:consul-token:{role}:{digest}"))
+
+
 class FilterModule:
     def filters(self):
-        return {"ernie_engine_tables": ernie_engine_tables, "ernie_instance_ids": ernie_instance_ids}
+        return {
+            "ernie_engine_tables": ernie_engine_tables,
+            "ernie_instance_ids": ernie_instance_ids,
+            "ernie_unsupplied": ernie_unsupplied,
+            "ernie_server_spec": ernie_server_spec,
+            "ernie_token_accessor": ernie_token_accessor,
+        }

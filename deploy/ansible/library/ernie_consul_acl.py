@@ -3,9 +3,11 @@
 """Ansible module `ernie_consul_acl`: create or update one ACL policy or token.
 
 Only the HTTP endpoints stable across Consul 1.5 ... 1.x are used (/v1/acl/policies,
-/v1/acl/policy, /v1/acl/token). A token is created with the given AccessorID and SecretID (both
-chosen by the caller: the secret from Vault, the accessor derived from the token's name), so a
-re-run finds it and reports no change.
+/v1/acl/policy, /v1/acl/token, /v1/acl/tokens). A token is created with the given AccessorID and
+SecretID (both chosen by the caller: the secret from Vault or the generated secrets, the accessor
+derived from the token's role and secret), so a re-run finds it and reports no change. Its
+description starts with `[ernie-mesh:<name>]`, the mark of the role: with retire_others, every
+other token carrying the same mark (the tokens a rotation replaced) is deleted.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ options:
   accessor_id: {type: str, description: token AccessorID (UUID)}
   secret_id: {type: str, description: token SecretID (UUID)}
   policies: {type: list, elements: str, default: [], description: policy names (token)}
+  retire_others: {type: bool, default: false, description: delete the role's other tokens (rotation)}
   address: {type: str, default: 'http://127.0.0.1:8500'}
   token: {type: str, required: true, description: management token}
 """
@@ -84,14 +87,40 @@ def ensure_policy(module: AnsibleModule, api: ConsulAPI) -> None:
     module.exit_json(changed=True, id=out.get("ID"), action=action)
 
 
+def role_mark(name: str) -> str:
+    return f"[ernie-mesh:{name}]"
+
+
+def retire_others(module: AnsibleModule, api: ConsulAPI, keep: str) -> list[str]:
+    """Delete the tokens of this role other than `keep`; their AccessorIDs."""
+    p = module.params
+    status, tokens = api.call("GET", "/v1/acl/tokens")
+    if status != 200:
+        module.fail_json(msg=f"list ACL tokens: HTTP {status}: {tokens}")
+    mark = role_mark(p["name"])
+    old = [
+        t["AccessorID"]
+        for t in tokens or []
+        if (t.get("Description") or "").startswith(mark + " ") and t.get("AccessorID") != keep
+    ]
+    if module.check_mode:
+        return old
+    for accessor in old:
+        status, out = api.call("DELETE", f"/v1/acl/token/{accessor}")
+        if status != 200:
+            module.fail_json(msg=f"delete ACL token {accessor} ({p['name']}): HTTP {status}: {out}")
+    return old
+
+
 def ensure_token(module: AnsibleModule, api: ConsulAPI) -> None:
     p = module.params
     if not p["accessor_id"] or not p["secret_id"]:
         module.fail_json(msg=f"token {p['name']}: accessor_id and secret_id are required")
+    description = f"{role_mark(p['name'])} {p['description']}"
     want = {
         "AccessorID": p["accessor_id"],
         "SecretID": p["secret_id"],
-        "Description": p["description"],
+        "Description": description,
         "Policies": [{"Name": n} for n in p["policies"]],
         "Local": False,
     }
@@ -100,11 +129,12 @@ def ensure_token(module: AnsibleModule, api: ConsulAPI) -> None:
         have_policies = sorted(x.get("Name", "") for x in current.get("Policies") or [])
         same = (
             current.get("SecretID") == p["secret_id"]
-            and current.get("Description", "") == p["description"]
+            and current.get("Description", "") == description
             and have_policies == sorted(p["policies"])
         )
         if same:
-            module.exit_json(changed=False, accessor_id=p["accessor_id"])
+            retired = retire_others(module, api, p["accessor_id"]) if p["retire_others"] else []
+            module.exit_json(changed=bool(retired), accessor_id=p["accessor_id"], retired=retired)
         if module.check_mode:
             module.exit_json(changed=True)
         if current.get("SecretID") != p["secret_id"]:
@@ -123,7 +153,8 @@ def ensure_token(module: AnsibleModule, api: ConsulAPI) -> None:
         module.fail_json(msg=f"read ACL token {p['name']}: HTTP {status}: {current}")
     if status != 200:
         module.fail_json(msg=f"{action[:-1]} ACL token {p['name']}: HTTP {status}: {out}")
-    module.exit_json(changed=True, accessor_id=p["accessor_id"], action=action)
+    retired = retire_others(module, api, p["accessor_id"]) if p["retire_others"] else []
+    module.exit_json(changed=True, accessor_id=p["accessor_id"], action=action, retired=retired)
 
 
 def main() -> None:
@@ -136,6 +167,7 @@ def main() -> None:
             accessor_id=dict(type="str"),
             secret_id=dict(type="str", no_log=True),
             policies=dict(type="list", elements="str", default=[]),
+            retire_others=dict(type="bool", default=False),
             address=dict(type="str", default="http://127.0.0.1:8500"),
             token=dict(type="str", required=True, no_log=True),
         ),
