@@ -268,7 +268,7 @@ Config file (TOML), e.g.:
   zone = "rack-1"
   [consul]
   address = "127.0.0.1:8500"       # or CONSUL_HTTP_ADDR; token: CONSUL_HTTP_TOKEN
-  token_file = "/etc/ernie-mesh/engine-consul-token"  # or CONSUL_HTTP_TOKEN_FILE: 0600, re-read when it changes
+  # token_file = "/etc/ernie-mesh/engine-consul-token"  # or CONSUL_HTTP_TOKEN_FILE (0600), re-read on change
   [[engines]]
   port = 8001
   host = "0.0.0.0"                 # vLLM listens everywhere, registered as advertise_address

@@ -378,7 +378,7 @@ Config file (TOML), every key optional:
   engine_api_key_file = "/etc/ernie-mesh/engine-api-key"  # the engines' --api-key (0600), sent to them
   [consul]
   address = "127.0.0.1:8500"        # or CONSUL_HTTP_ADDR; token: CONSUL_HTTP_TOKEN
-  token_file = "/etc/ernie-mesh/gateway-consul-token"  # or CONSUL_HTTP_TOKEN_FILE: 0600, re-read when it changes
+  # token_file = "/etc/ernie-mesh/gateway-consul-token"  # or CONSUL_HTTP_TOKEN_FILE (0600), re-read on change
   service = "ernie"
   [relay]                           # the resuming relay (docs/gateway.md)
   enabled = true
