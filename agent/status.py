@@ -35,6 +35,7 @@ class InstanceRow(TypedDict):
     running: float | None
     waiting: float | None
     canary_latency_ms: float | None
+    share: float | None  # of the requests the gateways routed over the last minute (their mean)
     agent_url: str
 
 
@@ -45,6 +46,8 @@ class GatewayRow(TypedDict):
     status: str
     note: str
     metrics_url: str
+    routing: str  # "affinity:<key>" or "least-request" (its [routing])
+    shares: dict[str, float]  # instance -> share of its requests over the last minute
 
 
 class StatusReport(TypedDict):
@@ -90,7 +93,34 @@ def _agent_figures(agent_urls: set[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _instance_row(e: CatalogEntry, live: dict[str, Any]) -> InstanceRow:
+SHARE_METRIC = "ernie_gateway_instance_share"
+
+
+def _gateway_shares(metrics_urls: set[str]) -> dict[str, dict[str, float]]:
+    """metrics URL -> instance -> share (ernie_gateway_instance_share of that gateway agent)."""
+
+    def fetch(url: str) -> dict[str, float]:
+        try:
+            text = httpx.get(url, timeout=AGENT_TIMEOUT_S).text
+        except httpx.HTTPError:
+            return {}
+        out = {}
+        prefix = SHARE_METRIC + '{instance="'
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                instance, _, value = line[len(prefix) :].partition('"} ')
+                try:
+                    out[instance] = float(value)
+                except ValueError:
+                    continue
+        return out
+
+    urls = sorted(u for u in metrics_urls if u)
+    with ThreadPoolExecutor(max(1, min(16, len(urls)))) as pool:
+        return dict(zip(urls, pool.map(fetch, urls)))
+
+
+def _instance_row(e: CatalogEntry, live: dict[str, Any], share: float | None = None) -> InstanceRow:
     v = e.verdict
     return {
         "node": e.node,
@@ -105,11 +135,12 @@ def _instance_row(e: CatalogEntry, live: dict[str, Any]) -> InstanceRow:
         "running": live.get("running"),
         "waiting": live.get("waiting"),
         "canary_latency_ms": live.get("canary_latency_ms"),
+        "share": share,
         "agent_url": e.meta.get("agent_url", ""),
     }
 
 
-def _gateway_row(e: CatalogEntry) -> GatewayRow:
+def _gateway_row(e: CatalogEntry, shares: dict[str, float]) -> GatewayRow:
     return {
         "node": e.node,
         "id": e.instance_id,
@@ -117,6 +148,8 @@ def _gateway_row(e: CatalogEntry) -> GatewayRow:
         "status": e.status.value,
         "note": e.note,
         "metrics_url": e.meta.get("metrics_url", ""),
+        "routing": e.meta.get("routing", ""),
+        "shares": shares,
     }
 
 
@@ -125,15 +158,26 @@ def collect(consul: str, service: str) -> StatusReport:
     _i, engines = catalog.instances(service)
     _j, gateways = catalog.instances(GATEWAY_SERVICE)
     live = _agent_figures({e.meta["agent_url"] for e in engines if e.meta.get("agent_url")})
+    by_gateway = _gateway_shares({g.meta.get("metrics_url", "") for g in gateways})
+    reported = [s for s in by_gateway.values() if s]
+
+    def share(iid: str) -> float | None:
+        seen = [s.get(iid, 0.0) for s in reported]
+        return sum(seen) / len(seen) if seen else None
+
     instances = sorted(
-        (_instance_row(e, live.get(e.instance_id, {})) for e in engines), key=lambda r: (r["node"], r["id"])
+        (_instance_row(e, live.get(e.instance_id, {}), share(e.instance_id)) for e in engines),
+        key=lambda r: (r["node"], r["id"]),
     )
     return {
         "consul": consul,
         "service": service,
         "instances": instances,
         "passing": sum(1 for r in instances if r["verdict"] == "passing"),
-        "gateways": sorted((_gateway_row(g) for g in gateways), key=lambda r: r["id"]),
+        "gateways": sorted(
+            (_gateway_row(g, by_gateway.get(g.meta.get("metrics_url", ""), {})) for g in gateways),
+            key=lambda r: r["id"],
+        ),
     }
 
 
@@ -151,7 +195,7 @@ def render(report: StatusReport) -> str:
         f"(Consul {report['consul']})",
         "",
     ]
-    header = ("NODE", "INSTANCE", "MODEL", "VERDICT", "CAUSE", "RUN", "WAIT", "CANARY", "REASON")
+    header = ("NODE", "INSTANCE", "MODEL", "VERDICT", "CAUSE", "RUN", "WAIT", "CANARY", "SHARE", "REASON")
     rows = [header] + [
         (
             r["node"],
@@ -162,6 +206,7 @@ def render(report: StatusReport) -> str:
             _fmt(r["running"]),
             _fmt(r["waiting"]),
             _fmt(r["canary_latency_ms"], "ms"),
+            "-" if r["share"] is None else f"{r['share']:.0%}",
             r["reason"],
         )
         for r in report["instances"]
@@ -173,7 +218,8 @@ def render(report: StatusReport) -> str:
     if report["gateways"]:
         lines.append("gateways:")
         for g in report["gateways"]:
-            lines.append(f"  {g['id']}  {g['listen']}  {g['status']}  {g['note']}")
+            routing = f"routing {g['routing']}" if g["routing"] else ""
+            lines.append(f"  {g['id']}  {g['listen']}  {g['status']}  {routing}  {g['note']}".rstrip())
     else:
         lines.append("gateways: none registered")
     return "\n".join(lines)

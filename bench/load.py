@@ -89,14 +89,22 @@ def _kind(e: BaseException) -> str:
     return f"HTTP {e.status_code}" if isinstance(e, openai.APIStatusError) else type(e).__name__
 
 
-def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
+def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool, session: str = "") -> Result:
+    """One request; `session` (x-session-id) makes it one user's conversation: the load's clients
+    are many users, spread by the gateway's affinity routing as many users would be."""
     messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": cfg.prompt}]
+    headers = {"x-session-id": session} if session else None
     extra = {"ignore_eos": True}
     t0_wall, t0 = time.time(), time.perf_counter()
     if not stream:
         try:
             r = client.chat.completions.create(
-                model=cfg.model, messages=messages, max_tokens=cfg.max_tokens, temperature=0, extra_body=extra
+                model=cfg.model,
+                messages=messages,
+                max_tokens=cfg.max_tokens,
+                temperature=0,
+                extra_body=extra,
+                extra_headers=headers,
             )
         except Exception as e:  # noqa: BLE001 - every client-visible error is an outcome to count
             return Result(t0_wall, time.perf_counter() - t0, False, "failed", error=_classify_error(e), kind=_kind(e))
@@ -127,6 +135,7 @@ def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool) -> Result:
             max_tokens=cfg.max_tokens,
             temperature=0,
             extra_body=extra,
+            extra_headers=headers,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -227,7 +236,7 @@ class LoadGenerator:
             k = n * self.cfg.concurrency + index
             stream = math.floor((k + 1) * self.cfg.stream_ratio) > math.floor(k * self.cfg.stream_ratio)
             tracer.sent.clear()
-            res = one_request(client, self.cfg, stream)
+            res = one_request(client, self.cfg, stream, session=f"client{index}-{n}")
             res.worker, res.servers = index, list(tracer.sent)
             with self._lock:
                 self.results.append(res)

@@ -16,12 +16,15 @@ import threading
 import time
 from collections.abc import Callable
 
+import httpx
+
 from agent.catalog.base import Catalog, CatalogEntry, CatalogError, Registration, Verdict, VerdictState
 from agent.catalog.keeper import RegistrationKeeper
 from agent.gateway.config import GatewayConfig
 from agent.gateway.envoy import EnvoySupervisor
 from agent.gateway.metrics import GatewayMetrics
 from agent.gateway.relays import RelaySupervisor
+from agent.gateway.shares import Shares
 from agent.gateway.snapshot import Snapshot, build_snapshot, with_held
 from agent.gateway.watch import WatchUpdate
 from agent.gateway.xds import AdsServer
@@ -60,6 +63,7 @@ def registration_of(cfg: GatewayConfig) -> Registration:
             "listen_url": cfg.listen_url,
             "metrics_url": cfg.metrics_url,
             "envoy_admin": cfg.admin_url,
+            "routing": cfg.routing.mode if not cfg.routing.affinity else f"affinity:{cfg.routing.key}",
             "engine_service": cfg.consul.service,
         },
         tags=("gateway",),
@@ -99,6 +103,8 @@ class GatewayAgent:
         self._registration = registration_of(cfg)
         self.keeper = RegistrationKeeper(catalog, self._registration.instance_id, cfg.ttl_s)
         self._last_registration_error_log = 0.0
+        self._shares = Shares()
+        self.metrics.routing.labels(cfg.routing.mode, cfg.routing.key if cfg.routing.affinity else "-").set(1)
 
     # --- catalog -> snapshot -> ADS (watch thread) --------------------------------------------
 
@@ -161,6 +167,8 @@ class GatewayAgent:
         envoy_state = self.envoy.ensure()
         ready = envoy_state == "running" and self.envoy.admin.ready()
         self.metrics.envoy_up.set(1 if ready else 0)
+        if ready:
+            self._sample_shares()
         relays = self.relays.ensure() if self.relays is not None and self.relays.slots else None
         if relays is not None:
             self.metrics.relays_up.set(relays)
@@ -192,6 +200,14 @@ class GatewayAgent:
             f"snapshot {snap.summary() if snap else 'none yet'}{held}; "
             f"xds {len(streams)} stream(s) acked {','.join(acked) or '-'}; {consul}; registration {registration}"
         )
+
+    def _sample_shares(self) -> None:
+        try:
+            hosts = self.envoy.admin.hosts(self.cfg.cluster)
+        except httpx.HTTPError:
+            return  # Envoy busy or restarting: the next tick samples
+        totals = {iid: int(h.get("rq_total", 0)) for iid, h in hosts.items()}
+        self.metrics.shares(self._shares.add(self.clock(), totals))
 
     def _keep_registered(self, verdict: Verdict) -> str:
         now = self.clock()

@@ -13,6 +13,7 @@ from typing import Any
 from agent.durations import proto_duration as _duration  # Envoy reads protobuf JSON durations
 from agent.gateway import edge_tls, engine_credential, keys
 from agent.gateway.config import GatewayConfig
+from agent.gateway.relay.affinity import AFFINITY_HEADER
 
 
 def template_values(cfg: GatewayConfig) -> dict[str, str]:
@@ -88,6 +89,7 @@ def template_values(cfg: GatewayConfig) -> dict[str, str]:
         if cfg.engine_api_key_file
         else ""
     )
+    out.update(routing_values(cfg))
     out["stats_config"] = json.dumps(stats_config(cfg))
     # JSON is YAML: the relay processes' unix sockets as a flow list of endpoints.
     out["relay_endpoints"] = json.dumps(
@@ -96,10 +98,33 @@ def template_values(cfg: GatewayConfig) -> dict[str, str]:
     return out
 
 
+def routing_values(cfg: GatewayConfig) -> dict[str, str]:
+    """[routing]: Maglev consistent hashing over the affinity key with a load bound, or least-request.
+    Maglev, not ring hash: Envoy's ring hash rescales every host's share of its ring when the host
+    count changes, so an instance that leaves moves other instances' keys too (measured: 5 of 48
+    sessions besides its own, 4 -> 3 instances); Maglev moved none (tests/integration/test_routing.py)."""
+    r = cfg.routing
+    if not r.affinity:
+        return {
+            "engine_lb_policy": "LEAST_REQUEST",
+            "consistent_hashing_lb_config": "",
+            "hop_hash_policy": "[]",
+            "edge_hash_policy": "[]",
+        }
+    bound = {"hash_balance_factor": r.hash_balance_factor} if r.hash_balance_factor else {}
+    return {
+        "engine_lb_policy": "MAGLEV",
+        "consistent_hashing_lb_config": "consistent_hashing_lb_config: " + json.dumps(bound),
+        "hop_hash_policy": json.dumps([{"header": {"header_name": AFFINITY_HEADER}}]),
+        "edge_hash_policy": json.dumps([{"header": {"header_name": r.session_header}}]),
+    }
+
+
 # What reads Envoy's stats, and which: the dashboard and the alerts (deploy/grafana/dashboard.py,
 # agent/local/prometheus_rules.py: requests, retries, upstream time, ejections, responses by class),
 # the agent (downstream_rq_active while draining), bench/scale.py (membership), the tests
-# (outlier_detection.*). Per-endpoint stats (track_cluster_stats) are not subject to the matcher.
+# (outlier_detection.*), the hash's load bound (upstream_rq_active: without it every host looks idle
+# and the bound is one request). Per-endpoint stats (track_cluster_stats) are not subject to the matcher.
 USED_STATS_RELAY_CLUSTER = "ernie_relay"
 
 
@@ -117,7 +142,7 @@ def stats_config(cfg: GatewayConfig) -> dict[str, Any]:
                     {
                         "safe_regex": {
                             "regex": rf"^cluster\.({clusters})\."
-                            r"(upstream_rq_(total|retry|retry_success|time)|outlier_detection\..+|membership_.+)$"
+                            r"(upstream_rq_(total|retry|retry_success|time|active)|outlier_detection\..+|membership_.+)$"
                         }
                     },
                     {"safe_regex": {"regex": r"^http\.openai_api\.downstream_rq_([1-5]xx|active)$"}},

@@ -28,6 +28,7 @@ from agent.config import (
     route_address,
     short_hostname,
 )
+from agent.gateway.relay.affinity import KEYS as AFFINITY_KEYS
 from agent.gateway.watch import WatchSettings
 from agent.naming import gateway_instance_id
 
@@ -134,6 +135,45 @@ class RelaySettings:
             raise ConfigError("relay.resume_limit, resume_limit_after_crash, resume_wait_s and drain_s must be >= 0")
 
 
+ROUTING_MODES = ("affinity", "least-request")
+_HEADER_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """Where a new request goes (docs/gateway.md, Routing): "affinity" sends requests that share a
+    prefix to the same instance (its prefix cache), bounded in load; "least-request" spreads them."""
+
+    mode: str = "affinity"
+    # The affinity key when the client names no session (agent/gateway/relay/affinity.py):
+    # "system" (the system prompt; a chat without one: its start) or "conversation" (system
+    # prompt + first user message).
+    key: str = "system"
+    session_header: str = "x-session-id"  # a client header naming its session (else the `user` field)
+    # No instance takes more than this percentage of the mean in-flight load (of this gateway's
+    # Envoy); above it, a key spills to the next instance in its order. 0: no bound.
+    hash_balance_factor: int = 150
+    prefix_chars: int = 4096  # how much of a prompt (or of a message) the key reads
+
+    def __post_init__(self) -> None:
+        if self.mode not in ROUTING_MODES:
+            raise ConfigError(f"routing.mode: one of {', '.join(ROUTING_MODES)}, got {self.mode!r}")
+        if self.key not in AFFINITY_KEYS:
+            raise ConfigError(f"routing.key: one of {', '.join(AFFINITY_KEYS)}, got {self.key!r}")
+        if not _HEADER_RE.match(self.session_header):
+            raise ConfigError(f"routing.session_header: a lower-case header name, got {self.session_header!r}")
+        if self.hash_balance_factor != 0 and self.hash_balance_factor < 100:
+            raise ConfigError(
+                f"routing.hash_balance_factor: 0 (no bound) or a percentage >= 100, got {self.hash_balance_factor}"
+            )
+        if self.prefix_chars < 64:
+            raise ConfigError(f"routing.prefix_chars must be >= 64, got {self.prefix_chars}")
+
+    @property
+    def affinity(self) -> bool:
+        return self.mode == "affinity"
+
+
 # The OpenAI routes the edge serves; edge.extra_paths adds others vLLM has.
 EDGE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 _PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]{1,200}$")
@@ -222,6 +262,7 @@ class GatewayConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     relay: RelaySettings = field(default_factory=RelaySettings)
     edge: EdgeSettings = field(default_factory=EdgeSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
 
     def __post_init__(self) -> None:
         for key in ("listen", "envoy_admin", "xds", "metrics"):
@@ -390,6 +431,11 @@ Config file (TOML), every key optional:
   api_keys = "consul"               # or "/etc/ernie-mesh/api-keys.toml", or "off" (no key needed)
   tls_cert = "/etc/ernie-mesh/tls/edge.crt"   # TLS (and HTTP/2) for clients; re-read on change
   tls_key = "/etc/ernie-mesh/tls/edge.key"
+  [routing]                         # where a request goes (docs/gateway.md, Routing)
+  mode = "affinity"                 # or "least-request"
+  key = "system"                    # or "conversation": what requests share an instance by
+  session_header = "x-session-id"   # a client's session key (else the OpenAI `user` field)
+  hash_balance_factor = 150         # percent of the mean load an instance may take (0: no bound)
   [policy]
   num_retries = 3
   outlier_max_ejection_percent = 50

@@ -59,6 +59,23 @@ class GatewayMetrics:
         self.relay_restarts = Counter(
             "ernie_gateway_relay_restarts_total", "Relay process restarts by the agent", registry=r
         )
+        self.routing = Gauge(
+            "ernie_gateway_routing_info", "1 for this gateway's [routing] mode and key", ["mode", "key"], registry=r
+        )
+        self.instance_share = Gauge(
+            "ernie_gateway_instance_share",
+            "Each instance's share of the requests this gateway's Envoy routed over the last minute",
+            ["instance"],
+            registry=r,
+        )
+        self._shared: set[str] = set()
+
+    def shares(self, shares: dict[str, float]) -> None:
+        for gone in self._shared - set(shares):
+            self.instance_share.remove(gone)
+        for instance, share in shares.items():
+            self.instance_share.labels(instance).set(share)
+        self._shared = set(shares)
 
     def include_relays(self, metrics_dir: str) -> None:
         """Serve the relay processes' metrics (ernie_gateway_relay_*, multiprocess files) with the agent's."""

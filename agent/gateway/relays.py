@@ -67,6 +67,12 @@ def relay_command(cfg: GatewayConfig, index: int) -> list[str]:
         str(cfg.policy.request_buffer_limit_bytes),
         "--drain-s",
         str(r.drain_s),
+        "--affinity",
+        cfg.routing.key if cfg.routing.affinity else "off",
+        "--session-header",
+        cfg.routing.session_header,
+        "--prefix-chars",
+        str(cfg.routing.prefix_chars),
         *(("--keys-dir", cfg.keys_dir) if cfg.edge.keys_required else ()),
     ]
 

@@ -377,20 +377,25 @@ class Load:
             base_url=f"{self.base_url}/v1", api_key=TEST_API_KEY, max_retries=0, timeout=self.timeout_s
         )
         try:
+            n = 0
             while not self._stop.is_set():
-                r = self.one(client)
+                n += 1
+                r = self.one(client, session=f"{threading.current_thread().name}-{n}")
                 with self._lock:
                     self.results.append(r)
         finally:
             client.close()
 
-    def one(self, client: openai.OpenAI) -> Result:
+    def one(self, client: openai.OpenAI, session: str = "") -> Result:
+        """One request; each its own conversation (x-session-id), as many users' requests are: the
+        gateway's affinity routing spreads them over the instances."""
         started = time.monotonic()
         kwargs = dict(
             model="sim-model",
             messages=[{"role": "user", "content": "hello"}],
             max_tokens=self.max_tokens,
             extra_body={"ignore_eos": True},
+            extra_headers={"x-session-id": session} if session else None,
         )
         try:
             if self.stream:

@@ -321,10 +321,11 @@ def test_engine_500s_caused_by_requests_do_not_eject_it(m):
     before = envoy_stat(m, "cluster.ernie.outlier_detection.ejections_enforced_total")
     statuses = []
     with httpx.Client(timeout=10, headers=AUTH) as http:
-        for _ in range(40):
+        for i in range(40):  # 40 users' conversations: spread over the instances by affinity
             r = http.post(
                 f"{m.gateway.url}/v1/chat/completions",
                 json={"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                headers={"x-session-id": f"user-{i}"},
             )
             statuses.append((r.status_code, r.headers.get("x-ernie-instance")))
     served_500 = [s for s in statuses if s == (500, victim.id)]

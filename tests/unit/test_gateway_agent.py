@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prometheus_client import generate_latest
+
 from agent.catalog.base import CatalogEntry, CheckStatus, VerdictState
 from agent.catalog.memory import MemoryCatalog
 from agent.gateway.agent import GatewayAgent
@@ -13,9 +15,13 @@ from agent.gateway.watch import WatchUpdate
 class FakeAdmin:
     def __init__(self):
         self.is_ready = True
+        self.rq_total: dict[str, int] = {}
 
     def ready(self):
         return self.is_ready
+
+    def hosts(self, cluster):
+        return {iid: {"rq_total": str(n)} for iid, n in self.rq_total.items()}
 
 
 class FakeEnvoy:
@@ -180,3 +186,19 @@ def test_the_watch_state_reaches_the_summary_without_a_reference_to_the_watch(tm
     assert "consul unreachable (Connection refused)" in agent.reconcile_once()
     agent.on_watch(WatchUpdate((entry("a", 8001),), clock(), changed=False, discontinuity_at=clock()))
     assert "consul ok" in agent.reconcile_once() and ads.published[-1] is seen
+
+
+def test_each_instances_share_of_requests_is_a_metric_and_the_routing_mode_is_registered(tmp_path):
+    agent, _catalog, envoy, _ads, clock, metrics = make(tmp_path)
+    assert agent._registration.meta["routing"] == "affinity:system"
+    envoy.admin.rq_total = {"e1": 10, "e2": 10}
+    agent.reconcile_once()
+    envoy.admin.rq_total = {"e1": 40, "e2": 20}
+    clock.t += 1
+    agent.reconcile_once()
+    text = generate_latest(metrics.registry).decode()
+    assert 'ernie_gateway_instance_share{instance="e1"} 0.75' in text
+    assert 'ernie_gateway_routing_info{key="system",mode="affinity"} 1.0' in text
+    envoy.admin.rq_total = {"e2": 30}  # e1 left
+    agent.reconcile_once()
+    assert 'instance="e1"' not in generate_latest(metrics.registry).decode()

@@ -84,7 +84,7 @@ def test_eds_over_ads_and_fast_reconnect():
 def test_design_traps_are_avoided():
     doc = rendered()
     c = engines_cluster(doc)
-    assert c["lb_policy"] == "LEAST_REQUEST"
+    assert c["lb_policy"] == "MAGLEV"  # [routing] mode = "affinity", the default
     assert c["common_lb_config"]["healthy_panic_threshold"]["value"] == 0
     assert "health_checks" not in c  # Consul is the truth
     od = c["outlier_detection"]
@@ -187,12 +187,12 @@ def test_unknown_placeholder_is_an_error():
         bootstrap.render("x: ${nope}\n", cfg())
 
 
-@pytest.mark.parametrize("api_keys", ["consul", "off"])
-def test_envoy_accepts_the_rendered_bootstrap(tmp_path: Path, api_keys: str):
+@pytest.mark.parametrize("api_keys,mode", [("consul", "affinity"), ("off", "least-request")])
+def test_envoy_accepts_the_rendered_bootstrap(tmp_path: Path, api_keys: str, mode: str):
     from agent.gateway import keys
-    from agent.gateway.config import EdgeSettings
+    from agent.gateway.config import EdgeSettings, RoutingSettings
 
-    c = cfg(run_dir=str(tmp_path), edge=EdgeSettings(api_keys=api_keys))
+    c = cfg(run_dir=str(tmp_path), edge=EdgeSettings(api_keys=api_keys), routing=RoutingSettings(mode=mode))
     keys.write_files(Path(c.keys_dir), keys.KeySet((keys.ApiKey("alice", keys.new_key()),)))
     path = tmp_path / "bootstrap.yaml"
     path.write_text(bootstrap.render(DEFAULT_BOOTSTRAP_TEMPLATE.read_text(), c))
@@ -300,3 +300,29 @@ def test_edge_tls_needs_both_files_readable(tmp_path: Path):
         EdgeSettings(tls_cert=str(tmp_path / "a.crt"))
     with pytest.raises(ConfigError, match="not a readable file"):
         EdgeSettings(tls_cert=str(tmp_path / "a.crt"), tls_key=str(tmp_path / "a.key"))
+
+
+def hop_first_attempt_route(doc: dict) -> dict:
+    return next(r for r in routes(doc, "engine_hop") if "headers" not in r["match"] and "safe_regex" in r["match"])
+
+
+def test_affinity_routing_hashes_the_relays_key_with_a_load_bound():
+    from agent.gateway.config import RoutingSettings
+
+    doc = rendered()
+    c = engines_cluster(doc)
+    assert c["lb_policy"] == "MAGLEV"
+    assert c["common_lb_config"]["consistent_hashing_lb_config"] == {"hash_balance_factor": 150}
+    assert hop_first_attempt_route(doc)["route"]["hash_policy"] == [{"header": {"header_name": "x-ernie-affinity"}}]
+    assert route(doc)["route"]["hash_policy"] == [{"header": {"header_name": "x-session-id"}}]  # relay off
+    unbounded = engines_cluster(rendered(cfg(routing=RoutingSettings(hash_balance_factor=0))))
+    assert unbounded["common_lb_config"]["consistent_hashing_lb_config"] == {}
+
+
+def test_least_request_routing_has_no_hash_policy():
+    from agent.gateway.config import RoutingSettings
+
+    doc = rendered(cfg(routing=RoutingSettings(mode="least-request")))
+    assert engines_cluster(doc)["lb_policy"] == "LEAST_REQUEST"
+    assert "consistent_hashing_lb_config" not in engines_cluster(doc)["common_lb_config"]
+    assert hop_first_attempt_route(doc)["route"]["hash_policy"] == []

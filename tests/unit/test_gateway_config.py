@@ -107,6 +107,10 @@ def test_policy_validation():
         ("name = \n", "invalid TOML"),
         ('[consul]\naddress = "bad:addr:x"\n', "consul.address 'bad:addr:x'"),
         ('[consul]\naddress = "ftp://consul:8500"\n', "scheme must be http or https"),
+        ('[routing]\nmode = "sticky"\n', "routing.mode: one of affinity, least-request"),
+        ('[routing]\nkey = "user"\n', "routing.key: one of conversation, system"),
+        ("[routing]\nhash_balance_factor = 50\n", "routing.hash_balance_factor: 0 (no bound) or a percentage >= 100"),
+        ('[routing]\nsession_header = "X Session"\n', "routing.session_header"),
     ],
 )
 def test_bad_config_file_exits_2_with_one_line(tmp_path, capsys, toml, message):
@@ -153,3 +157,15 @@ def test_help_explains(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "CONSUL_HTTP_ADDR" in out and "--envoy-admin" in out and "loopback" in out
+
+
+def test_routing_reaches_the_relays_command_line():
+    from agent.gateway.relays import relay_command
+
+    on = gc.finish(gc.GatewayConfig(name="gw", run_dir="/tmp/x"))
+    argv = relay_command(on, 0)
+    assert argv[argv.index("--affinity") + 1] == "system"
+    assert argv[argv.index("--session-header") + 1] == "x-session-id"
+    off = gc.finish(gc.GatewayConfig(name="gw", run_dir="/tmp/x", routing=gc.RoutingSettings(mode="least-request")))
+    argv = relay_command(off, 0)
+    assert argv[argv.index("--affinity") + 1] == "off"

@@ -45,6 +45,7 @@ OTHER_READERS = [
     "cluster.ernie.outlier_detection.ejections_detected_consecutive_5xx",
     "cluster.ernie.membership_total",
     "cluster.ernie_relay.upstream_rq_total",
+    "cluster.ernie.upstream_rq_active",  # consistent hashing's load bound (hash_balance_factor) divides by it
 ]
 
 

@@ -10,6 +10,7 @@ exactly those tokens and splices the continuation into the same client stream.
     sse.py         SSE framing and the few byte-level facts read per event (pure)
     request.py     the client's request: resumable or not, what goes upstream (pure)
     transcript.py  what was relayed; continuation requests; chunks in the client's shape (pure)
+    affinity.py    the request's affinity key (Envoy's Maglev hash) and the resume order (pure)
     membership.py  the instances the gateway's snapshot has, and the attempts running on each
     ads_client.py  an ADS (EDS) client of the gateway agent: the snapshot, as Envoy gets it
     upstream.py    one attempt through Envoy's engine hop (a unix socket)

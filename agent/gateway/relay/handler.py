@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from agent.gateway.relay import sse
+from agent.gateway.relay.affinity import AFFINITY_HEADER, AffinityRecipe, affinity_key
 from agent.gateway.relay.limits import NO_POLICY, KeyLimits
 from agent.gateway.relay.membership import Attempt, Member, Membership
 from agent.gateway.relay.metrics import RelayMetrics
@@ -32,6 +33,7 @@ KEY_NAME_HEADER = "x-ernie-key-name"  # Envoy's: the name of the API key that ma
 # Per request (aiohttp's request mapping): headers for the response (rate limits), tokens used.
 EXTRA_HEADERS = "ernie_extra_headers"
 TOKENS_USED = "ernie_tokens_used"
+AFFINITY = "ernie_affinity_key"
 # Request headers that belong to one hop, not to the request.
 _HOP_HEADERS = frozenset(
     {
@@ -48,6 +50,7 @@ _HOP_HEADERS = frozenset(
         "proxy-connection",
         HOST_OVERRIDE_HEADER,
         ATTEMPT_HEADER,
+        AFFINITY_HEADER,
     }
 )
 # Response headers the relay does not pass on (its own framing, or the engine hop's session header).
@@ -153,8 +156,10 @@ class Relay:
         policy: ResumePolicy,
         clock: Callable[[], float] = time.monotonic,
         limits: KeyLimits | None = None,
+        affinity: AffinityRecipe | None = None,
     ):
         self.limits = limits
+        self.affinity = affinity
         self.session = session
         self.membership = membership
         self.metrics = metrics
@@ -177,6 +182,8 @@ class Relay:
         kind = ROUTES[request.path]
         raw = await request.read()
         req = parse(kind, raw)
+        if self.affinity is not None and req is not None:
+            request[AFFINITY] = affinity_key(self.affinity, kind, req.body, request.headers)
         key_name = request.headers.get(KEY_NAME_HEADER, "")
         policy = self.limits.policy(key_name) if self.limits is not None else NO_POLICY
         if policy.models and req is not None and req.model not in policy.models:
@@ -222,6 +229,8 @@ class Relay:
         if member is not None:
             headers[HOST_OVERRIDE_HEADER] = member.host_override
             headers[ATTEMPT_HEADER] = "resume"
+        elif request.get(AFFINITY):
+            headers[AFFINITY_HEADER] = request[AFFINITY]
         return headers
 
     async def _pass_through(self, request: web.Request, raw: bytes) -> web.Response:
@@ -240,6 +249,8 @@ class Relay:
             if lost is None:
                 break
             instance, reached = lost
+            if not reached and member is None:
+                break  # Envoy has retried the connection on other instances already: its 503 stands
             if reached:
                 crashes += 1
             else:  # never reached the engine: no crash, but not without end either
@@ -248,7 +259,7 @@ class Relay:
             if crashes > self.policy.limit_after_crash or unreachable > MAX_REFUSALS:
                 break
             excluded.add(instance)
-            member = await self.membership.wait_pick(excluded, self.policy.wait_s)
+            member = await self.membership.wait_pick(excluded, self.policy.wait_s, request.get(AFFINITY, ""))
             if member is None:
                 break
         self.metrics.requests.labels(request.path, "ok" if resp.status < 400 else "rejected").inc()
@@ -315,7 +326,7 @@ class Relay:
                 if req.max_tokens is not None and t.started and t.generated_count() >= req.max_tokens:
                     t.finish_reason = "length"  # every token was relayed; only the final chunk was lost
                     return await self._finish(request, req, t, client, synthesize_final=True)
-                member = await self.membership.wait_pick(excluded, self.policy.wait_s)
+                member = await self.membership.wait_pick(excluded, self.policy.wait_s, request.get(AFFINITY, ""))
                 if member is None:
                     self.metrics.resumes.labels(last_reason, "no_instance").inc()
                     return await self._give_up(request, req, t, client, "no other healthy instance to continue on")
@@ -368,10 +379,13 @@ class Relay:
                 lost = unanswered(resp.status, headers, payload)
                 if lost is not None:
                     attempt.instance, reached = lost
-                    if not reached:  # its host is cut off or its port closed: not this request's doing
+                    if reached:
+                        return ENGINE_LOST, None  # the engine died (or its host vanished) before answering
+                    if member is not None:  # a continuation whose instance is cut off or closed: no crash
                         self.metrics.unreachable.inc()
                         return "refused", None
-                    return ENGINE_LOST, None  # the engine died (or its host vanished) before answering
+                    # a first attempt: Envoy has retried the connection on other instances already,
+                    # so its 503 is the answer (at once, not after waiting for an instance to appear)
                 if client.started or member is not None and t.resumes > 0:
                     return "refused", None  # the chosen instance is gone: the caller picks another
                 return "rejected", web.Response(status=resp.status, body=payload, headers=headers)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable
 
+from agent.gateway.relay.affinity import rank
+
 
 @dataclass(frozen=True)
 class Member:
@@ -103,19 +105,23 @@ class Membership:
 
     # --- where a continuation goes --------------------------------------------------------------
 
-    def pick(self, excluded: set[str]) -> Member | None:
-        """A healthy instance not yet tried by this request, least loaded by this relay first."""
+    def pick(self, excluded: set[str], key: str = "") -> Member | None:
+        """A healthy instance not yet tried by this request: with an affinity key, the one its key
+        ranks first (rendezvous order: every relay and gateway agrees); else least loaded by this
+        relay first."""
         candidates = [m for m in self.members.values() if m.healthy and m.instance_id not in excluded]
         if not candidates:
             return None
+        if key:
+            return self.members[rank(key, (m.instance_id for m in candidates))[0]]
         least = min(self.in_flight(m.instance_id) for m in candidates)
         return random.choice([m for m in candidates if self.in_flight(m.instance_id) == least])
 
-    async def wait_pick(self, excluded: set[str], timeout_s: float) -> Member | None:
+    async def wait_pick(self, excluded: set[str], timeout_s: float, key: str = "") -> Member | None:
         """`pick`, waiting up to timeout_s for an instance to come (back) into the snapshot."""
         deadline = self.clock() + timeout_s
         while True:
-            member = self.pick(excluded)
+            member = self.pick(excluded, key)
             if member is not None:
                 return member
             left = deadline - self.clock()

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from agent.config import ConfigError, check_host_port
+from agent.gateway.relay.affinity import KEYS as AFFINITY_KEYS
+from agent.gateway.relay.affinity import AffinityRecipe
 from agent.net import UNIX_PATH_MAX
 
 if TYPE_CHECKING:  # aiohttp and the relay's modules are imported when it serves, not to parse flags
@@ -44,6 +46,7 @@ class RelayConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     drain_s: float = 30.0
     keys_dir: str = ""  # the key policies (rate limits, models) the gateway renders; "" = none
+    affinity: AffinityRecipe | None = AffinityRecipe()  # None: no affinity key (least-request routing)
 
     def __post_init__(self) -> None:
         for key in ("socket", "hop_socket"):
@@ -100,6 +103,15 @@ def parser() -> argparse.ArgumentParser:
         help="on SIGTERM, requests in flight get this long (default %(default)s)",
     )
     p.add_argument("--keys-dir", default="", help="the gateway's rendered key policies (rate limits, models)")
+    p.add_argument(
+        "--affinity",
+        choices=(*AFFINITY_KEYS, "off"),
+        default=AffinityRecipe.key,
+        help="the affinity key sent to Envoy's ring: the start of the conversation, the system prompt, "
+        "or off (least-request routing) (default %(default)s)",
+    )
+    p.add_argument("--session-header", default=AffinityRecipe.session_header, help="a client's session header")
+    p.add_argument("--prefix-chars", type=int, default=AffinityRecipe.prefix_chars, help="of a prompt the key reads")
     return p
 
 
@@ -118,6 +130,9 @@ def load(argv: list[str]) -> RelayConfig:
         max_body_bytes=a.max_body_bytes,
         drain_s=a.drain_s,
         keys_dir=a.keys_dir,
+        affinity=None
+        if a.affinity == "off"
+        else AffinityRecipe(key=a.affinity, session_header=a.session_header.lower(), prefix_chars=a.prefix_chars),
     )
 
 
@@ -171,6 +186,7 @@ async def serve(cfg: RelayConfig) -> int:
         metrics,
         ResumePolicy(cfg.resume_limit, cfg.resume_limit_after_crash, cfg.resume_wait_s),
         limits=KeyLimits(cfg.keys_dir) if cfg.keys_dir else None,
+        affinity=cfg.affinity,
     )
 
     @web.middleware
