@@ -187,13 +187,14 @@ def check_consul_address(address: str) -> None:
 
 
 def consul_env() -> dict[str, Any]:
-    """The standard Consul variables, as a [consul] table override."""
+    """The standard Consul variables, as a [consul] table override (an empty one is unset, as for
+    Consul's own CLI)."""
     return {
         "consul": {
-            "address": os.environ.get("CONSUL_HTTP_ADDR"),
-            "token": os.environ.get("CONSUL_HTTP_TOKEN"),
-            "token_file": os.environ.get("CONSUL_HTTP_TOKEN_FILE"),
-            "ca_file": os.environ.get("CONSUL_CACERT"),
+            "address": os.environ.get("CONSUL_HTTP_ADDR") or None,
+            "token": os.environ.get("CONSUL_HTTP_TOKEN") or None,
+            "token_file": os.environ.get("CONSUL_HTTP_TOKEN_FILE") or None,
+            "ca_file": os.environ.get("CONSUL_CACERT") or None,
         }
     }
 

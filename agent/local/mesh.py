@@ -23,6 +23,8 @@ import httpx
 from agent.catalog.base import CatalogError, CatalogEntry, VerdictCause
 from agent.catalog.consul import ConsulCatalog
 from agent.gateway import keys
+from agent.gateway.rendered import write_private
+from agent.local.consul_acl import consul_version
 from agent.local.binaries import MissingBinary, consul_binary, find_binary
 from agent.local.parts import Part, part_of, plan_parts, stop_order
 from agent.local.plan import LOCAL_KEY_NAME, REPO_DIR, MeshPlan
@@ -210,12 +212,19 @@ class Mesh:
         p = self.plan
         self.out.step(f"Consul dev agent on {p.consul_address} (DNS 127.0.0.1:{p.port(8600)})")
         (p.run_dir / "consul-ports.json").write_text(p.consul_ports_json())
-        self._start(part.name, p.consul_command(consul_binary()))
+        acl = p.consul_acl
+        acl.create_secrets()  # -dev keeps nothing: a new mesh, new tokens
+        binary = consul_binary()
+        write_private(p.run_dir / "consul-acl.json", acl.agent_config(consul_version(binary)))
+        self._start(part.name, p.consul_command(binary))
         self._wait(lambda: self.catalog.leader(), CONSUL_START_TIMEOUT_S, "Consul leader elected")
-        self.out.info(f"Consul UI: {p.consul_ui_url}")
+        acl.bootstrap(p.consul_address, p.service)
+        self.catalog = ConsulCatalog(p.consul_address, token_file=str(acl.path("operator")))
+        self.out.info(f"Consul UI: {p.consul_ui_url}; ACLs on (default deny), one token per role in {acl.directory}")
         keys.ensure_key(self.catalog, LOCAL_KEY_NAME, p.api_key_path)
         self.out.info(
-            f"API key {LOCAL_KEY_NAME!r} in {p.api_key_path} (ernie-mesh keys --consul {p.consul_address} ...)"
+            f"API key {LOCAL_KEY_NAME!r} in {p.api_key_path} (more: CONSUL_HTTP_TOKEN_FILE="
+            f"{p.consul_acl.path('operator')} ernie-mesh keys --consul {p.consul_address} add <name>)"
         )
 
     def prepare_model(self) -> str:
@@ -532,5 +541,6 @@ class Mesh:
 
 
 def _child_env() -> dict[str, str]:
-    """Agents log at INFO into their files (the flags we pass win over CONSUL_HTTP_ADDR & co.)."""
-    return {"ERNIE_MESH_LOG_LEVEL": "INFO"}
+    """Agents log at INFO into their files (the flags we pass win over CONSUL_HTTP_ADDR & co.); each
+    uses its role's Consul token file, not a token of the user's environment."""
+    return {"ERNIE_MESH_LOG_LEVEL": "INFO", "CONSUL_HTTP_TOKEN": "", "CONSUL_HTTP_TOKEN_FILE": ""}

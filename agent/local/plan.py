@@ -17,6 +17,7 @@ from typing import Any
 
 import tomli_w
 
+from agent.local.consul_acl import LocalAcl
 from agent.config import ConfigError, short_hostname
 from agent.local.defaults import DEFAULT_SERVED_MODEL_NAME, vllm_engine
 from agent.naming import instance_id
@@ -166,6 +167,11 @@ class MeshPlan:
         return self.run_dir / "api-key"
 
     @property
+    def consul_acl(self) -> LocalAcl:
+        """Consul's ACL tokens of this mesh, one per role (<run_dir>/consul-tokens, 0700)."""
+        return LocalAcl(self.run_dir / "consul-tokens")
+
+    @property
     def control_token_path(self) -> Path:
         """The engine agents' control token (POST /drain; `ernie-mesh drain --token-file`), 0600."""
         return self.run_dir / "control-token"
@@ -240,7 +246,11 @@ class MeshPlan:
                 "log_dir": str(self.log_dir),
                 "drain_deadline_s": self.drain_deadline_s,
                 "control_token_file": str(self.control_token_path),
-                "consul": {"address": self.consul_address, "service": self.service},
+                "consul": {
+                    "address": self.consul_address,
+                    "service": self.service,
+                    "token_file": str(self.consul_acl.path("engine")),
+                },
                 "engines": [self.engine_table(i, model_path)],
             }
         )
@@ -258,7 +268,11 @@ class MeshPlan:
                 "advertise_address": "127.0.0.1",
                 "run_dir": str(self.run_dir / "gateway"),
                 "drain_deadline_s": GATEWAY_DRAIN_DEADLINE_S,
-                "consul": {"address": self.consul_address, "service": self.service},
+                "consul": {
+                    "address": self.consul_address,
+                    "service": self.service,
+                    "token_file": str(self.consul_acl.path("gateway")),
+                },
             }
         )
 
@@ -286,6 +300,7 @@ class MeshPlan:
             f"-node={self.node}",
             f"-config-file={REPO_DIR / 'consul' / 'dev.hcl'}",
             f"-config-file={self.run_dir / 'consul-ports.json'}",
+            f"-config-file={self.run_dir / 'consul-acl.json'}",
         ]
 
     def ui_command(self) -> list[str]:

@@ -82,3 +82,23 @@ def test_down_cleans_up_after_a_killed_up(sim_run):
     assert result["survivors"] == [], result
     assert [p for p in procs if p.alive()] == []
     assert ports_free(sim_run.plan) == []
+
+
+def test_the_local_consul_denies_by_default_and_each_part_has_its_own_token(sim_run):
+    """ACLs on in `up`'s Consul (issue 11): without a token nothing registers; the engine agents and
+    the gateway registered with their own tokens (they are passing); the catalog reads anonymously
+    (DNS, status, Prometheus)."""
+    consul = f"http://{sim_run.plan.consul_address}"
+    intruder = {"Name": "ernie", "ID": "ernie-intruder", "Address": "127.0.0.1", "Port": 1}
+    assert httpx.put(f"{consul}/v1/agent/service/register", json=intruder, timeout=10).status_code == 403
+    tokens = sim_run.plan.consul_acl
+    engine = httpx.put(
+        f"{consul}/v1/agent/service/register",
+        json={**intruder, "Name": "ernie-gateway", "ID": "ernie-gateway-intruder"},
+        headers={"X-Consul-Token": tokens.secret("engine")},
+        timeout=10,
+    )
+    assert engine.status_code == 403  # an engine host's token writes engines, not gateways
+    passing = httpx.get(f"{consul}/v1/health/service/ernie?passing", timeout=10).json()
+    assert len(passing) == len(sim_run.healthy["instances"])
+    assert all((tokens.path(r).stat().st_mode & 0o077) == 0 for r in ("management", "engine", "gateway", "operator"))

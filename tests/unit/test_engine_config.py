@@ -192,6 +192,8 @@ def test_the_local_mesh_config_registers_loopback_explicitly(tmp_path, monkeypat
     for var in ("CONSUL_HTTP_ADDR", "ERNIE_MESH_ADVERTISE_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
     f = tmp_path / "engine-1.toml"
-    f.write_text(MeshPlan(engines=1, engine_kind="simulated").engine_agent_toml(0, "/m"))
+    plan = MeshPlan(engines=1, engine_kind="simulated", run_dir=tmp_path / "run")
+    plan.consul_acl.create_secrets()  # its Consul token file (up writes it before the agents start)
+    f.write_text(plan.engine_agent_toml(0, "/m"))
     cfg = engine_config.load(["--config", str(f)])
     assert _registered_addresses(cfg) == ["127.0.0.1"]
