@@ -34,6 +34,7 @@ CHAOS_ORDER = (
     "envoy-kill",
     "slowloris",
     "consul-leader-loss",
+    "consul-leader-cut",
     "gateway-host-loss",
 )
 FAULTS = {
@@ -52,6 +53,8 @@ FAULTS = {
     "envoy-kill": "Envoy killed -9",
     "slowloris": "slow connections trickling headers or bodies",
     "consul-leader-loss": "leader of a 3-server Consul cluster killed -9, hosts in network namespaces "
+    "(baseline: none — it has no Consul)",
+    "consul-leader-cut": "leader of a 3-server Consul cluster cut off the network, hosts in network namespaces "
     "(baseline: none — it has no Consul)",
     "gateway-host-loss": "one of two gateway hosts behind one Consul DNS name cut off the network, hosts in "
     "network namespaces (baseline: not run — one nginx host; with two behind a static name, nothing would "
@@ -190,15 +193,18 @@ gateway's Envoy killed -9; the gateway agent starts another; recovered when a re
 gateway is answered again (probed every 50 ms). `slowloris` — 1,000 connections
 (`bench/slowloris.py`) that never finish their request, half trickling header lines, half a
 body, one piece a second, for 65 s, while the normal clients run.
-`consul-leader-loss` and `gateway-host-loss` run on hosts made of Linux network namespaces
+`consul-leader-loss`, `consul-leader-cut` and `gateway-host-loss` run on hosts made of Linux network namespaces
 (`bench/netns_mesh.py`, needs root): real `consul agent` servers and clients with the Ansible
 role's settings (without ACLs and gossip encryption), every agent talking to its host's local
 Consul client, the engine agents on one host, each gateway (agent, Envoy, relays) on a host of
 its own. `consul-leader-loss` — three Consul servers; the leader killed -9 under load, started
 again 20 s later or once the two others elected a new leader, whichever comes later (the clients
 run in the drill's own namespace and reach the gateway host's address); *detect s* is the seconds
-until a new leader. `gateway-host-loss` — two gateway hosts registered as `ernie-gateway`, one
-Consul server answering DNS; the clients run on a host of their own and resolve
+until a new leader. `consul-leader-cut` — the same with the leader cut off the network (its link
+down: what it was serving goes silent, no RST) and restored at the end. Both also time a catalog
+change made once the new leader is there: how long the gateway takes to see it.
+`gateway-host-loss` — two gateway hosts registered as `ernie-gateway`, one Consul server
+answering DNS; the clients run on a host of their own and resolve
 `ernie-gateway.service.consul` (port 8080 on every gateway) through Consul's DNS — chosen over a
 list of addresses in the client because the name follows the catalog: a lost or drained gateway
 leaves the answer without any client changing its configuration. They are the official `openai`
@@ -422,7 +428,7 @@ def drill_notes(rows: list[Figures]) -> list[str]:
         elif s == "slowloris":
             for r in both:
                 out.append(f"- `slowloris` / {_slowloris(r)}.")
-        elif s == "consul-leader-loss" and m:
+        elif s in ("consul-leader-loss", "consul-leader-cut") and m:
             out.append(_leader_loss_note(m))
         elif s == "gateway-host-loss" and m:
             out.append(_gateway_loss_note(m))
@@ -434,13 +440,17 @@ def _leader_loss_note(m: Figures) -> str:
     left = ", ".join(ll.get("left_the_catalog") or []) or "none"
     samples = ll.get("gateway_samples", 0)
     routed = samples - ll.get("gateway_samples_not_routing_every_engine", 0)
+    how = "cut off the network" if ll.get("how") == "cut" else "killed -9"
+    change = ll.get("change_reached_envoy_s")
     return (
-        f"- `consul-leader-loss` / mesh: leader {ll.get('killed')} killed -9; {ll.get('new_leader')} elected "
-        f"after {ll.get('new_leader_s')} s (Consul's default Raft timing, as the Ansible role leaves it); "
+        f"- `{m['scenario']}` / mesh: leader {ll.get('cut') or ll.get('killed')} {how}; {ll.get('new_leader')} "
+        f"elected after {ll.get('new_leader_s')} s (Consul's default Raft timing, as the Ansible role leaves it); "
         f"instances that left the catalog (read from a follower): {left}, fewest passing "
         f"{ll.get('fewest_passing_in_catalog')} of {m['engines']}; the gateway's catalog reads failed "
         f"{ll.get('gateway_watch_errors')} times meanwhile (it keeps its last snapshot), and its Envoy routed "
-        f"to every engine in {routed} of {samples} samples (every 0.1 s) until the killed server started again."
+        f"to every engine in {routed} of {samples} samples (every 0.1 s) until the fault's end; a catalog change "
+        f"made once the new leader was there (a draining instance registered through a live server) reached "
+        f"the gateway's Envoy after {'never' if change is None else f'{change:g} s'}."
     )
 
 

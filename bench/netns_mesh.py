@@ -128,6 +128,7 @@ class NetnsMeshSystem(System):
         servers: int = 3,
         gateways: int = 1,
         dns_clients: bool = False,
+        gateway_consul: str = "local",
         agent_settings: dict[str, Any] | None = None,
     ):
         super().__init__(settings, engines, workdir, progress)
@@ -141,6 +142,12 @@ class NetnsMeshSystem(System):
         self.server_hosts = [f"consul{i + 1}" for i in range(servers)]
         self.gateway_hosts = ["gw"] if gateways == 1 else [f"gw-{chr(ord('a') + i)}" for i in range(gateways)]
         self.dns_clients = dns_clients
+        # the gateways' Consul: "local" (a client agent on the gateway's host, as the Ansible roles
+        # deploy) or "follower" (no client: the gateway talks to a server that is not the leader)
+        if gateway_consul not in ("local", "follower"):
+            raise ValueError(f"gateway_consul: local or follower, not {gateway_consul!r}")
+        self.gateway_consul = gateway_consul
+        self.gateway_consul_server = ""  # the server the gateways talk to (gateway_consul = follower)
         names = [*self.server_hosts, "engines", *self.gateway_hosts, *(["client"] if dns_clients else [])]
         self.lab = NetnsLab(self.workdir, names)
         self.agent_settings = dict(agent_settings or {})
@@ -186,10 +193,13 @@ class NetnsMeshSystem(System):
         self.lab.create()
         for host in self.server_hosts:
             self.consul[host] = ConsulAgent(self.lab, host, self.server_hosts, True, self.logs).start()
-        for host in ["engines", *self.gateway_hosts]:
+        for host in ["engines", *(self.gateway_hosts if self.gateway_consul == "local" else [])]:
             self.consul[host] = ConsulAgent(self.lab, host, self.server_hosts, False, self.logs).start()
         self._wait(lambda: self.leader_host() is not None, "a Consul leader")
         members = set(self.consul)
+        if self.gateway_consul == "follower":
+            leader = self.leader_host()
+            self.gateway_consul_server = next(h for h in self.server_hosts if h != leader)
         self._wait(lambda: self._catalog_nodes() >= members, f"every Consul agent in the catalog ({sorted(members)})")
         self.progress(f"mesh-netns: Consul up, leader {self.leader_host()}; {self.describe()}")
         token_dir = self.lab.hosts["engines"].root / "tokens"
@@ -250,13 +260,18 @@ class NetnsMeshSystem(System):
                     "metrics": f"0.0.0.0:{GATEWAY_METRICS_PORT}",
                     "advertise_address": self.address(host),
                     "drain_deadline_s": 10.0,
-                    "consul": {"address": f"127.0.0.1:{CONSUL_HTTP_PORT}", "service": SERVICE},
+                    "consul": {"address": self._gateway_consul_address(), "service": SERVICE},
                     "edge": {"api_keys": keys_file(root / "keys")},
                 }
             )
         )
         cmd = exec_in(self.lab.hosts[host].netns, mesh_command("gateway", "--config", str(config)))
         return ManagedProcess(f"gateway-{host}", cmd, self.logs / f"gateway-{host}.log")
+
+    def _gateway_consul_address(self) -> str:
+        if self.gateway_consul == "follower":
+            return f"{self.address(self.gateway_consul_server)}:{CONSUL_HTTP_PORT}"
+        return f"127.0.0.1:{CONSUL_HTTP_PORT}"
 
     def _write_resolv_conf(self) -> None:
         """The client host's resolver: Consul's DNS on the first server (`ip netns exec` mounts
@@ -373,6 +388,55 @@ class NetnsMeshSystem(System):
             return out
         return None
 
+    PROBE_PORT = 8999  # a draining instance the leader-loss drills register (no request goes to it)
+
+    def register_probe(self, tag: str) -> None:
+        """A catalog change made through a live server: an `ernie` instance on a node of its own,
+        draining (warning), at the engines' address and PROBE_PORT. The gateway lists it in Envoy's
+        cluster once its catalog watch saw the change (Envoy sends it nothing: it is draining)."""
+        node = f"drill-probe-{tag}"
+        body = {
+            "Node": node,
+            "Address": self.address("engines"),
+            "Service": {"ID": node, "Service": SERVICE, "Address": self.address("engines"), "Port": self.PROBE_PORT},
+            "Check": {
+                "Node": node,
+                "CheckID": f"{node}-check",
+                "Name": "drill probe",
+                "Status": "warning",
+                "ServiceID": node,
+            },
+        }
+        for host in self.live_servers():
+            try:
+                r = self._http.put(f"{self.consul[host].url}/v1/catalog/register", json=body, timeout=5.0)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                continue
+        raise RuntimeError("no live Consul server took the probe's registration")
+
+    def deregister_probe(self, tag: str) -> None:
+        for host in self.live_servers():
+            try:
+                r = self._http.put(
+                    f"{self.consul[host].url}/v1/catalog/deregister", json={"Node": f"drill-probe-{tag}"}, timeout=5.0
+                )
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                continue
+
+    def gateway_lists_probe(self, host: str) -> bool:
+        def clusters() -> str:
+            return httpx.get(f"http://{ENVOY_ADMIN}/clusters", timeout=1.0).text
+
+        try:
+            text = self.in_host(host).call(clusters, timeout_s=3.0)
+        except Exception:  # noqa: BLE001 - Envoy not answering: not listed
+            return False
+        return f"{CLUSTER}::{self.address('engines')}:{self.PROBE_PORT}::" in text
+
     def kill_consul(self, host: str) -> int:
         return self.consul[host].kill()
 
@@ -457,6 +521,10 @@ class NetnsMeshSystem(System):
     def cut(self, host: str) -> None:
         self.lab.cut(host)
         self.lost.add(host)
+
+    def restore(self, host: str) -> None:
+        self.lab.restore(host)
+        self.lost.discard(host)
 
 
 class NamespaceLoad(LoadGenerator):

@@ -34,7 +34,13 @@ ROLLING_PAUSE_S = 1.0
 # crash-loop: long enough for 5 failed starts at the default backoff (1, 2, 4, 8 s) to be a crash loop.
 # consul-leader-loss: the dead leader stays down 20 s (an election takes seconds; what matters is
 # the mesh serving through it), then starts again as systemd's Restart=on-failure would bring it.
-NOMINAL_HOLD_S = {"consul-slow": 20.0, "slowloris": 65.0, "crash-loop": 40.0, "consul-leader-loss": 20.0}
+NOMINAL_HOLD_S = {
+    "consul-slow": 20.0,
+    "slowloris": 65.0,
+    "crash-loop": 40.0,
+    "consul-leader-loss": 20.0,
+    "consul-leader-cut": 20.0,
+}
 CRASH_SETTLE_S = 2.0  # after the prompt of death's answer: how long engines get to show they died
 POISON_TIMEOUT_S = 60.0
 PROBE_EVERY_S = 0.05
@@ -386,9 +392,24 @@ def _netns(tl: Timeline) -> Any:
 
 
 def consul_leader_loss(tl: Timeline) -> None:
-    """The Consul leader of a 3-server cluster SIGKILLed; started again at the fault's end. Seen on
-    the way: seconds until the two others elect a new leader, whether an instance left the catalog
-    (read `stale` from a follower) or the gateway's Envoy stopped routing to one (the monitor)."""
+    """The Consul leader of a 3-server cluster SIGKILLed; started again at the fault's end."""
+    _leader_loss(tl, "kill")
+
+
+def consul_leader_cut(tl: Timeline) -> None:
+    """The Consul leader of a 3-server cluster cut off the network (no RST: what it was serving goes
+    silent); its link restored at the fault's end."""
+    _leader_loss(tl, "cut")
+
+
+PROBE_WAIT_S = 30.0  # how long a catalog change made after the election may take to reach Envoy
+
+
+def _leader_loss(tl: Timeline, how: str) -> None:
+    """Seen on the way: seconds until the two others elect a new leader, whether an instance left
+    the catalog (read `stale` from a follower) or the gateway's Envoy stopped routing to one (the
+    monitor), and how long a catalog change made once the new leader is there takes to reach the
+    gateway's Envoy (a draining probe instance: see NetnsMeshSystem.register_probe)."""
     system = _netns(tl)
     tl.at(tl.fault_at)
     old = system.leader_host()
@@ -396,48 +417,72 @@ def consul_leader_loss(tl: Timeline) -> None:
         raise RuntimeError("no Consul leader before the fault")
     gw = system.gateway_hosts[0]
     watch_errors = system.gateway_metric(gw, "ernie_gateway_consul_watch_errors_total") or 0.0
-    ev = tl.monitor.add(FaultEvent(f"Consul leader {old} killed -9", None, time.time()))
-    ev.notes["killed"] = old
-    ev.notes["pid"] = system.kill_consul(old)
-    tl.say(f"Consul leader {old} (pid {ev.notes['pid']}) killed -9")
+    verb = "killed -9" if how == "kill" else "cut off the network"
+    ev = tl.monitor.add(FaultEvent(f"Consul leader {old} {verb}", None, time.time()))
+    ev.notes["killed" if how == "kill" else "cut"] = old
+    if how == "kill":
+        ev.notes["pid"] = system.kill_consul(old)
+    else:
+        system.cut(old)
+    tl.say(f"Consul leader {old} {verb}")
     new = None
     leader_at = None
     fewest_passing = system.n
     absent: set[str] = set()
     every: set[str] | None = None
-    while time.time() < ev.t_fault + tl.hold_s or (new is None and time.time() < ev.t_fault + tl.recover_wait_s):
+    probe_at = probe_seen_at = None
+    while time.time() < ev.t_fault + tl.hold_s or (
+        (new is None or (probe_seen_at is None and probe_at is not None and time.time() < probe_at + PROBE_WAIT_S))
+        and time.time() < ev.t_fault + tl.recover_wait_s
+    ):
         if new is None:
             seen = system.leader_host()
             if seen is not None and seen != old:
                 new, leader_at = seen, time.time()
                 tl.say(f"new Consul leader: {new} after {leader_at - ev.t_fault:.1f}s")
+                system.register_probe("leader")
+                probe_at = time.time()
+        elif probe_seen_at is None and probe_at is not None and system.gateway_lists_probe(gw):
+            probe_seen_at = time.time()
+            tl.say(f"a catalog change made after the election reached Envoy after {probe_seen_at - probe_at:.1f}s")
         p = system.passing()
         if p is not None:
+            p = {k: v for k, v in p.items() if not k.startswith("drill-probe")}
             every = set(p) if every is None else every
             absent |= every - set(p)
             fewest_passing = min(fewest_passing, sum(1 for v in p.values() if v == "passing"))
         tl.at(time.time() - tl.t0 + 0.1)
+    system.deregister_probe("leader")
     ev.t_end = time.time()
-    system.start_consul(old)
-    tl.say(f"Consul server {old} started again")
+    if how == "kill":
+        system.start_consul(old)
+        tl.say(f"Consul server {old} started again")
+    else:
+        system.restore(old)
+        tl.say(f"Consul server {old} back on the network")
     ev.notes.update(
         {
             "new_leader": new,
             "new_leader_s": None if leader_at is None else round(leader_at - ev.t_fault, 2),
             "fewest_passing_in_catalog": fewest_passing,
             "left_the_catalog": sorted(absent),
+            # a change written once the new leader was there, until the gateway's Envoy had it
+            "change_reached_envoy_s": None
+            if probe_at is None or probe_seen_at is None
+            else round(probe_seen_at - probe_at, 2),
         }
     )
     tl.extra["detect_s"] = ev.notes["new_leader_s"]
     tl.extra["detect_of"] = "a new Consul leader"
 
     def finish(_results: list[Result]) -> dict[str, Any]:
-        # the gateway's view from the kill to the fault's end (the monitor samples Envoy's /clusters)
+        # the gateway's view from the fault to its end (the monitor samples Envoy's /clusters)
         t_end = ev.t_end if ev.t_end is not None else ev.t_fault
         during = [rot for t, rot in tl.monitor.samples if ev.t_fault <= t <= t_end]
         errors = system.gateway_metric(gw, "ernie_gateway_consul_watch_errors_total")
         return {
             "leader_loss": {
+                "how": how,
                 **ev.notes,
                 "gateway_samples": len(during),
                 "gateway_samples_not_routing_every_engine": sum(1 for rot in during if len(rot) < system.n),
@@ -463,9 +508,14 @@ def gateway_host_loss(tl: Timeline) -> None:
     # here connects to the same one: see gateway_loss_figures' "clients_on_lost_at_cut").
     at = {h: f"{system.address(h)}:{system.gateway_port}" for h in system.gateway_hosts}
     last: dict[int, str] = {}
-    for r in sorted(load.snapshot(), key=lambda r: r.started):
-        if r.servers:
-            last[r.worker] = r.servers[-1]
+    deadline = time.time() + CLIENTS_SEEN_WAIT_S
+    while len(last) < load.cfg.concurrency:  # which gateway every client is on (its last answer's)
+        for r in sorted(load.snapshot(), key=lambda r: r.started):
+            if r.servers and r.outcome == "ok":
+                last[r.worker] = r.servers[-1]
+        if time.time() > deadline:
+            raise RuntimeError(f"not every client was served before the cut: {last}")
+        tl.at(time.time() - tl.t0 + 0.1)
     lost = max(system.gateway_hosts, key=lambda h: sum(1 for s in last.values() if s == at[h]))
     survivor = next(h for h in system.gateway_hosts if h != lost)
     lost_at, survivor_at = at[lost], at[survivor]
@@ -490,6 +540,9 @@ def gateway_host_loss(tl: Timeline) -> None:
     tl.extra["detect_s"] = None if dns_gone_at is None else round(dns_gone_at - t_cut, 2)
     tl.extra["detect_of"] = "Consul's DNS no longer naming the lost gateway"
     tl.finish.append(lambda results: {"gateway_loss": gateway_loss_figures(results, t_cut, lost_at, survivor_at)})
+
+
+CLIENTS_SEEN_WAIT_S = 30.0  # gateway-host-loss: how long the cut waits for every client's first answer
 
 
 def all_served_by(results: list[Result], server: str, since: float, workers: int) -> float | None:
@@ -556,14 +609,15 @@ SCENARIOS: dict[str, Callable[[Timeline], None]] = {
     "relay-kill": relay_kill,
     "envoy-kill": envoy_kill,
     "consul-leader-loss": consul_leader_loss,
+    "consul-leader-cut": consul_leader_cut,
     "gateway-host-loss": gateway_host_loss,
 }
 # Drills on hosts made of network namespaces (bench/netns_mesh.py; they need root).
-NETNS = frozenset({"consul-leader-loss", "gateway-host-loss"})
+NETNS = frozenset({"consul-leader-loss", "consul-leader-cut", "gateway-host-loss"})
 # Scenarios whose fault lasts hold_s (the others are one event: a crash, a kill, a rolling restart).
 HELD = frozenset(
     {"kill", "hang", "slow", "consul-restart", "gateway-restart", "consul-slow", "engine-agent-kill"}
-    | {"crash-loop", "slowloris", "consul-leader-loss"}
+    | {"crash-loop", "slowloris", "consul-leader-loss", "consul-leader-cut"}
 )
 # The baseline has no control plane, no engine agents and no supervisor of its own: those faults
 # have no counterpart there.
@@ -588,5 +642,6 @@ DESCRIPTIONS = {
     "relay-kill": "one of the gateway's resuming relay processes killed -9 under load",
     "envoy-kill": "the gateway's Envoy killed -9 under load: requests lost in flight, seconds until it serves again",
     "consul-leader-loss": "the leader of a 3-server Consul cluster killed -9 under load (hosts in network namespaces)",
+    "consul-leader-cut": "the leader of a 3-server Consul cluster cut off the network under load (network namespaces)",
     "gateway-host-loss": "one of two gateway hosts behind one DNS name cut off the network (network namespaces)",
 }

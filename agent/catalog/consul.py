@@ -266,13 +266,18 @@ class ConsulCatalog:
     # --- reads (gateway, status) -------------------------------------------------------------
 
     def instances(self, service: str, index: int = 0, wait_s: float = 0.0) -> tuple[int, list[CatalogEntry]]:
+        """The service's instances with their checks, read `stale`: whichever server the local agent
+        asks answers from its own state (as Consul's DNS does by default), so the read works while
+        the cluster has no leader and never waits on a forward to a leader that stopped answering
+        (a blocking query parked there saw no change until the dead leader was reaped: ~20 s in the
+        consul-leader-cut drill). A follower lags the leader by its replication delay (ms)."""
         if wait_s > 0 and index > 0:
             client = self._blocking_client(wait_s)
             new_index, nodes = self._call(
-                f"watch {service}", client.health.service, service, index=index, wait=go_duration(wait_s, min_ms=1)
+                f"watch {service}", _health_service_stale, client, service, index, go_duration(wait_s, min_ms=1)
             )
         else:
-            new_index, nodes = self._call(f"read {service}", self._client.health.service, service)
+            new_index, nodes = self._call(f"read {service}", _health_service_stale, self._client, service)
         return int(new_index or 0), [_entry(n) for n in nodes or ()]
 
     def leader(self) -> str:
@@ -298,6 +303,25 @@ class ConsulCatalog:
 
     def kv_delete(self, key: str) -> None:
         self._call(f"delete {key}", self._client.kv.delete, key)
+
+
+def _health_service_stale(
+    client: consul.Consul, service: str, index: int = 0, wait: str = ""
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """/v1/health/service/<service>?stale: python-consul2's health.service without a consistency
+    mode (it has none), with the client's token and datacenter as it sends them."""
+    params: list[tuple[str, object]] = [("stale", "1")]
+    if index:
+        params.append(("index", index))
+        if wait:
+            params.append(("wait", wait))
+    if client.dc:
+        params.append(("dc", client.dc))
+    headers = {"X-Consul-Token": client.token} if client.token else {}
+    result: tuple[str | None, list[dict[str, Any]]] = client.http.get(
+        consul.base.CB.json(index=True), path=f"/v1/health/service/{service}", params=params, headers=headers
+    )
+    return result
 
 
 def _entry(node: dict[str, Any]) -> CatalogEntry:
