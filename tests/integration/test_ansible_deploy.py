@@ -13,7 +13,9 @@ check:
      the generated secrets file is private; an unauthenticated register gets 403; RPC is TLS (a
      plaintext client and a TLS client without a certificate from the CA are refused, one with
      one is accepted; the clients' RPC works, so they speak TLS too); HTTPS on the servers with
-     the generated CA; the gateway answers chat completions (official openai client);
+     the generated CA; API keys on: without a key the gateway answers 401, with the first key
+     the playbook put in Consul it answers chat completions (official openai client), and an
+     engine asked directly without the engines' own key (which the gateway injects) answers 401;
   2. `dig @<host> -p 8600 ernie.service.consul SRV` lists exactly the passing instances;
   3. `ansible-playbook rolling-upgrade.yml` under steady load: zero failed, zero truncated;
   4. `site.yml` re-run after a code change (a new wheel for every agent), under steady load: the
@@ -79,8 +81,12 @@ SECRET_NAMES = {
     "ernie_engine_consul_token",
     "ernie_gateway_consul_token",
     "ernie_prometheus_consul_token",
+    "ernie_engine_api_key",
+    "ernie_gateway_api_key",
 }
-ROTATED = {name for name in SECRET_NAMES if name not in ("consul_encrypt_key", "consul_acl_management_token")}
+ROTATED = {name for name in SECRET_NAMES if name.endswith("_consul_token") or name.startswith("consul_acl_")} - {
+    "consul_acl_management_token"
+}
 RPC_PORT = 8300
 RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
@@ -342,10 +348,11 @@ def host_logs(lab: NetnsLab) -> str:
 
 
 class SteadyLoad:
-    def __init__(self, base_url: str, request_timeout_s: float = 60.0):
+    def __init__(self, base_url: str, api_key: str, request_timeout_s: float = 60.0):
         self.gen = LoadGenerator(
             LoadConfig(
                 base_url=base_url,
+                api_key=api_key,
                 model=MODEL,
                 concurrency=LOAD_CONCURRENCY,
                 stream_ratio=0.5,
@@ -497,7 +504,15 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
         assert r.status_code == 200 and r.json() in server_addrs, r.text
 
         gw = f"http://{lab.hosts['gateway1'].address}:8080"
-        client = openai.OpenAI(base_url=f"{gw}/v1", api_key="none", max_retries=0, timeout=30)
+        # API keys on by default: the playbook put a first key in Consul KV; without it: 401. The
+        # engines run with their own key (vLLM --api-key), which the gateway injects: asked
+        # directly without it, an engine refuses.
+        api_key = secrets["ernie_gateway_api_key"]
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+        assert httpx.post(f"{gw}/v1/chat/completions", json=chat, timeout=10).status_code == 401
+        engine_url = f"http://{lab.hosts['engine1'].address}:{ENGINE_PORTS[0]}/v1/chat/completions"
+        assert httpx.post(engine_url, json=chat, timeout=10).status_code == 401
+        client = openai.OpenAI(base_url=f"{gw}/v1", api_key=api_key, max_retries=0, timeout=30)
         served = set()
         for _ in range(8):
             raw = client.chat.completions.with_raw_response.create(
@@ -513,7 +528,7 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
 
         # --- 3. rolling upgrade under steady load -----------------------------------------------
         pids_before = {n: agent_pid(lab, n, "ernie-engine") for n in ("engine1", "engine2")}
-        with SteadyLoad(gw) as load:
+        with SteadyLoad(gw, api_key) as load:
             time.sleep(2)
             out, timings["rolling-upgrade.yml"] = deploy.playbook("rolling-upgrade.yml")
             time.sleep(2)
@@ -536,7 +551,7 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
         reexecs_before = gw_log.read_text(errors="replace").count("re-executing")
         pids_before = {n: agent_pid(lab, n, "ernie-engine") for n in ("engine1", "engine2")}
         pids_before["gateway1"] = agent_pid(lab, "gateway1", "ernie-gateway")
-        with HealthSampler(lab) as health, SteadyLoad(gw) as load:
+        with HealthSampler(lab) as health, SteadyLoad(gw, api_key) as load:
             time.sleep(2)
             out, timings["site.yml (code changed)"] = deploy.playbook("site.yml")
             time.sleep(2)
@@ -572,7 +587,7 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
         pids_before = {n: agent_pid(lab, n, "ernie-engine") for n in ("engine1", "engine2")}
         pids_before["gateway1"] = agent_pid(lab, "gateway1", "ernie-gateway")
         pids_before.update({n: agent_pid(lab, n, "consul") for n in HOSTS})
-        with HealthSampler(lab) as health, SteadyLoad(gw) as load:
+        with HealthSampler(lab) as health, SteadyLoad(gw, api_key) as load:
             time.sleep(2)
             out, timings["rotate-tokens.yml"] = deploy.playbook("rotate-tokens.yml")
             time.sleep(2)
@@ -611,7 +626,7 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
             assert not denied, f"{n}: Consul refused a write after the rotation: {denied[:3]}"
 
         # --- 7. cut one engine host's link under steady load --------------------------------------
-        with SteadyLoad(gw, request_timeout_s=PARTITION_REQUEST_TIMEOUT_S) as load:
+        with SteadyLoad(gw, api_key, request_timeout_s=PARTITION_REQUEST_TIMEOUT_S) as load:
             time.sleep(2)
             t_cut = time.time()
             lab.cut("engine2")

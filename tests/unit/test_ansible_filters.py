@@ -158,6 +158,8 @@ def test_the_secrets_script_generates_once_keeps_and_rotates(tmp_path):
     rotated = run("secrets", "--file", str(f), "--need", "consul_encrypt_key", "t1", "t2", "--rotate", "t2")
     assert rotated["changed"] and rotated["secrets"]["t2"] != first["secrets"]["t2"]
     assert rotated["secrets"]["t1"] == first["secrets"]["t1"]
+    key = run("secrets", "--file", str(f), "--need", "ernie_gateway_api_key")["secrets"]["ernie_gateway_api_key"]
+    assert key.startswith("sk-ernie-") and len(key) >= 40  # what `ernie-mesh keys add` makes
 
     tls = tmp_path / "ernie-secrets" / "tls"
     made = run("tls", "--dir", str(tls), "--datacenter", "dc1", "--server", "c1=10.0.0.1")

@@ -55,6 +55,8 @@ def write_private(path: Path, data: bytes) -> None:
 def new_value(name: str) -> str:
     if name == "consul_encrypt_key":
         return base64.b64encode(secrets.token_bytes(32)).decode()
+    if name.endswith("_api_key"):  # an API key, in the form `ernie-mesh keys add` makes them
+        return "sk-ernie-" + secrets.token_urlsafe(32)
     return str(uuid.uuid4())
 
 
