@@ -42,5 +42,22 @@ acl {
   }
 }
 
+# TLS for RPC (Consul >= 1.12 spelling; before: top-level ca_file, verify_outgoing = true,
+# verify_server_hostname = true): the servers' CA; the client's certificate comes from them.
+tls {
+  defaults {
+    ca_file         = "/etc/consul.d/tls/ca.pem"
+    verify_outgoing = true
+  }
+  internal_rpc {
+    verify_server_hostname = true
+  }
+}
+auto_encrypt {
+  tls     = true
+  ip_san  = ["<10.0.0.21>", "127.0.0.1"]
+  dns_san = ["localhost"]
+}
+
 disable_update_check = true
 leave_on_terminate   = true

@@ -23,8 +23,9 @@ addresses {
   dns = "127.0.0.1 <10.0.0.11>"
 }
 ports {
-  dns  = 8600
-  http = 8500
+  dns   = 8600
+  http  = 8500
+  https = 8501                # HTTPS for operators and Prometheus on other hosts (the CA below)
 }
 
 # Gossip encryption: `consul keygen`, the same key on every agent.
@@ -52,6 +53,32 @@ acl {
     agent              = "<agent token>"        # policy: node_prefix "" write, service_prefix "" read
     default            = "<dns token>"          # anonymous reads (DNS): node/service/query read
   }
+}
+
+# TLS for RPC between agents (Consul >= 1.12 spelling; before: top-level ca_file, cert_file,
+# key_file, verify_incoming_rpc = true, verify_outgoing = true, verify_server_hostname = true).
+# The certificate names server.<dc>.consul (`consul tls cert create -server -dc dc1`, or the
+# Ansible role's CA: deploy/ansible/files/ernie_secrets.py). A client without one is refused.
+tls {
+  defaults {
+    ca_file         = "/etc/consul.d/tls/ca.pem"
+    cert_file       = "/etc/consul.d/tls/server.pem"
+    key_file        = "/etc/consul.d/tls/server-key.pem"   # 0600
+    verify_outgoing = true
+  }
+  internal_rpc {
+    verify_incoming        = true
+    verify_server_hostname = true
+  }
+  https {
+    verify_incoming = false   # HTTPS clients authenticate with ACL tokens
+  }
+}
+auto_encrypt {
+  allow_tls = true            # clients get their certificates from the servers
+}
+addresses {
+  https = "127.0.0.1 <10.0.0.11>"
 }
 
 disable_update_check = true
