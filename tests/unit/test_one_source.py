@@ -13,7 +13,7 @@ from agent.gateway import config as gateway_config
 from agent.local.plan import MeshPlan
 
 
-def test_instance_id_is_service_node_address_port():
+def test_instance_id_is_service_node_address_port(tmp_path):
     assert naming.instance_id("ernie", "gpu-7", "10.0.0.7", 8001) == "ernie-gpu-7-10.0.0.7-8001"
     assert naming.instance_id("ernie", "gpu-7", "[2001:db8::7]", 8001) == "ernie-gpu-7-2001:db8::7-8001"
     cfg = engine_config.build(
@@ -27,7 +27,8 @@ def test_instance_id_is_service_node_address_port():
     )
     assert cfg.instance_id(cfg.engines[0]) == naming.instance_id("svc", "n1", "192.0.2.1", 8001)
     assert cfg.instance_id(cfg.engines[1]) == naming.instance_id("svc", "n1", "192.0.2.9", 8002)
-    plan = MeshPlan(engines=2, engine_kind="simulated", node="box", port_offset=10)
+    plan = MeshPlan(engines=2, engine_kind="simulated", node="box", port_offset=10, run_dir=tmp_path)
+    plan.consul_acl.create_secrets()  # the engine agent's Consul token file (up writes it first)
     assert plan.instance_id(1) == naming.instance_id("ernie", "box", "127.0.0.1", plan.engine_port(1))
     # what the plan computes is what its engine agent registers
     agent_cfg = engine_config.build(engine_config.EngineAgentConfig, tomllib.loads(plan.engine_agent_toml(1, "/m")))
