@@ -11,9 +11,10 @@ every host through the bridge):
   client       (the gateway-host drill) the clients, resolving `ernie-gateway.service.consul`
                through Consul's DNS (/etc/netns/<ns>/resolv.conf, which `ip netns exec` mounts)
 
-Every agent talks to its host's local Consul client on 127.0.0.1:8500, as on a deployed host.
-Consul's settings are the Ansible role's (deploy/ansible/roles/consul/vars/main.yml) without ACLs
-and gossip encryption: default Raft timing, `only_passing` DNS, `check_update_interval` 0s.
+Every agent talks to its host's local Consul client on 127.0.0.1:8500, as on a deployed host
+(`gateway_consul="follower"`: the gateways talk to a server that is not the leader instead).
+Consul's settings are the Ansible role's (deploy/ansible/roles/consul/vars/main.yml) without ACLs,
+TLS and gossip encryption: default Raft timing, `only_passing` DNS, `check_update_interval` 0s.
 Needs root and iproute2.
 """
 
