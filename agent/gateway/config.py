@@ -154,8 +154,17 @@ class RoutingSettings:
     # Envoy); above it, a key spills to the next instance in its order. 0: no bound.
     hash_balance_factor: int = 150
     prefix_chars: int = 4096  # how much of a prompt (or of a message) the key reads
+    # Overload (agent/gateway/relay/admission.py): at most this many of this gateway's requests in
+    # flight per routable instance (vLLM's default max_num_seqs; 0: no limit); beyond, requests wait
+    # at the gateway, at most queue_size of them, each at most queue_timeout_s, then get 503 +
+    # Retry-After.
+    instance_concurrency: int = 256
+    queue_size: int = 256
+    queue_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if min(self.instance_concurrency, self.queue_size) < 0 or self.queue_timeout_s <= 0:
+            raise ConfigError("routing.instance_concurrency and queue_size must be >= 0, queue_timeout_s > 0")
         if self.mode not in ROUTING_MODES:
             raise ConfigError(f"routing.mode: one of {', '.join(ROUTING_MODES)}, got {self.mode!r}")
         if self.key not in AFFINITY_KEYS:
@@ -436,6 +445,8 @@ Config file (TOML), every key optional:
   key = "system"                    # or "conversation": what requests share an instance by
   session_header = "x-session-id"   # a client's session key (else the OpenAI `user` field)
   hash_balance_factor = 150         # percent of the mean load an instance may take (0: no bound)
+  instance_concurrency = 256        # requests in flight per instance; beyond, they queue here
+  queue_size = 256                  # ... at most this many, each at most queue_timeout_s (30), then 503
   [policy]
   num_retries = 3
   outlier_max_ejection_percent = 50

@@ -73,6 +73,14 @@ def relay_command(cfg: GatewayConfig, index: int) -> list[str]:
         cfg.routing.session_header,
         "--prefix-chars",
         str(cfg.routing.prefix_chars),
+        "--instance-concurrency",
+        str(cfg.routing.instance_concurrency),
+        "--queue-size",
+        str(cfg.routing.queue_size),
+        "--queue-timeout-s",
+        str(cfg.routing.queue_timeout_s),
+        "--relay-processes",
+        str(cfg.relay_processes),
         *(("--keys-dir", cfg.keys_dir) if cfg.edge.keys_required else ()),
     ]
 

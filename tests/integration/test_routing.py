@@ -261,8 +261,9 @@ def test_affinity_at_least_doubles_the_prefix_cache_hit_rate_of_least_request(fr
     config.write_text('[routing]\nmode = "least-request"\n')
     spread = Gateway(
         fresh.consul.address, SERVICE, tmp_path / "gw-lr", name="gw-lr", extra_args=("--config", str(config))
-    ).start()
+    )
     try:
+        spread.start()
         wait_until(lambda: len(spread.endpoints()) == ENGINES, 10, "gw-lr sees every engine")
         rates = {}
         with httpx.Client(timeout=30) as http:
@@ -275,3 +276,51 @@ def test_affinity_at_least_doubles_the_prefix_cache_hit_rate_of_least_request(fr
         spread.cleanup()
     print(f"prefix-cache hit rate: {rates}")
     assert rates["affinity"] >= 2 * rates["least-request"], rates
+
+
+def test_overload_queues_at_the_gateway_then_answers_503_with_retry_after(fresh, tmp_path):
+    """[routing] instance_concurrency 2 on 4 instances, queue_size 4, two relay processes (each 4
+    in flight, 4 waiting): of 20 simultaneous streams, 8 run, up to 8 wait at the gateway and then
+    run, the others get a JSON 503 with Retry-After at once; the engines never see more than 8."""
+    config = tmp_path / "overload.toml"
+    config.write_text("[routing]\ninstance_concurrency = 2\nqueue_size = 4\nqueue_timeout_s = 20\n")
+    gw = Gateway(fresh.consul.address, SERVICE, tmp_path / "gw-ol", name="gw-ol", extra_args=("--config", str(config)))
+    try:
+        gw.start()
+        wait_until(lambda: len(gw.endpoints()) == ENGINES, 10, "gw-ol sees every engine")
+        results, peak, stop = [], [0], threading.Event()
+
+        def one(i: int) -> None:
+            with httpx.Client(timeout=60) as http:
+                body = {
+                    "model": "sim-model",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 200,
+                    "ignore_eos": True,
+                }
+                headers = {**AUTH, "x-session-id": f"overload-{i}"}
+                r = http.post(f"{gw.url}/v1/chat/completions", json={**body, "stream": True}, headers=headers)
+                results.append((r.status_code, r.headers.get("retry-after"), r.text))
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], sum(e.stats()["in_flight"] for e in fresh.engines))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        stop.set()
+        sampler.join(10)
+    finally:
+        gw.cleanup()
+    ok = [r for r in results if r[0] == 200]
+    busy = [r for r in results if r[0] == 503]
+    assert len(ok) + len(busy) == 20, [r[:2] for r in results]
+    assert len(ok) >= 12 and all("data: [DONE]" in r[2] for r in ok), [r[:2] for r in results]
+    assert busy and all(r[1] and int(r[1]) >= 1 for r in busy), (peak, [r[:2] for r in results])
+    assert all(json.loads(r[2])["error"]["code"] == "overloaded" for r in busy)
+    assert 1 <= peak[0] <= 2 * ENGINES, peak

@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from agent.gateway.relay import sse
+from agent.gateway.relay.admission import Admission, AdmissionPolicy, Overloaded
 from agent.gateway.relay.affinity import AFFINITY_HEADER, AffinityRecipe, affinity_key
 from agent.gateway.relay.limits import NO_POLICY, KeyLimits
 from agent.gateway.relay.membership import Attempt, Member, Membership
@@ -157,9 +158,11 @@ class Relay:
         clock: Callable[[], float] = time.monotonic,
         limits: KeyLimits | None = None,
         affinity: AffinityRecipe | None = None,
+        admission: Admission | None = None,
     ):
         self.limits = limits
         self.affinity = affinity
+        self.admission = admission or Admission(AdmissionPolicy(instance_concurrency=0), membership.routable)
         self.session = session
         self.membership = membership
         self.metrics = metrics
@@ -211,6 +214,13 @@ class Relay:
                     decision.kind,
                     "rate_limit_exceeded",
                 )
+        try:
+            await self.admission.acquire(key_name)
+        except Overloaded as e:
+            self.metrics.requests.labels(request.path, "overloaded").inc()
+            busy = _refusal(503, str(e), "service_unavailable", "overloaded")
+            busy.headers["retry-after"] = str(e.retry_after_s)
+            return busy
         self.metrics.in_flight.inc()
         self.active += 1
         try:
@@ -220,6 +230,7 @@ class Relay:
         finally:
             self.active -= 1
             self.metrics.in_flight.dec()
+            self.admission.release()
             if policy.tokens_per_minute and self.limits is not None:
                 self.limits.windows.record_tokens(key_name, int(request.get(TOKENS_USED, 0)))
 

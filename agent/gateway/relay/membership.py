@@ -100,6 +100,10 @@ class Membership:
             if not attempts:
                 del self._attempts[attempt.instance]
 
+    def routable(self) -> int:
+        """Instances that take new requests (healthy in the snapshot)."""
+        return sum(1 for m in self.members.values() if m.healthy)
+
     def in_flight(self, instance: str) -> int:
         return len(self._attempts.get(instance, ()))
 

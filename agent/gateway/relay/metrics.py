@@ -14,7 +14,8 @@ class RelayMetrics:
         r = registry
         self.requests = Counter(
             "ernie_gateway_relay_requests_total",
-            "Generation requests relayed, by route and outcome (ok, resumed, failed, client_gone, rejected)",
+            "Generation requests relayed, by route and outcome (ok, resumed, failed, client_gone, rejected, "
+            "rate_limited, refused, overloaded)",
             ["route", "outcome"],
             registry=r,
         )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from agent.config import ConfigError, check_host_port
 from agent.gateway.relay.affinity import KEYS as AFFINITY_KEYS
+from agent.gateway.relay.admission import AdmissionPolicy
 from agent.gateway.relay.affinity import AffinityRecipe
 from agent.net import UNIX_PATH_MAX
 
@@ -47,6 +48,7 @@ class RelayConfig:
     drain_s: float = 30.0
     keys_dir: str = ""  # the key policies (rate limits, models) the gateway renders; "" = none
     affinity: AffinityRecipe | None = AffinityRecipe()  # None: no affinity key (least-request routing)
+    admission: AdmissionPolicy = AdmissionPolicy()
 
     def __post_init__(self) -> None:
         for key in ("socket", "hop_socket"):
@@ -112,6 +114,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--session-header", default=AffinityRecipe.session_header, help="a client's session header")
     p.add_argument("--prefix-chars", type=int, default=AffinityRecipe.prefix_chars, help="of a prompt the key reads")
+    p.add_argument(
+        "--instance-concurrency",
+        type=int,
+        default=AdmissionPolicy.instance_concurrency,
+        help="requests in flight per routable instance before requests queue (0: no limit; default %(default)s)",
+    )
+    p.add_argument("--queue-size", type=int, default=AdmissionPolicy.queue_size, help="requests that may wait")
+    p.add_argument("--queue-timeout-s", type=float, default=AdmissionPolicy.queue_timeout_s, help="longest wait")
+    p.add_argument("--relay-processes", type=int, default=1, help="the gateway's relays (they share the limit)")
     return p
 
 
@@ -133,6 +144,7 @@ def load(argv: list[str]) -> RelayConfig:
         affinity=None
         if a.affinity == "off"
         else AffinityRecipe(key=a.affinity, session_header=a.session_header.lower(), prefix_chars=a.prefix_chars),
+        admission=AdmissionPolicy(a.instance_concurrency, a.queue_size, a.queue_timeout_s, a.relay_processes),
     )
 
 
@@ -141,6 +153,7 @@ async def serve(cfg: RelayConfig) -> int:
     from aiohttp import web
 
     from agent.gateway.relay import ads_client
+    from agent.gateway.relay.admission import Admission
     from agent.gateway.relay.handler import Relay, ResumePolicy, add_extra_headers
     from agent.gateway.relay.limits import KeyLimits
     from agent.gateway.relay.membership import Membership
@@ -158,6 +171,7 @@ async def serve(cfg: RelayConfig) -> int:
 
     def on_members(members: list[Member], version: str) -> None:
         rescued = membership.update(members, version)
+        relay.admission.wake()  # more instances: more requests may go
         if rescued:
             log.warning(
                 "snapshot %s: rescuing %d stalled request(s) from instance(s) no longer routable",
@@ -187,6 +201,7 @@ async def serve(cfg: RelayConfig) -> int:
         ResumePolicy(cfg.resume_limit, cfg.resume_limit_after_crash, cfg.resume_wait_s),
         limits=KeyLimits(cfg.keys_dir) if cfg.keys_dir else None,
         affinity=cfg.affinity,
+        admission=Admission(cfg.admission, membership.routable),
     )
 
     @web.middleware
