@@ -131,8 +131,9 @@ Reproduce: `python -m bench --only drills` (every drill with simulated engines, 
 where the baseline has the part; about 40 minutes), `python -m bench --only vllm` (kill, hang and
 rolling with real vLLM engines), some drills alone with the other rows kept (`python -m bench --drills
 consul-leader-loss,consul-leader-cut,gateway-host-loss`, the drills on network namespaces: root
-only), or a single drill: `ernie-mesh drill prompt-of-death --system both --duration 60 --json`.
-Proxy overhead, propagation and scale are in [benchmarks.md](benchmarks.md).
+only; a run without root skips them and keeps their rows), or a single drill: `ernie-mesh drill
+prompt-of-death --system both --duration 60 --json`. Proxy overhead, propagation and scale are in
+[benchmarks.md](benchmarks.md).
 
 """
     + SYSTEMS

@@ -56,3 +56,17 @@ def test_drills_run_alone_replace_their_rows_and_keep_the_others():
     assert merged["machine"] == {"date": "old"}  # the last full run's line stays
     assert merged["rows"][1]["requests"] == 5 and "machine" in merged["rows"][1]  # the new row has its own
     assert "machine" not in merged["rows"][0]
+
+
+def test_a_run_without_network_namespaces_runs_every_other_drill(monkeypatch):
+    import argparse
+
+    import bench.netns
+    import bench.run
+    from bench.scenarios import NETNS, SCENARIOS
+
+    monkeypatch.setattr(bench.netns, "available", lambda: "needs root (ip netns)")
+    ran: list[str] = []
+    monkeypatch.setattr(bench.run, "run_drill", lambda opts, stop: ran.append(opts.scenario) or [])
+    bench.run.run_drills(argparse.Namespace(duration=1.0, concurrency=1, max_tokens=1), "sim")
+    assert NETNS and set(ran) == set(SCENARIOS) - NETNS
