@@ -45,6 +45,7 @@ class EngineSettings:
     shutdown_timeout_s: float = 0.0
     vllm_args: tuple[str, ...] = ()
     vllm_env: dict[str, str] = field(default_factory=dict)
+    sim_args: tuple[str, ...] = ()  # more simulated-engine flags (e.g. its prefix cache's)
 
     @property
     def start_timeout_s(self) -> float:
@@ -68,6 +69,7 @@ class EngineSettings:
                 "--crash-on-prompt",
                 PROMPT_OF_DEATH,
                 "--allow-faults",  # the drills freeze and slow engines through /sim/fault
+                *self.sim_args,
             )
         return [
             sys.executable,
@@ -105,6 +107,7 @@ class EngineSettings:
                     "--crash-on-prompt",
                     PROMPT_OF_DEATH,
                     "--allow-faults",
+                    *self.sim_args,
                 ],
                 "shutdown_timeout_s": self.shutdown_timeout_s,
             }

@@ -118,8 +118,10 @@ class MeshSystem(System):
         workdir: Path,
         progress: Progress,
         agent_settings: dict[str, Any] | None = None,
+        gateway_settings: dict[str, Any] | None = None,
     ):
         super().__init__(settings, engines, workdir, progress)
+        self.gateway_settings = dict(gateway_settings or {})  # more gateway.toml tables ([routing] ...)
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.agent_settings = dict(agent_settings or {})
         self.engine_ports = free_ports(engines)
@@ -178,6 +180,7 @@ class MeshSystem(System):
                     "consul": {"address": self.consul.address, "service": SERVICE},
                     # keys on, as users run it: the load, probes and slow clients send bench.keys' key
                     "edge": {"api_keys": keys_file(self.workdir / "keys")},
+                    **self.gateway_settings,
                 }
             )
         )

@@ -1,0 +1,257 @@
+"""`python -m bench.routing`: where requests go, measured by what users of a prefix-heavy chat see.
+
+Three systems side by side in one run, each on its own fresh engines (same count, same settings):
+ernie-mesh with affinity routing (the default), ernie-mesh with `[routing] mode = "least-request"`,
+and the naive design's nginx round robin (bench/baseline). The workload is many users of a few
+long system prompts: each client runs conversations of several turns, each turn repeating the
+conversation so far (as chat clients do); no client names a session. Two fleets: every engine
+alike ("even"), and one engine slowed by SLOW_FACTOR ("skewed": a smaller GPU, a noisy neighbour).
+
+Reported per system and fleet: TTFT p50 / p99 of streaming turns, the prefix-cache hit rate from
+the engines' own counters (vllm:prefix_cache_hits_total / _queries_total, in tokens: the same
+names on vLLM and on the SIMULATED engine), requests per second, failed requests. With
+`--engine sim` (default) the engines are SIMULATED, with a prefix cache and a prefill time per
+uncached token (agent/sim/prefix_cache.py); `--engine vllm` runs real vLLM (CPU build: slow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from bench.baseline.system import BaselineSystem
+from bench.engines import EngineSettings, slow_down
+from bench.keys import BENCH_API_KEY
+from bench.mesh import MeshSystem
+from bench.system import System
+
+RESULTS = Path(__file__).resolve().parent / "results" / "routing.json"
+SYSTEM_PROMPTS = 8
+SYSTEM_WORDS = 400  # the simulated tokenizer: a word a token
+TURNS = 3
+SLOW_FACTOR = 3.0
+# The simulated engines: a prefix cache holding about five of the eight system prompts per engine,
+# and a prefill of 2 ms per uncached token (a cold 400-token system prompt: 0.8 s of TTFT).
+SIM_ARGS = ("--prefix-cache-blocks", "128", "--prefill-ms-per-token", "2")
+Figures = dict[str, Any]
+
+
+def progress(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} routing: {msg}", file=sys.stderr, flush=True)
+
+
+def system_prompts(words: int) -> list[str]:
+    return [" ".join(f"rule{k}w{i}" for i in range(words)) for k in range(SYSTEM_PROMPTS)]
+
+
+def cache_counters(system: System) -> tuple[float, float]:
+    """(hit tokens, queried tokens) summed over the system's engines, from their /metrics."""
+    hits = queries = 0.0
+    for i in range(system.n):
+        try:
+            text = httpx.get(f"{system.engine_url(i)}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            continue
+        hits += _sample(text, "vllm:prefix_cache_hits_total")
+        queries += _sample(text, "vllm:prefix_cache_queries_total")
+    return hits, queries
+
+
+def _sample(text: str, name: str) -> float:
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.MULTILINE):
+        total += float(m.group(1))
+    return total
+
+
+class ChatUsers:
+    """`clients` threads, each a user running conversations of TURNS streaming turns back to back."""
+
+    def __init__(self, base_url: str, model: str, clients: int, words: int, max_tokens: int, seed: int = 7):
+        self.base_url, self.model, self.clients, self.max_tokens = base_url, model, clients, max_tokens
+        self.prompts = system_prompts(words)
+        self.seed = seed
+        self.ttft: list[float] = []
+        self.failed: list[str] = []
+        self.done = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def run(self, seconds: float) -> None:
+        threads = [threading.Thread(target=self._user, args=(k,), daemon=True) for k in range(self.clients)]
+        for t in threads:
+            t.start()
+        self._stop.wait(seconds)
+        self._stop.set()
+        for t in threads:
+            t.join(120)
+
+    def _user(self, k: int) -> None:
+        rnd = random.Random(self.seed * 1000 + k)
+        with openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=BENCH_API_KEY, max_retries=0, timeout=300) as c:
+            conversation = 0
+            while not self._stop.is_set():
+                conversation += 1
+                messages: list[Any] = [{"role": "system", "content": rnd.choice(self.prompts)}]
+                for turn in range(TURNS):
+                    if self._stop.is_set():
+                        return
+                    messages.append({"role": "user", "content": f"user {k} conversation {conversation} turn {turn}"})
+                    answer = self._turn(c, messages)
+                    if answer is None:
+                        break
+                    messages.append({"role": "assistant", "content": answer})
+
+    def _turn(self, c: openai.OpenAI, messages: list[Any]) -> str | None:
+        t0 = time.perf_counter()
+        first: float | None = None
+        parts = []
+        try:
+            for chunk in c.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=0, stream=True
+            ):
+                for ch in chunk.choices:
+                    if ch.delta.content:
+                        if first is None:
+                            first = time.perf_counter() - t0
+                        parts.append(ch.delta.content)
+        except openai.APIError as e:
+            with self._lock:
+                self.failed.append(f"{type(e).__name__}: {str(e)[:120]}")
+            return None
+        with self._lock:
+            self.done += 1
+            if first is not None:
+                self.ttft.append(first)
+        return "".join(parts)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def measure(system: System, model: str, clients: int, seconds: float, words: int, max_tokens: int) -> Figures:
+    hits0, queries0 = cache_counters(system)
+    users = ChatUsers(system.base_url, model, clients, words, max_tokens)
+    t0 = time.monotonic()
+    users.run(seconds)
+    elapsed = time.monotonic() - t0
+    hits1, queries1 = cache_counters(system)
+    queried = queries1 - queries0
+    return {
+        "requests": users.done,
+        "failed": len(users.failed),
+        "failures": users.failed[:5],
+        "rps": round(users.done / elapsed, 2),
+        "ttft_p50_s": _round(_percentile(users.ttft, 50)),
+        "ttft_p99_s": _round(_percentile(users.ttft, 99)),
+        "hit_rate": round((hits1 - hits0) / queried, 3) if queried else None,
+    }
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
+SYSTEMS: dict[str, Callable[[EngineSettings, int, Path], System]] = {
+    "mesh affinity": lambda s, n, d: MeshSystem(s, n, d, progress),
+    "mesh least-request": lambda s, n, d: MeshSystem(
+        s, n, d, progress, gateway_settings={"routing": {"mode": "least-request"}}
+    ),
+    "nginx round robin": lambda s, n, d: BaselineSystem(s, n, d, progress),
+}
+
+
+def run(
+    workdir: Path,
+    engine: str = "sim",
+    engines: int = 3,
+    clients: int = 8,
+    seconds: float = 60.0,
+    max_tokens: int = 16,
+    model: str = "",
+) -> Figures:
+    settings = (
+        EngineSettings(kind="sim", token_delay_ms=10.0, sim_args=SIM_ARGS)
+        if engine == "sim"
+        else EngineSettings(kind="vllm", model=model, vllm_args=("--enable-prefix-caching",))
+    )
+    words = SYSTEM_WORDS
+    rows = []
+    for fleet in ("even", "skewed"):
+        for name, make in SYSTEMS.items():
+            system = make(settings, engines, workdir / f"{fleet}-{name.replace(' ', '-')}")
+            progress(f"{fleet} fleet, {name}: starting {engines} {engine} engines")
+            system.start()
+            try:
+                system.wait_all_in_rotation(settings.start_timeout_s)
+                if fleet == "skewed":
+                    slow_down(settings, system.engine_url(0), SLOW_FACTOR)
+                figures = measure(system, settings.served_model_name, clients, seconds, words, max_tokens)
+            finally:
+                system.stop()
+            progress(f"{fleet} fleet, {name}: {figures}")
+            rows.append({"fleet": fleet, "system": name, **figures})
+    return {
+        "engine": engine,
+        "engines": engines,
+        "clients": clients,
+        "seconds": seconds,
+        "system_prompts": SYSTEM_PROMPTS,
+        "system_prompt_tokens": words,
+        "turns": TURNS,
+        "slow_factor": SLOW_FACTOR,
+        "rows": rows,
+    }
+
+
+def markdown(r: Figures) -> str:
+    lines = [
+        "| fleet | system | requests | failed | req/s | TTFT p50 s | TTFT p99 s | prefix-cache hit rate |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for x in r["rows"]:
+        lines.append(
+            f"| {x['fleet']} | {x['system']} | {x['requests']} | {x['failed']} | {x['rps']} | "
+            f"{x['ttft_p50_s']} | {x['ttft_p99_s']} | {x['hit_rate']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__)
+    p.add_argument("--engine", choices=("sim", "vllm"), default="sim")
+    p.add_argument("--engines", type=int, default=3)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=60.0, help="of load per system and fleet")
+    p.add_argument("--model", default="", help="vLLM: the model path (default: the embedded model)")
+    a = p.parse_args(argv)
+    model = a.model
+    if a.engine == "vllm" and not model:
+        from agent.model import default_model_dir
+
+        model = str(default_model_dir())
+    with tempfile.TemporaryDirectory(prefix="ernie-routing-") as d:
+        r = run(Path(d), a.engine, a.engines, a.clients, a.seconds, model=model)
+    RESULTS.write_text(json.dumps(r, indent=2) + "\n")
+    print(markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
