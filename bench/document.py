@@ -456,14 +456,12 @@ def _leader_loss_note(m: Figures) -> str:
     )
 
 
-# What one run of consul-leader-cut may not show (seen in trial runs on this machine, not in every run).
+# Why consul-leader-cut's change may take a moment more than consul-leader-loss's.
 LEADER_CUT_LIMIT = (
     " Which server answers the gateway is its local Consul agent's choice: a follower answers at once "
-    "(the watch's reads are stale); when the agent had sent the blocking query to the leader that was cut "
-    "off, the query stays parked until the agent's connection to it times out (yamux keepalive, about 25 s "
-    "after the cut), whatever the consistency — 2 of the 4 runs with stale reads on this machine, a change "
-    "then reaching Envoy 5-14 s after the election. The gateway keeps routing meanwhile; a shorter "
-    "`watch_wait_s` would bound it."
+    "(the watch's reads are stale); a blocking query the agent had sent to the leader that was cut off "
+    "would wait until the agent's connection to it times out (yamux keepalive, about 25 s after the cut) "
+    "— the watch asks for the leader every 2 s while a query is parked and reads afresh once it changed."
 )
 
 

@@ -24,6 +24,7 @@ import json
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -184,10 +185,17 @@ class NetnsMeshSystem(System):
         hosts = ", ".join(f"{n} {h.address}" for n, h in self.lab.hosts.items())
         return f"netns hosts: {hosts}; {self.n} engine agents on engines; gateways {', '.join(self.gateway_hosts)}"
 
-    def in_host(self, host: str) -> InNamespace:
-        if host not in self._in_ns:
-            self._in_ns[host] = InNamespace(self.lab.hosts[host].netns)
-        return self._in_ns[host]
+    def in_host(self, host: str, purpose: str = "monitor") -> InNamespace:
+        """A thread in `host`'s namespace, one per purpose (the monitor's samples do not queue the
+        scenario's own checks behind them)."""
+        key = f"{host}/{purpose}"
+        if key not in self._in_ns:
+            self._in_ns[key] = InNamespace(self.lab.hosts[host].netns)
+        return self._in_ns[key]
+
+    def envoy_clusters(self, host: str, purpose: str = "monitor") -> str:
+        """Envoy's admin /clusters on `host` (loopback there), through a client kept by that thread."""
+        return self.in_host(host, purpose).call(_envoy_clusters, timeout_s=3.0)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -322,6 +330,10 @@ class NetnsMeshSystem(System):
                 except subprocess.TimeoutExpired:
                     pass
         for ns in self._in_ns.values():
+            try:
+                ns.call(_close_thread_client, timeout_s=2.0)
+            except Exception:  # noqa: BLE001 - the thread is busy or gone: its sockets go with the process
+                pass
             ns.close()
         self.lab.cleanup()  # what is left in the namespaces (Envoy, relays, engines, Consul) is killed
         for p in [*procs, *(c.proc for c in self.consul.values() if c.proc is not None)]:
@@ -429,11 +441,8 @@ class NetnsMeshSystem(System):
                 continue
 
     def gateway_lists_probe(self, host: str) -> bool:
-        def clusters() -> str:
-            return httpx.get(f"http://{ENVOY_ADMIN}/clusters", timeout=1.0).text
-
         try:
-            text = self.in_host(host).call(clusters, timeout_s=3.0)
+            text = self.envoy_clusters(host, "scenario")
         except Exception:  # noqa: BLE001 - Envoy not answering: not listed
             return False
         return f"{CLUSTER}::{self.address('engines')}:{self.PROBE_PORT}::" in text
@@ -448,11 +457,8 @@ class NetnsMeshSystem(System):
     def routable(self, host: str) -> frozenset[int]:
         """Engines the gateway on `host` would pick for a new request (its Envoy's /clusters)."""
 
-        def clusters() -> str:
-            return httpx.get(f"http://{ENVOY_ADMIN}/clusters", timeout=1.0).text
-
         try:
-            text = self.in_host(host).call(clusters, timeout_s=3.0)
+            text = self.envoy_clusters(host)
         except Exception:  # noqa: BLE001 - Envoy not up (yet), or the host cut off: nothing routable
             return frozenset()
         flags: dict[int, str] = {}
@@ -526,6 +532,24 @@ class NetnsMeshSystem(System):
     def restore(self, host: str) -> None:
         self.lab.restore(host)
         self.lost.discard(host)
+
+
+_thread_http = threading.local()
+
+
+def _envoy_clusters() -> str:
+    """Run on an InNamespace thread: its own keep-alive client (created, so connecting, there)."""
+    client = getattr(_thread_http, "client", None)
+    if client is None:
+        client = _thread_http.client = httpx.Client(timeout=1.0)
+    return str(client.get(f"http://{ENVOY_ADMIN}/clusters").text)
+
+
+def _close_thread_client() -> None:
+    client = getattr(_thread_http, "client", None)
+    if client is not None:
+        client.close()
+        _thread_http.client = None
 
 
 class NamespaceLoad(LoadGenerator):

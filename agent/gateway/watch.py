@@ -7,7 +7,11 @@
   first read after an error does not block (Consul may have come back with a lower index);
 - queries are rate limited (a minimum interval between two reads);
 - a change is held for a short settle window, during which a further change replaces it, so a
-  burst (e.g. a rolling restart touching several instances) is delivered once.
+  burst (e.g. a rolling restart touching several instances) is delivered once;
+- a blocking query still parked when the Consul leader changes is abandoned for a fresh read: the
+  local agent may have sent it to a server that was cut off the network, where it waits (no answer,
+  no error) until the agent's connection to that server times out (~25 s after the cut, the
+  consul-leader-cut drill). The leader is asked every `leader_check_s` while a query is parked.
 
 `CatalogWatch.run()` is the thread body; `on_update(WatchUpdate)` is called from it: with
 `changed` true when new content is delivered (`seen_at`: the monotonic time the first reply
@@ -29,10 +33,15 @@ from agent.catalog.base import CatalogEntry, CatalogError
 log = logging.getLogger(__name__)
 
 ERROR_LOG_EVERY_S = 30.0
+STOP_POLL_S = 0.2  # a parked query's wait looks at the stop event this often
 
 
 class Reader(Protocol):
     def instances(self, service: str, index: int = 0, wait_s: float = 0.0) -> tuple[int, list[CatalogEntry]]: ...
+
+
+class LeaderReader(Reader, Protocol):
+    def leader(self) -> str: ...
 
 
 class WatchMetrics(Protocol):
@@ -48,6 +57,8 @@ class WatchSettings:
     backoff_initial_s: float = 0.25
     backoff_max_s: float = 5.0
     max_settle_s: float = 0.25  # a constant churn is still delivered at least this often
+    # while a blocking query is parked, ask the leader this often; a new one: read afresh (0: never)
+    leader_check_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,8 @@ class CatalogWatch:
         self._handed: WatchUpdate | None = None  # the last update the consumer accepted
         self.errors = 0
         self.deliveries = 0
+        self.abandoned = 0  # blocking queries given up because the leader changed while they were parked
+        self._leader_seen = ""  # the leader the last check saw ("" : none yet, or no leader)
         self._backoff_s = settings.backoff_initial_s
         self._last_error_log = 0.0
         self._thread: threading.Thread | None = None
@@ -165,7 +178,10 @@ class CatalogWatch:
         # otherwise hold a blocking query with our (higher) index for the whole wait.
         index = 0 if self.failing_since is not None else self.index
         try:
-            replied, entries = self.catalog.instances(self.service, index, wait_s if index else 0.0)
+            got = self._parkable_read(index, wait_s) if index else None
+            if got is None:  # not blocking (the first read, or after an error), or abandoned: read at once
+                got = self.catalog.instances(self.service, 0, 0.0)
+            replied, entries = got
         except CatalogError as e:
             self._failed(e)
             return None
@@ -180,6 +196,56 @@ class CatalogWatch:
         self._succeeded()
         self.index = next_index(self.index, replied)
         return replied, entries
+
+    def _parkable_read(self, index: int, wait_s: float) -> tuple[int, list[CatalogEntry]] | None:
+        """A blocking read that is given up (None) if the leader changes while it is parked."""
+        check_s = self.s.leader_check_s
+        if check_s <= 0 or wait_s <= check_s or not hasattr(self.catalog, "leader"):
+            return self.catalog.instances(self.service, index, wait_s)
+        result: list[tuple[int, list[CatalogEntry]]] = []
+        error: list[BaseException] = []
+        done = threading.Event()
+
+        def query() -> None:
+            try:
+                result.append(self.catalog.instances(self.service, index, wait_s))
+            except BaseException as e:  # noqa: BLE001 - handed to the watch thread
+                error.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=query, name=f"watch-{self.service}-query", daemon=True).start()
+        before = self._leader_seen
+        checked = self.clock()
+        while not done.wait(min(check_s, STOP_POLL_S)):
+            if self.stop_event.is_set():
+                return None
+            if self.clock() - checked < check_s:
+                continue
+            checked = self.clock()
+            now = self._leader()
+            if now and before and now != before:
+                self.abandoned += 1
+                log.warning(
+                    "catalog watch of %s: the Consul leader changed (%s -> %s) while a blocking query was "
+                    "parked; reading afresh",
+                    self.service,
+                    before,
+                    now,
+                )
+                return None
+            before = before or now
+        if error:
+            raise error[0]
+        return result[0]
+
+    def _leader(self) -> str:
+        catalog: LeaderReader = self.catalog  # type: ignore[assignment]  # checked by _parkable_read
+        try:
+            self._leader_seen = catalog.leader() or self._leader_seen
+        except CatalogError:
+            pass  # the next check asks again; the query itself reports what is wrong
+        return self._leader_seen
 
     def step(self) -> bool:
         """One blocking read (plus its settle window). True if a change was delivered."""

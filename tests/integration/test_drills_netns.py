@@ -36,6 +36,8 @@ def drill(tmp_path, scenario: str, **kw) -> dict:
 # A catalog change made once the new leader is there reaches the gateway's Envoy within this: the
 # watch's next read, the settle window, the push (docs/benchmarks.md, propagation: well under 1 s).
 CHANGE_SEEN_BOUND_S = 3.0
+# Through a local Consul agent: plus up to one leader check (2 s) of the watch, on a loaded machine.
+LEADER_CHANGE_SEEN_BOUND_S = 5.0
 
 
 @pytest.mark.parametrize("scenario", ["consul-leader-loss", "consul-leader-cut"])
@@ -47,11 +49,13 @@ def test_consul_leader_loss_loses_nothing_and_nothing_leaves_the_catalog_or_rota
     ll = r["leader_loss"]
     lost = ll.get("killed") or ll.get("cut")
     assert ll["new_leader"] is not None and ll["new_leader"] != lost, ll
-    # A change made after the election reaches the gateway's Envoy. How soon depends on the server its
-    # local Consul agent happened to send the blocking query to: a follower answers it at once (stale
-    # reads; the next test pins that case), the cut leader itself leaves it parked until the agent's
-    # connection to it times out (yamux keepalive, ~25 s after the cut; docs/reliability.md).
-    assert ll["change_reached_envoy_s"] is not None, ll
+    # A change made after the election reaches the gateway's Envoy soon, whichever server the gateway's
+    # local Consul agent had sent the blocking query to: a follower answers it (stale reads; the next
+    # test pins that case); one parked on the cut leader is abandoned when the watch sees the new leader
+    # (it asks every 2 s). Before, such a query stayed parked ~25 s after the cut (5-14 s after the
+    # election here).
+    change = ll["change_reached_envoy_s"]
+    assert change is not None and change <= LEADER_CHANGE_SEEN_BOUND_S, ll
     assert r["detect_s"] == ll["new_leader_s"] and r["detect_of"] == "a new Consul leader", r
     # read from a follower while there was no leader: every instance stayed, passing
     assert ll["left_the_catalog"] == [] and ll["fewest_passing_in_catalog"] == 3, ll

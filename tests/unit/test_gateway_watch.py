@@ -254,3 +254,46 @@ def test_a_failure_before_the_first_read_hands_over_no_content():
     w = CatalogWatch(ScriptedCatalog([CatalogUnavailable("down")]), "ernie", rec, FAST)
     w.step()
     assert rec.calls == [] and rec.updates[-1].failing and rec.updates[-1].entries == ()
+
+
+class ParkedCatalog:
+    """A blocking query that never returns (the local Consul agent sent it to a server that was cut
+    off the network), a leader that changes, and non-blocking reads that answer."""
+
+    def __init__(self):
+        self.leader_now = "10.0.0.1:8300"
+        self.index = 5
+        self.entries = [e("a1")]
+        self.parked = threading.Event()
+        self.release = threading.Event()
+
+    def instances(self, service, index=0, wait_s=0.0):
+        if index and wait_s > 1.0:  # the watch's blocking query (not its short settle reads)
+            self.parked.set()
+            self.release.wait(30)  # parked: no answer, no error
+            raise CatalogUnavailable("rpc error making call: EOF")
+        return self.index, list(self.entries)
+
+    def leader(self):
+        return self.leader_now
+
+
+def test_a_blocking_query_parked_while_the_leader_changes_is_abandoned_for_a_fresh_read():
+    cat = ParkedCatalog()
+    rec = Recorder()
+    settings = WatchSettings(wait_s=60.0, settle_s=0.01, min_interval_s=0.0, leader_check_s=0.05)
+    w = CatalogWatch(cat, "ernie", rec, settings)
+    try:
+        assert w.step() is True  # the first read (non-blocking)
+        done = threading.Event()
+        threading.Thread(target=lambda: (w.step(), done.set()), daemon=True).start()
+        assert cat.parked.wait(5)
+        cat.index, cat.entries = 6, [e("a1"), e("a2")]  # written through the new leader
+        time.sleep(0.2)
+        assert not done.is_set()  # same leader: the query may be parked for its whole wait
+        cat.leader_now = "10.0.0.2:8300"  # elected while the query is parked
+        assert done.wait(5), "the parked query was not abandoned when the leader changed"
+        assert [x.instance_id for x in rec.calls[-1]] == ["a1", "a2"]
+        assert w.index == 6 and w.abandoned == 1
+    finally:
+        cat.release.set()
