@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 from collections.abc import Callable
 
@@ -25,11 +26,14 @@ from agent.gateway.envoy import EnvoySupervisor
 from agent.gateway.metrics import GatewayMetrics
 from agent.gateway.relays import RelaySupervisor
 from agent.gateway.shares import Shares
-from agent.gateway.snapshot import Snapshot, build_snapshot, with_held
+from agent.gateway.speed import SpeedWeights
+from agent.gateway.snapshot import Snapshot, build_snapshot, with_held, with_weights
 from agent.gateway.watch import WatchUpdate
 from agent.gateway.xds import AdsServer
 from agent.naming import GATEWAY_SERVICE
 
+SPEED_POLL_THREADS = 1
+SPEED_POLL_TIMEOUT_S = 2.0
 log = logging.getLogger("agent.gateway")
 
 REGISTRATION_ERROR_LOG_EVERY_S = 30.0
@@ -104,6 +108,10 @@ class GatewayAgent:
         self.keeper = RegistrationKeeper(catalog, self._registration.instance_id, cfg.ttl_s)
         self._last_registration_error_log = 0.0
         self._shares = Shares()
+        self._speeds = SpeedWeights()
+        self._next_speed_poll = 0.0
+        self._speed_poll: Future[None] | None = None
+        self._speed_pool = ThreadPoolExecutor(max_workers=SPEED_POLL_THREADS, thread_name_prefix="speed")
         self.metrics.routing.labels(cfg.routing.mode, cfg.routing.key if cfg.routing.affinity else "-").set(1)
 
     # --- catalog -> snapshot -> ADS (watch thread) --------------------------------------------
@@ -126,7 +134,7 @@ class GatewayAgent:
             if (r.instance_id, r.reason) not in self._rejected_logged:
                 self._rejected_logged.add((r.instance_id, r.reason))
                 log.warning("catalog entry %s left out of the snapshot: %s", r.instance_id, r.reason)
-        previous, snap = self.snapshot, result.snapshot
+        previous, snap = self.snapshot, with_weights(result.snapshot, self._speeds.weight)
         held: frozenset[str] = frozenset()
         if previous is not None and self._in_grace():
             absent = previous.ids() - {e.instance_id for e in entries}
@@ -169,6 +177,7 @@ class GatewayAgent:
         self.metrics.envoy_up.set(1 if ready else 0)
         if ready:
             self._sample_shares()
+        self._maybe_poll_speeds()
         relays = self.relays.ensure() if self.relays is not None and self.relays.slots else None
         if relays is not None:
             self.metrics.relays_up.set(relays)
@@ -200,6 +209,37 @@ class GatewayAgent:
             f"snapshot {snap.summary() if snap else 'none yet'}{held}; "
             f"xds {len(streams)} stream(s) acked {','.join(acked) or '-'}; {consul}; registration {registration}"
         )
+
+    def _maybe_poll_speeds(self) -> None:
+        """Every speed_poll_s, in the background: read the engine agents' canary latencies."""
+        r = self.cfg.routing
+        now = self.clock()
+        if not r.speed_weights or now < self._next_speed_poll:
+            return
+        if self._speed_poll is not None and not self._speed_poll.done():
+            return
+        self._next_speed_poll = now + r.speed_poll_s
+        urls = sorted({e.meta.get("agent_url", "") for e in self._last_entries} - {""})
+        if urls:
+            self._speed_poll = self._speed_pool.submit(self._poll_speeds, urls)
+
+    def _poll_speeds(self, urls: list[str]) -> None:
+        latencies: dict[str, float] = {}
+        with httpx.Client(timeout=SPEED_POLL_TIMEOUT_S) as http:
+            for url in urls:
+                try:
+                    items = http.get(f"{url}/instances").json().get("instances", [])
+                except (httpx.HTTPError, ValueError, AttributeError):
+                    continue  # that agent did not answer: its instances keep their weight
+                for i in items:
+                    if isinstance(i, dict) and isinstance(i.get("canary_latency_ms"), (int, float)):
+                        latencies[str(i.get("id"))] = float(i["canary_latency_ms"])
+        with self._lock:
+            routable = {e.instance_id for e in self._last_entries}
+            if self._speeds.update({i: v for i, v in latencies.items() if i in routable}):
+                log.info("instance weights from engine speed: %s", self._speeds.weights)
+                self.metrics.weights(dict(self._speeds.weights))
+                self._publish(self._last_entries, self.clock())
 
     def _sample_shares(self) -> None:
         try:

@@ -161,8 +161,14 @@ class RoutingSettings:
     instance_concurrency: int = 256
     queue_size: int = 256
     queue_timeout_s: float = 30.0
+    # Load awareness (agent/gateway/speed.py): every speed_poll_s the gateway reads the engine
+    # agents' canary latencies; an instance much slower than the fleet's median gets less new work.
+    speed_weights: bool = True
+    speed_poll_s: float = 5.0
 
     def __post_init__(self) -> None:
+        if self.speed_poll_s < 1:
+            raise ConfigError(f"routing.speed_poll_s must be >= 1, got {self.speed_poll_s}")
         if min(self.instance_concurrency, self.queue_size) < 0 or self.queue_timeout_s <= 0:
             raise ConfigError("routing.instance_concurrency and queue_size must be >= 0, queue_timeout_s > 0")
         if self.mode not in ROUTING_MODES:

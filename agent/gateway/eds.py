@@ -29,6 +29,7 @@ def cluster_load_assignment(snapshot: Snapshot) -> endpoint_pb2.ClusterLoadAssig
         lb.endpoint.address.socket_address.port_value = ep.port
         lb.endpoint.hostname = ep.instance_id
         lb.health_status = _HEALTH[ep.state]
+        lb.load_balancing_weight.value = ep.weight
         meta = lb.metadata.filter_metadata[METADATA_NAMESPACE]
         meta.update({"instance_id": ep.instance_id, "node": ep.node, "zone": ep.zone, "model": ep.model})
     return cla

@@ -69,6 +69,20 @@ class GatewayMetrics:
             registry=r,
         )
         self._shared: set[str] = set()
+        self.instance_weight = Gauge(
+            "ernie_gateway_instance_weight",
+            "Each instance's share of new work (100 = full; smaller when it is much slower than the fleet)",
+            ["instance"],
+            registry=r,
+        )
+        self._weighted: set[str] = set()
+
+    def weights(self, weights: dict[str, int]) -> None:
+        for gone in self._weighted - set(weights):
+            self.instance_weight.remove(gone)
+        for instance, weight in weights.items():
+            self.instance_weight.labels(instance).set(weight)
+        self._weighted = set(weights)
 
     def shares(self, shares: dict[str, float]) -> None:
         for gone in self._shared - set(shares):

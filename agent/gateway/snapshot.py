@@ -15,8 +15,8 @@ import enum
 import hashlib
 import ipaddress
 import json
-from dataclasses import dataclass, field
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from agent.catalog.base import CatalogEntry, CheckStatus
 
@@ -44,6 +44,7 @@ class Endpoint:
     node: str = ""
     zone: str = ""
     model: str = ""
+    weight: int = 100  # its share of new work (Envoy's load_balancing_weight): agent/gateway/speed.py
 
     def problem(self) -> str:
         """Why Envoy could not use this endpoint ('' if it can)."""
@@ -115,7 +116,9 @@ class BuildResult:
 
 
 def content_version(cluster: str, endpoints: Iterable[Endpoint]) -> str:
-    doc = [cluster] + [[e.instance_id, e.address, e.port, e.state.value, e.node, e.zone, e.model] for e in endpoints]
+    doc = [cluster] + [
+        [e.instance_id, e.address, e.port, e.state.value, e.node, e.zone, e.model, e.weight] for e in endpoints
+    ]
     blob = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:VERSION_HEX_CHARS]
 
@@ -169,6 +172,14 @@ def build_snapshot(entries: Iterable[CatalogEntry], cluster: str) -> BuildResult
         seen_addrs.add((ep.address, ep.port))
         kept.append(ep)
     return BuildResult(Snapshot(cluster, tuple(kept)), tuple(rejected), omitted)
+
+
+def with_weights(snapshot: Snapshot, weight: Callable[[str], int]) -> Snapshot:
+    """`snapshot` with each endpoint's weight from `weight(instance_id)`."""
+    endpoints = tuple(replace(e, weight=weight(e.instance_id)) for e in snapshot.endpoints)
+    if endpoints == snapshot.endpoints:
+        return snapshot
+    return Snapshot(snapshot.cluster, endpoints)
 
 
 def with_held(snapshot: Snapshot, previous: Snapshot, absent_ids: frozenset[str]) -> Snapshot:

@@ -202,3 +202,49 @@ def test_each_instances_share_of_requests_is_a_metric_and_the_routing_mode_is_re
     envoy.admin.rq_total = {"e2": 30}  # e1 left
     agent.reconcile_once()
     assert 'instance="e1"' not in generate_latest(metrics.registry).decode()
+
+
+def test_an_instance_much_slower_than_the_fleet_gets_a_smaller_weight(tmp_path):
+    """The gateway reads the engine agents' canary latencies (their /instances, a real HTTP server
+    here) every speed_poll_s; after 3 agreeing readings the slow instance's weight drops and a
+    snapshot with it is published (Envoy's load_balancing_weight, agent/gateway/eds.py)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from agent.gateway.eds import cluster_load_assignment
+
+    latency = {"e1": 30.0, "e2": 32.0, "e3": 95.0}
+
+    class Agent(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"instances": [{"id": i, "canary_latency_ms": v} for i, v in latency.items()]})
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Agent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        agent, _catalog, _envoy, ads, clock, metrics = make(tmp_path)
+        entries = [
+            CatalogEntry(i, "n", "10.0.0.1", 8000 + k, CheckStatus.PASSING, meta={"agent_url": url})
+            for k, i in enumerate(latency)
+        ]
+        agent.on_watch(update(entries, clock()))
+        for _ in range(3):
+            agent.reconcile_once()
+            agent._speed_poll.result(5)
+            clock.t += agent.cfg.routing.speed_poll_s
+        weights = {e.instance_id: e.weight for e in ads.published[-1].endpoints}
+        assert weights == {"e1": 100, "e2": 100, "e3": 25}
+        cla = cluster_load_assignment(ads.published[-1])
+        assert [lb.load_balancing_weight.value for lb in cla.endpoints[0].lb_endpoints] == [100, 100, 25]
+        assert 'ernie_gateway_instance_weight{instance="e3"} 25.0' in generate_latest(metrics.registry).decode()
+    finally:
+        server.shutdown()
