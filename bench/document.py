@@ -705,6 +705,15 @@ def benchmarks_doc(results: Figures) -> str:
             "(5 s on average, plus up to 5 s of /health timeout for an engine that stopped answering), "
             "and a hung engine that still answers /health never does.",
         )
+    if results.get("routing"):
+        from bench.routing import ROUTING_NOTE, markdown
+
+        out += _section(
+            "## Routing",
+            results["routing"],
+            [markdown(results["routing"])],
+            ROUTING_NOTE,
+        )
     if results.get("scale"):
         out += _section(
             "## Scale: 500 and 2,000 registered instances",

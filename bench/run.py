@@ -30,8 +30,8 @@ from bench.report import Figures
 from bench.scenarios import NETNS, SCENARIOS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-PARTS = ("drills", "overhead", "propagation", "scale", "vllm")
-DEFAULT_PARTS = ("drills", "overhead", "propagation", "scale")
+PARTS = ("drills", "overhead", "propagation", "scale", "routing", "vllm")
+DEFAULT_PARTS = ("drills", "overhead", "propagation", "scale", "routing")
 VLLM_SCENARIOS = ("kill", "hang", "rolling")
 
 
@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["overhead"] = stamp(overhead.run(workdir=workdir / "overhead"))
             elif part == "propagation":
                 results["propagation"] = stamp(run_propagation(workdir / "propagation"))
+            elif part == "routing":
+                from bench import routing
+
+                results["routing"] = stamp(routing.run(workdir=workdir / "routing"))
             elif part == "scale":
                 from bench import scale
 
