@@ -93,19 +93,18 @@ def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool, session: s
     """One request; `session` (x-session-id) makes it one user's conversation: the load's clients
     are many users, spread by the gateway's affinity routing as many users would be."""
     messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": cfg.prompt}]
-    headers = {"x-session-id": session} if session else None
-    extra = {"ignore_eos": True}
+    ask = dict(
+        model=cfg.model,
+        messages=messages,
+        max_tokens=cfg.max_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+        extra_headers={"x-session-id": session} if session else None,
+    )
     t0_wall, t0 = time.time(), time.perf_counter()
     if not stream:
         try:
-            r = client.chat.completions.create(
-                model=cfg.model,
-                messages=messages,
-                max_tokens=cfg.max_tokens,
-                temperature=0,
-                extra_body=extra,
-                extra_headers=headers,
-            )
+            r = client.chat.completions.create(**ask)  # type: ignore[call-overload]
         except Exception as e:  # noqa: BLE001 - every client-visible error is an outcome to count
             return Result(t0_wall, time.perf_counter() - t0, False, "failed", error=_classify_error(e), kind=_kind(e))
         latency = time.perf_counter() - t0
@@ -129,13 +128,8 @@ def one_request(client: openai.OpenAI, cfg: LoadConfig, stream: bool, session: s
     last = t0
     max_gap = 0.0
     try:
-        events = client.chat.completions.create(
-            model=cfg.model,
-            messages=messages,
-            max_tokens=cfg.max_tokens,
-            temperature=0,
-            extra_body=extra,
-            extra_headers=headers,
+        events = client.chat.completions.create(  # type: ignore[call-overload]
+            **ask,
             stream=True,
             stream_options={"include_usage": True},
         )

@@ -137,7 +137,7 @@ class ChatUsers:
         return "".join(parts)
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def _percentile(values: list[float], q: int) -> float | None:
     if not values:
         return None
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]

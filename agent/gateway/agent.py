@@ -238,7 +238,7 @@ class GatewayAgent:
             routable = {e.instance_id for e in self._last_entries}
             if self._speeds.update({i: v for i, v in latencies.items() if i in routable}):
                 log.info("instance weights from engine speed: %s", self._speeds.weights)
-                self.metrics.weights(dict(self._speeds.weights))
+                self.metrics.instance_weight.set(self._speeds.weights)
                 self._publish(self._last_entries, self.clock())
 
     def _sample_shares(self) -> None:
@@ -247,7 +247,7 @@ class GatewayAgent:
         except httpx.HTTPError:
             return  # Envoy busy or restarting: the next tick samples
         totals = {iid: int(h.get("rq_total", 0)) for iid, h in hosts.items()}
-        self.metrics.shares(self._shares.add(self.clock(), totals))
+        self.metrics.instance_share.set(self._shares.add(self.clock(), totals))
 
     def _keep_registered(self, verdict: Verdict) -> str:
         now = self.clock()

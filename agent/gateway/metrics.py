@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -10,6 +11,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from agent.gateway.snapshot import EndpointState, Snapshot
 
 PUSH_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class PerInstance:
+    """A gauge by instance whose instances come and go: set() replaces every value, and the labels of
+    instances no longer present are removed (no stale series)."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry):
+        self.gauge = Gauge(name, documentation, ["instance"], registry=registry)
+        self._present: set[str] = set()
+
+    def set(self, values: Mapping[str, float]) -> None:
+        for gone in self._present - set(values):
+            self.gauge.remove(gone)
+        for instance, value in values.items():
+            self.gauge.labels(instance).set(value)
+        self._present = set(values)
 
 
 class GatewayMetrics:
@@ -62,34 +79,16 @@ class GatewayMetrics:
         self.routing = Gauge(
             "ernie_gateway_routing_info", "1 for this gateway's [routing] mode and key", ["mode", "key"], registry=r
         )
-        self.instance_share = Gauge(
+        self.instance_share = PerInstance(
             "ernie_gateway_instance_share",
             "Each instance's share of the requests this gateway's Envoy routed over the last minute",
-            ["instance"],
-            registry=r,
+            r,
         )
-        self._shared: set[str] = set()
-        self.instance_weight = Gauge(
+        self.instance_weight = PerInstance(
             "ernie_gateway_instance_weight",
             "Each instance's share of new work (100 = full; smaller when it is much slower than the fleet)",
-            ["instance"],
-            registry=r,
+            r,
         )
-        self._weighted: set[str] = set()
-
-    def weights(self, weights: dict[str, int]) -> None:
-        for gone in self._weighted - set(weights):
-            self.instance_weight.remove(gone)
-        for instance, weight in weights.items():
-            self.instance_weight.labels(instance).set(weight)
-        self._weighted = set(weights)
-
-    def shares(self, shares: dict[str, float]) -> None:
-        for gone in self._shared - set(shares):
-            self.instance_share.remove(gone)
-        for instance, share in shares.items():
-            self.instance_share.labels(instance).set(share)
-        self._shared = set(shares)
 
     def include_relays(self, metrics_dir: str) -> None:
         """Serve the relay processes' metrics (ernie_gateway_relay_*, multiprocess files) with the agent's."""
