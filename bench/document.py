@@ -248,6 +248,10 @@ started on the killed engine was cut: Envoy cannot retry a response that has sta
 """
 
 
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def _section(title: str, part: Figures, body: list[str], note: str = "") -> list[str]:
     """One part of the document: title, the machine it ran on, its table, what to read in it."""
     by_machine: dict[str, list[str]] = {}  # rows run on their own (--drills), by the machine line
@@ -255,7 +259,7 @@ def _section(title: str, part: Figures, body: list[str], note: str = "") -> list
         if r.get("machine"):
             by_machine.setdefault(_machine(r["machine"]), []).append(f"`{r['scenario']}`")
     machines = [
-        f"{' and '.join(dict.fromkeys(names))} ran on {'its' if len(set(names)) == 1 else 'their'} own: {m}."
+        f"{_and(list(dict.fromkeys(names)))} ran on {'its' if len(set(names)) == 1 else 'their'} own: {m}."
         for m, names in by_machine.items()
     ]
     return [
@@ -448,7 +452,7 @@ def _leader_loss_note(m: Figures) -> str:
         f"elected after {ll.get('new_leader_s')} s (Consul's default Raft timing, as the Ansible role leaves it); "
         f"instances that left the catalog (read from a follower): {left}, fewest passing "
         f"{ll.get('fewest_passing_in_catalog')} of {m['engines']}; the gateway's catalog reads failed "
-        f"{ll.get('gateway_watch_errors')} times meanwhile (it keeps its last snapshot), and its Envoy routed "
+        f"{ll.get('gateway_watch_errors')} time(s) meanwhile (it keeps its last snapshot), and its Envoy routed "
         f"to every engine in {routed} of {samples} samples (every 0.1 s) until the fault's end; a catalog change "
         f"made once the new leader was there (a draining instance registered through a live server) reached "
         f"the gateway's Envoy after {'never' if change is None else f'{change:g} s'}."
