@@ -248,9 +248,12 @@ def run(
     rows = []
     # a real vLLM engine has no speed knob (the simulated engine's slow fault): even fleet only
     for fleet in ("even", "skewed") if engine == "sim" else ("even",):
-        for name, make in SYSTEMS.items():
+        systems = dict(SYSTEMS)
+        if engine == "vllm":  # does a second engine help such users at all? (issue 13: it made TTFT 5x worse)
+            systems["one engine (nginx in front)"] = lambda s, n, d: BaselineSystem(s, 1, d, progress)
+        for name, make in systems.items():
             system = make(settings, engines, workdir / f"{fleet}-{name.replace(' ', '-')}")
-            progress(f"{fleet} fleet, {name}: starting {engines} {engine} engines")
+            progress(f"{fleet} fleet, {name}: starting {system.n} {engine} engine(s)")
             system.start()
             try:
                 system.wait_all_in_rotation(settings.start_timeout_s)
