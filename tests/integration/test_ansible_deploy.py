@@ -66,7 +66,7 @@ SERVICE = "ernie"
 MODEL = "sim-model"
 ENGINE_PORTS = (8001, 8002)
 HOSTS = ["consul1", "consul2", "consul3", "engine1", "engine2", "gateway1"]
-PLAYBOOK_TIMEOUT_S = 420  # a generous bound: a quiet machine needs a fraction of it
+PLAYBOOK_TIMEOUT_S = 600  # a generous bound: a quiet machine needs a fraction of it (at load 9: 340 s)
 DNS_DEADLINE_S = 45.0
 LOAD_CONCURRENCY = 4
 HEALTH_SAMPLE_S = 0.1
@@ -90,7 +90,9 @@ ROTATED = {name for name in SECRET_NAMES if name.endswith("_consul_token") or na
 RPC_PORT = 8300
 RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
-pytestmark = pytest.mark.timeout(900)
+# A bound for a hang, not a goal: a quiet machine needs ~620 s; a shared 2-core one at load 9 took
+# 900 s to reach the second site.yml.
+pytestmark = pytest.mark.timeout(1800)
 
 
 def base_python() -> str:

@@ -55,3 +55,16 @@ def test_a_token_file_that_cannot_serve_is_a_config_error(tmp_path: Path):
         ConsulConfig(token_file=str(f))
     write_atomically(f, "t\n")
     assert ConsulConfig(token_file=str(f)).token_file == str(f)
+
+
+def test_an_https_address_is_verified_with_the_ca_file(tmp_path: Path, monkeypatch):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("CONSUL_CACERT", str(ca))
+    cfg = ConsulConfig(address="https://127.0.0.1:8501", ca_file=str(ca))
+    cat = ConsulCatalog.for_config(cfg)
+    assert cat.address == "https://127.0.0.1:8501"
+    assert cat._client.http.verify == str(ca) and cat._blocking_client(30).http.verify == str(ca)
+    assert ConsulCatalog.from_env("https://127.0.0.1:8501")._client.http.verify == str(ca)
+    with pytest.raises(ConfigError, match="ca_file"):
+        ConsulConfig(ca_file=str(tmp_path / "missing.pem"))

@@ -24,6 +24,7 @@ options:
   secret_id: {type: str, description: token SecretID (UUID)}
   policies: {type: list, elements: str, default: [], description: policy names (token)}
   retire_others: {type: bool, default: false, description: delete the role's other tokens (rotation)}
+  legacy_accessor_id: {type: str, default: '', description: AccessorID earlier versions gave the token (replaced)}
   address: {type: str, default: 'http://127.0.0.1:8500'}
   token: {type: str, required: true, description: management token}
 """
@@ -147,6 +148,11 @@ def ensure_token(module: AnsibleModule, api: ConsulAPI) -> None:
     elif status in (403, 404) and "not found" in str(current).lower():
         if module.check_mode:
             module.exit_json(changed=True)
+        legacy = p["legacy_accessor_id"]
+        if legacy and legacy != p["accessor_id"] and api.call("GET", f"/v1/acl/token/{legacy}")[0] == 200:
+            # made before accessors were derived from the secret (same role, maybe the same
+            # secret, which Consul would refuse to give a second token): replaced
+            api.call("DELETE", f"/v1/acl/token/{legacy}")
         status, out = api.call("PUT", "/v1/acl/token", want)
         action = "created"
     else:
@@ -168,6 +174,7 @@ def main() -> None:
             secret_id=dict(type="str", no_log=True),
             policies=dict(type="list", elements="str", default=[]),
             retire_others=dict(type="bool", default=False),
+            legacy_accessor_id=dict(type="str", default=""),
             address=dict(type="str", default="http://127.0.0.1:8500"),
             token=dict(type="str", required=True, no_log=True),
         ),
