@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import httpx
 
-from agent.catalog.base import Catalog, CatalogEntry, CatalogError, Registration, Verdict, VerdictState
+from agent.catalog.base import Catalog, CatalogEntry, CatalogError, CheckStatus, Registration, Verdict, VerdictState
 from agent.catalog.keeper import RegistrationKeeper
 from agent.gateway.config import GatewayConfig
 from agent.gateway.envoy import EnvoySupervisor
@@ -34,6 +34,28 @@ from agent.naming import GATEWAY_SERVICE
 
 SPEED_POLL_THREADS = 1
 SPEED_POLL_TIMEOUT_S = 2.0
+SPEED_FETCH_THREADS = 16
+
+
+def _canary_latencies(http: httpx.Client, url: str) -> dict[str, float] | str:
+    """instance ID -> canary latency (ms) from an engine agent's /instances, or why not."""
+    try:
+        r = http.get(f"{url}/instances")
+        if not r.is_success:
+            return f"HTTP {r.status_code}"
+        items = r.json().get("instances")
+    except (httpx.HTTPError, ValueError, AttributeError) as e:
+        return f"{type(e).__name__}: {e}"
+    if not isinstance(items, list):
+        return "no list of instances"
+    out = {}
+    for i in items:
+        v = i.get("canary_latency_ms") if isinstance(i, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            out[str(i.get("id"))] = float(v)
+    return out
+
+
 log = logging.getLogger("agent.gateway")
 
 REGISTRATION_ERROR_LOG_EVERY_S = 30.0
@@ -76,6 +98,11 @@ def registration_of(cfg: GatewayConfig) -> Registration:
     )
 
 
+def _log_failure(fut: Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("engine speed poll failed", exc_info=fut.exception())
+
+
 class GatewayAgent:
     def __init__(
         self,
@@ -112,6 +139,7 @@ class GatewayAgent:
         self._next_speed_poll = 0.0
         self._speed_poll: Future[None] | None = None
         self._speed_pool = ThreadPoolExecutor(max_workers=SPEED_POLL_THREADS, thread_name_prefix="speed")
+        self._speed_failing: set[str] = set()  # agent URLs whose last poll failed (logged once)
         self.metrics.routing.labels(cfg.routing.mode, cfg.routing.key if cfg.routing.affinity else "-").set(1)
 
     # --- catalog -> snapshot -> ADS (watch thread) --------------------------------------------
@@ -222,24 +250,36 @@ class GatewayAgent:
         urls = sorted({e.meta.get("agent_url", "") for e in self._last_entries} - {""})
         if urls:
             self._speed_poll = self._speed_pool.submit(self._poll_speeds, urls)
+            self._speed_poll.add_done_callback(_log_failure)
 
     def _poll_speeds(self, urls: list[str]) -> None:
+        """Read every engine agent's canary latencies at once (each at most SPEED_POLL_TIMEOUT_S);
+        an agent that fails is logged once until it answers again, its instances keep their weight."""
+        with httpx.Client(timeout=SPEED_POLL_TIMEOUT_S) as http, ThreadPoolExecutor(SPEED_FETCH_THREADS) as pool:
+            readings = dict(zip(urls, pool.map(lambda url: _canary_latencies(http, url), urls)))
         latencies: dict[str, float] = {}
-        with httpx.Client(timeout=SPEED_POLL_TIMEOUT_S) as http:
-            for url in urls:
-                try:
-                    items = http.get(f"{url}/instances").json().get("instances", [])
-                except (httpx.HTTPError, ValueError, AttributeError):
-                    continue  # that agent did not answer: its instances keep their weight
-                for i in items:
-                    if isinstance(i, dict) and isinstance(i.get("canary_latency_ms"), (int, float)):
-                        latencies[str(i.get("id"))] = float(i["canary_latency_ms"])
+        for url, reading in readings.items():
+            if isinstance(reading, str):
+                if url not in self._speed_failing:
+                    log.warning("engine speed: %s: %s (its instances keep their weight)", url, reading)
+                self._speed_failing.add(url)
+                continue
+            self._speed_failing.discard(url)
+            latencies.update(reading)
         with self._lock:
-            routable = {e.instance_id for e in self._last_entries}
-            if self._speeds.update({i: v for i, v in latencies.items() if i in routable}):
+            if self.stop_event.is_set():
+                return
+            passing = {e.instance_id for e in self._last_entries if e.status is CheckStatus.PASSING}
+            changed = self._speeds.update(passing, latencies)
+            self.metrics.instance_weight.set({i: self._speeds.weight(i) for i in passing})
+            if changed:
                 log.info("instance weights from engine speed: %s", self._speeds.weights)
-                self.metrics.instance_weight.set(self._speeds.weights)
                 self._publish(self._last_entries, self.clock())
+
+    def stop_background(self) -> None:
+        """On stop: no more polls; one under way is abandoned (it publishes nothing)."""
+        self.stop_event.set()
+        self._speed_pool.shutdown(wait=False, cancel_futures=True)
 
     def _sample_shares(self) -> None:
         try:
@@ -263,6 +303,7 @@ class GatewayAgent:
     def run(self) -> None:
         last = ""
         while not self.stop_event.is_set():
+            self.wake.clear()  # before the step: an exit during it wakes the next one at once
             try:
                 summary = self.reconcile_once()
             except Exception:  # noqa: BLE001 - the loop survives every error; it is logged
@@ -272,7 +313,6 @@ class GatewayAgent:
                 log.info("%s", summary)
                 last = summary
             self.wake.wait(self.cfg.reconcile_interval_s)
-            self.wake.clear()
 
     def deregister(self) -> None:
         try:

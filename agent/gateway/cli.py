@@ -133,6 +133,7 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     try:
         agent.run()
     finally:
+        agent.stop_background()
         if not reload:
             log.info("shutting down: deregistering, draining envoy (up to %.0fs)", cfg.drain_deadline_s)
             agent.deregister()

@@ -318,6 +318,12 @@ class GatewayConfig:
             raise ConfigError(f"ttl_s ({self.ttl_s}) must be at least 3x reconcile_interval_s")
         if self.deregister_critical_after_s < 60:
             raise ConfigError("deregister_critical_after_s must be >= 60 (Consul reaps at most once a minute)")
+        if self.routing.queue_timeout_s >= self.policy.stream_idle_timeout_s:
+            raise ConfigError(
+                f"routing.queue_timeout_s ({self.routing.queue_timeout_s:g}) must be below "
+                f"policy.stream_idle_timeout_s ({self.policy.stream_idle_timeout_s:g}): Envoy would cut a "
+                "queued request before the gateway answers it 503 + Retry-After"
+            )
         if self.envoy_log_level not in ("trace", "debug", "info", "warning", "error", "critical", "off"):
             raise ConfigError(f"envoy_log_level: unknown level {self.envoy_log_level!r}")
         ports = [check_host_port(getattr(self, k), k)[1] for k in ("listen", "envoy_admin", "xds", "metrics")]

@@ -205,9 +205,10 @@ def test_each_instances_share_of_requests_is_a_metric_and_the_routing_mode_is_re
 
 
 def test_an_instance_much_slower_than_the_fleet_gets_a_smaller_weight(tmp_path):
-    """The gateway reads the engine agents' canary latencies (their /instances, a real HTTP server
+    """The gateway reads the engine agents' canary latencies (their /instances, real HTTP servers
     here) every speed_poll_s; after 3 agreeing readings the slow instance's weight drops and a
-    snapshot with it is published (Envoy's load_balancing_weight, agent/gateway/eds.py)."""
+    snapshot with it is published (Envoy's load_balancing_weight, agent/gateway/eds.py). An agent
+    that stops answering, or answers nonsense, changes nothing: its instance keeps its weight."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -215,36 +216,54 @@ def test_an_instance_much_slower_than_the_fleet_gets_a_smaller_weight(tmp_path):
     from agent.gateway.eds import cluster_load_assignment
 
     latency = {"e1": 30.0, "e2": 32.0, "e3": 95.0}
+    reply = {"e3": None}  # None: answer normally; else (status, body) for e3's agent
 
-    class Agent(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"instances": [{"id": i, "canary_latency_ms": v} for i, v in latency.items()]})
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(body.encode())
+    def agent_server(ids):
+        class Agent(BaseHTTPRequestHandler):
+            def do_GET(self):
+                status, body = 200, json.dumps({"instances": [{"id": i, "canary_latency_ms": latency[i]} for i in ids]})
+                if "e3" in ids and reply["e3"] is not None:
+                    status, body = reply["e3"]
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
 
-        def log_message(self, *args):
-            pass
+            def log_message(self, *args):
+                pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Agent)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Agent)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+    fast, fast_url = agent_server(["e1", "e2"])
+    slow, slow_url = agent_server(["e3"])
     try:
         agent, _catalog, _envoy, ads, clock, metrics = make(tmp_path)
         entries = [
             CatalogEntry(i, "n", "10.0.0.1", 8000 + k, CheckStatus.PASSING, meta={"agent_url": url})
-            for k, i in enumerate(latency)
+            for k, (i, url) in enumerate([("e1", fast_url), ("e2", fast_url), ("e3", slow_url)])
         ]
         agent.on_watch(update(entries, clock()))
-        for _ in range(3):
+
+        def poll():
             agent.reconcile_once()
             agent._speed_poll.result(5)
             clock.t += agent.cfg.routing.speed_poll_s
+
+        for _ in range(3):
+            poll()
         weights = {e.instance_id: e.weight for e in ads.published[-1].endpoints}
         assert weights == {"e1": 100, "e2": 100, "e3": 25}
         cla = cluster_load_assignment(ads.published[-1])
         assert [lb.load_balancing_weight.value for lb in cla.endpoints[0].lb_endpoints] == [100, 100, 25]
         assert 'ernie_gateway_instance_weight{instance="e3"} 25.0' in generate_latest(metrics.registry).decode()
+        published = len(ads.published)
+        for broken in ((500, "oops"), (200, '{"instances": 5}'), (200, "not json")):
+            reply["e3"] = broken
+            poll()
+            assert len(ads.published) == published, broken  # nothing republished
+            assert agent._speeds.weight("e3") == 25, broken
     finally:
-        server.shutdown()
+        fast.shutdown()
+        slow.shutdown()

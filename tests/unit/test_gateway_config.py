@@ -111,6 +111,7 @@ def test_policy_validation():
         ('[routing]\nkey = "user"\n', "routing.key: one of conversation, system"),
         ("[routing]\nhash_balance_factor = 50\n", "routing.hash_balance_factor: 0 (no bound) or a percentage >= 100"),
         ('[routing]\nsession_header = "X Session"\n', "routing.session_header"),
+        ("[routing]\nqueue_timeout_s = 200\n", "must be below policy.stream_idle_timeout_s"),
     ],
 )
 def test_bad_config_file_exits_2_with_one_line(tmp_path, capsys, toml, message):

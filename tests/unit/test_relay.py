@@ -955,3 +955,31 @@ def test_a_reset_after_the_request_reached_the_engine_is_a_crash(details):
 def test_other_replies_are_not_unanswered_requests():
     assert unanswered(503, {INSTANCE_HEADER: "e1"}, _envoy_503("no_healthy_upstream")) is None
     assert unanswered(400, {}, b'{"error": {}}') is None
+
+
+def test_continuations_of_one_key_spread_at_the_load_bound_instead_of_piling_on_one_instance():
+    """100 streams of one system prompt (one affinity key) lose their instance at once: their
+    continuations go to the key's rendezvous-first survivor only up to 1.5x the mean load."""
+    clock = FakeClock()
+    m = Membership(stall_s=1.0, clock=clock)
+    m.update([member(i) for i in ("e2", "e3", "e4")])
+    placed = []
+    for _ in range(100):
+        chosen = m.pick(set(), key="one-system-prompt")
+        a = Attempt(clock)
+        m.track(a, chosen.instance_id)
+        placed.append(chosen.instance_id)
+    counts = {i: placed.count(i) for i in ("e2", "e3", "e4")}
+    assert max(counts.values()) <= 51, counts  # 1.5 x 33, not 100 on one
+    assert m.pick(set(), key="another") is not None
+
+
+def test_an_instance_that_refused_is_a_candidate_again_once_the_snapshot_changes():
+    """The relay's snapshot can lag Envoy's: an instance Envoy refused (draining there already, or
+    not yet back) is left out only until the next snapshot, not for the rest of the request."""
+    m = Membership(stall_s=1.0, clock=FakeClock())
+    m.update([member("e1"), member("e2")], version="v1")
+    refused = {"e2": "v1"}
+    assert m.pick({"e1"}, refused=refused) is None
+    m.update([member("e1"), member("e2")], version="v2")
+    assert m.pick({"e1"}, refused=refused).instance_id == "e2"

@@ -105,3 +105,12 @@ def test_by_default_a_system_prompt_is_the_key_and_a_chat_without_one_keys_on_it
     assert key(plain1, SYSTEM) and key(plain1, SYSTEM) != key(plain2, SYSTEM)
     later = chat({"role": "user", "content": "no system prompt here"}, {"role": "assistant", "content": "y"})
     assert key(later, SYSTEM) == key(plain1, SYSTEM)
+
+
+def test_a_session_or_user_name_is_scoped_by_the_api_key():
+    a = chat(SYS, {"role": "user", "content": "one"})
+    h = {"x-session-id": "1"}
+    assert affinity_key(SYSTEM, "chat", a, h, tenant="alice") != affinity_key(SYSTEM, "chat", a, h, tenant="bob")
+    u = {**a, "user": "u1"}
+    assert affinity_key(SYSTEM, "chat", u, {}, tenant="alice") != affinity_key(SYSTEM, "chat", u, {}, tenant="bob")
+    assert affinity_key(SYSTEM, "chat", a, {}, tenant="alice") == affinity_key(SYSTEM, "chat", a, {}, tenant="bob")

@@ -37,14 +37,18 @@ class AffinityRecipe:
     prefix_chars: int = 4096  # of a completion's prompt (or a message's content) that the key reads
 
 
-def affinity_key(recipe: AffinityRecipe, kind: str, body: Mapping[str, Any], headers: Mapping[str, str]) -> str:
-    """The key ('' when the request has nothing to key on: Envoy then picks any instance)."""
+def affinity_key(
+    recipe: AffinityRecipe, kind: str, body: Mapping[str, Any], headers: Mapping[str, str], tenant: str = ""
+) -> str:
+    """The key ('' when the request has nothing to key on: Envoy then picks any instance). A session
+    or user name is the client's own: it is scoped by `tenant` (the API key's name), so that two
+    tenants' "session 1" are two keys."""
     session = headers.get(recipe.session_header, "").strip()
     if session:
-        return _digest("session", session)
+        return _digest("session", tenant, session)
     user = body.get("user")
     if isinstance(user, str) and user:
-        return _digest("user", user)
+        return _digest("user", tenant, user)
     model = str(body.get("model", ""))
     if kind == "chat":
         start = _conversation_start(body.get("messages"), recipe)

@@ -185,9 +185,10 @@ class Relay:
         kind = ROUTES[request.path]
         raw = await request.read()
         req = parse(kind, raw)
+        # Envoy sets the key's name when it checks keys; without keys a client's header means nothing
+        key_name = request.headers.get(KEY_NAME_HEADER, "") if self.limits is not None else ""
         if self.affinity is not None and req is not None:
-            request[AFFINITY] = affinity_key(self.affinity, kind, req.body, request.headers)
-        key_name = request.headers.get(KEY_NAME_HEADER, "")
+            request[AFFINITY] = affinity_key(self.affinity, kind, req.body, request.headers, tenant=key_name)
         policy = self.limits.policy(key_name) if self.limits is not None else NO_POLICY
         if policy.models and req is not None and req.model not in policy.models:
             self.metrics.requests.labels(request.path, "refused").inc()
@@ -284,6 +285,7 @@ class Relay:
         t = Transcript(req)
         client = ClientStream(request)
         excluded: set[str] = set()
+        refused: dict[str, str] = {}  # instance -> the snapshot version it refused in
         crash_resumes = refusals = 0
         member: Member | None = None
         failed_at: float | None = None
@@ -306,11 +308,14 @@ class Relay:
                     return early
                 if outcome == DONE:
                     return await self._finish(request, req, t, client)
-                # The attempt failed: continue elsewhere, within bounds.
-                if attempt.instance:
-                    excluded.add(attempt.instance)
-                elif member is not None:
-                    excluded.add(member.instance_id)
+                # The attempt failed: continue elsewhere, within bounds. An instance that refused
+                # (gone or unreachable when the request was sent; the relay's snapshot may lag
+                # Envoy's) is left out until the snapshot changes; one that took it, for good.
+                failed_on = attempt.instance or (member.instance_id if member is not None else "")
+                if failed_on and outcome == "refused":
+                    refused[failed_on] = self.membership.version
+                elif failed_on:
+                    excluded.add(failed_on)
                 if outcome == "refused":
                     refusals += 1
                     if refusals > MAX_REFUSALS:
@@ -337,7 +342,9 @@ class Relay:
                 if req.max_tokens is not None and t.started and t.generated_count() >= req.max_tokens:
                     t.finish_reason = "length"  # every token was relayed; only the final chunk was lost
                     return await self._finish(request, req, t, client, synthesize_final=True)
-                member = await self.membership.wait_pick(excluded, self.policy.wait_s, request.get(AFFINITY, ""))
+                member = await self.membership.wait_pick(
+                    excluded, self.policy.wait_s, request.get(AFFINITY, ""), refused
+                )
                 if member is None:
                     self.metrics.resumes.labels(last_reason, "no_instance").inc()
                     return await self._give_up(request, req, t, client, "no other healthy instance to continue on")

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import random
 import time
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from agent.gateway.relay.affinity import rank
+
+RESUME_BALANCE = 1.5  # as the edge's hash_balance_factor 150
 
 
 @dataclass(frozen=True)
@@ -109,23 +112,36 @@ class Membership:
 
     # --- where a continuation goes --------------------------------------------------------------
 
-    def pick(self, excluded: set[str], key: str = "") -> Member | None:
-        """A healthy instance not yet tried by this request: with an affinity key, the one its key
-        ranks first (rendezvous order: every relay and gateway agrees); else least loaded by this
-        relay first."""
-        candidates = [m for m in self.members.values() if m.healthy and m.instance_id not in excluded]
+    def pick(self, excluded: set[str], key: str = "", refused: Mapping[str, str] | None = None) -> Member | None:
+        """A healthy instance not yet tried by this request: with an affinity key, the first in its
+        rendezvous order (every relay and gateway agrees) that is under the load bound (this relay's
+        in-flight attempts, RESUME_BALANCE x the mean: the continuations of a dead instance's many
+        streams that share one key must not all land on one survivor); else least loaded first."""
+        refused = refused or {}
+        candidates = [
+            m
+            for m in self.members.values()
+            if m.healthy and m.instance_id not in excluded and refused.get(m.instance_id) != self.version
+        ]
         if not candidates:
             return None
         if key:
-            return self.members[rank(key, (m.instance_id for m in candidates))[0]]
+            total = sum(self.in_flight(m.instance_id) for m in candidates)
+            bound = math.ceil(RESUME_BALANCE * (total + 1) / len(candidates))
+            for iid in rank(key, (m.instance_id for m in candidates)):
+                if self.in_flight(iid) < bound:
+                    return self.members[iid]
         least = min(self.in_flight(m.instance_id) for m in candidates)
         return random.choice([m for m in candidates if self.in_flight(m.instance_id) == least])
 
-    async def wait_pick(self, excluded: set[str], timeout_s: float, key: str = "") -> Member | None:
-        """`pick`, waiting up to timeout_s for an instance to come (back) into the snapshot."""
+    async def wait_pick(
+        self, excluded: set[str], timeout_s: float, key: str = "", refused: Mapping[str, str] | None = None
+    ) -> Member | None:
+        """`pick`, waiting up to timeout_s for an instance to come (back) into the snapshot; an
+        instance in `refused` is a candidate again once the snapshot has changed since it refused."""
         deadline = self.clock() + timeout_s
         while True:
-            member = self.pick(excluded, key)
+            member = self.pick(excluded, key, refused)
             if member is not None:
                 return member
             left = deadline - self.clock()
