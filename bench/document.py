@@ -712,11 +712,12 @@ def benchmarks_doc(results: Figures) -> str:
     if results.get("routing"):
         from bench.routing import ROUTING_NOTE, markdown
 
+        out += _section("## Routing", results["routing"], [markdown(results["routing"])], ROUTING_NOTE)
+    if results.get("routing_vllm"):
+        from bench.routing import ROUTING_VLLM_NOTE, markdown
+
         out += _section(
-            "## Routing",
-            results["routing"],
-            [markdown(results["routing"])],
-            ROUTING_NOTE,
+            "## Routing with real vLLM", results["routing_vllm"], [markdown(results["routing_vllm"])], ROUTING_VLLM_NOTE
         )
     if results.get("scale"):
         out += _section(

@@ -290,6 +290,19 @@ ROUTING_NOTE = (
 )
 
 
+ROUTING_VLLM_NOTE = (
+    "The same workload with real vLLM engines (CPU build, the embedded model, each engine on its own "
+    "core), ~450-token system prompts, the even fleet only (vLLM has no speed knob), and one engine "
+    "alone behind nginx for comparison; then vLLM's own client (`vllm.benchmarks.serve`) through each "
+    "system. `python -m bench.routing --engine vllm --engines 2`."
+)
+
+
+def part_name(engine: str) -> str:
+    """The part of bench/results/latest.json a run fills: simulated and vLLM runs side by side."""
+    return "routing" if engine == "sim" else "routing_vllm"
+
+
 def markdown(r: Figures) -> str:
     lines = [
         "| fleet | system | requests | failed | req/s | TTFT p50 s | TTFT p99 s | prefix-cache hit rate |",
@@ -338,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ernie-routing-") as d:
         r = run(Path(d), a.engine, a.engines, a.clients, a.seconds, model=model)
     results = load_results()
-    results["routing"] = stamp(r)
+    results[part_name(a.engine)] = stamp(r)
     save_results(results)
     write(results)
     print(markdown(r))
