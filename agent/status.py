@@ -105,7 +105,7 @@ def _gateway_shares(metrics_urls: set[str]) -> dict[str, dict[str, float]]:
         except httpx.HTTPError:
             return {}
         out = {}
-        prefix = SHARE_METRIC + '{instance="'
+        prefix = SHARE_METRIC + '{instance_id="'
         for line in text.splitlines():
             if line.startswith(prefix):
                 instance, _, value = line[len(prefix) :].partition('"} ')

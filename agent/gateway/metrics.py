@@ -18,7 +18,7 @@ class PerInstance:
     instances no longer present are removed (no stale series)."""
 
     def __init__(self, name: str, documentation: str, registry: CollectorRegistry):
-        self.gauge = Gauge(name, documentation, ["instance"], registry=registry)
+        self.gauge = Gauge(name, documentation, ["instance_id"], registry=registry)
         self._present: set[str] = set()
 
     def set(self, values: Mapping[str, float]) -> None:

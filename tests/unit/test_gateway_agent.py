@@ -197,11 +197,11 @@ def test_each_instances_share_of_requests_is_a_metric_and_the_routing_mode_is_re
     clock.t += 1
     agent.reconcile_once()
     text = generate_latest(metrics.registry).decode()
-    assert 'ernie_gateway_instance_share{instance="e1"} 0.75' in text
+    assert 'ernie_gateway_instance_share{instance_id="e1"} 0.75' in text
     assert 'ernie_gateway_routing_info{key="system",mode="affinity"} 1.0' in text
     envoy.admin.rq_total = {"e2": 30}  # e1 left
     agent.reconcile_once()
-    assert 'instance="e1"' not in generate_latest(metrics.registry).decode()
+    assert 'instance_id="e1"' not in generate_latest(metrics.registry).decode()
 
 
 def test_an_instance_much_slower_than_the_fleet_gets_a_smaller_weight(tmp_path):
@@ -257,7 +257,7 @@ def test_an_instance_much_slower_than_the_fleet_gets_a_smaller_weight(tmp_path):
         assert weights == {"e1": 100, "e2": 100, "e3": 25}
         cla = cluster_load_assignment(ads.published[-1])
         assert [lb.load_balancing_weight.value for lb in cla.endpoints[0].lb_endpoints] == [100, 100, 25]
-        assert 'ernie_gateway_instance_weight{instance="e3"} 25.0' in generate_latest(metrics.registry).decode()
+        assert 'ernie_gateway_instance_weight{instance_id="e3"} 25.0' in generate_latest(metrics.registry).decode()
         published = len(ads.published)
         for broken in ((500, "oops"), (200, '{"instances": 5}'), (200, "not json")):
             reply["e3"] = broken
