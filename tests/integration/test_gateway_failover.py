@@ -682,7 +682,7 @@ def _reload(gw: Gateway) -> None:
 def test_reload_adopts_envoy_and_a_policy_change_hot_restarts_it_cutting_nothing(m, tmp_path):
     gw = m.gateway
     conf = tmp_path / "gateway.toml"
-    same = "drain_deadline_s = 10\n"  # a replaced Envoy finishes its requests for 10 s at most
+    same = "drain_deadline_s = 30\n"  # a replaced Envoy finishes its requests for 30 s at most
     conf.write_text(same)
     original_args = gw.extra_args
     gw.kill()
@@ -696,6 +696,24 @@ def test_reload_adopts_envoy_and_a_policy_change_hot_restarts_it_cutting_nothing
             _reload(gw)  # nothing changed: the same Envoy keeps serving
             assert gw.envoy_pid() == first_envoy
             load.wait_for_more(6)
+            # one stream of ~15 s on the first Envoy: it is still draining at the third reload below
+            # (the load's 3 s streams alone may all have ended by then, and the wait is not tested)
+            long_stream: dict = {}
+
+            def read_long() -> None:
+                with openai.OpenAI(base_url=f"{gw.url}/v1", api_key=TEST_API_KEY, max_retries=0, timeout=60) as c:
+                    chunks = c.chat.completions.create(
+                        model="sim-model",
+                        messages=[{"role": "user", "content": "long"}],
+                        max_tokens=1500,
+                        extra_body={"ignore_eos": True},
+                        stream=True,
+                    )
+                    long_stream["tokens"] = sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content)
+
+            reader = threading.Thread(target=read_long, daemon=True)
+            reader.start()
+            wait_until(lambda: any(e.stats()["in_flight"] for e in m.engines), 5, "the long stream under way")
             conf.write_text(same + "[policy]\nnum_retries = 2\n")  # another bootstrap
             _reload(gw)
             wait_until(lambda: gw.envoy_pid() != first_envoy and gw.admin.ready(), 30, "the hot-restarted envoy")
@@ -711,6 +729,8 @@ def test_reload_adopts_envoy_and_a_policy_change_hot_restarts_it_cutting_nothing
             assert not pids.alive(first_envoy)
             wait_until(m.healthy_in_envoy, 10, "the newest envoy got the snapshot")
             load.wait_for_more(12)
+        reader.join(60)
+        assert long_stream.get("tokens") == 1500, long_stream  # drained, not cut
         # the replaced Envoys finish their streams and are stopped (no connection left)
         for old in (first_envoy, second_envoy):
             wait_until(lambda old=old: not pids.alive(old), 60, f"the replaced envoy {old} exited")
