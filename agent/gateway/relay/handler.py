@@ -271,7 +271,7 @@ class Relay:
             if crashes > self.policy.limit_after_crash or unreachable > MAX_REFUSALS:
                 break
             excluded.add(instance)
-            member = await self.membership.wait_pick(excluded, self.policy.wait_s, request.get(AFFINITY, ""))
+            member = await self.membership.wait_pick(excluded, 0.0, request.get(AFFINITY, ""))  # nothing sent yet
             if member is None:
                 break
         self.metrics.requests.labels(request.path, "ok" if resp.status < 400 else "rejected").inc()
@@ -342,9 +342,10 @@ class Relay:
                 if req.max_tokens is not None and t.started and t.generated_count() >= req.max_tokens:
                     t.finish_reason = "length"  # every token was relayed; only the final chunk was lost
                     return await self._finish(request, req, t, client, synthesize_final=True)
-                member = await self.membership.wait_pick(
-                    excluded, self.policy.wait_s, request.get(AFFINITY, ""), refused
-                )
+                # Waiting for an instance to come (back) is worth it for an answer under way; one
+                # that has not started gets its 503 at once (the fleet is down: the client retries)
+                wait_s = self.policy.wait_s if t.started or client.started else 0.0
+                member = await self.membership.wait_pick(excluded, wait_s, request.get(AFFINITY, ""), refused)
                 if member is None:
                     self.metrics.resumes.labels(last_reason, "no_instance").inc()
                     return await self._give_up(request, req, t, client, "no other healthy instance to continue on")
