@@ -271,7 +271,7 @@ class Relay:
             if crashes > self.policy.limit_after_crash or unreachable > MAX_REFUSALS:
                 break
             excluded.add(instance)
-            member = await self.membership.wait_pick(excluded, 0.0, request.get(AFFINITY, ""))  # nothing sent yet
+            member = self.membership.pick(excluded, request.get(AFFINITY, ""))  # nothing sent yet: no waiting
             if member is None:
                 break
         self.metrics.requests.labels(request.path, "ok" if resp.status < 400 else "rejected").inc()
