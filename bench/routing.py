@@ -167,15 +167,15 @@ def measure(system: System, model: str, clients: int, seconds: float, words: int
 
 
 def vllm_bench_serve(system: System, settings: EngineSettings, workdir: Path) -> Figures:
-    """vLLM's own benchmark client (`vllm bench serve`; its console script fails on this build's
-    metadata, so the module) through the system, dataset prefix_repetition: what users measure us
-    with. Real vLLM only (it needs the model's tokenizer)."""
+    """vLLM's own benchmark client (`vllm bench serve`, started by bench/vllm_bench_serve.py: the
+    console script fails on this build's metadata) through the system, dataset prefix_repetition:
+    what users measure us with. Real vLLM only (it needs the model's tokenizer)."""
     out_dir = workdir / "vllm-bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
         "-m",
-        "vllm.benchmarks.serve",
+        "bench.vllm_bench_serve",
         "--backend",
         "openai",
         "--base-url",
@@ -207,7 +207,9 @@ def vllm_bench_serve(system: System, settings: EngineSettings, workdir: Path) ->
         "result.json",
     ]
     env = {**os.environ, "OPENAI_API_KEY": BENCH_API_KEY}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=Path(__file__).resolve().parent.parent
+    )
     try:
         r = json.loads((out_dir / "result.json").read_text())
     except (OSError, ValueError):
@@ -293,7 +295,7 @@ ROUTING_NOTE = (
 ROUTING_VLLM_NOTE = (
     "The same workload with real vLLM engines (CPU build, the embedded model, each engine on its own "
     "core), ~450-token system prompts, the even fleet only (vLLM has no speed knob), and one engine "
-    "alone behind nginx for comparison; then vLLM's own client (`vllm.benchmarks.serve`) through each "
+    "alone behind nginx for comparison; then vLLM's own client (`vllm bench serve`) through each "
     "system. `python -m bench.routing --engine vllm --engines 2`."
 )
 
@@ -317,8 +319,9 @@ def markdown(r: Figures) -> str:
     if served:
         lines += [
             "",
-            "vLLM's own client (`python -m vllm.benchmarks.serve`, dataset `prefix_repetition`: 4 prefixes of "
-            "256 tokens, 32-token suffixes, 16 output tokens, 48 prompts, 4 at a time) through each system:",
+            "vLLM's own client (`vllm bench serve`, run by `python -m bench.vllm_bench_serve`, dataset "
+            "`prefix_repetition`: 4 prefixes of 256 tokens, 32-token suffixes, 16 output tokens, 48 prompts, "
+            "4 at a time) through each system:",
             "",
             "| system | completed | req/s | TTFT median ms | TTFT p99 ms |",
             "|---|--:|--:|--:|--:|",
