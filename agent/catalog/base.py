@@ -154,6 +154,7 @@ class CatalogEntry:
     note: str = ""
     meta: Mapping[str, str] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    datacenter: str = ""  # the Consul datacenter it is registered in ("" : not said)
 
     @property
     def verdict(self) -> Verdict:

@@ -84,10 +84,17 @@ class ConsulCatalog:
     uses the new token too (it keeps the token each service was registered with)."""
 
     def __init__(
-        self, address: str = "127.0.0.1:8500", token: str | None = None, token_file: str = "", ca_file: str = ""
+        self,
+        address: str = "127.0.0.1:8500",
+        token: str | None = None,
+        token_file: str = "",
+        ca_file: str = "",
+        datacenter: str = "",
     ):
         scheme, host, port = split_address(address)
         self.address = f"{scheme}://{host}:{port}"
+        # "" : the local agent's datacenter; another: reads are forwarded there (WAN federation, ?dc=)
+        self.datacenter = datacenter
         self._token = token or None
         self._token_file = "" if self._token else token_file
         self._token_stamp: tuple[int, int, int] | None = None
@@ -101,8 +108,8 @@ class ConsulCatalog:
         self._clients_by_timeout: dict[float, consul.Consul] = {}
 
     @classmethod
-    def for_config(cls, c: ConsulConfig) -> ConsulCatalog:
-        return cls(c.address, c.token, token_file=c.token_file, ca_file=c.ca_file)
+    def for_config(cls, c: ConsulConfig, datacenter: str = "") -> ConsulCatalog:
+        return cls(c.address, c.token, token_file=c.token_file, ca_file=c.ca_file, datacenter=datacenter)
 
     @classmethod
     def from_env(cls, address: str) -> ConsulCatalog:
@@ -117,7 +124,13 @@ class ConsulCatalog:
     def _new_client(self, timeout: float) -> consul.Consul:
         scheme, host, port = split_address(self.address)
         client = _consul_client(
-            host=host, port=port, scheme=scheme, token=self._token, timeout=timeout, verify=self._verify
+            host=host,
+            port=port,
+            scheme=scheme,
+            token=self._token,
+            timeout=timeout,
+            verify=self._verify,
+            dc=self.datacenter or None,
         )
         client.token = self._token  # python-consul2 lets CONSUL_HTTP_TOKEN win over the one it is given
         return client
@@ -283,6 +296,16 @@ class ConsulCatalog:
     def leader(self) -> str:
         return self._call("status leader", self._client.status.leader) or ""
 
+    def local_datacenter(self) -> str:
+        """The datacenter of the Consul agent this catalog talks to."""
+        info = self._call("agent self", self._client.agent.self) or {}
+        return str((info.get("Config") or {}).get("Datacenter", ""))
+
+    def datacenters(self) -> list[str]:
+        """Every datacenter this agent's servers know (WAN federation), nearest first (by Consul's
+        round-trip estimate)."""
+        return [str(d) for d in self._call("catalog datacenters", self._client.catalog.datacenters) or ()]
+
     # --- KV (API keys) -----------------------------------------------------------------------
 
     def kv_tree(self, prefix: str, index: int = 0, wait_s: float = 0.0) -> tuple[int, dict[str, str]]:
@@ -355,4 +378,5 @@ def _entry(node: dict[str, Any]) -> CatalogEntry:
         note=note,
         meta=dict(svc.get("Meta") or {}),
         tags=tuple(svc.get("Tags") or ()),
+        datacenter=str(node_info.get("Datacenter", "")),
     )

@@ -16,6 +16,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import httpx
 
@@ -127,6 +128,14 @@ class GatewayAgent:
         self.wake = wake or threading.Event()
         self.snapshot: Snapshot | None = None
         self._watch: WatchUpdate | None = None  # the watch's last update: its state, for grace and summary
+        # Datacenters: the gateway's own ("" until known: cli.py asks the local agent) and the
+        # others it watches (LocalitySettings), each with its last update and entries; a remote one
+        # failing longer than remote_keep_s is dropped until it answers again.
+        self.local_dc = ""
+        self._remote_watch: dict[str, WatchUpdate] = {}
+        self._remote_entries: dict[str, tuple[CatalogEntry, ...]] = {}
+        self._remote_dropped: set[str] = set()
+        self._local_entries: tuple[CatalogEntry, ...] = ()
         self._lock = threading.Lock()
         self._rejected_logged: set[tuple[str, str]] = set()
         self._last_entries: tuple[CatalogEntry, ...] = ()
@@ -145,11 +154,80 @@ class GatewayAgent:
     # --- catalog -> snapshot -> ADS (watch thread) --------------------------------------------
 
     def on_watch(self, update: WatchUpdate) -> None:
+        """The local datacenter's watch."""
         with self._lock:
             self._watch = update
             if update.changed:
-                self._last_entries = update.entries
-                self._publish(update.entries, update.seen_at)
+                self._local_entries = update.entries
+                if not self.local_dc:
+                    self.local_dc = next((e.datacenter for e in update.entries if e.datacenter), "")
+                self._publish(self._merged(), update.seen_at)
+
+    def remote_watcher(self, datacenter: str) -> Callable[[WatchUpdate], None]:
+        """The on_update of the watch of another datacenter."""
+
+        def on_update(update: WatchUpdate) -> None:
+            with self._lock:
+                self._remote_watch[datacenter] = update
+                back = not update.failing and datacenter in self._remote_dropped
+                if back:
+                    self._remote_dropped.discard(datacenter)
+                    log.info("datacenter %s answers again: its instances are back in the snapshot", datacenter)
+                if update.changed:
+                    self._remote_entries[datacenter] = tuple(
+                        e if e.datacenter else replace(e, datacenter=datacenter) for e in update.entries
+                    )
+                if update.changed or back:
+                    self._publish(self._merged(), update.seen_at)
+
+        return on_update
+
+    def _merged(self) -> tuple[CatalogEntry, ...]:
+        """The local entries and those of every remote datacenter not dropped."""
+        out = list(self._local_entries)
+        for dc in sorted(self._remote_entries):
+            if dc not in self._remote_dropped:
+                out.extend(self._remote_entries[dc])
+        self._last_entries = tuple(out)
+        return self._last_entries
+
+    def _expire_remote(self) -> None:
+        """Drop the instances of a remote datacenter that has not answered for remote_keep_s."""
+        keep_s = self.cfg.locality.remote_keep_s
+        with self._lock:
+            now = self.clock()
+            expired = [
+                dc
+                for dc, w in self._remote_watch.items()
+                if w.failing_since is not None and now - w.failing_since >= keep_s and dc not in self._remote_dropped
+            ]
+            for dc in expired:
+                self._remote_dropped.add(dc)
+                log.warning(
+                    "datacenter %s has not answered for %.0fs (%s): its %d instance(s) are dropped until it answers",
+                    dc,
+                    now - (self._remote_watch[dc].failing_since or now),
+                    self._remote_watch[dc].last_error or "no answer",
+                    len(self._remote_entries.get(dc, ())),
+                )
+            if expired:
+                self._publish(self._merged(), now)
+
+    def datacenters_state(self) -> dict[str, str]:
+        """Each remote datacenter's state for the summary: ok, failing Ns (kept), dropped."""
+        now = self.clock()
+        out = {}
+        for dc, w in sorted(self._remote_watch.items()):
+            if dc in self._remote_dropped:
+                out[dc] = "dropped"
+            elif w.failing_since is not None:
+                out[dc] = f"unreachable {now - w.failing_since:.0f}s (kept)"
+            else:
+                out[dc] = "ok"
+        return out
+
+    def _priority(self, zone: str, datacenter: str) -> int:
+        return self.cfg.locality.priority(zone, datacenter, self.local_dc)
 
     def _in_grace(self) -> bool:
         """Shortly after the catalog may have lost state (WatchUpdate.discontinuity_at)."""
@@ -157,7 +235,7 @@ class GatewayAgent:
         return since is not None and self.clock() - since < self.cfg.catalog_reset_grace_s
 
     def _publish(self, entries: tuple[CatalogEntry, ...], seen_at: float) -> None:
-        result = build_snapshot(entries, self.cfg.cluster)
+        result = build_snapshot(entries, self.cfg.cluster, self._priority)
         for r in result.rejected:
             if (r.instance_id, r.reason) not in self._rejected_logged:
                 self._rejected_logged.add((r.instance_id, r.reason))
@@ -165,7 +243,9 @@ class GatewayAgent:
         previous, snap = self.snapshot, with_weights(result.snapshot, self._speeds.weight)
         held: frozenset[str] = frozenset()
         if previous is not None and self._in_grace():
-            absent = previous.ids() - {e.instance_id for e in entries}
+            # held: the local datacenter's (the grace is the local watch's; remote_keep_s is theirs)
+            local = {e.instance_id for e in previous.endpoints if not e.datacenter or e.datacenter == self.local_dc}
+            absent = local - {e.instance_id for e in entries}
             snap = with_held(snap, previous, frozenset(absent))
             held = snap.ids() - result.snapshot.ids()
         if held and held != self._held:
@@ -194,12 +274,13 @@ class GatewayAgent:
         with self._lock:
             if self._held and not self._in_grace():
                 log.info("grace period over: %d instance(s) still absent from the catalog are removed", len(self._held))
-                self._publish(self._last_entries, self.clock())
+                self._publish(self._merged(), self.clock())
 
     # --- control loop -------------------------------------------------------------------------
 
     def reconcile_once(self) -> str:
         self._release_held()
+        self._expire_remote()
         envoy_state = self.envoy.ensure()
         ready = envoy_state == "running" and self.envoy.admin.ready()
         self.metrics.envoy_up.set(1 if ready else 0)
@@ -229,13 +310,14 @@ class GatewayAgent:
             else f"consul unreachable ({watch.last_error.split(':')[-1].strip()})"
         )
         held = f" ({len(self._held)} held)" if self._held else ""
+        dcs = "".join(f"; {dc} {state}" for dc, state in self.datacenters_state().items())
         relay_part = (
             f"relays {relays}/{len(self.relays.slots)}; " if relays is not None and self.relays is not None else ""
         )
         return (
             f"envoy pid {self.envoy.pid} {envoy_state}{', ready' if ready else ''}; {relay_part}"
             f"snapshot {snap.summary() if snap else 'none yet'}{held}; "
-            f"xds {len(streams)} stream(s) acked {','.join(acked) or '-'}; {consul}; registration {registration}"
+            f"xds {len(streams)} stream(s) acked {','.join(acked) or '-'}; {consul}{dcs}; registration {registration}"
         )
 
     def _maybe_poll_speeds(self) -> None:

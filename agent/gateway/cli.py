@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from agent.binaries import MissingBinary, envoy_binary
+from agent.catalog.base import CatalogError
 from agent.catalog.consul import ConsulCatalog
 from agent.catalog.token_use import TokenUseCollector
 from agent.config import ConfigError
@@ -62,6 +63,19 @@ def prepare(argv: list[str]) -> tuple[gateway_config.GatewayConfig, str, str]:
     return cfg, binary, template
 
 
+def _local_datacenter(cfg: gateway_config.GatewayConfig, catalog: ConsulCatalog) -> str:
+    """The gateway's own datacenter: consul.datacenter, else the local agent's (asked once; if
+    Consul does not answer yet, the local watch's first entries tell)."""
+    if cfg.consul.datacenter:
+        return cfg.consul.datacenter
+    try:
+        return catalog.local_datacenter()
+    except CatalogError as e:
+        if cfg.locality.datacenters:
+            log.warning("cannot ask Consul for its datacenter (%s): watching every one listed", e)
+        return ""
+
+
 def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     """Run until a signal. Returns the exit code, or RELOAD after SIGHUP (everything but Envoy
     and the relays stopped, ready for the exec)."""
@@ -70,7 +84,7 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     wake = threading.Event()  # a supervised process exited: the agent's loop runs at once
     envoy = EnvoySupervisor(cfg, binary, template, on_restart=metrics.envoy_restarts.inc, on_exit=wake.set)
     # Wiring runs one way: metrics <- ADS server <- agent <- watch; nothing points back.
-    ads = AdsServer(cfg.xds, callbacks=metrics)
+    ads = AdsServer(cfg.xds, callbacks=metrics, overprovisioning_factor=cfg.locality.overprovisioning_factor)
     relays = RelaySupervisor(cfg, on_restart=metrics.relay_restarts.inc, on_exit=wake.set)
     keys_watch = (
         KeysWatch(
@@ -85,6 +99,16 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     agent = GatewayAgent(cfg, catalog, metrics, ads, envoy, relays, wake=wake)
     metrics.registry.register(TokenUseCollector(catalog, lambda: [agent.keeper]))
     watch = CatalogWatch(catalog, cfg.consul.service, agent.on_watch, cfg.watch, metrics=metrics)
+    agent.local_dc = _local_datacenter(cfg, catalog)
+    remote_watches = [
+        CatalogWatch(
+            ConsulCatalog.for_config(cfg.consul, datacenter=dc),
+            cfg.consul.service,
+            agent.remote_watcher(dc),
+            cfg.remote_watch,
+        )
+        for dc in cfg.locality.remote(agent.local_dc)
+    ]
 
     reload = False
 
@@ -102,6 +126,8 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     metrics_server, _thread = metrics.serve(host, port)
     ads.start()
     watch.start()  # publishes the first snapshot as soon as Consul answers
+    for w in remote_watches:
+        w.start()
     engine_key = (
         EngineCredential(cfg.engine_api_key_file, cfg.engine_credential_dir).start()
         if cfg.engine_api_key_file
@@ -139,7 +165,8 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
             agent.deregister()
             envoy.stop()
             relays.stop()
-        watch.stop(timeout_s=0.2)  # a daemon thread, maybe inside a blocking query
+        for w in (watch, *remote_watches):
+            w.stop(timeout_s=0.2)  # a daemon thread, maybe inside a blocking query
         if keys_watch is not None:
             keys_watch.stop()
         if edge_cert is not None:

@@ -189,6 +189,72 @@ class RoutingSettings:
         return self.mode == "affinity"
 
 
+_DC_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+_ZONE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class LocalitySettings:
+    """Where the gateway is and which instances it prefers (docs/gateway.md, Datacenters and zones).
+
+    Instances are Envoy localities with priorities: the gateway's own zone (engines' `zone` meta)
+    `same_zone`, the rest of its datacenter `same_dc`, the datacenters in `datacenters` (watched
+    through the local Consul agent, WAN federation) `other_dc` + their position in the list (so
+    list them nearest first). Envoy sends a lower priority everything while it is healthy enough
+    and spills the rest gradually as its healthy share falls below 100 / overprovisioning_factor."""
+
+    zone: str = ""  # the gateway's own zone ("" : none; its datacenter's instances are all same_dc)
+    datacenters: tuple[str, ...] = ()  # other Consul datacenters to fail over to, nearest first
+    same_zone: int = 0
+    same_dc: int = 1
+    other_dc: int = 2
+    # Envoy's overprovisioning factor (percent): a priority with 1/1.4 of its hosts healthy still
+    # takes all the traffic; below, the rest spills to the next priority in proportion.
+    overprovisioning_factor: int = 140
+    # A remote datacenter that stops answering keeps its last known instances this long, then they
+    # are dropped (Envoy's outlier detection covers the meantime). 0: dropped at the first failure.
+    remote_keep_s: float = 60.0
+    # The blocking wait of a remote datacenter's watch: a silent WAN is noticed within about this
+    # plus the HTTP slack (a blocking query has no answer to give before).
+    remote_watch_wait_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.zone and not _ZONE_RE.match(self.zone):
+            raise ConfigError(f"locality.zone: letters, digits, '-', '_' or '.', got {self.zone!r}")
+        for dc in self.datacenters:
+            if not _DC_RE.match(dc):
+                raise ConfigError(f"locality.datacenters: {dc!r} is not a Consul datacenter name")
+        if len(set(self.datacenters)) != len(self.datacenters):
+            raise ConfigError("locality.datacenters: a datacenter is listed twice")
+        prios = (self.same_zone, self.same_dc, self.other_dc)
+        if min(prios) < 0 or self.other_dc + len(self.datacenters) > 127:
+            raise ConfigError("locality.same_zone, same_dc and other_dc must be 0-127 (Envoy priorities)")
+        if not (self.same_zone <= self.same_dc <= self.other_dc):
+            raise ConfigError(
+                f"locality priorities must not prefer farther instances: same_zone ({self.same_zone}) <= "
+                f"same_dc ({self.same_dc}) <= other_dc ({self.other_dc})"
+            )
+        if not (100 <= self.overprovisioning_factor <= 1000):
+            raise ConfigError(
+                f"locality.overprovisioning_factor: a percentage 100-1000, got {self.overprovisioning_factor}"
+            )
+        if self.remote_keep_s < 0:
+            raise ConfigError(f"locality.remote_keep_s must be >= 0, got {self.remote_keep_s}")
+        check_positive(self, "remote_watch_wait_s")
+
+    def remote(self, local_dc: str) -> tuple[str, ...]:
+        """The datacenters to watch besides the gateway's own (a shared config may list it too)."""
+        return tuple(dc for dc in self.datacenters if dc != local_dc)
+
+    def priority(self, zone: str, datacenter: str, local_dc: str) -> int:
+        """The Envoy priority of an instance in `zone` of `datacenter` ("" or `local_dc`: the
+        gateway's own), for a gateway in `local_dc`: other datacenters by their place in the list."""
+        if not datacenter or datacenter == local_dc:
+            return self.same_zone if self.zone and zone == self.zone else self.same_dc
+        remote = self.remote(local_dc)
+        return self.other_dc + (remote.index(datacenter) if datacenter in remote else len(remote))
+
+
 # The OpenAI routes the edge serves; edge.extra_paths adds others vLLM has.
 EDGE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 _PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]{1,200}$")
@@ -278,6 +344,7 @@ class GatewayConfig:
     relay: RelaySettings = field(default_factory=RelaySettings)
     edge: EdgeSettings = field(default_factory=EdgeSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    locality: LocalitySettings = field(default_factory=LocalitySettings)
 
     def __post_init__(self) -> None:
         for key in ("listen", "envoy_admin", "xds", "metrics"):
@@ -345,6 +412,12 @@ class GatewayConfig:
             backoff_initial_s=self.watch_backoff_initial_s,
             backoff_max_s=self.watch_backoff_max_s,
         )
+
+    @property
+    def remote_watch(self) -> WatchSettings:
+        """A remote datacenter's watch: a shorter blocking wait (a silent WAN is noticed sooner), no
+        leader check (the local agent's leader says nothing about the remote servers)."""
+        return replace(self.watch, wait_s=self.locality.remote_watch_wait_s, leader_check_s=0.0)
 
     @property
     def socket_dir(self) -> str:
@@ -459,6 +532,10 @@ Config file (TOML), every key optional:
   hash_balance_factor = 150         # percent of the mean load an instance may take (0: no bound)
   instance_concurrency = 256        # requests in flight per instance; beyond, they queue here
   queue_size = 256                  # ... at most this many, each at most queue_timeout_s (30), then 503
+  [locality]                        # datacenters and zones (docs/gateway.md)
+  zone = "a"                        # this gateway's zone: engines with zone meta "a" first
+  datacenters = ["dc2"]             # other Consul datacenters (WAN-joined) to fail over to, nearest first
+  remote_keep_s = 60                # a remote DC that stops answering keeps its instances this long
   [policy]
   num_retries = 3
   outlier_max_ejection_percent = 50

@@ -45,6 +45,8 @@ class Endpoint:
     zone: str = ""
     model: str = ""
     weight: int = 100  # its share of new work (Envoy's load_balancing_weight): agent/gateway/speed.py
+    datacenter: str = ""  # its Consul datacenter
+    priority: int = 0  # its Envoy priority (0 first): LocalitySettings.priority, by zone and datacenter
 
     def problem(self) -> str:
         """Why Envoy could not use this endpoint ('' if it can)."""
@@ -117,37 +119,46 @@ class BuildResult:
 
 def content_version(cluster: str, endpoints: Iterable[Endpoint]) -> str:
     doc = [cluster] + [
-        [e.instance_id, e.address, e.port, e.state.value, e.node, e.zone, e.model, e.weight] for e in endpoints
+        [e.instance_id, e.address, e.port, e.state.value, e.node, e.zone, e.model, e.weight, e.datacenter, e.priority]
+        for e in endpoints
     ]
     blob = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:VERSION_HEX_CHARS]
 
 
-def endpoint_of(entry: CatalogEntry) -> Endpoint | None:
+# (the entry's zone, its datacenter) -> its Envoy priority
+PriorityOf = Callable[[str, str], int]
+
+
+def endpoint_of(entry: CatalogEntry, priority_of: PriorityOf | None = None) -> Endpoint | None:
     state = _STATE_OF_STATUS.get(entry.status)
     if state is None:
         return None
     meta: Mapping[str, str] = entry.meta or {}
+    zone = meta.get("zone", "")
     return Endpoint(
         instance_id=entry.instance_id,
         address=entry.address,
         port=entry.port,
         state=state,
         node=entry.node,
-        zone=meta.get("zone", ""),
+        zone=zone,
         model=meta.get("served_model_name") or meta.get("model", ""),
+        datacenter=entry.datacenter,
+        priority=priority_of(zone, entry.datacenter) if priority_of is not None else 0,
     )
 
 
-def build_snapshot(entries: Iterable[CatalogEntry], cluster: str) -> BuildResult:
+def build_snapshot(entries: Iterable[CatalogEntry], cluster: str, priority_of: PriorityOf | None = None) -> BuildResult:
     """Entries -> snapshot. An entry Envoy cannot use (bad address/port, a duplicate id or
     address) is rejected with a reason instead of poisoning the whole snapshot: one misregistered
-    engine must not freeze the gateway for everyone else."""
+    engine must not freeze the gateway for everyone else. `priority_of(zone, datacenter)` gives
+    each endpoint its Envoy priority (none: all 0)."""
     candidates: list[Endpoint] = []
     rejected: list[Rejected] = []
     omitted = 0
     for entry in sorted(entries, key=lambda e: (e.instance_id, e.node, e.address, e.port)):
-        ep = endpoint_of(entry)
+        ep = endpoint_of(entry, priority_of)
         if ep is None:
             omitted += 1
             continue

@@ -25,7 +25,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from agent.gateway.eds import EDS_TYPE_URL, cluster_load_assignment
+from agent.gateway.eds import DEFAULT_OVERPROVISIONING_FACTOR, EDS_TYPE_URL, cluster_load_assignment
 from agent.gateway.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,14 @@ class StreamState:
 
 # The generated servicer base (xds-protos, no type information) is Any to mypy.
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
-    def __init__(self, address: str, callbacks: XdsCallbacks | None = None):
+    def __init__(
+        self,
+        address: str,
+        callbacks: XdsCallbacks | None = None,
+        overprovisioning_factor: int = DEFAULT_OVERPROVISIONING_FACTOR,
+    ):
         self.address = address
+        self.overprovisioning_factor = overprovisioning_factor
         self._callbacks: XdsCallbacks = callbacks if callbacks is not None else NoCallbacks()
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
@@ -247,7 +253,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         if stream.names and snap.cluster not in stream.names:
             return None
         resource = any_pb2.Any()
-        resource.Pack(cluster_load_assignment(snap))
+        resource.Pack(cluster_load_assignment(snap, self.overprovisioning_factor))
         nonce = str(next(self._nonces))
         stream.sent_version, stream.sent_nonce = snap.version, nonce
         self._callbacks.on_push(stream.node_id, snap.version)

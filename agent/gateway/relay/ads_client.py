@@ -32,7 +32,12 @@ def members_of(cla: endpoint_pb2.ClusterLoadAssignment) -> list[Member]:
             sa = lb.endpoint.address.socket_address
             host = f"[{sa.address}]" if ":" in sa.address else sa.address
             out.append(
-                Member(lb.endpoint.hostname, f"{host}:{sa.port_value}", lb.health_status == health_check_pb2.HEALTHY)
+                Member(
+                    lb.endpoint.hostname,
+                    f"{host}:{sa.port_value}",
+                    lb.health_status == health_check_pb2.HEALTHY,
+                    locality.priority,
+                )
             )
     return out
 

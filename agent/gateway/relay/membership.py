@@ -29,6 +29,7 @@ class Member:
     instance_id: str
     address: str  # ip:port, as Envoy's endpoint
     healthy: bool  # False: draining (no new work, in-flight finishes)
+    priority: int = 0  # its Envoy priority (locality): a continuation goes to the lowest there is
 
     @property
     def host_override(self) -> str:
@@ -113,8 +114,9 @@ class Membership:
     # --- where a continuation goes --------------------------------------------------------------
 
     def pick(self, excluded: set[str], key: str = "", refused: Mapping[str, str] | None = None) -> Member | None:
-        """A healthy instance not yet tried by this request: with an affinity key, the first in its
-        rendezvous order (every relay and gateway agrees) that is under the load bound (this relay's
+        """A healthy instance not yet tried by this request, of the nearest locality priority that has
+        one (Envoy's priority failover, strictly: a continuation is one request): with an affinity key,
+        the first in its rendezvous order (every relay and gateway agrees) that is under the load bound (this relay's
         in-flight attempts, RESUME_BALANCE x the mean: the continuations of a dead instance's many
         streams that share one key must not all land on one survivor); else least loaded first."""
         refused = refused or {}
@@ -125,6 +127,8 @@ class Membership:
         ]
         if not candidates:
             return None
+        nearest = min(m.priority for m in candidates)  # the gateway's zone, then its datacenter, then others
+        candidates = [m for m in candidates if m.priority == nearest]
         if key:
             total = sum(self.in_flight(m.instance_id) for m in candidates)
             bound = math.ceil(RESUME_BALANCE * (total + 1) / len(candidates))
