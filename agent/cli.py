@@ -14,6 +14,9 @@ from agent.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("agent.local.up", "bring the whole mesh up on this machine (Consul, vLLM engines, gateway, UI)"),
     "down": ("agent.local.down", "drain and stop a mesh started by `up`"),
+    "add": ("agent.local.add", "add one engine (agent + engine) to the running local mesh"),
+    "remove": ("agent.local.remove", "drain and stop engines of the running local mesh"),
+    "scale": ("agent.local.scale", "add or remove engines of the local mesh until N pass"),
     "status": ("agent.status", "instances and gateways as Consul sees them (--json)"),
     "engine": ("agent.engine.cli", "engine agent: supervise vLLM, register in Consul, report health"),
     "drain": ("agent.engine.drain_cli", "drain one instance through its engine agent"),

@@ -44,3 +44,46 @@ def spread(envs: list[dict[str, str]]) -> list[dict[str, str]]:
     for n, i in enumerate(free):
         out[i][BIND_VAR] = core_share(n, len(free))
     return out
+
+
+def parse_core_list(text: str) -> list[int]:
+    """vLLM's core-list syntax back to cores: "0-3,5" -> [0, 1, 2, 3, 5] (a bad list -> [])."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        return []
+    return sorted(set(out))
+
+
+def format_core_list(cores: list[int]) -> str:
+    """[0, 1, 2, 3, 5] -> "0-3,5" (vLLM's syntax; libnuma parses it)."""
+    runs: list[list[int]] = []
+    for c in sorted(set(cores)):
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def least_used_share(held: list[list[int]], cores: list[int] | None = None) -> str:
+    """The cores for one more engine beside engines already bound to `held` (each a core list): a
+    contiguous window of len(cores) // (engines + 1) cores (at least one) whose cores the running
+    engines use least, the first such window on a tie. With free cores, the new engine gets free
+    cores; on a full host it shares the least crowded ones."""
+    cores = cores if cores is not None else usable_cores()
+    use = {c: 0 for c in cores}
+    for engine in held:
+        for c in engine:
+            if c in use:
+                use[c] += 1
+    want = max(1, len(cores) // (len(held) + 1))
+    windows = [cores[i : i + want] for i in range(len(cores) - want + 1)]
+    best = min(windows, key=lambda w: sum(use[c] for c in w))
+    return format_core_list(best)

@@ -37,17 +37,19 @@ def vllm_engine(
     gpu_index: int | None = None,
     cpu_index: int | None = None,
     engines: int = 1,
+    cpu_bind: str | None = None,
 ) -> dict[str, Any]:
-    """An [[engines]] table for engine.toml: CPU flags without a GPU (engine `cpu_index` on its own
-    core), one GPU per engine with one."""
+    """An [[engines]] table for engine.toml: CPU flags without a GPU (engine `cpu_index` of `engines`
+    on its own share of the cores, or on the cores `cpu_bind` names), one GPU per engine with one."""
     if gpu_index is None:
+        bind = {BIND_VAR: cpu_bind} if cpu_bind else cpu_bind_env(cpu_index, engines)
         return {
             "kind": "vllm",
             "port": port,
             "model": model,
             "served_model_name": served_model_name,
             "args": list(CPU_VLLM_ARGS),
-            "env": {**VLLM_CPU_ENV, **cpu_bind_env(cpu_index, engines)},
+            "env": {**VLLM_CPU_ENV, **bind},
         }
     return {
         "kind": "vllm",

@@ -3,6 +3,7 @@
 It signals `up` (SIGTERM: the same orderly stop as Ctrl-C), follows its progress through the
 state file and waits until `up` and every process of the mesh are gone. If `up` itself is gone
 (killed), `down` stops the processes it recorded, in the same order, and kills what remains.
+Engines added by `ernie-mesh add` (their records in <run-dir>/added/) are stopped with `up`'s own.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from agent.local.parts import mesh_parts, stop_order
 from agent.local.plan import default_run_dir
-from agent.local.runstate import Proc, kill, read_state, wait_gone, write_state
+from agent.local.runstate import AddedEngine, Proc, drop_added, kill, read_added, read_state, wait_gone, write_state
 
 DEFAULT_TIMEOUT_S = 600.0
 # Every part a mesh can have, in `up`'s stop order with its timeouts (a replicated part owns its
@@ -62,6 +63,13 @@ def stop_orphans(procs: list[Proc], say: Callable[[str], None]) -> None:
             kill(p)
 
 
+def with_added(procs: list[Proc], added: list[AddedEngine]) -> list[Proc]:
+    """`up`'s recorded processes and the engine agents `ernie-mesh add` started (up adopts them
+    into its state file within seconds, but not before `down` may need them)."""
+    pids = {p.pid for p in procs}
+    return procs + [r.proc() for r in added if r.pid not in pids]
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     run_dir = os.path.abspath(args.run_dir) if args.run_dir else str(default_run_dir())
@@ -79,7 +87,8 @@ def main(argv: list[str]) -> int:
         return 0
     started = time.monotonic()
     owner = state.owner()
-    procs = state.procs()
+    added = [r for r in read_added(run_dir) if r.alive()]
+    procs = with_added(state.procs(), added)
     if owner.alive():
         say(f"stopping the mesh of `ernie-mesh up` (pid {owner.pid})")
         os.kill(owner.pid, signal.SIGTERM)
@@ -88,7 +97,7 @@ def main(argv: list[str]) -> int:
         while owner.alive() and time.monotonic() < deadline:
             now = read_state(Path(state_path))
             if now is not None:
-                procs = now.procs() or procs
+                procs = with_added(now.procs(), added) if now.procs() else procs
                 if now.step and now.step != last_step:
                     last_step = now.step
                     say(f"  {now.step}")
@@ -104,6 +113,9 @@ def main(argv: list[str]) -> int:
         say(f"left behind, killing: {p.name} (pid {p.pid})")
         kill(p)
     survivors = wait_gone(left, 5.0)
+    for r in added:
+        if not r.alive():
+            drop_added(run_dir, r.name)
     if state.phase != "stopped" and not owner.alive():
         final = read_state(Path(state_path)) or state
         if final.phase != "stopped":

@@ -29,8 +29,21 @@ from agent.local.binaries import MissingBinary, consul_binary, find_binary
 from agent.local.parts import Part, part_of, plan_parts, stop_order
 from agent.local.plan import LOCAL_KEY_NAME, REPO_DIR, MeshPlan
 from agent.local.ports import port_open
-from agent.local.procs import ManagedProcess, mesh_command
-from agent.local.runstate import Proc, UpState, descendants, kill, proc_identity, process_name, wait_gone, write_state
+from agent.local.procs import AdoptedProcess, ManagedProcess, Stoppable, child_env, mesh_command
+from agent.local.runstate import (
+    AddedEngine,
+    Proc,
+    UpState,
+    descendants,
+    drop_added,
+    drop_stale_added,
+    kill,
+    proc_identity,
+    process_name,
+    read_added,
+    wait_gone,
+    write_state,
+)
 from agent.net import can_bind
 from agent.secret_files import ensure_secret
 
@@ -120,18 +133,27 @@ class Mesh:
         write_state(self.plan.state_path, self.state)
 
     def refresh_tree(self) -> None:
-        """Record every descendant of our children (vLLM, its engine cores, Envoy) for the final sweep."""
+        """Record every descendant of our children (vLLM, its engine cores, Envoy) for the final sweep,
+        and the engine agents `ernie-mesh add` started with theirs (they are stopped with ours)."""
         changed = False
-        for name, mp in self.procs.items():
-            if mp.pid is None:
-                continue
-            for pid in descendants([mp.pid]):
+        roots = [(name, mp.pid) for name, mp in self.procs.items() if mp.pid is not None]
+        for rec in self.added():
+            roots.append((rec.name, rec.pid))
+            if rec.pid not in self.known:
+                self.known[rec.pid] = rec.proc()
+                changed = True
+        for name, root in roots:
+            for pid in descendants([root]):
                 if pid not in self.known or not self.known[pid].alive():
                     self.known[pid] = proc_identity(f"{name}/{process_name(pid)[:60]}", pid)
                     changed = True
         self._last_tree_s = time.monotonic()
         if changed:
             self.save()
+
+    def added(self) -> list[AddedEngine]:
+        """The live engines `ernie-mesh add` added to this mesh."""
+        return [r for r in read_added(self.plan.run_dir) if r.alive()]
 
     def _start(
         self, name: str, cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None
@@ -194,6 +216,7 @@ class Mesh:
     def start(self, healthy_timeout_s: float) -> None:
         """Start the plan's parts in their start order, then wait until the engines pass and the gateway routes."""
         self.plan.log_dir.mkdir(parents=True, exist_ok=True)
+        drop_stale_added(self.plan.run_dir)  # records of engines added to an earlier mesh
         self.save("starting", "starting Consul")
         starters: dict[str, Callable[[Part], None]] = {
             "consul": self.start_consul,
@@ -314,7 +337,7 @@ class Mesh:
                     "--advertise-address",
                     "127.0.0.1",
                 ),
-                env=_child_env(),
+                env=child_env(),
             )
             self.out.info(
                 f"{p.instance_id(i)}: engine :{p.engine_port(i)}, agent http://127.0.0.1:{p.agent_port(i)}"
@@ -339,7 +362,7 @@ class Mesh:
                 "--advertise-address",
                 "127.0.0.1",
             ),
-            env=_child_env(),
+            env=child_env(),
         )
         self._wait(
             lambda: port_open(p.host if p.host not in ("0.0.0.0", "::") else "127.0.0.1", p.gateway_port),
@@ -469,7 +492,10 @@ class Mesh:
                 if self._part(name).fatal_while_running:
                     self.out.warn(f"{msg}: the mesh cannot work without it; stopping everything")
                     return 1
-                self.out.warn(msg)
+                if mp.returncode == 0:  # stopped on request (`ernie-mesh remove`, a SIGTERM)
+                    self.out.info(f"{time.strftime('%H:%M:%S')} {name} stopped (exit 0); log {mp.log_path}")
+                else:
+                    self.out.warn(msg)
             try:
                 now = self._instances()
             except CatalogError:
@@ -493,12 +519,12 @@ class Mesh:
             return
         self._stop_together([mp], timeout_s)
 
-    def _stop_together(self, procs: list[ManagedProcess], timeout_s: float) -> None:
+    def _stop_together(self, procs: list[Stoppable], timeout_s: float) -> None:
         for mp in procs:
             mp.signal(signal.SIGTERM)
         self._await_exit(procs, timeout_s)
 
-    def _await_exit(self, procs: list[ManagedProcess], timeout_s: float) -> None:
+    def _await_exit(self, procs: list[Stoppable], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while any(mp.alive() for mp in procs) and time.monotonic() < deadline and not self.force.is_set():
             time.sleep(0.1)
@@ -517,13 +543,15 @@ class Mesh:
         self.refresh_tree()
         self.save("stopping", "stopping the UI")
         self.out.step("stopping the mesh (Ctrl-C again to kill everything at once)")
+        added = self.added()
         for part in stop_order(self.parts):
-            procs = [mp for name, mp in self.procs.items() if part.owns(name) and mp.proc is not None]
+            procs: list[Stoppable] = [mp for name, mp in self.procs.items() if part.owns(name) and mp.proc is not None]
+            procs += [AdoptedProcess(r.proc()) for r in added if part.owns(r.name)]
             if not procs:
                 continue
             if part.stop_step:
                 self.save(step=part.stop_step)
-            self.out.info(part.stop_message(len(procs)))
+            self.out.info(part.stop_message(sum(1 for mp in procs if mp.alive()) or len(procs)))
             self._stop_together(procs, part.stop_timeout_s)
         leftovers = [p for p in self.known.values() if p.alive()]
         for p in leftovers:
@@ -532,15 +560,11 @@ class Mesh:
         survivors = wait_gone(leftovers, KILL_WAIT_S)
         for p in survivors:
             self.out.warn(f"still running after SIGKILL: {p.name} (pid {p.pid})")
+        for r in added:
+            drop_added(self.plan.run_dir, r.name)
         self.out.step(
             f"stopped in {time.monotonic() - started:.1f}s"
             + ("; no process left behind" if not survivors else f"; {len(survivors)} process(es) survived")
         )
         self.save("stopped", "")
         return [p.name for p in leftovers]
-
-
-def _child_env() -> dict[str, str]:
-    """Agents log at INFO into their files (the flags we pass win over CONSUL_HTTP_ADDR & co.); each
-    uses its role's Consul token file, not a token of the user's environment."""
-    return {"ERNIE_MESH_LOG_LEVEL": "INFO", "CONSUL_HTTP_TOKEN": "", "CONSUL_HTTP_TOKEN_FILE": ""}

@@ -6,6 +6,7 @@ developer's running mesh) can run beside the first with one flag.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -20,6 +21,7 @@ import tomli_w
 from agent.local.consul_acl import LocalAcl
 from agent.config import ConfigError, short_hostname
 from agent.local.defaults import DEFAULT_SERVED_MODEL_NAME, vllm_engine
+from agent.local.placement import Placement
 from agent.naming import instance_id
 
 REPO_DIR = Path(__file__).resolve().parents[2]
@@ -221,10 +223,14 @@ class MeshPlan:
         return self.engine_kind == "vllm" and not self.model
 
     def instance_id(self, i: int) -> str:
+        return self.instance_id_at(self.engine_port(i))
+
+    def instance_id_at(self, port: int) -> str:
         # the engines listen on 127.0.0.1 (their default host), advertise_address 127.0.0.1
-        return instance_id(self.service, self.node, "127.0.0.1", self.engine_port(i))
+        return instance_id(self.service, self.node, "127.0.0.1", port)
 
     def engine_table(self, i: int, model_path: str) -> dict[str, Any]:
+        """Engine `i` of the engines `up` starts."""
         port = self.engine_port(i)
         table: dict[str, Any]
         if self.engine_kind == "simulated":
@@ -236,10 +242,34 @@ class MeshPlan:
         table["shutdown_timeout_s"] = ENGINE_SHUTDOWN_TIMEOUT_S
         return table
 
-    def engine_agent_toml(self, i: int, model_path: str) -> str:
+    def added_engine_table(
+        self,
+        port: int,
+        engine_kind: str,
+        model_path: str,
+        model_name: str,
+        placement: Placement,
+        vllm_args: tuple[str, ...] | None = None,
+    ) -> dict[str, Any]:
+        """One more engine for the running mesh (`ernie-mesh add`): its own port, kind, model and
+        placement; `vllm_args` None = the mesh's --vllm-args."""
+        table: dict[str, Any]
+        if engine_kind == "simulated":
+            table = {"kind": "simulated", "port": port, "served_model_name": model_name}
+        else:
+            table = vllm_engine(port, model_path, model_name, placement.gpu, cpu_bind=placement.cpu_bind)
+            extra = self.vllm_args if vllm_args is None else vllm_args
+            table["args"] = list(table.get("args", [])) + list(extra)
+        table["shutdown_timeout_s"] = ENGINE_SHUTDOWN_TIMEOUT_S
+        return table
+
+    def engine_agent_toml(
+        self, i: int, model_path: str, engine: dict[str, Any] | None = None, agent_port: int | None = None
+    ) -> str:
+        """Engine agent `i`'s engine.toml (`engine`/`agent_port`: an added engine's own)."""
         return tomli_w.dumps(
             {
-                "listen": f"127.0.0.1:{self.agent_port(i)}",
+                "listen": f"127.0.0.1:{agent_port or self.agent_port(i)}",
                 "node": self.node,
                 "advertise_address": "127.0.0.1",
                 "zone": "local",
@@ -251,7 +281,7 @@ class MeshPlan:
                     "service": self.service,
                     "token_file": str(self.consul_acl.path("engine")),
                 },
-                "engines": [self.engine_table(i, model_path)],
+                "engines": [engine or self.engine_table(i, model_path)],
             }
         )
 
@@ -346,8 +376,23 @@ class MeshPlan:
             out["ui"] = self.ui_url
         return out
 
+    def spec(self) -> dict[str, Any]:
+        """Every field, JSON-ready: `ernie-mesh add` rebuilds the running mesh's plan from up.json."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> MeshPlan:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in spec.items() if k in known}
+        kw["vllm_args"] = tuple(kw.get("vllm_args", ()))
+        for key in ("run_dir", "ui_venv"):
+            if key in kw:
+                kw[key] = Path(kw[key])
+        return cls(**kw)
+
     def summary(self) -> dict[str, Any]:
         return {
+            "spec": self.spec(),
             "engines": self.engines,
             "engine_kind": self.engine_kind,
             "model": self.model_name,
@@ -357,3 +402,11 @@ class MeshPlan:
             "run_dir": str(self.run_dir),
             "python": sys.executable,
         }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value

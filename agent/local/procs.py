@@ -7,6 +7,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Protocol
+
+from agent.local.runstate import Proc, kill, wait_gone
 
 STOP_TIMEOUT_S = 60.0
 
@@ -104,6 +107,58 @@ class ManagedProcess:
         self.stop()
 
 
+class Stoppable(Protocol):
+    """What `up` needs to stop a process: a ManagedProcess, or an AdoptedProcess."""
+
+    name: str
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def alive(self) -> bool: ...
+
+    def signal(self, sig: int) -> None: ...
+
+    def kill_group(self) -> None: ...
+
+    def wait(self, timeout_s: float) -> int: ...
+
+
+class AdoptedProcess:
+    """A process of the mesh that is not our child (an engine agent `ernie-mesh add` started),
+    stopped like one: signalled only while it is still the recorded process."""
+
+    def __init__(self, proc: Proc):
+        self.proc = proc
+        self.name = proc.name
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.alive()
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def kill_group(self) -> None:
+        kill(self.proc, signal.SIGKILL)
+
+    def wait(self, timeout_s: float) -> int:
+        if wait_gone([self.proc], timeout_s):
+            raise subprocess.TimeoutExpired(self.name, timeout_s)
+        return 0
+
+
 def mesh_command(*args: str) -> list[str]:
     """`ernie-mesh ARGS` run with this interpreter (works without the console script on PATH)."""
     return [sys.executable, "-m", "agent", *args]
+
+
+def child_env() -> dict[str, str]:
+    """The environment over ours of the agents the local mesh starts: they log at INFO into their
+    files (the flags we pass win over CONSUL_HTTP_ADDR & co.); each uses its role's Consul token
+    file, not a token of the user's environment."""
+    return {"ERNIE_MESH_LOG_LEVEL": "INFO", "CONSUL_HTTP_TOKEN": "", "CONSUL_HTTP_TOKEN_FILE": ""}
