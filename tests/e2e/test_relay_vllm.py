@@ -20,7 +20,7 @@ import pytest
 
 from agent.local.runstate import descendants
 from agent.local.wait import wait_until
-from tests.e2e.conftest_up import vllm_mesh  # noqa: F401  (shared session fixture)
+from tests.e2e.conftest_up import chat_stream, vllm_mesh  # noqa: F401  (shared session fixture)
 
 pytestmark = pytest.mark.timeout(1500)
 N_TOKENS = 48
@@ -33,52 +33,7 @@ def both_passing(mesh) -> bool:
 
 
 def stream(mesh, max_tokens: int = N_TOKENS, on_chunk=None) -> dict:
-    """A temperature-0 chat stream through the gateway, asking for token IDs (so that the test
-    knows the splice); returns what the client saw."""
-    client = openai.OpenAI(base_url=mesh.plan.api_url, api_key=mesh.plan.api_key(), timeout=300, max_retries=0)
-    seen = {
-        "ids": set(),
-        "text": [],
-        "token_ids": [],
-        "prompt_token_ids": None,
-        "finish": None,
-        "usage": None,
-        "instances": [],
-        "splices": [],
-        "max_gap_s": 0.0,
-        "first_instance": None,
-    }
-    raw = client.chat.completions.with_raw_response.create(
-        model="smollm2",
-        temperature=0,
-        max_tokens=max_tokens,
-        stream=True,
-        stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": PROMPT}],
-        extra_body={"ignore_eos": True, "return_token_ids": True},
-    )
-    seen["first_instance"] = raw.headers.get("x-ernie-instance")
-    last = time.monotonic()
-    for chunk in raw.parse():
-        now = time.monotonic()
-        seen["max_gap_s"], last = max(seen["max_gap_s"], now - last), now
-        seen["ids"].add(chunk.id)
-        extra = chunk.model_extra or {}
-        if extra.get("prompt_token_ids"):
-            seen["prompt_token_ids"] = extra["prompt_token_ids"]
-        for c in chunk.choices:
-            seen["text"].append(c.delta.content or "")
-            seen["token_ids"] += (c.model_extra or {}).get("token_ids") or []
-            if c.finish_reason:
-                seen["finish"] = c.finish_reason
-                seen["instances"] = extra.get("ernie_instances", [])
-                seen["splices"] = extra.get("ernie_splices", [])
-        if chunk.usage is not None:
-            seen["usage"] = chunk.usage
-        if on_chunk is not None:
-            on_chunk(seen)
-    seen["text"] = "".join(seen["text"])
-    return seen
+    return chat_stream(mesh, "smollm2", PROMPT, max_tokens, on_chunk)
 
 
 def engine_url(mesh, instance_id: str) -> str:

@@ -1,0 +1,69 @@
+"""tiny-ernie (agent/tiny_ernie.py): a real build of the random-weight ERNIE-4.5 checkpoint into a temp
+dir (transformers' Ernie4_5Config, the embedded model's tokenizer), and how `up` picks built-in models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent import model, tiny_ernie
+from agent.builtin_models import BUILTIN_MODELS, builtin
+from agent.local.plan import MeshPlan
+
+
+def test_builtin_models_are_found_by_name_and_nothing_else_is():
+    assert builtin("") is BUILTIN_MODELS["smollm2"] and builtin("smollm2") is BUILTIN_MODELS["smollm2"]
+    ernie = builtin("tiny-ernie")
+    assert ernie is not None and ernie.random_weights and "RANDOM WEIGHTS" in ernie.label
+    assert ernie.model_dir() == model.cache_dir() / "models" / tiny_ernie.MODEL_DIR_NAME
+    assert not BUILTIN_MODELS["smollm2"].random_weights
+    assert builtin("baidu/ERNIE-4.5-0.3B-PT") is None and builtin("/models/x") is None
+
+
+def test_plan_builds_builtin_models_and_hands_others_to_vllm(tmp_path):
+    plan = MeshPlan(model="tiny-ernie", run_dir=tmp_path)
+    assert plan.builtin_model is BUILTIN_MODELS["tiny-ernie"] and plan.model_name == "tiny-ernie"
+    assert MeshPlan(run_dir=tmp_path).builtin_model is BUILTIN_MODELS["smollm2"]
+    assert MeshPlan(run_dir=tmp_path).model_name == "smollm2"
+    real = MeshPlan(model="baidu/ERNIE-4.5-0.3B-PT", run_dir=tmp_path)
+    assert real.builtin_model is None and real.model_name == "baidu/ERNIE-4.5-0.3B-PT"
+    assert MeshPlan(engine_kind="simulated", run_dir=tmp_path).builtin_model is None
+
+
+def test_cli_rejects_an_unknown_builtin(capsys):
+    with pytest.raises(SystemExit) as e:
+        model.main(["prepare", "--model", "ernie-huge"])
+    assert e.value.code == 2 and "tiny-ernie" in capsys.readouterr().err
+
+
+def test_build_writes_a_random_weight_ernie_checkpoint_once(tmp_path, capsys):
+    """The real build (needs the embedded model for its tokenizer: prepared by `scripts/install.sh`)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer, Ernie4_5Config
+
+    dest = tmp_path / "tiny-ernie"
+    assert model.main(["prepare", "--model", "tiny-ernie", "--dest", str(dest), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["path"] == str(dest) and out["built"] is True and out["random_weights"] is True
+    assert out["served_model_name"] == "tiny-ernie"
+    assert model.is_prepared(dest)
+    config = AutoConfig.from_pretrained(dest)
+    assert type(config) is Ernie4_5Config and config.model_type == "ernie4_5"
+    assert config.architectures == [tiny_ernie.ARCHITECTURE] == ["Ernie4_5ForCausalLM"]
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    assert config.vocab_size == len(tokenizer) and tokenizer.chat_template
+    assert config.eos_token_id == tokenizer.eos_token_id
+    with safe_open(str(dest / model.WEIGHTS_FILE), "pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight")
+        assert tuple(embed.shape) == (len(tokenizer), tiny_ernie.DIMENSIONS["hidden_size"])
+        assert str(embed.dtype) == "torch.bfloat16" and float(embed.float().std()) > 0  # random, not zeros
+        assert "lm_head.weight" not in f.keys()  # tied to the embedding
+        layers = {k.split(".")[2] for k in f.keys() if k.startswith("model.layers.")}
+        assert len(layers) == tiny_ernie.DIMENSIONS["num_hidden_layers"]
+    assert "RANDOM WEIGHTS" in (dest / "README.md").read_text()
+    assert "random weights" in json.loads((dest / model.MARKER_FILE).read_text())["source"]
+    mtime = (dest / model.WEIGHTS_FILE).stat().st_mtime_ns
+    assert model.main(["prepare", "--model", "tiny-ernie", "--dest", str(dest), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["built"] is False and (dest / model.WEIGHTS_FILE).stat().st_mtime_ns == mtime
