@@ -145,6 +145,15 @@ class UpRun:
             out.update({x["id"]: x for x in r.json()["instances"]})
         return out
 
+    def kill_engine(self, instance_id: str) -> None:
+        """kill -9 of an instance's vLLM server and all its processes (engine core, worker)."""
+        pid = self.agent_instances()[instance_id]["pid"]
+        for p in [pid, *descendants([pid])]:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # already gone with its parent
+
     # --- stopping ------------------------------------------------------------------------------
 
     def signal(self, sig: int) -> None:

@@ -69,13 +69,7 @@ def test_killed_engine_stream_continues_token_for_token(vllm_mesh):
     def kill_a_third_in(seen):
         if not killed and len(seen["token_ids"]) >= N_TOKENS // 3:
             iid = seen["first_instance"]
-            pid = mesh.agent_instances()[iid]["pid"]
-            tree = [pid] + descendants([pid])
-            for p in tree:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass  # already gone with its parent
+            mesh.kill_engine(iid)
             killed.update(instance=iid, after=len(seen["token_ids"]))
 
     got = stream(mesh, on_chunk=kill_a_third_in)

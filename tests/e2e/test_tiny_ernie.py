@@ -17,15 +17,12 @@ that its engines do not sit beside the session's SmolLM2 mesh longer than needed
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 
 import openai
 import pytest
 
-from agent.local.runstate import descendants
 from agent.local.wait import wait_until
 from agent.tiny_ernie import ARCHITECTURE, NAME
 from tests.e2e.conftest_up import UpRun, chat_stream, free_offset
@@ -129,12 +126,7 @@ def test_killed_engine_stream_and_requests_fail_over(ernie_mesh):
     def kill_a_quarter_in(seen: dict) -> None:
         if not killed and len(seen["token_ids"]) >= KILL_STREAM_TOKENS // 4:
             iid = seen["first_instance"]
-            pid = mesh.agent_instances()[iid]["pid"]
-            for p in [pid, *descendants([pid])]:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass  # gone with its parent
+            mesh.kill_engine(iid)
             killed.update(instance=iid, after=len(seen["token_ids"]), at=time.monotonic())
 
     loader = threading.Thread(target=load, daemon=True)

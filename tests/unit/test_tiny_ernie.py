@@ -67,3 +67,43 @@ def test_build_writes_a_random_weight_ernie_checkpoint_once(tmp_path, capsys):
     assert model.main(["prepare", "--model", "tiny-ernie", "--dest", str(dest), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["built"] is False and (dest / model.WEIGHTS_FILE).stat().st_mtime_ns == mtime
+
+
+def _command(plan: MeshPlan, i: int, model_path: str) -> tuple[list[str], dict[str, str]]:
+    from agent.engine.config import EngineSpec
+    from agent.engine.supervisor import engine_command
+
+    table = plan.engine_table(i, model_path)
+    spec = EngineSpec(**{**table, "args": tuple(table.get("args", ()))})
+    return engine_command(spec), dict(spec.env)
+
+
+def test_the_real_ernie_on_a_gpu_runs_with_exactly_the_documented_vllm_flags(tmp_path):
+    """docs/up.md#ernie-45 and the README quote this command: keep them in step."""
+    plan = MeshPlan(model="baidu/ERNIE-4.5-0.3B-PT", gpus=2, run_dir=tmp_path)
+    cmd, env = _command(plan, 1, plan.model)
+    assert cmd[3:] == [
+        "--model",
+        "baidu/ERNIE-4.5-0.3B-PT",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8002",
+        "--shutdown-timeout",
+        "5",
+        "--served-model-name",
+        "baidu/ERNIE-4.5-0.3B-PT",
+    ]
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and env == {"CUDA_VISIBLE_DEVICES": "1"}
+    # on a small GPU: --vllm-args '--max-model-len 32768' goes after them
+    small = MeshPlan(model="baidu/ERNIE-4.5-0.3B-PT", gpus=1, run_dir=tmp_path, vllm_args=("--max-model-len", "32768"))
+    assert _command(small, 0, small.model)[0][-2:] == ["--max-model-len", "32768"]
+
+
+def test_tiny_ernie_on_cpu_gets_the_cpu_build_flags(tmp_path):
+    plan = MeshPlan(model="tiny-ernie", run_dir=tmp_path)
+    cmd, env = _command(plan, 0, "/cache/models/tiny-ernie-4.5-random")
+    assert cmd[cmd.index("--model") + 1] == "/cache/models/tiny-ernie-4.5-random"
+    assert cmd[cmd.index("--served-model-name") + 1] == "tiny-ernie"
+    assert "--enforce-eager" in cmd and "--trust-remote-code" not in cmd
+    assert env["VLLM_CPU_KVCACHE_SPACE"]
