@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from agent.builtin_models import BUILTIN_MODELS, builtin
+from agent.builtin_models import DEFAULT as DEFAULT_BUILTIN
 from agent.catalog.base import CatalogEntry, CatalogError, VerdictCause
 from agent.catalog.consul import ConsulCatalog
 from agent.config import ConfigError
@@ -193,14 +195,21 @@ def _model(mesh: RunningMesh, req: AddRequest, kind: str) -> tuple[str, str]:
     if kind == "simulated":
         return "", req.served_model_name or req.model or SIMULATED_MODEL_NAME
     if req.model:
-        return req.model, req.served_model_name or req.model
-    if plan.engine_kind == "vllm" and plan.model:
-        return plan.model, req.served_model_name or plan.model_name
-    from agent.model import default_model_dir, is_prepared, prepare_default_model
+        chosen = builtin(req.model)
+        if chosen is None:  # a hub name or a directory: vLLM loads it
+            return req.model, req.served_model_name or req.model
+        name = chosen.name
+    elif plan.engine_kind == "vllm":
+        chosen = plan.builtin_model
+        if chosen is None:
+            return plan.model, req.served_model_name or plan.model_name
+        name = plan.model_name
+    else:
+        chosen, name = BUILTIN_MODELS[DEFAULT_BUILTIN], DEFAULT_BUILTIN
+    from agent.model import is_prepared
 
-    dest = default_model_dir()
-    path = dest if is_prepared(dest) else prepare_default_model(dest)
-    name = plan.model_name if plan.engine_kind == "vllm" else "smollm2"
+    dest = chosen.model_dir()
+    path = dest if is_prepared(dest) else chosen.prepare(dest, print)
     return str(path), req.served_model_name or name
 
 

@@ -107,3 +107,23 @@ def test_tiny_ernie_on_cpu_gets_the_cpu_build_flags(tmp_path):
     assert cmd[cmd.index("--served-model-name") + 1] == "tiny-ernie"
     assert "--enforce-eager" in cmd and "--trust-remote-code" not in cmd
     assert env["VLLM_CPU_KVCACHE_SPACE"]
+
+
+def test_an_added_engine_serves_the_built_in_model_prepared_not_its_name(tmp_path, monkeypatch):
+    """`ernie-mesh add` on a `up --model tiny-ernie` mesh (or `add --model tiny-ernie`): vLLM gets the
+    prepared directory, not the name `tiny-ernie` (which it would look up on a hub)."""
+    from types import SimpleNamespace
+
+    from agent.local import engines
+
+    monkeypatch.setenv("ERNIE_MESH_CACHE", str(tmp_path / "cache"))
+    built = tiny_ernie.model_dir()
+    built.mkdir(parents=True)
+    (built / "config.json").write_text("{}")
+    model.write_marker(built, "test")
+    ernie_mesh = SimpleNamespace(plan=MeshPlan(model="tiny-ernie", run_dir=tmp_path))
+    assert engines._model(ernie_mesh, engines.AddRequest(), "vllm") == (str(built), "tiny-ernie")
+    default_mesh = SimpleNamespace(plan=MeshPlan(run_dir=tmp_path))
+    assert engines._model(default_mesh, engines.AddRequest(model="tiny-ernie"), "vllm") == (str(built), "tiny-ernie")
+    hub = engines.AddRequest(model="baidu/ERNIE-4.5-0.3B-PT")
+    assert engines._model(default_mesh, hub, "vllm") == ("baidu/ERNIE-4.5-0.3B-PT", "baidu/ERNIE-4.5-0.3B-PT")
