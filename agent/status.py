@@ -1,5 +1,6 @@
-"""`ernie-mesh status [--json]`: instances and gateways as Consul sees them, enriched by each engine
-agent's live figures (running/waiting requests, last canary latency)."""
+"""`ernie-mesh status [--json]`: instances and gateways as Consul sees them, in every datacenter
+Consul knows (WAN federation; or those named by --datacenter), by datacenter and zone, enriched by
+each engine agent's live figures (running/waiting requests, last canary latency)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypedDict
 
 import httpx
@@ -23,6 +25,7 @@ AGENT_TIMEOUT_S = 2.0
 class InstanceRow(TypedDict):
     """One engine instance in `status --json` (live figures None when its agent did not answer)."""
 
+    datacenter: str
     node: str
     id: str
     address: str
@@ -40,6 +43,7 @@ class InstanceRow(TypedDict):
 
 
 class GatewayRow(TypedDict):
+    datacenter: str
     node: str
     id: str
     listen: str
@@ -50,12 +54,27 @@ class GatewayRow(TypedDict):
     shares: dict[str, float]  # instance -> share of its requests over the last minute
 
 
+class ZoneCount(TypedDict):
+    instances: int
+    passing: int
+
+
+class DatacenterRow(TypedDict):
+    """One datacenter's instances, by zone; `error` when it did not answer (a WAN partition)."""
+
+    instances: int
+    passing: int
+    zones: dict[str, ZoneCount]
+    error: str
+
+
 class StatusReport(TypedDict):
     consul: str
     service: str
     instances: list[InstanceRow]
     passing: int
     gateways: list[GatewayRow]
+    datacenters: dict[str, DatacenterRow]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,6 +89,12 @@ def parser() -> argparse.ArgumentParser:
         help="Consul HTTP address (default: $CONSUL_HTTP_ADDR or 127.0.0.1:8500)",
     )
     p.add_argument("--service", default="ernie", help="engine service name (default ernie)")
+    p.add_argument(
+        "--datacenter",
+        action="append",
+        metavar="DC",
+        help="only this Consul datacenter (repeatable; default: every datacenter Consul knows)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     return p
 
@@ -123,6 +148,7 @@ def _gateway_shares(metrics_urls: set[str]) -> dict[str, dict[str, float]]:
 def _instance_row(e: CatalogEntry, live: dict[str, Any], share: float | None = None) -> InstanceRow:
     v = e.verdict
     return {
+        "datacenter": e.datacenter,
         "node": e.node,
         "id": e.instance_id,
         "address": f"{e.address}:{e.port}",
@@ -142,6 +168,7 @@ def _instance_row(e: CatalogEntry, live: dict[str, Any], share: float | None = N
 
 def _gateway_row(e: CatalogEntry, shares: dict[str, float]) -> GatewayRow:
     return {
+        "datacenter": e.datacenter,
         "node": e.node,
         "id": e.instance_id,
         "listen": f"{e.address}:{e.port}",
@@ -153,10 +180,44 @@ def _gateway_row(e: CatalogEntry, shares: dict[str, float]) -> GatewayRow:
     }
 
 
-def collect(consul: str, service: str) -> StatusReport:
+def _read_datacenter(
+    consul: str, service: str, dc: str, local: str
+) -> tuple[list[CatalogEntry], list[CatalogEntry], str]:
+    """(engines, gateways, error) of one datacenter, read through the local agent (?dc=)."""
+    catalog = ConsulCatalog(consul, os.environ.get("CONSUL_HTTP_TOKEN"), datacenter="" if dc == local else dc)
+    try:
+        _i, engines = catalog.instances(service)
+        _j, gateways = catalog.instances(GATEWAY_SERVICE)
+    except CatalogError as e:
+        if dc == local:
+            raise
+        return [], [], str(e)
+    fill = (
+        [replace(e, datacenter=e.datacenter or dc) for e in engines],
+        [replace(g, datacenter=g.datacenter or dc) for g in gateways],
+    )
+    return fill[0], fill[1], ""
+
+
+def collect(consul: str, service: str, datacenters: list[str] | None = None) -> StatusReport:
     catalog = ConsulCatalog(consul, os.environ.get("CONSUL_HTTP_TOKEN"))
-    _i, engines = catalog.instances(service)
-    _j, gateways = catalog.instances(GATEWAY_SERVICE)
+    try:
+        local = catalog.local_datacenter()
+    except CatalogError:
+        local = ""  # a token without agent:read: the catalog's entries still name their datacenter
+    if datacenters is None:
+        try:
+            datacenters = catalog.datacenters() or [local]
+        except CatalogError:
+            datacenters = [local]
+    engines: list[CatalogEntry] = []
+    gateways: list[CatalogEntry] = []
+    errors: dict[str, str] = {}
+    for dc in datacenters:
+        e, g, error = _read_datacenter(consul, service, dc, local)
+        engines += e
+        gateways += g
+        errors[dc] = error
     live = _agent_figures({e.meta["agent_url"] for e in engines if e.meta.get("agent_url")})
     by_gateway = _gateway_shares({g.meta.get("metrics_url", "") for g in gateways})
     reported = [s for s in by_gateway.values() if s]
@@ -167,7 +228,7 @@ def collect(consul: str, service: str) -> StatusReport:
 
     instances = sorted(
         (_instance_row(e, live.get(e.instance_id, {}), share(e.instance_id)) for e in engines),
-        key=lambda r: (r["node"], r["id"]),
+        key=lambda r: (r["datacenter"], r["zone"], r["node"], r["id"]),
     )
     return {
         "consul": consul,
@@ -176,9 +237,26 @@ def collect(consul: str, service: str) -> StatusReport:
         "passing": sum(1 for r in instances if r["verdict"] == "passing"),
         "gateways": sorted(
             (_gateway_row(g, by_gateway.get(g.meta.get("metrics_url", ""), {})) for g in gateways),
-            key=lambda r: r["id"],
+            key=lambda r: (r["datacenter"], r["id"]),
         ),
+        "datacenters": by_datacenter(instances, errors),
     }
+
+
+def by_datacenter(instances: list[InstanceRow], errors: dict[str, str]) -> dict[str, DatacenterRow]:
+    """Counts per datacenter and zone (every datacenter asked, those that did not answer too)."""
+    out: dict[str, DatacenterRow] = {
+        dc: {"instances": 0, "passing": 0, "zones": {}, "error": error} for dc, error in errors.items()
+    }
+    for r in instances:
+        row = out.setdefault(r["datacenter"], {"instances": 0, "passing": 0, "zones": {}, "error": ""})
+        zone = row["zones"].setdefault(r["zone"], {"instances": 0, "passing": 0})
+        passing = 1 if r["verdict"] == "passing" else 0
+        row["instances"] += 1
+        row["passing"] += passing
+        zone["instances"] += 1
+        zone["passing"] += passing
+    return dict(sorted(out.items()))
 
 
 def _fmt(v: object, unit: str = "") -> str:
@@ -193,11 +271,21 @@ def render(report: StatusReport) -> str:
     lines = [
         f"{report['service']}: {report['passing']}/{len(report['instances'])} instances passing "
         f"(Consul {report['consul']})",
-        "",
     ]
-    header = ("NODE", "INSTANCE", "MODEL", "VERDICT", "CAUSE", "RUN", "WAIT", "CANARY", "SHARE", "REASON")
+    for dc, d in report.get("datacenters", {}).items():
+        if d["error"]:
+            lines.append(f"  datacenter {dc}: not answering ({d['error']})")
+            continue
+        zones = ", ".join(f"{z or '-'} {c['passing']}/{c['instances']}" for z, c in sorted(d["zones"].items()))
+        lines.append(
+            f"  datacenter {dc}: {d['passing']}/{d['instances']} passing" + (f" (zones: {zones})" if zones else "")
+        )
+    lines.append("")
+    header = ("DC", "ZONE", "NODE", "INSTANCE", "MODEL", "VERDICT", "CAUSE", "RUN", "WAIT", "CANARY", "SHARE", "REASON")
     rows = [header] + [
         (
+            r.get("datacenter") or "-",
+            r["zone"] or "-",
             r["node"],
             r["id"],
             r["model"],
@@ -219,7 +307,8 @@ def render(report: StatusReport) -> str:
         lines.append("gateways:")
         for g in report["gateways"]:
             routing = f"routing {g['routing']}" if g["routing"] else ""
-            lines.append(f"  {g['id']}  {g['listen']}  {g['status']}  {routing}  {g['note']}".rstrip())
+            dc = f"{g['datacenter']}  " if g.get("datacenter") else ""
+            lines.append(f"  {dc}{g['id']}  {g['listen']}  {g['status']}  {routing}  {g['note']}".rstrip())
     else:
         lines.append("gateways: none registered")
     return "\n".join(lines)
@@ -229,7 +318,7 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     check_consul_address(args.consul)  # a bad address: one line and exit 2 (agent.cli)
     try:
-        report = collect(args.consul, args.service)
+        report = collect(args.consul, args.service, args.datacenter)
     except CatalogError as e:
         print(f"ernie-mesh status: {e}", file=sys.stderr)
         return 1

@@ -64,7 +64,18 @@ CLIENT_READ_TIMEOUT_S = 5.0
 class ConsulAgent:
     """One `consul agent` (server or client) inside a host's namespace."""
 
-    def __init__(self, lab: NetnsLab, host: str, servers: list[str], server: bool, logs: Path):
+    def __init__(
+        self,
+        lab: NetnsLab,
+        host: str,
+        servers: list[str],
+        server: bool,
+        logs: Path,
+        datacenter: str = "dc1",
+        wan_join: tuple[str, ...] = (),
+    ):
+        """`servers`: its datacenter's servers; `wan_join`: other datacenters' servers (a server's
+        WAN federation)."""
         self.lab, self.host, self.server = lab, host, server
         h = lab.hosts[host]
         self.address = h.address
@@ -72,6 +83,7 @@ class ConsulAgent:
         data.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {
             "node_name": host,
+            "datacenter": datacenter,
             "data_dir": str(data / "data"),
             "bind_addr": h.address,
             "advertise_addr": h.address,
@@ -88,6 +100,8 @@ class ConsulAgent:
         }
         if server:
             config["bootstrap_expect"] = len(servers)
+            if wan_join:
+                config["retry_join_wan"] = [lab.hosts[s].address for s in wan_join]
         self.config_path = data / "consul.json"
         self.config_path.write_text(json.dumps(config, indent=1))
         self.log_path = logs / f"consul-{host}.log"

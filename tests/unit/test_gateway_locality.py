@@ -160,3 +160,34 @@ def test_the_local_grace_period_does_not_hold_a_remote_datacenters_instances(tmp
     agent.on_watch(WatchUpdate((), clock(), discontinuity_at=clock()))  # local Consul came back empty
     on_dc2(WatchUpdate((entry("f1", 9001, dc="dc2"),), clock(), discontinuity_at=clock()))
     assert ads.published[-1].ids() == {"e1", "f1"}  # e1 held, f2 gone
+
+
+def test_status_counts_instances_by_datacenter_and_zone_and_names_a_datacenter_that_did_not_answer():
+    from agent.status import _instance_row, by_datacenter, render
+
+    rows = [
+        _instance_row(entry("e1", 8001, dc="dc1", zone="a"), {}),
+        _instance_row(entry("e2", 8002, dc="dc1", zone="b", status=CheckStatus.CRITICAL), {}),
+        _instance_row(entry("f1", 9001, dc="dc2", zone="a"), {}),
+    ]
+    dcs = by_datacenter(rows, {"dc1": "", "dc2": "", "dc3": "watch ernie: Consul unreachable"})
+    assert dcs["dc1"] == {
+        "instances": 2,
+        "passing": 1,
+        "zones": {"a": {"instances": 1, "passing": 1}, "b": {"instances": 1, "passing": 0}},
+        "error": "",
+    }
+    assert (dcs["dc2"]["passing"], dcs["dc3"]["instances"], dcs["dc3"]["error"]) == (
+        1,
+        0,
+        "watch ernie: Consul unreachable",
+    )
+    report = {"service": "ernie", "consul": "c", "passing": 2, "instances": rows, "gateways": [], "datacenters": dcs}
+    text = render(report)
+    assert "datacenter dc1: 1/2 passing (zones: a 1/1, b 0/1)" in text
+    assert "datacenter dc3: not answering (watch ernie: Consul unreachable)" in text
+    assert [line.split()[:2] for line in text.splitlines() if line.startswith("dc")] == [
+        ["dc1", "a"],
+        ["dc1", "b"],
+        ["dc2", "a"],
+    ]

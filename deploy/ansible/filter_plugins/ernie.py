@@ -1,7 +1,10 @@
 # ernie-mesh: turn the inventory's engine list into engine.toml [[engines]] tables.
 """Filters `ernie_engine_tables(engines, flavor, host_address, cpu_args)`, `ernie_unsupplied(names,
 hostvars, hosts)`, `ernie_server_spec(host, hostvars)` and
-`ernie_instance_ids(tables, service, node, host_address)`.
+`ernie_instance_ids(tables, service, node, host_address)`, `ernie_prepared_query(service, datacenter,
+datacenters, nearest_n)` and, for an inventory with several Consul datacenters,
+`ernie_host_datacenter(host, hostvars)`, `ernie_dc_servers(servers, hostvars, dc)`,
+`ernie_datacenters(servers, hostvars)`.
 
 An inventory engine item: {port, kind (vllm|simulated|attach), model, served_model_name,
 max_model_len, host, gpus: [0, 1], args: [...], env: {...}, shutdown_timeout_s, url}.
@@ -115,10 +118,35 @@ def ernie_unsupplied(names, hostvars, hosts):
 
 
 def ernie_server_spec(host, hostvars):
-    """`node=address` of a Consul server for files/ernie_secrets.py tls (its certificate's names)."""
+    """`node=address[@datacenter]` of a Consul server for files/ernie_secrets.py tls (its
+    certificate's names: server.<datacenter>.<domain>, the datacenter the inventory gives it)."""
     hv = hostvars[host]
     node = hv["consul_node_name"] if "consul_node_name" in hv else host
-    return f"{node}={hv['ernie_host_address']}"
+    dc = f"@{hv['consul_datacenter']}" if "consul_datacenter" in hv else ""
+    return f"{node}={hv['ernie_host_address']}{dc}"
+
+
+def ernie_host_datacenter(host, hostvars, default="dc1"):
+    """The Consul datacenter of `host`: its consul_datacenter (inventory, group or host vars; a
+    role's default is not in hostvars, so `default` is the role's)."""
+    hv = hostvars[host]
+    return str(hv["consul_datacenter"]) if "consul_datacenter" in hv else default
+
+
+def ernie_dc_servers(servers, hostvars, datacenter, default="dc1"):
+    """The hosts of `servers` (the consul_servers group) in `datacenter`, in inventory order."""
+    return [h for h in servers if ernie_host_datacenter(h, hostvars, default) == datacenter]
+
+
+def ernie_datacenters(servers, hostvars, default="dc1"):
+    """Every datacenter of the servers, in the order their first server appears: the first is the
+    primary (ACLs are made there and replicated to the others)."""
+    out = []
+    for h in servers:
+        dc = ernie_host_datacenter(h, hostvars, default)
+        if dc not in out:
+            out.append(dc)
+    return out
 
 
 def ernie_token_accessor(role, secret):
@@ -133,9 +161,31 @@ def ernie_token_accessor(role, secret):
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"ernie-mesh:consul-token:{role}:{digest}"))
 
 
+def ernie_prepared_query(service, datacenter, datacenters, nearest_n=2):
+    """The Consul prepared query `<service>` of `datacenter` (DNS: <service>.query.consul): the
+    service's passing instances there, else those of the nearest datacenter that has some - the
+    `nearest_n` nearest by Consul's WAN round-trip estimates, then the others in the order listed.
+    A PUT/POST body for /v1/query (the ID is Consul's). The netns two-datacenter test creates the
+    same one (tests/integration/test_multidc_netns.py)."""
+    others = [dc for dc in datacenters if dc != datacenter]
+    return {
+        "Name": service,
+        "Service": {
+            "Service": service,
+            "OnlyPassing": True,  # a draining instance (warning) takes no new work
+            "Failover": {"NearestN": int(nearest_n) if others else 0, "Datacenters": others},
+        },
+        "DNS": {"TTL": "0s"},  # as the service lookup: a failover is seen at once
+    }
+
+
 class FilterModule:
     def filters(self):
         return {
+            "ernie_prepared_query": ernie_prepared_query,
+            "ernie_host_datacenter": ernie_host_datacenter,
+            "ernie_dc_servers": ernie_dc_servers,
+            "ernie_datacenters": ernie_datacenters,
             "ernie_engine_tables": ernie_engine_tables,
             "ernie_instance_ids": ernie_instance_ids,
             "ernie_unsupplied": ernie_unsupplied,
