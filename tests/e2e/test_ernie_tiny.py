@@ -3,8 +3,9 @@
 tiny-ernie has RANDOM WEIGHTS (agent/tiny_ernie.py): an architecture check of vLLM's
 `Ernie4_5ForCausalLM` code path on its CPU build, behind real engine agents, real Consul and real
 Envoy with the resuming relays. Its text is noise, so the tests count tokens, never read words.
-One mesh of two engines for this module (the kill needs a survivor), stopped at the module's end so
-that its engines do not sit beside the session's SmolLM2 mesh longer than needed.
+One mesh of two engines for this module (the kill needs a survivor), stopped at the module's end.
+The file's name sorts it before test_relay_vllm.py, the first user of the session's two-engine SmolLM2
+mesh: the two meshes' four engines never share the two cores and the memory at once.
 
 1. `up` is healthy with the tiny-ernie model, labelled as random weights; both instances pass
    (vLLM loaded it and the engine agent's canary generated a token); vLLM resolved the
