@@ -544,10 +544,12 @@ class Mesh:
         self.refresh_tree()
         self.save("stopping", "stopping the UI")
         self.out.step("stopping the mesh (Ctrl-C again to kill everything at once)")
-        added = self.added()
+        added: list[AddedEngine] = []
         for part in stop_order(self.parts):
             procs: list[Stoppable] = [mp for name, mp in self.procs.items() if part.owns(name) and mp.proc is not None]
-            procs += [AdoptedProcess(r.proc()) for r in added if part.owns(r.name)]
+            mine = [r for r in self.added() if part.owns(r.name)]  # read now: an `add` may just have finished
+            added += mine
+            procs += [AdoptedProcess(r.proc()) for r in mine]
             if not procs:
                 continue
             if part.stop_step:

@@ -1,5 +1,6 @@
 """`ernie-mesh up` with two real vLLM engines (CPU build, the embedded default model): healthy,
-listed passing by `ernie-mesh status`, answering through the gateway, and Ctrl-C leaves nothing.
+listed passing by `ernie-mesh status`, answering through the gateway, a third engine added with
+`ernie-mesh add`, and Ctrl-C leaves nothing (the added engine included).
 
 The mesh is the session's shared one (tests/e2e/conftest_up.py); the SIGINT test stops it, so it
 runs last in this module, after the UI tests (test_ui_*.py) that share it.
@@ -120,10 +121,47 @@ def test_a_second_up_from_the_same_run_dir_is_refused(vllm_mesh):
     assert "already running" in out.stderr and "ernie-mesh down" in out.stderr, out.stderr
 
 
+def test_add_a_real_vllm_engine_to_the_running_mesh(vllm_mesh):
+    """`ernie-mesh add` on the running real mesh (issue 15): a third vLLM engine (CPU, the embedded
+    model) on the least used core, passing, then answering through the gateway. It is left running:
+    the SIGINT test below must stop it with `up`'s own engines (up adopted it)."""
+    plan = vllm_mesh.plan
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "add", "--json", "--run-dir", str(vllm_mesh.run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    took = time.monotonic() - started
+    assert out.returncode == 0, out.stderr[-3000:]
+    ev = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\n[add] real vLLM engine passing {ev['seconds']}s after `add` started it ({took:.0f}s in all)")
+    assert ev["event"] == "added" and ev["engine_kind"] == "vllm" and ev["model"] == "smollm2", ev
+    assert ev["instance"] == plan.instance_id(2) and ev["placement"].startswith("cores "), ev
+    assert "waiting for a first canary generation" in out.stderr  # progress: it took no traffic before
+    client = openai.OpenAI(base_url=plan.api_url, api_key=plan.api_key(), timeout=180, max_retries=0)
+    served = set()
+    for n in range(24):  # each its own conversation: affinity spreads them
+        raw = client.chat.completions.with_raw_response.create(
+            model="smollm2",
+            max_tokens=2,
+            messages=[{"role": "user", "content": f"Say {n}."}],
+            extra_headers={"x-session-id": f"add-probe-{n}"},
+        )
+        served.add(raw.headers["x-ernie-instance"])
+        if ev["instance"] in served:
+            break
+    assert ev["instance"] in served, served
+    wait_until(lambda: status(vllm_mesh)["passing"] == 3, 60, interval_s=1, what="three passing in `ernie-mesh status`")
+
+
 def test_sigint_drains_and_stops_everything(vllm_mesh):
     procs = vllm_mesh.processes()
     names = " ".join(p.name for p in procs)
-    assert len(procs) >= 1 + 1 + 2 + 2 + 1 + 1, names  # up, consul, 2 agents, 2 vLLM, gateway, UI (+ children)
+    # up, consul, 2 agents, 2 vLLM, gateway, UI (+ children); the engine added above and its vLLM
+    assert len(procs) >= 1 + 1 + 2 + 2 + 1 + 1 + 2, names
+    assert "engine-agent-3" in names, names
     assert any("vllm" in p.name for p in procs) or len(procs) >= 10, names
     started = time.monotonic()
     vllm_mesh.signal(signal.SIGINT)
