@@ -475,13 +475,7 @@ class NetnsMeshSystem(System):
             text = self.envoy_clusters(host)
         except Exception:  # noqa: BLE001 - Envoy not up (yet), or the host cut off: nothing routable
             return frozenset()
-        flags: dict[int, str] = {}
-        prefix = f"{CLUSTER}::"
-        for line in text.splitlines():
-            if line.startswith(prefix):
-                parts = line[len(prefix) :].split("::")
-                if len(parts) == 3 and parts[1] == "health_flags":
-                    flags[int(parts[0].rpartition(":")[2])] = parts[2]
+        flags = {int(addr.rpartition(":")[2]): h.get("health_flags", "") for addr, h in cluster_hosts(text).items()}
         return frozenset(i for i in range(self.n) if flags.get(ENGINE_PORT_BASE + i) == "healthy")
 
     def in_rotation(self) -> frozenset[int]:
@@ -549,6 +543,19 @@ class NetnsMeshSystem(System):
 
 
 _thread_http = threading.local()
+
+
+def cluster_hosts(text: str, cluster: str = CLUSTER) -> dict[str, dict[str, str]]:
+    """Envoy's admin /clusters text -> each host (ip:port) of `cluster` -> its stats and flags
+    (health_flags, rq_total, ...)."""
+    out: dict[str, dict[str, str]] = {}
+    prefix = f"{cluster}::"
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            parts = line[len(prefix) :].split("::")
+            if len(parts) == 3:
+                out.setdefault(parts[0], {})[parts[1]] = parts[2]
+    return out
 
 
 def _envoy_clusters() -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -35,7 +34,14 @@ from agent.secret_files import ensure_secret
 from bench.engines import EngineSettings
 from bench.keys import keys_file
 from bench.netns import InNamespace, NetnsLab, available, exec_in, ip
-from bench.netns_mesh import CONSUL_HTTP_PORT, ENVOY_ADMIN, ConsulAgent
+from bench.netns_mesh import (
+    CONSUL_HTTP_PORT,
+    ENVOY_ADMIN,
+    ConsulAgent,
+    _close_thread_client,
+    _envoy_clusters,
+    cluster_hosts,
+)
 
 SERVICE = "ernie"
 CLUSTER = "ernie"
@@ -251,7 +257,10 @@ class TwoDatacenters:
             except Exception:  # noqa: BLE001 - busy or gone: its sockets go with the process
                 pass
             self._gw_ns.close()
-        self.lab.cleanup()  # what is left in the namespaces (Envoy, relays, engines, Consul) is killed
+        for agent in self.consul.values():
+            if agent.alive():
+                agent.kill()
+        self.lab.cleanup()  # what is left in the namespaces (Envoy, relays, engines) is killed
         for p in [*procs, *(c.proc for c in self.consul.values() if c.proc is not None)]:
             if p.proc is not None:
                 p.proc.poll()
@@ -287,18 +296,11 @@ class TwoDatacenters:
         if self._gw_ns is None:
             self._gw_ns = InNamespace(self.lab.hosts[GATEWAY_HOST].netns)
         text = self._gw_ns.call(_envoy_clusters, timeout_s=3.0)
-        flags: dict[str, str] = {}
-        totals: dict[str, int] = {}
-        prefix = f"{CLUSTER}::"
-        for line in text.splitlines():
-            if not line.startswith(prefix):
-                continue
-            parts = line[len(prefix) :].split("::")
-            if len(parts) == 3 and parts[1] == "health_flags":
-                flags[parts[0]] = parts[2]
-            elif len(parts) == 3 and parts[1] == "rq_total":
-                totals[parts[0]] = int(parts[2])
-        return {addr: (flags.get(addr, ""), totals.get(addr, 0)) for addr in flags}
+        return {
+            addr: (h.get("health_flags", ""), int(h.get("rq_total", "0") or 0))
+            for addr, h in cluster_hosts(text, CLUSTER).items()
+            if "health_flags" in h
+        }
 
     def routable(self) -> dict[str, set[str]]:
         """dc -> the engines (ip:port) the gateway's Envoy would route a new request to."""
@@ -344,21 +346,3 @@ class TwoDatacenters:
 
     def gateway_log(self) -> str:
         return (self.logs / "gateway.log").read_text(errors="replace")
-
-
-_thread_http = threading.local()
-
-
-def _envoy_clusters() -> str:
-    """Run on an InNamespace thread: its own keep-alive client (created, so connecting, there)."""
-    client = getattr(_thread_http, "client", None)
-    if client is None:
-        client = _thread_http.client = httpx.Client(timeout=1.0)
-    return str(client.get(f"http://{ENVOY_ADMIN}/clusters").text)
-
-
-def _close_thread_client() -> None:
-    client = getattr(_thread_http, "client", None)
-    if client is not None:
-        client.close()
-        _thread_http.client = None

@@ -9,7 +9,10 @@ Needs root and iproute2 (and dig): without them the tests fail and say why, neve
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,6 +123,20 @@ def test_traffic_stays_in_the_gateways_datacenter_while_it_has_capacity(dcs):
         got = outcomes(gen)
     assert (got["failed"], got["truncated"]) == (0, 0), not_ok(gen)
     assert after["dc1"] - before["dc1"] >= 4 * CONCURRENCY and after["dc2"] == before["dc2"], (before, after)
+    # `ernie-mesh status` asked of dc1 lists both datacenters' instances, by datacenter and zone
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "status", "--json", "--consul", f"{dcs.address('c1')}:8500"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert {dc: (d["passing"], sorted(d["zones"])) for dc, d in report["datacenters"].items()} == {
+        "dc1": (ENGINES_PER_DC, ["dc1-a"]),
+        "dc2": (ENGINES_PER_DC, ["dc2-a"]),
+    }
+    assert [g["datacenter"] for g in report["gateways"]] == ["dc1"]
 
 
 def test_every_dc1_engine_killed_traffic_moves_to_dc2_nothing_fails_and_returns_when_they_are_back(dcs):
