@@ -547,13 +547,14 @@ _thread_http = threading.local()
 
 def cluster_hosts(text: str, cluster: str = CLUSTER) -> dict[str, dict[str, str]]:
     """Envoy's admin /clusters text -> each host (ip:port) of `cluster` -> its stats and flags
-    (health_flags, rq_total, ...)."""
+    (health_flags, rq_total, ...). The cluster's own lines (default_priority::..., outlier::...)
+    are left out: their first part is not an address."""
     out: dict[str, dict[str, str]] = {}
     prefix = f"{cluster}::"
     for line in text.splitlines():
         if line.startswith(prefix):
             parts = line[len(prefix) :].split("::")
-            if len(parts) == 3:
+            if len(parts) == 3 and parts[0].rpartition(":")[2].isdigit():
                 out.setdefault(parts[0], {})[parts[1]] = parts[2]
     return out
 

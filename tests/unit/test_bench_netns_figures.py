@@ -70,3 +70,21 @@ def test_a_run_without_network_namespaces_runs_every_other_drill(monkeypatch):
     monkeypatch.setattr(bench.run, "run_drill", lambda opts, stop: ran.append(opts.scenario) or [])
     bench.run.run_drills(argparse.Namespace(duration=1.0, concurrency=1, max_tokens=1), "sim")
     assert NETNS and set(ran) == set(SCENARIOS) - NETNS
+
+
+def test_cluster_hosts_reads_each_hosts_stats_and_leaves_the_clusters_own_lines_out():
+    from bench.netns_mesh import cluster_hosts
+
+    text = (
+        "ernie::observability_name::ernie\n"
+        "ernie::default_priority::max_connections::1024\n"
+        "ernie::outlier::success_rate_average::-1\n"
+        "ernie::10.0.0.1:8001::rq_total::5\n"
+        "ernie::10.0.0.1:8001::health_flags::healthy\n"
+        "ernie::10.0.0.2:8001::health_flags::/failed_outlier_check\n"
+        "ernie_relay::10.0.0.9:1::health_flags::healthy\n"
+    )
+    assert cluster_hosts(text) == {
+        "10.0.0.1:8001": {"rq_total": "5", "health_flags": "healthy"},
+        "10.0.0.2:8001": {"health_flags": "/failed_outlier_check"},
+    }
