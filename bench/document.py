@@ -720,20 +720,45 @@ def benchmarks_doc(results: Figures) -> str:
             "## Routing with real vLLM", results["routing_vllm"], [markdown(results["routing_vllm"])], ROUTING_VLLM_NOTE
         )
     if results.get("scale"):
-        out += _section(
-            "## Scale: 500 and 2,000 registered instances",
-            results["scale"],
-            report.scale_table(results["scale"]["sizes"]),
-            "Snapshot build and EDS encode: the gateway's own modules in-process (`build_snapshot`, "
-            "`eds.cluster_load_assignment` + serialization), medians of 20 repeats. The other columns "
-            "come from a real Consul dev agent holding N passing instances, a real gateway agent and its "
-            "Envoy: time from the gateway agent's start to Envoy holding all N endpoints; single-instance "
-            "verdict flips timed from the Consul write to Envoy's `membership_total` gauge; process CPU "
-            "time of the gateway agent and of Envoy during the flips, minus their idle rate, per flip. "
-            "Every change makes the agent re-read and re-parse the whole service from Consul and rebuild "
-            "the whole snapshot (state of the world), which is what grows with N.",
-        )
+        out += _scale_section(results["scale"])
     return "\n".join(out).rstrip() + "\n"
+
+
+SCALE_NOTE = (
+    "*old* is the gateway as it was at commit {baseline} (before issue 14's scale work), run from a "
+    "`git archive` of that commit (its own processes, PYTHONPATH at that tree); *new* is this checkout. "
+    "Both run in the same run against the same Consul dev agent holding the same N instances (registered "
+    "through the catalog API on N/8 nodes, as the engine agents of N/8 hosts would; verdict flips are "
+    "catalog writes of one instance's check, the write a host's Consul agent makes when its TTL check "
+    "changes). *Consul's answer*: the gateway's read (`GET /v1/health/service/ernie?stale`) timed to "
+    "the last byte, not decoded — what any reader of Consul 1.8 pays per wake-up, since the endpoint "
+    "returns the whole service. *read*, *snapshot build*, *EDS encode*: per flip, in a process of that "
+    "implementation (`bench/scale_probe.py`), medians of 10. The rest: a real gateway agent and its "
+    "Envoy; flips timed from the Consul write to Envoy's `membership_total` gauge (polled every 5 ms); "
+    "process CPU of the gateway agent, Envoy and the Consul agent during the flips, minus their idle "
+    "rate, per flip. *old* re-reads and re-parses the whole answer, re-reads it once more for its settle "
+    "window, and rebuilds and re-encodes the whole snapshot on every change; *new* recognises an "
+    "unchanged answer by its bytes, decodes only the instances whose bytes changed, keeps each "
+    "unchanged instance's Endpoint and encoded EDS bytes, and settles only bursts."
+)
+
+
+def _scale_section(s: Figures) -> list[str]:
+    sizes = s.get("sizes", {})
+    title = "## Scale: " + ", ".join(f"{int(n):,}" for n in sizes) + " registered instances, old and new gateway"
+    body = [*report.scale_table(sizes)]
+    if s.get("fanout"):
+        body += [
+            "",
+            "### Consul's side: 20 watchers of one service",
+            "",
+            *report.fanout_table(s["fanout"]),
+            "",
+            "Each watcher is its own process watching exactly as a gateway does (`bench/scale_watcher.py`: "
+            "`CatalogWatch` over `ConsulCatalog`, the gateway's watch settings), from the tree of the code "
+            "named; Consul CPU is the dev agent's (one server) per flip, minus its idle rate.",
+        ]
+    return _section(title, s, body, SCALE_NOTE.format(baseline=s.get("baseline", "?")))
 
 
 def write(results: Figures) -> None:

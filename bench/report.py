@@ -287,23 +287,47 @@ def propagation_lines(p: Figures) -> list[str]:
     ]
 
 
-def scale_table(s: Figures) -> list[str]:
+def _ms(v: float | None, digits: int = 0) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def scale_table(sizes: Figures) -> list[str]:
+    """One row per size and implementation (old: the baseline's tree, new: this one), same run."""
     out = [
-        "| instances | snapshot build ms | EDS encode ms | EDS size KiB | Consul read ms | "
-        "first full snapshot in Envoy s | change → Envoy p50 ms | p99 ms | agent push ms (seen → ACK) | "
-        "gateway agent CPU ms/change | Envoy CPU ms/change |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| instances | gateway | Consul's answer ms (KiB) | read ms (answer + decode) | snapshot build ms | "
+        "EDS encode ms | EDS size KiB | first full snapshot in Envoy s | change → Envoy p50 ms | p99 ms | "
+        "agent push ms (seen → ACK) | gateway agent CPU ms/change | Envoy CPU ms/change | Consul CPU ms/change |",
+        "|--:|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for n, x in s.items():
-        read = x.get("consul_read_ms")
-        push = x.get("agent_push_mean_ms")
-        out.append(
-            f"| {n} | {x['build_ms']:.1f} | {x['encode_ms']:.1f} | {x['eds_bytes'] / 1024:.0f} | "
-            f"{'—' if read is None else f'{read:.0f}'} | "
-            f"{x['first_snapshot_s']:.2f} | {x['change_p50_ms']:.0f} | {x['change_p99_ms']:.0f} | "
-            f"{'—' if push is None else f'{push:.0f}'} | "
-            f"{x['agent_cpu_ms_per_change']:.0f} | {x['envoy_cpu_ms_per_change']:.0f} |"
-        )
+    for n, row in sizes.items():
+        for impl in ("old", "new"):
+            x = row.get(impl)
+            if not x:
+                continue
+            out.append(
+                f"| {n} | {impl} | {row['consul_answer_ms']:.0f} ({row['consul_answer_kib']:.0f}) | "
+                f"{x['read_ms']:.1f} | {x['build_ms']:.2f} | {x['encode_ms']:.2f} | {x['eds_bytes'] / 1024:.0f} | "
+                f"{x['first_snapshot_s']:.2f} | {x['change_p50_ms']:.0f} | {x['change_p99_ms']:.0f} | "
+                f"{_ms(x.get('agent_push_mean_ms'))} | {x['agent_cpu_ms_per_change']:.0f} | "
+                f"{x['envoy_cpu_ms_per_change']:.0f} | {x['consul_cpu_ms_per_change']:.0f} |"
+            )
+    return out
+
+
+def fanout_table(f: Figures) -> list[str]:
+    out = [
+        f"{f['instances']} instances; per flip, from the Consul write until every watcher delivered it:",
+        "",
+        "| watchers | gateway code | fan-out p50 ms | p99 ms | Consul CPU ms/change | CPU ms/change per watcher |",
+        "|--:|:--|--:|--:|--:|--:|",
+    ]
+    for impl in ("old", "new"):
+        x = f.get(impl)
+        if x:
+            out.append(
+                f"| {x['watchers']} | {impl} | {x['fanout_p50_ms']:.0f} | {x['fanout_p99_ms']:.0f} | "
+                f"{x['consul_cpu_ms_per_change']:.0f} | {x['watcher_cpu_ms_per_change']:.1f} |"
+            )
     return out
 
 

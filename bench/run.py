@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "scale":
                 from bench import scale
 
-                results["scale"] = stamp({"sizes": scale.run(workdir=workdir / "scale")})
+                results["scale"] = stamp(scale.run(workdir=workdir / "scale"))
             save_results(results)
         if drills:
             progress(f"--- drills {', '.join(drills)} ---")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import consul
+import msgspec
 import requests
 
 from agent.catalog.base import (
@@ -106,6 +107,7 @@ class ConsulCatalog:
             self._reload_token(initial=True)
         self._client = self._new_client(HTTP_TIMEOUT_S)
         self._clients_by_timeout: dict[float, consul.Consul] = {}
+        self._decoders: dict[str, HealthDecoder] = {}
 
     @classmethod
     def for_config(cls, c: ConsulConfig, datacenter: str = "") -> ConsulCatalog:
@@ -283,15 +285,26 @@ class ConsulCatalog:
         asks answers from its own state (as Consul's DNS does by default), so the read works while
         the cluster has no leader and never waits on a forward to a leader that stopped answering
         (a blocking query parked there saw no change until the dead leader was reaped: ~20 s in the
-        consul-leader-cut drill). A follower lags the leader by its replication delay (ms)."""
+        consul-leader-cut drill). A follower lags the leader by its replication delay (ms).
+
+        Consul answers with the whole service every time (O(fleet) bytes); HealthDecoder decodes
+        only the instances whose part of the answer changed, and an unchanged answer not at all.
+        Instances that did not change are the same CatalogEntry objects as in the previous read."""
         if wait_s > 0 and index > 0:
             client = self._blocking_client(wait_s)
-            new_index, nodes = self._call(
+            new_index, body = self._call(
                 f"watch {service}", _health_service_stale, client, service, index, go_duration(wait_s, min_ms=1)
             )
         else:
-            new_index, nodes = self._call(f"read {service}", _health_service_stale, self._client, service)
-        return int(new_index or 0), [_entry(n) for n in nodes or ()]
+            new_index, body = self._call(f"read {service}", _health_service_stale, self._client, service)
+        decoder = self._decoders.get(service)
+        if decoder is None:
+            decoder = self._decoders.setdefault(service, HealthDecoder())
+        try:
+            entries = decoder.decode(body)
+        except (msgspec.DecodeError, ValueError, TypeError, AttributeError) as e:
+            raise CatalogError(f"read {service}: Consul's answer is not a list of service nodes ({e})") from e
+        return new_index, entries
 
     def leader(self) -> str:
         return self._call("status leader", self._client.status.leader) or ""
@@ -328,11 +341,11 @@ class ConsulCatalog:
         self._call(f"delete {key}", self._client.kv.delete, key)
 
 
-def _health_service_stale(
-    client: consul.Consul, service: str, index: int = 0, wait: str = ""
-) -> tuple[str | None, list[dict[str, Any]]]:
-    """/v1/health/service/<service>?stale: python-consul2's health.service without a consistency
-    mode (it has none), with the client's token and datacenter as it sends them."""
+def _health_service_stale(client: consul.Consul, service: str, index: int = 0, wait: str = "") -> tuple[int, bytes]:
+    """/v1/health/service/<service>?stale -> (X-Consul-Index, the raw body): python-consul2's
+    health.service without a consistency mode (it has none) and without decoding the body to text
+    and JSON (HealthDecoder does what is needed of that), with the client's token and datacenter as
+    it sends them."""
     params: list[tuple[str, object]] = [("stale", "1")]
     if index:
         params.append(("index", index))
@@ -341,10 +354,57 @@ def _health_service_stale(
     if client.dc:
         params.append(("dc", client.dc))
     headers = {"X-Consul-Token": client.token} if client.token else {}
-    result: tuple[str | None, list[dict[str, Any]]] = client.http.get(
-        consul.base.CB.json(index=True), path=f"/v1/health/service/{service}", params=params, headers=headers
+    http = client.http
+    r = http.session.get(
+        http.uri(f"/v1/health/service/{service}", params),
+        headers=headers,
+        verify=http.verify,
+        cert=http.cert,
+        timeout=http.timeout,
     )
-    return result
+    if r.status_code == 404:
+        raise consul.NotFound(r.text)
+    if r.status_code == 403:
+        raise consul.ACLPermissionDenied(r.text)
+    if r.status_code >= 400:
+        raise consul.ConsulException(f"{r.status_code} {r.text}")
+    return int(r.headers.get("X-Consul-Index") or 0), r.content
+
+
+class HealthDecoder:
+    """One service's /v1/health/service answers -> CatalogEntry lists, decoding only what changed.
+
+    An answer byte-for-byte equal to the previous one is the previous list, not decoded at all. Any
+    other is only split into its elements (msgspec.Raw: a scan, no objects built); an element whose
+    bytes appeared in the previous answer keeps its CatalogEntry (the same object), and only the
+    others are decoded. Consul's element for an instance carries the Raft indexes of its service and
+    checks, so an instance whose registration or check changed has different bytes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._body = b""
+        self._entries: list[CatalogEntry] = []
+        self._by_bytes: dict[bytes, CatalogEntry] = {}
+        self.decoded = 0  # elements decoded so far (the rest were reused)
+
+    def decode(self, body: bytes) -> list[CatalogEntry]:
+        with self._lock:
+            if body == self._body:
+                return list(self._entries)
+            known, fresh, out = self._by_bytes, {}, []
+            for raw in _SPLIT.decode(body) if body.strip() != b"null" else ():
+                blob = bytes(raw)
+                entry = known.get(blob)
+                if entry is None:
+                    entry = _entry(msgspec.json.decode(blob))
+                    self.decoded += 1
+                fresh[blob] = entry
+                out.append(entry)
+            self._body, self._entries, self._by_bytes = body, out, fresh
+            return list(out)
+
+
+_SPLIT = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def _entry(node: dict[str, Any]) -> CatalogEntry:

@@ -28,7 +28,7 @@ from agent.gateway.metrics import GatewayMetrics
 from agent.gateway.relays import RelaySupervisor
 from agent.gateway.shares import Shares
 from agent.gateway.speed import SpeedWeights
-from agent.gateway.snapshot import Snapshot, build_snapshot, with_held, with_weights
+from agent.gateway.snapshot import EndpointCache, Snapshot, build_snapshot, with_held, with_weights
 from agent.gateway.watch import WatchUpdate
 from agent.gateway.xds import AdsServer
 from agent.naming import GATEWAY_SERVICE
@@ -140,6 +140,7 @@ class GatewayAgent:
         self._rejected_logged: set[tuple[str, str]] = set()
         self._last_entries: tuple[CatalogEntry, ...] = ()
         self._held: frozenset[str] = frozenset()
+        self._endpoints = EndpointCache()  # an unchanged catalog entry keeps its Endpoint object
         self._registration = registration_of(cfg)
         self.keeper = RegistrationKeeper(catalog, self._registration.instance_id, cfg.ttl_s)
         self._last_registration_error_log = 0.0
@@ -161,6 +162,8 @@ class GatewayAgent:
                 self._local_entries = update.entries
                 if not self.local_dc:
                     self.local_dc = next((e.datacenter for e in update.entries if e.datacenter), "")
+                    if self.local_dc:
+                        self._endpoints = EndpointCache()  # priorities depend on it: none kept
                 self._publish(self._merged(), update.seen_at)
 
     def remote_watcher(self, datacenter: str) -> Callable[[WatchUpdate], None]:
@@ -235,7 +238,7 @@ class GatewayAgent:
         return since is not None and self.clock() - since < self.cfg.catalog_reset_grace_s
 
     def _publish(self, entries: tuple[CatalogEntry, ...], seen_at: float) -> None:
-        result = build_snapshot(entries, self.cfg.cluster, self._priority)
+        result = build_snapshot(entries, self.cfg.cluster, self._priority, cache=self._endpoints)
         for r in result.rejected:
             if (r.instance_id, r.reason) not in self._rejected_logged:
                 self._rejected_logged.add((r.instance_id, r.reason))

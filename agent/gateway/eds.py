@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import groupby
 
 from envoy.config.core.v3 import health_check_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 
 from agent.gateway.snapshot import Endpoint, EndpointState, Snapshot
 
@@ -40,21 +40,84 @@ def cluster_load_assignment(
         locality.priority = priority
         locality.locality.region = datacenter
         locality.locality.zone = zone
-        for ep in group:
-            lb = locality.lb_endpoints.add()
-            lb.endpoint.address.socket_address.address = ep.address
-            lb.endpoint.address.socket_address.port_value = ep.port
-            lb.endpoint.hostname = ep.instance_id
-            lb.health_status = _HEALTH[ep.state]
-            lb.load_balancing_weight.value = ep.weight
-            meta = lb.metadata.filter_metadata[METADATA_NAMESPACE]
-            meta.update(
-                {
-                    "instance_id": ep.instance_id,
-                    "node": ep.node,
-                    "zone": ep.zone,
-                    "model": ep.model,
-                    "datacenter": ep.datacenter,
-                }
-            )
+        locality.lb_endpoints.extend(lb_endpoint(ep) for ep in group)
     return cla
+
+
+def lb_endpoint(ep: Endpoint) -> endpoint_components_pb2.LbEndpoint:
+    """One endpoint as Envoy gets it (hostname = instance ID)."""
+    lb = endpoint_components_pb2.LbEndpoint()
+    lb.endpoint.address.socket_address.address = ep.address
+    lb.endpoint.address.socket_address.port_value = ep.port
+    lb.endpoint.hostname = ep.instance_id
+    lb.health_status = _HEALTH[ep.state]
+    lb.load_balancing_weight.value = ep.weight
+    meta = lb.metadata.filter_metadata[METADATA_NAMESPACE]
+    meta.update(
+        {
+            "instance_id": ep.instance_id,
+            "node": ep.node,
+            "zone": ep.zone,
+            "model": ep.model,
+            "datacenter": ep.datacenter,
+        }
+    )
+    return lb
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _framed(tag: bytes, payload: bytes) -> bytes:
+    """One length-delimited protobuf field: its tag, the payload's length, the payload."""
+    return tag + _varint(len(payload)) + payload
+
+
+# Wire tags (field number << 3 | 2, length-delimited) of the repeated fields the encoder frames.
+_CLA_ENDPOINTS = b"\x12"  # ClusterLoadAssignment.endpoints = 2
+_LOCALITY_LB_ENDPOINTS = b"\x12"  # LocalityLbEndpoints.lb_endpoints = 2
+
+
+class EdsEncoder:
+    """Snapshot -> the serialized ClusterLoadAssignment, each endpoint encoded once.
+
+    A repeated protobuf field is its elements' encodings one after another, so the assignment is
+    assembled from bytes: the cluster's own fields, then per locality its own fields and the cached
+    encoding of each of its endpoints (kept per Endpoint object from one snapshot to the next; the
+    snapshot builder keeps an unchanged instance's Endpoint). What Envoy gets is the same message as
+    cluster_load_assignment(snapshot) (tests/unit/test_gateway_incremental.py)."""
+
+    def __init__(self, overprovisioning_factor: int = DEFAULT_OVERPROVISIONING_FACTOR) -> None:
+        self.overprovisioning_factor = overprovisioning_factor
+        self._lb: dict[int, tuple[Endpoint, bytes]] = {}
+
+    def encode(self, snapshot: Snapshot) -> bytes:
+        head = endpoint_pb2.ClusterLoadAssignment(cluster_name=snapshot.cluster)
+        head.policy.overprovisioning_factor.value = self.overprovisioning_factor
+        parts = [bytes(head.SerializeToString())]
+        last: dict[int, tuple[Endpoint, bytes]] = self._lb
+        cache: dict[int, tuple[Endpoint, bytes]] = {}
+        for (priority, datacenter, zone), group in groupby(
+            sorted(snapshot.endpoints, key=_locality_key), key=_locality_key
+        ):
+            locality = endpoint_components_pb2.LocalityLbEndpoints(priority=priority)
+            locality.locality.region = datacenter
+            locality.locality.zone = zone
+            body = [bytes(locality.SerializeToString())]
+            for ep in group:
+                hit = last.get(id(ep))
+                if hit is None or hit[0] is not ep:
+                    hit = (ep, _framed(_LOCALITY_LB_ENDPOINTS, bytes(lb_endpoint(ep).SerializeToString())))
+                cache[id(ep)] = hit
+                body.append(hit[1])
+            parts.append(_framed(_CLA_ENDPOINTS, b"".join(body)))
+        self._lb = cache
+        return b"".join(parts)

@@ -17,6 +17,7 @@ import ipaddress
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from agent.catalog.base import CatalogEntry, CheckStatus
 
@@ -50,6 +51,17 @@ class Endpoint:
 
     def problem(self) -> str:
         """Why Envoy could not use this endpoint ('' if it can)."""
+        return self._problem
+
+    @cached_property
+    def digest(self) -> bytes:
+        """This endpoint's part of the snapshot version (computed once per Endpoint object)."""
+        doc = [self.instance_id, self.address, self.port, self.state.value, self.node, self.zone, self.model]
+        doc += [self.weight, self.datacenter, self.priority]
+        return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).digest()[:16]
+
+    @cached_property
+    def _problem(self) -> str:
         if not self.instance_id:
             return "empty instance id"
         if not self.address:
@@ -83,7 +95,7 @@ class Snapshot:
             why = e.problem()
             if why:
                 raise SnapshotError(f"endpoint {e.instance_id or '?'}: {why}")
-        if list(self.endpoints) != sorted(self.endpoints, key=lambda e: e.instance_id):
+        if any(a.instance_id > b.instance_id for a, b in zip(self.endpoints, self.endpoints[1:])):
             raise SnapshotError("endpoints must be sorted by instance id")
         expected = content_version(self.cluster, self.endpoints)
         if not self.version:
@@ -118,12 +130,11 @@ class BuildResult:
 
 
 def content_version(cluster: str, endpoints: Iterable[Endpoint]) -> str:
-    doc = [cluster] + [
-        [e.instance_id, e.address, e.port, e.state.value, e.node, e.zone, e.model, e.weight, e.datacenter, e.priority]
-        for e in endpoints
-    ]
-    blob = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:VERSION_HEX_CHARS]
+    """A hash of the cluster name and each endpoint's digest, in order (an unchanged Endpoint object
+    keeps its digest: a new version costs the changed endpoints plus one pass over 16-byte digests)."""
+    h = hashlib.sha256(json.dumps(cluster).encode())
+    h.update(b"".join(e.digest for e in endpoints))
+    return h.hexdigest()[:VERSION_HEX_CHARS]
 
 
 # (the entry's zone, its datacenter) -> its Envoy priority
@@ -149,16 +160,45 @@ def endpoint_of(entry: CatalogEntry, priority_of: PriorityOf | None = None) -> E
     )
 
 
-def build_snapshot(entries: Iterable[CatalogEntry], cluster: str, priority_of: PriorityOf | None = None) -> BuildResult:
+class EndpointCache:
+    """endpoint_of, remembered per CatalogEntry object from one build to the next: the catalog reader
+    hands an unchanged instance back as the same entry, so it keeps the same Endpoint (and with it
+    its cached digest, validity and xDS encoding). One cache per priority_of (a gateway has one)."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[CatalogEntry, Endpoint | None]] = {}
+        self._next: dict[int, tuple[CatalogEntry, Endpoint | None]] = {}
+
+    def of(self, entry: CatalogEntry, priority_of: PriorityOf | None = None) -> Endpoint | None:
+        hit = self._last.get(id(entry))
+        if hit is None or hit[0] is not entry:
+            hit = (entry, endpoint_of(entry, priority_of))
+        self._next[id(entry)] = hit
+        return hit[1]
+
+    def done(self) -> None:
+        """End of a build: what it did not ask for is forgotten."""
+        self._last, self._next = self._next, {}
+
+
+def build_snapshot(
+    entries: Iterable[CatalogEntry],
+    cluster: str,
+    priority_of: PriorityOf | None = None,
+    *,
+    cache: EndpointCache | None = None,
+) -> BuildResult:
     """Entries -> snapshot. An entry Envoy cannot use (bad address/port, a duplicate id or
     address) is rejected with a reason instead of poisoning the whole snapshot: one misregistered
     engine must not freeze the gateway for everyone else. `priority_of(zone, datacenter)` gives
-    each endpoint its Envoy priority (none: all 0)."""
+    each endpoint its Envoy priority (none: all 0). With a `cache`, an entry seen in the previous
+    build keeps its Endpoint object."""
     candidates: list[Endpoint] = []
     rejected: list[Rejected] = []
     omitted = 0
+    of = cache.of if cache is not None else endpoint_of
     for entry in sorted(entries, key=lambda e: (e.instance_id, e.node, e.address, e.port)):
-        ep = endpoint_of(entry, priority_of)
+        ep = of(entry, priority_of)
         if ep is None:
             omitted += 1
             continue
@@ -182,13 +222,18 @@ def build_snapshot(entries: Iterable[CatalogEntry], cluster: str, priority_of: P
         seen_ids.add(ep.instance_id)
         seen_addrs.add((ep.address, ep.port))
         kept.append(ep)
+    if cache is not None:
+        cache.done()
     return BuildResult(Snapshot(cluster, tuple(kept)), tuple(rejected), omitted)
 
 
 def with_weights(snapshot: Snapshot, weight: Callable[[str], int]) -> Snapshot:
-    """`snapshot` with each endpoint's weight from `weight(instance_id)`."""
-    endpoints = tuple(replace(e, weight=weight(e.instance_id)) for e in snapshot.endpoints)
-    if endpoints == snapshot.endpoints:
+    """`snapshot` with each endpoint's weight from `weight(instance_id)` (an endpoint whose weight
+    is unchanged stays the same object)."""
+    endpoints = tuple(
+        e if e.weight == (w := weight(e.instance_id)) else replace(e, weight=w) for e in snapshot.endpoints
+    )
+    if all(a is b for a, b in zip(endpoints, snapshot.endpoints)):
         return snapshot
     return Snapshot(snapshot.cluster, endpoints)
 

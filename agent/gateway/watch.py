@@ -2,12 +2,17 @@
 
 - the next query's index is the one from the reply; it resets to 0 when it goes backwards (Consul
   restarted or a snapshot restore) and is never below 1 after a reply;
-- a reply is not a change: the content is compared, and only a different content is delivered;
+- a reply is not a change: the content is compared, and only a different content is delivered
+  (`same_content`: entries the reader handed back as the same objects are not compared again, so
+  comparing costs the instances that changed, not the fleet);
 - errors back off exponentially (capped) and the last delivered content stays in force; the
   first read after an error does not block (Consul may have come back with a lower index);
 - queries are rate limited (a minimum interval between two reads);
-- a change is held for a short settle window, during which a further change replaces it, so a
-  burst (e.g. a rolling restart touching several instances) is delivered once;
+- a change that comes within max_settle_s of the previous delivery (a burst: e.g. a rolling
+  restart touching several instances) is held for a short settle window, during which a further
+  change replaces it, so the rest of the burst is delivered once; a change after a quiet spell is
+  delivered at once: every settle read is a whole-service answer from Consul (O(fleet): at 2,000
+  instances it is most of the time a change takes to reach Envoy, docs/benchmarks.md ## Scale);
 - a blocking query still parked when the Consul leader changes is abandoned for a fresh read: the
   local agent may have sent it to a server that was cut off the network, where it waits (no answer,
   no error) until the agent's connection to that server times out (~25 s after the cut, the
@@ -26,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from agent.catalog.base import CatalogEntry, CatalogError
 
@@ -104,6 +109,25 @@ def content_key(entries: list[CatalogEntry]) -> ContentKey:
     )
 
 
+def same_content(before: Sequence[CatalogEntry], after: Sequence[CatalogEntry]) -> bool:
+    """content_key(before) == content_key(after), comparing only the entries that are not the very
+    same objects in both (ConsulCatalog hands back an unchanged instance as the same CatalogEntry):
+    a scan of object identities plus the changed entries' keys."""
+    if before is after:
+        return True
+    if len(before) != len(after):
+        return False
+    if all(a is b for a, b in zip(before, after)):
+        return True
+    old = {id(e): e for e in before}
+    new = {id(e): e for e in after}
+    if len(old) != len(before) or len(new) != len(after):  # one object twice: compare everything
+        return content_key(list(before)) == content_key(list(after))
+    gone = [e for i, e in old.items() if i not in new]
+    came = [e for i, e in new.items() if i not in old]
+    return content_key(gone) == content_key(came)
+
+
 class CatalogWatch:
     def __init__(
         self,
@@ -124,7 +148,8 @@ class CatalogWatch:
         self.wall = wall
         self.stop_event = threading.Event()
         self.index = 0
-        self.last_key: ContentKey | None = None
+        self.last_entries: tuple[CatalogEntry, ...] | None = None  # the content last delivered
+        self.delivered_at: float | None = None  # monotonic: when it was
         self.last_success_at: float | None = None  # monotonic
         self.failing_since: float | None = None
         self.discontinuity_at: float | None = None  # see WatchUpdate
@@ -253,15 +278,17 @@ class CatalogWatch:
         if got is None:
             self._report_state()
             return False
-        _, entries = got
+        _, got_entries = got
         seen_at = self.clock()
-        key = content_key(entries)
-        if key == self.last_key:
+        entries = tuple(got_entries)
+        if self.last_entries is not None and same_content(self.last_entries, entries):
             self._report_state()
             return False  # the index moved, the content did not (another service, a TTL refresh)
-        entries, key = self._settle(entries, key, seen_at)
-        self._hand(self._update(tuple(entries), seen_at, changed=True))
-        self.last_key = key  # only once delivered: a failed callback gets the content again
+        if self.delivered_at is not None and seen_at - self.delivered_at < self.s.max_settle_s:
+            entries = self._settle(entries, seen_at)  # part of a burst
+        self._hand(self._update(entries, seen_at, changed=True))
+        self.last_entries = entries  # only once delivered: a failed callback gets the content again
+        self.delivered_at = self.clock()
         self.deliveries += 1
         return True
 
@@ -288,12 +315,10 @@ class CatalogWatch:
         if last is None or update.state() != last.state():
             self._hand(update)
 
-    def _settle(
-        self, entries: list[CatalogEntry], key: ContentKey, seen_at: float
-    ) -> tuple[list[CatalogEntry], ContentKey]:
+    def _settle(self, entries: tuple[CatalogEntry, ...], seen_at: float) -> tuple[CatalogEntry, ...]:
         """Hold a change for settle_s of quiet (at most max_settle_s), taking any later content."""
-        if self.last_key is None:
-            return entries, key  # the first read is delivered at once
+        if self.last_entries is None:
+            return entries  # the first read is delivered at once
         deadline = seen_at + self.s.max_settle_s
         window_end = seen_at + self.s.settle_s
         while not self.stop_event.is_set():
@@ -303,13 +328,12 @@ class CatalogWatch:
             got = self._read(wait_s)
             if got is None:
                 break  # deliver what we have; the outage is handled by the main loop
-            _, newer = got
-            newer_key = content_key(newer)
-            if newer_key != key:
-                entries, key = newer, newer_key
+            newer = tuple(got[1])
+            if not same_content(entries, newer):
+                entries = newer
                 window_end = self.clock() + self.s.settle_s  # another change in the burst: extend
             # else: the index moved for something else (another service's check): same window
-        return entries, key
+        return entries
 
     # --- bookkeeping --------------------------------------------------------------------------
 

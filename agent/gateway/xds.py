@@ -25,7 +25,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from agent.gateway.eds import DEFAULT_OVERPROVISIONING_FACTOR, EDS_TYPE_URL, cluster_load_assignment
+from agent.gateway.eds import DEFAULT_OVERPROVISIONING_FACTOR, EDS_TYPE_URL, EdsEncoder
 from agent.gateway.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._nonces = itertools.count(1)
         self._server: grpc.Server | None = None
         self.port = 0
+        self._encoder = EdsEncoder(overprovisioning_factor)
+        self._encoded: tuple[str, any_pb2.Any] | None = None  # (version, resource): encoded once for all streams
+        self._encode_lock = threading.Lock()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -241,6 +244,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             stream.acked_version = req.version_info
         return self._response(stream, force=True)
 
+    def _resource(self, snap: Snapshot) -> any_pb2.Any:
+        """The snapshot's ClusterLoadAssignment as an Any, encoded once per version (EdsEncoder)."""
+        with self._encode_lock:
+            if self._encoded is None or self._encoded[0] != snap.version:
+                self._encoded = (snap.version, any_pb2.Any(type_url=EDS_TYPE_URL, value=self._encoder.encode(snap)))
+            return self._encoded[1]
+
     def _response_if_new(self, stream: StreamState) -> discovery_pb2.DiscoveryResponse | None:
         return self._response(stream, force=False) if stream.subscribed else None
 
@@ -252,8 +262,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             return None
         if stream.names and snap.cluster not in stream.names:
             return None
-        resource = any_pb2.Any()
-        resource.Pack(cluster_load_assignment(snap, self.overprovisioning_factor))
+        resource = self._resource(snap)
         nonce = str(next(self._nonces))
         stream.sent_version, stream.sent_nonce = snap.version, nonce
         self._callbacks.on_push(stream.node_id, snap.version)

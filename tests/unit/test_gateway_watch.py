@@ -297,3 +297,35 @@ def test_a_blocking_query_parked_while_the_leader_changes_is_abandoned_for_a_fre
         assert w.index == 6 and w.abandoned == 1
     finally:
         cat.release.set()
+
+
+def test_a_change_after_a_quiet_spell_is_delivered_without_a_settle_read():
+    """Each settle read is a whole-service answer from Consul: only a burst pays for it."""
+    cat = MemoryCatalog()
+    for port in (8001, 8002):
+        cat.register(reg(port), PASSING)
+    reads: list[float] = []
+    real = cat.instances
+
+    def counting(service, index=0, wait_s=0.0):
+        reads.append(wait_s)
+        return real(service, index, wait_s)
+
+    cat.instances = counting  # type: ignore[method-assign]
+    rec = Recorder()
+    settings = WatchSettings(wait_s=2.0, settle_s=0.15, min_interval_s=0.0, max_settle_s=0.3)
+    w = CatalogWatch(cat, "ernie", rec, settings)
+    assert w.step() is True
+    deadline = time.monotonic() + 5
+    while time.monotonic() - (w.delivered_at or 0) < settings.max_settle_s:  # a quiet spell
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    reads.clear()
+    cat.set_verdict("ernie-n-8001", Verdict(VerdictState.DRAINING, "one change"))
+    assert w.step() is True
+    assert len(reads) == 1, reads  # the read that saw the change, no settle read after it
+    assert rec.states() == [("ernie-n-8001", "warning"), ("ernie-n-8002", "passing")]
+    cat.set_verdict("ernie-n-8002", Verdict(VerdictState.DRAINING, "right after: a burst"))
+    reads.clear()
+    assert w.step() is True
+    assert len(reads) > 1, reads  # within max_settle_s of the last delivery: settled
