@@ -750,7 +750,8 @@ def _scale_section(s: Figures) -> list[str]:
     if s.get("fanout"):
         body += [
             "",
-            "### Consul's side: 20 watchers of one service",
+            f"### Consul's side: {next(iter(x['watchers'] for x in s['fanout'].values() if isinstance(x, dict)), '?')} "
+            "watchers of one service",
             "",
             *report.fanout_table(s["fanout"]),
             "",

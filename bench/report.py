@@ -304,6 +304,9 @@ def scale_table(sizes: Figures) -> list[str]:
             x = row.get(impl)
             if not x:
                 continue
+            if x.get("error"):
+                out.append(f"| {n} | {impl} | {row['consul_answer_ms']:.0f} | failed: {x['error']} |" + " |" * 10)
+                continue
             out.append(
                 f"| {n} | {impl} | {row['consul_answer_ms']:.0f} ({row['consul_answer_kib']:.0f}) | "
                 f"{x['read_ms']:.1f} | {x['build_ms']:.2f} | {x['encode_ms']:.2f} | {x['eds_bytes'] / 1024:.0f} | "
@@ -323,7 +326,9 @@ def fanout_table(f: Figures) -> list[str]:
     ]
     for impl in ("old", "new"):
         x = f.get(impl)
-        if x:
+        if x and x.get("error"):
+            out.append(f"| {x['watchers']} | {impl} | failed: {x['error']} | | | |")
+        elif x:
             out.append(
                 f"| {x['watchers']} | {impl} | {x['fanout_p50_ms']:.0f} | {x['fanout_p99_ms']:.0f} | "
                 f"{x['consul_cpu_ms_per_change']:.0f} | {x['watcher_cpu_ms_per_change']:.1f} |"

@@ -392,12 +392,17 @@ def run(
             row: dict[str, Any] = {"instances": n, **fleet.answer()}
             progress(f"{n}: Consul answers in {row['consul_answer_ms']:.0f} ms ({row['consul_answer_kib']:.0f} KiB)")
             for impl in impls:
-                r = probe(fleet, trees[impl])
-                progress(
-                    f"{n} {impl}: read {r['read_ms']:.1f} ms, build {r['build_ms']:.2f} ms, "
-                    f"encode {r['encode_ms']:.2f} ms ({r['eds_bytes'] / 1024:.0f} KiB)"
-                )
-                r.update(live(fleet, trees[impl], changes, workdir / str(n) / impl))
+                try:
+                    r = probe(fleet, trees[impl])
+                    progress(
+                        f"{n} {impl}: read {r['read_ms']:.1f} ms, build {r['build_ms']:.2f} ms, "
+                        f"encode {r['encode_ms']:.2f} ms ({r['eds_bytes'] / 1024:.0f} KiB)"
+                    )
+                    r.update(live(fleet, trees[impl], changes, workdir / str(n) / impl))
+                except (RuntimeError, ValueError, AssertionError, TimeoutError, OSError, httpx.HTTPError) as e:
+                    progress(f"{n} {impl}: failed: {e}")
+                    row[impl] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                    continue
                 progress(
                     f"{n} {impl}: change -> Envoy p50 {r['change_p50_ms']:.1f} ms p99 {r['change_p99_ms']:.1f} ms, "
                     f"agent CPU {r['agent_cpu_ms_per_change']:.1f} ms/change, Envoy "
@@ -407,7 +412,12 @@ def run(
             if n == fanout_size and watchers:
                 fan: dict[str, Any] = {"instances": n}
                 for impl in impls:
-                    fan[impl] = fanout(fleet, trees[impl], watchers, FANOUT_CHANGES)
+                    try:
+                        fan[impl] = fanout(fleet, trees[impl], watchers, FANOUT_CHANGES)
+                    except (TimeoutError, queue.Empty, OSError) as e:
+                        progress(f"fan-out {n} {impl}: failed: {e!r}")
+                        fan[impl] = {"watchers": watchers, "error": f"{type(e).__name__}: {e}"[:300]}
+                        continue
                     progress(
                         f"fan-out {n} {impl}: {watchers} watchers, p50 {fan[impl]['fanout_p50_ms']:.0f} ms "
                         f"p99 {fan[impl]['fanout_p99_ms']:.0f} ms, Consul CPU "
