@@ -1,7 +1,7 @@
 """Scale: the gateway with 500, 2,000 and 10,000 registered instances, the current implementation
 side by side with the baseline's (the gateway before issue 14's scale work), in the same run.
 
-    python -m bench.scale [--sizes 500 2000 10000] [--changes 20] [--impls old new]
+    python -m bench.scale [--sizes 500 2000 10000] [--changes 10] [--impls old new]
                           [--watchers 20] [--fanout-size 2000] [--json]
 
 "old" is commit BASELINE's tree, unpacked with `git archive` into the work directory and run as its
@@ -57,11 +57,11 @@ BASELINE = "9800a09"  # the gateway before the incremental read/decode/build/enc
 SERVICE = "ernie"
 CLUSTER = "ernie"
 IDLE_WINDOW_S = 5.0
-CHANGE_TIMEOUT_S = 30.0
+CHANGE_TIMEOUT_S = 60.0
 FIRST_PORT = 20000
 PER_NODE = 8
 PROBE_REPEATS = 5
-FANOUT_CHANGES = 10
+FANOUT_CHANGES = 6
 ROOT = Path(__file__).resolve().parents[1]
 META = {"model": "m", "served_model_name": "m", "zone": "z1", "engine": "vllm"}
 
@@ -375,7 +375,7 @@ def fanout(fleet: Fleet, tree: Path, watchers: int, changes: int) -> dict[str, A
 
 def run(
     sizes: tuple[int, ...] = (500, 2000, 10000),
-    changes: int = 20,
+    changes: int = 10,
     workdir: Path | None = None,
     impls: tuple[str, ...] = ("old", "new"),
     watchers: int = 20,
@@ -433,7 +433,7 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[500, 2000, 10000])
-    p.add_argument("--changes", type=int, default=20)
+    p.add_argument("--changes", type=int, default=10)
     p.add_argument("--impls", nargs="+", choices=("old", "new"), default=["old", "new"])
     p.add_argument("--watchers", type=int, default=20, help="fan-out watchers (0: no fan-out part)")
     p.add_argument("--fanout-size", type=int, default=2000)
