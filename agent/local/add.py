@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="",
-        help="model to serve (vLLM: hub name or directory; simulated: the model name it answers to); "
+        help="model to serve (vLLM: hub name, directory, or a built-in: smollm2, tiny-ernie (random weights); "
+        "simulated: the model name it answers to); "
         "default: the mesh's. A second model makes the mesh serve two",
     )
     p.add_argument("--served-model-name", default="", help="model name clients use (default: derived from --model)")
