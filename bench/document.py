@@ -734,7 +734,8 @@ SCALE_NOTE = (
     "the last byte, not decoded — what any reader of Consul 1.8 pays per wake-up, since the endpoint "
     "returns the whole service. *read*, *snapshot build*, *EDS encode*: per flip, in a process of that "
     "implementation (`bench/scale_probe.py`), medians of 10. The rest: a real gateway agent and its "
-    "Envoy; flips timed from the Consul write to Envoy's `membership_total` gauge (polled every 5 ms); "
+    "Envoy; flips timed from the Consul write to Envoy's `membership_total` gauge (polled every 10 ms: "
+    "that polling is in Envoy's CPU figure); "
     "process CPU of the gateway agent, Envoy and the Consul agent during the flips, minus their idle "
     "rate, per flip. *old* re-reads and re-parses the whole answer, re-reads it once more for its settle "
     "window, and rebuilds and re-encodes the whole snapshot on every change; *new* recognises an "
@@ -757,7 +758,8 @@ def _scale_section(s: Figures) -> list[str]:
             "",
             "Each watcher is its own process watching exactly as a gateway does (`bench/scale_watcher.py`: "
             "`CatalogWatch` over `ConsulCatalog`, the gateway's watch settings), from the tree of the code "
-            "named; Consul CPU is the dev agent's (one server) per flip, minus its idle rate.",
+            "named, started one after another (each once it has its first answer); Consul CPU is the dev "
+            "agent's (one server) per flip, minus its idle rate.",
         ]
     return _section(title, s, body, SCALE_NOTE.format(baseline=s.get("baseline", "?")))
 

@@ -62,6 +62,7 @@ FIRST_PORT = 20000
 PER_NODE = 8
 PROBE_REPEATS = 5
 FANOUT_CHANGES = 6
+POLL_S = 0.01  # Envoy's membership gauge is polled this often (each poll costs Envoy CPU too)
 ROOT = Path(__file__).resolve().parents[1]
 META = {"model": "m", "served_model_name": "m", "zone": "z1", "engine": "vllm"}
 
@@ -273,7 +274,7 @@ def live(fleet: Fleet, tree: Path, changes: int, workdir: Path) -> dict[str, Any
         for k in range(changes):
             t = time.perf_counter()
             want = fleet.flip((k // 2 * 7) % n)
-            wait_until(_membership_is(admin, want), CHANGE_TIMEOUT_S, interval_s=0.005, what=f"change {k} in Envoy")
+            wait_until(_membership_is(admin, want), CHANGE_TIMEOUT_S, interval_s=POLL_S, what=f"change {k} in Envoy")
             durations.append(time.perf_counter() - t)
         span = time.perf_counter() - t_changes
         cpu = [max((_cpu(p) - c - r * span) / changes, 0.0) * 1000 for p, c, r in zip(procs, c0, idle)]
@@ -299,7 +300,8 @@ def live(fleet: Fleet, tree: Path, changes: int, workdir: Path) -> dict[str, Any
 
 def fanout(fleet: Fleet, tree: Path, watchers: int, changes: int) -> dict[str, Any]:
     """`watchers` processes watching as the gateway does: time from a flip to the last one's delivery."""
-    procs, lines = [], []
+    procs: list[subprocess.Popen[str]] = []
+    lines: list[queue.Queue[dict[str, Any]]] = []
     for _ in range(watchers):
         p = subprocess.Popen(
             [
@@ -321,6 +323,11 @@ def fanout(fleet: Fleet, tree: Path, watchers: int, changes: int) -> dict[str, A
         threading.Thread(target=lambda p=p, q=q: [q.put(json.loads(x)) for x in p.stdout or ()], daemon=True).start()
         procs.append(p)
         lines.append(q)
+        # one after another, each once it has its first answer (gateways do not all start at once;
+        # 20 first reads of the whole service at once is a start-up herd, not the fan-out measured)
+        first = q.get(timeout=600)
+        if first["routable"] != fleet.n - len(fleet.critical):
+            raise TimeoutError(f"a watcher's first delivery had {first['routable']} routable instances")
     try:
 
         def wait_all(want: int, timeout_s: float) -> float:
@@ -337,7 +344,6 @@ def fanout(fleet: Fleet, tree: Path, watchers: int, changes: int) -> dict[str, A
                         break
             return last
 
-        wait_all(fleet.n - len(fleet.critical), 600)
         ps = [psutil.Process(p.pid) for p in procs]
         time.sleep(2.0)
         c0, t_idle = _cpu(fleet.proc), time.perf_counter()

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HTTP_TIMEOUT_S = 5.0
+# A whole-service read that timed out is retried with twice the time, up to this: Consul's answer
+# grows with the fleet (~26 MiB at 10,000 instances), and a busy Consul can take longer than
+# HTTP_TIMEOUT_S to produce it; a timeout that never lets it finish would keep the gateway blind.
+MAX_READ_TIMEOUT_S = 60.0
 # Consul adds up to wait/16 of jitter to a blocking query; leave room for it.
 BLOCKING_SLACK_S = 5.0
 
@@ -108,6 +112,7 @@ class ConsulCatalog:
         self._client = self._new_client(HTTP_TIMEOUT_S)
         self._clients_by_timeout: dict[float, consul.Consul] = {}
         self._decoders: dict[str, HealthDecoder] = {}
+        self._read_timeout: dict[str, float] = {}  # service -> the non-blocking read's timeout
 
     @classmethod
     def for_config(cls, c: ConsulConfig, datacenter: str = "") -> ConsulCatalog:
@@ -296,7 +301,15 @@ class ConsulCatalog:
                 f"watch {service}", _health_service_stale, client, service, index, go_duration(wait_s, min_ms=1)
             )
         else:
-            new_index, body = self._call(f"read {service}", _health_service_stale, self._client, service)
+            timeout = self._read_timeout.get(service, HTTP_TIMEOUT_S)
+            try:
+                new_index, body = self._call(
+                    f"read {service}", _health_service_stale, self._client, service, read_timeout_s=timeout
+                )
+            except CatalogUnavailable as e:
+                if isinstance(e.__cause__, requests.Timeout):
+                    self._read_timeout[service] = min(timeout * 2, MAX_READ_TIMEOUT_S)
+                raise
         decoder = self._decoders.get(service)
         if decoder is None:
             decoder = self._decoders.setdefault(service, HealthDecoder())
@@ -341,7 +354,9 @@ class ConsulCatalog:
         self._call(f"delete {key}", self._client.kv.delete, key)
 
 
-def _health_service_stale(client: consul.Consul, service: str, index: int = 0, wait: str = "") -> tuple[int, bytes]:
+def _health_service_stale(
+    client: consul.Consul, service: str, index: int = 0, wait: str = "", read_timeout_s: float | None = None
+) -> tuple[int, bytes]:
     """/v1/health/service/<service>?stale -> (X-Consul-Index, the raw body): python-consul2's
     health.service without a consistency mode (it has none) and without decoding the body to text
     and JSON (HealthDecoder does what is needed of that), with the client's token and datacenter as
@@ -360,7 +375,7 @@ def _health_service_stale(client: consul.Consul, service: str, index: int = 0, w
         headers=headers,
         verify=http.verify,
         cert=http.cert,
-        timeout=http.timeout,
+        timeout=http.timeout if read_timeout_s is None else (min(http.timeout, HTTP_TIMEOUT_S), read_timeout_s),
     )
     if r.status_code == 404:
         raise consul.NotFound(r.text)

@@ -53,3 +53,41 @@ def test_health_reads_and_blocking_queries_are_stale(fake_consul):
     assert all(q["token"] == ["t0k"] for q in seen), seen
     assert seen[1]["index"] == ["3"] and seen[1]["wait"] == ["1s"], seen[1]
     assert "index" not in seen[0] and "wait" not in seen[0], seen[0]
+
+
+def test_a_whole_service_read_that_times_out_is_retried_with_more_time(monkeypatch):
+    """Consul's answer grows with the fleet: a read that timed out gets twice the time next."""
+    import time as _time
+
+    import agent.catalog.consul as consul_mod
+    from agent.catalog.base import CatalogUnavailable
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            _time.sleep(0.5)
+            body = b"[]"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Consul-Index", "9")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(consul_mod, "HTTP_TIMEOUT_S", 0.2)
+        catalog = ConsulCatalog(f"127.0.0.1:{server.server_address[1]}")
+        outcomes = []
+        for _ in range(4):
+            try:
+                outcomes.append(catalog.instances("ernie"))
+            except CatalogUnavailable:
+                outcomes.append("timeout")
+        assert outcomes[:2] == ["timeout", "timeout"], outcomes  # 0.2 s, then 0.4 s: too short
+        assert outcomes[2] == (9, []), outcomes  # 0.8 s: enough
+    finally:
+        server.shutdown()
