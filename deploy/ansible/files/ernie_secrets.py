@@ -9,11 +9,12 @@ secrets  --file F --need NAME... [--rotate NAME...]
     (consul_encrypt_key: 32 random bytes, base64, as `consul keygen`; every other NAME: a UUID,
     the form Consul's ACL SecretIDs take), --rotate ones replaced. Existing values are kept:
     a second run changes nothing. Prints {"changed": bool, "secrets": {NAME: value}}.
-tls      --dir D --datacenter DC --domain DOMAIN --server NAME=ADDRESS... [--days N]
+tls      --dir D --datacenter DC --domain DOMAIN --server NAME=ADDRESS[@SERVERDC]... [--days N]
     D/ca.pem + D/ca-key.pem (EC P-256, 10 years) once; per server D/server-NAME.pem and
-    -key.pem (server.DC.DOMAIN, NAME, localhost, 127.0.0.1, ADDRESS; server and client auth,
-    as `consul tls cert create -server`), issued again when missing, when its names or CA
-    changed, or within 30 days of expiry. Prints {"changed": bool, "ca": path, "servers": {...}}.
+    -key.pem (server.SERVERDC.DOMAIN - SERVERDC defaults to DC -, NAME, localhost, 127.0.0.1,
+    ADDRESS; server and client auth, as `consul tls cert create -server`), issued again when
+    missing, when its names or CA changed, or within 30 days of expiry. Prints {"changed": bool,
+    "ca": path, "servers": {...}}.
 """
 
 from __future__ import annotations
@@ -131,8 +132,9 @@ def cmd_tls(args: argparse.Namespace) -> dict:
 
     servers = {}
     for spec in args.server:
-        node, _, address = spec.partition("=")
-        dns = [f"server.{args.datacenter}.{args.domain}", node, "localhost"]
+        node, _, rest = spec.partition("=")
+        address, _, datacenter = rest.partition("@")  # a server's own datacenter, else --datacenter
+        dns = [f"server.{datacenter or args.datacenter}.{args.domain}", node, "localhost"]
         ips = sorted({"127.0.0.1", address} - {""})
         cert_path, key_path = d / f"server-{node}.pem", d / f"server-{node}-key.pem"
         servers[node] = {"cert": str(cert_path), "key": str(key_path)}

@@ -179,10 +179,29 @@ def ernie_prepared_query(service, datacenter, datacenters, nearest_n=2):
     }
 
 
+def ernie_prepared_query_differs(existing, wanted):
+    """Whether the prepared query Consul has (`existing`, a /v1/query item) differs from `wanted`
+    in what ernie_prepared_query sets (Consul answers an empty list as null)."""
+
+    def key(q):
+        svc = q.get("Service") or {}
+        failover = svc.get("Failover") or {}
+        return (
+            svc.get("Service"),
+            bool(svc.get("OnlyPassing")),
+            int(failover.get("NearestN") or 0),
+            list(failover.get("Datacenters") or []),
+            (q.get("DNS") or {}).get("TTL") or "",
+        )
+
+    return key(existing) != key(wanted)
+
+
 class FilterModule:
     def filters(self):
         return {
             "ernie_prepared_query": ernie_prepared_query,
+            "ernie_prepared_query_differs": ernie_prepared_query_differs,
             "ernie_host_datacenter": ernie_host_datacenter,
             "ernie_dc_servers": ernie_dc_servers,
             "ernie_datacenters": ernie_datacenters,
