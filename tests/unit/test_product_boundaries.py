@@ -30,8 +30,9 @@ PRODUCTION = {
 # local mesh, the simulated engine, the benchmarks.
 HARNESS = ("agent.local", "agent.catalog.memory", "agent.sim", "bench", "tests")
 
-# Imported lazily behind an ImportError guard, installed with vLLM or on purpose, not required.
-OPTIONAL = {"torch", "transformers", "safetensors", "gguf", "uvloop"}
+# Imported lazily behind an ImportError guard: vLLM's CPU build (scripts/install.sh installs it,
+# not pyproject.toml) and what comes with it, or installed on purpose; not required.
+OPTIONAL = {"vllm", "torch", "transformers", "safetensors", "gguf", "uvloop"}
 
 
 def loaded_modules(modules: list[str]) -> set[str]:
