@@ -4,6 +4,10 @@ dir (transformers' Ernie4_5Config, the embedded model's tokenizer), and how `up`
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,35 +41,70 @@ def test_cli_rejects_an_unknown_builtin(capsys):
     assert e.value.code == 2 and "tiny-ernie" in capsys.readouterr().err
 
 
-def test_build_writes_a_random_weight_ernie_checkpoint_once(tmp_path, capsys):
-    """The real build (needs the embedded model for its tokenizer: prepared by `scripts/install.sh`)."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoTokenizer, Ernie4_5Config
+# The build and the checks of what it wrote run in child processes, as `make up` runs the build:
+# transformers' torch import breaks inside a pytest process that has imported ansible (ansible
+# patches sys.intern and torch._dynamo then raises TypeError at import).
+_INSPECT = """
+import json, sys
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, Ernie4_5Config
+dest, weights = sys.argv[1], sys.argv[2]
+config = AutoConfig.from_pretrained(dest)
+tokenizer = AutoTokenizer.from_pretrained(dest)
+with safe_open(weights, "pt") as f:
+    embed = f.get_tensor("model.embed_tokens.weight")
+    keys = list(f.keys())
+print(json.dumps({
+    "config_class": type(config).__name__, "is_ernie_config": type(config) is Ernie4_5Config,
+    "model_type": config.model_type, "architectures": config.architectures,
+    "vocab_size": config.vocab_size, "tokens": len(tokenizer), "chat_template": bool(tokenizer.chat_template),
+    "eos": [config.eos_token_id, tokenizer.eos_token_id],
+    "embed_shape": list(embed.shape), "embed_dtype": str(embed.dtype), "embed_std": float(embed.float().std()),
+    "keys": keys,
+}))
+"""
 
+
+def _prepare(dest: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.model", "prepare", "--model", "tiny-ernie", "--dest", str(dest), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def test_build_writes_a_random_weight_ernie_checkpoint_once(tmp_path):
+    """The real build (needs the embedded model for its tokenizer: prepared by `scripts/install.sh`)."""
     dest = tmp_path / "tiny-ernie"
-    assert model.main(["prepare", "--model", "tiny-ernie", "--dest", str(dest), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = _prepare(dest)
     assert out["path"] == str(dest) and out["built"] is True and out["random_weights"] is True
     assert out["served_model_name"] == "tiny-ernie"
     assert model.is_prepared(dest)
-    config = AutoConfig.from_pretrained(dest)
-    assert type(config) is Ernie4_5Config and config.model_type == "ernie4_5"
-    assert config.architectures == [tiny_ernie.ARCHITECTURE] == ["Ernie4_5ForCausalLM"]
-    tokenizer = AutoTokenizer.from_pretrained(dest)
-    assert config.vocab_size == len(tokenizer) and tokenizer.chat_template
-    assert config.eos_token_id == tokenizer.eos_token_id
-    with safe_open(str(dest / model.WEIGHTS_FILE), "pt") as f:
-        embed = f.get_tensor("model.embed_tokens.weight")
-        assert tuple(embed.shape) == (len(tokenizer), tiny_ernie.DIMENSIONS["hidden_size"])
-        assert str(embed.dtype) == "torch.bfloat16" and float(embed.float().std()) > 0  # random, not zeros
-        assert "lm_head.weight" not in f.keys()  # tied to the embedding
-        layers = {k.split(".")[2] for k in f.keys() if k.startswith("model.layers.")}
-        assert len(layers) == tiny_ernie.DIMENSIONS["num_hidden_layers"]
+    done = subprocess.run(
+        [sys.executable, "-c", _INSPECT, str(dest), str(dest / model.WEIGHTS_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["is_ernie_config"] and facts["model_type"] == "ernie4_5", facts["config_class"]
+    assert facts["architectures"] == [tiny_ernie.ARCHITECTURE] == ["Ernie4_5ForCausalLM"]
+    assert facts["vocab_size"] == facts["tokens"] and facts["chat_template"]
+    assert facts["eos"][0] == facts["eos"][1]
+    assert facts["embed_shape"] == [facts["tokens"], tiny_ernie.DIMENSIONS["hidden_size"]]
+    assert facts["embed_dtype"] == "torch.bfloat16" and facts["embed_std"] > 0  # random, not zeros
+    assert "lm_head.weight" not in facts["keys"]  # tied to the embedding
+    layers = {k.split(".")[2] for k in facts["keys"] if k.startswith("model.layers.")}
+    assert len(layers) == tiny_ernie.DIMENSIONS["num_hidden_layers"]
     assert "RANDOM WEIGHTS" in (dest / "README.md").read_text()
     assert "random weights" in json.loads((dest / model.MARKER_FILE).read_text())["source"]
     mtime = (dest / model.WEIGHTS_FILE).stat().st_mtime_ns
-    assert model.main(["prepare", "--model", "tiny-ernie", "--dest", str(dest), "--json"]) == 0
-    again = json.loads(capsys.readouterr().out)
+    again = _prepare(dest)
     assert again["built"] is False and (dest / model.WEIGHTS_FILE).stat().st_mtime_ns == mtime
 
 
