@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "remove": ("agent.local.remove", "drain and stop engines of the running local mesh"),
     "scale": ("agent.local.scale", "add or remove engines of the local mesh until N pass"),
     "status": ("agent.status", "instances and gateways as Consul sees them (--json)"),
+    "top": ("agent.dashboard.top", "live table of the mesh in a terminal, from Prometheus and Consul (--once, --json)"),
+    "dashboard": ("agent.dashboard.server", "live dashboard page of a mesh, from Prometheus and Consul"),
     "engine": ("agent.engine.cli", "engine agent: supervise vLLM, register in Consul, report health"),
     "drain": ("agent.engine.drain_cli", "drain one instance through its engine agent"),
     "gateway": ("agent.gateway.cli", "gateway agent: Consul catalog -> Envoy over xDS"),

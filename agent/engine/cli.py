@@ -23,6 +23,7 @@ from agent.engine import config as engine_config
 from agent.engine.api import create_app
 from agent.engine.instance import InstanceController
 from agent.engine.metrics import EngineAgentMetrics
+from agent.engine.resources import ResourceCollector
 from agent.net import bind_error
 from agent.secret_files import read_secret, read_secrets
 
@@ -81,6 +82,7 @@ async def serve(cfg: engine_config.EngineAgentConfig) -> int:
         metrics.registry.register(
             TokenUseCollector(catalog, lambda: [c.publisher.keeper for c in controllers.values()])
         )
+        metrics.registry.register(ResourceCollector(lambda: {i: c.process_sample for i, c in controllers.items()}))
         host, port = cfg.listen_host_port
         server = _AgentServer(
             uvicorn.Config(

@@ -133,6 +133,7 @@ class InstanceController:
         self._canary_owed_since_s: float | None = None
         self._requests_seen_since_s: float | None = None  # vLLM has counted requests in flight since then
         self._worker: WorkerWatch | None = None
+        self.process_sample: TreeSample | None = None  # the last /proc sample (resources.py exports it)
         self.verdict = Verdict(VerdictState.STARTING, "agent starting", VerdictCause.SPAWNING)
         # The one writer of this instance's Consul state (run loop, canary via the run loop, drain).
         self.publisher = Publisher(
@@ -197,6 +198,7 @@ class InstanceController:
         """The supervised engine's process tree from /proc (None: attached, or not running)."""
         pid = self.process.pid if self.process else None
         sample = None if pid is None else await asyncio.to_thread(read_tree, pid)
+        self.process_sample = sample
         return sample, time.monotonic()
 
     async def collect(self) -> Facts:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE_BYTES = os.sysconf("SC_PAGE_SIZE")
 STOPPED_STATES = ("T", "t")  # stopped by a signal; stopped under a tracer
 PROC_DIR = "/proc"
 
@@ -29,6 +30,7 @@ class ProcStat:
     state: str
     ppid: int
     cpu_ticks: int  # utime + stime, in clock ticks
+    rss_pages: int = 0  # resident set size, in pages
 
     @property
     def stopped(self) -> bool:
@@ -58,6 +60,23 @@ class TreeSample:
             return None
         return sum(p.cpu_ticks for p in self.children) / CLOCK_TICKS_PER_S
 
+    @property
+    def processes(self) -> tuple[ProcStat, ...]:
+        """The spawned process (while it lives) and all its descendants."""
+        return ((self.root,) if self.root else ()) + self.children
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by every process of the engine, the API server included (what the
+        engine costs its host; `compute_cpu_s` is the model's share). Restarts with the engine."""
+        return sum(p.cpu_ticks for p in self.processes) / CLOCK_TICKS_PER_S
+
+    @property
+    def rss_bytes(self) -> int:
+        """Resident memory of every process of the engine, summed (pages shared between them, such as
+        a model mapped by two processes, count once per process: an upper bound)."""
+        return sum(p.rss_pages for p in self.processes) * PAGE_SIZE_BYTES
+
 
 def parse_stat(text: str) -> ProcStat | None:
     """Parse /proc/<pid>/stat. The command name sits in parentheses and may itself hold spaces and
@@ -69,12 +88,14 @@ def parse_stat(text: str) -> ProcStat | None:
         return None
     try:
         # after the name: state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt utime stime
+        # cutime cstime priority nice num_threads itrealvalue starttime vsize rss
         return ProcStat(
             pid=int(pid_text),
             comm=comm,
             state=fields[0],
             ppid=int(fields[1]),
             cpu_ticks=int(fields[11]) + int(fields[12]),
+            rss_pages=int(fields[21]) if len(fields) > 21 else 0,
         )
     except ValueError:
         return None

@@ -26,7 +26,7 @@ from agent.gateway import keys
 from agent.gateway.rendered import write_private
 from agent.local.consul_acl import consul_version
 from agent.local.binaries import MissingBinary, consul_binary, find_binary
-from agent.local.parts import Part, part_of, plan_parts, stop_order
+from agent.local.parts import Need, Part, part_of, plan_parts, stop_order
 from agent.local.plan import LOCAL_KEY_NAME, REPO_DIR, MeshPlan
 from agent.local.ports import port_open
 from agent.local.procs import AdoptedProcess, ManagedProcess, Stoppable, child_env, mesh_command
@@ -54,6 +54,9 @@ CONSUL_START_TIMEOUT_S = 30.0
 GATEWAY_START_TIMEOUT_S = 60.0
 UI_START_TIMEOUT_S = 120.0
 PROMETHEUS_START_TIMEOUT_S = 30.0
+DASHBOARD_START_TIMEOUT_S = 60.0
+LOCAL_DATACENTER = "dc1"  # the dev agent's (consul/dev.hcl sets none: Consul's default)
+LOCAL_SCRAPE_S = 5.0  # the local Prometheus scrapes and re-reads Consul every 5 s (production: 15 s)
 ROUTE_TIMEOUT_S = 60.0
 HTTP_TIMEOUT_S = 2.0
 PROMETHEUS_FAILED_STOP_TIMEOUT_S = 5.0
@@ -224,6 +227,7 @@ class Mesh:
             "gateway": self.start_gateway,
             "ui": self.start_ui,
             "prometheus": self.start_prometheus,
+            "dashboard": self.start_dashboard,
         }
         for part in sorted(self.parts, key=lambda part: part.start_order):
             starters[part.name](part)
@@ -382,26 +386,33 @@ class Mesh:
         self._wait(lambda: http_status(p.ui_url) == 200, UI_START_TIMEOUT_S, "Chainlit UI answering")
 
     def start_prometheus(self, part: Part) -> None:
-        """Optional: only with a Prometheus that has Consul service discovery (deploy/prometheus/install.sh)."""
+        """With a Prometheus that has Consul service discovery (deploy/prometheus/install.sh). Optional
+        without the dashboard (skipped with a note); required with it (`up`'s preflight checked the
+        binary; a Prometheus that does not start stops `up`)."""
         p = self.plan
-        try:
-            from agent.local import prometheus as prom
-
-            binary = find_binary("prometheus", "deploy/prometheus/install.sh")
-        except (ImportError, MissingBinary):
-            return
-        promtool = prom.promtool_beside(binary)
-        if promtool is None or not prom.has_consul_sd(promtool):
-            self.out.info(
-                f"Prometheus skipped: {binary} has no Consul service discovery "
-                "(deploy/prometheus/install.sh installs one that has)"
-            )
+        required = part.need is not Need.OPTIONAL
+        binary, why_not = usable_prometheus()
+        if binary is None:
+            if required:
+                raise StartError(f"Prometheus: {why_not}")
+            self.out.info(f"Prometheus skipped: {why_not}")
             return
         if not can_bind("127.0.0.1", p.prometheus_port):
+            if required:
+                raise StartError(f"Prometheus: port {p.prometheus_port} is in use")
             self.out.info(f"Prometheus skipped: port {p.prometheus_port} is in use")
             return
-        self.out.step(f"Prometheus on {p.prometheus_url} (targets from Consul)")
-        config = prom.write_config(p.run_dir / "prometheus", p.consul_address)
+        from agent.local import prometheus as prom
+
+        self.out.step(f"Prometheus on {p.prometheus_url} (targets from Consul, scraped every {LOCAL_SCRAPE_S:.0f}s)")
+        config = prom.write_config(
+            p.run_dir / "prometheus",
+            p.consul_address,
+            scrape_interval_s=LOCAL_SCRAPE_S,
+            sd_refresh_interval_s=LOCAL_SCRAPE_S,
+            engine_service=p.service,
+            datacenter=LOCAL_DATACENTER,
+        )
         mp = self._start(
             part.name,
             [
@@ -420,9 +431,21 @@ class Mesh:
         try:
             self._wait(ready, PROMETHEUS_START_TIMEOUT_S, "Prometheus ready")
         except StartError as e:
+            if required:
+                raise StartError(f"Prometheus did not start ({str(e).splitlines()[0]})") from None
             self.out.warn(f"Prometheus did not start ({str(e).splitlines()[0]}); the mesh runs without it")
             self._stop_one(part.name, PROMETHEUS_FAILED_STOP_TIMEOUT_S)
             self.procs.pop(part.name, None)
+
+    def start_dashboard(self, part: Part) -> None:
+        p = self.plan
+        self.out.step(f"dashboard on {p.dashboard_url} (reads Prometheus and Consul)")
+        self._start(part.name, p.dashboard_command(), env=child_env())
+        self._wait(
+            lambda: http_status(f"{p.dashboard_url}/api/config") == 200,
+            DASHBOARD_START_TIMEOUT_S,
+            "dashboard answering",
+        )
 
     def _instances(self) -> dict[str, CatalogEntry]:
         _idx, entries = self.catalog.instances(self.plan.service)
@@ -571,3 +594,17 @@ class Mesh:
         )
         self.save("stopped", "")
         return [p.name for p in leftovers]
+
+
+def usable_prometheus() -> tuple[str | None, str]:
+    """(the Prometheus binary `up` runs, "") or (None, why there is none usable)."""
+    try:
+        from agent.local import prometheus as prom
+
+        binary = find_binary("prometheus", "deploy/prometheus/install.sh (or scripts/install.sh core) installs one")
+    except (ImportError, MissingBinary) as e:
+        return None, str(e)
+    promtool = prom.promtool_beside(binary)
+    if promtool is None or not prom.has_consul_sd(promtool):
+        return None, (f"{binary} has no Consul service discovery (deploy/prometheus/install.sh installs one that has)")
+    return binary, ""

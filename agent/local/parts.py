@@ -66,9 +66,14 @@ class Part:
 
 
 def mesh_parts(
-    engines: int = 1, ui: bool = True, prometheus: bool = True, drain_deadline_s: float = DRAIN_DEADLINE_S
+    engines: int = 1,
+    ui: bool = True,
+    prometheus: bool = True,
+    drain_deadline_s: float = DRAIN_DEADLINE_S,
+    dashboard: bool = True,
 ) -> tuple[Part, ...]:
-    """The parts of a mesh, in start order (the defaults: every part a mesh can have)."""
+    """The parts of a mesh, in start order (the defaults: every part a mesh can have). The dashboard
+    reads Prometheus: with it, Prometheus is required (it must start), without it optional."""
     table = [
         Part(
             "consul",
@@ -106,11 +111,22 @@ def mesh_parts(
         table.append(
             Part(
                 "prometheus",
-                Need.OPTIONAL,
+                Need.REQUIRED if dashboard else Need.OPTIONAL,
                 start_order=5,
                 stop_order=2,
                 stop_timeout_s=STOP_TIMEOUT_S,
                 title="Prometheus",
+            )
+        )
+    if dashboard and prometheus:
+        table.append(
+            Part(
+                "dashboard",
+                Need.REQUIRED,
+                start_order=6,
+                stop_order=0,
+                stop_timeout_s=STOP_TIMEOUT_S,
+                title="dashboard",
             )
         )
     return tuple(sorted(table, key=lambda p: p.start_order))
@@ -118,7 +134,13 @@ def mesh_parts(
 
 def plan_parts(plan: MeshPlan) -> tuple[Part, ...]:
     """The parts `plan` runs, in start order."""
-    return mesh_parts(plan.engines, ui=plan.ui, prometheus=plan.prometheus, drain_deadline_s=plan.drain_deadline_s)
+    return mesh_parts(
+        plan.engines,
+        ui=plan.ui,
+        prometheus=plan.prometheus,
+        drain_deadline_s=plan.drain_deadline_s,
+        dashboard=plan.dashboard,
+    )
 
 
 def stop_order(parts: tuple[Part, ...]) -> tuple[Part, ...]:

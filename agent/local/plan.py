@@ -21,6 +21,7 @@ import tomli_w
 from agent.local.consul_acl import LocalAcl
 from agent.builtin_models import BuiltinModel, builtin
 from agent.config import ConfigError, short_hostname
+from agent.dashboard.config import DEFAULT_PORT as DASHBOARD_PORT
 from agent.local.defaults import DEFAULT_SERVED_MODEL_NAME, vllm_engine
 from agent.local.placement import Placement
 from agent.naming import instance_id
@@ -40,6 +41,7 @@ CONSUL_SERVER_PORT = 8300
 CONSUL_SERF_LAN_PORT = 8301
 CONSUL_SERF_WAN_PORT = 8302
 PROMETHEUS_PORT = 9090
+# DASHBOARD_PORT = 8090 (agent/dashboard/config.py, the dashboard's own default)
 GATEWAY_METRICS_PORT = 9102
 AGENT_PORT_BASE = 9200
 ENVOY_ADMIN_PORT = 9901
@@ -89,7 +91,8 @@ class MeshPlan:
     run_dir: Path = field(default_factory=default_run_dir)
     ui: bool = True
     ui_venv: Path = field(default_factory=default_ui_venv)
-    prometheus: bool = True  # started only if installed and deploy/prometheus has a config
+    prometheus: bool = True  # required with the dashboard; else started only if installed
+    dashboard: bool = True  # the live dashboard (agent/dashboard) on 127.0.0.1:8090; off without Prometheus
     drain_deadline_s: float = DRAIN_DEADLINE_S
 
     def __post_init__(self) -> None:
@@ -99,6 +102,8 @@ class MeshPlan:
             raise ConfigError(f"--engines must be 1-{MAX_ENGINES}, got {self.engines}")
         if not (0 <= self.port_offset <= MAX_PORT_OFFSET):
             raise ConfigError(f"--port-offset must be 0-{MAX_PORT_OFFSET}, got {self.port_offset}")
+        if not self.prometheus:
+            object.__setattr__(self, "dashboard", False)  # it reads Prometheus: no Prometheus, no dashboard
         if self.engine_kind == "simulated" and self.model:
             raise ConfigError("--model is for real engines: a simulated engine generates no real text")
         object.__setattr__(self, "run_dir", Path(self.run_dir).resolve())
@@ -130,6 +135,10 @@ class MeshPlan:
     def prometheus_port(self) -> int:
         return self.port(PROMETHEUS_PORT)
 
+    @property
+    def dashboard_port(self) -> int:
+        return self.port(DASHBOARD_PORT)
+
     def ports(self) -> list[tuple[str, str, int]]:
         """(host, what, port) for every TCP port the mesh listens on: all must be free before `up`."""
         lo = "127.0.0.1"
@@ -149,6 +158,9 @@ class MeshPlan:
             out.append((lo, f"engine agent {i + 1}", self.agent_port(i)))
         if self.ui:
             out.append((self.host, "Chainlit UI", self.ui_port))
+        if self.dashboard:  # then Prometheus is required too: its port must be free
+            out.append((lo, "Prometheus", self.prometheus_port))
+            out.append((lo, "dashboard", self.dashboard_port))
         return out
 
     # --- URLs ----------------------------------------------------------------------------------
@@ -197,6 +209,33 @@ class MeshPlan:
     @property
     def prometheus_url(self) -> str:
         return f"http://127.0.0.1:{self.prometheus_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def dashboard_command(self) -> list[str]:
+        """The dashboard on loopback (docs/security.md), reading this mesh's Prometheus and Consul."""
+        return [
+            sys.executable,
+            "-m",
+            "agent",
+            "dashboard",
+            "--prometheus",
+            self.prometheus_url,
+            "--consul",
+            self.consul_address,
+            "--service",
+            self.service,
+            "--listen",
+            f"127.0.0.1:{self.dashboard_port}",
+        ]
+
+    def top_command(self) -> str:
+        """`ernie-mesh top` for this mesh, as the banner prints it."""
+        if not self.port_offset:
+            return "ernie-mesh top"
+        return f"ernie-mesh top --prometheus {self.prometheus_url} --consul {self.consul_address}"
 
     # --- paths ---------------------------------------------------------------------------------
 
@@ -377,6 +416,9 @@ class MeshPlan:
         }
         if self.ui:
             out["ui"] = self.ui_url
+        if self.dashboard:
+            out["dashboard"] = self.dashboard_url
+            out["prometheus"] = self.prometheus_url
         return out
 
     def spec(self) -> dict[str, Any]:

@@ -97,10 +97,16 @@ def _node_labels() -> list[dict[str, Any]]:
     return [_copy("__meta_consul_node", "node"), _copy(_META + "node", "node")]
 
 
-def _sd(consul_address: str, service: str, refresh_s: float, token: str | None) -> list[dict[str, Any]]:
+def _sd(
+    consul_address: str, service: str, refresh_s: float, token: str | None, datacenter: str | None = None
+) -> list[dict[str, Any]]:
     sd = {"server": consul_address, "services": [service], "refresh_interval": go_duration(refresh_s)}
     if token:
         sd["token"] = token
+    if datacenter:
+        # Without it Prometheus asks /v1/agent/self for the datacenter, which a Consul with ACLs refuses
+        # to an anonymous reader (403: no target at all); the catalog reads themselves are anonymous.
+        sd["datacenter"] = datacenter
     return [sd]
 
 
@@ -110,9 +116,10 @@ def scrape_configs(
     gateway_service: str = GATEWAY_SERVICE,
     sd_refresh_interval_s: float = SD_REFRESH_INTERVAL_S,
     consul_token: str | None = None,
+    datacenter: str | None = None,
 ) -> list[dict[str, Any]]:
     def sd(service: str) -> list[dict[str, Any]]:
-        return _sd(consul_address, service, sd_refresh_interval_s, consul_token)
+        return _sd(consul_address, service, sd_refresh_interval_s, consul_token, datacenter)
 
     engine_agent = {
         # One target per engine agent: every instance an agent registers carries the same
@@ -177,6 +184,7 @@ def config(
     gateway_service: str = GATEWAY_SERVICE,
     alertmanager_service: str | None = ALERTMANAGER_SERVICE,
     consul_token: str | None = None,
+    datacenter: str | None = None,
 ) -> dict[str, Any]:
     """The whole Prometheus config as data."""
     if scrape_interval_s <= 0 or sd_refresh_interval_s <= 0:
@@ -194,11 +202,15 @@ def config(
         # Alertmanagers registered in Consul as `alertmanager` receive the alerts (none: UI/API only).
         cfg["alerting"] = {
             "alertmanagers": [
-                {"consul_sd_configs": _sd(consul_address, alertmanager_service, sd_refresh_interval_s, consul_token)}
+                {
+                    "consul_sd_configs": _sd(
+                        consul_address, alertmanager_service, sd_refresh_interval_s, consul_token, datacenter
+                    )
+                }
             ]
         }
     cfg["scrape_configs"] = scrape_configs(
-        consul_address, engine_service, gateway_service, sd_refresh_interval_s, consul_token
+        consul_address, engine_service, gateway_service, sd_refresh_interval_s, consul_token, datacenter
     )
     return cfg
 
@@ -218,6 +230,7 @@ def write_config(
     gateway_service: str = GATEWAY_SERVICE,
     consul_token: str | None = None,
     alert_for_s: float | None = None,
+    datacenter: str | None = None,
 ) -> Path:
     """Write `prometheus.yml` and `rules/ernie-mesh.rules.yml` into `directory`; return the config's path.
 
@@ -238,6 +251,7 @@ def write_config(
             engine_service=engine_service,
             gateway_service=gateway_service,
             consul_token=consul_token,
+            datacenter=datacenter,
         )
     )
     return path

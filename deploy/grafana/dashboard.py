@@ -183,6 +183,39 @@ ROWS: list[tuple[str, list[dict]]] = [
         ],
     ),
     (
+        "Resources",
+        [
+            dict(
+                title="CPU per instance",
+                unit="short",
+                description="CPU cores used by each engine's processes (API server and descendants), from its agent.",
+                targets=[q(f"sum by (instance_id) (rate(ernie_engine_cpu_seconds_total[{RI}]))", "{{instance_id}}")],
+            ),
+            dict(
+                title="Memory per instance",
+                unit="bytes",
+                description=(
+                    "Resident memory of each engine's processes, summed (an upper bound: shared pages count twice)."
+                ),
+                targets=[q("sum by (instance_id) (ernie_engine_memory_rss_bytes)", "{{instance_id}}")],
+            ),
+            dict(
+                title="GPU per instance",
+                unit="percentunit",
+                description="NVML utilisation of the GPUs each engine uses, and the share of their memory it holds "
+                "(GPU hosts only: empty elsewhere).",
+                targets=[
+                    q("max by (instance_id) (ernie_engine_gpu_utilization_ratio)", "{{instance_id}} utilisation"),
+                    q(
+                        "sum by (instance_id) (ernie_engine_gpu_memory_used_bytes) "
+                        "/ sum by (instance_id) (ernie_engine_gpu_memory_total_bytes)",
+                        "{{instance_id}} memory",
+                    ),
+                ],
+            ),
+        ],
+    ),
+    (
         "Resilience",
         [
             dict(

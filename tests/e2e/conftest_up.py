@@ -33,8 +33,9 @@ UI_MAX_TOKENS = "48"
 OFFSETS = (20000, 22000, 24000, 26000, 28000, 30000, 32000)
 
 
-def plan_for(offset: int, run_dir: Path, **kw) -> MeshPlan:
-    return MeshPlan(port_offset=offset, run_dir=run_dir, prometheus=False, **kw)
+def plan_for(offset: int, run_dir: Path, prometheus: bool = False, **kw) -> MeshPlan:
+    """The plan of a test mesh: without Prometheus (and so without the dashboard) unless asked."""
+    return MeshPlan(port_offset=offset, run_dir=run_dir, prometheus=prometheus, **kw)
 
 
 def ports_free(plan: MeshPlan) -> list[int]:
@@ -52,10 +53,19 @@ def free_offset(run_dir: Path, exclude: tuple[int, ...] = (), **kw) -> int:
 class UpRun:
     """`python -m agent up --json ...` in the background; its JSON events arrive on a queue."""
 
-    def __init__(self, run_dir: Path, offset: int, *args: str, engines: int = 2, kind: str = "vllm", ui: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        offset: int,
+        *args: str,
+        engines: int = 2,
+        kind: str = "vllm",
+        ui: bool = True,
+        dashboard: bool = False,
+    ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.plan = plan_for(offset, self.run_dir, engines=engines, engine_kind=kind, ui=ui)
+        self.plan = plan_for(offset, self.run_dir, prometheus=dashboard, engines=engines, engine_kind=kind, ui=ui)
         cmd = [
             sys.executable,
             "-m",
@@ -70,7 +80,7 @@ class UpRun:
             str(offset),
             "--run-dir",
             str(self.run_dir),
-            "--no-prometheus",
+            *(() if dashboard else ("--no-prometheus",)),  # the dashboard needs Prometheus
             *args,
         ]
         if not ui:
@@ -246,6 +256,24 @@ def chat_stream(mesh: UpRun, model: str, prompt: str, max_tokens: int, on_chunk=
             on_chunk(seen)
     seen["text"] = "".join(seen["text"])
     return seen
+
+
+_SIM_MESH: UpRun | None = None
+
+
+@pytest.fixture(scope="session")
+def sim_mesh(request, tmp_path_factory):
+    """The session's shared SIMULATED mesh with Prometheus and the dashboard (no UI): the up, dashboard
+    and `top` tests that leave it running read it; tests that stop a mesh start their own."""
+    global _SIM_MESH
+    if _SIM_MESH is None:
+        run_dir = tmp_path_factory.mktemp("up-sim")
+        offset = free_offset(run_dir, engine_kind="simulated", ui=False, prometheus=True)
+        run = UpRun(run_dir, offset, kind="simulated", ui=False, dashboard=True)
+        request.session.config.add_cleanup(run.shutdown)
+        run.wait_healthy(180)
+        _SIM_MESH = run
+    return _SIM_MESH
 
 
 _VLLM_MESH: UpRun | None = None

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from agent.net import can_bind
-from tests.e2e.conftest_up import UpRun, free_offset, ports_free
+from tests.e2e.conftest_up import UpRun, free_offset, ports_free, sim_mesh  # noqa: F401 (shared session fixture)
 
 pytestmark = pytest.mark.timeout(600)
 START_TIMEOUT_S = 180.0
@@ -32,10 +32,12 @@ def down(run: UpRun) -> dict:
 
 
 @pytest.fixture
-def sim_run(tmp_path):
-    run = UpRun(
-        tmp_path / "run", free_offset(tmp_path / "run", engine_kind="simulated", ui=False), kind="simulated", ui=False
-    )
+def sim_run(tmp_path, request):
+    """A mesh of the test's own (it gets stopped); with the dashboard (and Prometheus) when the test
+    is marked `with_dashboard`, so `down` is seen stopping those too."""
+    dashboard = request.node.get_closest_marker("with_dashboard") is not None
+    offset = free_offset(tmp_path / "run", engine_kind="simulated", ui=False, prometheus=dashboard)
+    run = UpRun(tmp_path / "run", offset, kind="simulated", ui=False, dashboard=dashboard)
     try:
         run.wait_healthy(START_TIMEOUT_S)
         yield run
@@ -43,16 +45,25 @@ def sim_run(tmp_path):
         run.shutdown()
 
 
-def test_simulated_mesh_is_labelled_and_answers(sim_run):
-    assert sim_run.healthy["engine_kind"] == "simulated" and sim_run.healthy["model"] == "simulated"
+def test_simulated_mesh_is_labelled_and_answers(sim_mesh):
+    assert sim_mesh.healthy["engine_kind"] == "simulated" and sim_mesh.healthy["model"] == "simulated"
     r = httpx.post(
-        f"{sim_run.plan.api_url}/chat/completions",
+        f"{sim_mesh.plan.api_url}/chat/completions",
         timeout=30,
-        headers={"Authorization": f"Bearer {sim_run.plan.api_key()}"},
+        headers={"Authorization": f"Bearer {sim_mesh.plan.api_key()}"},
         json={"model": "simulated", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
     )
-    assert r.status_code == 200 and r.headers["x-ernie-instance"] in sim_run.healthy["instances"]
-    assert "SIMULATED" in sim_run.stderr_path.read_text()
+    assert r.status_code == 200 and r.headers["x-ernie-instance"] in sim_mesh.healthy["instances"]
+    assert "SIMULATED" in sim_mesh.stderr_path.read_text()
+
+
+def test_up_prints_the_dashboard_and_prometheus(sim_mesh):
+    """The dashboard is on by default and Prometheus with it; the banner names both, and `top`."""
+    urls = sim_mesh.healthy["urls"]
+    assert urls["dashboard"] == sim_mesh.plan.dashboard_url and urls["prometheus"] == sim_mesh.plan.prometheus_url
+    banner = sim_mesh.stderr_path.read_text()
+    assert f"Dashboard    {sim_mesh.plan.dashboard_url}" in banner and "ernie-mesh top --prometheus" in banner
+    assert httpx.get(f"{urls['prometheus']}/-/ready", timeout=5).status_code == 200
 
 
 def test_down_stops_a_running_up(sim_run):
@@ -94,6 +105,7 @@ def reaches(run: UpRun, instance: str, tries: int = 40) -> bool:
     return False
 
 
+@pytest.mark.with_dashboard
 def test_add_remove_scale_under_load_then_down_after_a_killed_up(sim_run):
     """Day two on a running `up` (issue 15), under steady load: `add` an engine (it passes, then takes
     traffic), `scale 4`, `scale 2` (the added ones drained and stopped, newest first), `remove` one
@@ -198,14 +210,14 @@ def test_add_remove_scale_under_load_then_down_after_a_killed_up(sim_run):
     assert ports_free(plan) == [] and can_bind("127.0.0.1", extra["engine_port"])
 
 
-def test_the_local_consul_denies_by_default_and_each_part_has_its_own_token(sim_run):
+def test_the_local_consul_denies_by_default_and_each_part_has_its_own_token(sim_mesh):
     """ACLs on in `up`'s Consul (issue 11): without a token nothing registers; the engine agents and
     the gateway registered with their own tokens (they are passing); the catalog reads anonymously
     (DNS, status, Prometheus)."""
-    consul = f"http://{sim_run.plan.consul_address}"
+    consul = f"http://{sim_mesh.plan.consul_address}"
     intruder = {"Name": "ernie", "ID": "ernie-intruder", "Address": "127.0.0.1", "Port": 1}
     assert httpx.put(f"{consul}/v1/agent/service/register", json=intruder, timeout=10).status_code == 403
-    tokens = sim_run.plan.consul_acl
+    tokens = sim_mesh.plan.consul_acl
     engine = httpx.put(
         f"{consul}/v1/agent/service/register",
         json={**intruder, "Name": "ernie-gateway", "ID": "ernie-gateway-intruder"},
@@ -214,5 +226,5 @@ def test_the_local_consul_denies_by_default_and_each_part_has_its_own_token(sim_
     )
     assert engine.status_code == 403  # an engine host's token writes engines, not gateways
     passing = httpx.get(f"{consul}/v1/health/service/ernie?passing", timeout=10).json()
-    assert len(passing) == len(sim_run.healthy["instances"])
+    assert len(passing) == len(sim_mesh.healthy["instances"])
     assert all((tokens.path(r).stat().st_mode & 0o077) == 0 for r in ("management", "engine", "gateway", "operator"))

@@ -30,7 +30,7 @@ VLLM_TREE = [
 
 def test_parse_stat_reads_state_parent_and_cpu_ticks():
     s = parse_stat(stat_line(103, "VLLM::Worker", "T", 102, 5000, 200))
-    assert s == ProcStat(pid=103, comm="VLLM::Worker", state="T", ppid=102, cpu_ticks=5200)
+    assert s == ProcStat(pid=103, comm="VLLM::Worker", state="T", ppid=102, cpu_ticks=5200, rss_pages=3013)
     assert s.stopped and s.describe() == "VLLM::Worker (pid 103)"
     assert not parse_stat(stat_line(1, "x", "S", 0)).stopped
     assert parse_stat(stat_line(1, "x", "t", 0)).stopped  # stopped under a tracer
@@ -51,6 +51,19 @@ def test_parse_stat_reads_this_process():
     with open(f"/proc/{os.getpid()}/stat") as f:
         s = parse_stat(f.read())
     assert s.pid == os.getpid() and s.ppid == os.getppid() and s.state in "RS"
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        resident_pages = int(f.read().split()[1])
+    assert abs(s.rss_pages - resident_pages) <= max(resident_pages // 10, 256)  # the same figure, a moment apart
+
+
+def test_tree_sums_cpu_and_memory_of_every_engine_process():
+    """What the agent exports as ernie_engine_cpu_seconds_total / ernie_engine_memory_rss_bytes: the API
+    server and all its descendants (not the agent, not a stranger)."""
+    t = tree([parse_stat(line) for line in VLLM_TREE], 100)
+    assert t.cpu_s == (1000 + 1 + 340 + 5200) / CLOCK_TICKS_PER_S
+    assert t.rss_bytes == 4 * 3013 * os.sysconf("SC_PAGE_SIZE")
+    gone = tree([parse_stat(line) for line in VLLM_TREE], 999)
+    assert gone.root is None and gone.cpu_s == 0 and gone.rss_bytes == 0
 
 
 def test_tree_finds_all_descendants_and_their_compute_cpu():

@@ -19,30 +19,34 @@ def names(parts) -> list[str]:
     return [p.name for p in parts]
 
 
-def test_parts_start_in_order_and_stop_ui_first_consul_last():
+def test_parts_start_in_order_and_stop_dashboard_and_ui_first_consul_last():
     parts = mesh_parts(engines=2)
-    assert names(parts) == ["consul", "engine-agent", "gateway", "ui", "prometheus"]
-    assert names(stop_order(parts)) == ["ui", "prometheus", "engine-agent", "gateway", "consul"]
+    assert names(parts) == ["consul", "engine-agent", "gateway", "ui", "prometheus", "dashboard"]
+    assert names(stop_order(parts)) == ["dashboard", "ui", "prometheus", "engine-agent", "gateway", "consul"]
 
 
-def test_consul_and_gateway_are_vital_engines_and_ui_required_prometheus_optional():
+def test_consul_and_gateway_are_vital_engines_ui_dashboard_and_its_prometheus_required():
     need = {p.name: p.need for p in mesh_parts()}
     assert need == {
         "consul": Need.VITAL,
         "gateway": Need.VITAL,
         "engine-agent": Need.REQUIRED,
         "ui": Need.REQUIRED,
-        "prometheus": Need.OPTIONAL,
+        "prometheus": Need.REQUIRED,  # the dashboard reads it
+        "dashboard": Need.REQUIRED,
     }
     starting = {p.name for p in mesh_parts() if p.fatal_while_starting}
     running = {p.name for p in mesh_parts() if p.fatal_while_running}
-    assert starting == {"consul", "engine-agent", "gateway", "ui"}
+    assert starting == {"consul", "engine-agent", "gateway", "ui", "prometheus", "dashboard"}
     assert running == {"consul", "gateway"}
+    without = {p.name: p.need for p in mesh_parts(dashboard=False)}
+    assert "dashboard" not in without and without["prometheus"] is Need.OPTIONAL
 
 
 def test_stop_timeouts():
     timeout = {p.name: p.stop_timeout_s for p in mesh_parts()}
     assert timeout == {
+        "dashboard": 10.0,
         "ui": 10.0,
         "prometheus": 10.0,
         "engine-agent": DRAIN_DEADLINE_S + 60.0,
@@ -65,7 +69,9 @@ def test_the_plan_decides_which_parts_run(tmp_path):
         "engine-agent",
         "gateway",
         "ui",
-    ]
+    ]  # no Prometheus: no dashboard either (it reads Prometheus)
+    assert names(plan_parts(MeshPlan(ui=False, dashboard=False, run_dir=tmp_path)))[-1] == "prometheus"
+    assert names(plan_parts(MeshPlan(ui=False, run_dir=tmp_path)))[-2:] == ["prometheus", "dashboard"]
 
 
 def test_a_part_owns_its_processes_not_their_children():
@@ -87,6 +93,7 @@ def test_a_part_owns_its_processes_not_their_children():
         ("gateway",),
         ("ui",),
         ("prometheus",),
+        ("dashboard",),
     ]
 
 
@@ -98,6 +105,7 @@ def test_stop_messages():
     )
     assert by_name["gateway"].stop_message(1) == "gateway agent and Envoy"
     assert [p.stop_step for p in stop_order(mesh_parts())] == [
+        "",
         "",
         "",
         "draining engines",
