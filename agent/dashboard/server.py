@@ -23,6 +23,7 @@ from typing import Any
 
 from agent.config import ConfigError
 from agent.dashboard.config import DEFAULT_PORT, DEFAULT_PROMETHEUS, DashboardConfig, env_consul, is_loopback
+from agent.dashboard.incidents import VerdictWatch
 from agent.dashboard.prom import Prometheus
 from agent.dashboard.snapshot import Sources, charts, snapshot
 
@@ -57,7 +58,8 @@ def create_app(cfg: DashboardConfig, prom: Prometheus | None = None) -> Any:
     from fastapi.staticfiles import StaticFiles
 
     prom = prom or Prometheus(cfg.prometheus)
-    sources = Sources(prom, cfg.consul, cfg.service)
+    watch = VerdictWatch(cfg.consul, cfg.service).start() if cfg.consul else None
+    sources = Sources(prom, cfg.consul, cfg.service, watch)
     app = FastAPI(title="ernie-mesh dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
     if cfg.on_loopback:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.dashboard import queries
+from agent.dashboard.incidents import VerdictWatch
 from agent.dashboard.prom import Prometheus, PrometheusError
 
 VERDICT_ORDER = ("critical", "starting", "draining", "passing")  # worst first: the table sorts by it
@@ -24,6 +25,7 @@ class Sources:
     prometheus: Prometheus
     consul: str | None = None  # host:port; None: verdicts from Prometheus
     service: str = "ernie"
+    watch: VerdictWatch | None = None  # every verdict change as it happens (a crash flaps for ~1 s)
 
 
 def _by(results: list[tuple[dict[str, str], float]], label: str) -> dict[str, float]:
@@ -137,9 +139,11 @@ def snapshot(src: Sources) -> dict[str, Any]:
         for iid, v in _by(results[f"i:{key}"], "instance_id").items():
             if iid in instances:
                 instances[iid][key] = v
+    recent = src.watch.recent() if src.watch else {}
     for r in instances.values():
         for key in queries.INSTANCE:
             r.setdefault(key, None)
+        r["last_critical"] = recent.get(r["id"])  # {reason, at, ago_s} of a critical verdict seen lately
 
     gateways: dict[str, dict[str, Any]] = {}
     for key in queries.GATEWAY:

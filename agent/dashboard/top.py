@@ -75,6 +75,10 @@ def rows(snap: dict[str, Any]) -> list[tuple[str, ...]]:
     for r in snap["instances"]:
         run_wait = f"{_num(r['running'], 0)}/{_num(r['waiting'], 0)}"
         cpu = "-" if r["cpu_cores"] is None else f"{r['cpu_cores']:.2f}"
+        reason = str(r["reason"])
+        crit = r.get("last_critical")
+        if crit and r["verdict"] != "critical":
+            reason = f"[critical {crit['ago_s']:.0f}s ago: {crit['reason']}] {reason}"
         out.append(
             (
                 str(r["id"]),
@@ -86,7 +90,7 @@ def rows(snap: dict[str, Any]) -> list[tuple[str, ...]]:
                 _num(r["requests_s"], 2),
                 cpu,
                 _bytes(r["memory_bytes"]),
-                str(r["reason"]),
+                reason,
             )
         )
     return out
@@ -159,6 +163,10 @@ def main(argv: list[str]) -> int:
         snap = snapshot(src)
         print(render(snap, shutil.get_terminal_size().columns if sys.stdout.isatty() else 0, color))
         return 0 if answered(snap) else 1
+    if cfg.consul:  # a crash flaps critical for ~1 s: the watch sees it, a redraw every 2 s might not
+        from agent.dashboard.incidents import VerdictWatch
+
+        src = Sources(src.prometheus, src.consul, src.service, VerdictWatch(cfg.consul, args.service).start())
     tty = sys.stdout.isatty()
     try:
         if tty:

@@ -154,3 +154,27 @@ def test_up_plans_the_dashboard_and_prometheus_with_it(tmp_path):
     off = MeshPlan(run_dir=tmp_path, prometheus=False)
     assert not off.dashboard and "dashboard" not in off.urls()  # it reads Prometheus: none without it
     assert MeshPlan(run_dir=tmp_path).top_command() == "ernie-mesh top"
+
+
+def test_the_verdict_watch_keeps_a_crash_that_lasted_a_second():
+    """A killed engine is critical for about a second, then starting: the watch keeps the critical
+    verdict (reason, when) for keep_s after it was last seen, and the snapshot carries it."""
+    from types import SimpleNamespace
+
+    from agent.catalog.base import Verdict, VerdictState
+    from agent.dashboard.incidents import VerdictWatch
+
+    def entry(state: VerdictState, reason: str) -> SimpleNamespace:
+        return SimpleNamespace(instance_id=A, verdict=Verdict(state, reason))
+
+    watch = VerdictWatch("127.0.0.1:1", "ernie", keep_s=60)
+    watch.observe([entry(VerdictState.PASSING, "canary generation ok")], now=100)
+    assert watch.recent(now=100) == {}
+    watch.observe([entry(VerdictState.CRITICAL, "engine process exited with code -9")], now=101)
+    watch.observe([entry(VerdictState.STARTING, "loading model")], now=102)
+    assert watch.recent(now=110) == {A: {"reason": "engine process exited with code -9", "at": 101, "ago_s": 9.0}}
+    assert watch.recent(now=162) == {}  # passing again for a while: no longer shown
+    watch.observe([entry(VerdictState.CRITICAL, "engine process exited with code -9")])  # now
+    prom = fake_prometheus({queries.VERDICT: [({"instance_id": A, "state": "starting"}, 1)]})
+    (row,) = snapshot(Sources(prom, watch=watch))["instances"]
+    assert row["verdict"] == "starting" and row["last_critical"]["reason"].endswith("code -9")

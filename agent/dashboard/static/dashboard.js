@@ -63,11 +63,16 @@ function renderInstances(s) {
   const anyGpu = s.instances.some((r) => r.gpu_utilization !== null || r.gpu_memory_bytes !== null);
   document.getElementById("instances").classList.toggle("hide-gpu", !anyGpu);
   document.getElementById("passing").textContent = `${s.passing} of ${s.instances.length} passing`;
-  const body = s.instances.map((r) => `
-    <tr class="v-${esc(r.verdict)}" data-instance="${esc(r.id)}" data-verdict="${esc(r.verdict)}">
+  const ago = (c) => (c.ago_s < 90 ? `${Math.round(c.ago_s)} s` : `${Math.round(c.ago_s / 60)} min`);
+  const body = s.instances.map((r) => {
+    const crit = r.verdict !== "critical" && r.last_critical ? r.last_critical : null;
+    const alarm = r.verdict === "critical" || crit ? "critical" : "";
+    return `
+    <tr class="v-${esc(r.verdict)}${alarm ? " alarm" : ""}" data-instance="${esc(r.id)}" data-verdict="${esc(r.verdict)}" data-alarm="${alarm}">
       <td><div class="iid">${esc(r.id)}</div><div class="sub">${esc(r.node)}${r.model ? " · " + esc(r.model) : ""}</div></td>
       <td><span class="pill">${esc(r.verdict)}</span>${r.cause ? ` <span class="sub">${esc(r.cause)}</span>` : ""}
-          <div class="reason">${esc(r.reason)}</div></td>
+          <div class="reason">${esc(r.reason)}</div>
+          ${crit ? `<div class="incident">critical ${ago(crit)} ago: ${esc(crit.reason)}</div>` : ""}</td>
       <td class="n">${num(r.running, 0)} / ${num(r.waiting, 0)}</td>
       <td class="n">${num(r.requests_s, 2)}</td>
       <td class="n">${num(r.tokens_s)}</td>
@@ -79,7 +84,8 @@ function renderInstances(s) {
       <td class="n">${bytes(r.memory_bytes)}</td>
       <td class="n gpu">${pct(r.gpu_utilization)} · ${bytes(r.gpu_memory_bytes)}</td>
       <td class="n">${num(r.restarts_1h, 0)}</td>
-    </tr>`).join("");
+    </tr>`;
+  }).join("");
   document.querySelector("#instances tbody").innerHTML =
     body || `<tr><td colspan="13" class="empty">no instance registered</td></tr>`;
 }
