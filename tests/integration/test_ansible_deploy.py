@@ -26,7 +26,12 @@ check:
      tokens are refused afterwards, the new ones work), zero failed, zero truncated, no instance
      leaves the catalog or stops passing (Consul sampled throughout), no agent restarted;
      then a second `site.yml` reports changed=0 on every host;
-  6. one engine host's link cut: DNS stops listing its instances within Consul's failure
+  7. a new engine host (engine3) joins the running fleet: in the inventory, `site.yml --limit
+     engine3`, under steady load: nothing else restarts (every other agent keeps its pid), its
+     instances pass and take traffic; then `retire.yml --limit engine3`: every instance drained
+     and deregistered, its engine agent and Consul client stopped (the node `left`); zero failed,
+     zero truncated;
+  8. one engine host's link cut: DNS stops listing its instances within Consul's failure
      detection, and the gateway keeps answering under steady load with zero failed requests and
      zero streams lost (those answering from the cut host are resumed by the relay).
 
@@ -66,6 +71,9 @@ SERVICE = "ernie"
 MODEL = "sim-model"
 ENGINE_PORTS = (8001, 8002)
 HOSTS = ["consul1", "consul2", "consul3", "engine1", "engine2", "gateway1"]
+ENGINE_HOSTS = ("engine1", "engine2")
+# A host that joins the running fleet later (site.yml --limit engine3) and is retired (retire.yml).
+NEW_HOST = "engine3"
 PLAYBOOK_TIMEOUT_S = 600  # a generous bound: a quiet machine needs a fraction of it (at load 9: 340 s)
 DNS_DEADLINE_S = 45.0
 LOAD_CONCURRENCY = 4
@@ -117,7 +125,7 @@ def snapshot_sources(dest: Path) -> Path:
     return dest
 
 
-def inventory(lab: NetnsLab, src: Path) -> dict:
+def inventory(lab: NetnsLab, src: Path, engine_hosts: tuple[str, ...] = ENGINE_HOSTS) -> dict:
     def host(name: str, **extra) -> dict:
         h = lab.hosts[name]
         return {
@@ -155,7 +163,7 @@ def inventory(lab: NetnsLab, src: Path) -> dict:
             },
             "children": {
                 "consul_servers": {"hosts": {n: host(n) for n in ("consul1", "consul2", "consul3")}},
-                "engines": {"hosts": {n: host(n) for n in ("engine1", "engine2")}},
+                "engines": {"hosts": {n: host(n) for n in engine_hosts}},
                 "gateways": {"hosts": {"gateway1": host("gateway1")}},
             },
         }
@@ -170,7 +178,7 @@ class Deploy:
         self.inventory_path = inventory_path
         self.runs = 0
 
-    def playbook(self, name: str, timeout_s: float = PLAYBOOK_TIMEOUT_S) -> tuple[str, float]:
+    def playbook(self, name: str, *args: str, timeout_s: float = PLAYBOOK_TIMEOUT_S) -> tuple[str, float]:
         self.runs += 1
         log = self.tmp / f"ansible-{self.runs}-{name}.log"
         env = {
@@ -184,7 +192,7 @@ class Deploy:
         }
         for key in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN"):
             env.pop(key, None)
-        cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(self.inventory_path), name]
+        cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(self.inventory_path), name, *args]
         t0 = time.monotonic()
         with log.open("w") as out:
             proc = subprocess.Popen(
@@ -437,7 +445,7 @@ def lab(tmp_path):
     why = available()
     if why:
         pytest.fail(f"network namespaces unavailable (the test needs root and iproute2): {why}")
-    with NetnsLab(tmp_path, HOSTS) as lab:
+    with NetnsLab(tmp_path, HOSTS + [NEW_HOST]) as lab:
         yield lab
 
 
@@ -628,7 +636,71 @@ def test_ansible_site_rolling_upgrade_and_partition(lab: NetnsLab, tmp_path: Pat
             denied = [line for line in later.splitlines() if "ACL not found" in line or "Permission denied" in line]
             assert not denied, f"{n}: Consul refused a write after the rotation: {denied[:3]}"
 
-        # --- 7. cut one engine host's link under steady load --------------------------------------
+        # --- 7. a new engine host joins the running fleet, then is retired, under steady load -----
+        # The operator's steps (docs/deploy.md, "Adding and retiring engine hosts"): the host in the
+        # inventory and one `site.yml --limit engine3`: nothing else restarts, its instances pass and
+        # take traffic; then `retire.yml --limit engine3`: every instance drained, deregistered, its
+        # agents stopped, its Consul client left; the host out of the inventory. Zero failed.
+        others = HOSTS
+        pids_before = {n: agent_pid(lab, n, "ernie-engine") for n in ENGINE_HOSTS}
+        pids_before["gateway1"] = agent_pid(lab, "gateway1", "ernie-gateway")
+        pids_before.update({f"consul@{n}": agent_pid(lab, n, "consul") for n in others})
+        inv_path.write_text(json.dumps(inventory(lab, src, ENGINE_HOSTS + (NEW_HOST,)), indent=2))
+        new_ids = {engine_id(lab, NEW_HOST, p) for p in ENGINE_PORTS}
+        with HealthSampler(lab) as health, SteadyLoad(gw, api_key) as load:
+            time.sleep(1)
+            t_add = time.monotonic()
+            out, timings["site.yml --limit engine3"] = deploy.playbook("site.yml", "--limit", NEW_HOST)
+            rc = recap(out)
+            assert set(rc) == {NEW_HOST} and rc[NEW_HOST]["failed"] == 0, rc
+            expected_with_new = expected | {(NEW_HOST, p) for p in ENGINE_PORTS}
+            wait_for(lambda: passing_instances(lab) == expected_with_new, 30, "engine3's instances passing")
+            timings["engine3 passing after (s)"] = time.monotonic() - t_add
+            reached = set()
+            for n in range(40):  # each request its own conversation: affinity spreads them
+                raw = client.chat.completions.with_raw_response.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": f"Hello {n}"}],
+                    max_tokens=2,
+                    extra_headers={"x-session-id": f"engine3-probe-{n}"},
+                )
+                reached.add(raw.headers.get("x-ernie-instance", ""))
+                if reached & new_ids:
+                    break
+            assert reached & new_ids, f"no request reached engine3's instances: {reached}"
+            engine3_pids = {svc: agent_pid(lab, NEW_HOST, svc) for svc in ("ernie-engine", "consul")}
+            t_retire = time.time()
+            out, timings["retire.yml --limit engine3"] = deploy.playbook("retire.yml", "--limit", NEW_HOST)
+            time.sleep(1)
+            s = load.summary()
+        rc = recap(out)
+        assert set(rc) == {NEW_HOST} and rc[NEW_HOST]["failed"] == 0, rc
+        for iid in new_ids:
+            assert f"item={iid})" in out, f"{iid} was not drained before engine3 was retired"
+        pids_after = {n: agent_pid(lab, n, "ernie-engine") for n in ENGINE_HOSTS}
+        pids_after["gateway1"] = agent_pid(lab, "gateway1", "ernie-gateway")
+        pids_after.update({f"consul@{n}": agent_pid(lab, n, "consul") for n in others})
+        assert pids_before == pids_after, "adding or retiring engine3 restarted another host's agent"
+        assert all(pid and not Path(f"/proc/{pid}").exists() for pid in engine3_pids.values()), engine3_pids
+        assert passing_instances(lab) == expected
+        gone = consul_get(lab, "consul1", f"/v1/health/service/{SERVICE}")
+        assert not [e for e in gone if e["Node"]["Node"] == NEW_HOST], "engine3's instances still registered"
+
+        def engine3_status() -> int | None:
+            members = consul_get(lab, "consul1", "/v1/agent/members", secrets["consul_acl_management_token"])
+            return next((m["Status"] for m in members if m["Name"] == NEW_HOST), None)
+
+        # 3 = left (gracefully), not 4 = failed; the servers learn it by gossip within moments
+        wait_for(lambda: engine3_status() == 3, 15, "engine3 `left` in consul members")
+        assert not health.none_passing()
+        timings["engine3 add+retire load"] = s.requests
+        print(f"engine3 added and retired under load: {s}")
+        assert s.requests >= 50 and s.failed == 0 and s.truncated == 0, s
+        during_retire = [r for r in load.gen.snapshot() if r.started >= t_retire]
+        assert len(during_retire) >= 10, len(during_retire)
+        inv_path.write_text(json.dumps(inventory(lab, src), indent=2))  # the host leaves the inventory
+
+        # --- 8. cut one engine host's link under steady load --------------------------------------
         with SteadyLoad(gw, api_key, request_timeout_s=PARTITION_REQUEST_TIMEOUT_S) as load:
             time.sleep(2)
             t_cut = time.time()
