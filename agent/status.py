@@ -73,6 +73,7 @@ class StatusReport(TypedDict):
     service: str
     instances: list[InstanceRow]
     passing: int
+    models: dict[str, dict[str, int]]  # served model name -> {"instances": n, "passing": n}
     gateways: list[GatewayRow]
     datacenters: dict[str, DatacenterRow]
 
@@ -180,6 +181,17 @@ def _gateway_row(e: CatalogEntry, shares: dict[str, float]) -> GatewayRow:
     }
 
 
+def models_of(instances: list[InstanceRow]) -> dict[str, dict[str, int]]:
+    """Per served model name: its instances and how many pass (the gateways route a model's
+    requests to its passing instances only)."""
+    out: dict[str, dict[str, int]] = {}
+    for r in instances:
+        m = out.setdefault(r["model"] or "-", {"instances": 0, "passing": 0})
+        m["instances"] += 1
+        m["passing"] += r["verdict"] == "passing"
+    return dict(sorted(out.items()))
+
+
 def _read_datacenter(
     consul: str, service: str, dc: str, local: str
 ) -> tuple[list[CatalogEntry], list[CatalogEntry], str]:
@@ -235,6 +247,7 @@ def collect(consul: str, service: str, datacenters: list[str] | None = None) -> 
         "service": service,
         "instances": instances,
         "passing": sum(1 for r in instances if r["verdict"] == "passing"),
+        "models": models_of(instances),
         "gateways": sorted(
             (_gateway_row(g, by_gateway.get(g.meta.get("metrics_url", ""), {})) for g in gateways),
             key=lambda r: (r["datacenter"], r["id"]),
@@ -303,6 +316,10 @@ def render(report: StatusReport) -> str:
     for row in rows:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
     lines.append("")
+    models = report.get("models", {})
+    if len(models) > 1:
+        lines.append("models: " + ", ".join(f"{m} {c['passing']}/{c['instances']} passing" for m, c in models.items()))
+        lines.append("")
     if report["gateways"]:
         lines.append("gateways:")
         for g in report["gateways"]:

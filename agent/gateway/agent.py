@@ -28,7 +28,14 @@ from agent.gateway.metrics import GatewayMetrics
 from agent.gateway.relays import RelaySupervisor
 from agent.gateway.shares import Shares
 from agent.gateway.speed import SpeedWeights
-from agent.gateway.snapshot import EndpointCache, Snapshot, build_snapshot, with_held, with_weights
+from agent.gateway.snapshot import (
+    MODEL_CLUSTER_SEPARATOR,
+    EndpointCache,
+    Snapshot,
+    build_snapshot,
+    with_held,
+    with_weights,
+)
 from agent.gateway.watch import WatchUpdate
 from agent.gateway.xds import AdsServer
 from agent.naming import GATEWAY_SERVICE
@@ -141,6 +148,7 @@ class GatewayAgent:
         self._last_entries: tuple[CatalogEntry, ...] = ()
         self._held: frozenset[str] = frozenset()
         self._endpoints = EndpointCache()  # an unchanged catalog entry keeps its Endpoint object
+        self._warned_models = False  # several models with the relay off: logged once
         self._registration = registration_of(cfg)
         self.keeper = RegistrationKeeper(catalog, self._registration.instance_id, cfg.ttl_s)
         self._last_registration_error_log = 0.0
@@ -262,6 +270,14 @@ class GatewayAgent:
         self._held = held
         if previous is not None and previous.version == snap.version:
             return
+        if len(snap.models) > 1 and not self.cfg.relay.enabled and not self._warned_models:
+            self._warned_models = True
+            log.warning(
+                "%d models are served (%s) but [relay] is off: requests are not routed by model "
+                "(only the relay reads the body); turn the relay on",
+                len(snap.models),
+                ", ".join(snap.models),
+            )
         self.snapshot = snap
         self.ads.publish(snap, changed_at=seen_at)
         self.metrics.published(snap, previous, len(result.rejected))
@@ -367,11 +383,18 @@ class GatewayAgent:
         self._speed_pool.shutdown(wait=False, cancel_futures=True)
 
     def _sample_shares(self) -> None:
+        base = self.cfg.cluster
         try:
-            hosts = self.envoy.admin.hosts(self.cfg.cluster)
+            # the engine cluster and the models' clusters (base--<model>): an instance's requests in all
+            clusters = self.envoy.admin.clusters_hosts(
+                lambda name: name == base or name.startswith(base + MODEL_CLUSTER_SEPARATOR)
+            )
         except httpx.HTTPError:
             return  # Envoy busy or restarting: the next tick samples
-        totals = {iid: int(h.get("rq_total", 0)) for iid, h in hosts.items()}
+        totals: dict[str, int] = {}
+        for hosts in clusters.values():
+            for iid, h in hosts.items():
+                totals[iid] = totals.get(iid, 0) + int(h.get("rq_total", 0))
         self.metrics.instance_share.set(self._shares.add(self.clock(), totals))
 
     def _keep_registered(self, verdict: Verdict) -> str:

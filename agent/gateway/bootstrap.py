@@ -10,10 +10,13 @@ import string
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from agent.durations import proto_duration as _duration  # Envoy reads protobuf JSON durations
 from agent.gateway import edge_tls, engine_credential, keys
 from agent.gateway.config import GatewayConfig
 from agent.gateway.relay.affinity import AFFINITY_HEADER
+from agent.gateway.snapshot import MODEL_CLUSTER_SEPARATOR
 
 
 def template_values(cfg: GatewayConfig) -> dict[str, str]:
@@ -134,7 +137,9 @@ def stats_config(cfg: GatewayConfig) -> dict[str, Any]:
     or exports it."""
     if cfg.policy.envoy_stats == "all":
         return {}
-    clusters = "|".join(re.escape(c) for c in (cfg.cluster, USED_STATS_RELAY_CLUSTER))
+    # the engine cluster, the models' clusters (ernie--<model>: agent/gateway/snapshot.py), the relays
+    models = re.escape(cfg.cluster + MODEL_CLUSTER_SEPARATOR) + "[^.]+"
+    clusters = "|".join([re.escape(cfg.cluster), models, re.escape(USED_STATS_RELAY_CLUSTER)])
     return {
         "stats_matcher": {
             "inclusion_list": {
@@ -175,6 +180,16 @@ def _auth_filter(values: dict[str, str]) -> dict[str, Any]:
 def render(template_text: str, cfg: GatewayConfig) -> str:
     """Substitute every ${name}; a placeholder the config does not provide is an error (KeyError)."""
     return string.Template(template_text).substitute(template_values(cfg))
+
+
+def cluster_template(rendered: str, cluster: str) -> dict[str, Any]:
+    """The engine cluster as the rendered bootstrap defines it: what every model's cluster is a copy of
+    (agent/gateway/eds.py model_clusters), so that its policy is written once, in envoy/bootstrap.yaml."""
+    doc = yaml.safe_load(rendered)
+    for c in doc.get("static_resources", {}).get("clusters", []):
+        if c.get("name") == cluster:
+            return dict(c)
+    raise ValueError(f"the bootstrap defines no cluster {cluster!r}")
 
 
 def digest(text: str) -> str:

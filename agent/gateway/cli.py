@@ -84,7 +84,13 @@ def serve(cfg: gateway_config.GatewayConfig, binary: str, template: str) -> int:
     wake = threading.Event()  # a supervised process exited: the agent's loop runs at once
     envoy = EnvoySupervisor(cfg, binary, template, on_restart=metrics.envoy_restarts.inc, on_exit=wake.set)
     # Wiring runs one way: metrics <- ADS server <- agent <- watch; nothing points back.
-    ads = AdsServer(cfg.xds, callbacks=metrics, overprovisioning_factor=cfg.locality.overprovisioning_factor)
+    # Each model's cluster is a copy of the engine cluster of the rendered bootstrap (policy written once).
+    ads = AdsServer(
+        cfg.xds,
+        callbacks=metrics,
+        overprovisioning_factor=cfg.locality.overprovisioning_factor,
+        cluster_template=bootstrap.cluster_template(envoy.bootstrap_text, cfg.cluster),
+    )
     relays = RelaySupervisor(cfg, on_restart=metrics.relay_restarts.inc, on_exit=wake.set)
     keys_watch = (
         KeysWatch(

@@ -89,19 +89,23 @@ class EnvoyAdmin:
 
     def hosts(self, cluster: str) -> dict[str, dict[str, str]]:
         """The cluster's hosts: hostname (instance ID) -> {address, health_flags, rq_active, ...}."""
+        return self.clusters_hosts(lambda name: name == cluster).get(cluster, {})
+
+    def clusters_hosts(self, wanted: Callable[[str], bool]) -> dict[str, dict[str, dict[str, str]]]:
+        """The hosts of every cluster whose name is `wanted`: cluster -> hostname -> {...} (one read)."""
         r = self._http.get(f"{self.url}/clusters")
         r.raise_for_status()
-        by_addr: dict[str, dict[str, str]] = {}
-        prefix = f"{cluster}::"
+        by_addr: dict[str, dict[str, dict[str, str]]] = {}
         for line in r.text.splitlines():
-            if not line.startswith(prefix):
+            cluster, sep, rest = line.partition("::")
+            if not sep or not wanted(cluster):
                 continue
-            parts = line[len(prefix) :].split("::")
+            parts = rest.split("::")
             if len(parts) != 3 or ":" not in parts[0]:
                 continue
             addr, key, value = parts
-            by_addr.setdefault(addr, {"address": addr})[key] = value
-        return {h.get("hostname") or addr: h for addr, h in by_addr.items()}
+            by_addr.setdefault(cluster, {}).setdefault(addr, {"address": addr})[key] = value
+        return {c: {h.get("hostname") or a: h for a, h in hosts.items()} for c, hosts in by_addr.items()}
 
     def post(self, path: str) -> int:
         try:

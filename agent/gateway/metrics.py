@@ -44,6 +44,14 @@ class GatewayMetrics:
         self.snapshot_info = Gauge(
             "ernie_gateway_snapshot_version_info", "1 for the published snapshot version", ["version"], registry=r
         )
+        self.model_endpoints = Gauge(
+            "ernie_gateway_model_endpoints",
+            "Endpoints in the published snapshot, by served model name and state (a model with no "
+            "instance passing is listed with 0 healthy while an instance of it is registered)",
+            ["model", "state"],
+            registry=r,
+        )
+        self._models: set[str] = set()
         self.rejected = Gauge(
             "ernie_gateway_snapshot_rejected_endpoints",
             "Catalog entries left out of the snapshot because Envoy could not use them",
@@ -120,6 +128,14 @@ class GatewayMetrics:
     def published(self, snapshot: Snapshot, previous: Snapshot | None, rejected: int) -> None:
         for state in EndpointState:
             self.endpoints.labels(state.value).set(snapshot.count(state))
+        for gone in self._models - set(snapshot.models):
+            for state in EndpointState:
+                self.model_endpoints.remove(gone, state.value)
+        for model in snapshot.models:
+            for state in EndpointState:
+                n = sum(1 for e in snapshot.endpoints if e.model == model and e.state is state)
+                self.model_endpoints.labels(model, state.value).set(n)
+        self._models = set(snapshot.models)
         if previous is not None and previous.version != snapshot.version:
             try:
                 self.snapshot_info.remove(previous.version)

@@ -7,6 +7,12 @@ always gives the same version and a reply that changed nothing publishes nothing
     passing  (passing)            HEALTHY
     warning  (draining)           DRAINING   no new requests; in-flight ones finish
     critical (starting/critical)  omitted
+
+Several models: every endpoint is also in the cluster of its served model name
+(`model_cluster_name`); `models` names every model some registered instance serves (critical
+ones included, so that a model whose instances are all down is known, and answered 503, not
+404). The gateway serves one Envoy cluster per model (CDS) besides the base cluster (all
+endpoints); the relay routes a request to its model's cluster.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import enum
 import hashlib
 import ipaddress
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -22,6 +29,9 @@ from functools import cached_property
 from agent.catalog.base import CatalogEntry, CheckStatus
 
 VERSION_HEX_CHARS = 16
+MODEL_CLUSTER_SEPARATOR = "--"  # base cluster name, separator, model: "ernie--sim-model"
+_CLUSTER_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_MODEL_SLUG_CHARS = 48
 
 
 class SnapshotError(ValueError):
@@ -48,6 +58,7 @@ class Endpoint:
     weight: int = 100  # its share of new work (Envoy's load_balancing_weight): agent/gateway/speed.py
     datacenter: str = ""  # its Consul datacenter
     priority: int = 0  # its Envoy priority (0 first): LocalitySettings.priority, by zone and datacenter
+    max_model_len: int = 0  # from the registration's meta (0: not known); /v1/models lists it
 
     def problem(self) -> str:
         """Why Envoy could not use this endpoint ('' if it can)."""
@@ -57,7 +68,7 @@ class Endpoint:
     def digest(self) -> bytes:
         """This endpoint's part of the snapshot version (computed once per Endpoint object)."""
         doc = [self.instance_id, self.address, self.port, self.state.value, self.node, self.zone, self.model]
-        doc += [self.weight, self.datacenter, self.priority]
+        doc += [self.weight, self.datacenter, self.priority, self.max_model_len]
         return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).digest()[:16]
 
     @cached_property
@@ -80,6 +91,8 @@ class Snapshot:
     cluster: str
     endpoints: tuple[Endpoint, ...]
     version: str = field(default="")
+    # Every model a registered instance serves (sorted), routable or not; the endpoints' models among them.
+    models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.cluster:
@@ -97,7 +110,12 @@ class Snapshot:
                 raise SnapshotError(f"endpoint {e.instance_id or '?'}: {why}")
         if any(a.instance_id > b.instance_id for a, b in zip(self.endpoints, self.endpoints[1:])):
             raise SnapshotError("endpoints must be sorted by instance id")
-        expected = content_version(self.cluster, self.endpoints)
+        served = {e.model for e in self.endpoints if e.model}
+        if not served <= set(self.models):
+            object.__setattr__(self, "models", tuple(sorted(served | set(self.models))))
+        if list(self.models) != sorted(set(self.models)) or "" in self.models:
+            raise SnapshotError("models must be sorted, unique and non-empty")
+        expected = content_version(self.cluster, self.endpoints, self.models)
         if not self.version:
             object.__setattr__(self, "version", expected)
         elif self.version != expected:
@@ -110,10 +128,32 @@ class Snapshot:
         return frozenset(e.instance_id for e in self.endpoints if state is None or e.state is state)
 
     def summary(self) -> str:
+        models = f", {len(self.models)} models" if len(self.models) > 1 else ""
         return (
             f"{self.version[:8]} {self.count(EndpointState.HEALTHY)} healthy, "
-            f"{self.count(EndpointState.DRAINING)} draining"
+            f"{self.count(EndpointState.DRAINING)} draining{models}"
         )
+
+    def model_clusters(self) -> dict[str, str]:
+        """Envoy cluster name -> model, one per known model."""
+        return {model_cluster_name(self.cluster, m): m for m in self.models}
+
+    def endpoints_of(self, cluster: str) -> tuple[Endpoint, ...]:
+        """The endpoints of the base cluster (all of them) or of a model's cluster."""
+        if cluster == self.cluster:
+            return self.endpoints
+        model = self.model_clusters().get(cluster)
+        return tuple(e for e in self.endpoints if model is not None and e.model == model)
+
+
+def model_cluster_name(base: str, model: str) -> str:
+    """The Envoy cluster of a served model name: letters, digits, '-' and '_' only (Envoy's stat
+    names split on '.'), with a digest of the name when it had to be changed (two models whose
+    names differ only in such characters get two clusters)."""
+    slug = _CLUSTER_SAFE.sub("_", model)[:_MODEL_SLUG_CHARS]
+    if slug != model:
+        slug += "-" + hashlib.sha256(model.encode()).hexdigest()[:8]
+    return f"{base}{MODEL_CLUSTER_SEPARATOR}{slug}"
 
 
 @dataclass(frozen=True)
@@ -129,10 +169,11 @@ class BuildResult:
     omitted: int = 0  # critical instances (not routable by design)
 
 
-def content_version(cluster: str, endpoints: Iterable[Endpoint]) -> str:
-    """A hash of the cluster name and each endpoint's digest, in order (an unchanged Endpoint object
-    keeps its digest: a new version costs the changed endpoints plus one pass over 16-byte digests)."""
-    h = hashlib.sha256(json.dumps(cluster).encode())
+def content_version(cluster: str, endpoints: Iterable[Endpoint], models: Iterable[str] = ()) -> str:
+    """A hash of the cluster name, the known models and each endpoint's digest, in order (an
+    unchanged Endpoint object keeps its digest: a new version costs the changed endpoints plus one
+    pass over 16-byte digests)."""
+    h = hashlib.sha256(json.dumps([cluster, list(models)]).encode())
     h.update(b"".join(e.digest for e in endpoints))
     return h.hexdigest()[:VERSION_HEX_CHARS]
 
@@ -141,12 +182,19 @@ def content_version(cluster: str, endpoints: Iterable[Endpoint]) -> str:
 PriorityOf = Callable[[str, str], int]
 
 
+def model_of(entry: CatalogEntry) -> str:
+    """The name requests use for the entry's model (vLLM's served model name, else the model)."""
+    meta: Mapping[str, str] = entry.meta or {}
+    return meta.get("served_model_name") or meta.get("model", "")
+
+
 def endpoint_of(entry: CatalogEntry, priority_of: PriorityOf | None = None) -> Endpoint | None:
     state = _STATE_OF_STATUS.get(entry.status)
     if state is None:
         return None
     meta: Mapping[str, str] = entry.meta or {}
     zone = meta.get("zone", "")
+    max_len = meta.get("max_model_len", "")
     return Endpoint(
         instance_id=entry.instance_id,
         address=entry.address,
@@ -154,9 +202,10 @@ def endpoint_of(entry: CatalogEntry, priority_of: PriorityOf | None = None) -> E
         state=state,
         node=entry.node,
         zone=zone,
-        model=meta.get("served_model_name") or meta.get("model", ""),
+        model=model_of(entry),
         datacenter=entry.datacenter,
         priority=priority_of(zone, entry.datacenter) if priority_of is not None else 0,
+        max_model_len=int(max_len) if max_len.isdigit() else 0,
     )
 
 
@@ -197,6 +246,8 @@ def build_snapshot(
     rejected: list[Rejected] = []
     omitted = 0
     of = cache.of if cache is not None else endpoint_of
+    entries = list(entries)
+    models = tuple(sorted({m for m in map(model_of, entries) if m}))
     for entry in sorted(entries, key=lambda e: (e.instance_id, e.node, e.address, e.port)):
         ep = of(entry, priority_of)
         if ep is None:
@@ -224,7 +275,7 @@ def build_snapshot(
         kept.append(ep)
     if cache is not None:
         cache.done()
-    return BuildResult(Snapshot(cluster, tuple(kept)), tuple(rejected), omitted)
+    return BuildResult(Snapshot(cluster, tuple(kept), models=models), tuple(rejected), omitted)
 
 
 def with_weights(snapshot: Snapshot, weight: Callable[[str], int]) -> Snapshot:
@@ -235,7 +286,7 @@ def with_weights(snapshot: Snapshot, weight: Callable[[str], int]) -> Snapshot:
     )
     if all(a is b for a, b in zip(endpoints, snapshot.endpoints)):
         return snapshot
-    return Snapshot(snapshot.cluster, endpoints)
+    return Snapshot(snapshot.cluster, endpoints, models=snapshot.models)
 
 
 def with_held(snapshot: Snapshot, previous: Snapshot, absent_ids: frozenset[str]) -> Snapshot:
@@ -253,7 +304,7 @@ def with_held(snapshot: Snapshot, previous: Snapshot, absent_ids: frozenset[str]
     if not held:
         return snapshot
     merged = sorted(snapshot.endpoints + tuple(held), key=lambda e: e.instance_id)
-    return Snapshot(snapshot.cluster, tuple(merged))
+    return Snapshot(snapshot.cluster, tuple(merged), models=snapshot.models)
 
 
 def _node_of(kept: list[Endpoint], ep: Endpoint) -> str:

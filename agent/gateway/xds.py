@@ -1,4 +1,5 @@
-"""A small ADS server (state of the world, EDS only) that serves the current Snapshot.
+"""A small ADS server (state of the world: EDS, and CDS for the models' clusters) that serves the
+current Snapshot.
 
 It knows nothing about Consul: `publish(snapshot)` is all it gets. Each connected Envoy has one
 stream; a new snapshot is pushed to every stream at once. ACKs and NACKs are matched by nonce
@@ -11,7 +12,9 @@ gateway's metrics implement them; the server holds no reference to the agent.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -19,18 +22,20 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from agent.gateway.eds import DEFAULT_OVERPROVISIONING_FACTOR, EDS_TYPE_URL, EdsEncoder
+from agent.gateway.eds import CDS_TYPE_URL, DEFAULT_OVERPROVISIONING_FACTOR, EDS_TYPE_URL, EdsEncoder, model_clusters
 from agent.gateway.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 16
+SERVED_TYPES = (CDS_TYPE_URL, EDS_TYPE_URL)
+_KIND = {CDS_TYPE_URL: "clusters", EDS_TYPE_URL: "endpoints"}
 _WAKE = object()
 _CLOSED = object()
 
@@ -63,20 +68,47 @@ class NoCallbacks:
 
 
 @dataclass
-class StreamState:
-    """What one Envoy asked for and what it accepted (read by the agent for its summary)."""
+class Subscription:
+    """One resource type on one stream: what Envoy asked for, what was sent, what it accepted."""
 
-    id: int
-    peer: str
-    node_id: str = ""
     names: frozenset[str] = frozenset()
     subscribed: bool = False
     sent_version: str = ""
     sent_nonce: str = ""
     acked_version: str = ""
     last_nack: str = ""
+
+
+@dataclass
+class StreamState:
+    """What one Envoy asked for and what it accepted (read by the agent for its summary). The
+    top-level fields are the endpoints' (EDS); `subs` holds every type this stream asked for."""
+
+    id: int
+    peer: str
+    node_id: str = ""
     opened_at: float = 0.0
+    subs: dict[str, Subscription] = field(default_factory=dict)
     inbox: queue.Queue[object] = field(default_factory=queue.Queue, repr=False)
+
+    def sub(self, type_url: str) -> Subscription:
+        return self.subs.setdefault(type_url, Subscription())
+
+    @property
+    def acked_version(self) -> str:
+        return self.sub(EDS_TYPE_URL).acked_version
+
+    @property
+    def last_nack(self) -> str:
+        return self.sub(EDS_TYPE_URL).last_nack
+
+
+@dataclass(frozen=True)
+class _Resources:
+    """What is served for one snapshot: the version and the resources of each type by name."""
+
+    versions: dict[str, str]
+    by_type: dict[str, dict[str, any_pb2.Any]]
 
 
 # The generated servicer base (xds-protos, no type information) is Any to mypy.
@@ -86,21 +118,27 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         address: str,
         callbacks: XdsCallbacks | None = None,
         overprovisioning_factor: int = DEFAULT_OVERPROVISIONING_FACTOR,
+        cluster_template: dict[str, Any] | None = None,
     ):
+        """`cluster_template`: the engine cluster as the bootstrap defines it, copied for each model
+        (agent/gateway/bootstrap.py cluster_template); None serves no model clusters."""
         self.address = address
         self.overprovisioning_factor = overprovisioning_factor
         self._callbacks: XdsCallbacks = callbacks if callbacks is not None else NoCallbacks()
+        self._template = cluster_template
+        self._template_digest = _digest(json.dumps(cluster_template, sort_keys=True, default=str))
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
+        self._resources: _Resources | None = None
+        self._clusters: tuple[tuple[str, ...], dict[str, any_pb2.Any]] = ((), {})  # models -> packed clusters
         self._changed_at: dict[str, float] = {}  # version -> monotonic time the change was seen
         self._streams: dict[int, StreamState] = {}
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
         self._server: grpc.Server | None = None
         self.port = 0
-        self._encoder = EdsEncoder(overprovisioning_factor)
-        self._encoded: tuple[str, any_pb2.Any] | None = None  # (version, resource): encoded once for all streams
-        self._encode_lock = threading.Lock()
+        self._encoder = EdsEncoder(overprovisioning_factor)  # each endpoint encoded once (eds.py)
+        self._build_lock = threading.Lock()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -133,7 +171,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         with self._lock:
             if self._snapshot is not None and self._snapshot.version == snapshot.version:
                 return False
+        with self._build_lock:  # the encoder's caches: one build at a time
+            resources = self._build(snapshot)
+        with self._lock:
             self._snapshot = snapshot
+            self._resources = resources
             self._changed_at[snapshot.version] = time.monotonic() if changed_at is None else changed_at
             if len(self._changed_at) > 64:
                 for v in list(self._changed_at)[:-32]:
@@ -142,6 +184,26 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         for s in streams:
             s.inbox.put(_WAKE)
         return True
+
+    def _build(self, snapshot: Snapshot) -> _Resources:
+        """Every resource of a snapshot, encoded once (not per stream): the endpoints of the base
+        cluster and of each model's cluster (EDS, from each endpoint's cached encoding), and the
+        models' clusters (CDS; rebuilt only when the set of models changes)."""
+        names = (snapshot.cluster, *snapshot.model_clusters())
+        endpoints = {n: any_pb2.Any(type_url=EDS_TYPE_URL, value=self._encoder.encode(snapshot, n)) for n in names}
+        self._encoder.forget(set(names))
+        if self._clusters[0] != snapshot.models:
+            clusters = {}
+            for c in model_clusters(snapshot, self._template) if self._template is not None else []:
+                packed = any_pb2.Any()
+                packed.Pack(c)
+                clusters[c.name] = packed
+            self._clusters = (snapshot.models, clusters)
+        cds_version = _digest(self._template_digest + "\0" + "\0".join(sorted(self._clusters[1])))
+        return _Resources(
+            versions={EDS_TYPE_URL: snapshot.version, CDS_TYPE_URL: cds_version},
+            by_type={EDS_TYPE_URL: endpoints, CDS_TYPE_URL: self._clusters[1]},
+        )
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -171,11 +233,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 if item is _CLOSED:
                     break
                 if item is _WAKE:
-                    response = self._response_if_new(stream)
+                    # clusters first: Envoy then asks for the new clusters' endpoints (warming)
+                    responses = [self._response_if_new(stream, t) for t in SERVED_TYPES]
                 else:
-                    response = self._handle(stream, item)
-                if response is not None:
-                    yield response
+                    responses = [self._handle(stream, item)]
+                for response in responses:
+                    if response is not None:
+                        yield response
         finally:
             with self._lock:
                 self._streams.pop(stream.id, None)
@@ -197,75 +261,88 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     ) -> discovery_pb2.DiscoveryResponse | None:
         if req.node.id and not stream.node_id:
             stream.node_id = req.node.id
-        if req.type_url != EDS_TYPE_URL:
+        if req.type_url not in SERVED_TYPES:
             log.warning(
-                "xDS stream %d (node %s): unsupported type %s ignored (this server serves EDS only)",
+                "xDS stream %d (node %s): unsupported type %s ignored (this server serves EDS and CDS)",
                 stream.id,
                 stream.node_id,
                 req.type_url,
             )
             return None
+        sub = stream.sub(req.type_url)
+        eds = req.type_url == EDS_TYPE_URL
+        if req.response_nonce and req.response_nonce != sub.sent_nonce:
+            # Stale: it answers a response that was superseded. Its names are not taken either: the
+            # request that answers the newer response carries them, and is then a resubscription.
+            return None
         names = frozenset(req.resource_names)
-        resubscribed = not stream.subscribed or names != stream.names
-        stream.subscribed, stream.names = True, names
+        resubscribed = not sub.subscribed or names != sub.names
+        sub.subscribed, sub.names = True, names
         if req.response_nonce:
-            if req.response_nonce != stream.sent_nonce:
-                return None  # stale: answers a response that was superseded
             if req.HasField("error_detail") and (req.error_detail.code or req.error_detail.message):
-                stream.last_nack = req.error_detail.message
-                stream.acked_version = req.version_info  # what Envoy still holds
+                sub.last_nack = req.error_detail.message
+                sub.acked_version = req.version_info  # what Envoy still holds
                 log.error(
-                    "xDS NACK from %s for version %s: %s (keeping version %s)",
+                    "xDS NACK from %s for %s version %s: %s (keeping version %s)",
                     stream.node_id,
-                    stream.sent_version,
+                    _KIND[req.type_url],
+                    sub.sent_version,
                     req.error_detail.message,
                     req.version_info or "none",
                 )
-                self._callbacks.on_nack(stream.node_id, stream.sent_version, req.error_detail.message)
+                self._callbacks.on_nack(stream.node_id, sub.sent_version, req.error_detail.message)
                 return None
-            if req.version_info != stream.acked_version:
-                stream.acked_version = req.version_info
+            if req.version_info != sub.acked_version:
+                sub.acked_version = req.version_info
                 with self._lock:
-                    seen = self._changed_at.get(req.version_info)
+                    seen = self._changed_at.get(req.version_info) if eds else None
                 # Only a change seen while this Envoy was connected is a push; the initial sync
                 # of a (re)connecting Envoy is not.
                 latency = None if seen is None or seen < stream.opened_at else time.monotonic() - seen
                 log.debug(
-                    "envoy %s acked %s (%.1f ms after the change was seen)",
+                    "envoy %s acked %s %s (%.1f ms after the change was seen)",
                     stream.node_id,
+                    _KIND[req.type_url],
                     req.version_info,
                     (latency or 0) * 1000,
                 )
-                self._callbacks.on_ack(stream.node_id, req.version_info, latency)
+                if eds:
+                    self._callbacks.on_ack(stream.node_id, req.version_info, latency)
             if not resubscribed:
                 return None
         elif req.version_info:
             # A reconnecting Envoy tells us what it holds (from us or a previous agent).
-            stream.acked_version = req.version_info
-        return self._response(stream, force=True)
+            sub.acked_version = req.version_info
+        return self._response(stream, req.type_url, force=True)
 
-    def _resource(self, snap: Snapshot) -> any_pb2.Any:
-        """The snapshot's ClusterLoadAssignment as an Any, encoded once per version (EdsEncoder)."""
-        with self._encode_lock:
-            if self._encoded is None or self._encoded[0] != snap.version:
-                self._encoded = (snap.version, any_pb2.Any(type_url=EDS_TYPE_URL, value=self._encoder.encode(snap)))
-            return self._encoded[1]
+    def _response_if_new(self, stream: StreamState, type_url: str) -> discovery_pb2.DiscoveryResponse | None:
+        sub = stream.subs.get(type_url)
+        return self._response(stream, type_url, force=False) if sub is not None and sub.subscribed else None
 
-    def _response_if_new(self, stream: StreamState) -> discovery_pb2.DiscoveryResponse | None:
-        return self._response(stream, force=False) if stream.subscribed else None
-
-    def _response(self, stream: StreamState, force: bool) -> discovery_pb2.DiscoveryResponse | None:
-        snap = self._snapshot
-        if snap is None:
+    def _response(self, stream: StreamState, type_url: str, force: bool) -> discovery_pb2.DiscoveryResponse | None:
+        res = self._resources
+        if res is None:
             return None  # nothing to serve yet (no catalog read): Envoy keeps what it has
-        if not force and snap.version == stream.sent_version:
+        sub = stream.sub(type_url)
+        version = res.versions[type_url]
+        if not force and version == sub.sent_version:
             return None
-        if stream.names and snap.cluster not in stream.names:
-            return None
-        resource = self._resource(snap)
+        available = res.by_type[type_url]
+        if type_url == EDS_TYPE_URL:
+            # the endpoints of the clusters asked for (those that exist)
+            resources = [available[n] for n in sorted(sub.names) if n in available]
+            if sub.names and not resources:
+                return None
+        else:
+            resources = [available[n] for n in sorted(available)]  # CDS: the whole state, even empty
         nonce = str(next(self._nonces))
-        stream.sent_version, stream.sent_nonce = snap.version, nonce
-        self._callbacks.on_push(stream.node_id, snap.version)
+        sub.sent_version, sub.sent_nonce = version, nonce
+        if type_url == EDS_TYPE_URL:
+            self._callbacks.on_push(stream.node_id, version)
         return discovery_pb2.DiscoveryResponse(
-            version_info=snap.version, resources=[resource], type_url=EDS_TYPE_URL, nonce=nonce
+            version_info=version, resources=resources, type_url=type_url, nonce=nonce
         )
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -109,6 +109,15 @@ def http_status(url: str, headers: dict[str, str] | None = None) -> int | None:
         return None
 
 
+def models_listed(url: str, headers: dict[str, str]) -> bool:
+    """GET url answers 200 with at least one model (an OpenAI model list)."""
+    try:
+        r = httpx.get(url, timeout=HTTP_TIMEOUT_S, headers=headers)
+        return r.status_code == 200 and bool(r.json().get("data"))
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return False
+
+
 class Mesh:
     def __init__(self, plan: MeshPlan, console: Console, stop: threading.Event, force: threading.Event):
         self.plan = plan
@@ -489,10 +498,11 @@ class Mesh:
         self._wait(all_passing, timeout_s, f"{p.engines} engine(s) passing", on_poll=beat)
 
     def wait_route(self) -> None:
-        """The gateway routes: /v1/models answers through Envoy (the snapshot reached it)."""
+        """The gateway routes: /v1/models answers through Envoy and lists a model (the snapshot
+        reached the gateway's relay, which lists the models of passing instances)."""
         p = self.plan
         self._wait(
-            lambda: http_status(f"{p.api_url}/models", {"Authorization": f"Bearer {p.api_key()}"}) == 200,
+            lambda: models_listed(f"{p.api_url}/models", {"Authorization": f"Bearer {p.api_key()}"}),
             ROUTE_TIMEOUT_S,
             f"{p.api_url}/models answering through Envoy",
         )

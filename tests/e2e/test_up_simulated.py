@@ -190,8 +190,33 @@ def test_add_remove_scale_under_load_then_down_after_a_killed_up(sim_run):
     )
     assert out.returncode == 2 and "no running mesh" in out.stderr, out
 
-    # `up` killed with an added engine running: `down` stops everything
-    extra = last_json(cli(sim_run, "add", "--json"))
+    # an engine added with another model: the mesh serves two (each model's requests reach its own
+    # instances, /v1/models lists both); then `up` killed with it running: `down` stops everything
+    extra = last_json(cli(sim_run, "add", "--model", "other-model", "--json"))
+    auth = {"Authorization": f"Bearer {plan.api_key()}"}
+    wait_until(
+        lambda: (
+            {m["id"] for m in httpx.get(f"{plan.api_url}/models", headers=auth, timeout=10).json()["data"]}
+            == {"simulated", "other-model"}
+        ),
+        30,
+        interval_s=0.2,
+        what="both models listed",
+    )
+    for model, instance in (("other-model", extra["instance"]), ("simulated", own[0])):
+        for stream in (False, True):
+            r = httpx.post(
+                f"{plan.api_url}/chat/completions",
+                headers=auth,
+                timeout=30,
+                json={
+                    "model": model,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 3,
+                    "stream": stream,
+                },
+            )
+            assert r.status_code == 200 and r.headers["x-ernie-instance"] == instance, (model, r.headers, r.text)
     # up records its children's children (the engines) and the added agent in the state file within seconds
     wait_until(
         lambda: extra["pid"] in {p["pid"] for p in read_state(plan.state_path).processes},

@@ -26,7 +26,7 @@ from agent.local.ports import free_ports
 from agent.sim.process import SimEngineProcess
 
 REPO = Path(__file__).resolve().parents[2]
-GATEWAY_START_TIMEOUT_S = 30.0
+GATEWAY_START_TIMEOUT_S = 60.0  # a Python start on a loaded 2-core machine (imports alone took 12 s at load 50)
 PASSING = Verdict(VerdictState.PASSING)
 
 
@@ -63,8 +63,12 @@ class Engine:
         log_dir: Path,
         token_delay_ms: float,
         extra_args: tuple[str, ...] = (),
+        model: str = "sim-model",
+        max_model_len: int = 0,
     ):
         self.extra_args = extra_args
+        self.model = model  # its served model name
+        self.max_model_len = max_model_len  # registered (and served) when set
         self.catalog = catalog
         self.service = service
         self.port = port
@@ -77,9 +81,10 @@ class Engine:
         self.proc = SimEngineProcess(
             self.port,
             name=self.id,
+            model=self.model,
             token_delay_ms=self.token_delay_ms,
             log_path=str(self.log_dir / f"{self.id}.log"),
-            extra_args=self.extra_args,
+            extra_args=self.extra_args + (("--max-model-len", str(self.max_model_len)) if self.max_model_len else ()),
             allow_faults=True,  # the tests switch faults; the edge must keep /sim/fault out of reach
         ).start()
         return self
@@ -95,7 +100,11 @@ class Engine:
                 self.id,
                 "127.0.0.1",
                 self.port,
-                meta={"model": "sim-model", "engine": "simulated"},
+                meta={
+                    "model": self.model,
+                    "engine": "simulated",
+                    **({"max_model_len": str(self.max_model_len)} if self.max_model_len else {}),
+                },
                 ttl_s=3600,
                 deregister_critical_after_s=3600,
             ),
@@ -351,6 +360,7 @@ class Load:
     stream: bool = False
     max_tokens: int = 10
     timeout_s: float = 30.0
+    model: str = "sim-model"
     results: list[Result] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -391,7 +401,7 @@ class Load:
         gateway's affinity routing spreads them over the instances."""
         started = time.monotonic()
         kwargs = dict(
-            model="sim-model",
+            model=self.model,
             messages=[{"role": "user", "content": "hello"}],
             max_tokens=self.max_tokens,
             extra_body={"ignore_eos": True},

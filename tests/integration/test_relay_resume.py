@@ -402,7 +402,10 @@ def test_bad_input_is_a_4xx_passed_through_and_nothing_is_resumed(fresh):
         headers=AUTH,
         json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}], "stream": True},
     )
-    assert r.status_code == 404 and r.json()["error"]["code"] == 404
+    # an unknown model: the OpenAI 404, from the gateway (it knows the served models); no engine sees it
+    err = r.json()["error"]
+    assert r.status_code == 404 and err["code"] == "model_not_found" and err["param"] == "model", err
+    assert err["type"] == "invalid_request_error" and "sim-model" in err["message"]
     r = httpx.get(f"{fresh.gateway.url}/v1/chat/completions", timeout=10, headers=AUTH)
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
     assert fresh.gateway.metric("ernie_gateway_relay_resumes_total", 'outcome="ok",reason="engine_lost"') == before

@@ -20,8 +20,12 @@ class FakeAdmin:
     def ready(self):
         return self.is_ready
 
-    def hosts(self, cluster):
-        return {iid: {"rq_total": str(n)} for iid, n in self.rq_total.items()}
+    def clusters_hosts(self, wanted):
+        # the same instances in the engine cluster and in a model's cluster: their requests add up
+        base = {iid: {"rq_total": str(n // 2)} for iid, n in self.rq_total.items()}
+        model = {iid: {"rq_total": str(n - n // 2)} for iid, n in self.rq_total.items()}
+        relay = {"relay-0": {"rq_total": "1000"}}  # not an engine cluster: not counted
+        return {c: h for c, h in (("ernie", base), ("ernie--m", model), ("ernie_relay", relay)) if wanted(c)}
 
 
 class FakeEnvoy:

@@ -116,7 +116,8 @@ def test_generation_routes_go_through_the_relay_processes():
 
     doc = rendered(cfg(relay=RelaySettings(processes=3)))
     by_path = {r["match"].get("path"): r for r in routes(doc) if r["match"].get("path", "").startswith("/v1/")}
-    assert set(by_path) == {"/v1/chat/completions", "/v1/completions"}
+    # /v1/models too: the relay lists every model a passing instance serves (several models)
+    assert set(by_path) == {"/v1/chat/completions", "/v1/completions", "/v1/models"}
     for r in by_path.values():
         assert r["route"]["cluster"] == "ernie_relay" and r["route"]["timeout"] == "0s"
         # a relay that is restarting refuses the connection: the request goes to another relay
@@ -135,16 +136,22 @@ def test_the_engine_hop_is_a_private_socket_with_host_override_for_continuations
     assert filters[0]["name"] == "envoy.filters.http.stateful_session"
     assert filters[0]["typed_config"]["strict"] is True  # a continuation goes where the relay said, or 503
     assert filters[0]["typed_config"]["session_state"]["typed_config"]["name"] == "x-ernie-host"
-    resume, fresh, unknown = routes(doc, "engine_hop")
+    model_resume, resume, model_fresh, fresh, unknown = routes(doc, "engine_hop")
     assert unknown["direct_response"]["status"] == 404
     assert resume["match"]["headers"][0]["name"] == "x-ernie-attempt"
+    # the relay names the request's model cluster (several models); without it, every engine's cluster
+    for with_model, without in ((model_resume, resume), (model_fresh, fresh)):
+        assert with_model["route"].pop("cluster_header") == "x-ernie-cluster"
+        assert {"name": "x-ernie-cluster", "present_match": True} in with_model["match"]["headers"]
+        assert without["route"].pop("cluster") == "ernie"
+        assert with_model["route"] == without["route"]  # the same policy either way
     assert "retry_policy" not in resume["route"]  # Envoy's retries must not multiply with resumes
     edge_policy, hop_policy = route(doc)["route"]["retry_policy"], fresh["route"]["retry_policy"]
     # a reset before the response is not retried on the hop (a prompt of death would walk the
     # fleet): the relay tries one more instance at most; everything else is the edge's policy
     assert set(hop_policy.pop("retry_on").split(",")) == set(edge_policy.pop("retry_on").split(",")) - {"reset"}
     assert hop_policy == edge_policy
-    for r in (resume, fresh):
+    for r in (model_resume, resume, model_fresh, fresh):
         assert r["response_headers_to_add"][0]["header"]["value"] == "%UPSTREAM_HOST_NAME%"
     assert hcm(doc, "engine_hop")["local_reply_config"] == hcm(doc)["local_reply_config"]
 
@@ -260,7 +267,7 @@ def test_only_the_allow_list_is_routed_and_the_rest_is_an_openai_404():
     assert health["route"]["cluster"] == "ernie"  # 200 from a routable instance, else Envoy's 503
     # the relay's hop serves the two generation routes only
     hop = routes(doc, "engine_hop")
-    assert [r["match"].get("safe_regex", {}).get("regex") for r in hop[:2]] == ["^/v1/(chat/)?completions$"] * 2
+    assert [r["match"].get("safe_regex", {}).get("regex") for r in hop[:4]] == ["^/v1/(chat/)?completions$"] * 4
     assert hop[-1]["match"] == {"prefix": "/"} and hop[-1]["direct_response"]["status"] == 404
 
 

@@ -7,6 +7,7 @@ attempt k: a continuation, sent by Envoy's stateful-session header to an instanc
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from agent.gateway.relay import sse
 from agent.gateway.relay.admission import Admission, AdmissionPolicy, Overloaded
 from agent.gateway.relay.affinity import AFFINITY_HEADER, AffinityRecipe, affinity_key
 from agent.gateway.relay.limits import NO_POLICY, KeyLimits
-from agent.gateway.relay.membership import Attempt, Member, Membership
+from agent.gateway.relay.membership import Attempt, Member, Membership, Route
 from agent.gateway.relay.metrics import RelayMetrics
 from agent.gateway.relay.request import CONTINUATION_PATH, ROUTES, RelayRequest, parse
 from agent.gateway.relay.transcript import Signal, Transcript, error_body, error_event
@@ -29,12 +30,14 @@ log = logging.getLogger("agent.gateway.relay")
 
 HOST_OVERRIDE_HEADER = "x-ernie-host"  # Envoy's stateful session (header based, strict)
 ATTEMPT_HEADER = "x-ernie-attempt"  # "resume": the hop's route without retries
+CLUSTER_HEADER = "x-ernie-cluster"  # the request's model cluster (the hop routes on it)
 INSTANCE_HEADER = "x-ernie-instance"
 KEY_NAME_HEADER = "x-ernie-key-name"  # Envoy's: the name of the API key that matched
 # Per request (aiohttp's request mapping): headers for the response (rate limits), tokens used.
 EXTRA_HEADERS = "ernie_extra_headers"
 TOKENS_USED = "ernie_tokens_used"
 AFFINITY = "ernie_affinity_key"
+ROUTE = "ernie_route"  # where the request's model is served (membership.Route)
 # Request headers that belong to one hop, not to the request.
 _HOP_HEADERS = frozenset(
     {
@@ -52,6 +55,7 @@ _HOP_HEADERS = frozenset(
         HOST_OVERRIDE_HEADER,
         ATTEMPT_HEADER,
         AFFINITY_HEADER,
+        CLUSTER_HEADER,
     }
 )
 # Response headers the relay does not pass on (its own framing, or the engine hop's session header).
@@ -84,6 +88,8 @@ ABORT = "abort"  # vLLM aborted it (SIGTERM without drain, drain deadline)
 RESCUED = "rescued"  # its instance left the snapshot and it made no progress (hung)
 CRASH_LIKE = frozenset({ENGINE_LOST, ERROR_EVENT})
 MAX_REFUSALS = 5  # continuations refused (instance gone between pick and send) before giving up
+CLUSTER_WARMING_WAIT_S = 0.1  # before trying again a request whose model cluster Envoy does not have yet
+_NO_CLUSTER = b"cluster_not_found"  # Envoy's reply details for a cluster_header naming no cluster (yet)
 
 
 @dataclass(frozen=True)
@@ -174,23 +180,21 @@ class Relay:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.method != "POST":
-            return web.Response(
-                status=405,
-                headers={"allow": "POST"},
-                content_type="application/json",
-                body=error_body(
-                    f"{request.method} is not allowed on {request.path}: use POST", 405, "invalid_request_error"
-                ),
-            )
+            return _wrong_method(request, "POST")
         kind = ROUTES[request.path]
         raw = await request.read()
         req = parse(kind, raw)
         # Envoy sets the key's name when it checks keys; without keys a client's header means nothing
         key_name = request.headers.get(KEY_NAME_HEADER, "") if self.limits is not None else ""
+        route = self.membership.route(req.body.get("model")) if req is not None else Route()
+        if route.status:
+            self.metrics.requests.labels(request.path, route.code).inc()
+            return _refusal(route.status, route.message, "invalid_request_error", route.code, param="model")
+        request[ROUTE] = route
         if self.affinity is not None and req is not None:
             request[AFFINITY] = affinity_key(self.affinity, kind, req.body, request.headers, tenant=key_name)
         policy = self.limits.policy(key_name) if self.limits is not None else NO_POLICY
-        if policy.models and req is not None and req.model not in policy.models:
+        if policy.models and req is not None and (route.model or req.model) not in policy.models:
             self.metrics.requests.labels(request.path, "refused").inc()
             return _refusal(
                 403,
@@ -235,9 +239,40 @@ class Relay:
             if policy.tokens_per_minute and self.limits is not None:
                 self.limits.windows.record_tokens(key_name, int(request.get(TOKENS_USED, 0)))
 
+    async def models(self, request: web.Request) -> web.Response:
+        """GET /v1/models: every model with a passing instance in the snapshot, merged across
+        instances (the smallest max_model_len of its instances), in the OpenAI list shape; with
+        an API key limited to some models, those only."""
+        if request.method != "GET":
+            return _wrong_method(request, "GET")
+        if not self.membership.synced:
+            return web.Response(
+                status=503,
+                content_type="application/json",
+                body=error_body("the gateway has not received its first snapshot yet: retry in a moment"),
+            )
+        key_name = request.headers.get(KEY_NAME_HEADER, "") if self.limits is not None else ""
+        allowed = self.limits.policy(key_name).models if self.limits is not None else ()
+        created = int(time.time())
+        cards = []
+        for model, max_len in sorted(self.membership.served().items()):
+            if allowed and model not in allowed:
+                continue
+            card: dict[str, object] = {"id": model, "object": "model", "created": created, "owned_by": "vllm"}
+            card.update(root=model, parent=None)
+            if max_len:
+                card["max_model_len"] = max_len
+            cards.append(card)
+        return web.Response(
+            status=200, content_type="application/json", body=json.dumps({"object": "list", "data": cards}).encode()
+        )
+
     def _headers(self, request: web.Request, member: Member | None) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         headers["content-type"] = "application/json"
+        route: Route = request.get(ROUTE) or Route()
+        if route.cluster:
+            headers[CLUSTER_HEADER] = route.cluster
         if member is not None:
             headers[HOST_OVERRIDE_HEADER] = member.host_override
             headers[ATTEMPT_HEADER] = "resume"
@@ -271,7 +306,8 @@ class Relay:
             if crashes > self.policy.limit_after_crash or unreachable > MAX_REFUSALS:
                 break
             excluded.add(instance)
-            member = self.membership.pick(excluded, request.get(AFFINITY, ""))  # nothing sent yet: no waiting
+            # nothing sent yet: no waiting
+            member = self.membership.pick(excluded, request.get(AFFINITY, ""), model=_model(request))
             if member is None:
                 break
         self.metrics.requests.labels(request.path, "ok" if resp.status < 400 else "rejected").inc()
@@ -345,7 +381,9 @@ class Relay:
                 # Waiting for an instance to come (back) is worth it for an answer under way; one
                 # that has not started gets its 503 at once (the fleet is down: the client retries)
                 wait_s = self.policy.wait_s if t.started or client.started else 0.0
-                member = await self.membership.wait_pick(excluded, wait_s, request.get(AFFINITY, ""), refused)
+                member = await self.membership.wait_pick(
+                    excluded, wait_s, request.get(AFFINITY, ""), refused, model=_model(request)
+                )
                 if member is None:
                     self.metrics.resumes.labels(last_reason, "no_instance").inc()
                     return await self._give_up(request, req, t, client, "no other healthy instance to continue on")
@@ -405,6 +443,10 @@ class Relay:
                         return "refused", None
                     # a first attempt: Envoy has retried the connection on other instances already,
                     # so its 503 is the answer (at once, not after waiting for an instance to appear)
+                if resp.status == 503 and _NO_CLUSTER in payload:
+                    # a model that just appeared: its cluster is still warming in Envoy (milliseconds)
+                    await asyncio.sleep(CLUSTER_WARMING_WAIT_S)
+                    return "refused", None
                 if client.started or member is not None and t.resumes > 0:
                     return "refused", None  # the chosen instance is gone: the caller picks another
                 return "rejected", web.Response(status=resp.status, body=payload, headers=headers)
@@ -506,10 +548,27 @@ class Relay:
         return resp
 
 
-def _refusal(status: int, message: str, err_type: str, code: str) -> web.Response:
+def _refusal(status: int, message: str, err_type: str, code: str, param: str | None = None) -> web.Response:
     """A request the relay refuses before any engine sees it, in the OpenAI error shape."""
-    body = json.dumps({"error": {"message": message, "type": err_type, "param": None, "code": code}})
+    body = json.dumps({"error": {"message": message, "type": err_type, "param": param, "code": code}})
     return web.Response(status=status, body=body.encode(), content_type="application/json")
+
+
+def _wrong_method(request: web.Request, allowed: str) -> web.Response:
+    return web.Response(
+        status=405,
+        headers={"allow": allowed},
+        content_type="application/json",
+        body=error_body(
+            f"{request.method} is not allowed on {request.path}: use {allowed}", 405, "invalid_request_error"
+        ),
+    )
+
+
+def _model(request: web.Request) -> str:
+    """The model whose instances a request's continuation may go to ('' = any instance: one model)."""
+    route: Route = request.get(ROUTE) or Route()
+    return route.model if route.cluster else ""
 
 
 def _total_tokens(body: bytes) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 Kind = Literal["chat", "completion"]
 ROUTES: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 CONTINUATION_PATH = "/v1/completions"
+MODELS_PATH = "/v1/models"  # answered by the relay from its snapshot (every model a passing instance serves)
 
 # Sampling parameters a continuation carries unchanged (vLLM's completion request accepts each).
 CARRIED_PARAMS = (

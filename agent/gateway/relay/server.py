@@ -158,7 +158,7 @@ async def serve(cfg: RelayConfig) -> int:
     from agent.gateway.relay.limits import KeyLimits
     from agent.gateway.relay.membership import Membership
     from agent.gateway.relay.metrics import RelayMetrics
-    from agent.gateway.relay.request import ROUTES
+    from agent.gateway.relay.request import MODELS_PATH, ROUTES
     from agent.gateway.relay.transcript import error_body
 
     stop = asyncio.Event()
@@ -219,6 +219,7 @@ async def serve(cfg: RelayConfig) -> int:
     app.on_response_prepare.append(add_extra_headers)
     for path in ROUTES:
         app.router.add_route("*", path, relay.handle)
+    app.router.add_route("*", MODELS_PATH, relay.models)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     Path(cfg.socket).unlink(missing_ok=True)
@@ -226,7 +227,9 @@ async def serve(cfg: RelayConfig) -> int:
     await site.start()
     os.chmod(cfg.socket, 0o600)
     tasks = [
-        asyncio.create_task(ads_client.follow(cfg.xds, cfg.cluster, cfg.node_id, on_members, stop)),
+        asyncio.create_task(
+            ads_client.follow(cfg.xds, cfg.cluster, cfg.node_id, on_members, stop, on_models=membership.update_models)
+        ),
         asyncio.create_task(sweep()),
     ]
     log.info(
