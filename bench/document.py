@@ -761,7 +761,10 @@ def _scale_section(s: Figures) -> list[str]:
             "named, started one after another (each once it has its first answer); Consul CPU is the dev "
             "agent's (one server) per flip, minus its idle rate.",
         ]
-    return _section(title, s, body, SCALE_NOTE.format(baseline=s.get("baseline", "?")))
+    note = SCALE_NOTE.format(baseline=s.get("baseline", "?"))
+    for n, m in (s.get("rows_machine") or {}).items():  # rows run on their own (python -m bench.scale --sizes N)
+        note += f" The {int(n):,} rows ran on their own: {_machine(m)}."
+    return _section(title, s, body, note)
 
 
 def write(results: Figures) -> None:

@@ -287,6 +287,12 @@ def propagation_lines(p: Figures) -> list[str]:
     ]
 
 
+def _one_line(text: str) -> str:
+    """An error for a table cell: its last non-empty line, no pipes."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return (lines[-1] if lines else "?").replace("|", "/")[:200]
+
+
 def _ms(v: float | None, digits: int = 0) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
@@ -305,7 +311,8 @@ def scale_table(sizes: Figures) -> list[str]:
             if not x:
                 continue
             if x.get("error"):
-                out.append(f"| {n} | {impl} | {row['consul_answer_ms']:.0f} | failed: {x['error']} |" + " |" * 10)
+                why = _one_line(x["error"])
+                out.append(f"| {n} | {impl} | {row['consul_answer_ms']:.0f} | failed: {why} |" + " |" * 10)
                 continue
             out.append(
                 f"| {n} | {impl} | {row['consul_answer_ms']:.0f} ({row['consul_answer_kib']:.0f}) | "
@@ -327,7 +334,7 @@ def fanout_table(f: Figures) -> list[str]:
     for impl in ("old", "new"):
         x = f.get(impl)
         if x and x.get("error"):
-            out.append(f"| {x['watchers']} | {impl} | failed: {x['error']} | | | |")
+            out.append(f"| {x['watchers']} | {impl} | failed: {_one_line(x['error'])} | | | |")
         elif x:
             out.append(
                 f"| {x['watchers']} | {impl} | {x['fanout_p50_ms']:.0f} | {x['fanout_p99_ms']:.0f} | "

@@ -62,6 +62,7 @@ FIRST_PORT = 20000
 PER_NODE = 8
 PROBE_REPEATS = 5
 FANOUT_CHANGES = 6
+FIRST_SNAPSHOT_TIMEOUT_S = 300.0
 POLL_S = 0.01  # Envoy's membership gauge is polled this often (each poll costs Envoy CPU too)
 ROOT = Path(__file__).resolve().parents[1]
 META = {"model": "m", "served_model_name": "m", "zone": "z1", "engine": "vllm"}
@@ -217,7 +218,8 @@ def probe(fleet: Fleet, tree: Path) -> dict[str, Any]:
         timeout=1800,
     )
     if out.returncode != 0:
-        raise RuntimeError(f"scale probe failed: {out.stderr.strip()[-2000:]}")
+        last = [ln for ln in out.stderr.strip().splitlines() if ln.strip()][-1:] or ["?"]
+        raise RuntimeError(f"scale probe failed: {last[0].strip()}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
@@ -257,7 +259,12 @@ def live(fleet: Fleet, tree: Path, changes: int, workdir: Path) -> dict[str, Any
     ).start()
     try:
         routable = n - len(fleet.critical)
-        wait_until(_membership_is(admin, routable), 600, interval_s=0.05, what=f"Envoy with {routable} endpoints")
+        wait_until(
+            _membership_is(admin, routable),
+            FIRST_SNAPSHOT_TIMEOUT_S,
+            interval_s=0.05,
+            what=f"Envoy with {routable} endpoints",
+        )
         first_s = time.perf_counter() - t0
         progress(f"{n}: first full snapshot in Envoy after {first_s:.2f}s (gateway agent start included)")
         agent_p = psutil.Process(gateway.pid)

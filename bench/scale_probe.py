@@ -50,13 +50,25 @@ def main() -> None:
             return encoder.encode(snap)
         return bytes(eds.cluster_load_assignment(snap).SerializeToString())
 
-    _, entries = catalog.instances(args.service)
+    from agent.catalog.base import CatalogError
+
+    def read() -> list[Any]:
+        """The whole service, retried as the gateway's watch retries a failed read (5 times)."""
+        for attempt in range(5):
+            try:
+                return list(catalog.instances(args.service)[1])
+            except CatalogError:
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    entries = read()
     encode(build(entries))  # the state before the first change (what the caches hold)
     reads, builds, encodes, size = [], [], [], 0
     for body in flips:
         put(f"http://{args.consul}/v1/catalog/register", body)
         t = time.perf_counter()
-        _, entries = catalog.instances(args.service)
+        entries = read()
         reads.append(time.perf_counter() - t)
         t = time.perf_counter()
         snap = build(entries)
