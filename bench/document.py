@@ -745,7 +745,7 @@ SCALE_NOTE = (
 
 
 def _scale_section(s: Figures) -> list[str]:
-    sizes = s.get("sizes", {})
+    sizes = dict(sorted(s.get("sizes", {}).items(), key=lambda kv: int(kv[0])))
     title = "## Scale: " + ", ".join(f"{int(n):,}" for n in sizes) + " registered instances, old and new gateway"
     body = [*report.scale_table(sizes)]
     if s.get("fanout"):
