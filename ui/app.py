@@ -1,22 +1,25 @@
 """ernie-mesh chat: a Chainlit app that talks to the mesh's gateway (Envoy) with the official OpenAI client.
 
-- Streams every answer, and names the instance that served it (Envoy's `x-ernie-instance` header).
+- A new chat opens with a welcome naming the model and how many of its instances are healthy now
+  (Consul's health of the engine service: ui_census.py), and chat settings (the gear by the input):
+  the model (every one `/v1/models` lists), the temperature, the max tokens.
+- Streams every answer, and names the instance that served it. When the gateway's relay resumed an
+  answer on another instance (its engine died, hung or stopped mid-answer: the final chunk's
+  `ernie_instances` and `ernie_splices`, docs/gateway.md), a note under the answer says so.
 - The conversation lives here, in the user's session, and is sent whole with every message: any
   instance can continue it, so it survives the death of the instance that served the last answer.
 - When nothing can answer (no healthy instance: Envoy's 503; the gateway unreachable; the gateway
-  refusing the UI's API key: 401, or its limits: 429, 403), the user reads what happened and what
-  to do, not a stack trace.
+  refusing the UI's API key: 401, or its limits: 429, 403; a model no longer served: 404), and for
+  settings that cannot work, the user reads what happened and what to do, not a stack trace.
 - Optional login (ERNIE_MESH_UI_USERS: a file of name:scrypt-hash lines, see ui_users.py); without
   it the chat is open, and a warning is logged when it listens beyond loopback.
 - Requests from other sites are refused: an Origin header (websocket handshakes included) must be
   this UI's own origin or one of ERNIE_MESH_UI_ORIGINS; on loopback the Host must be a loopback name.
 
-Settings (environment): ERNIE_MESH_API_URL (default http://127.0.0.1:8080/v1), ERNIE_MESH_MODEL
-(default: the first model of /v1/models), ERNIE_MESH_MAX_TOKENS (512), ERNIE_MESH_TEMPERATURE
-(0.7), ERNIE_MESH_SYSTEM_PROMPT (none), ERNIE_MESH_API_KEY or OPENAI_API_KEY (the gateway's API key;
-`ernie-mesh up` passes the one it created), ERNIE_MESH_UI_USERS (login on; needs
-CHAINLIT_AUTH_SECRET, 32+ characters, which `ernie-mesh up` makes), ERNIE_MESH_UI_ORIGINS (other
-origins allowed, e.g. https://chat.example.com behind a TLS proxy; comma or space separated).
+Settings (environment): ui_config.py (the gateway's URL and API key, the defaults of a new chat,
+where Consul is), ERNIE_MESH_UI_USERS (login on; needs CHAINLIT_AUTH_SECRET, 32+ characters, which
+`ernie-mesh up` makes), ERNIE_MESH_UI_ORIGINS (other origins allowed, e.g. https://chat.example.com
+behind a TLS proxy; comma or space separated). A bad value stops the UI at start with one line (exit 2).
 Run: chainlit run ui/app.py (ernie-mesh up does it with .venv-ui).
 """
 
@@ -30,24 +33,23 @@ import os
 import sys
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 import chainlit as cl
 import openai
-import ui_users  # beside this file: Chainlit puts the app's directory on sys.path
+import ui_census  # beside this file: Chainlit puts the app's directory on sys.path
+import ui_config
+import ui_users
 from chainlit.config import config as chainlit_config
+from chainlit.input_widget import NumberInput, Select, Slider
 from chainlit.server import app as chainlit_server
 from starlette.middleware.cors import CORSMiddleware
 
-API_URL = os.environ.get("ERNIE_MESH_API_URL", "http://127.0.0.1:8080/v1").rstrip("/")
-MODEL = os.environ.get("ERNIE_MESH_MODEL", "")
-MAX_TOKENS = int(os.environ.get("ERNIE_MESH_MAX_TOKENS", "512"))
-TEMPERATURE = float(os.environ.get("ERNIE_MESH_TEMPERATURE", "0.7"))
-SYSTEM_PROMPT = os.environ.get("ERNIE_MESH_SYSTEM_PROMPT", "")
-SIMULATED = os.environ.get("ERNIE_MESH_SIMULATED", "") == "1"
 INSTANCE_HEADER = "x-ernie-instance"
+INSTANCES_FIELD = "ernie_instances"  # the relay's final chunk: every instance that served, in order
+SPLICES_FIELD = "ernie_splices"  # after a resume: completion tokens before each continuation
 REQUEST_TIMEOUT_S = 300.0
 CONNECT_TIMEOUT_S = 5.0
 # Before the first token arrives nothing was shown: try again (Envoy picks a healthy instance).
@@ -57,19 +59,60 @@ RETRYABLE_STATUS = (502, 503, 504)
 CHARS_PER_TOKEN = 3  # a conservative guess to keep the history inside the context window
 DEFAULT_CONTEXT_TOKENS = 2048
 
-API_KEY = os.environ.get("ERNIE_MESH_API_KEY") or os.environ.get("OPENAI_API_KEY") or ""
 USERS_FILE = os.environ.get("ERNIE_MESH_UI_USERS", "")
 AUTH_SECRET_MIN_CHARS = 32
 LOOPBACK_NAMES = ("localhost",)
 
 log = logging.getLogger("ernie-mesh-ui")
 
-client = openai.AsyncOpenAI(
-    base_url=API_URL,
-    api_key=API_KEY or "none",  # the SDK insists on one; the gateway's 401 then says what is missing
-    timeout=openai.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
-    max_retries=0,  # retries are ours: only before the first token, with a message the user can read
-)
+
+def config_error(message: str) -> NoReturn:
+    """Bad settings: one line on stderr, exit 2 (before the UI listens)."""
+    print(f"ernie-mesh UI: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+try:
+    CFG = ui_config.load()
+except ui_config.UiConfigError as e:
+    config_error(str(e))
+API_URL = CFG.api_url
+_key_file = ui_config.KeyFile(CFG.api_key_file) if CFG.api_key_file else None
+_clients: dict[str, openai.AsyncOpenAI] = {}
+
+
+def api_key() -> str:
+    """The key the UI sends now: the key file's (read again when it changed), else the setting's."""
+    if _key_file is None:
+        return CFG.api_key
+    key = _key_file.key()
+    if _key_file.error:
+        log.error("%s (sending the last key read)", _key_file.error)
+    return key
+
+
+def client() -> openai.AsyncOpenAI:
+    """The OpenAI client for the current key (one per key: a rotated key gets a new one)."""
+    key = api_key()
+    if key not in _clients:
+        _clients.clear()
+        _clients[key] = openai.AsyncOpenAI(
+            base_url=API_URL,
+            api_key=key or "none",  # the SDK insists on one; the gateway's 401 then says what is missing
+            timeout=openai.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            max_retries=0,  # retries are ours: only before the first token, with a message the user can read
+        )
+    return _clients[key]
+
+
+def consul_token() -> str:
+    if not CFG.consul_token_file:
+        return ""
+    try:
+        return ui_config.read_secret_file(CFG.consul_token_file, "ERNIE_MESH_CONSUL_TOKEN_FILE")
+    except ui_config.UiConfigError as e:
+        log.error("%s", e)
+        return ""
 
 
 class ChatError(Exception):
@@ -83,7 +126,8 @@ class ChatError(Exception):
 @dataclass
 class Answer:
     text: str
-    instance: str
+    instances: list[str]  # every instance that served, in order (more than one: resumed)
+    splices: list[int]  # completion tokens before each continuation
     finish_reason: str | None
 
 
@@ -93,7 +137,18 @@ class ModelInfo:
     context_tokens: int
 
 
-_model_cache: ModelInfo | None = None
+@dataclass
+class ChatOptions:
+    """One chat's settings (the chat settings panel; defaults from ui_config)."""
+
+    model: str = ""  # '' = not known yet (the gateway did not list its models at chat start)
+    temperature: float = CFG.temperature
+    max_tokens: int = CFG.max_tokens
+    models: dict[str, ModelInfo] = field(default_factory=dict)  # what /v1/models listed at chat start
+
+    def context_tokens(self) -> int:
+        info = self.models.get(self.model)
+        return info.context_tokens if info else DEFAULT_CONTEXT_TOKENS
 
 
 def gateway_unreachable(detail: str) -> ChatError:
@@ -128,19 +183,28 @@ def error_detail(e: openai.APIStatusError) -> str:
 
 
 def key_refused(detail: str) -> ChatError:
-    if not API_KEY:
+    if not api_key():
         what = "**The chat app has no API key for the gateway**"
-        fix = "Set ERNIE_MESH_API_KEY in the UI's environment to a key of the mesh"
+        fix = "Give the UI a key of the mesh: ERNIE_MESH_API_KEY_FILE (a file, 0600) or ERNIE_MESH_API_KEY"
+    elif _key_file is not None:
+        what = "**The gateway refused the chat app's API key**"
+        fix = (
+            f"The key in {CFG.api_key_file} is unknown to the gateway or was revoked: put a valid one "
+            "there (the UI reads the file again at the next message, no restart)"
+        )
     else:
         what = "**The gateway refused the chat app's API key**"
-        fix = "The key in the UI's ERNIE_MESH_API_KEY is unknown to the gateway or was revoked: set it to a valid one"
+        fix = (
+            "The key in the UI's ERNIE_MESH_API_KEY is unknown to the gateway or was revoked: set it to a "
+            "valid one, then restart the UI"
+        )
     return ChatError(
-        f"{what} (HTTP 401: {detail})\n\nFor whoever runs this mesh: {fix} (`ernie-mesh keys add <name>` "
-        "prints a new key; `make up` passes its own, kept in `.run/api-key`), then restart the UI."
+        f"{what} (HTTP 401: {detail})\n\nFor whoever runs this mesh: {fix}. `ernie-mesh keys add <name>` "
+        "prints a new key; `make up` passes its own, kept in `.run/api-key`."
     )
 
 
-def status_error(e: openai.APIStatusError) -> ChatError:
+def status_error(e: openai.APIStatusError, model: str = "") -> ChatError:
     detail = error_detail(e)
     if e.status_code in RETRYABLE_STATUS:
         return no_instance(f"HTTP {e.status_code}: {detail}")
@@ -153,44 +217,68 @@ def status_error(e: openai.APIStatusError) -> ChatError:
         )
     if e.status_code == 403:
         return ChatError(
-            f"**The chat app's API key may not do this** (HTTP 403: {detail})\n\nFor whoever runs this "
-            "mesh: allow the model for that key, or set ERNIE_MESH_MODEL to a model it may use."
+            f"**The chat app's API key may not do this** (HTTP 403: {detail})\n\nChoose another model in the "
+            "chat settings (the gear by the input); for whoever runs this mesh: allow the model for that key, "
+            "or set ERNIE_MESH_MODEL to a model it may use."
         )
     if e.status_code == 404 and "model" in detail.lower():
         return ChatError(
-            f"**The model `{MODEL or '?'}` is not served by this mesh** ({detail}). "
-            "Set ERNIE_MESH_MODEL to one of the names `/v1/models` lists."
+            f"**The model `{model or '?'}` is not served by this mesh now** ({detail}).\n\n"
+            "Choose another model in the chat settings (the gear by the input), or start a new chat: "
+            "it lists the models the gateway serves now."
         )
     if 400 <= e.status_code < 500:
         return ChatError(
             f"**The model rejected this request** (HTTP {e.status_code}): {detail}\n\n"
-            "If the conversation is long, start a new chat."
+            "If the conversation is long, start a new chat, or lower the max tokens in the chat settings."
         )
     return ChatError(f"**The instance failed to answer** (HTTP {e.status_code}): {detail}\n\nSend your message again.")
 
 
-async def model_info() -> ModelInfo:
-    """The served model: ERNIE_MESH_MODEL, else the first of /v1/models (cached once known)."""
-    global _model_cache
-    if _model_cache is not None:
-        return _model_cache
+async def list_models() -> dict[str, ModelInfo]:
+    """Every model the gateway lists (/v1/models), in its order; ChatError when it cannot say."""
     try:
-        page = await client.models.list()
+        page = await client().models.list()
     except openai.APIStatusError as e:
-        if MODEL and e.status_code in RETRYABLE_STATUS:
-            return ModelInfo(MODEL, DEFAULT_CONTEXT_TOKENS)  # no instance yet: the chat call will say so
         raise status_error(e) from None
     except openai.APIConnectionError as e:
         raise gateway_unreachable(type(e.__cause__ or e).__name__) from None
-    models = list(page.data)
-    chosen = next((m for m in models if m.id == MODEL), None) if MODEL else (models[0] if models else None)
-    if chosen is None:
-        if MODEL:
-            return ModelInfo(MODEL, DEFAULT_CONTEXT_TOKENS)
-        raise no_instance("the gateway lists no model")
-    extra = getattr(chosen, "model_extra", None) or {}
-    _model_cache = ModelInfo(chosen.id, int(extra.get("max_model_len") or DEFAULT_CONTEXT_TOKENS))
-    return _model_cache
+    out = {}
+    for m in page.data:
+        extra = getattr(m, "model_extra", None) or {}
+        out[m.id] = ModelInfo(m.id, int(extra.get("max_model_len") or DEFAULT_CONTEXT_TOKENS))
+    return out
+
+
+def pick_model(models: dict[str, ModelInfo]) -> str:
+    """A new chat's model: ERNIE_MESH_MODEL when listed (or when nothing is listed), else the first."""
+    if CFG.model and (CFG.model in models or not models):
+        return CFG.model
+    return next(iter(models), "")
+
+
+def session_settings() -> ChatOptions:
+    s = cl.user_session.get("settings")
+    if not isinstance(s, ChatOptions):
+        s = ChatOptions()
+        cl.user_session.set("settings", s)
+    return s
+
+
+async def ensure_model(s: ChatOptions) -> ModelInfo:
+    """The chat's model; asked of the gateway again when the chat started without knowing it."""
+    if not s.model:
+        try:
+            s.models = await list_models()
+        except ChatError as e:
+            if CFG.model:  # e.g. no instance yet (503): the chat call will say so
+                s.model = CFG.model
+                return ModelInfo(CFG.model, DEFAULT_CONTEXT_TOKENS)
+            raise e from None
+        s.model = pick_model(s.models)
+        if not s.model:
+            raise no_instance("the gateway lists no model")
+    return s.models.get(s.model) or ModelInfo(s.model, DEFAULT_CONTEXT_TOKENS)
 
 
 def fit_history(history: list[dict], context_tokens: int, max_tokens: int) -> list[dict]:
@@ -206,24 +294,30 @@ def fit_history(history: list[dict], context_tokens: int, max_tokens: int) -> li
     kept.reverse()
     while len(kept) > 1 and kept[0]["role"] != "user":  # start on a user turn
         kept.pop(0)
-    system = [{"role": "system", "content": SYSTEM_PROMPT}] if SYSTEM_PROMPT else []
+    system = [{"role": "system", "content": CFG.system_prompt}] if CFG.system_prompt else []
     return system + kept
 
 
-async def stream_once(messages: list[dict], model: ModelInfo, msg: cl.Message, max_tokens: int) -> Answer:
+async def stream_once(messages: list[dict], model: str, msg: cl.Message, max_tokens: int, temperature: float) -> Answer:
     """One request through the gateway, streaming tokens into `msg`. Raises openai errors as they come."""
     parts: list[str] = []
     finish = None
-    async with client.chat.completions.with_streaming_response.create(
-        model=model.name,
+    instances: list[str] = []
+    splices: list[int] = []
+    async with client().chat.completions.with_streaming_response.create(
+        model=model,
         messages=messages,
         stream=True,
         max_tokens=max_tokens,
-        temperature=TEMPERATURE,
+        temperature=temperature,
     ) as response:
-        instance = response.headers.get(INSTANCE_HEADER, "")
+        first = response.headers.get(INSTANCE_HEADER, "")
         stream = await response.parse()
         async for chunk in stream:
+            extra = chunk.model_extra or {}
+            if isinstance(extra.get(INSTANCES_FIELD), list):  # the relay's final chunk
+                instances = [str(i) for i in extra[INSTANCES_FIELD]]
+                splices = [int(k) for k in extra.get(SPLICES_FIELD) or [] if isinstance(k, int)]
             if not chunk.choices:
                 continue
             choice = chunk.choices[0]
@@ -232,22 +326,29 @@ async def stream_once(messages: list[dict], model: ModelInfo, msg: cl.Message, m
                 parts.append(token)
                 await msg.stream_token(token)
             finish = choice.finish_reason or finish
-    return Answer("".join(parts), instance, finish)
+    return Answer("".join(parts), instances or ([first] if first else []), splices, finish)
 
 
-async def answer(history: list[dict], msg: cl.Message) -> Answer:
-    model = await model_info()
-    max_tokens = min(MAX_TOKENS, max(model.context_tokens // 2, 16))
+async def answer(history: list[dict], msg: cl.Message, s: ChatOptions) -> Answer:
+    model = await ensure_model(s)
+    max_tokens = s.max_tokens
     messages = fit_history(history, model.context_tokens, max_tokens)
-    log.info("sending %d message(s) of conversation to %s (model %s)", len(messages), API_URL, model.name)
+    log.info(
+        "sending %d message(s) of conversation to %s (model %s, temperature %g, max tokens %d)",
+        len(messages),
+        API_URL,
+        model.name,
+        s.temperature,
+        max_tokens,
+    )
     last_error: ChatError | None = None
     for attempt in range(ATTEMPTS_BEFORE_FIRST_TOKEN):
         if attempt:
             await asyncio.sleep(RETRY_BACKOFF_S[min(attempt - 1, len(RETRY_BACKOFF_S) - 1)])
         try:
-            return await stream_once(messages, model, msg, max_tokens)
+            return await stream_once(messages, model.name, msg, max_tokens, s.temperature)
         except openai.APIStatusError as e:
-            last_error = status_error(e)
+            last_error = status_error(e, model.name)
             if e.status_code not in RETRYABLE_STATUS:
                 raise last_error from None
         except openai.APIConnectionError as e:
@@ -264,14 +365,148 @@ async def answer(history: list[dict], msg: cl.Message) -> Answer:
     raise last_error
 
 
+def footer(result: Answer) -> str:
+    """What is written under an answer: who served it, a resume, a cut."""
+    lines = []
+    if len(result.instances) > 1:
+        hops = []
+        for i, (before, after) in enumerate(zip(result.instances, result.instances[1:])):
+            at = result.splices[i] if i < len(result.splices) else None
+            tokens = f" after {at} token{'s' if at != 1 else ''}" if at is not None else ""
+            hops.append(f"`{before}` stopped{tokens}, `{after}` continued")
+        lines.append(
+            "↻ **Resumed on another instance:** "
+            + "; ".join(hops)
+            + " this same answer from there (the gateway's relay: nothing repeated, nothing lost)."
+        )
+    first = result.instances[0] if result.instances else ""
+    served = f"`{first}`" if first else "an unnamed instance (no x-ernie-instance header)"
+    note = ""
+    if len(result.instances) > 1:
+        note = f" · resumed on `{result.instances[-1]}`"
+    if result.finish_reason == "length":
+        note += " · stopped at the token limit"
+    elif result.finish_reason == "abort":
+        note += " · the instance aborted this answer (it was stopping)"
+    lines.append(f"*served by instance {served}{note}*")
+    return "\n\n" + "\n\n".join(lines)
+
+
+# --- A chat: welcome, settings, messages ---------------------------------------------------------
+
+
+def settings_widgets(s: ChatOptions) -> list:
+    widgets: list = []
+    names = list(s.models) or ([s.model] if s.model else [])
+    if names:
+        widgets.append(
+            Select(
+                id="model",
+                label="Model",
+                values=names,
+                initial_value=s.model,
+                description="Every model the gateway serves now (/v1/models)",
+            )
+        )
+    widgets.append(
+        Slider(
+            id="temperature",
+            label="Temperature",
+            initial=s.temperature,
+            min=0,
+            max=ui_config.TEMPERATURE_MAX,
+            step=0.1,
+            description="0: the most likely words; higher: more varied answers",
+        )
+    )
+    widgets.append(
+        NumberInput(
+            id="max_tokens",
+            label="Max tokens",
+            initial=s.max_tokens,
+            description=f"The longest answer, in tokens (1 to {max_tokens_limit(s)} for this model)",
+        )
+    )
+    return widgets
+
+
+def max_tokens_limit(s: ChatOptions) -> int:
+    return max(s.context_tokens() - 1, 1)
+
+
+async def census() -> ui_census.Census:
+    """How many instances of each model are healthy now (Consul; read each time, never cached)."""
+    found = await ui_census.read_census(CFG.consul_url, CFG.service, consul_token())
+    if found.error:
+        log.warning("instance count: %s", found.error)
+    return found
+
+
 @cl.on_chat_start
 async def on_chat_start() -> None:
     cl.user_session.set("history", [])
-    if SIMULATED:
-        await cl.Message(
-            content="This mesh runs **SIMULATED engines** (`ernie-mesh up --engine-kind simulated`): "
+    s = ChatOptions()  # a new chat starts from the configured defaults
+    cl.user_session.set("settings", s)
+    problem = ""
+    try:
+        s.models = await list_models()
+    except ChatError as e:
+        problem = e.human
+    s.model = pick_model(s.models)
+    if s.model:
+        s.max_tokens = min(s.max_tokens, max_tokens_limit(s))
+    await cl.ChatSettings(settings_widgets(s)).send()
+    lines = []
+    if s.model:
+        now = await census()
+        lines.append(f"**ernie-mesh chat** · model **{s.model}**: {now.describe(s.model)}.")
+        others = [m for m in s.models if m != s.model]
+        if others:
+            also = [f"**{m}** ({now.describe(m)})" if not now.error else f"**{m}**" for m in others]
+            lines.append("Also served: " + ", ".join(also) + ".")
+    else:
+        lines.append("**ernie-mesh chat** · the gateway did not say which model it serves.")
+    if problem:
+        lines.append(f"⚠️ {problem}")
+    lines.append(
+        f"Temperature {s.temperature:g}, max tokens {s.max_tokens}: change them, or the model, in the chat "
+        "settings (the gear by the input)."
+    )
+    if CFG.simulated:
+        lines.append(
+            "This mesh runs **SIMULATED engines** (`ernie-mesh up --engine-kind simulated`): "
             "answers are placeholder tokens, not a model's text."
-        ).send()
+        )
+    await cl.Message(content="\n\n".join(lines)).send()
+
+
+@cl.on_settings_update
+async def on_settings_update(values: dict) -> None:
+    s = session_settings()
+    problems = []
+    model = str(values.get("model") or s.model)
+    if model != s.model:
+        s.model = model
+    try:
+        s.temperature = ui_config.parse_temperature(values.get("temperature", s.temperature), "Temperature")
+    except ui_config.UiConfigError as e:
+        problems.append(str(e))
+    try:
+        s.max_tokens = ui_config.parse_max_tokens(
+            values.get("max_tokens", s.max_tokens), "Max tokens", max_tokens_limit(s)
+        )
+    except ui_config.UiConfigError as e:
+        problems.append(f"{e} (the context of {s.model or 'this model'} is {s.context_tokens()} tokens)")
+        s.max_tokens = min(s.max_tokens, max_tokens_limit(s))
+    log.info("settings: model %s, temperature %g, max tokens %d", s.model, s.temperature, s.max_tokens)
+    text = (
+        f"Settings for the next messages: model **{s.model or '?'}** ({(await census()).describe(s.model)}), "
+        f"temperature {s.temperature:g}, max tokens {s.max_tokens}."
+    )
+    if problems:
+        await cl.ChatSettings(settings_widgets(s)).send()  # the panel shows the values kept
+        text = "⚠️ **Not changed:** " + "; ".join(problems) + ".\n\n" + text
+    await cl.Message(content=text).send()
 
 
 @cl.on_message
@@ -281,11 +516,12 @@ async def on_message(message: cl.Message) -> None:
             content="⚠️ **You are no longer allowed to use this chat:** your user is not in its users file any more."
         ).send()
         return
+    s = session_settings()
     history: list[dict] = cl.user_session.get("history") or []
     history.append({"role": "user", "content": message.content})
     msg = cl.Message(content="")
     try:
-        result = await answer(history, msg)
+        result = await answer(history, msg, s)
     except ChatError as e:
         log.warning("not answered: %s", e.human.splitlines()[0])
         history.pop()  # unanswered: the next message starts from the last complete exchange
@@ -302,25 +538,15 @@ async def on_message(message: cl.Message) -> None:
         return
     history.append({"role": "assistant", "content": result.text})
     cl.user_session.set("history", history)
-    served = f"`{result.instance}`" if result.instance else "an unnamed instance (no x-ernie-instance header)"
-    note = ""
-    if result.finish_reason == "length":
-        note = " · stopped at the token limit"
-    elif result.finish_reason == "abort":
-        note = " · the instance aborted this answer (it was stopping)"
+    if len(result.instances) > 1:
+        log.info("answer resumed: instances %s, splices %s", result.instances, result.splices)
     if not result.text:
         await msg.stream_token("*(empty answer)*")
-    await msg.stream_token(f"\n\n*served by instance {served}{note}*")
+    await msg.stream_token(footer(result))
     await msg.send()
 
 
 # --- Who may use the chat: login (optional), origins ---------------------------------------------
-
-
-def config_error(message: str) -> NoReturn:
-    """Bad settings: one line on stderr, exit 2 (before the UI listens)."""
-    print(f"ernie-mesh UI: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def is_loopback(host: str) -> bool:
@@ -529,9 +755,11 @@ def _describe_for_logs() -> str:
     return json.dumps(
         {
             "api_url": API_URL,
-            "model": MODEL or "(first of /v1/models)",
-            "max_tokens": MAX_TOKENS,
-            "api_key": "set" if API_KEY else "none",
+            "model": CFG.model or "(first of /v1/models)",
+            "max_tokens": CFG.max_tokens,
+            "temperature": CFG.temperature,
+            "api_key": CFG.key_source(),
+            "census": f"Consul {CFG.consul_url}, service {CFG.service}",
             "login": f"users file {USERS_FILE}" if USERS_FILE else "off",
             "listen": BIND_HOST,
             "extra_origins": list(EXTRA_ORIGINS),

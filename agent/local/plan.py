@@ -391,10 +391,16 @@ class MeshPlan:
         """The UI's environment, over `up`'s own (which passes ERNIE_MESH_UI_ORIGINS etc. through).
         Login is on when ERNIE_MESH_UI_USERS names a users file (made absolute: the UI runs in ui/);
         Chainlit then needs CHAINLIT_AUTH_SECRET: the environment's, else one derived from the API key
-        (HMAC: stable across `up` runs like the key, and it does not reveal the key)."""
+        (HMAC: stable across `up` runs like the key, and it does not reveal the key). The API key
+        goes as its file (0600: the UI reads it again when it changes, so a new key needs no restart,
+        and the key is in no process environment); Consul's address for the welcome's count of
+        healthy instances (anonymous catalog reads are allowed in this mesh)."""
         env = {
             "ERNIE_MESH_API_URL": self.api_url,
-            "ERNIE_MESH_API_KEY": self.api_key(),
+            "ERNIE_MESH_API_KEY_FILE": str(self.api_key_path),
+            "ERNIE_MESH_API_KEY": "",  # the file's key, not one left in `up`'s own environment
+            "ERNIE_MESH_CONSUL_URL": f"http://{self.consul_address}",
+            "ERNIE_MESH_SERVICE": self.service,
             "ERNIE_MESH_MODEL": self.model_name,
             "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui"),
             "ERNIE_MESH_SIMULATED": "1" if self.engine_kind == "simulated" else "",

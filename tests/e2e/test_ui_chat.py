@@ -1,21 +1,29 @@
-"""The Chainlit UI in headless Chromium against the real mesh (two vLLM engines): a streamed answer
-naming its instance; after that instance is killed (SIGKILL), the conversation goes on with the
-other one; the killed instance is restarted by its agent and put back."""
+"""The Chainlit UI in headless Chromium against the real mesh (two vLLM engines): the welcome names the
+model and its two healthy instances; the settings panel lists the gateway's model and sets the max
+tokens; a streamed answer naming its instance; that instance killed (SIGKILL) in the middle of the
+next answer: the answer is finished by the other one and says it was resumed there; the
+conversation goes on with the survivor; a new chat's welcome counts one healthy instance; the
+killed instance is restarted by its agent and put back, and a new chat's welcome counts two again."""
 
 from __future__ import annotations
 
 import os
 import signal
 
+import httpx
 import pytest
 
+from agent.local.plan import ENVOY_ADMIN_PORT
+from agent.local.runstate import descendants
 from agent.local.wait import wait_until
-from tests.e2e.conftest_up import vllm_mesh  # noqa: F401  (shared session fixture)
+from tests.e2e.conftest_up import UI_MAX_TOKENS, vllm_mesh  # noqa: F401  (shared session fixture)
 from tests.e2e.ui_support import SERVED_BY, ChatPage
 
 pytestmark = pytest.mark.timeout(1500)  # the first test may pay for starting the mesh
 ANSWER_TIMEOUT_S = 300.0
 RECOVERY_TIMEOUT_S = 600.0
+LONG_ANSWER_TOKENS = 160  # long enough to be killed in the middle of on a loaded CPU
+MODEL = "smollm2"
 
 
 @pytest.fixture(scope="module")
@@ -34,32 +42,96 @@ def body_of(text: str) -> str:
     return text.rsplit(SERVED_BY, 1)[0].strip()
 
 
-def test_answer_is_streamed_and_names_the_serving_instance(vllm_mesh, page, seen):
+def both_passing(mesh) -> bool:
+    inst = mesh.agent_instances()
+    return len(inst) == 2 and all(i["state"] == "passing" for i in inst.values())
+
+
+def answering(mesh) -> list[str]:
+    """The instances Envoy has a request in flight to now (its admin /clusters: rq_active per host;
+    the engine agents' canaries do not pass through Envoy)."""
+    text = httpx.get(f"http://127.0.0.1:{mesh.plan.port(ENVOY_ADMIN_PORT)}/clusters", timeout=5).text
+    names: dict[str, str] = {}
+    active: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[2] == "hostname":
+            names[parts[0] + parts[1]] = parts[3]
+        elif len(parts) == 4 and parts[2] == "rq_active":
+            active[parts[0] + parts[1]] = int(parts[3])
+    known = set(mesh.healthy["instances"])
+    return sorted({names[h] for h, n in active.items() if n > 0 and names.get(h) in known})
+
+
+def test_welcome_settings_and_a_streamed_answer_naming_its_instance(vllm_mesh, page, seen):
+    wait_until(lambda: both_passing(vllm_mesh), 900, interval_s=1, what="both engines passing")
+    welcome = page.new_chat()  # a chat opened now, both instances passing
+    assert f"model {MODEL}: 2 of 2 instances healthy" in welcome, welcome
+    assert f"max tokens {UI_MAX_TOKENS}" in welcome, welcome
+    page.open_settings()
+    assert page.model_options() == [MODEL]  # what the gateway's /v1/models lists
+    page.set_temperature(0)
+    page.set_max_tokens(str(LONG_ANSWER_TOKENS))
+    said = page.confirm_settings()
+    assert f"model {MODEL} (2 of 2 instances healthy), temperature 0, max tokens {LONG_ANSWER_TOKENS}" in said
     reply = page.ask("What is the capital of France?", timeout_s=ANSWER_TIMEOUT_S)
     assert "⚠" not in reply.text, reply.text
     assert body_of(reply.text), reply.text
     assert reply.instance in vllm_mesh.healthy["instances"], reply.text
     assert reply.streamed, f"the answer appeared at once, not streamed: {reply.partials}"
+    log = (vllm_mesh.plan.log_dir / "ui.log").read_text()
+    assert f"(model {MODEL}, temperature 0, max tokens {LONG_ANSWER_TOKENS})" in log
     seen["first"] = reply.instance
 
 
-def test_conversation_continues_when_the_serving_instance_dies(vllm_mesh, page, seen):
-    victim = seen.get("first")
-    if victim is None:
+def test_an_answer_cut_by_a_dead_instance_is_resumed_and_says_so(vllm_mesh, page, seen):
+    if seen.get("first") is None:
         pytest.fail("the previous test got no first answer")
-    pid = vllm_mesh.agent_instances()[victim]["pid"]
-    assert pid, f"{victim} has no engine pid"
-    os.kill(pid, signal.SIGKILL)  # the vLLM server that answered last: a crash, no drain
+    killed: dict = {}
+
+    def kill_the_answering_instance(partial: str) -> None:
+        """Once the answer shows text: SIGKILL the vLLM that is producing it (a crash, no drain)."""
+        if killed or not partial.strip():
+            return
+        serving = answering(vllm_mesh)
+        if len(serving) != 1:
+            return
+        pid = vllm_mesh.agent_instances()[serving[0]]["pid"]
+        for p in [pid, *descendants([pid])]:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # gone with its parent
+        killed.update(instance=serving[0], shown=len(partial))
+
+    reply = page.ask(
+        "Tell me a long story about a lighthouse keeper and a storm.",
+        timeout_s=ANSWER_TIMEOUT_S,
+        on_partial=kill_the_answering_instance,
+    )
+    assert killed, f"the answer ended before its instance could be killed: {reply.text}"
+    victim = killed["instance"]
+    assert "⚠" not in reply.text and body_of(reply.text), reply.text
+    assert "Resumed on another instance" in reply.text, reply.text
+    survivor = next(i for i in vllm_mesh.healthy["instances"] if i != victim)
+    assert reply.instance == victim and f"resumed on {survivor}" in reply.text, reply.text
+    assert f"{victim} stopped after" in reply.text and f"{survivor} continued" in reply.text, reply.text
+    # the conversation goes on, whole, with the survivor: question, answer, question, answer, question
     reply = page.ask("And what is the capital of Italy?", timeout_s=ANSWER_TIMEOUT_S)
-    assert "⚠" not in reply.text, reply.text
-    assert body_of(reply.text), reply.text
-    assert reply.instance in vllm_mesh.healthy["instances"] and reply.instance != victim, reply.text
-    # the other instance got the whole conversation: question, answer, question
-    assert "sending 3 message(s) of conversation" in (vllm_mesh.plan.log_dir / "ui.log").read_text()
+    assert "⚠" not in reply.text and body_of(reply.text), reply.text
+    assert reply.instance == survivor, reply.text
+    assert "sending 5 message(s) of conversation" in (vllm_mesh.plan.log_dir / "ui.log").read_text()
+    # a new chat now: its welcome counts the one healthy instance left (Consul, read at chat start)
+    wait_until(
+        lambda: f"model {MODEL}: 1 of 2 instances healthy" in page.new_chat(),
+        60,
+        interval_s=0.5,
+        what="a new chat's welcome counting 1 of 2 instances healthy",
+    )
     seen["killed"] = victim
 
 
-def test_the_killed_instance_is_restarted_and_put_back(vllm_mesh, seen):
+def test_the_killed_instance_is_restarted_and_put_back(vllm_mesh, page, seen):
     victim = seen.get("killed")
     if victim is None:
         pytest.fail("the previous test killed no instance")
@@ -73,3 +145,5 @@ def test_the_killed_instance_is_restarted_and_put_back(vllm_mesh, seen):
 
     wait_until(passing, RECOVERY_TIMEOUT_S, interval_s=1, what=f"{victim} passing again after its restart")
     assert vllm_mesh.agent_instances()[victim]["restarts"] >= 1
+    welcome = page.new_chat()
+    assert f"model {MODEL}: 2 of 2 instances healthy" in welcome, welcome

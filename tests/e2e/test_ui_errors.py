@@ -1,6 +1,8 @@
 """The UI's messages when nothing can answer, read in headless Chromium: a clear sentence, never a
-stack trace. The gateway unreachable (the UI alone), and no healthy instance (a SIMULATED mesh,
-both instances drained: Envoy answers 503 with a JSON error). The gateway refusing the UI's API key
+stack trace, in the welcome of a new chat and in answer to a message. The gateway unreachable (the
+UI alone; Consul too: the count of healthy instances is unknown), and no healthy instance (a
+SIMULATED mesh, both instances drained: Envoy answers 503 with a JSON error, and the welcome,
+reading Consul, finds no instance left). The gateway refusing the UI's API key
 (its 401): tests/e2e/test_ui_security.py, behind the UI's login."""
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ def test_gateway_unreachable_is_a_clear_message(tmp_path):
     try:
         with ChatPage(url) as page:
             page.open()
+            welcome = page.welcome()
             reply = page.ask("Hello?", timeout_s=60)
+        assert "gateway is unreachable" in welcome and "how many instances are healthy is unknown" in welcome
         assert "gateway is unreachable" in reply.text, reply.text
         assert "make up" in reply.text and f"127.0.0.1:{closed}" in reply.text
         assert "Traceback" not in reply.text
@@ -52,7 +56,11 @@ def test_no_healthy_instance_is_a_clear_message(tmp_path):
         )
         with ChatPage(run.plan.ui_url) as page:
             page.open()
+            welcome = page.welcome()
             reply = page.ask("What is the capital of France?", timeout_s=60)
+        # a drained instance leaves the catalog once its engine is stopped (docs/deploy.md, drain)
+        assert f"model {run.plan.model_name}: no instance of it is in the mesh now" in welcome, welcome
+        assert "SIMULATED engines" in welcome, welcome
         assert "No model instance is available" in reply.text, reply.text
         assert "Traceback" not in reply.text
     finally:

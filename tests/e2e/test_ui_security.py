@@ -3,8 +3,11 @@ as its page speaks it: with login on (ERNIE_MESH_UI_USERS), nobody chats without
 guessed name is locked; requests from other sites (Origin, websocket handshakes included; a foreign
 Host on loopback) are refused while the UI's own origin (and one listed) works; in Chromium, a login,
 then the gateway refusing the UI's API key (a stub answering the gateway's 401 JSON) and its limits
-(429, 403) shown as clear messages, and a user removed from the file cut off. Without a secret the
-UI refuses to start; open beyond loopback it warns."""
+(429, 403) shown as clear messages, and a user removed from the file cut off; the API key read from
+its file (ERNIE_MESH_API_KEY_FILE) again when it changes. The chat itself against the stub: the
+welcome (the model, its healthy instances as Consul says), the settings panel (every model of
+/v1/models, temperature, max tokens; a bad value refused with a message), a resumed answer's note,
+a model gone (404). Without a secret the UI refuses to start; open beyond loopback it warns."""
 
 from __future__ import annotations
 
@@ -39,6 +42,9 @@ SECRET = "s" * 48
 FOREIGN = "http://evil.example"
 PROXIED = "https://chat.example.com"  # the UI's address behind a TLS proxy (ERNIE_MESH_UI_ORIGINS)
 GUESSED = "carol"  # a user whose password someone tries to guess
+CHATTER = "bob"  # a user who chats (alice is removed from the file by the login test)
+ROTATED_KEY = "sk-the-new-key-of-the-ui"
+MODELS = ("smollm2", "tiny-ernie")
 
 
 def add_user(users: Path, name: str, password: str) -> None:
@@ -57,6 +63,7 @@ class SecuredUI:
     url: str
     gateway: StubGateway
     users: Path
+    key_file: Path
 
     def login(
         self, password: str = PASSWORD, origin: str | None = None, name: str = USER, base: str | None = None
@@ -73,17 +80,23 @@ def secured(tmp_path_factory):
     users = tmp / "ui-users"
     add_user(users, USER, PASSWORD)
     add_user(users, GUESSED, PASSWORD)
+    add_user(users, CHATTER, PASSWORD)
     assert oct(users.stat().st_mode & 0o777) == "0o600" and PASSWORD not in users.read_text()
-    gateway = StubGateway()
+    gateway = StubGateway(models=MODELS)
+    key_file = tmp / "api-key"
+    key_file.write_text(WRONG_KEY + "\n")
+    key_file.chmod(0o600)
     env = {
         "ERNIE_MESH_UI_USERS": str(users),
         "CHAINLIT_AUTH_SECRET": SECRET,
-        "ERNIE_MESH_API_KEY": WRONG_KEY,
+        "ERNIE_MESH_API_KEY_FILE": str(key_file),
         "ERNIE_MESH_UI_ORIGINS": PROXIED,
+        "ERNIE_MESH_CONSUL_URL": gateway.consul_url,
+        "ERNIE_MESH_MAX_TOKENS": "48",
     }
     ui, url = start_chainlit(tmp / "ui.log", gateway.url, env=env)
     try:
-        yield SecuredUI(ui, url, gateway, users)
+        yield SecuredUI(ui, url, gateway, users, key_file)
     finally:
         ui.stop(10)
         gateway.close()
@@ -187,6 +200,49 @@ def test_browser_login_then_a_refused_api_key_is_a_clear_message(secured):
         removed = page.ask("Still there?", timeout_s=60)
         assert "no longer allowed to use this chat" in removed.text, removed.text
         assert len(secured.gateway.authorizations) == calls, "a removed user's message reached the gateway"
+
+
+def test_welcome_settings_and_a_resumed_answer(secured):
+    gw = secured.gateway
+    gw.instances = {"smollm2": ["passing", "critical"], "tiny-ernie": ["passing"]}
+    gw.stream_chat(["The capital", " of France", " is Paris."], ["ernie-a", "ernie-b"], [2])
+    secured.key_file.write_text(ROTATED_KEY + "\n")  # a new key in the file: used without a restart
+    with ChatPage(secured.url) as page:
+        assert page.log_in(CHATTER, PASSWORD), page.page_text()
+        welcome = page.welcome()
+        assert "model smollm2: 1 of 2 instances healthy" in welcome, welcome
+        assert "tiny-ernie (1 of 1 instance healthy)" in welcome and "max tokens 48" in welcome, welcome
+        gw.instances["smollm2"] = ["critical", "critical"]  # both die: a new chat's welcome says so
+        welcome = page.new_chat()
+        assert "model smollm2: none of its 2 instances is healthy right now" in welcome, welcome
+        # the settings: every model the gateway lists; a bad max tokens is refused with a sentence
+        page.open_settings()
+        assert page.model_options() == list(MODELS)
+        page.choose_model("tiny-ernie")
+        page.set_temperature(2)
+        page.set_max_tokens("-5")
+        said = page.confirm_settings()
+        assert "Not changed: Max tokens: '-5' is not a whole number of tokens from 1 to 2047" in said, said
+        assert "model tiny-ernie (1 of 1 instance healthy), temperature 0.2, max tokens 48" in said, said
+        page.open_settings()
+        page.set_max_tokens("160")
+        said = page.confirm_settings()
+        assert "model tiny-ernie (1 of 1 instance healthy), temperature 0.2, max tokens 160" in said, said
+        # an answer the relay resumed on another instance: the note says so, under the answer
+        reply = page.ask("What is the capital of France?", timeout_s=60)
+        assert "The capital of France is Paris." in reply.text, reply.text
+        assert "Resumed on another instance: ernie-a stopped after 2 tokens, ernie-b continued" in reply.text
+        assert reply.instance == "ernie-a" and "resumed on ernie-b" in reply.text, reply.text
+        sent = gw.bodies[-1]
+        assert (sent["model"], sent["temperature"], sent["max_tokens"]) == ("tiny-ernie", 0.2, 160), sent
+        assert gw.authorizations[-1] == f"Bearer {ROTATED_KEY}"
+        # the chosen model no longer served (its last instance gone): the gateway's 404
+        gone = "The model `tiny-ernie` does not exist."
+        gw.refuse_chat(404, relay_refusal(gone, "NotFoundError", "model_not_found"))
+        reply = page.ask("And of Italy?", timeout_s=60)
+        shown = gone.replace("`", "")  # the page renders the code span
+        assert "The model tiny-ernie is not served by this mesh now" in reply.text and shown in reply.text
+        assert "Choose another model in the chat settings" in reply.text and "Traceback" not in reply.text
 
 
 def test_login_without_a_secret_refuses_to_start(tmp_path):

@@ -47,8 +47,16 @@ def chainlit_command(port: int, host: str = "127.0.0.1") -> list[str]:
     return [chainlit, "run", "app.py", "--headless", "--host", host, "--port", str(port)]
 
 
-def ui_base_env(api_url: str) -> dict[str, str]:
-    return {"ERNIE_MESH_API_URL": api_url, "ERNIE_MESH_MODEL": "smollm2", "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui")}
+NO_CONSUL = "http://127.0.0.1:9"  # nothing listens there: the welcome says the count is unknown
+
+
+def ui_base_env(api_url: str, consul_url: str = NO_CONSUL) -> dict[str, str]:
+    return {
+        "ERNIE_MESH_API_URL": api_url,
+        "ERNIE_MESH_MODEL": "smollm2",
+        "ERNIE_MESH_CONSUL_URL": consul_url,
+        "CHAINLIT_APP_ROOT": str(REPO_DIR / "ui"),
+    }
 
 
 def start_chainlit(
@@ -117,31 +125,45 @@ def relay_refusal(message: str, err_type: str, code: str) -> dict:
 
 class StubGateway:
     """Refuses as the gateway does. By default every request gets its 401 (no valid key: Envoy
-    answers before any route); `refuse_chat(...)` makes it list the model and refuse only chat
-    completions, as the relay does (429, 403). Records the Authorization headers it gets."""
+    answers before any route); `refuse_chat(...)` makes it list the models and refuse only chat
+    completions, as the relay does (429, 403, 404); `stream_chat(...)` makes it answer them with a
+    stream whose final chunk carries the relay's provenance (`ernie_instances`, `ernie_splices`).
+    It also answers Consul's health read of the engine service (`consul_url`, `instances`: model ->
+    list of check statuses). Records the Authorization headers and chat bodies it gets."""
 
-    def __init__(self, model: str = "smollm2") -> None:
+    def __init__(self, models: tuple[str, ...] = ("smollm2",)) -> None:
         self.authorizations: list[str | None] = []
+        self.bodies: list[dict] = []
         self.chat: tuple[int, dict] | None = None
+        self.stream: tuple[list[str], list[str], list[int]] | None = None
+        self.instances: dict[str, list[str]] = {m: ["passing"] for m in models}
         stub = self
-        models = json.dumps({"object": "list", "data": [{"id": model, "object": "model", "max_model_len": 2048}]})
+        data = [{"id": m, "object": "model", "max_model_len": 2048} for m in models]
+        listed = json.dumps({"object": "list", "data": data})
 
         class Handler(BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                stub.authorizations.append(self.headers.get("Authorization"))
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if stub.chat is None:
-                    status, body = 401, json.dumps(gateway_401_error())
-                elif self.path.endswith("/models"):
-                    status, body = 200, models
-                else:
-                    status, body = stub.chat[0], json.dumps(stub.chat[1])
-                data = body.encode()
+            def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(data)
+                self.wfile.write(body)
+
+            def _answer(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.startswith("/v1/health/service/"):
+                    return self._send(200, json.dumps(stub.consul_nodes()).encode())
+                stub.authorizations.append(self.headers.get("Authorization"))
+                if self.path.endswith("/chat/completions") and raw:
+                    stub.bodies.append(json.loads(raw))
+                if stub.chat is None and stub.stream is None:
+                    return self._send(401, json.dumps(gateway_401_error()).encode())
+                if self.path.endswith("/models"):
+                    return self._send(200, listed.encode())
+                if stub.stream is not None:
+                    return self._send(200, stub.sse(stub.bodies[-1]["model"]), "text/event-stream")
+                assert stub.chat is not None
+                self._send(stub.chat[0], json.dumps(stub.chat[1]).encode())
 
             do_GET = do_POST = _answer
 
@@ -149,12 +171,37 @@ class StubGateway:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.consul_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"{self.consul_url}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def refuse_chat(self, status: int, error: dict) -> None:
-        self.chat = (status, error)
+        self.chat, self.stream = (status, error), None
+
+    def stream_chat(self, pieces: list[str], instances: list[str], splices: list[int]) -> None:
+        self.chat, self.stream = None, (pieces, instances, splices)
+
+    def sse(self, model: str) -> bytes:
+        assert self.stream is not None
+        pieces, instances, splices = self.stream
+        base = {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 1, "model": model}
+        events = [{**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces]
+        final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "ernie_instances": instances}
+        if splices:
+            final["ernie_splices"] = splices
+        events.append(final)
+        return b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
+
+    def consul_nodes(self) -> list[dict]:
+        return [
+            {
+                "Service": {"ID": f"{model}-{i}", "Meta": {"served_model_name": model}},
+                "Checks": [{"Status": "passing"}, {"Status": status}],
+            }
+            for model, statuses in self.instances.items()
+            for i, status in enumerate(statuses)
+        ]
 
     def close(self) -> None:
         self.server.shutdown()
@@ -276,8 +323,10 @@ class ChatPage:
         except StaleElementReferenceException:
             return self.assistant_texts()
 
-    def ask(self, question: str, timeout_s: float = 240.0) -> Reply:
-        """Type `question`, press Enter, and follow the new assistant message until its footer appears."""
+    def ask(self, question: str, timeout_s: float = 240.0, on_partial=None) -> Reply:
+        """Type `question`, press Enter, and follow the new assistant message until its footer appears
+        (`on_partial(text)` is called with each new text seen while it streams)."""
+        self.welcome()  # the chat's first message: never taken for the answer
         before = len(self.assistant_texts())
         self._type(question)
         partials: list[str] = []
@@ -291,11 +340,108 @@ class ChatPage:
                     partials.append(current)
                 if SERVED_BY in current or "⚠" in current:
                     return Reply(current, partials)
+                if on_partial is not None:
+                    on_partial(current)
             time.sleep(POLL_S)
         raise AssertionError(
             f"UI: no complete answer to {question!r} within {timeout_s:.0f}s; "
             f"seen {partials[-3:]}; page:\n{self.page_text()[-2000:]}"
         )
+
+    # --- the welcome and the chat settings panel (the gear by the input) ---------------------------
+
+    def welcome(self, timeout_s: float = 60.0) -> str:
+        """The first assistant message of this chat (the app's welcome)."""
+        return self._until(lambda: (self.assistant_texts() or [""])[0], timeout_s, "the welcome message")
+
+    def new_chat(self, timeout_s: float = 60.0) -> str:
+        """Chainlit's New chat button (and its confirmation): a new chat with its own welcome, which
+        is returned once the old chat's messages are gone from the page."""
+        from selenium.common.exceptions import StaleElementReferenceException
+        from selenium.webdriver.common.by import By
+
+        old = self.driver.find_elements(By.CSS_SELECTOR, "[data-step-type]")
+        self._until(lambda: self.driver.find_elements(By.ID, "new-chat-button"), 30, "the New chat button")
+        self.driver.find_element(By.ID, "new-chat-button").click()
+
+        def gone(element) -> bool:
+            try:
+                element.is_enabled()
+                return False
+            except StaleElementReferenceException:
+                return True
+
+        def started() -> bool:
+            """The old chat's messages gone; the confirmation asked first when the user had written."""
+            for button in self.driver.find_elements(By.CSS_SELECTOR, "#new-chat-dialog #confirm"):
+                try:
+                    button.click()
+                except StaleElementReferenceException:
+                    pass
+            return all(gone(e) for e in old)
+
+        self._until(started, timeout_s, "a new chat (the old chat's messages gone)")
+        return self.welcome(timeout_s)
+
+    def open_settings(self) -> None:
+        from selenium.webdriver.common.by import By
+
+        self._until(lambda: self.driver.find_elements(By.ID, "chat-settings-open-modal"), 30, "the settings button")
+        self.driver.find_element(By.ID, "chat-settings-open-modal").click()
+        self._until(lambda: self.driver.find_elements(By.ID, "chat-settings"), 30, "the settings panel")
+
+    def model_options(self) -> list[str]:
+        """The models the panel's Model list offers (opened, read, closed again)."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        self.driver.find_element(By.ID, "model").click()
+        options = self._until(
+            lambda: self.driver.find_elements(By.CSS_SELECTOR, '[role="option"]'), 30, "the model list"
+        )
+        names = [o.text.strip() for o in options]
+        self.driver.switch_to.active_element.send_keys(Keys.ESCAPE)  # closes the list, not the panel
+        self._until(lambda: not self.driver.find_elements(By.CSS_SELECTOR, '[role="option"]'), 30, "the list closed")
+        return names
+
+    def choose_model(self, name: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        self.driver.find_element(By.ID, "model").click()
+        options = self._until(
+            lambda: [
+                o for o in self.driver.find_elements(By.CSS_SELECTOR, '[role="option"]') if o.text.strip() == name
+            ],
+            30,
+            f"the model {name!r} in the list",
+        )
+        options[0].click()
+        self._until(lambda: self.driver.find_element(By.ID, "model").text.strip() == name, 30, f"{name!r} chosen")
+
+    def set_temperature(self, tenths: int) -> None:
+        """The slider (step 0.1) moved with its keys: Home (0), then one step right per tenth."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        thumb = self.driver.find_element(By.CSS_SELECTOR, '#temperature [role="slider"]')
+        thumb.send_keys(Keys.HOME, *([Keys.ARROW_RIGHT] * tenths))
+
+    def set_max_tokens(self, value: str) -> None:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        box = self.driver.find_element(By.ID, "max_tokens")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE, value)
+
+    def confirm_settings(self) -> str:
+        """Press Confirm; returns the app's answer (the next assistant message)."""
+        from selenium.webdriver.common.by import By
+
+        before = len(self.assistant_texts())
+        self.driver.find_element(By.ID, "confirm").click()
+        self._until(lambda: not self.driver.find_elements(By.ID, "chat-settings"), 30, "the settings panel closed")
+        return self._until(lambda: "\n".join(self.assistant_texts()[before:]), 60, "the app's answer to the settings")
 
     def _type(self, text: str, attempts: int = 10) -> None:
         """Type into the chat input and press Enter (React may re-render the input: find it again)."""
