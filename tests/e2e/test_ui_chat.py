@@ -7,14 +7,10 @@ killed instance is restarted by its agent and put back, and a new chat's welcome
 
 from __future__ import annotations
 
-import os
-import signal
-
 import httpx
 import pytest
 
 from agent.local.plan import ENVOY_ADMIN_PORT
-from agent.local.runstate import descendants
 from agent.local.wait import wait_until
 from tests.e2e.conftest_up import UI_MAX_TOKENS, vllm_mesh  # noqa: F401  (shared session fixture)
 from tests.e2e.ui_support import SERVED_BY, ChatPage
@@ -96,12 +92,7 @@ def test_an_answer_cut_by_a_dead_instance_is_resumed_and_says_so(vllm_mesh, page
         serving = answering(vllm_mesh)
         if len(serving) != 1:
             return
-        pid = vllm_mesh.agent_instances()[serving[0]]["pid"]
-        for p in [pid, *descendants([pid])]:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # gone with its parent
+        vllm_mesh.kill_engine(serving[0])
         killed.update(instance=serving[0], shown=len(partial))
 
     reply = page.ask(
