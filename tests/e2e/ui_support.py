@@ -37,6 +37,7 @@ CHROMIUM_FLAGS = (
 )
 SERVED_BY = "served by instance"
 ASSISTANT = '[data-step-type="assistant_message"] .message-content'
+PAGE_LOAD_TIMEOUT_S = 180.0
 POLL_S = 0.2  # each poll runs JavaScript in the page: keep the browser's CPU use low
 UI_START_TIMEOUT_S = 180.0
 LOGIN_FAILED = ("Unable to sign in", "Sign in failed")  # Chainlit's messages (translations/en-US.json)
@@ -249,7 +250,9 @@ class ChatPage:
             options.add_argument(flag)
         options.add_argument(f"--user-data-dir={self.profile}")
         self.driver = webdriver.Chrome(options=options, service=Service(executable_path=driver))
-        self.driver.set_page_load_timeout(60)
+        # A page load on a machine at load 40 (CI, and six helpers' tests) took over 47 s: chromedriver's
+        # "Timed out receiving message from renderer" at 60 s failed test_ui_security and test_ui_chat.
+        self.driver.set_page_load_timeout(PAGE_LOAD_TIMEOUT_S)
         self.url = url
 
     def open(self, timeout_s: float = 60.0) -> None:
