@@ -1,7 +1,7 @@
 """The Chainlit UI in headless Chromium against the real mesh (two vLLM engines): the welcome names the
 model and its two healthy instances; the settings panel lists the gateway's model and sets the max
-tokens; a streamed answer naming its instance; that instance killed (SIGKILL) in the middle of the
-next answer: the answer is finished by the other one and says it was resumed there; the
+tokens; an answer naming its instance; that instance killed (SIGKILL) in the middle of the next,
+streamed, answer: the answer is finished by the other one and says it was resumed there; the
 conversation goes on with the survivor; a new chat's welcome counts one healthy instance; the
 killed instance is restarted by its agent and put back, and a new chat's welcome counts two again."""
 
@@ -74,7 +74,6 @@ def test_welcome_settings_and_a_streamed_answer_naming_its_instance(vllm_mesh, p
     assert "⚠" not in reply.text, reply.text
     assert body_of(reply.text), reply.text
     assert reply.instance in vllm_mesh.healthy["instances"], reply.text
-    assert reply.streamed, f"the answer appeared at once, not streamed: {reply.partials}"
     log = (vllm_mesh.plan.log_dir / "ui.log").read_text()
     assert f"(model {MODEL}, temperature 0, max tokens {LONG_ANSWER_TOKENS})" in log
     seen["first"] = reply.instance
@@ -101,6 +100,9 @@ def test_an_answer_cut_by_a_dead_instance_is_resumed_and_says_so(vllm_mesh, page
         on_partial=kill_the_answering_instance,
     )
     assert killed, f"the answer ended before its instance could be killed: {reply.text}"
+    # seen growing (at temperature 0 the first answer, "The capital of France is Paris.", is too short
+    # to be caught mid-stream on a loaded machine; this one is 160 tokens)
+    assert reply.streamed, f"the answer appeared at once, not streamed: {reply.partials}"
     victim = killed["instance"]
     assert "⚠" not in reply.text and body_of(reply.text), reply.text
     assert "Resumed on another instance" in reply.text, reply.text
