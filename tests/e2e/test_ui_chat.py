@@ -1,7 +1,7 @@
 """The Chainlit UI in headless Chromium against the real mesh (two vLLM engines): the welcome names the
 model and its two healthy instances; the settings panel lists the gateway's model and sets the max
-tokens; an answer naming its instance; that instance killed (SIGKILL) in the middle of the next,
-streamed, answer: the answer is finished by the other one and says it was resumed there; the
+tokens; an answer naming its instance; the instance producing the next, streamed, answer killed
+(SIGKILL) in the middle of it: the answer is finished by the other one and says it was resumed there; the
 conversation goes on with the survivor; a new chat's welcome counts one healthy instance; the
 killed instance is restarted by its agent and put back, and a new chat's welcome counts two again."""
 
