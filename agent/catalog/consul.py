@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,8 @@ HTTP_TIMEOUT_S = 5.0
 # A whole-service read that timed out is retried with twice the time, up to this: Consul's answer
 # grows with the fleet (~26 MiB at 10,000 instances), and a busy Consul can take longer than
 # HTTP_TIMEOUT_S to produce it; a timeout that never lets it finish would keep the gateway blind.
+# After a read that succeeded the time is twice what it took (at least HTTP_TIMEOUT_S): it follows
+# the fleet's size, and a hung Consul is noticed as soon as a fast one allows.
 MAX_READ_TIMEOUT_S = 60.0
 # Consul adds up to wait/16 of jitter to a blocking query; leave room for it.
 BLOCKING_SLACK_S = 5.0
@@ -302,6 +305,7 @@ class ConsulCatalog:
             )
         else:
             timeout = self._read_timeout.get(service, HTTP_TIMEOUT_S)
+            started = time.monotonic()
             try:
                 new_index, body = self._call(
                     f"read {service}", _health_service_stale, self._client, service, read_timeout_s=timeout
@@ -310,6 +314,8 @@ class ConsulCatalog:
                 if isinstance(e.__cause__, requests.Timeout):
                     self._read_timeout[service] = min(timeout * 2, MAX_READ_TIMEOUT_S)
                 raise
+            took = time.monotonic() - started
+            self._read_timeout[service] = min(max(HTTP_TIMEOUT_S, 2 * took), MAX_READ_TIMEOUT_S)
         decoder = self._decoders.get(service)
         if decoder is None:
             decoder = self._decoders.setdefault(service, HealthDecoder())

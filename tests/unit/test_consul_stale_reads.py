@@ -62,9 +62,11 @@ def test_a_whole_service_read_that_times_out_is_retried_with_more_time(monkeypat
     import agent.catalog.consul as consul_mod
     from agent.catalog.base import CatalogUnavailable
 
+    delay_s = [0.5]
+
     class Slow(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
-            _time.sleep(0.5)
+            _time.sleep(delay_s[0])
             body = b"[]"
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -89,5 +91,11 @@ def test_a_whole_service_read_that_times_out_is_retried_with_more_time(monkeypat
                 outcomes.append("timeout")
         assert outcomes[:2] == ["timeout", "timeout"], outcomes  # 0.2 s, then 0.4 s: too short
         assert outcomes[2] == (9, []), outcomes  # 0.8 s: enough
+        # the time follows what reads take (twice the last one, at least HTTP_TIMEOUT_S): once Consul
+        # answers fast again, a Consul that hangs later is noticed after HTTP_TIMEOUT_S, not after the
+        # longest time a slow spell ever needed
+        delay_s[0] = 0.0
+        assert catalog.instances("ernie") == (9, [])
+        assert catalog._read_timeout.get("ernie", consul_mod.HTTP_TIMEOUT_S) == consul_mod.HTTP_TIMEOUT_S
     finally:
         server.shutdown()
