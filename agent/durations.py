@@ -26,3 +26,17 @@ def proto_duration(seconds: float) -> str:
     """'1.5s', '0.025s', '60s', '0s'."""
     ms = _ms(seconds)
     return f"{ms // 1000}.{ms % 1000:03d}".rstrip("0").rstrip(".") + "s" if ms else "0s"
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type for a duration option: a number of seconds above 0 (0 or less is refused with one
+    line and exit 2, before anything starts)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} s: a number of seconds above 0")
+    return value

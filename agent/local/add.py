@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from agent.durations import positive_seconds
 from agent.config import ConfigError
 from agent.local.binaries import MissingBinary
 from agent.local.engines import (
@@ -63,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help=f"the run directory of `up` (default {default_run_dir()})")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=DEFAULT_PASSING_TIMEOUT_S,
         metavar="S",
         help=f"give up (stop it again) if not passing after S s (default {DEFAULT_PASSING_TIMEOUT_S:.0f})",

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from agent.durations import positive_seconds
 from agent.config import ConfigError
 from agent.local.engines import RunningMesh, remove_engine
 from agent.local.mesh import Console
@@ -31,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help=f"the run directory of `up` (default {default_run_dir()})")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=None,
         metavar="S",
         help="kill an engine not drained and stopped after S seconds (default: the drain deadline + 60)",

@@ -119,3 +119,18 @@ def test_scale_removes_added_engines_newest_first_then_ups_own_from_the_last():
 
     engines = [engine(0, None), engine(1, None), engine(2, 100.0), engine(3, 200.0)]
     assert [e.slot for e in removal_order(engines)] == [3, 2, 1, 0]
+
+
+@pytest.mark.parametrize("command", ["add", "remove", "scale"])
+@pytest.mark.parametrize("value", ["0", "-5", "soon"])
+def test_a_timeout_that_is_not_a_positive_number_is_refused_before_anything_starts(command, value, capsys):
+    """remove --timeout 0 once SIGKILLed the engine at once, without its drain; add/scale started an
+    engine and then failed: refused at the command line now (exit 2, one line)."""
+    import importlib
+
+    module = importlib.import_module(f"agent.local.{command}")
+    rest = {"add": [], "remove": ["some-instance"], "scale": ["2"]}[command]
+    with pytest.raises(SystemExit) as e:
+        module.parser().parse_args([*rest, "--timeout", value])
+    assert e.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
