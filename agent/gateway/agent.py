@@ -197,7 +197,8 @@ class GatewayAgent:
         """The local entries and those of every remote datacenter not dropped."""
         out = list(self._local_entries)
         for dc in sorted(self._remote_entries):
-            if dc not in self._remote_dropped:
+            # the own datacenter is watched as a remote one too when the agent could not say it at start
+            if dc not in self._remote_dropped and dc != self.local_dc:
                 out.extend(self._remote_entries[dc])
         self._last_entries = tuple(out)
         return self._last_entries
@@ -227,9 +228,12 @@ class GatewayAgent:
     def datacenters_state(self) -> dict[str, str]:
         """Each remote datacenter's state for the summary: ok, failing Ns (kept), dropped."""
         now = self.clock()
+        with self._lock:  # the watch threads add datacenters
+            watches = sorted((dc, w) for dc, w in self._remote_watch.items() if dc != self.local_dc)
+            dropped = set(self._remote_dropped)
         out = {}
-        for dc, w in sorted(self._remote_watch.items()):
-            if dc in self._remote_dropped:
+        for dc, w in watches:
+            if dc in dropped:
                 out[dc] = "dropped"
             elif w.failing_since is not None:
                 out[dc] = f"unreachable {now - w.failing_since:.0f}s (kept)"

@@ -162,6 +162,22 @@ def test_the_local_grace_period_does_not_hold_a_remote_datacenters_instances(tmp
     assert ads.published[-1].ids() == {"e1", "f1"}  # e1 held, f2 gone
 
 
+def test_a_watch_of_the_own_datacenter_as_a_remote_one_adds_nothing(tmp_path):
+    """A shared config lists every datacenter; when the gateway could not ask its agent for its own
+    at start, that one is watched as a remote too. Its instances are the local ones: merged twice,
+    every snapshot was rejected (duplicate ids) and the gateway kept its old endpoints."""
+    agent, ads, clock = make_agent(tmp_path, datacenters=("dc1", "dc2"))
+    agent.local_dc = ""  # the agent lookup failed at start: learnt from the local watch below
+    on_dc1, on_dc2 = agent.remote_watcher("dc1"), agent.remote_watcher("dc2")
+    local = (entry("e1", 8001, dc="dc1"), entry("e2", 8002, dc="dc1"))
+    on_dc1(WatchUpdate(local, clock()))
+    agent.on_watch(WatchUpdate(local, clock()))
+    on_dc2(WatchUpdate((entry("f1", 9001, dc="dc2"),), clock()))
+    assert agent.local_dc == "dc1"
+    assert ads.published[-1].ids() == {"e1", "e2", "f1"}
+    assert "dc1" not in agent.datacenters_state()  # not reported as a remote datacenter either
+
+
 def test_status_counts_instances_by_datacenter_and_zone_and_names_a_datacenter_that_did_not_answer():
     from agent.status import _instance_row, by_datacenter, render
 
