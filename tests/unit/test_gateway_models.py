@@ -289,3 +289,20 @@ def test_the_gateway_counts_each_models_endpoints():
     metrics.published(build_snapshot([entry("a1", 8001, "alpha")], "ernie").snapshot, first, 0)
     text = generate_latest(metrics.registry).decode()
     assert 'model="beta"' not in text and 'ernie_gateway_model_endpoints{model="alpha",state="healthy"} 1.0' in text
+
+
+def test_a_continuation_stays_on_its_models_instances_when_a_second_model_appears_mid_stream():
+    """One model served when the request came (its route names no cluster: the engine cluster); a
+    second model registers while it streams. The continuation must go to an instance of the
+    request's model (or one that names none), never the new model's: its vLLM answers 404 (refused),
+    and the relay could spend every refusal on it and give up."""
+    from agent.gateway.relay.handler import ROUTE, _model
+
+    m = membership({"alpha": "ernie--alpha"}, MEMBERS[:2])
+    route = m.route(None)
+    assert route.cluster == "" and _model({ROUTE: route}) == "alpha"  # type: ignore[arg-type]
+    m.members["b2"] = Member("b2", "127.0.0.1:8004", True, model="beta")
+    m.members["old"] = Member("old", "127.0.0.1:8005", True, model="")  # an engine registered without model meta
+    picks = {m.pick({"a1"}, model=_model({ROUTE: route})).instance_id for _ in range(20)}  # type: ignore[arg-type]
+    assert picks <= {"a2", "old"} and "b2" not in picks
+    assert m.pick({"a1", "a2", "old"}, model="alpha") is None

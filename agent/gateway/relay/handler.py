@@ -566,9 +566,10 @@ def _wrong_method(request: web.Request, allowed: str) -> web.Response:
 
 
 def _model(request: web.Request) -> str:
-    """The model whose instances a request's continuation may go to ('' = any instance: one model)."""
+    """The model whose instances a request's continuation may go to ('' = any: no model known yet).
+    Also with one model served (its route names no cluster): another may register mid-stream."""
     route: Route = request.get(ROUTE) or Route()
-    return route.model if route.cluster else ""
+    return route.model
 
 
 def _total_tokens(body: bytes) -> int:

@@ -197,7 +197,7 @@ class Membership:
             if m.healthy
             and m.instance_id not in excluded
             and refused.get(m.instance_id) != self.version
-            and (not model or m.model == model)
+            and (not model or m.model in (model, ""))  # "": an engine registered without model meta
         ]
         if not candidates:
             return None
