@@ -31,6 +31,7 @@ PLAY = """
     ernie_root: "{root}"
     grafana_install: false
     grafana_prometheus_url: http://prom.example:9090
+    grafana_admin_password: generated-by-facts-yml
   roles:
     - grafana
 """
@@ -81,6 +82,11 @@ def test_the_role_renders_the_provisioning_grafana_reads(tmp_path):
     assert variable["type"] == "datasource" and variable["query"] == "prometheus"
     dropin = (root / "etc/systemd/system/grafana-server.service.d/ernie-mesh.conf").read_text()
     assert "Environment=GF_SERVER_HTTP_ADDR=127.0.0.1" in dropin and "GF_SERVER_HTTP_PORT=3000" in dropin
+    # Grafana's admin is not admin/admin: the generated password, from a private file (not the unit)
+    secret = root / "etc/grafana/ernie-admin-password"
+    assert secret.read_text().strip() == "generated-by-facts-yml" and secret.stat().st_mode & 0o077 == 0
+    assert f"Environment=GF_SECURITY_ADMIN_PASSWORD__FILE={secret}" in dropin
+    assert "generated-by-facts-yml" not in dropin
 
     again = play(path)
     assert re.search(r"localhost\s*:\s*ok=\d+\s+changed=0\b", again), again[-1500:]
