@@ -58,10 +58,23 @@ def test_top_draws_a_live_table_in_a_terminal_and_ctrl_c_leaves(sim_mesh):
     )
     os.close(slave)
     screen = b""
+
+    def shows_every_instance_with_its_figures(frame: str) -> bool:
+        """A whole frame in which every instance is passing with running/waiting and memory read from
+        Prometheus (on a mesh just started its first scrape may still be coming: `-` until then)."""
+        if "Ctrl-C" not in frame:
+            return False  # still arriving
+        for iid in instances:
+            line = next((ln for ln in frame.splitlines() if ln.startswith(iid)), "")
+            cells = line.split()
+            if not ("passing" in line and len(cells) > 2 and re.fullmatch(r"\d+/\d+", cells[2]) and "MiB" in line):
+                return False
+        return True
+
     try:
-        deadline = time.monotonic() + 30
-        frames = 0
-        while time.monotonic() < deadline and frames < 2:
+        deadline = time.monotonic() + 60
+        frames, text = 0, ""
+        while time.monotonic() < deadline:
             ready, _w, _x = select.select([master], [], [], 0.5)
             if ready:
                 try:
@@ -69,16 +82,11 @@ def test_top_draws_a_live_table_in_a_terminal_and_ctrl_c_leaves(sim_mesh):
                 except OSError:
                     break
             frames = screen.count(b"\x1b[H\x1b[2J")
-            last = ANSI.sub("", screen.rsplit(b"\x1b[H\x1b[2J", 1)[-1].decode(errors="replace"))
-            if frames >= 2 and "Ctrl-C" not in last:
-                frames = 1  # the second frame is still arriving
-        assert frames >= 2, f"top redrew {frames} time(s) in 30 s:\n{screen.decode(errors='replace')[-3000:]}"
-        text = ANSI.sub("", screen.rsplit(b"\x1b[H\x1b[2J", 1)[-1].decode(errors="replace"))
-        for iid in instances:
-            line = next((ln for ln in text.splitlines() if ln.startswith(iid)), "")
-            assert "passing" in line, text
-            cells = line.split()
-            assert re.fullmatch(r"\d+/\d+", cells[2]) and "MiB" in line, line  # running/waiting, memory
+            text = ANSI.sub("", screen.rsplit(b"\x1b[H\x1b[2J", 1)[-1].decode(errors="replace"))
+            if frames >= 2 and shows_every_instance_with_its_figures(text):
+                break
+        assert frames >= 2, f"top redrew {frames} time(s) in 60 s:\n{screen.decode(errors='replace')[-3000:]}"
+        assert shows_every_instance_with_its_figures(text), f"after {frames} frames:\n{text}"
         assert "INSTANCE" in text and "TTFT p50" in text and "Prometheus ok" in text and "Consul leader" in text
         assert re.search(r"gateway \S+: passing\s+envoy up", text), text
         assert b"\x1b[32mpassing" in screen  # green, on a terminal
@@ -100,9 +108,14 @@ def test_top_draws_a_live_table_in_a_terminal_and_ctrl_c_leaves(sim_mesh):
 
 
 def test_top_once_and_json_for_scripts(sim_mesh):
-    out = subprocess.run(top_args(sim_mesh, "--json"), capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    snap = json.loads(out.stdout)
+    deadline = time.monotonic() + 60
+    while True:  # on a mesh just started, Prometheus' first scrape may still be coming
+        out = subprocess.run(top_args(sim_mesh, "--json"), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        snap = json.loads(out.stdout)
+        if all(r["memory_bytes"] for r in snap["instances"]) or time.monotonic() > deadline:
+            break
+        time.sleep(1)  # a polling interval, not a synchronisation: the condition is checked above
     assert {r["id"] for r in snap["instances"]} == set(sim_mesh.healthy["instances"])
     assert all(r["memory_bytes"] and r["memory_bytes"] > 1e6 for r in snap["instances"]), snap["instances"]
     assert snap["prometheus"]["up"] and snap["consul"]["leader"]
